@@ -1,0 +1,244 @@
+//! The content-addressed stage cache.
+//!
+//! A stage output lives in `<root>/<kind>/<key>/`, where `key` is the BLAKE3 hash of
+//! the stage kind, its version (and plugin version), its resolved config, the keys of
+//! its inputs, the seed when the stage uses it, and the identity of the files it reads.
+//! Outputs are written into `<root>/.tmp/<key>-<pid>-<n>/` and renamed into place when
+//! complete, so a directory under `<kind>/` is always a finished output. The stage's
+//! metrics are kept beside its outputs (`.huse-metrics.jsonl`) so that a cache hit can
+//! give a new run the same metrics.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+/// File name of the recorded metrics inside an output directory.
+pub const METRICS_FILE: &str = ".huse-metrics.jsonl";
+/// File name of the description of the entry inside an output directory.
+pub const MANIFEST_FILE: &str = ".huse-stage.json";
+
+/// Files bigger than this are identified by size and mtime instead of content.
+const HASH_LIMIT: u64 = 512 << 20;
+
+/// The cache directory.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    root: PathBuf,
+}
+
+/// A metric as recorded in the cache.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MetricRecord {
+    pub key: String,
+    pub step: i64,
+    pub value: f64,
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Cache {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Cache { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the finished output of `kind` with `key` lives.
+    pub fn entry(&self, kind: &str, key: &str) -> PathBuf {
+        self.root.join(kind).join(key)
+    }
+
+    /// Whether a finished output exists.
+    pub fn contains(&self, kind: &str, key: &str) -> bool {
+        self.entry(kind, key).is_dir()
+    }
+
+    /// A fresh, empty temporary output directory.
+    pub fn temp_dir(&self, key: &str) -> Result<PathBuf> {
+        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = self.root.join(".tmp").join(format!("{key}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// Moves a finished temporary directory into place. If another process finished
+    /// the same key first, its output is kept and ours is discarded.
+    pub fn commit(&self, tmp: &Path, kind: &str, key: &str) -> Result<PathBuf> {
+        let dest = self.entry(kind, key);
+        std::fs::create_dir_all(dest.parent().unwrap())?;
+        match std::fs::rename(tmp, &dest) {
+            Ok(()) => Ok(dest),
+            Err(_) if dest.is_dir() => {
+                let _ = std::fs::remove_dir_all(tmp);
+                Ok(dest)
+            }
+            Err(e) => Err(e).with_context(|| format!("moving {} to {}", tmp.display(), dest.display())),
+        }
+    }
+
+    /// Removes temporary directories left by processes that no longer exist.
+    pub fn sweep_stale_temps(&self) {
+        let Ok(rd) = std::fs::read_dir(self.root.join(".tmp")) else { return };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let pid = name.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+            if let Some(pid) = pid
+                && pid != std::process::id()
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+
+    /// Removes the entry of `kind`/`key` (for `--force`).
+    pub fn remove(&self, kind: &str, key: &str) -> Result<()> {
+        let dest = self.entry(kind, key);
+        if dest.is_dir() {
+            // Rename first so that a reader never sees a half-deleted entry.
+            let trash = self.temp_dir(&format!("{key}-trash"))?;
+            std::fs::remove_dir(&trash)?;
+            std::fs::rename(&dest, &trash)?;
+            std::fs::remove_dir_all(&trash)?;
+        }
+        Ok(())
+    }
+}
+
+/// Appends metrics to a stage's output directory as JSON lines.
+pub fn write_metrics(dir: &Path, metrics: &[MetricRecord]) -> Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join(METRICS_FILE))?);
+    for m in metrics {
+        serde_json::to_writer(&mut f, m)?;
+        f.write_all(b"\n")?;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+/// Reads the metrics recorded with a cached output.
+pub fn read_metrics(dir: &Path) -> Result<Vec<MetricRecord>> {
+    let path = dir.join(METRICS_FILE);
+    let Ok(f) = std::fs::File::open(&path) else { return Ok(Vec::new()) };
+    let mut out = Vec::new();
+    for line in std::io::BufReader::new(f).lines() {
+        let line = line?;
+        if !line.trim().is_empty() {
+            out.push(serde_json::from_str(&line).with_context(|| format!("reading {}", path.display()))?);
+        }
+    }
+    Ok(out)
+}
+
+/// What makes up a cache key.
+#[derive(Debug, Serialize)]
+pub struct KeyParts<'a> {
+    pub kind: &'a str,
+    pub version: &'a str,
+    pub source: &'a str,
+    pub config: &'a serde_json::Value,
+    /// (stage name in `needs`, its cache key), in `needs` order.
+    pub inputs: Vec<(String, String)>,
+    pub seed: Option<u64>,
+    /// (path, identity) of every file or directory the stage reads.
+    pub files: Vec<(String, String)>,
+}
+
+impl KeyParts<'_> {
+    /// The cache key: 32 hex digits of the BLAKE3 hash of the canonical JSON of the parts.
+    pub fn key(&self) -> String {
+        let json = serde_json::to_vec(self).expect("key parts serialise");
+        blake3::hash(&json).to_hex()[..32].to_string()
+    }
+}
+
+/// The identity of a file (content hash) or directory (hash of its recursive listing with
+/// sizes and modification times). A missing path has the identity `missing`, so the stage
+/// itself reports the error.
+pub fn identity(path: &Path) -> Result<String> {
+    let Ok(meta) = std::fs::metadata(path) else { return Ok("missing".into()) };
+    if meta.is_file() {
+        if meta.len() > HASH_LIMIT {
+            return Ok(format!("size={},mtime={}", meta.len(), mtime(&meta)));
+        }
+        let mut h = blake3::Hasher::new();
+        h.update_reader(std::fs::File::open(path)?).with_context(|| format!("hashing {}", path.display()))?;
+        return Ok(format!("blake3:{}", h.finalize().to_hex()));
+    }
+    let mut h = blake3::Hasher::new();
+    let mut stack = vec![path.to_path_buf()];
+    let mut entries = Vec::new();
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+            let e = e?;
+            let m = e.metadata()?;
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                let rel = e.path().strip_prefix(path).unwrap_or(&e.path()).to_string_lossy().to_string();
+                entries.push((rel, m.len(), mtime(&m)));
+            }
+        }
+    }
+    entries.sort();
+    for (rel, len, mt) in &entries {
+        h.update(format!("{rel}\t{len}\t{mt}\n").as_bytes());
+    }
+    Ok(format!("dir:{}:{}", entries.len(), h.finalize().to_hex()))
+}
+
+fn mtime(m: &std::fs::Metadata) -> u128 {
+    m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_changes_with_every_part() {
+        let cfg = serde_json::json!({"a": 1});
+        let base = KeyParts { kind: "k", version: "1", source: "builtin", config: &cfg, inputs: vec![], seed: None, files: vec![] };
+        let k0 = base.key();
+        assert_eq!(k0.len(), 32);
+        let cfg2 = serde_json::json!({"a": 2});
+        assert_ne!(KeyParts { config: &cfg2, ..base }.key(), k0);
+        let base = KeyParts { kind: "k", version: "1", source: "builtin", config: &cfg, inputs: vec![], seed: None, files: vec![] };
+        assert_ne!(KeyParts { version: "2", ..base }.key(), k0);
+        let base = KeyParts { kind: "k", version: "1", source: "builtin", config: &cfg, inputs: vec![], seed: None, files: vec![] };
+        assert_ne!(KeyParts { seed: Some(1), ..base }.key(), k0);
+    }
+
+    #[test]
+    fn identity_tracks_content_and_listing() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("x.txt");
+        std::fs::write(&f, "a").unwrap();
+        let a = identity(&f).unwrap();
+        std::fs::write(&f, "b").unwrap();
+        assert_ne!(identity(&f).unwrap(), a);
+        let da = identity(d.path()).unwrap();
+        std::fs::write(d.path().join("y.txt"), "c").unwrap();
+        assert_ne!(identity(d.path()).unwrap(), da);
+        assert_eq!(identity(&d.path().join("nope")).unwrap(), "missing");
+    }
+
+    #[test]
+    fn commit_is_atomic_and_first_wins() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Cache::new(d.path());
+        let t1 = c.temp_dir("k").unwrap();
+        std::fs::write(t1.join("o"), "1").unwrap();
+        let t2 = c.temp_dir("k").unwrap();
+        std::fs::write(t2.join("o"), "2").unwrap();
+        let dest = c.commit(&t1, "kind", "k").unwrap();
+        c.commit(&t2, "kind", "k").unwrap();
+        assert_eq!(std::fs::read_to_string(dest.join("o")).unwrap(), "1");
+        assert!(!t2.exists());
+    }
+}

@@ -1,0 +1,344 @@
+//! Command-line interface: flags are parsed here and turned into calls of the library.
+//!
+//! Exit codes: 0 success, 1 a run or command failed, 2 usage or experiment-file error,
+//! 130 interrupted (Ctrl-C / SIGTERM).
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+use huse_stage_api::CancelToken;
+use tracing::{info, warn};
+
+use crate::cache::Cache;
+use crate::config::{self, Overrides};
+use crate::exec::{self, RunOptions};
+use crate::progress::{Display, LogWriter};
+use crate::query::{self, Cond, Filter, Format};
+use crate::registry::Registry;
+use crate::store::Store;
+
+#[derive(Parser, Debug)]
+#[command(name = "huse-run", version, about = "Run, sweep and compare HUSE experiments described in YAML.")]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    global: Global,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Global {
+    /// Results database (SQLite).
+    #[arg(long, global = true, env = "HUSE_DB", default_value = ".huse/runs.sqlite")]
+    db: PathBuf,
+    /// Stage cache directory.
+    #[arg(long, global = true, env = "HUSE_CACHE", default_value = ".huse/cache")]
+    cache: PathBuf,
+    /// More log output (-v: debug, -vv: trace); RUST_LOG also works.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+struct RunArgs {
+    /// The experiment file.
+    experiment: Option<PathBuf>,
+    /// Override a key: `train.alpha=0.3` (a stage's `with:` key), `seed=7`, `stages.x.uses=y`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Run each sweep point with this many seeds (seed, seed+1, ...).
+    #[arg(long)]
+    repeat: Option<u32>,
+    /// Stages that may run at the same time (default: number of CPUs).
+    #[arg(short, long)]
+    jobs: Option<usize>,
+    /// Recompute this stage even if its output is cached (repeatable).
+    #[arg(long, value_name = "STAGE")]
+    force: Vec<String>,
+    /// Recompute every stage (and refresh the cache).
+    #[arg(long)]
+    no_cache: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+struct FilterArgs {
+    /// Only runs of this experiment.
+    #[arg(long, short = 'e')]
+    experiment: Option<String>,
+    /// Only runs with this status (running, succeeded, failed, interrupted).
+    #[arg(long)]
+    status: Option<String>,
+    /// Condition on a param or a final metric, e.g. `train.beta=0.5` or `test.t2i.r1>0.6` (repeatable, all must hold).
+    #[arg(long = "where", short = 'w', value_name = "COND")]
+    conds: Vec<Cond>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run an experiment (the default command).
+    Run(RunArgs),
+    /// Check an experiment file without running anything.
+    Validate(RunArgs),
+    /// List the stage kinds `uses:` can name.
+    List,
+    /// List runs with their varying params and final metrics.
+    Runs {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Metrics to show (glob, repeatable; default all).
+        #[arg(long = "metric", short = 'm', value_name = "GLOB")]
+        metrics: Vec<String>,
+        /// Sort by a column (param, metric, id, name, status).
+        #[arg(long)]
+        sort: Option<String>,
+        /// Sort descending.
+        #[arg(long)]
+        desc: bool,
+        /// At most this many rows.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// One row per param combination (seeds pooled): mean ± std of each metric.
+        #[arg(long)]
+        group: bool,
+        #[arg(long, short = 'f', value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Everything about one run.
+    Show {
+        run: i64,
+        #[arg(long, short = 'f', value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// Differing params and metrics of several runs, side by side.
+    Compare {
+        #[arg(required = true, num_args = 2..)]
+        runs: Vec<i64>,
+        #[arg(long = "metric", short = 'm', value_name = "GLOB")]
+        metrics: Vec<String>,
+        #[arg(long, short = 'f', value_enum, default_value = "table")]
+        format: Format,
+    },
+    /// The run with the best final value of a metric.
+    Best {
+        #[arg(long, short = 'm')]
+        metric: String,
+        /// Lower is better.
+        #[arg(long)]
+        min: bool,
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[arg(long, short = 'f', value_enum, default_value = "table")]
+        format: Format,
+    },
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    let display = Display::new();
+    init_logging(&cli.global, &display);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    let result = rt.block_on(dispatch(cli, display));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+fn init_logging(g: &Global, display: &Display) {
+    use tracing_subscriber::EnvFilter;
+    let default = if g.quiet {
+        "warn"
+    } else {
+        match g.verbose {
+            0 => "info",
+            1 => "debug",
+            _ => "trace",
+        }
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(format!("{default},sqlx=warn")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(LogWriter(display.clone()))
+        .try_init();
+}
+
+async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
+    let g = cli.global.clone();
+    match cli.cmd {
+        None => match cli.run.experiment.clone() {
+            Some(_) => run(&g, cli.run, &display).await,
+            None => {
+                eprintln!("error: no experiment file given\n\nUsage: huse-run EXPERIMENT.yaml   (see huse-run --help)");
+                Ok(2)
+            }
+        },
+        Some(Cmd::Run(a)) => run(&g, a, &display).await,
+        Some(Cmd::Validate(a)) => {
+            let registry = Registry::builtin();
+            let file = a.experiment.clone().context("validate needs an experiment file")?;
+            match config::compile(&file, &overrides(&a), &registry) {
+                Ok(exp) => {
+                    println!("{}: ok ({} run(s), {} stage(s) each)", file.display(), exp.runs.len(), exp.runs[0].stages.len());
+                    Ok(0)
+                }
+                Err(d) => {
+                    eprintln!("{d}");
+                    Ok(2)
+                }
+            }
+        }
+        Some(Cmd::List) => {
+            let registry = Registry::builtin();
+            let mut t = query::Table { headers: vec!["kind".into(), "version".into(), "takes".into(), "gives".into(), "source".into(), "about".into()], rows: vec![] };
+            for (kind, e) in registry.entries() {
+                let s = &e.stage;
+                let takes = s.inputs().iter().map(|i| i.name.clone()).collect::<Vec<_>>().join(", ");
+                let gives = s.outputs().iter().map(|o| o.name.clone()).collect::<Vec<_>>().join(", ");
+                t.rows.push(
+                    [kind, s.version(), &takes, &gives, &e.source, s.describe()].iter().map(|x| query::Cell::Text(x.to_string())).collect(),
+                );
+            }
+            print!("{}", t.render(Format::Table));
+            Ok(0)
+        }
+        Some(Cmd::Runs { filter, metrics, sort, desc, limit, group, format }) => {
+            let store = Store::open_existing(&g.db).await?;
+            let runs = query::load_runs(&store, &to_filter(filter)).await?;
+            let mut t = query::runs_table(&runs, &query::patterns(&metrics)?, group);
+            if let Some(s) = sort {
+                t.sort_by(&s, desc)?;
+            } else if desc {
+                t.rows.reverse();
+            }
+            if let Some(n) = limit {
+                t.rows.truncate(n);
+            }
+            print!("{}", t.render(format));
+            Ok(0)
+        }
+        Some(Cmd::Show { run, format }) => {
+            let store = Store::open_existing(&g.db).await?;
+            print!("{}", query::render_sections(&query::show(&store, run).await?, format));
+            Ok(0)
+        }
+        Some(Cmd::Compare { runs, metrics, format }) => {
+            let store = Store::open_existing(&g.db).await?;
+            let all = query::load_runs(&store, &Filter::default()).await?;
+            let mut chosen = Vec::new();
+            for id in &runs {
+                chosen.push(all.iter().find(|r| r.id == *id).cloned().with_context(|| format!("no run with id {id}"))?);
+            }
+            print!("{}", query::compare_table(&chosen, &query::patterns(&metrics)?).render(format));
+            Ok(0)
+        }
+        Some(Cmd::Best { metric, min, filter, format }) => {
+            let store = Store::open_existing(&g.db).await?;
+            let runs = query::load_runs(&store, &to_filter(filter)).await?;
+            print!("{}", query::best_table(&runs, &metric, min)?.render(format));
+            Ok(0)
+        }
+    }
+}
+
+fn to_filter(f: FilterArgs) -> Filter {
+    Filter { experiment: f.experiment, status: f.status, conds: f.conds }
+}
+
+fn overrides(a: &RunArgs) -> Overrides {
+    Overrides { set: a.set.clone(), repeat: a.repeat }
+}
+
+async fn run(g: &Global, a: RunArgs, display: &Display) -> Result<i32> {
+    let registry = Registry::builtin();
+    let file = a.experiment.clone().context("no experiment file given")?;
+    // Everything is validated before the database or the cache is touched.
+    let exp = match config::compile(&file, &overrides(&a), &registry) {
+        Ok(e) => e,
+        Err(d) => {
+            eprintln!("{d}");
+            return Ok(2);
+        }
+    };
+    let cancel = CancelToken::new();
+    spawn_signal_handler(cancel.clone());
+    let store = Store::open(&g.db).await?;
+    let reaped = store.reap_dead_runs().await?;
+    if reaped > 0 {
+        warn!("marked {reaped} run(s) of dead processes as interrupted");
+    }
+    let cache = Cache::new(&g.cache);
+    let jobs = a.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let opts = RunOptions { jobs, force: a.force.clone(), no_cache: a.no_cache };
+    let outcomes = exec::execute(&exp, &registry, &store, &cache, &opts, display, &cancel).await?;
+    store.close().await;
+
+    let mut t = query::Table { headers: vec!["run".into(), "name".into(), "status".into(), "computed".into(), "cached".into(), "error".into()], rows: vec![] };
+    for o in &outcomes {
+        use query::Cell;
+        t.rows.push(vec![
+            Cell::Int(o.id),
+            Cell::Text(o.name.clone()),
+            Cell::Text(o.status.to_string()),
+            Cell::Int(o.computed as i64),
+            Cell::Int(o.cached as i64),
+            Cell::Text(o.error.clone().unwrap_or_default()),
+        ]);
+    }
+    display.suspend(|| print!("{}", t.render(Format::Table)));
+    info!("results in {}; `huse-run show RUN` for details", g.db.display());
+    Ok(if cancel.is_cancelled() || outcomes.iter().any(|o| o.status == "interrupted") {
+        130
+    } else if outcomes.iter().any(|o| o.status == "failed") {
+        1
+    } else {
+        0
+    })
+}
+
+/// First SIGINT/SIGTERM: cancel running stages and let the run end cleanly. Second: exit now.
+fn spawn_signal_handler(cancel: CancelToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+            warn!("cannot install signal handlers");
+            return;
+        };
+        for n in 0.. {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            if n == 0 {
+                warn!("interrupted: cancelling running stages (press Ctrl-C again to exit at once)");
+                cancel.cancel();
+            } else {
+                eprintln!("interrupted twice: exiting now");
+                std::process::exit(130);
+            }
+        }
+    });
+}

@@ -1,0 +1,179 @@
+//! Progress display: one indicatif line per running stage on a terminal, plain log
+//! lines (at most one every few seconds per stage) elsewhere. Also the tracing writer
+//! that keeps log lines from tearing the bars.
+
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use huse_stage_api::Progress;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// The set of progress lines of one `huse-run` process.
+#[derive(Clone)]
+pub struct Display {
+    multi: MultiProgress,
+    fancy: bool,
+}
+
+impl Display {
+    /// Bars when stderr is a terminal, plain lines otherwise.
+    pub fn new() -> Self {
+        let fancy = std::io::stderr().is_terminal();
+        let multi = MultiProgress::with_draw_target(if fancy {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        });
+        Display { multi, fancy }
+    }
+
+    /// A progress reporter for one stage run, labelled `label`.
+    pub fn stage(&self, label: &str) -> StageProgress {
+        let bar = self.multi.add(ProgressBar::no_length());
+        bar.set_prefix(label.to_string());
+        bar.set_style(spinner_style());
+        bar.enable_steady_tick(Duration::from_millis(200));
+        StageProgress { bar, fancy: self.fancy, label: label.to_string(), state: Mutex::new(Plain::default()) }
+    }
+
+    /// Runs `f` with the bars hidden (for printing).
+    pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.multi.suspend(f)
+    }
+}
+
+impl Default for Display {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn spinner_style() -> ProgressStyle {
+    ProgressStyle::with_template("{spinner} {prefix:.bold} {wide_msg} [{elapsed}]").unwrap()
+}
+
+fn bar_style(unit: &str) -> ProgressStyle {
+    ProgressStyle::with_template(&format!(
+        "{{spinner}} {{prefix:.bold}} {{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}})"
+    ))
+    .unwrap()
+    .progress_chars("=> ")
+}
+
+#[derive(Default)]
+struct Plain {
+    phase: String,
+    unit: String,
+    total: Option<u64>,
+    pos: u64,
+    started: Option<Instant>,
+    last: Option<Instant>,
+}
+
+/// Progress of one stage run.
+pub struct StageProgress {
+    bar: ProgressBar,
+    fancy: bool,
+    label: String,
+    state: Mutex<Plain>,
+}
+
+impl StageProgress {
+    /// Removes the line.
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+
+    fn plain_line(&self, s: &Plain, force: bool) {
+        let now = Instant::now();
+        if !force && s.last.is_some_and(|l| now - l < Duration::from_secs(5)) {
+            return;
+        }
+        let rate = s.started.map(|t| s.pos as f64 / (now - t).as_secs_f64().max(1e-9)).unwrap_or(0.0);
+        let total = s.total.map(|t| format!("/{t}")).unwrap_or_default();
+        let line = format!("[{}] {}: {}{} {} ({rate:.1} {}/s)", self.label, s.phase, s.pos, total, s.unit, s.unit);
+        let _ = writeln!(std::io::stderr(), "{line}");
+    }
+}
+
+impl Progress for StageProgress {
+    fn start(&self, phase: &str, total: Option<u64>, unit: &str) {
+        self.bar.reset();
+        self.bar.set_message(phase.to_string());
+        match total {
+            Some(t) => {
+                self.bar.set_length(t);
+                self.bar.set_style(bar_style(unit));
+            }
+            None => {
+                self.bar.unset_length();
+                self.bar.set_style(spinner_style());
+            }
+        }
+        let mut s = self.state.lock().unwrap();
+        *s = Plain {
+            phase: phase.to_string(),
+            unit: unit.to_string(),
+            total,
+            pos: 0,
+            started: Some(Instant::now()),
+            last: Some(Instant::now()),
+        };
+    }
+
+    fn inc(&self, n: u64) {
+        self.bar.inc(n);
+        if !self.fancy {
+            let mut s = self.state.lock().unwrap();
+            s.pos += n;
+            let done = s.total.is_some_and(|t| s.pos >= t);
+            let before = s.last;
+            self.plain_line(&s, done);
+            if done || before.is_some_and(|l| l.elapsed() >= Duration::from_secs(5)) {
+                s.last = Some(Instant::now());
+            }
+        }
+    }
+
+    fn message(&self, msg: &str) {
+        let phase = self.state.lock().unwrap().phase.clone();
+        self.bar.set_message(format!("{phase} {msg}"));
+    }
+}
+
+/// A tracing writer that prints above the progress bars.
+#[derive(Clone)]
+pub struct LogWriter(pub Display);
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = LogLine;
+    fn make_writer(&'a self) -> LogLine {
+        LogLine { display: self.0.clone(), buf: Vec::new() }
+    }
+}
+
+/// One buffered log record, written on drop.
+pub struct LogLine {
+    display: Display,
+    buf: Vec<u8>,
+}
+
+impl Write for LogLine {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LogLine {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        self.display.suspend(|| {
+            let _ = std::io::stderr().write_all(&buf);
+        });
+    }
+}
