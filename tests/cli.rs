@@ -1,0 +1,365 @@
+//! Integration tests of the `huse-run` binary on toy experiments: DAG order and overlap,
+//! cache hits, sweeps, config errors, interruption, concurrent writers and queries.
+
+mod common;
+
+use common::Sandbox;
+
+const DIAMOND: &str = "\
+name: diamond
+seed: 3
+stages:
+  source: { uses: toy-source, with: { count: 10 } }
+  left:   { uses: toy-scale, needs: [source], with: { factor: 2.0, seconds: 1.0 } }
+  right:  { uses: toy-scale, needs: [source], with: { factor: 3.0, seconds: 1.0 } }
+  total:  { uses: toy-sum, needs: [left, right] }
+";
+
+fn timing(sb: &Sandbox, run: i64, stage: &str) -> (f64, f64) {
+    let dir = &sb.sql(&format!("SELECT output_dir FROM stage_runs WHERE run_id = {run} AND stage = '{stage}'"))[0][0];
+    let t: serde_json::Value = serde_json::from_slice(&std::fs::read(format!("{dir}/timing.json")).unwrap()).unwrap();
+    (t["start"].as_f64().unwrap(), t["end"].as_f64().unwrap())
+}
+
+#[test]
+fn dag_runs_in_dependency_order_and_independent_stages_overlap() {
+    let sb = Sandbox::new();
+    let f = sb.write("d.yaml", DIAMOND);
+    sb.run(&[f.to_str().unwrap(), "--jobs", "2"]).expect(0);
+    let (s, l, r, t) = (timing(&sb, 1, "source"), timing(&sb, 1, "left"), timing(&sb, 1, "right"), timing(&sb, 1, "total"));
+    assert!(s.1 <= l.0 && s.1 <= r.0, "source must end before its dependants start");
+    assert!(l.0 < r.1 && r.0 < l.1, "left {l:?} and right {r:?} must overlap");
+    assert!(t.0 >= l.1 && t.0 >= r.1, "total must start after both inputs");
+    // 0..10 scaled by 2 and 3: sum = 45 * 5.
+    assert_eq!(sb.sql("SELECT value FROM final_metrics WHERE run_id = 1 AND key = 'sum'")[0][0], "225");
+    assert_eq!(sb.sql("SELECT status FROM runs")[0][0], "succeeded");
+
+    // With one job at a time they cannot overlap.
+    let sb = Sandbox::new();
+    let f = sb.write("d.yaml", DIAMOND);
+    sb.run(&[f.to_str().unwrap(), "--jobs", "1"]).expect(0);
+    let (l, r) = (timing(&sb, 1, "left"), timing(&sb, 1, "right"));
+    assert!(l.1 <= r.0 || r.1 <= l.0, "--jobs 1 must serialise");
+}
+
+#[test]
+fn a_second_run_is_all_cache_hits_and_force_recomputes() {
+    let sb = Sandbox::new();
+    let f = sb.write("d.yaml", &DIAMOND.replace("seconds: 1.0", "seconds: 0.0"));
+    let f = f.to_str().unwrap();
+    sb.run(&[f]).expect(0);
+    let out = sb.run(&[f]).expect(0);
+    assert!(out.stderr().contains("cache hit"), "{}", out.stderr());
+    assert_eq!(sb.count("SELECT count(*) FROM stage_runs WHERE run_id = 1 AND cached = 0"), 4);
+    assert_eq!(sb.count("SELECT count(*) FROM stage_runs WHERE run_id = 2 AND cached = 1"), 4);
+    // Cached metrics are replayed into the new run.
+    assert_eq!(sb.sql("SELECT value FROM final_metrics WHERE run_id = 2 AND key = 'sum'")[0][0], "225");
+    // Same keys: the cache entries are shared.
+    assert_eq!(
+        sb.count("SELECT count(DISTINCT cache_key) FROM stage_runs"),
+        4,
+    );
+    sb.run(&[f, "--force", "left"]).expect(0);
+    let recomputed = sb.sql("SELECT stage FROM stage_runs WHERE run_id = 3 AND cached = 0");
+    assert_eq!(recomputed, vec![vec!["left".to_string()]]);
+    sb.run(&[f, "--no-cache"]).expect(0);
+    assert_eq!(sb.count("SELECT count(*) FROM stage_runs WHERE run_id = 4 AND cached = 0"), 4);
+    // A changed config changes the key of that stage and of everything downstream only.
+    sb.run(&[f, "--set", "right.factor=4"]).expect(0);
+    let recomputed: Vec<String> =
+        sb.sql("SELECT stage FROM stage_runs WHERE run_id = 5 AND cached = 0 ORDER BY stage").into_iter().map(|r| r[0].clone()).collect();
+    assert_eq!(recomputed, ["right", "total"]);
+    assert_eq!(sb.sql("SELECT value FROM final_metrics WHERE run_id = 5 AND key = 'sum'")[0][0], "270");
+}
+
+#[test]
+fn a_3x3_sweep_creates_9_runs_and_computes_the_shared_upstream_once() {
+    let sb = Sandbox::new();
+    let f = sb.write(
+        "s.yaml",
+        "name: sweep\nstages:\n  source: { uses: toy-source, with: { count: 4, seconds: 0.3 } }\n  \
+         mid: { uses: toy-scale, needs: [source], with: { factor: 1.0 } }\n  total: { uses: toy-sum, needs: [mid] }\n\
+         sweep:\n  mid.factor: [1, 2, 3]\n  mid.offset: [0, 10, 20]\n",
+    );
+    sb.run(&[f.to_str().unwrap(), "--jobs", "4"]).expect(0);
+    assert_eq!(sb.count("SELECT count(*) FROM runs WHERE status = 'succeeded'"), 9);
+    assert_eq!(sb.count("SELECT count(*) FROM stage_runs WHERE stage = 'source' AND cached = 0"), 1);
+    assert_eq!(sb.count("SELECT count(*) FROM stage_runs WHERE stage = 'source'"), 9);
+    assert_eq!(std::fs::read_dir(sb.cache().join("toy-source")).unwrap().count(), 1);
+    // Each point's params are queryable and its metric is right: sum = factor * 6 + 4 * offset.
+    let rows = sb.sql(
+        "SELECT pf.value, po.value, f.value FROM runs r
+         JOIN params pf ON pf.run_id = r.id AND pf.key = 'mid.factor'
+         JOIN params po ON po.run_id = r.id AND po.key = 'mid.offset'
+         JOIN final_metrics f ON f.run_id = r.id AND f.key = 'sum' ORDER BY r.id",
+    );
+    assert_eq!(rows.len(), 9);
+    for r in rows {
+        let (fa, of, sum): (f64, f64, f64) = (r[0].parse().unwrap(), r[1].parse().unwrap(), r[2].parse().unwrap());
+        assert_eq!(sum, fa * 6.0 + 4.0 * of);
+    }
+    // Names say the point.
+    assert_eq!(sb.sql("SELECT name FROM runs WHERE id = 2")[0][0], "sweep@mid.factor=1,mid.offset=10");
+}
+
+#[test]
+fn explicit_points_and_seed_repetition() {
+    let sb = Sandbox::new();
+    let f = sb.write(
+        "p.yaml",
+        "name: pts\nseed: 5\nrepeat: 3\nstages:\n  source: { uses: toy-source }\n  \
+         mid: { uses: toy-scale, needs: [source], with: { add_seed: true } }\n\
+         sweep:\n  points:\n    - { mid.factor: 1, mid.offset: 0 }\n    - { mid.factor: 0, mid.offset: 1 }\n",
+    );
+    sb.run(&[f.to_str().unwrap()]).expect(0);
+    assert_eq!(sb.count("SELECT count(*) FROM runs"), 6);
+    assert_eq!(sb.sql("SELECT group_concat(seed) FROM (SELECT seed FROM runs ORDER BY id)")[0][0], "5,6,7,5,6,7");
+    // The seed-free source is shared by all six runs.
+    assert_eq!(sb.count("SELECT count(*) FROM stage_runs WHERE stage = 'source' AND cached = 0"), 1);
+    // Grouped: mean ± std over the 3 seeds. mean of (x + seed) over x in 0..10 = 4.5 + seed.
+    let out = sb.run(&["runs", "--group", "--format", "csv", "--metric", "mean"]).expect(0);
+    let text = out.stdout();
+    let mut lines = text.lines();
+    assert_eq!(lines.next().unwrap(), "experiment,mid.factor,mid.offset,runs,mean,mean.std");
+    assert_eq!(lines.next().unwrap(), "pts,0,1,3,7,1");
+    assert_eq!(lines.next().unwrap(), "pts,1,0,3,10.5,1");
+}
+
+/// Each bad experiment must fail with a positioned message and leave no trace.
+#[test]
+fn config_errors_are_positioned_and_write_nothing() {
+    let good = "name: bad\nstages:\n  source: { uses: toy-source }\n  mid:\n    uses: toy-scale\n    needs: [source]\n    with:\n      factor: 2.0\n";
+    let cases: &[(&str, String, &[&str], &str)] = &[
+        ("unknown top key", good.replace("stages:", "stagse:"), &[], "b.yaml:2:1: stagse: unknown key `stagse`; did you mean `stages`?"),
+        ("unknown stage key", good.replace("    needs:", "    need:"), &[], "b.yaml:6:5: stages.mid.need: unknown key `need`; did you mean `needs`?"),
+        ("unknown config key", good.replace("factor: 2.0", "factr: 2.0"), &[], "b.yaml:8:7: stages.mid.with.factr: unknown field `factr`"),
+        ("did you mean for config key", good.replace("factor: 2.0", "factr: 2.0"), &[], "did you mean `factor`?"),
+        ("unknown kind", good.replace("uses: toy-scale", "uses: toy-scal"), &[], "b.yaml:5:11: stages.mid.uses: unknown stage kind `toy-scal`; did you mean `toy-scale`?"),
+        ("unknown needs", good.replace("needs: [source]", "needs: [sorce]"), &[], "b.yaml:6:13: stages.mid.needs.0: unknown stage `sorce` in needs; did you mean `source`?"),
+        ("cycle", good.replace("source: { uses: toy-source }", "source: { uses: toy-scale, needs: [mid] }"), &[], "dependency cycle: source -> mid -> source"),
+        ("wrong type", good.replace("factor: 2.0", "factor: abc"), &[], "b.yaml:8:15: stages.mid.with.factor: invalid type: string \"abc\", expected f64"),
+        ("stage's own validation", good.replace("factor: 2.0", "seconds: -1"), &[], "b.yaml:8:16: stages.mid.with.seconds: must be >= 0"),
+        ("wrong top-level type", good.replace("name: bad", "name: bad\nseed: -4"), &[], "b.yaml:2:7: seed: expected a non-negative integer"),
+        ("bad override", good.to_string(), &["--set", "mid.factor=abc"], "(command line `--set mid.factor=abc`): stages.mid.with.factor: invalid type: string \"abc\", expected f64"),
+        ("unset variable", good.replace("factor: 2.0", "fail: ${HUSE_TEST_SURELY_UNSET}"), &[], "b.yaml:8:13: stages.mid.with.fail: environment variable `HUSE_TEST_SURELY_UNSET` is not set"),
+        ("missing input artifact", good.replace("needs: [source]", "needs: []"), &[], "stages.mid.needs: stage `mid` (toy-scale) takes artifact `numbers.json`, but none of its needs [] gives it (kinds that give it: toy-source)"),
+        ("syntax", good.replace("needs: [source]", "needs: [source"), &[], "b.yaml:7:9: invalid YAML: illegal placement of ':' indicator"),
+        ("bad sweep key", format!("{good}sweep:\n  mdi.factor: [1, 2]\n"), &[], "b.yaml:10:3: sweep.mdi.factor: sweep key `mdi.factor` names no stage or top-level setting; did you mean `mid`?"),
+        ("bad sweep value", format!("{good}sweep:\n  mid.factor: [1, x]\n"), &[], "b.yaml:10:19: stages.mid.with.factor: invalid type: string \"x\", expected f64"),
+    ];
+    for (what, yaml, extra, expected) in cases {
+        let sb = Sandbox::new();
+        let f = sb.write("b.yaml", yaml);
+        let mut args = vec![f.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = sb.run(&args);
+        let err = out.stderr();
+        assert_eq!(out.code(), 2, "{what}: exit code; stderr:\n{err}");
+        assert!(err.contains(expected), "{what}: expected\n  {expected}\nin\n{err}");
+        assert!(!sb.db().exists(), "{what}: the database must not be created");
+        assert!(!sb.cache().exists(), "{what}: the cache must not be created");
+        // `validate` reports the same without running.
+        let mut vargs = vec!["validate"];
+        vargs.extend(args.iter().copied());
+        assert!(sb.run(&vargs).expect(2).stderr().contains(expected), "{what}: validate");
+    }
+}
+
+#[test]
+fn a_failed_stage_skips_its_dependants_and_fails_only_its_run() {
+    let sb = Sandbox::new();
+    let f = sb.write(
+        "f.yaml",
+        "name: fails\nstages:\n  source: { uses: toy-source }\n  mid: { uses: toy-scale, needs: [source] }\n  \
+         total: { uses: toy-sum, needs: [mid] }\nsweep:\n  mid.fail: [\"boom at step 3\", null]\n",
+    );
+    let out = sb.run(&[f.to_str().unwrap()]).expect(1);
+    assert!(out.stdout().contains("boom at step 3"), "{}", out.stdout());
+    let runs = sb.sql("SELECT status, coalesce(error, '') FROM runs ORDER BY id");
+    assert_eq!(runs[0], vec!["failed".to_string(), "stage `mid` failed: boom at step 3".to_string()]);
+    assert_eq!(runs[1][0], "succeeded");
+    assert_eq!(sb.sql("SELECT status FROM stage_runs WHERE run_id = 1 AND stage = 'total'")[0][0], "skipped");
+    // Nothing of the failed stage is left in the cache.
+    assert_eq!(std::fs::read_dir(sb.cache().join("toy-scale")).unwrap().count(), 1);
+    assert_eq!(std::fs::read_dir(sb.cache().join(".tmp")).unwrap().count(), 0);
+}
+
+#[test]
+fn sigint_marks_the_run_interrupted_and_a_rerun_completes() {
+    let sb = Sandbox::new();
+    let f = sb.write(
+        "i.yaml",
+        "name: slow\nstages:\n  source: { uses: toy-source }\n  mid: { uses: toy-scale, needs: [source], with: { seconds: 3 } }\n",
+    );
+    let f = f.to_str().unwrap();
+    let mut child = sb.cmd(&[f]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // Wait until the slow stage is writing into its temporary directory.
+    let tmp = sb.cache().join(".tmp");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0) == 0 {
+        assert!(t0.elapsed().as_secs() < 20, "the stage never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let kill = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert_eq!(sb.sql("SELECT status FROM runs")[0][0], "interrupted");
+    assert_eq!(sb.sql("SELECT status FROM stage_runs WHERE stage = 'mid'")[0][0], "interrupted");
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "no half-written output may remain");
+    assert!(!sb.cache().join("toy-scale").exists());
+    // The rerun completes, reusing the finished upstream stage.
+    sb.run(&[f]).expect(0);
+    assert_eq!(sb.sql("SELECT status FROM runs WHERE id = 2")[0][0], "succeeded");
+    assert_eq!(sb.sql("SELECT cached FROM stage_runs WHERE run_id = 2 AND stage = 'source'")[0][0], "1");
+}
+
+#[test]
+fn a_killed_process_leaves_a_run_that_the_next_start_marks_interrupted() {
+    let sb = Sandbox::new();
+    let f = sb.write("k.yaml", "name: k\nstages:\n  s: { uses: toy-source, with: { seconds: 10 } }\n");
+    let f = f.to_str().unwrap();
+    let mut child = sb.cmd(&[f]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while std::fs::read_dir(sb.cache().join(".tmp")).map(|d| d.count()).unwrap_or(0) == 0 {
+        assert!(t0.elapsed().as_secs() < 20);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let f2 = sb.write("k2.yaml", "name: k2\nstages:\n  s: { uses: toy-source }\n");
+    sb.run(&[f2.to_str().unwrap()]).expect(0);
+    assert_eq!(sb.sql("SELECT status FROM runs WHERE id = 1")[0][0], "interrupted");
+    assert_eq!(std::fs::read_dir(sb.cache().join(".tmp")).unwrap().count(), 0, "stale temp dirs are swept");
+}
+
+#[test]
+fn eight_concurrent_processes_lose_no_rows() {
+    let sb = Sandbox::new();
+    let f = sb.write(
+        "c.yaml",
+        "name: conc\nstages:\n  source: { uses: toy-source }\n  mid: { uses: toy-scale, needs: [source], with: { metrics: 300 } }\n",
+    );
+    let f = f.to_str().unwrap();
+    let children: Vec<_> = (0..8)
+        .map(|i| {
+            let set = format!("mid.offset={i}");
+            sb.cmd(&[f, "--set", &set]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(sb.count("SELECT count(*) FROM runs WHERE status = 'succeeded'"), 8);
+    // 300 loss steps + 1 mean per run.
+    assert_eq!(sb.count("SELECT count(*) FROM metrics"), 8 * 301);
+    assert_eq!(sb.count("SELECT count(*) FROM stage_runs"), 16);
+    assert_eq!(sb.count("SELECT count(*) FROM params WHERE key = 'mid.offset'"), 8);
+}
+
+/// Known rows: a 2x2 sweep over toy-scale whose `sum` metric is computable by hand.
+fn known_runs() -> Sandbox {
+    let sb = Sandbox::new();
+    let f = sb.write(
+        "q.yaml",
+        "name: q\nstages:\n  source: { uses: toy-source, with: { count: 4 } }\n  \
+         mid: { uses: toy-scale, needs: [source], with: { metrics: 3 } }\n  total: { uses: toy-sum, needs: [mid] }\n\
+         sweep:\n  mid.factor: [1, 2]\n  mid.offset: [0, 1]\n",
+    );
+    sb.run(&[f.to_str().unwrap()]).expect(0);
+    sb
+}
+
+#[test]
+fn runs_filters_sorts_and_prints_all_formats() {
+    let sb = known_runs();
+    // sums: (1,0)=6, (1,1)=10, (2,0)=12, (2,1)=16
+    let csv = sb.run(&["runs", "--format", "csv", "--metric", "sum"]).expect(0).stdout();
+    assert_eq!(
+        csv,
+        "id,experiment,name,status,mid.factor,mid.offset,sum\n\
+         1,q,\"q@mid.factor=1,mid.offset=0\",succeeded,1,0,6\n\
+         2,q,\"q@mid.factor=1,mid.offset=1\",succeeded,1,1,10\n\
+         3,q,\"q@mid.factor=2,mid.offset=0\",succeeded,2,0,12\n\
+         4,q,\"q@mid.factor=2,mid.offset=1\",succeeded,2,1,16\n"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&sb.run(&["runs", "-f", "json", "-w", "mid.factor=2", "-w", "sum>12"]).expect(0).stdout()).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 1);
+    assert_eq!(json[0]["id"], 4);
+    assert_eq!(json[0]["sum"], 16.0);
+    assert_eq!(json[0]["loss"], 2.0 / 3.0);
+    let md = sb.run(&["runs", "-f", "markdown", "-m", "sum", "--sort", "sum", "--desc", "--limit", "2"]).expect(0).stdout();
+    let lines: Vec<&str> = md.lines().collect();
+    assert_eq!(lines.len(), 4, "{md}");
+    assert!(lines[0].starts_with("| id "), "{md}");
+    assert!(lines[1].starts_with("|--"), "{md}");
+    assert!(lines[2].contains("| 16 "), "{md}");
+    assert!(lines[3].contains("| 12 "), "{md}");
+    let table = sb.run(&["runs", "-w", "mid.offset!=0", "-w", "sum<=10"]).expect(0).stdout();
+    assert!(table.contains("q@mid.factor=1,mid.offset=1") && !table.contains("mid.offset=0,"), "{table}");
+    assert!(table.contains('│'), "a drawn table: {table}");
+    // Filter values are bound, not pasted: quotes are just characters.
+    let out = sb.run(&["runs", "-f", "csv", "-w", "mid.uses=x' OR '1'='1"]).expect(0).stdout();
+    assert_eq!(out.lines().count(), 1, "{out}");
+    // Filtering on a metric that does not exist gives no rows; a bad condition is a usage error.
+    assert_eq!(sb.run(&["runs", "-f", "json", "-w", "nope>1"]).expect(0).stdout().trim(), "[]");
+    assert_eq!(sb.run(&["runs", "-w", "nope"]).code(), 2);
+}
+
+#[test]
+fn show_compare_and_best_in_all_formats() {
+    let sb = known_runs();
+    let show: serde_json::Value = serde_json::from_str(&sb.run(&["show", "3", "-f", "json"]).expect(0).stdout()).unwrap();
+    let fields: Vec<(&str, &serde_json::Value)> =
+        show["run"].as_array().unwrap().iter().map(|r| (r["field"].as_str().unwrap(), &r["value"])).collect();
+    assert!(fields.contains(&("status", &serde_json::json!("succeeded"))));
+    assert!(show["params"].as_array().unwrap().iter().any(|p| p["param"] == "mid.factor" && p["value"] == "2"));
+    assert_eq!(show["stages"].as_array().unwrap().len(), 3);
+    assert!(show["metrics (last step)"].as_array().unwrap().iter().any(|m| m["metric"] == "sum" && m["value"] == 12.0));
+    for f in ["table", "csv", "markdown"] {
+        let out = sb.run(&["show", "3", "-f", f]).expect(0).stdout();
+        assert!(out.contains("mid.factor") && out.contains("12") && out.contains("toy-scale"), "{f}: {out}");
+    }
+
+    let cmp = sb.run(&["compare", "1", "4", "-f", "csv", "-m", "sum"]).expect(0).stdout();
+    assert_eq!(
+        cmp,
+        ",key,\"#1 q@mid.factor=1,mid.offset=0\",\"#4 q@mid.factor=2,mid.offset=1\"\n\
+         param,mid.factor,1,2\nparam,mid.offset,0,1\nrun,status,succeeded,succeeded\nmetric,sum,6,16\n"
+    );
+    for f in ["table", "json", "markdown"] {
+        let out = sb.run(&["compare", "1", "4", "-f", f]).expect(0).stdout();
+        assert!(out.contains("mid.offset") && out.contains("16"), "{f}: {out}");
+    }
+
+    let best = sb.run(&["best", "--metric", "sum", "-f", "csv"]).expect(0).stdout();
+    assert_eq!(best, "id,experiment,name,sum,mid.factor,mid.offset\n4,q,\"q@mid.factor=2,mid.offset=1\",16,2,1\n");
+    let best = sb.run(&["best", "--metric", "sum", "--min", "-f", "json"]).expect(0).stdout();
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&best).unwrap()[0]["id"], 1);
+    let best = sb.run(&["best", "--metric", "sum", "-w", "mid.factor=1", "-f", "markdown"]).expect(0).stdout();
+    assert!(best.contains("| 2 ") && best.contains("| 10 "), "{best}");
+    assert!(sb.run(&["best", "--metric", "sum"]).expect(0).stdout().contains("16"));
+    assert!(sb.run(&["best", "--metric", "nope"]).expect(1).stderr().contains("no run has a value for metric `nope`"));
+    assert!(sb.run(&["show", "99"]).expect(1).stderr().contains("no run with id 99"));
+}
+
+#[test]
+fn list_shows_the_registered_stage_kinds() {
+    let sb = Sandbox::new();
+    let out = sb.run(&["list"]).expect(0).stdout();
+    for k in ["toy-source", "toy-scale", "toy-sum"] {
+        assert!(out.contains(k), "{out}");
+    }
+}
+
+#[test]
+fn queries_without_a_database_say_so() {
+    let sb = Sandbox::new();
+    assert!(sb.run(&["runs"]).expect(1).stderr().contains("no results database"));
+    assert!(!sb.db().exists());
+}

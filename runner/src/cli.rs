@@ -182,6 +182,7 @@ fn init_logging(g: &Global, display: &Display) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(LogWriter(display.clone()))
         .try_init();
 }

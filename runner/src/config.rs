@@ -115,11 +115,14 @@ impl Ctx<'_> {
 
 /// "did you mean `x`?" for the closest candidate, if it is close enough.
 pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
+    // Close by edit distance (typos, swapped letters) or by shared prefix (Jaro-Winkler).
     let best = candidates
         .into_iter()
-        .map(|c| (strsim::jaro_winkler(word, c), c))
-        .filter(|(s, _)| *s > 0.8)
-        .max_by(|a, b| a.0.total_cmp(&b.0));
+        .filter(|c| *c != word)
+        .map(|c| (strsim::damerau_levenshtein(word, c), strsim::jaro_winkler(word, c), c))
+        .filter(|(d, jw, c)| *jw > 0.85 || (*d <= 2 && *d * 3 <= c.len().max(word.len())))
+        .min_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)))
+        .map(|(d, jw, c)| (d as f64 - jw, c));
     match best {
         Some((_, c)) => format!("; did you mean `{c}`?"),
         None => String::new(),
@@ -541,6 +544,7 @@ fn compile_tree(cx: &mut Ctx, tree: &Node) -> Option<(u64, DeviceSpec, Vec<Stage
             let mut path = vec!["stages".to_string(), spec.name.clone(), "with".to_string()];
             path.extend(e.path.iter().cloned());
             let mut message = e.message.clone();
+            let mut unknown_key = false;
             // serde reports an unknown field at its parent: point at the field itself.
             if let Some(field) = message.strip_prefix("unknown field `").and_then(|r| r.split('`').next()).map(String::from) {
                 let expected: Vec<String> = message
@@ -549,9 +553,12 @@ fn compile_tree(cx: &mut Ctx, tree: &Node) -> Option<(u64, DeviceSpec, Vec<Stage
                     .map(|r| r.split(['`', ',']).map(str::trim).filter(|s| !s.is_empty() && *s != "one of" && *s != "or").map(String::from).collect())
                     .unwrap_or_default();
                 message = format!("{message}{}", did_you_mean(&field, expected.iter().map(String::as_str)));
-                path.push(field);
+                if path.last() != Some(&field) {
+                    path.push(field);
+                }
+                unknown_key = true;
             }
-            let origin = tree.origin_of(&path);
+            let origin = if unknown_key { tree.key_origin_of(&path) } else { tree.origin_of(&path) };
             cx.err(&origin, &path.join("."), message);
         }
     }

@@ -87,12 +87,13 @@ impl Node {
                 let (line, column) = e.location().map(|l| (l.line() as u32, l.column() as u32)).unwrap_or((1, 1));
                 // The first line of serde-saphyr's rendering is the message; the rest is a snippet.
                 let full = e.to_string();
-                let first = full.lines().next().unwrap_or("").to_string();
+                let first = full.lines().next().unwrap_or("");
+                let first = first.strip_prefix("error: ").unwrap_or(first);
                 let message = first
                     .split_once(": ")
-                    .filter(|(head, _)| head.contains("line"))
+                    .filter(|(head, _)| head.starts_with("line "))
                     .map(|(_, rest)| rest.to_string())
-                    .unwrap_or(first);
+                    .unwrap_or_else(|| first.to_string());
                 Err(SyntaxError { line, column, message })
             }
         }
@@ -147,6 +148,16 @@ impl Node {
             };
         }
         Some(cur)
+    }
+
+    /// The origin of the key at the end of `path` (for "unknown key" errors), else as [`Node::origin_of`].
+    pub fn key_origin_of(&self, path: &[String]) -> Origin {
+        if let Some((last, parent)) = path.split_last()
+            && let Some(k) = self.at(parent).and_then(|p| p.key(last))
+        {
+            return k.origin.clone();
+        }
+        self.origin_of(path)
     }
 
     /// The best origin for an error at `path`: the deepest existing node, or the key itself.

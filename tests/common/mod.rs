@@ -1,0 +1,104 @@
+//! Helpers shared by the integration tests: a fresh directory per test, a command that
+//! runs the real `huse-run` binary there, and SQL read-back of the results database.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A test sandbox: its own directory, database and cache.
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    pub fn new() -> Self {
+        Sandbox { dir: tempfile::tempdir().unwrap() }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.path().join("results.sqlite")
+    }
+
+    pub fn cache(&self) -> PathBuf {
+        self.path().join("cache")
+    }
+
+    /// Writes a file in the sandbox and returns its path.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// `huse-run ARGS` in the sandbox, with its database and cache.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_huse-run"));
+        c.args(args)
+            .current_dir(self.path())
+            .env("HUSE_DB", self.db())
+            .env("HUSE_CACHE", self.cache())
+            .env_remove("RUST_LOG");
+        c
+    }
+
+    /// Runs `huse-run ARGS` and returns its output.
+    pub fn run(&self, args: &[&str]) -> Out {
+        Out(self.cmd(args).output().unwrap())
+    }
+
+    /// Rows of a query as strings (NULL as "NULL").
+    pub fn sql(&self, q: &str) -> Vec<Vec<String>> {
+        use sqlx::{Column, Row};
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let store = huse_run::store::Store::open_existing(&self.db()).await.unwrap();
+            let rows = sqlx::query(sqlx::AssertSqlSafe(q.to_string())).fetch_all(&store.pool).await.unwrap();
+            let out = rows
+                .iter()
+                .map(|r| {
+                    (0..r.columns().len())
+                        .map(|i| {
+                            r.try_get::<Option<String>, _>(i)
+                                .map(|v| v.unwrap_or_else(|| "NULL".into()))
+                                .or_else(|_| r.try_get::<Option<i64>, _>(i).map(|v| v.map_or("NULL".into(), |x| x.to_string())))
+                                .or_else(|_| r.try_get::<Option<f64>, _>(i).map(|v| v.map_or("NULL".into(), |x| x.to_string())))
+                                .unwrap()
+                        })
+                        .collect()
+                })
+                .collect();
+            store.close().await;
+            out
+        })
+    }
+
+    /// A single integer from a query.
+    pub fn count(&self, q: &str) -> i64 {
+        self.sql(q)[0][0].parse().unwrap()
+    }
+}
+
+/// A finished command.
+pub struct Out(pub Output);
+
+impl Out {
+    pub fn code(&self) -> i32 {
+        self.0.status.code().unwrap_or(-1)
+    }
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.0.stdout).to_string()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.0.stderr).to_string()
+    }
+    /// Panics with both streams unless the exit code is `code`.
+    #[track_caller]
+    pub fn expect(self, code: i32) -> Self {
+        assert_eq!(self.code(), code, "exit code\n--- stdout\n{}\n--- stderr\n{}", self.stdout(), self.stderr());
+        self
+    }
+}
