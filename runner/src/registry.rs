@@ -28,6 +28,7 @@ impl Registry {
         for s in huse_stage_toy::stages() {
             r.add(Arc::from(s), "builtin");
         }
+        r.add(Arc::new(huse_stage_ingest::Ingest), "builtin");
         r
     }
 

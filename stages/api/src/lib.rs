@@ -377,3 +377,43 @@ mod tests {
         assert!(i.get("y").is_err());
     }
 }
+
+/// Helpers for testing a stage outside the runner.
+pub mod testing {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A progress reporter that shows nothing.
+    pub struct NoProgress;
+    impl Progress for NoProgress {
+        fn start(&self, _: &str, _: Option<u64>, _: &str) {}
+        fn inc(&self, _: u64) {}
+        fn message(&self, _: &str) {}
+    }
+
+    /// A metric logger that keeps every value.
+    #[derive(Default, Debug)]
+    pub struct Recorded(pub Mutex<Vec<(String, i64, f64)>>);
+    impl MetricLogger for Recorded {
+        fn log(&self, key: &str, step: i64, value: f64) {
+            self.0.lock().unwrap().push((key.to_string(), step, value));
+        }
+    }
+    impl Recorded {
+        /// The last value logged for `key`.
+        pub fn last(&self, key: &str) -> Option<f64> {
+            self.0.lock().unwrap().iter().rev().find(|(k, _, _)| k == key).map(|(_, _, v)| *v)
+        }
+    }
+
+    /// Validates `config` and runs `stage` into `out_dir` (created if missing) on the CPU.
+    pub fn run(stage: &dyn Stage, config: &Config, inputs: &Inputs, out_dir: &Path, seed: u64) -> Result<Recorded, StageError> {
+        stage.validate(config)?;
+        std::fs::create_dir_all(out_dir)?;
+        let metrics = Recorded::default();
+        let cancel = CancelToken::new();
+        let ctx = Context { name: stage.kind(), device: DeviceSpec::Cpu, seed, out_dir, progress: &NoProgress, metrics: &metrics, cancel: &cancel };
+        stage.run(&ctx, config, inputs)?;
+        Ok(metrics)
+    }
+}

@@ -1,0 +1,169 @@
+//! Artifact formats shared by the HUSE stages, so that no stage depends on another.
+//!
+//! * `items.jsonl` ([`Item`], one JSON object a line): written by `ingest`, read by
+//!   `encode`, `train`, `evaluate`;
+//! * `classes.json` ([`ClassTree`]): the hierarchy, written by `ingest`, read by `graph`,
+//!   `train`, `evaluate`.
+
+use std::io::{BufRead, BufWriter, Write};
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+/// File names of the artifacts.
+pub const ITEMS: &str = "items.jsonl";
+pub const CLASSES: &str = "classes.json";
+
+/// Which split an item belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train,
+    Val,
+    Test,
+}
+
+/// One product.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Item {
+    /// The id column's value.
+    pub id: String,
+    /// Absolute path of the image.
+    pub image: String,
+    pub text: String,
+    /// Index of the leaf class in [`ClassTree::classes`].
+    pub class: usize,
+    pub split: Split,
+}
+
+/// One leaf class: a whole path through the hierarchy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Class {
+    /// The path joined with `<`, e.g. `Apparel<Topwear<Shirts`.
+    pub name: String,
+    /// Level names from the root, e.g. `["Apparel", "Topwear", "Shirts"]`.
+    pub path: Vec<String>,
+    /// Index of this class's ancestor at every level in [`ClassTree::levels`].
+    pub ancestors: Vec<usize>,
+    pub count: usize,
+}
+
+/// A node of one level of the hierarchy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    /// The path prefix joined with `<`.
+    pub name: String,
+    /// Index of the parent in the level above (None at level 0).
+    pub parent: Option<usize>,
+}
+
+/// The class hierarchy: leaf classes (the labels) and every level's nodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassTree {
+    pub classes: Vec<Class>,
+    /// `levels[l]` lists the distinct path prefixes of length `l + 1`.
+    pub levels: Vec<Vec<Node>>,
+}
+
+impl ClassTree {
+    /// Builds the tree from leaf paths (sorted by name; counts given).
+    pub fn from_paths(mut leaves: Vec<(Vec<String>, usize)>) -> Self {
+        leaves.sort_by(|a, b| a.0.join("<").cmp(&b.0.join("<")));
+        let depth = leaves.iter().map(|(p, _)| p.len()).max().unwrap_or(0);
+        let mut levels: Vec<Vec<Node>> = vec![Vec::new(); depth];
+        let mut classes = Vec::new();
+        for (path, count) in leaves {
+            let mut ancestors = Vec::new();
+            for l in 0..path.len() {
+                let name = path[..=l].join("<");
+                let parent = if l == 0 { None } else { Some(ancestors[l - 1]) };
+                let idx = match levels[l].iter().position(|n| n.name == name) {
+                    Some(i) => i,
+                    None => {
+                        levels[l].push(Node { name, parent });
+                        levels[l].len() - 1
+                    }
+                };
+                ancestors.push(idx);
+            }
+            classes.push(Class { name: path.join("<"), path, ancestors, count });
+        }
+        ClassTree { classes, levels }
+    }
+
+    /// Number of levels shared by the paths of classes `a` and `b` from the root
+    /// (the depth of their lowest common ancestor; `depth()` when `a == b`).
+    pub fn common_depth(&self, a: usize, b: usize) -> usize {
+        let (pa, pb) = (&self.classes[a].ancestors, &self.classes[b].ancestors);
+        pa.iter().zip(pb).take_while(|(x, y)| x == y).count()
+    }
+
+    /// Number of levels.
+    pub fn depth(&self) -> usize {
+        self.levels.len()
+    }
+
+    pub fn write(&self, path: &Path) -> Result<()> {
+        std::fs::write(path, serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", path.display()))
+    }
+
+    pub fn read(path: &Path) -> Result<Self> {
+        serde_json::from_slice(&std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
+            .with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+/// Writes items as JSON lines.
+pub fn write_items(path: &Path, items: &[Item]) -> Result<()> {
+    let mut w = BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?);
+    for it in items {
+        serde_json::to_writer(&mut w, it)?;
+        w.write_all(b"\n")?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads items written by [`write_items`].
+pub fn read_items(path: &Path) -> Result<Vec<Item>> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push(serde_json::from_str(&line).with_context(|| format!("{}:{}: bad item", path.display(), i + 1))?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Vec<String> {
+        s.split('<').map(String::from).collect()
+    }
+
+    #[test]
+    fn tree_levels_parents_and_common_depth() {
+        let t = ClassTree::from_paths(vec![
+            (p("Footwear<Shoes<Casual"), 3),
+            (p("Apparel<Topwear<Shirts"), 5),
+            (p("Apparel<Topwear<Tshirts"), 2),
+            (p("Apparel<Bottomwear<Jeans"), 1),
+        ]);
+        let names: Vec<&str> = t.classes.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["Apparel<Bottomwear<Jeans", "Apparel<Topwear<Shirts", "Apparel<Topwear<Tshirts", "Footwear<Shoes<Casual"]);
+        assert_eq!(t.levels[0].len(), 2);
+        assert_eq!(t.levels[1].len(), 3);
+        assert_eq!(t.levels[1][1].name, "Apparel<Topwear");
+        assert_eq!(t.levels[1][1].parent, Some(0));
+        assert_eq!(t.common_depth(1, 2), 2);
+        assert_eq!(t.common_depth(0, 1), 1);
+        assert_eq!(t.common_depth(0, 3), 0);
+        assert_eq!(t.common_depth(3, 3), 3);
+    }
+}

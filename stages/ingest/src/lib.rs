@@ -1,0 +1,389 @@
+//! The `ingest` stage: reads a product table and its images into items with a class path,
+//! filters small classes, and makes a seeded, stratified train/val/test split.
+//!
+//! Two table layouts are supported through configuration:
+//! * several class columns: `classes: [masterCategory, subCategory, articleType]` (Kaggle);
+//! * one column with a separator: `class_column: classes`, `class_separator: "<"` (the
+//!   seed project's `image,text,classes` with `shoes<boots<ankle`).
+//!
+//! A leaf class is the whole path (the same leaf name can sit under different parents).
+//! Bad rows (missing or undecodable image, empty text, missing class level) either stop
+//! the stage with the row number, id and column (`bad_rows: error`, the default) or are
+//! skipped and counted as metrics (`bad_rows: skip`).
+//!
+//! Outputs: `items.jsonl` (id, absolute image path, text, class index, split) and
+//! `classes.json` (leaf classes with counts, every level's nodes with parent links).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use huse_data::{ClassTree, Item, Split};
+use huse_stage_api::{Config, ConfigError, Context, Inputs, Output, Stage, StageError, parse_config};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use serde::Deserialize;
+
+/// The stage.
+pub struct Ingest;
+
+/// What to do with a bad row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BadRows {
+    #[default]
+    Error,
+    Skip,
+}
+
+/// How thoroughly images are checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckImages {
+    /// Decode every image (finds corrupt files up front).
+    #[default]
+    Decode,
+    /// Only check that the file exists.
+    Exists,
+}
+
+/// Split ratios and seed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitCfg {
+    #[serde(default = "d_train")]
+    pub train: f64,
+    #[serde(default = "d_val")]
+    pub val: f64,
+    #[serde(default = "d_val")]
+    pub test: f64,
+    /// Seed of the shuffle (independent of the run seed, so seed repetitions share the split).
+    #[serde(default)]
+    pub seed: u64,
+}
+fn d_train() -> f64 {
+    0.8
+}
+fn d_val() -> f64 {
+    0.1
+}
+impl Default for SplitCfg {
+    fn default() -> Self {
+        SplitCfg { train: 0.8, val: 0.1, test: 0.1, seed: 0 }
+    }
+}
+
+/// The stage's config (`with:`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestCfg {
+    /// Dataset directory.
+    pub root: PathBuf,
+    /// Table file inside `root`.
+    #[serde(default = "d_table")]
+    pub table: String,
+    #[serde(default = "d_id")]
+    pub id_column: String,
+    /// Image path relative to `root`, with `{column}` placeholders.
+    #[serde(default = "d_image")]
+    pub image: String,
+    #[serde(default = "d_text")]
+    pub text_column: String,
+    /// Class path from several columns, root first.
+    #[serde(default)]
+    pub classes: Option<Vec<String>>,
+    /// Class path from one column...
+    #[serde(default)]
+    pub class_column: Option<String>,
+    /// ...split at this separator.
+    #[serde(default = "d_sep")]
+    pub class_separator: String,
+    #[serde(default = "d_min")]
+    pub min_items_per_class: usize,
+    /// Keep only the first N usable rows (quick experiments).
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Keep at most N items of each class (the first ones).
+    #[serde(default)]
+    pub per_class_cap: Option<usize>,
+    #[serde(default)]
+    pub split: SplitCfg,
+    #[serde(default)]
+    pub bad_rows: BadRows,
+    #[serde(default)]
+    pub check_images: CheckImages,
+}
+fn d_table() -> String {
+    "styles.csv".into()
+}
+fn d_id() -> String {
+    "id".into()
+}
+fn d_image() -> String {
+    "images/{id}.jpg".into()
+}
+fn d_text() -> String {
+    "productDisplayName".into()
+}
+fn d_sep() -> String {
+    "<".into()
+}
+fn d_min() -> usize {
+    1
+}
+
+impl IngestCfg {
+    fn check(&self) -> Result<(), ConfigError> {
+        match (&self.classes, &self.class_column) {
+            (Some(_), Some(_)) => return Err(ConfigError::at("class_column", "give either `classes` (columns) or `class_column`, not both")),
+            (None, None) => return Err(ConfigError::at("classes", "missing: give `classes: [col, ...]` or `class_column: col`")),
+            (Some(c), None) if c.is_empty() => return Err(ConfigError::at("classes", "needs at least one column")),
+            _ => {}
+        }
+        if self.class_separator.is_empty() {
+            return Err(ConfigError::at("class_separator", "must not be empty"));
+        }
+        let s = &self.split;
+        for (k, v) in [("train", s.train), ("val", s.val), ("test", s.test)] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(ConfigError::at(&format!("split.{k}"), "must be between 0 and 1"));
+            }
+        }
+        if (s.train + s.val + s.test - 1.0).abs() > 1e-6 {
+            return Err(ConfigError::at("split", format!("train + val + test must be 1, is {}", s.train + s.val + s.test)));
+        }
+        if self.min_items_per_class == 0 {
+            return Err(ConfigError::at("min_items_per_class", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+impl Stage for Ingest {
+    fn kind(&self) -> &str {
+        "ingest"
+    }
+    fn version(&self) -> &str {
+        "1"
+    }
+    fn describe(&self) -> &str {
+        "product table + images -> items with class paths, stratified split, class tree"
+    }
+    fn outputs(&self) -> Vec<Output> {
+        vec![Output::new(huse_data::ITEMS, "one item per line"), Output::new(huse_data::CLASSES, "the class hierarchy")]
+    }
+    fn validate(&self, config: &Config) -> Result<(), ConfigError> {
+        parse_config::<IngestCfg>(config)?.check()
+    }
+    fn reads(&self, config: &Config) -> Vec<PathBuf> {
+        parse_config::<IngestCfg>(config).map(|c| vec![c.root]).unwrap_or_default()
+    }
+    fn run(&self, ctx: &Context, config: &Config, _inputs: &Inputs) -> Result<(), StageError> {
+        let cfg: IngestCfg = parse_config(config)?;
+        cfg.check()?;
+        let out = ingest(&cfg, ctx)?;
+        huse_data::write_items(&ctx.out_dir.join(huse_data::ITEMS), &out.items).map_err(|e| StageError::msg(format!("{e:#}")))?;
+        out.tree.write(&ctx.out_dir.join(huse_data::CLASSES)).map_err(|e| StageError::msg(format!("{e:#}")))?;
+        Ok(())
+    }
+}
+
+/// What ingest produced.
+pub struct Ingested {
+    pub items: Vec<Item>,
+    pub tree: ClassTree,
+    /// Skipped rows by reason.
+    pub skipped: BTreeMap<&'static str, usize>,
+}
+
+struct Row {
+    id: String,
+    image: PathBuf,
+    text: String,
+    path: Vec<String>,
+}
+
+/// Fills `{column}` placeholders of `template` from the row.
+fn fill(template: &str, get: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(i) = rest.find('{') {
+        out.push_str(&rest[..i]);
+        let end = rest[i..].find('}').ok_or_else(|| format!("unclosed `{{` in image template `{template}`"))?;
+        let col = &rest[i + 1..i + end];
+        out.push_str(&get(col).ok_or_else(|| format!("image template names column `{col}`, which the table lacks"))?);
+        rest = &rest[i + end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Reads, checks, filters and splits.
+pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
+    let table = cfg.root.join(&cfg.table);
+    let mut rdr = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_path(&table)
+        .map_err(|e| StageError::msg(format!("cannot read table {}: {e}", table.display())))?;
+    let headers = rdr.headers().map_err(|e| StageError::msg(format!("{}: {e}", table.display())))?.clone();
+    let col = |name: &str, key: &str| -> Result<usize, StageError> {
+        headers.iter().position(|h| h == name).ok_or_else(|| {
+            StageError::Config(ConfigError::at(key, format!("column `{name}` not in {} (columns: {})", table.display(), headers.iter().collect::<Vec<_>>().join(", "))))
+        })
+    };
+    let id_col = col(&cfg.id_column, "id_column")?;
+    let text_col = col(&cfg.text_column, "text_column")?;
+    let class_cols: Vec<(usize, String)> = match (&cfg.classes, &cfg.class_column) {
+        (Some(cs), _) => cs.iter().enumerate().map(|(i, c)| col(c, &format!("classes.{i}")).map(|x| (x, c.clone()))).collect::<Result<_, _>>()?,
+        (None, Some(c)) => vec![(col(c, "class_column")?, c.clone())],
+        _ => unreachable!("checked"),
+    };
+    let records: Vec<csv::StringRecord> = rdr
+        .records()
+        .enumerate()
+        .map(|(i, r)| r.map_err(|e| StageError::msg(format!("{}: row {}: {e}", table.display(), i + 2))))
+        .collect::<Result<_, _>>()?;
+    ctx.progress.start("check rows", Some(records.len() as u64), "rows");
+    let mut skipped: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut rows: Vec<Row> = Vec::new();
+    for (i, rec) in records.iter().enumerate() {
+        if i % 256 == 0 {
+            ctx.cancel.check()?;
+            ctx.progress.inc(if i == 0 { 0 } else { 256 });
+        }
+        if cfg.limit.is_some_and(|l| rows.len() >= l) {
+            break;
+        }
+        let line = i + 2; // 1-based, after the header
+        let id = rec.get(id_col).unwrap_or("").trim().to_string();
+        let bad = |reason: &'static str, column: &str, what: String| -> Result<Option<&'static str>, StageError> {
+            match cfg.bad_rows {
+                BadRows::Error => Err(StageError::msg(format!(
+                    "{}: row {line} (id {id}), column `{column}`: {what} (set `bad_rows: skip` to skip such rows)",
+                    table.display()
+                ))),
+                BadRows::Skip => Ok(Some(reason)),
+            }
+        };
+        let get = |c: &str| headers.iter().position(|h| h == c).and_then(|p| rec.get(p)).map(str::to_string);
+        let mut problem: Option<&'static str> = None;
+        let text = rec.get(text_col).unwrap_or("").trim().to_string();
+        let mut path: Vec<String> = Vec::new();
+        for (c, name) in &class_cols {
+            let v = rec.get(*c).unwrap_or("").trim();
+            if class_cols.len() == 1 {
+                path.extend(v.split(cfg.class_separator.as_str()).map(|s| s.trim().to_string()));
+            } else {
+                path.push(v.to_string());
+            }
+            if path.iter().any(String::is_empty) && problem.is_none() {
+                problem = bad("missing_class", name, format!("missing class level (path `{}`)", path.join(&cfg.class_separator)))?;
+            }
+        }
+        if problem.is_none() && text.is_empty() {
+            problem = bad("empty_text", &cfg.text_column, "empty text".into())?;
+        }
+        let image = match fill(&cfg.image, &get) {
+            Ok(p) => cfg.root.join(p),
+            Err(e) => return Err(StageError::Config(ConfigError::at("image", e))),
+        };
+        if problem.is_none() {
+            let col_name = cfg.image.trim_matches(|c| c == '{' || c == '}');
+            if !image.is_file() {
+                problem = bad("missing_image", col_name, format!("image {} does not exist", image.display()))?;
+            } else if cfg.check_images == CheckImages::Decode
+                && let Err(e) = image::ImageReader::open(&image).and_then(|r| r.with_guessed_format()).map_err(|e| e.to_string()).and_then(|r| r.decode().map_err(|e| e.to_string()))
+            {
+                problem = bad("undecodable_image", col_name, format!("image {} cannot be decoded: {e}", image.display()))?;
+            }
+        }
+        match problem {
+            Some(reason) => *skipped.entry(reason).or_default() += 1,
+            None => rows.push(Row { id, image, text, path }),
+        }
+    }
+    // Per-class cap, then the small-class filter.
+    let mut by_class: BTreeMap<Vec<String>, Vec<usize>> = BTreeMap::new();
+    for (i, r) in rows.iter().enumerate() {
+        by_class.entry(r.path.clone()).or_default().push(i);
+    }
+    if let Some(cap) = cfg.per_class_cap {
+        by_class.values_mut().for_each(|v| v.truncate(cap));
+    }
+    let before = by_class.len();
+    let dropped: usize = by_class.values().filter(|v| v.len() < cfg.min_items_per_class).map(Vec::len).sum();
+    by_class.retain(|_, v| v.len() >= cfg.min_items_per_class);
+    if by_class.is_empty() {
+        return Err(StageError::msg(format!(
+            "no class has at least {} items ({} rows read, {} classes)",
+            cfg.min_items_per_class,
+            rows.len(),
+            before
+        )));
+    }
+    let tree = ClassTree::from_paths(by_class.iter().map(|(p, v)| (p.clone(), v.len())).collect());
+    let class_index: HashMap<String, usize> = tree.classes.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect();
+    // Stratified split: shuffle each class with the split seed, cut by the ratios.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.split.seed);
+    let mut items = Vec::new();
+    for (path, mut idx) in by_class {
+        idx.shuffle(&mut rng);
+        let n = idx.len();
+        let (n_test, n_val) = split_sizes(n, cfg.split.val, cfg.split.test);
+        let class = class_index[&path.join("<")];
+        for (k, i) in idx.into_iter().enumerate() {
+            let split = if k < n_test {
+                Split::Test
+            } else if k < n_test + n_val {
+                Split::Val
+            } else {
+                Split::Train
+            };
+            let r = &rows[i];
+            items.push((i, Item { id: r.id.clone(), image: r.image.display().to_string(), text: r.text.clone(), class, split }));
+        }
+    }
+    // Keep the table's order.
+    items.sort_by_key(|(i, _)| *i);
+    let items: Vec<Item> = items.into_iter().map(|(_, it)| it).collect();
+    ctx.metrics.log("rows", 0, records.len() as f64);
+    ctx.metrics.log("items", 0, items.len() as f64);
+    ctx.metrics.log("classes", 0, tree.classes.len() as f64);
+    ctx.metrics.log("dropped_small_class_items", 0, dropped as f64);
+    for s in [Split::Train, Split::Val, Split::Test] {
+        ctx.metrics.log(&format!("{s:?}").to_lowercase(), 0, items.iter().filter(|i| i.split == s).count() as f64);
+    }
+    for (reason, n) in &skipped {
+        ctx.metrics.log(&format!("skipped.{reason}"), 0, *n as f64);
+    }
+    Ok(Ingested { items, tree, skipped })
+}
+
+/// (test, val) sizes of a class of `n` items: rounded shares, at least one training item.
+pub fn split_sizes(n: usize, val: f64, test: f64) -> (usize, usize) {
+    let n_test = ((n as f64) * test).round() as usize;
+    let n_val = ((n as f64) * val).round() as usize;
+    let n_test = n_test.min(n.saturating_sub(1));
+    let n_val = n_val.min(n.saturating_sub(1 + n_test));
+    (n_test, n_val)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_fill() {
+        let get = |c: &str| (c == "id").then(|| "42".to_string());
+        assert_eq!(fill("images/{id}.jpg", &get).unwrap(), "images/42.jpg");
+        assert!(fill("images/{nope}.jpg", &get).unwrap_err().contains("`nope`"));
+        assert!(fill("images/{id.jpg", &get).is_err());
+    }
+
+    #[test]
+    fn split_sizes_round_and_keep_a_train_item() {
+        assert_eq!(split_sizes(20, 0.1, 0.1), (2, 2));
+        assert_eq!(split_sizes(25, 0.1, 0.1), (3, 3));
+        assert_eq!(split_sizes(1, 0.5, 0.5), (0, 0));
+        assert_eq!(split_sizes(2, 0.5, 0.5), (1, 0));
+    }
+}

@@ -1,0 +1,154 @@
+//! The ingest stage on the real fashion data ($HUSE_ASSETS) and on small hand-made tables.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use huse_data::{ClassTree, Item, Split};
+use huse_stage_api::{Inputs, testing};
+use huse_stage_ingest::Ingest;
+use serde_json::json;
+
+fn fashion() -> PathBuf {
+    PathBuf::from(std::env::var("HUSE_ASSETS").expect("set HUSE_ASSETS")).join("data/fashion-product-images-small")
+}
+
+fn run(cfg: serde_json::Value, out: &Path) -> Result<(Vec<Item>, ClassTree, testing::Recorded), String> {
+    let m = testing::run(&Ingest, &cfg, &Inputs::default(), out, 0).map_err(|e| e.to_string())?;
+    Ok((huse_data::read_items(&out.join("items.jsonl")).unwrap(), ClassTree::read(&out.join("classes.json")).unwrap(), m))
+}
+
+#[test]
+fn full_fashion_data_with_min_20_gives_86_classes_and_a_stratified_split() {
+    let out = tempfile::tempdir().unwrap();
+    let cfg = json!({
+        "root": fashion(), "classes": ["masterCategory", "subCategory", "articleType"],
+        "min_items_per_class": 20, "check_images": "exists",
+    });
+    let (items, tree, m) = run(cfg.clone(), out.path()).unwrap();
+    assert_eq!(m.last("rows"), Some(44072.0));
+    // SOURCE.md: 168 distinct paths, 86 with >= 20 items; all rows are complete.
+    assert_eq!(tree.classes.len(), 86);
+    assert_eq!(tree.depth(), 3);
+    let dropped = m.last("dropped_small_class_items").unwrap() as usize;
+    assert_eq!(items.len() + dropped, 44072);
+    // Leaf classes are whole paths: an articleType under two subCategories is two classes.
+    let mut leaf_names: HashMap<&str, usize> = HashMap::new();
+    for c in &tree.classes {
+        *leaf_names.entry(c.path[2].as_str()).or_default() += 1;
+        assert!(c.count >= 20);
+    }
+    // Per-class proportions: every class's test and val shares are within one item of 10%.
+    let mut per: HashMap<usize, [usize; 3]> = HashMap::new();
+    for it in &items {
+        let e = per.entry(it.class).or_default();
+        e[match it.split { Split::Train => 0, Split::Val => 1, Split::Test => 2 }] += 1;
+    }
+    for (c, [tr, va, te]) in &per {
+        let n = (tr + va + te) as f64;
+        assert!((*va as f64 - 0.1 * n).abs() <= 1.0 && (*te as f64 - 0.1 * n).abs() <= 1.0, "class {c}: {tr}/{va}/{te}");
+        assert_eq!(tree.classes[*c].count, tr + va + te);
+    }
+    let test_share = items.iter().filter(|i| i.split == Split::Test).count() as f64 / items.len() as f64;
+    assert!((test_share - 0.1).abs() < 0.005, "{test_share}");
+    // The same seed gives the same split; another seed another one.
+    let out2 = tempfile::tempdir().unwrap();
+    let (again, _, _) = run(cfg.clone(), out2.path()).unwrap();
+    assert_eq!(again, items);
+    let mut other = cfg.clone();
+    other["split"] = json!({"seed": 1});
+    let out3 = tempfile::tempdir().unwrap();
+    let (moved, _, _) = run(other, out3.path()).unwrap();
+    assert_ne!(moved.iter().map(|i| i.split).collect::<Vec<_>>(), items.iter().map(|i| i.split).collect::<Vec<_>>());
+}
+
+/// A small dataset in a temp dir: real JPEGs copied from the fashion data.
+fn small_dataset(dir: &Path, table: &str) {
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    for id in ["1163", "1164", "1165", "1525"] {
+        std::fs::copy(fashion().join(format!("images/{id}.jpg")), dir.join(format!("images/{id}.jpg"))).unwrap();
+    }
+    std::fs::write(dir.join("table.csv"), table).unwrap();
+}
+
+#[test]
+fn the_seed_layout_with_one_separated_class_column() {
+    let d = tempfile::tempdir().unwrap();
+    small_dataset(
+        d.path(),
+        "image,text,classes\nimages/1163.jpg,red shirt,apparel<top<shirt\nimages/1164.jpg,\"blue, long shirt\",apparel<top<shirt\n\
+         images/1165.jpg,boot,shoes<boots<ankle\nimages/1525.jpg,bag,bags<backpack\n",
+    );
+    let out = tempfile::tempdir().unwrap();
+    let (items, tree, _) = run(
+        json!({"root": d.path(), "table": "table.csv", "id_column": "image", "image": "{image}", "text_column": "text", "class_column": "classes"}),
+        out.path(),
+    )
+    .unwrap();
+    assert_eq!(items.len(), 4);
+    assert_eq!(items[1].text, "blue, long shirt");
+    let names: Vec<&str> = tree.classes.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["apparel<top<shirt", "bags<backpack", "shoes<boots<ankle"]);
+    assert_eq!(tree.classes[0].count, 2);
+    assert!(items[0].image.ends_with("images/1163.jpg") && Path::new(&items[0].image).is_absolute());
+}
+
+#[test]
+fn bad_rows_are_named_or_skipped_and_counted() {
+    let d = tempfile::tempdir().unwrap();
+    small_dataset(
+        d.path(),
+        "id,a,b,title\n1163,Apparel,Topwear,shirt one\n1164,Apparel,,shirt two\n1165,Apparel,Topwear,\n1525,Bags,Backpack,bag\n9999,Bags,Backpack,ghost\n8888,Bags,Backpack,broken\n",
+    );
+    std::fs::write(d.path().join("images/8888.jpg"), b"not a jpeg at all").unwrap();
+    let base = json!({"root": d.path(), "table": "table.csv", "text_column": "title", "classes": ["a", "b"]});
+    let cases = [
+        ("3", "id 1164", "column `b`", "missing class level"),
+        ("4", "id 1165", "column `title`", "empty text"),
+        ("6", "id 9999", "column `id`", "does not exist"),
+        ("7", "id 8888", "column `id`", "cannot be decoded"),
+    ];
+    // With `error`, the first bad row stops the stage; fix rows one by one to see each message.
+    let mut table: Vec<String> = std::fs::read_to_string(d.path().join("table.csv")).unwrap().lines().map(String::from).collect();
+    let good_rows = table.clone();
+    for (row, id, column, what) in cases {
+        let out = tempfile::tempdir().unwrap();
+        let err = run(base.clone(), out.path()).unwrap_err();
+        for part in [&format!("row {row}"), id, column, what] {
+            assert!(err.contains(part), "expected `{part}` in: {err}");
+        }
+        // Replace that row by a good one (row numbers stay) and go on.
+        let line: usize = row.parse().unwrap();
+        table[line - 1] = good_rows[1].clone();
+        std::fs::write(d.path().join("table.csv"), table.join("\n") + "\n").unwrap();
+    }
+    // With `skip`, every bad row is skipped and counted.
+    std::fs::write(d.path().join("table.csv"), good_rows.join("\n") + "\n").unwrap();
+    let mut skip = base.clone();
+    skip["bad_rows"] = json!("skip");
+    let out = tempfile::tempdir().unwrap();
+    let (items, _, m) = run(skip, out.path()).unwrap();
+    assert_eq!(items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["1163", "1525"]);
+    for k in ["skipped.missing_class", "skipped.empty_text", "skipped.missing_image", "skipped.undecodable_image"] {
+        assert_eq!(m.last(k), Some(1.0), "{k}");
+    }
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let d = tempfile::tempdir().unwrap();
+    small_dataset(d.path(), "id,a\n1163,x\n");
+    let cases = [
+        (json!({"root": d.path(), "table": "table.csv"}), "classes"),
+        (json!({"root": d.path(), "table": "table.csv", "classes": ["a"], "class_column": "a"}), "class_column"),
+        (json!({"root": d.path(), "classes": ["a"], "split": {"train": 0.5, "val": 0.1, "test": 0.1}}), "split"),
+        (json!({"root": d.path(), "classes": ["a"], "min_items_per_class": 0}), "min_items_per_class"),
+    ];
+    for (cfg, key) in cases {
+        let e = <Ingest as huse_stage_api::Stage>::validate(&Ingest, &cfg).unwrap_err();
+        assert_eq!(e.path.first().map(String::as_str), Some(key), "{e:?}");
+    }
+    // A column the table lacks is reported with the key that named it.
+    let out = tempfile::tempdir().unwrap();
+    let err = run(json!({"root": d.path(), "table": "table.csv", "classes": ["a", "zz"], "text_column": "a"}), out.path()).unwrap_err();
+    assert!(err.contains("classes.1") && err.contains("column `zz` not in"), "{err}");
+}
