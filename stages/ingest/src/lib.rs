@@ -287,7 +287,8 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
             Err(e) => return Err(StageError::Config(ConfigError::at("image", e))),
         };
         if problem.is_none() {
-            let col_name = cfg.image.trim_matches(|c| c == '{' || c == '}');
+            let cols: Vec<&str> = cfg.image.split('{').skip(1).filter_map(|p| p.split('}').next()).collect();
+            let col_name = &cols.join("`, `");
             if !image.is_file() {
                 problem = bad("missing_image", col_name, format!("image {} does not exist", image.display()))?;
             } else if cfg.check_images == CheckImages::Decode
