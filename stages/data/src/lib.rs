@@ -167,3 +167,70 @@ mod tests {
         assert_eq!(t.common_depth(3, 3), 3);
     }
 }
+
+/// Streams f32 matrices into a safetensors file whose shapes are known up front, so
+/// features can be written batch by batch without holding them all in memory.
+pub mod safetensors_out {
+    use std::io::{BufWriter, Seek, SeekFrom, Write};
+    use std::path::Path;
+
+    use anyhow::{Context as _, Result, ensure};
+
+    /// Writer of one file with tensors written in declaration order.
+    pub struct Writer {
+        file: BufWriter<std::fs::File>,
+        /// (name, rows, cols, rows written)
+        tensors: Vec<(String, usize, usize, usize)>,
+        current: usize,
+    }
+
+    impl Writer {
+        /// Creates `path` holding f32 tensors `(name, rows, cols)`; fill them in order with [`Writer::rows`].
+        pub fn create(path: &Path, tensors: &[(&str, usize, usize)]) -> Result<Self> {
+            let mut header = serde_json::Map::new();
+            let mut offset = 0usize;
+            for (name, r, c) in tensors {
+                let len = r * c * 4;
+                header.insert(
+                    name.to_string(),
+                    serde_json::json!({"dtype": "F32", "shape": [r, c], "data_offsets": [offset, offset + len]}),
+                );
+                offset += len;
+            }
+            let mut h = serde_json::to_vec(&header)?;
+            while h.len() % 8 != 0 {
+                h.push(b' ');
+            }
+            let mut file = BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?);
+            file.write_all(&(h.len() as u64).to_le_bytes())?;
+            file.write_all(&h)?;
+            Ok(Writer { file, tensors: tensors.iter().map(|(n, r, c)| (n.to_string(), *r, *c, 0)).collect(), current: 0 })
+        }
+
+        /// Appends rows (row-major, `cols` values each) to the tensor being filled.
+        pub fn rows(&mut self, data: &[f32]) -> Result<()> {
+            let (name, r, c, done) = self.tensors.get_mut(self.current).context("all tensors are full")?;
+            ensure!(data.len() % *c == 0, "{name}: {} values is not a whole number of rows of {c}", data.len());
+            let n = data.len() / *c;
+            ensure!(*done + n <= *r, "{name}: more than {r} rows");
+            for v in data {
+                self.file.write_all(&v.to_le_bytes())?;
+            }
+            *done += n;
+            if *done == *r {
+                self.current += 1;
+            }
+            Ok(())
+        }
+
+        /// Checks every tensor is complete and flushes.
+        pub fn finish(mut self) -> Result<()> {
+            for (name, r, _, done) in &self.tensors {
+                ensure!(done == r, "{name}: {done} of {r} rows written");
+            }
+            self.file.flush()?;
+            self.file.seek(SeekFrom::End(0))?;
+            Ok(())
+        }
+    }
+}

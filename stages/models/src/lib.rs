@@ -11,6 +11,7 @@
 pub mod bert;
 pub mod image_prep;
 pub mod mobilenet_v2;
+pub mod model_ref;
 pub mod text;
 pub mod tfidf;
 pub mod torch_pth;

@@ -1,0 +1,154 @@
+//! Model references in experiment files: a local directory, or `hf:org/name[@revision]`.
+//!
+//! A hub reference is looked up in the Hugging Face cache (`$HF_HOME/hub`, default
+//! `~/.cache/huggingface/hub`, the layout `huggingface_hub` uses), and downloaded into it
+//! with hf-hub when a file is missing, unless `HF_HUB_OFFLINE` is set. `HF_ENDPOINT`
+//! chooses the server. When a file can be neither found nor downloaded, the error says
+//! which file and how to provide it.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{Result, anyhow, bail};
+
+/// The files a BERT-family text model directory must hold.
+pub const TEXT_MODEL_FILES: &[&str] = &["config.json", "tokenizer.json", "model.safetensors"];
+
+/// Where a model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelRef {
+    /// A directory on disk.
+    Local(PathBuf),
+    /// A Hugging Face hub repository at a revision (branch, tag or commit).
+    Hub { repo: String, revision: String },
+}
+
+impl FromStr for ModelRef {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("empty model reference".into());
+        }
+        let Some(rest) = s.strip_prefix("hf:") else { return Ok(ModelRef::Local(PathBuf::from(s))) };
+        let (repo, revision) = match rest.split_once('@') {
+            Some((r, rev)) => (r, rev),
+            None => (rest, "main"),
+        };
+        let ok = |x: &str| !x.is_empty() && x.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c)) && !x.contains("..");
+        if !ok(repo) || repo.starts_with('/') || repo.ends_with('/') || repo.matches('/').count() > 1 {
+            return Err(format!("`{s}`: expected hf:ORG/NAME[@REVISION]"));
+        }
+        if !ok(revision) {
+            return Err(format!("`{s}`: bad revision `{revision}`"));
+        }
+        Ok(ModelRef::Hub { repo: repo.to_string(), revision: revision.to_string() })
+    }
+}
+
+/// The hub cache directory: `$HF_HOME/hub`, or `~/.cache/huggingface/hub`.
+pub fn hub_cache_dir() -> Option<PathBuf> {
+    std::env::var_os("HF_HOME")
+        .map(|h| PathBuf::from(h).join("hub"))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub")))
+}
+
+fn repo_dir(repo: &str) -> Option<PathBuf> {
+    hub_cache_dir().map(|c| c.join(format!("models--{}", repo.replace('/', "--"))))
+}
+
+/// The snapshot directory of `repo`@`revision` in the cache, if the revision is known there.
+fn snapshot(repo: &str, revision: &str) -> Option<PathBuf> {
+    let dir = repo_dir(repo)?;
+    // A 40-hex revision is a commit; otherwise refs/<revision> holds the commit.
+    let commit = if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) {
+        revision.to_string()
+    } else {
+        std::fs::read_to_string(dir.join("refs").join(revision)).ok()?.trim().to_string()
+    };
+    Some(dir.join("snapshots").join(commit))
+}
+
+impl ModelRef {
+    /// Paths whose identity should enter a cache key (the directory, or the hub ref file).
+    pub fn local_paths(&self) -> Vec<PathBuf> {
+        match self {
+            ModelRef::Local(p) => vec![p.clone()],
+            ModelRef::Hub { repo, revision } => repo_dir(repo).map(|d| vec![d.join("refs").join(revision)]).unwrap_or_default(),
+        }
+    }
+
+    /// A directory holding every file of `files`: found locally or in the hub cache, or downloaded.
+    pub fn resolve(&self, files: &[&str]) -> Result<PathBuf> {
+        match self {
+            ModelRef::Local(dir) => {
+                if !dir.is_dir() {
+                    bail!("model directory {} does not exist", dir.display());
+                }
+                for f in files {
+                    if !dir.join(f).is_file() {
+                        bail!("model directory {} has no {f} (a text model needs {})", dir.display(), files.join(", "));
+                    }
+                }
+                Ok(dir.clone())
+            }
+            ModelRef::Hub { repo, revision } => {
+                let mut dir: Option<PathBuf> = None;
+                for f in files {
+                    let cached = snapshot(repo, revision).map(|s| s.join(f)).filter(|p| p.is_file());
+                    let path = match cached {
+                        Some(p) => p,
+                        None => download(repo, revision, f)?,
+                    };
+                    let parent = path.parent().map(Path::to_path_buf);
+                    match &dir {
+                        None => dir = parent,
+                        Some(d) if Some(d) != parent.as_ref() => {
+                            bail!("files of hf:{repo}@{revision} resolved to different snapshots ({} and {})", d.display(), path.display())
+                        }
+                        _ => {}
+                    }
+                }
+                dir.ok_or_else(|| anyhow!("no files requested"))
+            }
+        }
+    }
+}
+
+fn download(repo: &str, revision: &str, file: &str) -> Result<PathBuf> {
+    let cache = hub_cache_dir().map(|d| d.display().to_string()).unwrap_or_else(|| "(no HF_HOME or HOME)".into());
+    let how = format!(
+        "provide it by running `huggingface-cli download {repo} --revision {revision}` where the hub is reachable \
+         (with HF_HOME pointing at the same cache), or set the model to a local directory holding the files"
+    );
+    if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0") {
+        bail!("{file} of hf:{repo}@{revision} is not in the Hugging Face cache at {cache} and HF_HUB_OFFLINE is set: {how}");
+    }
+    let mut builder = hf_hub::api::sync::ApiBuilder::from_env().with_progress(false);
+    if let Some(dir) = hub_cache_dir() {
+        builder = builder.with_cache_dir(dir);
+    }
+    let api = builder.build().map_err(|e| anyhow!("cannot set up the hub client: {e}"))?;
+    let r = api.repo(hf_hub::Repo::with_revision(repo.to_string(), hf_hub::RepoType::Model, revision.to_string()));
+    r.download(file).map_err(|e| {
+        anyhow!("{file} of hf:{repo}@{revision} is not in the Hugging Face cache at {cache} and downloading {} failed ({e}): {how}", r.url(file))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_references() {
+        assert_eq!("models/x".parse::<ModelRef>().unwrap(), ModelRef::Local("models/x".into()));
+        assert_eq!(
+            "hf:sentence-transformers/all-MiniLM-L6-v2".parse::<ModelRef>().unwrap(),
+            ModelRef::Hub { repo: "sentence-transformers/all-MiniLM-L6-v2".into(), revision: "main".into() }
+        );
+        assert_eq!("hf:a/b@v1.0".parse::<ModelRef>().unwrap(), ModelRef::Hub { repo: "a/b".into(), revision: "v1.0".into() });
+        for bad in ["hf:", "hf:/x", "hf:a/b/c", "hf:a/b@", "hf:a b/c", ""] {
+            assert!(bad.parse::<ModelRef>().is_err(), "{bad}");
+        }
+    }
+}
