@@ -29,6 +29,9 @@ impl Registry {
             r.add(Arc::from(s), "builtin");
         }
         r.add(Arc::new(huse_stage_ingest::Ingest), "builtin");
+        r.add(Arc::new(huse_stage_graph::SentenceGraph), "builtin");
+        r.add(Arc::new(huse_stage_graph::TreeGraph), "builtin");
+        r.add(Arc::new(huse_stage_encode::Encode), "builtin");
         r
     }
 

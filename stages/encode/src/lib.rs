@@ -1,0 +1,308 @@
+//! The `encode` stage: frozen pretrained features of every item.
+//!
+//! * image: MobileNetV2 (torchvision weights, BatchNorm folded) global-pooled 1280-d
+//!   features of the item's JPEG, resized like PIL to `image_size`;
+//! * text: the attention-masked token mean of each of the last 4 BERT layers, concatenated
+//!   (4 x hidden); texts longer than `max_tokens` keep their most important tokens by
+//!   TF-IDF, with token idf fitted on the train split only;
+//! * TF-IDF: word features fitted on the train split only (see `huse_models::tfidf`).
+//!
+//! Images stream from disk: a producer thread decodes and resizes batch i+1 (in parallel)
+//! while the model computes batch i, through a bounded channel, so memory holds a few
+//! batches, never the whole data set; features are written to disk batch by batch.
+//!
+//! Outputs (rows in `items.jsonl` order; `ids.json` maps row -> item id):
+//! `image.safetensors` (`features`, N x 1280), `text.safetensors` (`bert`, N x 4H),
+//! `tfidf.safetensors` (CSR: `indptr` N+1, `indices`, `values`) with `tfidf.json` (vocabulary).
+
+use std::path::PathBuf;
+use std::sync::mpsc::sync_channel;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use huse_data::{Item, Split, safetensors_out};
+use huse_models::mobilenet_v2::MobileNetV2;
+use huse_models::model_ref::{ModelRef, TEXT_MODEL_FILES};
+use huse_models::text::{TextEncoder, TokenIdf};
+use huse_models::tfidf::Tfidf;
+use huse_models::{image_prep, torch_pth};
+use huse_stage_api::{Config, ConfigError, Context, DeviceSpec, Input, Inputs, Output, Stage, StageError, parse_config};
+use rayon::prelude::*;
+use serde::Deserialize;
+
+/// Artifact names.
+pub const IMAGE: &str = "image.safetensors";
+pub const TEXT: &str = "text.safetensors";
+pub const TFIDF: &str = "tfidf.safetensors";
+pub const TFIDF_VOCAB: &str = "tfidf.json";
+pub const IDS: &str = "ids.json";
+
+/// torchvision's download address of the MobileNetV2 weights (IMAGENET1K_V1).
+pub const MOBILENET_V2_URL: &str = "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth";
+
+/// The stage.
+pub struct Encode;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageModelCfg {
+    /// Architecture name (`mobilenet_v2`).
+    #[serde(default = "d_arch")]
+    pub arch: String,
+    /// Checkpoint path; default: `$TORCH_HOME/hub/checkpoints/` + the file name of `url`.
+    #[serde(default)]
+    pub weights: Option<PathBuf>,
+    #[serde(default = "d_url")]
+    pub url: String,
+}
+fn d_arch() -> String {
+    "mobilenet_v2".into()
+}
+fn d_url() -> String {
+    MOBILENET_V2_URL.into()
+}
+impl Default for ImageModelCfg {
+    fn default() -> Self {
+        ImageModelCfg { arch: d_arch(), weights: None, url: d_url() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TfidfCfg {
+    #[serde(default = "d_feats")]
+    pub max_features: usize,
+    #[serde(default = "d_min_df")]
+    pub min_df: usize,
+}
+fn d_feats() -> usize {
+    4096
+}
+fn d_min_df() -> usize {
+    2
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncodeCfg {
+    #[serde(default)]
+    pub image_model: ImageModelCfg,
+    #[serde(default = "d_size")]
+    pub image_size: usize,
+    /// Text model: a local directory or `hf:org/name[@revision]`.
+    pub text_model: String,
+    /// Longest text in tokens, special tokens included.
+    #[serde(default = "d_tokens")]
+    pub max_tokens: usize,
+    /// TF-IDF features (null: none).
+    #[serde(default = "d_tfidf")]
+    pub tfidf: Option<TfidfCfg>,
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    #[serde(default = "d_text_batch")]
+    pub text_batch_size: usize,
+}
+fn d_size() -> usize {
+    224
+}
+fn d_tokens() -> usize {
+    256
+}
+fn d_tfidf() -> Option<TfidfCfg> {
+    Some(TfidfCfg { max_features: d_feats(), min_df: d_min_df() })
+}
+fn d_batch() -> usize {
+    32
+}
+fn d_text_batch() -> usize {
+    64
+}
+
+impl EncodeCfg {
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.image_model.arch != "mobilenet_v2" {
+            return Err(ConfigError::at("image_model.arch", format!("unknown architecture `{}` (available: mobilenet_v2)", self.image_model.arch)));
+        }
+        if !(32..=1024).contains(&self.image_size) {
+            return Err(ConfigError::at("image_size", "must be between 32 and 1024"));
+        }
+        if self.max_tokens < 3 {
+            return Err(ConfigError::at("max_tokens", "must be at least 3"));
+        }
+        if self.batch_size == 0 {
+            return Err(ConfigError::at("batch_size", "must be at least 1"));
+        }
+        if self.text_batch_size == 0 {
+            return Err(ConfigError::at("text_batch_size", "must be at least 1"));
+        }
+        self.text_model.parse::<ModelRef>().map_err(|e| ConfigError::at("text_model", e))?;
+        Ok(())
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> StageError {
+    StageError::msg(e.to_string())
+}
+fn aerr(e: anyhow::Error) -> StageError {
+    StageError::msg(format!("{e:#}"))
+}
+
+/// The candle device of a stage context.
+pub fn device_of(spec: DeviceSpec) -> Result<Device, StageError> {
+    match spec {
+        DeviceSpec::Auto => huse_models::device(None, true),
+        DeviceSpec::Cpu => huse_models::device(None, false),
+        DeviceSpec::Cuda(n) => huse_models::device(Some(n), false),
+    }
+    .map_err(aerr)
+}
+
+impl Stage for Encode {
+    fn kind(&self) -> &str {
+        "encode"
+    }
+    fn version(&self) -> &str {
+        "1"
+    }
+    fn describe(&self) -> &str {
+        "frozen MobileNetV2 image features, BERT last-4-layer text features, TF-IDF (fitted on train)"
+    }
+    fn inputs(&self) -> Vec<Input> {
+        vec![Input::one(huse_data::ITEMS)]
+    }
+    fn outputs(&self) -> Vec<Output> {
+        vec![
+            Output::new(IMAGE, "image features (N x 1280)"),
+            Output::new(TEXT, "BERT features (N x 4H)"),
+            Output::new(TFIDF, "TF-IDF rows (CSR)"),
+            Output::new(TFIDF_VOCAB, "TF-IDF vocabulary and idf"),
+            Output::new(IDS, "item id of every row"),
+        ]
+    }
+    fn validate(&self, config: &Config) -> Result<(), ConfigError> {
+        parse_config::<EncodeCfg>(config)?.check()
+    }
+    fn reads(&self, config: &Config) -> Vec<PathBuf> {
+        let Ok(c) = parse_config::<EncodeCfg>(config) else { return Vec::new() };
+        let mut out = c.text_model.parse::<ModelRef>().map(|m| m.local_paths()).unwrap_or_default();
+        if let Ok(w) = torch_pth::resolve(c.image_model.weights.as_deref(), &c.image_model.url) {
+            out.push(w);
+        }
+        out
+    }
+    fn run(&self, ctx: &Context, config: &Config, inputs: &Inputs) -> Result<(), StageError> {
+        let cfg: EncodeCfg = parse_config(config)?;
+        cfg.check()?;
+        let items = huse_data::read_items(inputs.get(huse_data::ITEMS)?).map_err(aerr)?;
+        let device = device_of(ctx.device)?;
+        let ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
+        std::fs::write(ctx.out_dir.join(IDS), serde_json::to_vec(&ids).map_err(err)?)?;
+        let ips = encode_images(ctx, &cfg, &items, &device)?;
+        let tps = encode_texts(ctx, &cfg, &items, &device)?;
+        ctx.metrics.log("images_per_s", 0, ips);
+        ctx.metrics.log("texts_per_s", 0, tps);
+        encode_tfidf(ctx, &cfg, &items)
+    }
+}
+
+/// Loads the configured image model.
+pub fn image_model(cfg: &ImageModelCfg) -> Result<MobileNetV2, StageError> {
+    let path = torch_pth::resolve(cfg.weights.as_deref(), &cfg.url).map_err(aerr)?;
+    torch_pth::verify_hash_prefix(&path).map_err(aerr)?;
+    MobileNetV2::load(&torch_pth::load(&path).map_err(aerr)?).map_err(aerr)
+}
+
+fn encode_images(ctx: &Context, cfg: &EncodeCfg, items: &[Item], device: &Device) -> Result<f64, StageError> {
+    let model = image_model(&cfg.image_model)?;
+    let model = if device.is_cpu() { model } else { model.to_device(device).map_err(aerr)? };
+    let n = items.len();
+    let mut out = safetensors_out::Writer::create(&ctx.out_dir.join(IMAGE), &[("features", n, 1280)]).map_err(aerr)?;
+    ctx.progress.start("encode images", Some(n as u64), "img");
+    let size = cfg.image_size;
+    let paths: Vec<PathBuf> = items.iter().map(|i| PathBuf::from(&i.image)).collect();
+    let (tx, rx) = sync_channel::<Result<Vec<Vec<f32>>, StageError>>(2);
+    let bs = cfg.batch_size;
+    let cancel = ctx.cancel.clone();
+    let started = Instant::now();
+    std::thread::scope(|s| -> Result<(), StageError> {
+        s.spawn(move || {
+            for chunk in paths.chunks(bs) {
+                if cancel.is_cancelled() {
+                    break;
+                }
+                let batch: Result<Vec<Vec<f32>>, StageError> =
+                    chunk.par_iter().map(|p| image_prep::preprocess_file(p, size).map_err(aerr)).collect();
+                if tx.send(batch).is_err() {
+                    break;
+                }
+            }
+        });
+        for batch in rx {
+            ctx.cancel.check()?;
+            let batch = batch?;
+            let x = image_prep::batch(&batch, size, &Device::Cpu).map_err(aerr)?;
+            let pooled = if device.is_cpu() {
+                model.forward_cpu(&x).map_err(aerr)?.pooled
+            } else {
+                model.forward(&x.to_device(device).map_err(err)?).map_err(aerr)?.pooled.to_device(&Device::Cpu).map_err(err)?
+            };
+            out.rows(&pooled.flatten_all().map_err(err)?.to_vec1::<f32>().map_err(err)?).map_err(aerr)?;
+            ctx.progress.inc(batch.len() as u64);
+        }
+        Ok(())
+    })?;
+    ctx.cancel.check()?;
+    out.finish().map_err(aerr)?;
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+fn encode_texts(ctx: &Context, cfg: &EncodeCfg, items: &[Item], device: &Device) -> Result<f64, StageError> {
+    let dir = cfg.text_model.parse::<ModelRef>().map_err(err)?.resolve(TEXT_MODEL_FILES).map_err(aerr)?;
+    let enc = TextEncoder::load(&dir, device, Some(cfg.max_tokens)).map_err(aerr)?;
+    // Token idf for shortening long texts: fitted on the training split only.
+    let train: Vec<&str> = items.iter().filter(|i| i.split == Split::Train).map(|i| i.text.as_str()).collect();
+    let idf = TokenIdf::fit(&enc.tokenize(&train).map_err(aerr)?);
+    let n = items.len();
+    let dim = 4 * enc.hidden_size();
+    let mut out = safetensors_out::Writer::create(&ctx.out_dir.join(TEXT), &[("bert", n, dim)]).map_err(aerr)?;
+    ctx.progress.start("encode texts", Some(n as u64), "txt");
+    let started = Instant::now();
+    for chunk in items.chunks(cfg.text_batch_size) {
+        ctx.cancel.check()?;
+        let texts: Vec<&str> = chunk.iter().map(|i| i.text.as_str()).collect();
+        let f = enc.last4_mean(&texts, Some(&idf)).map_err(aerr)?;
+        out.rows(&f.flatten_all().map_err(err)?.to_device(&Device::Cpu).map_err(err)?.to_vec1::<f32>().map_err(err)?).map_err(aerr)?;
+        ctx.progress.inc(chunk.len() as u64);
+    }
+    out.finish().map_err(aerr)?;
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+fn encode_tfidf(ctx: &Context, cfg: &EncodeCfg, items: &[Item]) -> Result<(), StageError> {
+    let vocab = match &cfg.tfidf {
+        Some(t) => Tfidf::fit(items.iter().filter(|i| i.split == Split::Train).map(|i| i.text.as_str()), t.max_features, t.min_df),
+        None => Tfidf::new(Vec::new(), Vec::new()),
+    };
+    let (mut indptr, mut indices, mut values) = (vec![0i64], Vec::new(), Vec::new());
+    for it in items {
+        if !vocab.is_empty() {
+            for (j, v) in vocab.transform(&it.text).into_iter().enumerate() {
+                if v != 0.0 {
+                    indices.push(j as u32);
+                    values.push(v);
+                }
+            }
+        }
+        indptr.push(indices.len() as i64);
+    }
+    let nnz = indices.len();
+    let tensors = std::collections::HashMap::from([
+        ("indptr".to_string(), Tensor::from_vec(indptr, items.len() + 1, &Device::Cpu).map_err(err)?),
+        ("indices".to_string(), Tensor::from_vec(indices, nnz, &Device::Cpu).map_err(err)?),
+        ("values".to_string(), Tensor::from_vec(values, nnz, &Device::Cpu).map_err(err)?),
+    ]);
+    candle_core::safetensors::save(&tensors, ctx.out_dir.join(TFIDF)).map_err(err)?;
+    std::fs::write(ctx.out_dir.join(TFIDF_VOCAB), serde_json::to_vec(&vocab).map_err(err)?)?;
+    ctx.metrics.log("tfidf_features", 0, vocab.len() as f64);
+    Ok(())
+}
