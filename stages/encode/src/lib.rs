@@ -199,8 +199,8 @@ impl Stage for Encode {
         std::fs::write(ctx.out_dir.join(IDS), serde_json::to_vec(&ids).map_err(err)?)?;
         let ips = encode_images(ctx, &cfg, &items, &device)?;
         let tps = encode_texts(ctx, &cfg, &items, &device)?;
-        ctx.metrics.log("images_per_s", 0, ips);
-        ctx.metrics.log("texts_per_s", 0, tps);
+        ctx.metrics.log("encode.images_per_s", 0, ips);
+        ctx.metrics.log("encode.texts_per_s", 0, tps);
         encode_tfidf(ctx, &cfg, &items)
     }
 }
@@ -303,6 +303,6 @@ fn encode_tfidf(ctx: &Context, cfg: &EncodeCfg, items: &[Item]) -> Result<(), St
     ]);
     candle_core::safetensors::save(&tensors, ctx.out_dir.join(TFIDF)).map_err(err)?;
     std::fs::write(ctx.out_dir.join(TFIDF_VOCAB), serde_json::to_vec(&vocab).map_err(err)?)?;
-    ctx.metrics.log("tfidf_features", 0, vocab.len() as f64);
+    ctx.metrics.log("encode.tfidf_features", 0, vocab.len() as f64);
     Ok(())
 }

@@ -38,7 +38,7 @@ fn encode_writes_features_equal_to_the_pytorch_fixtures() {
     unsafe { std::env::set_var("TORCH_HOME", var("HUSE_ASSETS").join("torch")) };
     let cfg = json!({"text_model": var("HUSE_ASSETS").join("models/all-MiniLM-L6-v2"), "batch_size": 4, "text_batch_size": 4, "tfidf": {"min_df": 1}});
     let m = testing::run(&huse_stage_encode::Encode, &cfg, &inputs, &out, 0).unwrap();
-    assert!(m.last("images_per_s").unwrap() > 0.0);
+    assert!(m.last("encode.images_per_s").unwrap() > 0.0);
 
     let img = candle_core::safetensors::load(out.join("image.safetensors"), &Device::Cpu).unwrap();
     let f = &img["features"];

@@ -146,9 +146,9 @@ impl Stage for SentenceGraph {
 fn log_stats(ctx: &Context, a: &[f32], k: usize) {
     let off: Vec<f32> = (0..k * k).filter(|i| i / k != i % k).map(|i| a[i]).collect();
     let mean = off.iter().sum::<f32>() / off.len().max(1) as f32;
-    ctx.metrics.log("classes", 0, k as f64);
-    ctx.metrics.log("a_mean", 0, f64::from(mean));
-    ctx.metrics.log("a_min_offdiag", 0, f64::from(off.iter().copied().fold(f32::INFINITY, f32::min)));
+    ctx.metrics.log("graph.classes", 0, k as f64);
+    ctx.metrics.log("graph.a_mean", 0, f64::from(mean));
+    ctx.metrics.log("graph.a_min_offdiag", 0, f64::from(off.iter().copied().fold(f32::INFINITY, f32::min)));
 }
 
 impl Stage for TreeGraph {

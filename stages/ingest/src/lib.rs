@@ -346,15 +346,15 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
     // Keep the table's order.
     items.sort_by_key(|(i, _)| *i);
     let items: Vec<Item> = items.into_iter().map(|(_, it)| it).collect();
-    ctx.metrics.log("rows", 0, records.len() as f64);
-    ctx.metrics.log("items", 0, items.len() as f64);
-    ctx.metrics.log("classes", 0, tree.classes.len() as f64);
-    ctx.metrics.log("dropped_small_class_items", 0, dropped as f64);
+    ctx.metrics.log("data.rows", 0, records.len() as f64);
+    ctx.metrics.log("data.items", 0, items.len() as f64);
+    ctx.metrics.log("data.classes", 0, tree.classes.len() as f64);
+    ctx.metrics.log("data.dropped_small_class_items", 0, dropped as f64);
     for s in [Split::Train, Split::Val, Split::Test] {
-        ctx.metrics.log(&format!("{s:?}").to_lowercase(), 0, items.iter().filter(|i| i.split == s).count() as f64);
+        ctx.metrics.log(&format!("data.{}", format!("{s:?}").to_lowercase()), 0, items.iter().filter(|i| i.split == s).count() as f64);
     }
     for (reason, n) in &skipped {
-        ctx.metrics.log(&format!("skipped.{reason}"), 0, *n as f64);
+        ctx.metrics.log(&format!("data.skipped.{reason}"), 0, *n as f64);
     }
     Ok(Ingested { items, tree, skipped })
 }

@@ -25,11 +25,11 @@ fn full_fashion_data_with_min_20_gives_86_classes_and_a_stratified_split() {
         "min_items_per_class": 20, "check_images": "exists",
     });
     let (items, tree, m) = run(cfg.clone(), out.path()).unwrap();
-    assert_eq!(m.last("rows"), Some(44072.0));
+    assert_eq!(m.last("data.rows"), Some(44072.0));
     // SOURCE.md: 168 distinct paths, 86 with >= 20 items; all rows are complete.
     assert_eq!(tree.classes.len(), 86);
     assert_eq!(tree.depth(), 3);
-    let dropped = m.last("dropped_small_class_items").unwrap() as usize;
+    let dropped = m.last("data.dropped_small_class_items").unwrap() as usize;
     assert_eq!(items.len() + dropped, 44072);
     // Leaf classes are whole paths: an articleType under two subCategories is two classes.
     let mut leaf_names: HashMap<&str, usize> = HashMap::new();
@@ -128,7 +128,7 @@ fn bad_rows_are_named_or_skipped_and_counted() {
     let out = tempfile::tempdir().unwrap();
     let (items, _, m) = run(skip, out.path()).unwrap();
     assert_eq!(items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["1163", "1525"]);
-    for k in ["skipped.missing_class", "skipped.empty_text", "skipped.missing_image", "skipped.undecodable_image"] {
+    for k in ["data.skipped.missing_class", "data.skipped.empty_text", "data.skipped.missing_image", "data.skipped.undecodable_image"] {
         assert_eq!(m.last(k), Some(1.0), "{k}");
     }
 }

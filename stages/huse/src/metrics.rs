@@ -1,0 +1,246 @@
+//! The paper's evaluation metrics, computed in blocks so memory stays bounded.
+//!
+//! * [`recall_at_k`] — Table 1: a query is a hit at K if an item of its class is among its
+//!   K nearest gallery items by cosine distance. The query item itself is never in its
+//!   own result list: same-modality searches skip the query, and cross-modal searches skip
+//!   the query's own paired item (its other modality), so every direction measures
+//!   finding OTHER items of the class, not re-finding the same product.
+//! * [`hierarchical_precision`] — Table 2 (after DeViSE): for a query of class c, rank all
+//!   classes by tree distance to c (levels not shared); the correct set at K is every class
+//!   at least as close as the K-th closest class (ties included); HP@K is the share of the
+//!   K retrieved items whose class is in that set.
+//! * [`accuracy`], [`fuse`], [`best_fusion_weight`], [`level_accuracy`] — Table 3.
+
+use huse_data::ClassTree;
+
+/// Row-major matrix view.
+pub struct Rows<'a> {
+    pub data: &'a [f32],
+    pub dim: usize,
+}
+
+impl Rows<'_> {
+    pub fn len(&self) -> usize {
+        self.data.len() / self.dim
+    }
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.dim..(i + 1) * self.dim]
+    }
+}
+
+/// For each query, the gallery indices of its `k` most similar items (by dot product of
+/// unit vectors = smallest cosine distance), skipping gallery index `skip[q]`.
+/// Computed `block` queries at a time: memory is O(block x gallery), never O(N^2).
+pub fn top_k(queries: &Rows, gallery: &Rows, k: usize, skip: &dyn Fn(usize) -> Option<usize>, block: usize) -> Vec<Vec<usize>> {
+    let n = gallery.len();
+    let mut out = Vec::with_capacity(queries.len());
+    let mut sims = vec![0f32; block.max(1) * n];
+    for start in (0..queries.len()).step_by(block.max(1)) {
+        let end = (start + block.max(1)).min(queries.len());
+        for (qi, q) in (start..end).enumerate() {
+            let qrow = queries.row(q);
+            for g in 0..n {
+                sims[qi * n + g] = qrow.iter().zip(gallery.row(g)).map(|(a, b)| a * b).sum();
+            }
+        }
+        for (qi, q) in (start..end).enumerate() {
+            let s = &sims[qi * n..(qi + 1) * n];
+            let excluded = skip(q);
+            let mut idx: Vec<usize> = (0..n).filter(|g| Some(*g) != excluded).collect();
+            let kk = k.min(idx.len());
+            if kk == 0 {
+                out.push(Vec::new());
+                continue;
+            }
+            // Highest similarity first; ties by index for determinism.
+            let cmp = |a: &usize, b: &usize| s[*b].total_cmp(&s[*a]).then(a.cmp(b));
+            idx.select_nth_unstable_by(kk - 1, cmp);
+            idx.truncate(kk);
+            idx.sort_by(cmp);
+            out.push(idx);
+        }
+    }
+    out
+}
+
+/// Recall@K for each K in `ks` (result lists must be at least max(ks) long).
+pub fn recall_at_k(results: &[Vec<usize>], query_labels: &[u32], gallery_labels: &[u32], ks: &[usize]) -> Vec<f64> {
+    ks.iter()
+        .map(|&k| {
+            let hits = results
+                .iter()
+                .zip(query_labels)
+                .filter(|(r, y)| r.iter().take(k).any(|g| gallery_labels[*g] == **y))
+                .count();
+            hits as f64 / results.len().max(1) as f64
+        })
+        .collect()
+}
+
+/// The correct class set at K for class `c`: classes at least as close in the tree as the
+/// K-th closest class (c itself is the closest).
+pub fn correct_set(tree: &ClassTree, c: usize, k: usize) -> Vec<bool> {
+    let depth = tree.depth();
+    let dist: Vec<usize> = (0..tree.classes.len()).map(|j| depth - tree.common_depth(c, j)).collect();
+    let mut sorted = dist.clone();
+    sorted.sort_unstable();
+    let threshold = sorted[k.min(sorted.len()).max(1) - 1];
+    dist.iter().map(|d| *d <= threshold).collect()
+}
+
+/// HP@K for each K in `ks`.
+pub fn hierarchical_precision(results: &[Vec<usize>], query_labels: &[u32], gallery_labels: &[u32], tree: &ClassTree, ks: &[usize]) -> Vec<f64> {
+    let sets: Vec<Vec<Vec<bool>>> =
+        ks.iter().map(|&k| (0..tree.classes.len()).map(|c| correct_set(tree, c, k)).collect()).collect();
+    ks.iter()
+        .enumerate()
+        .map(|(ki, &k)| {
+            let total: f64 = results
+                .iter()
+                .zip(query_labels)
+                .map(|(r, y)| {
+                    let set = &sets[ki][*y as usize];
+                    let top: Vec<&usize> = r.iter().take(k).collect();
+                    top.iter().filter(|g| set[gallery_labels[***g] as usize]).count() as f64 / k as f64
+                })
+                .sum();
+            total / results.len().max(1) as f64
+        })
+        .collect()
+}
+
+/// Softmax of each row of `logits` (n x k).
+pub fn softmax_rows(logits: &[f32], k: usize) -> Vec<f32> {
+    let mut out = logits.to_vec();
+    for row in out.chunks_mut(k) {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut s = 0.0;
+        for v in row.iter_mut() {
+            *v = (*v - m).exp();
+            s += *v;
+        }
+        row.iter_mut().for_each(|v| *v /= s);
+    }
+    out
+}
+
+/// Argmax of each row.
+pub fn predictions(probs: &[f32], k: usize) -> Vec<u32> {
+    probs
+        .chunks(k)
+        .map(|r| r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map(|(i, _)| i as u32).unwrap_or(0))
+        .collect()
+}
+
+/// Share of rows whose argmax is the label.
+pub fn accuracy(probs: &[f32], k: usize, labels: &[u32]) -> f64 {
+    let p = predictions(probs, k);
+    p.iter().zip(labels).filter(|(a, b)| a == b).count() as f64 / labels.len().max(1) as f64
+}
+
+/// `w * p_image + (1 - w) * p_text`.
+pub fn fuse(p_image: &[f32], p_text: &[f32], w: f32) -> Vec<f32> {
+    p_image.iter().zip(p_text).map(|(a, b)| w * a + (1.0 - w) * b).collect()
+}
+
+/// The image weight in {0, 0.05, ..., 1} with the best fused accuracy (ties: closest to 0.5).
+pub fn best_fusion_weight(p_image: &[f32], p_text: &[f32], k: usize, labels: &[u32]) -> (f32, f64) {
+    let mut best = (0.5f32, -1.0f64);
+    for i in 0..=20 {
+        let w = i as f32 / 20.0;
+        let acc = accuracy(&fuse(p_image, p_text, w), k, labels);
+        if acc > best.1 + 1e-12 || ((acc - best.1).abs() <= 1e-12 && (w - 0.5).abs() < (best.0 - 0.5).abs()) {
+            best = (w, acc);
+        }
+    }
+    best
+}
+
+/// Accuracy at each level: a prediction is right at level l if its ancestor there matches.
+pub fn level_accuracy(probs: &[f32], k: usize, labels: &[u32], tree: &ClassTree) -> Vec<f64> {
+    let p = predictions(probs, k);
+    (0..tree.depth())
+        .map(|l| {
+            let right = p.iter().zip(labels).filter(|(a, b)| {
+                tree.classes[**a as usize].ancestors.get(l) == tree.classes[**b as usize].ancestors.get(l)
+            });
+            right.count() as f64 / labels.len().max(1) as f64
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree() -> ClassTree {
+        let p = |s: &str| s.split('<').map(String::from).collect::<Vec<_>>();
+        // 0 A<x<1, 1 A<x<2, 2 A<y<3, 3 B<z<4
+        ClassTree::from_paths(vec![(p("A<x<1"), 1), (p("A<x<2"), 1), (p("A<y<3"), 1), (p("B<z<4"), 1)])
+    }
+
+    #[test]
+    fn top_k_by_hand_with_self_skipped() {
+        // Unit vectors on a circle: angles 0, 10, 90, 180 degrees.
+        let ang = [0f32, 10.0, 90.0, 180.0];
+        let v: Vec<f32> = ang.iter().flat_map(|a| [a.to_radians().cos(), a.to_radians().sin()]).collect();
+        let rows = Rows { data: &v, dim: 2 };
+        let r = top_k(&rows, &rows, 2, &|q| Some(q), 3);
+        assert_eq!(r, vec![vec![1, 2], vec![0, 2], vec![1, 0], vec![2, 1]]);
+        // Without skipping, an item finds itself first.
+        let r = top_k(&rows, &rows, 1, &|_| None, 1);
+        assert_eq!(r, vec![vec![0], vec![1], vec![2], vec![3]]);
+    }
+
+    #[test]
+    fn recall_by_hand() {
+        let results = vec![vec![1, 2], vec![2, 0], vec![0, 1]];
+        let gallery = [0u32, 0, 1];
+        let queries = [0u32, 0, 1];
+        // q0: top1 g1 (class 0) hit. q1: top1 g2 (1) miss, top2 g0 (0) hit. q2: g0, g1 both class 0: miss.
+        assert_eq!(recall_at_k(&results, &queries, &gallery, &[1, 2]), vec![1.0 / 3.0, 2.0 / 3.0]);
+    }
+
+    #[test]
+    fn correct_sets_include_ties() {
+        let t = tree();
+        // Class 0 (A<x<1): distances 0 (itself), 1 (A<x<2), 2 (A<y<3), 3 (B<z<4).
+        assert_eq!(correct_set(&t, 0, 1), vec![true, false, false, false]);
+        assert_eq!(correct_set(&t, 0, 2), vec![true, true, false, false]);
+        assert_eq!(correct_set(&t, 0, 3), vec![true, true, true, false]);
+        // Class 2 (A<y<3) has no sibling: its 2nd-closest are 0 and 1 (tied at 2): both in.
+        assert_eq!(correct_set(&t, 2, 2), vec![true, true, true, false]);
+    }
+
+    #[test]
+    fn hierarchical_precision_by_hand() {
+        let t = tree();
+        // One query of class 0 retrieving items of classes [1, 3] then [0, 2].
+        let gallery = [1u32, 3, 0, 2];
+        let results = vec![vec![0, 1, 2, 3]];
+        // K=2: set {0, 1}: retrieved classes 1 (in), 3 (out) -> 0.5.
+        // K=4: 4th closest class is 3 (distance 3) -> all classes -> 1.0.
+        assert_eq!(hierarchical_precision(&results, &[0], &gallery, &t, &[2, 4]), vec![0.5, 1.0]);
+    }
+
+    #[test]
+    fn accuracy_fusion_and_levels() {
+        let k = 4;
+        // Two items of classes 0 and 2. Image is right on item 0 only; text on item 1 only.
+        let pi = [0.7f32, 0.1, 0.1, 0.1, 0.1, 0.6, 0.2, 0.1];
+        let pt = [0.1f32, 0.5, 0.2, 0.2, 0.1, 0.1, 0.8, 0.0];
+        let y = [0u32, 2];
+        assert_eq!(accuracy(&pi, k, &y), 0.5);
+        assert_eq!(accuracy(&pt, k, &y), 0.5);
+        let (w, acc) = best_fusion_weight(&pi, &pt, k, &y);
+        assert_eq!(acc, 1.0);
+        assert!((0.35..=0.6).contains(&w), "{w}");
+        // Image predicts [0, 1]: item 1's prediction A<x<2 vs truth A<y<3 is right at level 0 only.
+        assert_eq!(level_accuracy(&pi, k, &y, &tree()), vec![1.0, 0.5, 0.5]);
+        let s = softmax_rows(&[0.0, 0.0, 2f32.ln()], 3);
+        assert!((s[2] - 0.5).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,201 @@
+//! The HUSE network: an image tower, a text tower, and one shared classifier layer.
+//!
+//! * image tower: `image_layers` hidden fully connected layers of `hidden` units with
+//!   ReLU (paper: 5 x 512), then a `dim`-unit layer and L2 normalisation: `phi_I(x)`;
+//! * text tower: the same with `text_layers` hidden layers (paper: 2 x 512): `phi_T(x)`;
+//! * dropout (paper 0.15) between hidden layers, i.e. after every hidden layer but the last;
+//! * shared layer `W` (dim -> K) applied to `phi_I` and to `phi_T` separately.
+//!
+//! Parameters are plain candle `Var`s named like a PyTorch module
+//! (`image_tower.0.weight`, ..., `image_tower.out.weight`, `shared.weight`), initialised
+//! like `nn.Linear` (uniform in ±1/sqrt(fan_in)) from a seeded ChaCha RNG; dropout masks
+//! come from a seeded RNG too, so the same seed gives the same training run on the CPU.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context as _, Result, ensure};
+use candle_core::{D, DType, Device, Tensor, Var};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// Shape of the network.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HuseConfig {
+    pub image_input: usize,
+    pub text_input: usize,
+    pub classes: usize,
+    #[serde(default = "d_dim")]
+    pub dim: usize,
+    #[serde(default = "d_hidden")]
+    pub hidden: usize,
+    #[serde(default = "d_image_layers")]
+    pub image_layers: usize,
+    #[serde(default = "d_text_layers")]
+    pub text_layers: usize,
+    #[serde(default = "d_dropout")]
+    pub dropout: f64,
+}
+fn d_dim() -> usize {
+    512
+}
+fn d_hidden() -> usize {
+    512
+}
+fn d_image_layers() -> usize {
+    5
+}
+fn d_text_layers() -> usize {
+    2
+}
+fn d_dropout() -> f64 {
+    0.15
+}
+
+/// A linear layer over `Var`s.
+pub struct Dense {
+    pub weight: Var,
+    pub bias: Var,
+}
+
+impl Dense {
+    fn new(rng: &mut ChaCha8Rng, fan_in: usize, fan_out: usize, device: &Device) -> Result<Self> {
+        let bound = 1.0 / (fan_in as f32).sqrt();
+        let w: Vec<f32> = (0..fan_in * fan_out).map(|_| rng.random_range(-bound..bound)).collect();
+        let b: Vec<f32> = (0..fan_out).map(|_| rng.random_range(-bound..bound)).collect();
+        Ok(Dense {
+            weight: Var::from_tensor(&Tensor::from_vec(w, (fan_out, fan_in), device)?)?,
+            bias: Var::from_tensor(&Tensor::from_vec(b, fan_out, device)?)?,
+        })
+    }
+
+    /// x W^T + b.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.weight.as_tensor().t()?)?.broadcast_add(self.bias.as_tensor())?)
+    }
+}
+
+/// One tower: hidden layers, then the embedding layer.
+pub struct Tower {
+    pub hidden: Vec<Dense>,
+    pub out: Dense,
+}
+
+/// The HUSE model.
+pub struct Huse {
+    pub config: HuseConfig,
+    pub image: Tower,
+    pub text: Tower,
+    pub shared: Dense,
+}
+
+/// Rows scaled to unit L2 norm.
+pub fn l2_normalise(x: &Tensor) -> Result<Tensor> {
+    let n = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    Ok(x.broadcast_div(&n)?)
+}
+
+/// Dropout with a mask drawn from `rng` (inverted dropout: kept units scaled by 1/(1-p)).
+pub fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f64>() >= p { scale } else { 0.0 }).collect();
+    Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)?)
+}
+
+impl Tower {
+    fn new(rng: &mut ChaCha8Rng, input: usize, hidden: usize, layers: usize, dim: usize, device: &Device) -> Result<Self> {
+        let mut h = Vec::new();
+        let mut fan_in = input;
+        for _ in 0..layers {
+            h.push(Dense::new(rng, fan_in, hidden, device)?);
+            fan_in = hidden;
+        }
+        Ok(Tower { hidden: h, out: Dense::new(rng, fan_in, dim, device)? })
+    }
+
+    /// The L2-normalised embedding; `dropout` = Some((p, rng)) in training.
+    pub fn embed(&self, x: &Tensor, mut dropout_rng: Option<(f64, &mut ChaCha8Rng)>) -> Result<Tensor> {
+        let mut h = x.clone();
+        let n = self.hidden.len();
+        for (i, l) in self.hidden.iter().enumerate() {
+            h = l.forward(&h)?.relu()?;
+            if i + 1 < n
+                && let Some((p, rng)) = dropout_rng.as_mut()
+            {
+                h = dropout(&h, *p, rng)?;
+            }
+        }
+        l2_normalise(&self.out.forward(&h)?)
+    }
+
+    fn named<'a>(&'a self, prefix: &str, out: &mut Vec<(String, &'a Var)>) {
+        for (i, l) in self.hidden.iter().enumerate() {
+            out.push((format!("{prefix}.{i}.weight"), &l.weight));
+            out.push((format!("{prefix}.{i}.bias"), &l.bias));
+        }
+        out.push((format!("{prefix}.out.weight"), &self.out.weight));
+        out.push((format!("{prefix}.out.bias"), &self.out.bias));
+    }
+}
+
+impl Huse {
+    /// A freshly initialised model.
+    pub fn new(config: &HuseConfig, rng: &mut ChaCha8Rng, device: &Device) -> Result<Self> {
+        ensure!(config.classes >= 2, "HUSE needs at least 2 classes");
+        ensure!((0.0..1.0).contains(&config.dropout), "dropout must be in [0, 1)");
+        let image = Tower::new(rng, config.image_input, config.hidden, config.image_layers, config.dim, device)?;
+        let text = Tower::new(rng, config.text_input, config.hidden, config.text_layers, config.dim, device)?;
+        let shared = Dense::new(rng, config.dim, config.classes, device)?;
+        Ok(Huse { config: config.clone(), image, text, shared })
+    }
+
+    /// Class logits `W phi + b` of embeddings.
+    pub fn logits(&self, emb: &Tensor) -> Result<Tensor> {
+        self.shared.forward(emb)
+    }
+
+    /// Every parameter with its name.
+    pub fn named_vars(&self) -> Vec<(String, &Var)> {
+        let mut out = Vec::new();
+        self.image.named("image_tower", &mut out);
+        self.text.named("text_tower", &mut out);
+        out.push(("shared.weight".into(), &self.shared.weight));
+        out.push(("shared.bias".into(), &self.shared.bias));
+        out
+    }
+
+    /// The parameters, for an optimiser.
+    pub fn vars(&self) -> Vec<Var> {
+        self.named_vars().into_iter().map(|(_, v)| v.clone()).collect()
+    }
+
+    /// Saves the parameters as safetensors.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let map: HashMap<String, Tensor> = self.named_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+        candle_core::safetensors::save(&map, path).with_context(|| format!("saving {}", path.display()))
+    }
+
+    /// Replaces the parameters by those saved in `path`.
+    pub fn load_weights(&self, path: &Path) -> Result<()> {
+        let dev = self.shared.weight.device().clone();
+        let map = candle_core::safetensors::load(path, &dev).with_context(|| format!("loading {}", path.display()))?;
+        for (n, v) in self.named_vars() {
+            let t = map.get(&n).with_context(|| format!("{} has no `{n}`", path.display()))?;
+            ensure!(t.shape() == v.shape(), "{}: `{n}` has shape {:?}, expected {:?}", path.display(), t.shape(), v.shape());
+            v.set(&t.to_dtype(DType::F32)?)?;
+        }
+        Ok(())
+    }
+
+    /// A model with the saved parameters.
+    pub fn load(config: &HuseConfig, path: &Path, device: &Device) -> Result<Self> {
+        let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+        let m = Huse::new(config, &mut rng, device)?;
+        m.load_weights(path)?;
+        Ok(m)
+    }
+}

@@ -1,0 +1,201 @@
+//! Optimisers with saveable state: RMSProp (the paper's; candle-nn has none) and AdamW,
+//! plus the learning-rate schedule.
+//!
+//! RMSProp follows `torch.optim.RMSprop` (not centred, no weight decay):
+//! `v = rho*v + (1-rho)*g^2`; with momentum `buf = momentum*buf + g/(sqrt(v)+eps)`,
+//! `p -= lr*buf`; without, `p -= lr*g/(sqrt(v)+eps)`.
+//! AdamW follows `torch.optim.AdamW`: `p *= 1 - lr*wd`; `m = b1*m + (1-b1)*g`;
+//! `v = b2*v + (1-b2)*g^2`; `p -= lr * (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps)`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context as _, Result, ensure};
+use candle_core::{Tensor, Var, backprop::GradStore};
+use serde::{Deserialize, Serialize};
+
+/// Optimiser settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "lowercase", deny_unknown_fields)]
+pub enum OptimizerConfig {
+    Rmsprop {
+        #[serde(default = "paper_lr")]
+        lr: f64,
+        #[serde(default = "d_momentum")]
+        momentum: f64,
+        #[serde(default = "d_rho")]
+        rho: f64,
+        #[serde(default = "d_eps")]
+        eps: f64,
+    },
+    Adamw {
+        #[serde(default = "adam_lr")]
+        lr: f64,
+        #[serde(default = "d_b1")]
+        beta1: f64,
+        #[serde(default = "d_b2")]
+        beta2: f64,
+        #[serde(default = "d_eps")]
+        eps: f64,
+        #[serde(default = "d_wd")]
+        weight_decay: f64,
+    },
+}
+/// The paper's RMSProp learning rate.
+pub fn paper_lr() -> f64 {
+    1.6192e-5
+}
+fn d_momentum() -> f64 {
+    0.9
+}
+fn d_rho() -> f64 {
+    0.99
+}
+fn d_eps() -> f64 {
+    1e-8
+}
+fn adam_lr() -> f64 {
+    1e-3
+}
+fn d_b1() -> f64 {
+    0.9
+}
+fn d_b2() -> f64 {
+    0.999
+}
+fn d_wd() -> f64 {
+    0.01
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        OptimizerConfig::Rmsprop { lr: paper_lr(), momentum: 0.9, rho: 0.99, eps: 1e-8 }
+    }
+}
+
+impl OptimizerConfig {
+    /// The base learning rate.
+    pub fn lr(&self) -> f64 {
+        match self {
+            OptimizerConfig::Rmsprop { lr, .. } | OptimizerConfig::Adamw { lr, .. } => *lr,
+        }
+    }
+}
+
+/// An optimiser over `Var`s whose state can be saved and restored.
+pub struct Optimizer {
+    config: OptimizerConfig,
+    vars: Vec<Var>,
+    /// Per var: (first state, second state) — RMSProp: (v, buf); AdamW: (m, v).
+    state: Vec<(Tensor, Tensor)>,
+    lr: f64,
+    step: u64,
+}
+
+impl Optimizer {
+    pub fn new(vars: Vec<Var>, config: OptimizerConfig) -> Result<Self> {
+        let state = vars.iter().map(|v| Ok((v.zeros_like()?, v.zeros_like()?))).collect::<Result<_>>()?;
+        let lr = config.lr();
+        Ok(Optimizer { config, vars, state, lr, step: 0 })
+    }
+
+    pub fn set_learning_rate(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    pub fn learning_rate(&self) -> f64 {
+        self.lr
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Applies one update from the gradients of the vars.
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step += 1;
+        let lr = self.lr;
+        for (var, (s1, s2)) in self.vars.iter().zip(self.state.iter_mut()) {
+            let Some(g) = grads.get(var) else { continue };
+            match self.config {
+                OptimizerConfig::Rmsprop { momentum, rho, eps, .. } => {
+                    let v = ((&*s1 * rho)? + (g.sqr()? * (1.0 - rho))?)?;
+                    let step = g.broadcast_div(&(v.sqrt()? + eps)?)?;
+                    let update = if momentum > 0.0 {
+                        let buf = ((&*s2 * momentum)? + step)?;
+                        *s2 = buf.clone();
+                        buf
+                    } else {
+                        step
+                    };
+                    *s1 = v;
+                    var.set(&(var.as_tensor() - (update * lr)?)?)?;
+                }
+                OptimizerConfig::Adamw { beta1, beta2, eps, weight_decay, .. } => {
+                    let t = self.step as i32;
+                    let decayed = (var.as_tensor() * (1.0 - lr * weight_decay))?;
+                    let m = ((&*s1 * beta1)? + (g * (1.0 - beta1))?)?;
+                    let v = ((&*s2 * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+                    let mhat = (&m / (1.0 - beta1.powi(t)))?;
+                    let vhat = (&v / (1.0 - beta2.powi(t)))?;
+                    let upd = (mhat / (vhat.sqrt()? + eps)?)?;
+                    *s1 = m;
+                    *s2 = v;
+                    var.set(&(decayed - (upd * lr)?)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Saves the state (moments and step count).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut map = HashMap::new();
+        for (i, (a, b)) in self.state.iter().enumerate() {
+            map.insert(format!("{i}.a"), a.clone());
+            map.insert(format!("{i}.b"), b.clone());
+        }
+        map.insert("step".into(), Tensor::new(&[self.step as f32], &candle_core::Device::Cpu)?);
+        candle_core::safetensors::save(&map, path).with_context(|| format!("saving {}", path.display()))
+    }
+
+    /// Restores state saved by [`Optimizer::save`] for the same vars.
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        let dev = self.vars.first().map(|v| v.device().clone()).unwrap_or(candle_core::Device::Cpu);
+        let map = candle_core::safetensors::load(path, &dev)?;
+        for (i, (a, b)) in self.state.iter_mut().enumerate() {
+            let (na, nb) = (map.get(&format!("{i}.a")).context("missing state")?, map.get(&format!("{i}.b")).context("missing state")?);
+            ensure!(na.shape() == a.shape(), "optimizer state does not fit the model");
+            *a = na.clone();
+            *b = nb.clone();
+        }
+        self.step = map.get("step").context("missing step")?.to_device(&candle_core::Device::Cpu)?.to_vec1::<f32>()?[0] as u64;
+        Ok(())
+    }
+}
+
+/// Learning-rate schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    #[default]
+    Constant,
+    /// Linear warmup over `warmup_steps`, then cosine decay to 0 at the last step.
+    Cosine,
+}
+
+/// The learning rate at `step` (0-based) of `total` steps.
+pub fn lr_at(schedule: Schedule, base: f64, step: u64, total: u64, warmup: u64) -> f64 {
+    if warmup > 0 && step < warmup {
+        return base * (step + 1) as f64 / warmup as f64;
+    }
+    match schedule {
+        Schedule::Constant => base,
+        Schedule::Cosine => {
+            let span = total.saturating_sub(warmup).max(1) as f64;
+            let t = (step.saturating_sub(warmup)) as f64 / span;
+            base * 0.5 * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos())
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The losses on tiny batches computed by hand, finite-difference gradient checks, the
+//! expected directions, and RMSProp against hand-computed steps.
+
+use candle_core::{DType, Device, Tensor, Var};
+use huse_model::loss::{self, GraphPairs, GraphVariant, LossConfig};
+use huse_model::model::l2_normalise;
+use huse_model::optim::{Optimizer, OptimizerConfig, Schedule, lr_at};
+
+const CPU: Device = Device::Cpu;
+
+fn t(v: &[f64], r: usize, c: usize) -> Tensor {
+    Tensor::from_vec(v.to_vec(), (r, c), &CPU).unwrap()
+}
+fn scalar(x: &Tensor) -> f64 {
+    x.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+}
+fn labels(v: &[u32]) -> Tensor {
+    Tensor::from_vec(v.to_vec(), v.len(), &CPU).unwrap()
+}
+
+/// phi_I = [(1,0), (0,1)], phi_T = [(0.6,0.8), (0.8,0.6)], classes [0, 1], A = [[0, .4], [.4, 0]].
+fn batch() -> (Tensor, Tensor, Tensor, Tensor) {
+    (t(&[1.0, 0.0, 0.0, 1.0], 2, 2), t(&[0.6, 0.8, 0.8, 0.6], 2, 2), labels(&[0, 1]), t(&[0.0, 0.4, 0.4, 0.0], 2, 2))
+}
+
+#[test]
+fn gap_loss_by_hand() {
+    let (pi, pt, _, _) = batch();
+    // d(i0, t0) = 1 - 0.6, d(i1, t1) = 1 - 0.6: mean 0.4.
+    assert!((scalar(&loss::gap_loss(&pi, &pt).unwrap()) - 0.4).abs() < 1e-12);
+}
+
+#[test]
+fn graph_loss_by_hand() {
+    let (pi, pt, y, a) = batch();
+    // zeta 0.5, paper variant.
+    // image block: d = 1 for both off-diagonal pairs: d >= zeta, sigma = 0 -> 0.
+    // text block: d = 1 - 0.96 = 0.04, A = 0.4: (0.04 - 0.4)^2 = 0.1296, two pairs / 2^2 = 0.0648.
+    // across block (i_m, t_n), m != n: d = 1 - 0.8 = 0.2: (0.2 - 0.4)^2 = 0.04, two pairs / 4 = 0.02.
+    let within = loss::graph_loss(&pi, &pt, &y, &a, 0.5, GraphVariant::Paper, GraphPairs::Within).unwrap();
+    assert!((scalar(&within) - (0.0 + 0.0648) / 2.0).abs() < 1e-12, "{}", scalar(&within));
+    let across = loss::graph_loss(&pi, &pt, &y, &a, 0.5, GraphVariant::Paper, GraphPairs::Across).unwrap();
+    assert!((scalar(&across) - 0.02).abs() < 1e-12);
+    let all = loss::graph_loss(&pi, &pt, &y, &a, 0.5, GraphVariant::Paper, GraphPairs::All).unwrap();
+    assert!((scalar(&all) - (0.0648 + 0.02) / 3.0).abs() < 1e-12);
+    // hinge, zeta 0.3: every off-diagonal A = 0.4 >= zeta, so only the push term counts:
+    // text 2 * (0.3 - 0.04)^2 / 4 = 0.0338; across 2 * (0.3 - 0.2)^2 / 4 = 0.005; image 0.
+    let hinge = loss::graph_loss(&pi, &pt, &y, &a, 0.3, GraphVariant::Hinge, GraphPairs::All).unwrap();
+    assert!((scalar(&hinge) - (0.0338 + 0.005) / 3.0).abs() < 1e-12, "{}", scalar(&hinge));
+    // The paper variant switches those pairs off entirely.
+    let paper = loss::graph_loss(&pi, &pt, &y, &a, 0.3, GraphVariant::Paper, GraphPairs::All).unwrap();
+    assert_eq!(scalar(&paper), 0.0);
+}
+
+#[test]
+fn sigma_switches_exactly_at_zeta() {
+    let (_, pt, y, _) = batch();
+    let d = 1.0 - (0.6 * 0.8 + 0.8 * 0.6); // the text pair's distance, as f64 computes it
+    let near = t(&[0.0, 0.01, 0.01, 0.0], 2, 2);
+    let at = |zeta: f64, a: &Tensor| scalar(&loss::graph_loss_block(&pt, &pt, &y, &y, a, zeta, GraphVariant::Paper).unwrap());
+    assert!(at(d + 1e-12, &near) > 0.0, "d just below zeta: on");
+    assert_eq!(at(d, &near), 0.0, "d < zeta is strict");
+    assert_eq!(at(d - 1e-12, &near), 0.0);
+    // ... and A < zeta is strict too.
+    let edge = |v: f64| t(&[0.0, v, v, 0.0], 2, 2);
+    assert_eq!(at(0.5, &edge(0.5)), 0.0);
+    assert!(at(0.5, &edge(0.5 - 1e-12)) > 0.0);
+}
+
+#[test]
+fn class_loss_by_hand() {
+    let li = t(&[2.0, 0.0, 0.0, 2.0], 2, 2);
+    let lt = t(&[0.0, 0.0, 1.0, 0.0], 2, 2);
+    let ce_i = (1.0 + (-2f64).exp()).ln();
+    let ce_t = (2f64.ln() + (1.0 + 1f64.exp()).ln()) / 2.0;
+    let got = scalar(&loss::class_loss(&li, &lt, &labels(&[0, 1])).unwrap());
+    assert!((got - (ce_i + ce_t) / 2.0).abs() < 1e-12, "{got}");
+}
+
+#[test]
+fn total_weights_the_components() {
+    let (pi, pt, y, a) = batch();
+    let logits = t(&[1.0, 0.0, 0.0, 1.0], 2, 2);
+    let cfg = LossConfig { alpha: 2.0, beta: 3.0, gamma: 5.0, zeta: 0.5, ..LossConfig::default() };
+    let l = loss::total(&pi, &pt, &logits, &logits, &y, &a, &cfg).unwrap();
+    let want = 2.0 * scalar(&l.class) + 3.0 * scalar(&l.graph) + 5.0 * scalar(&l.gap);
+    assert!((scalar(&l.total) - want).abs() < 1e-12);
+    assert!((scalar(&l.gap) - 0.4).abs() < 1e-12);
+}
+
+/// Central differences of `f` at `x` against the autograd gradient.
+fn check_grad(x0: &[f64], r: usize, c: usize, f: &dyn Fn(&Tensor) -> Tensor) {
+    let var = Var::from_tensor(&t(x0, r, c)).unwrap();
+    let y = f(var.as_tensor());
+    let g: Vec<f64> = y.backward().unwrap().get(&var).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let h = 1e-6;
+    for i in 0..x0.len() {
+        let (mut up, mut dn) = (x0.to_vec(), x0.to_vec());
+        up[i] += h;
+        dn[i] -= h;
+        let num = (scalar(&f(&t(&up, r, c))) - scalar(&f(&t(&dn, r, c)))) / (2.0 * h);
+        assert!((num - g[i]).abs() < 1e-6 * (1.0 + num.abs()), "d/dx[{i}]: numeric {num} vs autograd {}", g[i]);
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    // Raw (unnormalised) tower outputs for 3 items, 3 dims; the losses see their L2 normalisation.
+    let xi = [0.9, 0.2, -0.1, 0.3, 1.1, 0.2, -0.5, 0.4, 0.8];
+    let xt = [0.7, 0.5, 0.1, 0.1, 0.9, 0.6, -0.2, 0.1, 1.2];
+    let y = labels(&[0, 1, 1]);
+    let a = t(&[0.0, 0.3, 0.3, 0.0], 2, 2);
+    let pt = l2_normalise(&t(&xt, 3, 3)).unwrap();
+    check_grad(&xi, 3, 3, &|x| loss::gap_loss(&l2_normalise(x).unwrap(), &pt).unwrap());
+    for (variant, zeta) in [(GraphVariant::Paper, 0.9), (GraphVariant::Hinge, 0.6)] {
+        for pairs in [GraphPairs::Within, GraphPairs::Across, GraphPairs::All] {
+            check_grad(&xi, 3, 3, &|x| loss::graph_loss(&l2_normalise(x).unwrap(), &pt, &y, &a, zeta, variant, pairs).unwrap());
+        }
+    }
+    let w = t(&[0.5, -0.2, 0.1, -0.3, 0.4, 0.9], 2, 3);
+    let logits_t = pt.matmul(&w.t().unwrap()).unwrap();
+    check_grad(&xi, 3, 3, &|x| loss::class_loss(&l2_normalise(x).unwrap().matmul(&w.t().unwrap()).unwrap(), &logits_t, &y).unwrap());
+    // Every pair inside the margin and of near classes contributes: the graph loss is live here.
+    let g = loss::graph_loss(&l2_normalise(&t(&xi, 3, 3)).unwrap(), &pt, &y, &a, 0.9, GraphVariant::Paper, GraphPairs::All).unwrap();
+    assert!(scalar(&g) > 0.0);
+}
+
+#[test]
+fn directions() {
+    // The gap loss falls as an item's text embedding moves towards its image embedding.
+    let pi = t(&[1.0, 0.0], 1, 2);
+    let mut last = f64::INFINITY;
+    for s in [1.0, 0.7, 0.4, 0.1, 0.0] {
+        let pt = l2_normalise(&t(&[1.0, s], 1, 2)).unwrap();
+        let g = scalar(&loss::gap_loss(&pi, &pt).unwrap());
+        assert!(g < last, "gap must fall: {g} after {last}");
+        last = g;
+    }
+    assert!(last.abs() < 1e-12);
+    // The graph loss is zero when the distances equal A.
+    // Items 0 and 1 (class 0) share u; item 2 (class 1) is v with 1 - u.v = 0.2 = A[0][1].
+    let (c, s) = (0.8f64, (1.0 - 0.64f64).sqrt());
+    let e = t(&[1.0, 0.0, 1.0, 0.0, c, s], 3, 2);
+    let y = labels(&[0, 0, 1]);
+    let a = t(&[0.0, 0.2, 0.2, 0.0], 2, 2);
+    let g = loss::graph_loss(&e, &e, &y, &a, 0.5, GraphVariant::Paper, GraphPairs::All).unwrap();
+    assert!(scalar(&g).abs() < 1e-12, "{}", scalar(&g));
+    // ... and positive when they do not.
+    let a2 = t(&[0.0, 0.4, 0.4, 0.0], 2, 2);
+    assert!(scalar(&loss::graph_loss(&e, &e, &y, &a2, 0.5, GraphVariant::Paper, GraphPairs::All).unwrap()) > 0.0);
+}
+
+#[test]
+fn rmsprop_matches_hand_computed_steps() {
+    // loss = 2p (gradient 2), p0 = 1, lr 0.1, rho 0.99, eps 1e-8, momentum 0.9.
+    let p = Var::from_tensor(&Tensor::new(&[1.0f64], &CPU).unwrap()).unwrap();
+    let mut opt = Optimizer::new(vec![p.clone()], OptimizerConfig::Rmsprop { lr: 0.1, momentum: 0.9, rho: 0.99, eps: 1e-8 }).unwrap();
+    let (mut v, mut buf, mut want) = (0.0f64, 0.0f64, 1.0f64);
+    for _ in 0..3 {
+        let grads = (p.as_tensor() * 2.0).unwrap().sum_all().unwrap().backward().unwrap();
+        opt.step(&grads).unwrap();
+        v = 0.99 * v + 0.01 * 4.0;
+        buf = 0.9 * buf + 2.0 / (v.sqrt() + 1e-8);
+        want -= 0.1 * buf;
+        let got = p.as_tensor().to_vec1::<f64>().unwrap()[0];
+        assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+    }
+    // Step 1 by hand: v = 0.04, sqrt 0.2, buf = 10, p = 1 - 0.1 * 10 = 0.
+    // Step 2: v = 0.0796, buf = 9 + 2/0.28213 = 16.0888, p = -1.60888.
+    // Step 3 continues the recurrences above.
+    assert!((want - (-1.608_881 - 0.1 * (0.9 * 16.088_812 + 2.0 / (0.99f64 * 0.0796 + 0.04).sqrt()))).abs() < 1e-4);
+}
+
+#[test]
+fn adamw_first_step_is_lr_times_sign() {
+    let p = Var::from_tensor(&Tensor::new(&[1.0f64, -2.0], &CPU).unwrap()).unwrap();
+    let mut opt = Optimizer::new(vec![p.clone()], OptimizerConfig::Adamw { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }).unwrap();
+    let grads = (p.as_tensor() * Tensor::new(&[3.0f64, -5.0], &CPU).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+    opt.step(&grads).unwrap();
+    let got = p.as_tensor().to_vec1::<f64>().unwrap();
+    assert!((got[0] - 0.99).abs() < 1e-9 && (got[1] + 1.99).abs() < 1e-9, "{got:?}");
+}
+
+#[test]
+fn schedules() {
+    assert_eq!(lr_at(Schedule::Constant, 0.1, 5, 10, 0), 0.1);
+    assert!((lr_at(Schedule::Constant, 0.1, 0, 10, 4) - 0.025).abs() < 1e-12);
+    assert!((lr_at(Schedule::Cosine, 0.1, 4, 14, 4) - 0.1).abs() < 1e-12);
+    assert!((lr_at(Schedule::Cosine, 0.1, 9, 14, 4) - 0.05).abs() < 1e-12);
+    assert!(lr_at(Schedule::Cosine, 0.1, 14, 14, 4).abs() < 1e-12);
+}
