@@ -66,6 +66,18 @@ impl Cache {
         Ok(dir)
     }
 
+    /// The persistent work directory of `key` (checkpoints for resuming), created if missing.
+    pub fn work_dir(&self, key: &str) -> Result<PathBuf> {
+        let dir = self.root.join(".work").join(key);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// Removes the work directory of `key` (after the stage succeeded).
+    pub fn remove_work_dir(&self, key: &str) {
+        let _ = std::fs::remove_dir_all(self.root.join(".work").join(key));
+    }
+
     /// Moves a finished temporary directory into place. If another process finished
     /// the same key first, its output is kept and ours is discarded.
     pub fn commit(&self, tmp: &Path, kind: &str, key: &str) -> Result<PathBuf> {

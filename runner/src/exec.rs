@@ -340,13 +340,17 @@ async fn run_job(
         Ok(t) => t,
         Err(e) => return State::Failed(format!("{e:#}")),
     };
+    let work = match cache.work_dir(&job.key) {
+        Ok(w) => w,
+        Err(e) => return State::Failed(format!("{e:#}")),
+    };
     let started = store::now();
     let clock = Instant::now();
     let metrics = Arc::new(Metrics { tx: mtx, users: users.to_vec(), records: Mutex::new(Vec::new()) });
     let progress = Arc::new(display.stage(label));
     let result = {
-        let (stage, config, tmp, cancel, metrics, progress) =
-            (job.entry.stage.clone(), job.config.clone(), tmp.clone(), cancel.clone(), metrics.clone(), progress.clone());
+        let (stage, config, tmp, work, cancel, metrics, progress) =
+            (job.entry.stage.clone(), job.config.clone(), tmp.clone(), work.clone(), cancel.clone(), metrics.clone(), progress.clone());
         let (seed, device, name) = (job.seed, job.device, users[0].1.clone());
         tokio::task::spawn_blocking(move || {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -355,6 +359,7 @@ async fn run_job(
                     device,
                     seed,
                     out_dir: &tmp,
+                    work_dir: &work,
                     progress: progress.as_ref(),
                     metrics: metrics.as_ref(),
                     cancel: &cancel,
@@ -400,6 +405,7 @@ async fn run_job(
     });
     match finished {
         Ok(dir) => {
+            cache.remove_work_dir(&job.key);
             info!("{label}: done in {secs:.2}s");
             State::Done { dir, cached: false, started: Some(started), ended: Some(store::now()), secs: Some(secs) }
         }

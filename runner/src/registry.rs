@@ -32,6 +32,8 @@ impl Registry {
         r.add(Arc::new(huse_stage_graph::SentenceGraph), "builtin");
         r.add(Arc::new(huse_stage_graph::TreeGraph), "builtin");
         r.add(Arc::new(huse_stage_encode::Encode), "builtin");
+        r.add(Arc::new(huse_stage_train::Train), "builtin");
+        r.add(Arc::new(huse_stage_evaluate::Evaluate), "builtin");
         r
     }
 

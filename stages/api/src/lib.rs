@@ -254,6 +254,10 @@ pub struct Context<'a> {
     pub seed: u64,
     /// Fresh, empty directory for the outputs; moved into the cache atomically on success.
     pub out_dir: &'a Path,
+    /// Directory for checkpoints that must survive an interruption: the same for every
+    /// attempt at the same cache key, removed once the stage succeeds. A stage that can
+    /// resume reads its last checkpoint from here.
+    pub work_dir: &'a Path,
     /// Progress reporter.
     pub progress: &'a dyn Progress,
     /// Metric logger.
@@ -412,7 +416,9 @@ pub mod testing {
         std::fs::create_dir_all(out_dir)?;
         let metrics = Recorded::default();
         let cancel = CancelToken::new();
-        let ctx = Context { name: stage.kind(), device: DeviceSpec::Cpu, seed, out_dir, progress: &NoProgress, metrics: &metrics, cancel: &cancel };
+        let work_dir = out_dir.with_extension("work");
+        std::fs::create_dir_all(&work_dir)?;
+        let ctx = Context { name: stage.kind(), device: DeviceSpec::Cpu, seed, out_dir, work_dir: &work_dir, progress: &NoProgress, metrics: &metrics, cancel: &cancel };
         stage.run(&ctx, config, inputs)?;
         Ok(metrics)
     }

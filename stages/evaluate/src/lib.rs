@@ -1,0 +1,183 @@
+//! The `evaluate` stage: the paper's Tables 1-3 for a trained model on the test split.
+//!
+//! * Table 1, Recall@K (`ks`, default 1, 5, 10) in four directions by cosine distance in
+//!   the universal space: `test.i2i.rK`, `test.i2t.rK`, `test.t2i.rK`, `test.t2t.rK`;
+//! * Table 2, hierarchical precision HP@K (`hp_ks`, default 2, 5, 10) on the class tree:
+//!   `test.hpK.i2i`, ... (definitions in `huse_model::metrics`);
+//! * Table 3, accuracy: `test.acc.image`, `test.acc.text`, `test.acc.both` (with the fusion
+//!   weight chosen on validation by train), and per hierarchy level `test.acc.both.lN`
+//!   (also `.image.lN`, `.text.lN`).
+//!
+//! Queries and gallery are the test items; a query never retrieves itself nor, in
+//! cross-modal search, its own paired item. Similarities are computed `block` queries at
+//! a time. Also writes `tables.md` (the three tables) and `metrics.json`.
+
+use std::fmt::Write as _;
+
+use huse_data::Split;
+use huse_model::metrics::{self, Rows};
+use huse_model::model::{Huse, ModelMeta, predict};
+use huse_model::stage_io::{device_of, load_dataset};
+use huse_stage_api::{Config, ConfigError, Context, Input, Inputs, Output, Stage, StageError, parse_config};
+use serde::Deserialize;
+
+/// The stage.
+pub struct Evaluate;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalCfg {
+    #[serde(default = "d_ks")]
+    pub ks: Vec<usize>,
+    #[serde(default = "d_hp")]
+    pub hp_ks: Vec<usize>,
+    /// Queries per similarity block.
+    #[serde(default = "d_block")]
+    pub block: usize,
+    /// The split to evaluate (test or val).
+    #[serde(default = "d_split")]
+    pub split: String,
+}
+fn d_ks() -> Vec<usize> {
+    vec![1, 5, 10]
+}
+fn d_hp() -> Vec<usize> {
+    vec![2, 5, 10]
+}
+fn d_block() -> usize {
+    512
+}
+fn d_split() -> String {
+    "test".into()
+}
+
+fn err(e: impl std::fmt::Display) -> StageError {
+    StageError::msg(e.to_string())
+}
+
+/// The four retrieval directions: (name, query is image, gallery is image).
+pub const DIRECTIONS: [(&str, bool, bool); 4] = [("i2i", true, true), ("i2t", true, false), ("t2i", false, true), ("t2t", false, false)];
+
+impl Stage for Evaluate {
+    fn kind(&self) -> &str {
+        "evaluate"
+    }
+    fn version(&self) -> &str {
+        "1"
+    }
+    fn describe(&self) -> &str {
+        "the paper's Tables 1-3 (Recall@K, HP@K, accuracy) on the test split"
+    }
+    fn inputs(&self) -> Vec<Input> {
+        vec![
+            Input::one(huse_data::ITEMS),
+            Input::one(huse_data::CLASSES),
+            Input::one("image.safetensors"),
+            Input::one("text.safetensors"),
+            Input::optional("tfidf.safetensors"),
+            Input::optional("tfidf.json"),
+            Input::one("model.safetensors"),
+            Input::one("model.json"),
+        ]
+    }
+    fn outputs(&self) -> Vec<Output> {
+        vec![Output::new("metrics.json", "every metric"), Output::new("tables.md", "Tables 1-3")]
+    }
+    fn validate(&self, config: &Config) -> Result<(), ConfigError> {
+        let c: EvalCfg = parse_config(config)?;
+        if c.ks.is_empty() || c.ks.contains(&0) {
+            return Err(ConfigError::at("ks", "needs positive values"));
+        }
+        if c.hp_ks.is_empty() || c.hp_ks.contains(&0) {
+            return Err(ConfigError::at("hp_ks", "needs positive values"));
+        }
+        if c.block == 0 {
+            return Err(ConfigError::at("block", "must be positive"));
+        }
+        if c.split != "test" && c.split != "val" {
+            return Err(ConfigError::at("split", "must be test or val"));
+        }
+        Ok(())
+    }
+    fn run(&self, ctx: &Context, config: &Config, inputs: &Inputs) -> Result<(), StageError> {
+        let cfg: EvalCfg = parse_config(config)?;
+        let meta = ModelMeta::read(inputs.get("model.json")?).map_err(|e| err(format!("{e:#}")))?;
+        let device = device_of(ctx.device)?;
+        let (ds, tree) = load_dataset(inputs, meta.use_tfidf)?;
+        let model = Huse::load(&meta.network, inputs.get("model.safetensors")?, &device).map_err(|e| err(format!("{e:#}")))?;
+        let split = if cfg.split == "val" { Split::Val } else { Split::Test };
+        let idx = ds.split(split);
+        if idx.len() < 2 {
+            return Err(err(format!("the {} split has {} items", cfg.split, idx.len())));
+        }
+        ctx.progress.start("embed", None, "items");
+        let (pi, pt, ei, et) = predict(&model, &ds, &idx, meta.use_tfidf, &device, 4096).map_err(|e| err(format!("{e:#}")))?;
+        let labels: Vec<u32> = idx.iter().map(|&i| ds.labels[i]).collect();
+        let d = meta.network.dim;
+        let (img, txt) = (Rows { data: &ei, dim: d }, Rows { data: &et, dim: d });
+        let kmax = cfg.ks.iter().chain(&cfg.hp_ks).copied().max().unwrap_or(10);
+        let p = cfg.split.clone();
+        let mut out: Vec<(String, f64)> = Vec::new();
+        ctx.progress.start("retrieval", Some(4), "directions");
+        for (name, qi, gi) in DIRECTIONS {
+            ctx.cancel.check()?;
+            let (q, g) = (if qi { &img } else { &txt }, if gi { &img } else { &txt });
+            // The query's own item is excluded in every direction (itself, or its paired modality).
+            let res = metrics::top_k(q, g, kmax, &|i| Some(i), cfg.block);
+            for (k, r) in cfg.ks.iter().zip(metrics::recall_at_k(&res, &labels, &labels, &cfg.ks)) {
+                out.push((format!("{p}.{name}.r{k}"), r));
+            }
+            for (k, h) in cfg.hp_ks.iter().zip(metrics::hierarchical_precision(&res, &labels, &labels, &tree, &cfg.hp_ks)) {
+                out.push((format!("{p}.hp{k}.{name}"), h));
+            }
+            ctx.progress.inc(1);
+        }
+        let k = ds.classes;
+        let both = metrics::fuse(&pi, &pt, meta.fusion_weight);
+        out.push((format!("{p}.acc.image"), metrics::accuracy(&pi, k, &labels)));
+        out.push((format!("{p}.acc.text"), metrics::accuracy(&pt, k, &labels)));
+        out.push((format!("{p}.acc.both"), metrics::accuracy(&both, k, &labels)));
+        for (name, probs) in [("image", &pi), ("text", &pt), ("both", &both)] {
+            for (l, a) in metrics::level_accuracy(probs, k, &labels, &tree).into_iter().enumerate() {
+                out.push((format!("{p}.acc.{name}.l{l}"), a));
+            }
+        }
+        for (key, v) in &out {
+            ctx.metrics.log(key, 0, *v);
+        }
+        let map: serde_json::Map<String, serde_json::Value> = out.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
+        std::fs::write(ctx.out_dir.join("metrics.json"), serde_json::to_vec_pretty(&map).map_err(err)?)?;
+        std::fs::write(ctx.out_dir.join("tables.md"), tables(&map, &cfg, &p, tree.depth()))?;
+        Ok(())
+    }
+}
+
+/// Tables 1-3 in the paper's layout, from a metrics map (`prefix` = `test` or `val`).
+pub fn tables(m: &serde_json::Map<String, serde_json::Value>, cfg: &EvalCfg, prefix: &str, depth: usize) -> String {
+    let get = |k: &str| m.get(k).and_then(|v| v.as_f64()).map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
+    let mut s = String::new();
+    let ks: Vec<String> = cfg.ks.iter().map(|k| k.to_string()).collect();
+    writeln!(s, "Table 1 — Recall@{} ({prefix} split)\n", ks.join("/")).unwrap();
+    writeln!(s, "| I->I | I->T | T->I | T->T |\n|---|---|---|---|").unwrap();
+    let row: Vec<String> = DIRECTIONS
+        .iter()
+        .map(|(n, _, _)| cfg.ks.iter().map(|k| get(&format!("{prefix}.{n}.r{k}"))).collect::<Vec<_>>().join("/"))
+        .collect();
+    writeln!(s, "| {} |\n", row.join(" | ")).unwrap();
+    let hk: Vec<String> = cfg.hp_ks.iter().map(|k| k.to_string()).collect();
+    writeln!(s, "Table 2 — HP@{} ({prefix} split)\n", hk.join("/")).unwrap();
+    writeln!(s, "| I->I | I->T | T->I | T->T |\n|---|---|---|---|").unwrap();
+    let row: Vec<String> = DIRECTIONS
+        .iter()
+        .map(|(n, _, _)| cfg.hp_ks.iter().map(|k| get(&format!("{prefix}.hp{k}.{n}"))).collect::<Vec<_>>().join("/"))
+        .collect();
+    writeln!(s, "| {} |\n", row.join(" | ")).unwrap();
+    writeln!(s, "Table 3 — classification accuracy ({prefix} split)\n").unwrap();
+    let levels: Vec<String> = (0..depth).map(|l| format!("level {l}")).collect();
+    writeln!(s, "| | all levels | {} |\n|---|---|{}", levels.join(" | "), "---|".repeat(depth)).unwrap();
+    for name in ["image", "text", "both"] {
+        let lv: Vec<String> = (0..depth).map(|l| get(&format!("{prefix}.acc.{name}.l{l}"))).collect();
+        writeln!(s, "| {name} | {} | {} |", get(&format!("{prefix}.acc.{name}")), lv.join(" | ")).unwrap();
+    }
+    s
+}

@@ -8,3 +8,4 @@ pub mod loss;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod stage_io;

@@ -199,3 +199,52 @@ impl Huse {
         Ok(m)
     }
 }
+
+/// What `model.json` holds: enough to rebuild and use the model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelMeta {
+    pub network: HuseConfig,
+    pub use_tfidf: bool,
+    /// Image weight of the fused prediction.
+    pub fusion_weight: f32,
+    pub best_epoch: usize,
+    pub val: EpochVal,
+}
+
+/// Validation figures of one epoch.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct EpochVal {
+    pub acc_image: f64,
+    pub acc_text: f64,
+    pub acc_both: f64,
+    pub fusion_weight: f32,
+}
+
+
+impl ModelMeta {
+    /// Reads `model.json`.
+    pub fn read(path: &Path) -> Result<Self> {
+        serde_json::from_slice(&std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
+            .with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+/// Softmax probabilities (image, text) and embeddings (image, text) of the rows `idx`, in
+/// eval mode (no dropout), `batch` rows at a time; all row-major.
+#[allow(clippy::type_complexity)]
+pub fn predict(model: &Huse, ds: &crate::data::Dataset, idx: &[usize], use_tfidf: bool, device: &Device, batch: usize) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let (mut pi, mut pt, mut ei, mut et) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let k = ds.classes;
+    for chunk in idx.chunks(batch.max(1)) {
+        let (xi, xt, _) = ds.batch(chunk, use_tfidf, device)?;
+        let phi_i = model.image.embed(&xi, None)?;
+        let phi_t = model.text.embed(&xt, None)?;
+        let li: Vec<f32> = model.logits(&phi_i)?.flatten_all()?.to_vec1()?;
+        let lt: Vec<f32> = model.logits(&phi_t)?.flatten_all()?.to_vec1()?;
+        pi.extend(crate::metrics::softmax_rows(&li, k));
+        pt.extend(crate::metrics::softmax_rows(&lt, k));
+        ei.extend(phi_i.flatten_all()?.to_vec1::<f32>()?);
+        et.extend(phi_t.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok((pi, pt, ei, et))
+}

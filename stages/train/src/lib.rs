@@ -1,0 +1,484 @@
+//! The `train` stage: fits HUSE (`huse_model`) on the encode stage's features.
+//!
+//! Each epoch: shuffle the training split (or sample it class-balanced), take batches,
+//! compute `alpha * L_class + beta * L_graph + gamma * L_gap`, step the optimiser; then
+//! measure validation accuracy (image, text, both) and keep the best model by
+//! `select_by`. Metrics per epoch (step = epoch): `train.loss`, `train.loss_class`,
+//! `train.loss_graph`, `train.loss_gap`, `train.lr`, `train.samples_per_s`,
+//! `val.acc.image`, `val.acc.text`, `val.acc.both`, `val.fusion_weight`.
+//!
+//! Determinism: initial weights, shuffles and dropout masks come from ChaCha RNGs seeded
+//! by the run seed (and the epoch), so the same seed and data give the same loss curve on
+//! the CPU, bit for bit — also across an interruption: every epoch ends with a checkpoint
+//! in the work directory (weights, optimiser state, history), and a rerun resumes there.
+//! A loss that becomes NaN or infinite stops the run with the step and components.
+//!
+//! Outputs: `model.safetensors` (best epoch), `model.json` (network shape, features used,
+//! fusion weight, best epoch and its validation metrics), `history.json`.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use huse_data::Split;
+use huse_model::data::Dataset;
+use huse_model::loss::{self, GraphPairs, GraphVariant, LossConfig};
+use huse_model::metrics;
+use huse_model::model::{EpochVal, Huse, HuseConfig, ModelMeta, predict};
+use huse_model::stage_io::{device_of, load_dataset};
+use huse_model::optim::{Optimizer, OptimizerConfig, Schedule, lr_at};
+use huse_stage_api::{Config, ConfigError, Context, Input, Inputs, Output, Stage, StageError, parse_config};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// Artifact names.
+pub const MODEL: &str = "model.safetensors";
+pub const MODEL_META: &str = "model.json";
+pub const HISTORY: &str = "history.json";
+
+/// The stage.
+pub struct Train;
+
+/// Network shape (`with: { model: ... }`).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelCfg {
+    #[serde(default = "d512")]
+    pub dim: usize,
+    #[serde(default = "d512")]
+    pub hidden: usize,
+    #[serde(default = "d5")]
+    pub image_layers: usize,
+    #[serde(default = "d2")]
+    pub text_layers: usize,
+    #[serde(default = "d_drop")]
+    pub dropout: f64,
+}
+fn d512() -> usize {
+    512
+}
+fn d5() -> usize {
+    5
+}
+fn d2() -> usize {
+    2
+}
+fn d_drop() -> f64 {
+    0.15
+}
+impl Default for ModelCfg {
+    fn default() -> Self {
+        ModelCfg { dim: 512, hidden: 512, image_layers: 5, text_layers: 2, dropout: 0.15 }
+    }
+}
+
+/// How the two modalities' softmax outputs are averaged.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Fusion {
+    /// The image weight in [0, 1].
+    Fixed(f64),
+    /// `auto`: chosen on the validation split every epoch.
+    Auto(String),
+}
+
+/// The stage's config.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainCfg {
+    #[serde(default = "d1")]
+    pub alpha: f64,
+    #[serde(default = "dh")]
+    pub beta: f64,
+    #[serde(default = "dh")]
+    pub gamma: f64,
+    #[serde(default = "dh")]
+    pub zeta: f64,
+    #[serde(default)]
+    pub graph_variant: GraphVariant,
+    #[serde(default)]
+    pub graph_pairs: GraphPairs,
+    /// Append TF-IDF features to the BERT features as the text input.
+    #[serde(default = "dtrue")]
+    pub use_tfidf: bool,
+    #[serde(default)]
+    pub model: ModelCfg,
+    #[serde(default)]
+    pub optimizer: OptimizerConfig,
+    #[serde(default)]
+    pub schedule: Schedule,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    #[serde(default = "d_epochs")]
+    pub epochs: usize,
+    /// Stop after this many optimiser steps (whatever the epoch).
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+    /// Sample training batches uniformly over classes instead of over items.
+    #[serde(default)]
+    pub balanced: bool,
+    /// Stop when `select_by` has not improved for this many epochs.
+    #[serde(default)]
+    pub patience: Option<usize>,
+    /// Validation metric that picks the kept model: val.acc.both | val.acc.image | val.acc.text.
+    #[serde(default = "d_select")]
+    pub select_by: String,
+    #[serde(default = "d_fusion")]
+    pub fusion_weight: Fusion,
+    #[serde(default = "d_eval_batch")]
+    pub eval_batch_size: usize,
+}
+fn d1() -> f64 {
+    1.0
+}
+fn dh() -> f64 {
+    0.5
+}
+fn dtrue() -> bool {
+    true
+}
+fn d_batch() -> usize {
+    1024
+}
+fn d_epochs() -> usize {
+    30
+}
+fn d_select() -> String {
+    "val.acc.both".into()
+}
+fn d_fusion() -> Fusion {
+    Fusion::Auto("auto".into())
+}
+fn d_eval_batch() -> usize {
+    4096
+}
+
+impl TrainCfg {
+    fn check(&self) -> Result<(), ConfigError> {
+        for (k, v) in [("alpha", self.alpha), ("beta", self.beta), ("gamma", self.gamma)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(ConfigError::at(k, "must be a number >= 0"));
+            }
+        }
+        if self.alpha + self.beta + self.gamma == 0.0 {
+            return Err(ConfigError::at("alpha", "alpha, beta and gamma are all 0: nothing to learn"));
+        }
+        if !(self.zeta > 0.0 && self.zeta <= 2.0) {
+            return Err(ConfigError::at("zeta", "must be in (0, 2] (cosine distances lie in [0, 2])"));
+        }
+        if !(0.0..1.0).contains(&self.model.dropout) {
+            return Err(ConfigError::at("model.dropout", "must be in [0, 1)"));
+        }
+        if self.model.dim == 0 || self.model.hidden == 0 {
+            return Err(ConfigError::at("model.dim", "must be positive"));
+        }
+        if self.batch_size < 2 {
+            return Err(ConfigError::at("batch_size", "must be at least 2"));
+        }
+        if self.epochs == 0 {
+            return Err(ConfigError::at("epochs", "must be at least 1"));
+        }
+        if !(self.optimizer.lr() > 0.0) {
+            return Err(ConfigError::at("optimizer.lr", "must be > 0"));
+        }
+        if !["val.acc.both", "val.acc.image", "val.acc.text"].contains(&self.select_by.as_str()) {
+            return Err(ConfigError::at("select_by", "must be val.acc.both, val.acc.image or val.acc.text"));
+        }
+        match &self.fusion_weight {
+            Fusion::Fixed(w) if !(0.0..=1.0).contains(w) => return Err(ConfigError::at("fusion_weight", "must be in [0, 1] or `auto`")),
+            Fusion::Auto(s) if s != "auto" => return Err(ConfigError::at("fusion_weight", "must be in [0, 1] or `auto`")),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn loss(&self) -> LossConfig {
+        LossConfig { alpha: self.alpha, beta: self.beta, gamma: self.gamma, zeta: self.zeta, variant: self.graph_variant, pairs: self.graph_pairs }
+    }
+}
+
+/// One epoch's record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EpochLog {
+    pub epoch: usize,
+    pub loss: f64,
+    pub loss_class: f64,
+    pub loss_graph: f64,
+    pub loss_gap: f64,
+    pub lr: f64,
+    pub val: EpochVal,
+}
+
+/// Checkpoint state in the work directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    /// Hash of the config the checkpoint belongs to.
+    config: String,
+    epoch: usize,
+    steps: u64,
+    history: Vec<EpochLog>,
+    best: Option<(usize, f64)>,
+}
+
+fn err(e: impl std::fmt::Display) -> StageError {
+    StageError::msg(e.to_string())
+}
+fn aerr(e: anyhow::Error) -> StageError {
+    StageError::msg(format!("{e:#}"))
+}
+
+impl Stage for Train {
+    fn kind(&self) -> &str {
+        "train"
+    }
+    fn version(&self) -> &str {
+        "1"
+    }
+    fn describe(&self) -> &str {
+        "trains the HUSE towers with alpha*L_class + beta*L_graph + gamma*L_gap"
+    }
+    fn inputs(&self) -> Vec<Input> {
+        vec![
+            Input::one(huse_data::ITEMS),
+            Input::one(huse_data::CLASSES),
+            Input::one("graph.safetensors"),
+            Input::one("image.safetensors"),
+            Input::one("text.safetensors"),
+            Input::optional("tfidf.safetensors"),
+            Input::optional("tfidf.json"),
+        ]
+    }
+    fn outputs(&self) -> Vec<Output> {
+        vec![
+            Output::new(MODEL, "the best model's parameters"),
+            Output::new(MODEL_META, "network shape, features, fusion weight, best epoch"),
+            Output::new(HISTORY, "per-epoch losses and validation accuracy"),
+        ]
+    }
+    fn uses_seed(&self) -> bool {
+        true
+    }
+    fn validate(&self, config: &Config) -> Result<(), ConfigError> {
+        parse_config::<TrainCfg>(config)?.check()
+    }
+    fn run(&self, ctx: &Context, config: &Config, inputs: &Inputs) -> Result<(), StageError> {
+        let cfg: TrainCfg = parse_config(config)?;
+        cfg.check()?;
+        train(ctx, &cfg, config, inputs)
+    }
+}
+
+fn validate_epoch(model: &Huse, ds: &Dataset, val: &[usize], cfg: &TrainCfg, device: &Device) -> Result<EpochVal, StageError> {
+    let (pi, pt, _, _) = predict(model, ds, val, cfg.use_tfidf, device, cfg.eval_batch_size).map_err(aerr)?;
+    let labels: Vec<u32> = val.iter().map(|&i| ds.labels[i]).collect();
+    let k = ds.classes;
+    let (w, both) = match &cfg.fusion_weight {
+        Fusion::Fixed(w) => (*w as f32, metrics::accuracy(&metrics::fuse(&pi, &pt, *w as f32), k, &labels)),
+        Fusion::Auto(_) => metrics::best_fusion_weight(&pi, &pt, k, &labels),
+    };
+    Ok(EpochVal { acc_image: metrics::accuracy(&pi, k, &labels), acc_text: metrics::accuracy(&pt, k, &labels), acc_both: both, fusion_weight: w })
+}
+
+fn selected(v: &EpochVal, by: &str) -> f64 {
+    match by {
+        "val.acc.image" => v.acc_image,
+        "val.acc.text" => v.acc_text,
+        _ => v.acc_both,
+    }
+}
+
+/// The training batches of one epoch.
+fn epoch_batches(cfg: &TrainCfg, ds: &Dataset, train: &[usize], rng: &mut ChaCha8Rng) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = if cfg.balanced {
+        // As many draws as items: a uniform class, then a uniform item of it.
+        let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); ds.classes];
+        for &i in train {
+            by_class[ds.labels[i] as usize].push(i);
+        }
+        let nonempty: Vec<&Vec<usize>> = by_class.iter().filter(|v| !v.is_empty()).collect();
+        (0..train.len())
+            .map(|_| {
+                let c = nonempty[rand::Rng::random_range(rng, 0..nonempty.len())];
+                c[rand::Rng::random_range(rng, 0..c.len())]
+            })
+            .collect()
+    } else {
+        let mut o = train.to_vec();
+        o.shuffle(rng);
+        o
+    };
+    // A last batch smaller than 2 items has no pairs: drop it.
+    let mut batches: Vec<Vec<usize>> = order.chunks(cfg.batch_size).map(<[usize]>::to_vec).collect();
+    if batches.last().is_some_and(|b| b.len() < 2) {
+        batches.pop();
+    }
+    order.clear();
+    batches
+}
+
+fn config_hash(config: &Config) -> String {
+    // Stable enough for "does this checkpoint belong to this config": the canonical JSON.
+    config.to_string()
+}
+
+fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result<(), StageError> {
+    let device = device_of(ctx.device)?;
+    let (ds, _tree) = load_dataset(inputs, cfg.use_tfidf)?;
+    let a = candle_core::safetensors::load(inputs.get("graph.safetensors")?, &device).map_err(err)?;
+    let a = a.get("A").ok_or_else(|| err("graph.safetensors has no tensor `A`"))?.to_dtype(DType::F32).map_err(err)?;
+    if a.dims() != [ds.classes, ds.classes] {
+        return Err(err(format!("the graph is {:?} but there are {} classes", a.dims(), ds.classes)));
+    }
+    let train_idx = ds.split(Split::Train);
+    let val_idx = ds.split(Split::Val);
+    if train_idx.len() < 2 || val_idx.is_empty() {
+        return Err(err(format!("need training and validation items (have {} and {})", train_idx.len(), val_idx.len())));
+    }
+    let net = HuseConfig {
+        image_input: ds.image_dim,
+        text_input: ds.text_dim(cfg.use_tfidf),
+        classes: ds.classes,
+        dim: cfg.model.dim,
+        hidden: cfg.model.hidden,
+        image_layers: cfg.model.image_layers,
+        text_layers: cfg.model.text_layers,
+        dropout: cfg.model.dropout,
+    };
+    let mut init_rng = ChaCha8Rng::seed_from_u64(ctx.seed);
+    let model = Huse::new(&net, &mut init_rng, &device).map_err(aerr)?;
+    let mut opt = Optimizer::new(model.vars(), cfg.optimizer.clone()).map_err(aerr)?;
+    let loss_cfg = cfg.loss();
+
+    // Resume from the work directory when it holds this config's checkpoint.
+    let work = ctx.work_dir;
+    let state_path = work.join("state.json");
+    let hash = config_hash(raw);
+    let mut state = State { config: hash.clone(), epoch: 0, steps: 0, history: Vec::new(), best: None };
+    if let Ok(bytes) = std::fs::read(&state_path)
+        && let Ok(saved) = serde_json::from_slice::<State>(&bytes)
+        && saved.config == hash
+    {
+        model.load_weights(&work.join("last.safetensors")).map_err(aerr)?;
+        opt.load(&work.join("optimizer.safetensors")).map_err(aerr)?;
+        state = saved;
+        // Re-log the finished epochs so the run's curve is complete.
+        for e in &state.history {
+            log_epoch(ctx, e, None);
+        }
+        ctx.metrics.log("train.resumed_at_epoch", 0, state.epoch as f64);
+    }
+
+    let steps_per_epoch = (train_idx.len() / cfg.batch_size + usize::from(train_idx.len() % cfg.batch_size >= 2)).max(1) as u64;
+    let total_steps = cfg.max_steps.unwrap_or(steps_per_epoch * cfg.epochs as u64).min(steps_per_epoch * cfg.epochs as u64);
+    let mut since_best = state.best.map(|(e, _)| state.epoch.saturating_sub(e)).unwrap_or(0);
+    while state.epoch < cfg.epochs && state.steps < total_steps {
+        let epoch = state.epoch + 1;
+        let started = Instant::now();
+        let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch as u64);
+        let mut drop_rng = ChaCha8Rng::seed_from_u64(ctx.seed.wrapping_add(0xD1B5_4A32_D192_ED03) ^ ((epoch as u64) << 20));
+        let batches = epoch_batches(cfg, &ds, &train_idx, &mut rng);
+        ctx.progress.start(&format!("epoch {epoch}/{}", cfg.epochs), Some(batches.len() as u64), "batch");
+        let (mut sum, mut sc, mut sg, mut sp, mut seen) = (0.0, 0.0, 0.0, 0.0, 0usize);
+        let mut lr = opt.learning_rate();
+        for b in &batches {
+            if state.steps >= total_steps {
+                break;
+            }
+            ctx.cancel.check()?;
+            lr = lr_at(cfg.schedule, cfg.optimizer.lr(), state.steps, total_steps, cfg.warmup_steps);
+            opt.set_learning_rate(lr);
+            let (xi, xt, y) = ds.batch(b, cfg.use_tfidf, &device).map_err(aerr)?;
+            let phi_i = model.image.embed(&xi, Some((cfg.model.dropout, &mut drop_rng))).map_err(aerr)?;
+            let phi_t = model.text.embed(&xt, Some((cfg.model.dropout, &mut drop_rng))).map_err(aerr)?;
+            let li = model.logits(&phi_i).map_err(aerr)?;
+            let lt = model.logits(&phi_t).map_err(aerr)?;
+            let l = loss::total(&phi_i, &phi_t, &li, &lt, &y, &a, &loss_cfg).map_err(aerr)?;
+            let vals: Vec<f64> = [&l.total, &l.class, &l.graph, &l.gap]
+                .iter()
+                .map(|t| t.to_dtype(DType::F64).and_then(|t| t.to_scalar::<f64>()).map_err(err))
+                .collect::<Result<_, _>>()?;
+            if vals.iter().any(|v| !v.is_finite()) {
+                return Err(err(format!(
+                    "the loss became {} at epoch {epoch}, step {} (L_class {}, L_graph {}, L_gap {}); lower the learning rate ({lr}) or check the features",
+                    vals[0],
+                    state.steps + 1,
+                    vals[1],
+                    vals[2],
+                    vals[3]
+                )));
+            }
+            let grads = l.total.backward().map_err(err)?;
+            opt.step(&grads).map_err(aerr)?;
+            state.steps += 1;
+            let n = b.len() as f64;
+            (sum, sc, sg, sp) = (sum + vals[0] * n, sc + vals[1] * n, sg + vals[2] * n, sp + vals[3] * n);
+            seen += b.len();
+            ctx.progress.inc(1);
+            ctx.progress.message(&format!("loss {:.4}", sum / seen as f64));
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let val = validate_epoch(&model, &ds, &val_idx, cfg, &device)?;
+        let n = seen.max(1) as f64;
+        let log = EpochLog { epoch, loss: sum / n, loss_class: sc / n, loss_graph: sg / n, loss_gap: sp / n, lr, val };
+        log_epoch(ctx, &log, Some(seen as f64 / secs));
+        let score = selected(&log.val, &cfg.select_by);
+        if state.best.is_none_or(|(_, b)| score > b) {
+            state.best = Some((epoch, score));
+            since_best = 0;
+            model.save(&work.join("best.safetensors")).map_err(aerr)?;
+        } else {
+            since_best += 1;
+        }
+        state.history.push(log);
+        state.epoch = epoch;
+        // Checkpoint: weights, optimiser, then the state file last (it marks the checkpoint complete).
+        model.save(&work.join("last.safetensors")).map_err(aerr)?;
+        opt.save(&work.join("optimizer.safetensors")).map_err(aerr)?;
+        let tmp = work.join("state.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&state).map_err(err)?)?;
+        std::fs::rename(&tmp, &state_path)?;
+        if cfg.patience.is_some_and(|p| since_best >= p) {
+            ctx.metrics.log("train.early_stop_epoch", 0, epoch as f64);
+            break;
+        }
+    }
+    let (best_epoch, _) = state.best.ok_or_else(|| err("no epoch was completed"))?;
+    let best = state.history.iter().find(|e| e.epoch == best_epoch).cloned().ok_or_else(|| err("best epoch missing from history"))?;
+    std::fs::copy(work.join("best.safetensors"), ctx.out_dir.join(MODEL))?;
+    let meta = ModelMeta { network: net, use_tfidf: cfg.use_tfidf, fusion_weight: best.val.fusion_weight, best_epoch, val: best.val.clone() };
+    std::fs::write(ctx.out_dir.join(MODEL_META), serde_json::to_vec_pretty(&meta).map_err(err)?)?;
+    std::fs::write(ctx.out_dir.join(HISTORY), serde_json::to_vec_pretty(&state.history).map_err(err)?)?;
+    ctx.metrics.log("train.best_epoch", 0, best_epoch as f64);
+    ctx.metrics.log("val.best.acc.both", 0, best.val.acc_both);
+    ctx.metrics.log("train.steps", 0, state.steps as f64);
+    Ok(())
+}
+
+fn log_epoch(ctx: &Context, e: &EpochLog, samples_per_s: Option<f64>) {
+    let s = e.epoch as i64;
+    let m = ctx.metrics;
+    m.log("train.loss", s, e.loss);
+    m.log("train.loss_class", s, e.loss_class);
+    m.log("train.loss_graph", s, e.loss_graph);
+    m.log("train.loss_gap", s, e.loss_gap);
+    m.log("train.lr", s, e.lr);
+    m.log("val.acc.image", s, e.val.acc_image);
+    m.log("val.acc.text", s, e.val.acc_text);
+    m.log("val.acc.both", s, e.val.acc_both);
+    m.log("val.fusion_weight", s, f64::from(e.val.fusion_weight));
+    if let Some(r) = samples_per_s {
+        m.log("train.samples_per_s", s, r);
+    }
+}
+
+/// Helper for tests and benchmarks: a loss tensor on a batch (training mode, no step).
+pub fn batch_loss(model: &Huse, ds: &Dataset, idx: &[usize], a: &Tensor, cfg: &TrainCfg, rng: &mut ChaCha8Rng, device: &Device) -> anyhow::Result<Tensor> {
+    let (xi, xt, y) = ds.batch(idx, cfg.use_tfidf, device)?;
+    let phi_i = model.image.embed(&xi, Some((cfg.model.dropout, rng)))?;
+    let phi_t = model.text.embed(&xt, Some((cfg.model.dropout, rng)))?;
+    let l = loss::total(&phi_i, &phi_t, &model.logits(&phi_i)?, &model.logits(&phi_t)?, &y, a, &cfg.loss())?;
+    Ok(l.total)
+}
