@@ -52,7 +52,7 @@ impl Sandbox {
 
     /// Rows of a query as strings (NULL as "NULL").
     pub fn sql(&self, q: &str) -> Vec<Vec<String>> {
-        use sqlx::{Column, Row};
+        use sqlx::Row;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let store = huse_run::store::Store::open_existing(&self.db()).await.unwrap();

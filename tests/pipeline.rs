@@ -1,0 +1,130 @@
+//! The HUSE pipeline end to end through the `huse-run` binary on a small slice of the real
+//! fashion data: ingest -> graph + encode -> train -> evaluate. Checks that training
+//! learns, that the same seed gives the same loss curve bit for bit, that an interrupted
+//! training resumes from its checkpoint onto the same curve, and that a diverging loss
+//! stops the run with a clear error.
+
+mod common;
+
+use common::Sandbox;
+
+fn experiment(sb: &Sandbox) -> String {
+    let assets = std::env::var("HUSE_ASSETS").expect("set HUSE_ASSETS");
+    let yaml = format!(
+        "name: tiny
+seed: 7
+device: cpu
+stages:
+  ingest:
+    uses: ingest
+    with:
+      root: {assets}/data/fashion-product-images-small
+      classes: [masterCategory, subCategory, articleType]
+      per_class_cap: 40
+      min_items_per_class: 40
+      check_images: exists
+      split: {{ train: 0.6, val: 0.2, test: 0.2 }}
+  graph: {{ uses: graph, needs: [ingest], with: {{ model: {assets}/models/all-MiniLM-L6-v2 }} }}
+  encode:
+    uses: encode
+    needs: [ingest]
+    with:
+      text_model: {assets}/models/all-MiniLM-L6-v2
+      image_model: {{ weights: {assets}/torch/hub/checkpoints/mobilenet_v2-b0353104.pth }}
+      image_size: 64
+      tfidf: {{ max_features: 512, min_df: 2 }}
+  train:
+    uses: train
+    needs: [ingest, encode, graph]
+    with:
+      optimizer: {{ name: adamw, lr: 0.002 }}
+      batch_size: 64
+      epochs: 12
+  evaluate: {{ uses: evaluate, needs: [ingest, encode, train] }}
+"
+    );
+    sb.write("tiny.yaml", &yaml).display().to_string()
+}
+
+fn curve(sb: &Sandbox, run: i64, key: &str) -> Vec<String> {
+    // Full precision text of every step's value.
+    sb.sql(&format!("SELECT printf('%.17g', value) FROM metrics WHERE run_id = {run} AND key = '{key}' ORDER BY step"))
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect()
+}
+
+fn value(sb: &Sandbox, run: i64, key: &str) -> f64 {
+    sb.sql(&format!("SELECT value FROM final_metrics WHERE run_id = {run} AND key = '{key}'"))[0][0].parse().unwrap()
+}
+
+#[test]
+fn huse_learns_is_deterministic_and_resumes() {
+    let sb = Sandbox::new();
+    let f = experiment(&sb);
+    let out = sb.run(&[&f]).expect(0);
+    assert!(out.stdout().contains("succeeded"), "{}", out.stdout());
+    let classes = value(&sb, 1, "data.classes");
+    assert!(classes >= 30.0, "{classes} classes");
+    // Learning: validation accuracy far above chance, and the losses fall.
+    let chance = 1.0 / classes;
+    let acc = value(&sb, 1, "val.acc.both");
+    assert!(acc > 10.0 * chance, "val.acc.both {acc} vs chance {chance}");
+    for key in ["train.loss", "train.loss_class"] {
+        let c: Vec<f64> = curve(&sb, 1, key).iter().map(|v| v.parse().unwrap()).collect();
+        assert_eq!(c.len(), 12, "{key}: one value per epoch in the database");
+        assert!(c[11] < c[0], "{key} must fall: {c:?}");
+    }
+    // The gap stays small: an item's image and text embeddings stay close (cos > 0.7).
+    let gap: Vec<f64> = curve(&sb, 1, "train.loss_gap").iter().map(|v| v.parse().unwrap()).collect();
+    assert!(gap.iter().all(|g| *g < 0.3), "{gap:?}");
+    // Evaluate wrote the three tables' metrics.
+    for key in ["test.i2i.r1", "test.t2i.r10", "test.hp5.i2t", "test.acc.both", "test.acc.image.l0"] {
+        let v = value(&sb, 1, key);
+        assert!((0.0..=1.0).contains(&v), "{key} = {v}");
+    }
+    assert!(value(&sb, 1, "test.acc.text") > 10.0 * chance);
+
+    // Same seed, same data: the same loss curve, bit for bit.
+    sb.run(&[&f, "--force", "train"]).expect(0);
+    assert_eq!(curve(&sb, 2, "train.loss"), curve(&sb, 1, "train.loss"));
+    assert_eq!(curve(&sb, 2, "val.acc.both"), curve(&sb, 1, "val.acc.both"));
+    // Another seed: another curve.
+    sb.run(&[&f, "--set", "seed=8"]).expect(0);
+    assert_ne!(curve(&sb, 3, "train.loss"), curve(&sb, 1, "train.loss"));
+
+    // Interrupt training after its first epoch, then resume: the same curve as run 1.
+    let mut child = sb.cmd(&[&f, "--force", "train"]).stderr(std::process::Stdio::null()).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        let rows = sb.sql("SELECT count(*) FROM metrics WHERE run_id = 4 AND key = 'train.loss'");
+        if rows[0][0] != "0" {
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 120, "training never logged an epoch");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert_eq!(sb.sql("SELECT status FROM runs WHERE id = 4")[0][0], "interrupted");
+    let done = curve(&sb, 4, "train.loss").len();
+    assert!(done < 12, "interrupted after {done} epochs");
+    // (--force again: run 1's finished output is in the cache; the interrupted attempt's
+    // checkpoint waits in the work directory of the same key.)
+    sb.run(&[&f, "--force", "train"]).expect(0);
+    let resumed_at = value(&sb, 5, "train.resumed_at_epoch");
+    assert!(resumed_at >= 1.0, "resumed at epoch {resumed_at}");
+    assert_eq!(curve(&sb, 5, "train.loss"), curve(&sb, 1, "train.loss"), "resumed curve equals the uninterrupted one");
+}
+
+#[test]
+fn a_diverging_loss_stops_the_run_with_a_clear_error() {
+    let sb = Sandbox::new();
+    let f = experiment(&sb);
+    let out = sb.run(&[&f, "--set", "train.optimizer.lr=1e30", "--set", "train.epochs=2"]).expect(1);
+    let err = sb.sql("SELECT error FROM runs")[0][0].clone();
+    assert!(err.contains("stage `train` failed: the loss became"), "{err}\n{}", out.stderr());
+    assert!(err.contains("lower the learning rate"), "{err}");
+    assert_eq!(sb.sql("SELECT status FROM stage_runs WHERE stage = 'evaluate'")[0][0], "skipped");
+}
