@@ -267,12 +267,14 @@ fn encode_texts(ctx: &Context, cfg: &EncodeCfg, items: &[Item], device: &Device)
     let mut out = safetensors_out::Writer::create(&ctx.out_dir.join(TEXT), &[("bert", n, dim)]).map_err(aerr)?;
     ctx.progress.start("encode texts", Some(n as u64), "txt");
     let started = Instant::now();
-    for chunk in items.chunks(cfg.text_batch_size) {
+    // Within a window, texts are batched by token length (less padding), then written back
+    // in item order: memory stays O(window), output order is the items' order.
+    let window = cfg.text_batch_size * 16;
+    for win in items.chunks(window) {
         ctx.cancel.check()?;
-        let texts: Vec<&str> = chunk.iter().map(|i| i.text.as_str()).collect();
-        let f = enc.last4_mean(&texts, Some(&idf)).map_err(aerr)?;
-        out.rows(&f.flatten_all().map_err(err)?.to_device(&Device::Cpu).map_err(err)?.to_vec1::<f32>().map_err(err)?).map_err(aerr)?;
-        ctx.progress.inc(chunk.len() as u64);
+        let texts: Vec<&str> = win.iter().map(|i| i.text.as_str()).collect();
+        let rows = enc.last4_mean_rows(&texts, Some(&idf), cfg.text_batch_size, |k| ctx.progress.inc(k as u64)).map_err(aerr)?;
+        out.rows(&rows).map_err(aerr)?;
     }
     out.finish().map_err(aerr)?;
     Ok(n as f64 / started.elapsed().as_secs_f64())

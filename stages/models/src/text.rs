@@ -157,6 +157,25 @@ impl TextEncoder {
         self.last4_mean_ids(&ids, &mask)
     }
 
+    /// HUSE text features of many texts, as row-major rows in input order: the texts are
+    /// batched by token length (`batch` at a time) so little padding is computed.
+    pub fn last4_mean_rows(&self, texts: &[&str], idf: Option<&TokenIdf>, batch: usize, mut done: impl FnMut(usize)) -> Result<Vec<f32>> {
+        let dim = 4 * self.hidden_size();
+        let lens: Vec<usize> = self.tokenize(texts)?.iter().map(Vec::len).collect();
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| (lens[i], i));
+        let mut rows = vec![0f32; texts.len() * dim];
+        for chunk in order.chunks(batch.max(1)) {
+            let b: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
+            let f: Vec<f32> = self.last4_mean(&b, idf)?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?;
+            for (r, &i) in chunk.iter().enumerate() {
+                rows[i * dim..(i + 1) * dim].copy_from_slice(&f[r * dim..(r + 1) * dim]);
+            }
+            done(chunk.len());
+        }
+        Ok(rows)
+    }
+
     /// Sentence embeddings: masked mean of the last layer, L2-normalised: (B, hidden).
     pub fn sentence(&self, texts: &[&str]) -> Result<Tensor> {
         let (ids, mask) = self.batch_ids(texts, None)?;
