@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use huse_model::data::Sparse;
 use huse_model::loss::{self, LossConfig};
 use huse_model::model::{Huse, HuseConfig};
 use huse_model::optim::{Optimizer, OptimizerConfig};
@@ -28,25 +29,38 @@ fn main() -> anyhow::Result<()> {
     let steps = env_usize("BENCH_STEPS", 20);
     let (batch, classes) = (1024usize, 86usize);
     // Features: real ones from an encode output, or pseudo-random of the same shape.
-    let (image, text, n, di, dt, source) = match std::env::var("BENCH_ENCODE_DIR") {
+    let n_max = env_usize("BENCH_ROWS", 8192);
+    let (image, text, csr, n, di, dt, v, source) = match std::env::var("BENCH_ENCODE_DIR") {
         Ok(dir) => {
             let dir = PathBuf::from(dir);
             let im = candle_core::safetensors::load(dir.join("image.safetensors"), &Device::Cpu)?["features"].clone();
             let tx = candle_core::safetensors::load(dir.join("text.safetensors"), &Device::Cpu)?["bert"].clone();
-            let n = im.dim(0)?.min(16384);
+            let tf = candle_core::safetensors::load(dir.join("tfidf.safetensors"), &Device::Cpu)?;
+            let vocab: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("tfidf.json"))?)?;
+            let v = vocab["terms"].as_array().map(Vec::len).unwrap_or(0);
+            let n = im.dim(0)?.min(n_max);
             let (im, tx) = (im.narrow(0, 0, n)?, tx.narrow(0, 0, n)?);
             let (di, dt) = (im.dim(1)?, tx.dim(1)?);
-            (im.flatten_all()?.to_vec1::<f32>()?, tx.flatten_all()?.to_vec1::<f32>()?, n, di, dt, format!("real features from {}", dir.display()))
+            let csr = (tf["indptr"].to_vec1::<i64>()?, tf["indices"].to_vec1::<u32>()?, tf["values"].to_vec1::<f32>()?);
+            (im.flatten_all()?.to_vec1::<f32>()?, tx.flatten_all()?.to_vec1::<f32>()?, csr, n, di, dt, v, format!("real features from {}", dir.display()))
         }
         Err(_) => {
-            let (n, di, dt) = (8192, 1280, 1536);
+            let (n, di, dt, v) = (n_max, 1280, 1536, 4096);
             let mut r = ChaCha8Rng::seed_from_u64(1);
             let im: Vec<f32> = (0..n * di).map(|_| r.random::<f32>()).collect();
             let tx: Vec<f32> = (0..n * dt).map(|_| r.random::<f32>() - 0.5).collect();
-            (im, tx, n, di, dt, "pseudo-random features (set BENCH_ENCODE_DIR for real ones)".to_string())
+            let (mut indptr, mut idx, mut vals) = (vec![0i64], Vec::new(), Vec::new());
+            for _ in 0..n {
+                for _ in 0..6 {
+                    idx.push(r.random_range(0..v as u32));
+                    vals.push(0.4f32);
+                }
+                indptr.push(idx.len() as i64);
+            }
+            (im, tx, (indptr, idx, vals), n, di, dt, v, "pseudo-random features (set BENCH_ENCODE_DIR for real ones)".to_string())
         }
     };
-    let cfg = HuseConfig { image_input: di, text_input: dt, classes, dim: 512, hidden: 512, image_layers: 5, text_layers: 2, dropout: 0.15 };
+    let cfg = HuseConfig { image_input: di, text_input: dt + v, classes, dim: 512, hidden: 512, image_layers: 5, text_layers: 2, dropout: 0.15 };
     let dev = Device::Cpu;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let model = Huse::new(&cfg, &mut rng, &dev)?;
@@ -55,13 +69,27 @@ fn main() -> anyhow::Result<()> {
     let a: Vec<f32> = (0..classes * classes).map(|i| if i / classes == i % classes { 0.0 } else { rng.random::<f32>() }).collect();
     let a = Tensor::from_vec(a, (classes, classes), &dev)?;
     let lcfg = LossConfig::default();
+    let sparse = |start: usize| -> anyhow::Result<Sparse> {
+        let (indptr, idx, vals) = &csr;
+        let (mut r, mut c, mut x) = (Vec::new(), Vec::new(), Vec::new());
+        for row in 0..batch {
+            for k in indptr[start + row] as usize..indptr[start + row + 1] as usize {
+                r.push(row as u32);
+                c.push((dt + idx[k] as usize) as u32);
+                x.push(vals[k]);
+            }
+        }
+        let nnz = r.len();
+        Ok(Sparse { rows: Tensor::from_vec(r, nnz, &dev)?, cols: Tensor::from_vec(c, nnz, &dev)?, vals: Tensor::from_vec(x, (nnz, 1), &dev)?, width: v })
+    };
     let mut step = |s: usize, rng: &mut ChaCha8Rng| -> anyhow::Result<()> {
         let start = (s * batch) % (n - batch);
         let xi = Tensor::from_slice(&image[start * di..(start + batch) * di], (batch, di), &dev)?;
         let xt = Tensor::from_slice(&text[start * dt..(start + batch) * dt], (batch, dt), &dev)?;
+        let sp = sparse(start)?;
         let y = Tensor::from_slice(&labels[start..start + batch], batch, &dev)?;
         let pi = model.image.embed(&xi, Some((0.15, rng)))?;
-        let pt = model.text.embed(&xt, Some((0.15, rng)))?;
+        let pt = model.text.embed_sparse(&xt, Some(&sp), Some((0.15, rng)))?;
         let l = loss::total(&pi, &pt, &model.logits(&pi)?, &model.logits(&pt)?, &y, &a, &lcfg)?;
         opt.step(&l.total.backward()?)?;
         Ok(())
@@ -79,10 +107,21 @@ fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (fi, ft) = (dir.path().join("image.f32"), dir.path().join("text.f32"));
     std::fs::write(&fi, image.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
-    std::fs::write(&ft, text.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
+    // PyTorch gets the text input dense: [BERT | TF-IDF] per row.
+    let mut dense = Vec::with_capacity(n * (dt + v) * 4);
+    for row in 0..n {
+        let mut tf = vec![0f32; v];
+        for k in csr.0[row] as usize..csr.0[row + 1] as usize {
+            tf[csr.1[k] as usize] = csr.2[k];
+        }
+        for x in text[row * dt..(row + 1) * dt].iter().chain(&tf) {
+            dense.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    std::fs::write(&ft, dense)?;
     let python = std::env::var("HUSE_TORCH_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/torch_train.py");
-    let args = serde_json::json!({"threads": threads, "rows": n, "image_dim": di, "text_dim": dt, "classes": classes,
+    let args = serde_json::json!({"threads": threads, "rows": n, "image_dim": di, "text_dim": dt + v, "classes": classes,
         "image_file": fi, "text_file": ft, "batch": batch, "steps": steps});
     let out = Command::new(&python).arg(&script).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().and_then(|mut c| {
         c.stdin.take().unwrap().write_all(args.to_string().as_bytes())?;
@@ -99,7 +138,7 @@ fn main() -> anyhow::Result<()> {
             None
         }
     };
-    println!("HUSE train step, batch {batch}, image {di} -> 5x512 -> 512, text {dt} -> 2x512 -> 512, {classes} classes, AdamW, 3 losses, {threads} threads");
+    println!("HUSE train step, batch {batch}, image {di} -> 5x512 -> 512, text {dt}+{v} (BERT + TF-IDF) -> 2x512 -> 512, {classes} classes, AdamW, 3 losses, {threads} threads");
     println!("features: {source}");
     match torch.as_ref().and_then(|j| j["samples_per_s"].as_f64()) {
         Some(t) => println!("samples/s  huse-run {ours:.0}   PyTorch {t:.0}   ratio {:.2}x", ours / t),

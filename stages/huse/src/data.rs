@@ -65,28 +65,76 @@ impl Dataset {
         self.items.iter().enumerate().filter(|(_, i)| i.split == s).map(|(k, _)| k).collect()
     }
 
-    /// (image, text, labels) tensors of the rows `idx`.
-    pub fn batch(&self, idx: &[usize], use_tfidf: bool, device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
+    /// The tensors of the rows `idx`: image features, the dense text features (BERT), the
+    /// TF-IDF part as a sparse matrix (when `use_tfidf`), and the labels.
+    pub fn batch(&self, idx: &[usize], use_tfidf: bool, device: &Device) -> Result<Batch> {
         let b = idx.len();
         let mut img = Vec::with_capacity(b * self.image_dim);
+        let mut txt = Vec::with_capacity(b * self.bert_dim);
         for &i in idx {
             img.extend_from_slice(&self.image[i * self.image_dim..(i + 1) * self.image_dim]);
+            txt.extend_from_slice(&self.bert[i * self.bert_dim..(i + 1) * self.bert_dim]);
         }
-        let td = self.text_dim(use_tfidf);
-        let mut txt = vec![0f32; b * td];
-        for (r, &i) in idx.iter().enumerate() {
-            txt[r * td..r * td + self.bert_dim].copy_from_slice(&self.bert[i * self.bert_dim..(i + 1) * self.bert_dim]);
-            if use_tfidf && let Some((indptr, indices, values, _)) = &self.tfidf {
-                for k in indptr[i] as usize..indptr[i + 1] as usize {
-                    txt[r * td + self.bert_dim + indices[k] as usize] = values[k];
+        let tfidf = match (&self.tfidf, use_tfidf) {
+            (Some((indptr, indices, values, width)), true) => {
+                let (mut rows, mut cols, mut vals) = (Vec::new(), Vec::new(), Vec::new());
+                for (r, &i) in idx.iter().enumerate() {
+                    for k in indptr[i] as usize..indptr[i + 1] as usize {
+                        rows.push(r as u32);
+                        cols.push((self.bert_dim + indices[k] as usize) as u32);
+                        vals.push(values[k]);
+                    }
                 }
+                let nnz = rows.len();
+                Some(Sparse {
+                    rows: Tensor::from_vec(rows, nnz, device)?,
+                    cols: Tensor::from_vec(cols, nnz, device)?,
+                    vals: Tensor::from_vec(vals, (nnz, 1), device)?,
+                    width: *width,
+                })
             }
-        }
+            _ => None,
+        };
         let labels: Vec<u32> = idx.iter().map(|&i| self.labels[i]).collect();
-        Ok((
-            Tensor::from_vec(img, (b, self.image_dim), device)?,
-            Tensor::from_vec(txt, (b, td), device)?,
-            Tensor::from_vec(labels, b, device)?,
-        ))
+        Ok(Batch {
+            image: Tensor::from_vec(img, (b, self.image_dim), device)?,
+            text: Tensor::from_vec(txt, (b, self.bert_dim), device)?,
+            tfidf,
+            labels: Tensor::from_vec(labels, b, device)?,
+        })
+    }
+}
+
+/// A sparse block of input columns: entry k is `vals[k]` at (`rows[k]`, `cols[k]`), where
+/// `cols` index the full input width (after the dense columns).
+pub struct Sparse {
+    pub rows: Tensor,
+    pub cols: Tensor,
+    pub vals: Tensor,
+    /// Number of sparse columns.
+    pub width: usize,
+}
+
+/// One batch.
+pub struct Batch {
+    pub image: Tensor,
+    /// Dense text features (BERT).
+    pub text: Tensor,
+    /// TF-IDF columns, appended after the dense ones.
+    pub tfidf: Option<Sparse>,
+    pub labels: Tensor,
+}
+
+impl Sparse {
+    /// Dense (B, width) form of the sparse columns (for reference and tests).
+    pub fn to_dense(&self, batch: usize, offset: usize) -> Result<Tensor> {
+        let rows: Vec<u32> = self.rows.to_vec1()?;
+        let cols: Vec<u32> = self.cols.to_vec1()?;
+        let vals: Vec<f32> = self.vals.flatten_all()?.to_vec1()?;
+        let mut d = vec![0f32; batch * self.width];
+        for k in 0..rows.len() {
+            d[rows[k] as usize * self.width + cols[k] as usize - offset] = vals[k];
+        }
+        Ok(Tensor::from_vec(d, (batch, self.width), self.vals.device())?)
     }
 }

@@ -18,6 +18,8 @@ use anyhow::{Context as _, Result, ensure};
 use candle_core::{D, DType, Device, Tensor, Var};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
+
+use crate::data::Sparse;
 use serde::{Deserialize, Serialize};
 
 /// Shape of the network.
@@ -106,6 +108,20 @@ pub fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
     Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)?)
 }
 
+/// `[dense | sparse] W^T + b` without materialising the sparse columns.
+fn first_layer(layer: &Dense, dense: &Tensor, sparse: Option<&Sparse>) -> Result<Tensor> {
+    let w = layer.weight.as_tensor();
+    let Some(sp) = sparse else { return layer.forward(dense) };
+    let d = dense.dim(1)?;
+    let mut h = dense.matmul(&w.narrow(1, 0, d)?.t()?)?;
+    if sp.rows.dim(0)? > 0 {
+        // Rows of W^T for every non-zero, scaled by its value, summed into its row.
+        let picked = w.index_select(&sp.cols, 1)?.t()?.broadcast_mul(&sp.vals)?;
+        h = h.index_add(&sp.rows, &picked, 0)?;
+    }
+    Ok(h.broadcast_add(layer.bias.as_tensor())?)
+}
+
 impl Tower {
     fn new(rng: &mut ChaCha8Rng, input: usize, hidden: usize, layers: usize, dim: usize, device: &Device) -> Result<Self> {
         let mut h = Vec::new();
@@ -117,12 +133,26 @@ impl Tower {
         Ok(Tower { hidden: h, out: Dense::new(rng, fan_in, dim, device)? })
     }
 
-    /// The L2-normalised embedding; `dropout` = Some((p, rng)) in training.
-    pub fn embed(&self, x: &Tensor, mut dropout_rng: Option<(f64, &mut ChaCha8Rng)>) -> Result<Tensor> {
-        let mut h = x.clone();
+    /// The L2-normalised embedding of a dense input; `dropout` = Some((p, rng)) in training.
+    pub fn embed(&self, x: &Tensor, dropout_rng: Option<(f64, &mut ChaCha8Rng)>) -> Result<Tensor> {
+        self.embed_sparse(x, None, dropout_rng)
+    }
+
+    /// The L2-normalised embedding of an input whose first columns are `dense` and whose
+    /// remaining columns are `sparse` (e.g. TF-IDF): the first layer gathers only the
+    /// weight columns of the non-zero entries instead of multiplying by zeros.
+    pub fn embed_sparse(&self, dense: &Tensor, sparse: Option<&Sparse>, mut dropout_rng: Option<(f64, &mut ChaCha8Rng)>) -> Result<Tensor> {
+        let first = self.hidden.first().unwrap_or(&self.out);
+        let mut h = first_layer(first, dense, sparse)?;
         let n = self.hidden.len();
-        for (i, l) in self.hidden.iter().enumerate() {
-            h = l.forward(&h)?.relu()?;
+        if n == 0 {
+            return l2_normalise(&h);
+        }
+        h = h.relu()?;
+        for i in 0..n {
+            if i > 0 {
+                h = self.hidden[i].forward(&h)?.relu()?;
+            }
             if i + 1 < n
                 && let Some((p, rng)) = dropout_rng.as_mut()
             {
@@ -236,9 +266,9 @@ pub fn predict(model: &Huse, ds: &crate::data::Dataset, idx: &[usize], use_tfidf
     let (mut pi, mut pt, mut ei, mut et) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let k = ds.classes;
     for chunk in idx.chunks(batch.max(1)) {
-        let (xi, xt, _) = ds.batch(chunk, use_tfidf, device)?;
-        let phi_i = model.image.embed(&xi, None)?;
-        let phi_t = model.text.embed(&xt, None)?;
+        let b = ds.batch(chunk, use_tfidf, device)?;
+        let phi_i = model.image.embed(&b.image, None)?;
+        let phi_t = model.text.embed_sparse(&b.text, b.tfidf.as_ref(), None)?;
         let li: Vec<f32> = model.logits(&phi_i)?.flatten_all()?.to_vec1()?;
         let lt: Vec<f32> = model.logits(&phi_t)?.flatten_all()?.to_vec1()?;
         pi.extend(crate::metrics::softmax_rows(&li, k));

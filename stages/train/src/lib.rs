@@ -18,7 +18,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use huse_data::Split;
 use huse_model::data::Dataset;
 use huse_model::loss::{self, GraphPairs, GraphVariant, LossConfig};
@@ -390,12 +390,13 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
             ctx.cancel.check()?;
             lr = lr_at(cfg.schedule, cfg.optimizer.lr(), state.steps, total_steps, cfg.warmup_steps);
             opt.set_learning_rate(lr);
-            let (xi, xt, y) = ds.batch(b, cfg.use_tfidf, &device).map_err(aerr)?;
-            let phi_i = model.image.embed(&xi, Some((cfg.model.dropout, &mut drop_rng))).map_err(aerr)?;
-            let phi_t = model.text.embed(&xt, Some((cfg.model.dropout, &mut drop_rng))).map_err(aerr)?;
+            let bt = ds.batch(b, cfg.use_tfidf, &device).map_err(aerr)?;
+            let y = &bt.labels;
+            let phi_i = model.image.embed(&bt.image, Some((cfg.model.dropout, &mut drop_rng))).map_err(aerr)?;
+            let phi_t = model.text.embed_sparse(&bt.text, bt.tfidf.as_ref(), Some((cfg.model.dropout, &mut drop_rng))).map_err(aerr)?;
             let li = model.logits(&phi_i).map_err(aerr)?;
             let lt = model.logits(&phi_t).map_err(aerr)?;
-            let l = loss::total(&phi_i, &phi_t, &li, &lt, &y, &a, &loss_cfg).map_err(aerr)?;
+            let l = loss::total(&phi_i, &phi_t, &li, &lt, y, &a, &loss_cfg).map_err(aerr)?;
             let vals: Vec<f64> = [&l.total, &l.class, &l.graph, &l.gap]
                 .iter()
                 .map(|t| t.to_dtype(DType::F64).and_then(|t| t.to_scalar::<f64>()).map_err(err))
@@ -472,13 +473,4 @@ fn log_epoch(ctx: &Context, e: &EpochLog, samples_per_s: Option<f64>) {
     if let Some(r) = samples_per_s {
         m.log("train.samples_per_s", s, r);
     }
-}
-
-/// Helper for tests and benchmarks: a loss tensor on a batch (training mode, no step).
-pub fn batch_loss(model: &Huse, ds: &Dataset, idx: &[usize], a: &Tensor, cfg: &TrainCfg, rng: &mut ChaCha8Rng, device: &Device) -> anyhow::Result<Tensor> {
-    let (xi, xt, y) = ds.batch(idx, cfg.use_tfidf, device)?;
-    let phi_i = model.image.embed(&xi, Some((cfg.model.dropout, rng)))?;
-    let phi_t = model.text.embed(&xt, Some((cfg.model.dropout, rng)))?;
-    let l = loss::total(&phi_i, &phi_t, &model.logits(&phi_i)?, &model.logits(&phi_t)?, &y, a, &cfg.loss())?;
-    Ok(l.total)
 }
