@@ -108,7 +108,23 @@ fn pair_targets(a: &Tensor, y1: &Tensor, y2: &Tensor) -> Result<Tensor> {
 }
 
 /// One block of Eqs. 9-11 (plus the hinge term): pairs (m, n), m != n, of `e1` x `e2`.
+/// On the CPU the per-pair terms and their gradient are one fused pass ([`GraphBlock`]);
+/// elsewhere they are composed from tensor ops ([`graph_loss_block_ops`]). Both are tested equal.
 pub fn graph_loss_block(e1: &Tensor, e2: &Tensor, y1: &Tensor, y2: &Tensor, a: &Tensor, zeta: f64, variant: GraphVariant) -> Result<Tensor> {
+    if !e1.device().is_cpu() {
+        return graph_loss_block_ops(e1, e2, y1, y2, a, zeta, variant);
+    }
+    let d = cosine_distances(e1, e2)?.contiguous()?;
+    let (n, m) = d.dims2()?;
+    let a_host: Vec<f64> = a.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let k = a.dim(1)?;
+    let (l1, l2): (Vec<u32>, Vec<u32>) = (y1.to_vec1()?, y2.to_vec1()?);
+    let target: Vec<f64> = (0..n * m).map(|i| a_host[l1[i / m] as usize * k + l2[i % m] as usize]).collect();
+    Ok(d.apply_op1(GraphBlock { target, zeta, hinge: variant == GraphVariant::Hinge, n })?)
+}
+
+/// The graph-loss block from tensor ops (any device).
+pub fn graph_loss_block_ops(e1: &Tensor, e2: &Tensor, y1: &Tensor, y2: &Tensor, a: &Tensor, zeta: f64, variant: GraphVariant) -> Result<Tensor> {
     let n = e1.dim(0)?;
     let d = cosine_distances(e1, e2)?;
     let target = pair_targets(a, y1, y2)?.to_dtype(d.dtype())?;
@@ -123,6 +139,64 @@ pub fn graph_loss_block(e1: &Tensor, e2: &Tensor, y1: &Tensor, y2: &Tensor, a: &
         per_pair = (per_pair + (far_class * push)?)?;
     }
     Ok((per_pair.sum_all()? / (n * n) as f64)?)
+}
+
+/// The fused graph-loss block on a distance matrix `d` (n x m): value
+/// `sum_{i != j} [t < zeta][d < zeta] (d - t)^2 (+ hinge [t >= zeta] max(0, zeta - d)^2) / n^2`
+/// and its gradient `(2 [t < zeta][d < zeta] (d - t) - hinge 2 [t >= zeta] max(0, zeta - d)) / n^2`
+/// in one pass each, instead of a dozen full-size intermediate tensors.
+pub struct GraphBlock {
+    /// A[y_i][y_j], row-major n x m.
+    pub target: Vec<f64>,
+    pub zeta: f64,
+    pub hinge: bool,
+    pub n: usize,
+}
+
+impl GraphBlock {
+    #[inline]
+    fn term(&self, i: usize, m: usize, d: f64) -> (f64, f64) {
+        if i / m == i % m {
+            return (0.0, 0.0);
+        }
+        let t = self.target[i];
+        if t < self.zeta {
+            if d < self.zeta { ((d - t) * (d - t), 2.0 * (d - t)) } else { (0.0, 0.0) }
+        } else if self.hinge && d < self.zeta {
+            ((self.zeta - d) * (self.zeta - d), -2.0 * (self.zeta - d))
+        } else {
+            (0.0, 0.0)
+        }
+    }
+}
+
+impl candle_core::CustomOp1 for GraphBlock {
+    fn name(&self) -> &'static str {
+        "huse-graph-loss-block"
+    }
+
+    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        let (_, m) = layout.shape().dims2()?;
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("graph block needs a contiguous input".into()))?;
+        let scale = 1.0 / (self.n * self.n) as f64;
+        let sum = |it: &mut dyn Iterator<Item = f64>| -> f64 { it.enumerate().map(|(i, d)| self.term(i, m, d).0).sum::<f64>() * scale };
+        let out = match storage {
+            S::F32(v) => S::F32(vec![sum(&mut v[start..end].iter().map(|x| f64::from(*x))) as f32]),
+            S::F64(v) => S::F64(vec![sum(&mut v[start..end].iter().copied())]),
+            _ => return Err(candle_core::Error::Msg("graph block supports f32 and f64".into())),
+        };
+        Ok((out, candle_core::Shape::from(())))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (_, m) = arg.dims2()?;
+        let d: Vec<f64> = arg.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        let scale = 1.0 / (self.n * self.n) as f64;
+        let g: Vec<f64> = d.iter().enumerate().map(|(i, &x)| self.term(i, m, x).1 * scale).collect();
+        let g = Tensor::from_vec(g, arg.shape(), arg.device())?.to_dtype(arg.dtype())?;
+        Some(g.broadcast_mul(grad_res)).transpose()
+    }
 }
 
 /// Eqs. 9-11 over the chosen blocks (mean of the blocks).

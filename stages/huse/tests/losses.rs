@@ -189,3 +189,25 @@ fn schedules() {
     assert!((lr_at(Schedule::Cosine, 0.1, 9, 14, 4) - 0.05).abs() < 1e-12);
     assert!(lr_at(Schedule::Cosine, 0.1, 14, 14, 4).abs() < 1e-12);
 }
+
+#[test]
+fn fused_graph_block_equals_the_tensor_op_version() {
+    // Random unit embeddings, mixed labels, values and gradients agree for both variants.
+    let xi = [0.9, 0.2, -0.1, 0.3, 1.1, 0.2, -0.5, 0.4, 0.8, 0.1, -0.3, 0.6];
+    let xt = [0.7, 0.5, 0.1, 0.1, 0.9, 0.6, -0.2, 0.1, 1.2, 0.3, 0.3, 0.3];
+    let y = labels(&[0, 1, 1, 0]);
+    let a = t(&[0.0, 0.3, 0.3, 0.0], 2, 2);
+    for (variant, zeta) in [(GraphVariant::Paper, 0.9), (GraphVariant::Hinge, 0.5), (GraphVariant::Hinge, 0.2)] {
+        let vi = Var::from_tensor(&t(&xi, 4, 3)).unwrap();
+        let e1 = l2_normalise(vi.as_tensor()).unwrap();
+        let e2 = l2_normalise(&t(&xt, 4, 3)).unwrap();
+        let fused = loss::graph_loss_block(&e1, &e2, &y, &y, &a, zeta, variant).unwrap();
+        let ops = loss::graph_loss_block_ops(&e1, &e2, &y, &y, &a, zeta, variant).unwrap();
+        assert!((scalar(&fused) - scalar(&ops)).abs() < 1e-12, "{variant:?}: {} vs {}", scalar(&fused), scalar(&ops));
+        let gf: Vec<f64> = fused.backward().unwrap().get(&vi).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let go: Vec<f64> = ops.backward().unwrap().get(&vi).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for (a, b) in gf.iter().zip(&go) {
+            assert!((a - b).abs() < 1e-12, "{variant:?}: {gf:?} vs {go:?}");
+        }
+    }
+}
