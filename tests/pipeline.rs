@@ -64,6 +64,11 @@ fn huse_learns_is_deterministic_and_resumes() {
     let f = experiment(&sb);
     let out = sb.run(&[&f]).expect(0);
     assert!(out.stdout().contains("succeeded"), "{}", out.stdout());
+    // The run ends by printing the paper's three tables; `show` prints them again.
+    for table in ["Table 1 — Recall@1/5/10 (test split)", "Table 2 — HP@2/5/10", "Table 3 — classification accuracy"] {
+        assert!(out.stdout().contains(table), "{table} missing from:\n{}", out.stdout());
+        assert!(sb.run(&["show", "1"]).expect(0).stdout().contains(table));
+    }
     let classes = value(&sb, 1, "data.classes");
     assert!(classes >= 30.0, "{classes} classes");
     // Learning: validation accuracy far above chance, and the losses fall.

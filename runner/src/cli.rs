@@ -244,6 +244,9 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
         Some(Cmd::Show { run, format }) => {
             let store = Store::open_existing(&g.db).await?;
             print!("{}", query::render_sections(&query::show(&store, run).await?, format));
+            if matches!(format, Format::Table | Format::Markdown) {
+                print!("{}", query::summaries_text(&store, run).await?);
+            }
             Ok(0)
         }
         Some(Cmd::Compare { runs, metrics, format }) => {
@@ -295,6 +298,13 @@ async fn run(g: &Global, a: RunArgs, display: &Display) -> Result<i32> {
     let jobs = a.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     let opts = RunOptions { jobs, force: a.force.clone(), no_cache: a.no_cache };
     let outcomes = exec::execute(&exp, &registry, &store, &cache, &opts, display, &cancel).await?;
+    // Stage summaries (e.g. the evaluation tables) of each finished run.
+    for o in &outcomes {
+        let text = query::summaries_text(&store, o.id).await?;
+        if !text.is_empty() {
+            display.suspend(|| println!("run {} ({}):\n{text}", o.id, o.name));
+        }
+    }
     store.close().await;
 
     let mut t = query::Table { headers: vec!["run".into(), "name".into(), "status".into(), "computed".into(), "cached".into(), "error".into()], rows: vec![] };

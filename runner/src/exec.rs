@@ -436,6 +436,7 @@ async fn record(store: &Store, job: &Job, users: &[(i64, String)], state: &State
             output_dir: None,
             error: None,
             artifacts: Vec::new(),
+            summaries: Vec::new(),
         };
         match state {
             State::Done { dir, cached, started, ended, secs } => {
@@ -447,6 +448,11 @@ async fn record(store: &Store, job: &Job, users: &[(i64, String)], state: &State
                 for out in job.entry.stage.outputs() {
                     let p = dir.join(&out.name);
                     row.artifacts.push((out.name.clone(), p.display().to_string(), dir_size(&p)));
+                    if out.name.ends_with(".md")
+                        && let Ok(text) = std::fs::read_to_string(&p)
+                    {
+                        row.summaries.push((out.name.clone(), text));
+                    }
                 }
                 if *cached {
                     match cache::read_metrics(dir) {

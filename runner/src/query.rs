@@ -511,6 +511,19 @@ pub async fn show(store: &Store, id: i64) -> Result<Vec<(String, Table)>> {
     Ok(sections)
 }
 
+/// The run's stage summaries (`*.md` outputs such as evaluate's tables) as text.
+pub async fn summaries_text(store: &Store, id: i64) -> Result<String> {
+    let mut out = String::new();
+    for (stage, name, text) in store.summaries(id).await? {
+        writeln!(out, "── {stage}: {name} ──\n").unwrap();
+        out.push_str(&text);
+        if !text.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
+
 /// Renders `show`'s sections: titled tables, or one JSON object.
 pub fn render_sections(sections: &[(String, Table)], format: Format) -> String {
     if format == Format::Json {

@@ -44,6 +44,8 @@ pub struct StageRunRow {
     pub error: Option<String>,
     /// (artifact name, path, bytes)
     pub artifacts: Vec<(String, String, Option<i64>)>,
+    /// (artifact name, text) of `*.md` outputs.
+    pub summaries: Vec<(String, String)>,
 }
 
 /// A handle on the results database.
@@ -211,6 +213,15 @@ impl Store {
         .bind(&r.error)
         .execute(&mut *tx)
         .await?;
+        for (name, text) in &r.summaries {
+            query("INSERT OR REPLACE INTO summaries (run_id, stage, name, text) VALUES (?, ?, ?, ?)")
+                .bind(r.run_id)
+                .bind(&r.stage)
+                .bind(name)
+                .bind(text)
+                .execute(&mut *tx)
+                .await?;
+        }
         for (name, path, bytes) in &r.artifacts {
             query("INSERT OR REPLACE INTO artifacts (run_id, stage, name, path, bytes) VALUES (?, ?, ?, ?, ?)")
                 .bind(r.run_id)
@@ -243,6 +254,17 @@ impl Store {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// The summaries of a run, in stage order of recording.
+    pub async fn summaries(&self, run_id: i64) -> Result<Vec<(String, String, String)>> {
+        Ok(query("SELECT stage, name, text FROM summaries WHERE run_id = ? ORDER BY rowid")
+            .bind(run_id)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
     }
 
     pub async fn close(self) {
