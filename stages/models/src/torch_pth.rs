@@ -207,21 +207,20 @@ fn load_legacy(bytes: &[u8]) -> Result<HashMap<String, Tensor>> {
 pub fn verify_hash_prefix(path: &Path) -> Result<bool> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let stem = name.split('.').next().unwrap_or("");
-    let Some(prefix) = stem.rsplit_once('-').map(|(_, h)| h).filter(|h| h.len() >= 6 && h.chars().all(|c| c.is_ascii_hexdigit())) else {
+    let has = stem.rsplit_once('-').is_some_and(|(_, h)| h.len() >= 6 && h.chars().all(|c| c.is_ascii_hexdigit()));
+    if !has {
         return Ok(false);
-    };
+    }
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let digest: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
-    ensure!(
-        digest.starts_with(&prefix.to_lowercase()),
-        "checkpoint {} is corrupt or not the file its name promises: its SHA-256 {digest} does not start with `{prefix}`",
-        path.display()
-    );
+    verify_bytes(&bytes, path).map_err(|e| anyhow!("checkpoint {} is corrupt or not the file its name promises: {e}", path.display()))?;
     Ok(true)
 }
 
-/// Finds a checkpoint: `explicit` if given, else `$TORCH_HOME/hub/checkpoints/<file name of url>`
-/// (TORCH_HOME defaulting to `~/.cache/torch`, as in PyTorch).
+/// Finds a checkpoint as PyTorch's `load_state_dict_from_url` does: `explicit` if given,
+/// else `$TORCH_HOME/hub/checkpoints/<file name of url>` (TORCH_HOME defaulting to
+/// `~/.cache/torch`), downloading it there from `url` when missing — unless
+/// `HUSE_OFFLINE` is set. A download is written to `<file>.partial`, checked against the
+/// hash prefix in its name, then renamed into place.
 pub fn resolve(explicit: Option<&Path>, url: &str) -> Result<PathBuf> {
     if let Some(p) = explicit {
         ensure!(p.is_file(), "checkpoint {} does not exist", p.display());
@@ -233,11 +232,39 @@ pub fn resolve(explicit: Option<&Path>, url: &str) -> Result<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/torch")))
         .ok_or_else(|| anyhow!("neither TORCH_HOME nor HOME is set"))?;
     let p = home.join("hub").join("checkpoints").join(file);
-    ensure!(
-        p.is_file(),
-        "checkpoint {file} not found at {} and this build does not download: fetch {url} into that folder, \
-         set TORCH_HOME to a folder holding hub/checkpoints/{file}, or give the path explicitly",
-        p.display()
-    );
+    if p.is_file() {
+        return Ok(p);
+    }
+    let how = format!("put {file} into {} (or set TORCH_HOME to a folder holding hub/checkpoints/{file}), or give the path explicitly", p.parent().unwrap().display());
+    if std::env::var("HUSE_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0") {
+        bail!("checkpoint {file} not found at {} and HUSE_OFFLINE is set: {how}", p.display());
+    }
+    download(url, &p).map_err(|e| anyhow!("checkpoint {file} not found at {} and downloading {url} failed: {e:#}. {how}", p.display()))?;
     Ok(p)
+}
+
+fn download(url: &str, dest: &Path) -> Result<()> {
+    std::fs::create_dir_all(dest.parent().unwrap())?;
+    let partial = dest.with_extension("pth.partial");
+    let mut resp = ureq::get(url).call().map_err(|e| anyhow!("{e}"))?;
+    let mut f = std::fs::File::create(&partial)?;
+    std::io::copy(&mut resp.body_mut().as_reader(), &mut f)?;
+    drop(f);
+    // Check the hash the name promises before the file takes the final name.
+    if let Err(e) = verify_bytes(&std::fs::read(&partial)?, dest) {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
+    }
+    std::fs::rename(&partial, dest)?;
+    Ok(())
+}
+
+fn verify_bytes(bytes: &[u8], named: &Path) -> Result<()> {
+    let name = named.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let stem = name.split('.').next().unwrap_or("");
+    if let Some(prefix) = stem.rsplit_once('-').map(|(_, h)| h).filter(|h| h.len() >= 6 && h.chars().all(|c| c.is_ascii_hexdigit())) {
+        let digest: String = Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
+        ensure!(digest.starts_with(&prefix.to_lowercase()), "the download's SHA-256 {digest} does not start with `{prefix}`");
+    }
+    Ok(())
 }

@@ -104,6 +104,35 @@ fn hub_references_download_into_the_cache_then_work_offline() {
     unsafe { std::env::remove_var("HF_HUB_OFFLINE") };
     let err = r.resolve(&["model.safetensors"]).unwrap_err().to_string();
     assert!(err.contains("downloading") && err.contains(&endpoint) && err.contains("model.safetensors"), "{err}");
+    // torchvision-style checkpoints download from their URL into $TORCH_HOME/hub/checkpoints,
+    // checked against the hash prefix in the name first.
+    let ckpt = std::fs::read(PathBuf::from(std::env::var("HUSE_ASSETS").unwrap()).join("torch/hub/checkpoints/mobilenet_v2-b0353104.pth")).unwrap();
+    let mut bad = ckpt.clone();
+    bad[1000] ^= 1;
+    let (torch_url, torch_hits) = serve(vec![
+        ("/models/mobilenet_v2-b0353104.pth".into(), ckpt.clone()),
+        ("/models/broken-b0353104.pth".into(), bad),
+    ]);
+    let torch_home = tempfile::tempdir().unwrap();
+    unsafe {
+        std::env::set_var("TORCH_HOME", torch_home.path());
+        std::env::remove_var("HUSE_OFFLINE");
+    }
+    let url = format!("{torch_url}/models/mobilenet_v2-b0353104.pth");
+    let p = huse_models::torch_pth::resolve(None, &url).unwrap();
+    assert_eq!(p, torch_home.path().join("hub/checkpoints/mobilenet_v2-b0353104.pth"));
+    assert_eq!(std::fs::read(&p).unwrap(), ckpt);
+    assert_eq!(huse_models::torch_pth::load(&p).unwrap().len(), 314);
+    let n = torch_hits.load(Ordering::SeqCst);
+    assert_eq!(huse_models::torch_pth::resolve(None, &url).unwrap(), p, "the second time it is found locally");
+    assert_eq!(torch_hits.load(Ordering::SeqCst), n);
+    let err = huse_models::torch_pth::resolve(None, &format!("{torch_url}/models/broken-b0353104.pth")).unwrap_err().to_string();
+    assert!(err.contains("does not start with `b0353104`") && err.contains("downloading"), "{err}");
+    assert!(std::fs::read_dir(torch_home.path().join("hub/checkpoints")).unwrap().count() == 1, "no partial or bad file is left");
+    unsafe { std::env::set_var("HUSE_OFFLINE", "1") };
+    let err = huse_models::torch_pth::resolve(None, &format!("{torch_url}/models/other-12345678.pth")).unwrap_err().to_string();
+    assert!(err.contains("HUSE_OFFLINE is set") && err.contains("other-12345678.pth"), "{err}");
+
     // A local directory without the files says which one is missing.
     let err = ModelRef::Local(home.path().to_path_buf()).resolve(&names).unwrap_err().to_string();
     assert!(err.contains("has no config.json"), "{err}");

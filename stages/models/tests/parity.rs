@@ -91,7 +91,10 @@ fn truncated_or_corrupt_checkpoints_give_clear_errors() {
 #[test]
 fn checkpoint_resolves_through_torch_home() {
     // SAFETY: this test process sets the variable before any thread reads it.
-    unsafe { std::env::set_var("TORCH_HOME", var("HUSE_ASSETS").join("torch")) };
+    unsafe {
+        std::env::set_var("TORCH_HOME", var("HUSE_ASSETS").join("torch"));
+        std::env::set_var("HUSE_OFFLINE", "1");
+    }
     let p = torch_pth::resolve(None, "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth").unwrap();
     assert_eq!(p, checkpoint());
     let err = torch_pth::resolve(None, "https://example.invalid/models/nope-12345678.pth").unwrap_err().to_string();
