@@ -224,6 +224,8 @@ mod tests {
         assert_ne!(KeyParts { version: "2", ..base }.key(), k0);
         let base = KeyParts { kind: "k", version: "1", source: "builtin", config: &cfg, inputs: vec![], seed: None, files: vec![] };
         assert_ne!(KeyParts { seed: Some(1), ..base }.key(), k0);
+        let base = KeyParts { kind: "k", version: "1", source: "builtin", config: &cfg, inputs: vec![], seed: None, files: vec![] };
+        assert_ne!(KeyParts { source: "plugin:/x.so@0.2.0", ..base }.key(), k0);
     }
 
     #[test]

@@ -65,6 +65,9 @@ struct RunArgs {
     /// Recompute every stage (and refresh the cache).
     #[arg(long)]
     no_cache: bool,
+    /// Load stage kinds from this plugin library (repeatable), besides the experiment's `plugins:`.
+    #[arg(long = "plugin", value_name = "PATH")]
+    plugins: Vec<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -87,7 +90,11 @@ enum Cmd {
     /// Check an experiment file without running anything.
     Validate(RunArgs),
     /// List the stage kinds `uses:` can name.
-    List,
+    List {
+        /// Also list the stages of this plugin library (repeatable).
+        #[arg(long = "plugin", value_name = "PATH")]
+        plugins: Vec<PathBuf>,
+    },
     /// List runs with their varying params and final metrics.
     Runs {
         #[command(flatten)]
@@ -199,8 +206,12 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
         },
         Some(Cmd::Run(a)) => run(&g, a, &display).await,
         Some(Cmd::Validate(a)) => {
-            let registry = Registry::builtin();
+            let mut registry = Registry::builtin();
             let file = a.experiment.clone().context("validate needs an experiment file")?;
+            if let Err(d) = config::load_plugins(&file, &a.plugins, &mut registry) {
+                eprintln!("{d}");
+                return Ok(2);
+            }
             match config::compile(&file, &overrides(&a), &registry) {
                 Ok(exp) => {
                     println!("{}: ok ({} run(s), {} stage(s) each)", file.display(), exp.runs.len(), exp.runs[0].stages.len());
@@ -212,8 +223,14 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
                 }
             }
         }
-        Some(Cmd::List) => {
-            let registry = Registry::builtin();
+        Some(Cmd::List { plugins }) => {
+            let mut registry = Registry::builtin();
+            for p in &plugins {
+                if let Err(e) = registry.load_plugin(p) {
+                    eprintln!("error: {e}");
+                    return Ok(2);
+                }
+            }
             let mut t = query::Table { headers: vec!["kind".into(), "version".into(), "takes".into(), "gives".into(), "source".into(), "about".into()], rows: vec![] };
             for (kind, e) in registry.entries() {
                 let s = &e.stage;
@@ -277,8 +294,12 @@ fn overrides(a: &RunArgs) -> Overrides {
 }
 
 async fn run(g: &Global, a: RunArgs, display: &Display) -> Result<i32> {
-    let registry = Registry::builtin();
+    let mut registry = Registry::builtin();
     let file = a.experiment.clone().context("no experiment file given")?;
+    if let Err(d) = config::load_plugins(&file, &a.plugins, &mut registry) {
+        eprintln!("{d}");
+        return Ok(2);
+    }
     // Everything is validated before the database or the cache is touched.
     let exp = match config::compile(&file, &overrides(&a), &registry) {
         Ok(e) => e,

@@ -145,6 +145,36 @@ pub fn override_path(key: &str, stage_names: &BTreeSet<String>) -> Vec<String> {
     }
 }
 
+/// Loads the plugins an experiment lists (`plugins:`, relative to the file) and those given
+/// on the command line into `registry`. Errors point at the list entry or the argument.
+pub fn load_plugins(file: &Path, cli: &[PathBuf], registry: &mut Registry) -> Result<(), Diagnostics> {
+    let display = file.display().to_string();
+    let mut diags = Vec::new();
+    if let Ok(text) = std::fs::read_to_string(file)
+        && let Ok(root) = Node::parse(&text)
+        && let Some(Node { value: Value::Seq(items), .. }) = root.get("plugins")
+    {
+        let base = file.parent().unwrap_or(Path::new("."));
+        for (i, it) in items.iter().enumerate() {
+            if let Value::Str(p) = &it.value {
+                let mut errs = Vec::new();
+                let mut node = it.clone();
+                node.interpolate(&|k| std::env::var(k).ok(), &mut Vec::new(), &mut errs);
+                let p = if errs.is_empty() { node.to_string() } else { p.clone() };
+                if let Err(e) = registry.load_plugin(&base.join(&p)) {
+                    diags.push(Diagnostic { file: display.clone(), origin: it.origin.clone(), path: format!("plugins.{i}"), message: e });
+                }
+            }
+        }
+    }
+    for p in cli {
+        if let Err(e) = registry.load_plugin(p) {
+            diags.push(Diagnostic { file: display.clone(), origin: Origin::Arg(format!("--plugin {}", p.display())), path: String::new(), message: e });
+        }
+    }
+    if diags.is_empty() { Ok(()) } else { Err(Diagnostics(diags)) }
+}
+
 /// Reads, overrides, expands and validates an experiment file.
 pub fn compile(file: &Path, overrides: &Overrides, registry: &Registry) -> Result<Experiment, Diagnostics> {
     let display = file.display().to_string();
@@ -184,6 +214,18 @@ pub fn compile_str(
         if !TOP_KEYS.contains(&k.name.as_str()) {
             let hint = did_you_mean(&k.name, TOP_KEYS.iter().copied());
             cx.err(&k.origin, &k.name, format!("unknown key `{}`{hint} (known keys: {})", k.name, TOP_KEYS.join(", ")));
+        }
+    }
+    if let Some(pl) = root.get("plugins") {
+        match &pl.value {
+            Value::Seq(items) => {
+                for (i, it) in items.iter().enumerate() {
+                    if !matches!(it.value, Value::Str(_)) {
+                        cx.err(&it.origin, &format!("plugins.{i}"), format!("expected the path of a plugin library, found {}", it.value.type_name()));
+                    }
+                }
+            }
+            _ => cx.err(&pl.origin, "plugins", "expected a list of plugin library paths"),
         }
     }
     let stage_names: BTreeSet<String> = root

@@ -10,6 +10,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod exec;
+pub mod plugin;
 pub mod progress;
 pub mod query;
 pub mod registry;

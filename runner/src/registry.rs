@@ -42,6 +42,23 @@ impl Registry {
         self.entries.insert(stage.kind().to_string(), Entry { stage, source: source.to_string() });
     }
 
+    /// Loads the plugin at `path` and registers its stages; returns their kinds. A kind
+    /// already registered by another source is an error (a plugin cannot shadow a stage).
+    pub fn load_plugin(&mut self, path: &std::path::Path) -> Result<Vec<String>, String> {
+        let (stages, source) = crate::plugin::load(path)?;
+        let mut kinds = Vec::new();
+        for s in stages {
+            let kind = s.kind().to_string();
+            match self.entries.get(&kind) {
+                Some(e) if e.source == source => {}
+                Some(e) => return Err(format!("plugin {} offers stage kind `{kind}`, which {} already provides", path.display(), e.source)),
+                None => self.add(s, &source),
+            }
+            kinds.push(kind);
+        }
+        Ok(kinds)
+    }
+
     pub fn get(&self, kind: &str) -> Option<&Entry> {
         self.entries.get(kind)
     }

@@ -1,0 +1,125 @@
+//! Dynamic stage plugins: the example plugin (built here) inside a real experiment, and
+//! every way loading or running a plugin can fail.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::Sandbox;
+
+/// Builds the example plugin and returns its shared library.
+fn example_plugin() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    // A target directory of its own: the outer `cargo test` holds the lock on the main one.
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target")).join("example-plugin");
+    let out = Command::new(env!("CARGO"))
+        .args(["build", "-p", "huse-example-plugin", "--message-format=json-render-diagnostics"])
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "building the example plugin failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+        if v["reason"] == "compiler-artifact" && v["target"]["name"] == "huse_example_plugin" {
+            for f in v["filenames"].as_array().unwrap() {
+                let f = f.as_str().unwrap();
+                if f.ends_with(".so") || f.ends_with(".dylib") || f.ends_with(".dll") {
+                    return PathBuf::from(f);
+                }
+            }
+        }
+    }
+    panic!("no library in cargo's output");
+}
+
+/// A C shared library (gcc), for plugins that are wrong in ways Rust would not let us write.
+fn c_library(sb: &Sandbox, name: &str, source: &str) -> PathBuf {
+    let c = sb.write(&format!("{name}.c"), source);
+    let so = sb.path().join(format!("{name}.so"));
+    let st = Command::new("cc").args(["-shared", "-fPIC", "-o"]).arg(&so).arg(&c).status().unwrap();
+    assert!(st.success());
+    so
+}
+
+fn experiment(sb: &Sandbox, plugin: &Path, graph_with: &str) -> PathBuf {
+    let assets = std::env::var("HUSE_ASSETS").expect("set HUSE_ASSETS");
+    sb.write(
+        "p.yaml",
+        &format!(
+            "name: plug\nplugins: [{}]\nstages:\n  ingest:\n    uses: ingest\n    with:\n      root: {assets}/data/fashion-product-images-small\n      \
+             classes: [masterCategory, subCategory, articleType]\n      limit: 400\n      check_images: exists\n  \
+             graph: {{ uses: graph-flat, needs: [ingest], with: {graph_with} }}\n  after: {{ uses: graph-tree, needs: [ingest, graph] }}\n",
+            plugin.display()
+        ),
+    )
+}
+
+#[test]
+fn the_example_plugin_runs_in_an_experiment_and_is_recorded() {
+    let lib = example_plugin();
+    let sb = Sandbox::new();
+    let listed = sb.run(&["list", "--plugin", lib.to_str().unwrap()]).expect(0).stdout();
+    assert!(listed.contains("graph-flat") && listed.contains("plugin:"), "{listed}");
+    let f = experiment(&sb, &lib, "{ distance: 0.8 }");
+    sb.run(&[f.to_str().unwrap()]).expect(0);
+    let row = &sb.sql("SELECT source, cache_key, output_dir, cached FROM stage_runs WHERE stage = 'graph'")[0];
+    assert!(row[0].starts_with("plugin:") && row[0].ends_with("libhuse_example_plugin.so@0.2.0"), "{}", row[0]);
+    assert_eq!(row[3], "0");
+    // Its output is a real graph: K x K with 0.8 off the diagonal.
+    let a = candle_core::safetensors::load(Path::new(&row[2]).join("graph.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let a: Vec<Vec<f32>> = a["A"].to_vec2().unwrap();
+    let k = sb.count("SELECT CAST(value AS INTEGER) FROM final_metrics WHERE key = 'graph.classes'") as usize;
+    assert_eq!(a.len(), k);
+    assert!(a[0][0] == 0.0 && a[0][1] == 0.8);
+    // Cached on the second run, under the same key.
+    sb.run(&[f.to_str().unwrap()]).expect(0);
+    let again = &sb.sql("SELECT cache_key, cached FROM stage_runs WHERE stage = 'graph' AND run_id = 2")[0];
+    assert_eq!((again[0].as_str(), again[1].as_str()), (row[1].as_str(), "1"));
+}
+
+#[test]
+fn plugin_failures_are_clear_and_leave_the_database_consistent() {
+    let lib = example_plugin();
+    let sb = Sandbox::new();
+    // Loading failures: refused before anything runs, positioned at the list entry.
+    let text = sb.write("notalib.so", "just text");
+    let no_entry = c_library(&sb, "noentry", "int something(void) { return 1; }\n");
+    let bad_abi = c_library(
+        &sb,
+        "badabi",
+        "struct T { unsigned abi; const char *v; unsigned long n; const void *s; void *f; };\n\
+         static struct T t = { 999, \"9.9\", 0, 0, 0 };\nconst struct T *huse_plugin_entry(void) { return &t; }\n",
+    );
+    for (lib_path, expected) in [
+        (text.clone(), "is not a loadable shared library"),
+        (no_entry, "has no `huse_plugin_entry` symbol"),
+        (bad_abi, "was built for plugin ABI version 999, this huse-run speaks version 1"),
+        (sb.path().join("missing.so"), "does not exist"),
+    ] {
+        let f = experiment(&sb, &lib_path, "{}");
+        let out = sb.run(&[f.to_str().unwrap()]).expect(2);
+        assert!(out.stderr().contains(expected) && out.stderr().contains("p.yaml:2:11: plugins.0:"), "{expected}: {}", out.stderr());
+        assert!(!sb.db().exists(), "nothing may be written");
+        // The same through --plugin.
+        let out = sb.run(&["validate", f.to_str().unwrap(), "--plugin", lib_path.to_str().unwrap()]).expect(2);
+        assert!(out.stderr().contains(&format!("(command line `--plugin {}`)", lib_path.display())), "{}", out.stderr());
+    }
+    // A plugin stage's own config errors are positioned like a built-in's.
+    let f = experiment(&sb, &lib, "{ distance: 5 }");
+    let out = sb.run(&[f.to_str().unwrap()]).expect(2);
+    assert!(out.stderr().contains("stages.graph.with.distance: must be in [0, 2]"), "{}", out.stderr());
+    // Run-time failures: an error and a panic inside the plugin fail the stage, not the process.
+    for (mode, expected) in [("error", "graph-flat failed on purpose"), ("panic", "plugin panicked: graph-flat panicked on purpose")] {
+        let f = experiment(&sb, &lib, &format!("{{ fail: {mode} }}"));
+        let out = sb.run(&[f.to_str().unwrap()]).expect(1);
+        let run = sb.count("SELECT max(id) FROM runs");
+        let r = &sb.sql(&format!("SELECT status, error FROM runs WHERE id = {run}"))[0];
+        assert_eq!(r[0], "failed", "{}", out.stderr());
+        assert!(r[1].contains(expected), "{mode}: {}", r[1]);
+        assert_eq!(sb.sql(&format!("SELECT status FROM stage_runs WHERE run_id = {run} AND stage = 'after'"))[0][0], "skipped");
+    }
+    assert_eq!(sb.count("SELECT count(*) FROM runs WHERE status = 'running'"), 0);
+    assert_eq!(std::fs::read_dir(sb.cache().join(".tmp")).unwrap().count(), 0);
+}
