@@ -123,3 +123,20 @@ fn plugin_failures_are_clear_and_leave_the_database_consistent() {
     assert_eq!(sb.count("SELECT count(*) FROM runs WHERE status = 'running'"), 0);
     assert_eq!(std::fs::read_dir(sb.cache().join(".tmp")).unwrap().count(), 0);
 }
+
+#[test]
+fn a_sweep_swaps_implementations_of_one_role() {
+    let lib = example_plugin();
+    let sb = Sandbox::new();
+    let f = experiment(&sb, &lib, "{}");
+    let yaml = std::fs::read_to_string(&f).unwrap() + "sweep:\n  graph.uses: [graph-flat, graph-tree]\n";
+    std::fs::write(&f, yaml).unwrap();
+    sb.run(&[f.to_str().unwrap()]).expect(0);
+    let rows = sb.sql("SELECT p.value, s.kind, s.source FROM runs r JOIN params p ON p.run_id = r.id AND p.key = 'graph.uses' JOIN stage_runs s ON s.run_id = r.id AND s.stage = 'graph' ORDER BY r.id");
+    assert_eq!(rows.len(), 2);
+    assert_eq!((rows[0][0].as_str(), rows[0][1].as_str()), ("graph-flat", "graph-flat"));
+    assert!(rows[0][2].starts_with("plugin:"));
+    assert_eq!((rows[1][0].as_str(), rows[1][1].as_str(), rows[1][2].as_str()), ("graph-tree", "graph-tree", "builtin"));
+    // The shared ingest ran once.
+    assert_eq!(sb.count("SELECT count(*) FROM stage_runs WHERE stage = 'ingest' AND cached = 0"), 1);
+}
