@@ -132,6 +132,26 @@ enum Cmd {
         #[arg(long, short = 'f', value_enum, default_value = "table")]
         format: Format,
     },
+    /// Write an HTML page with figures for an experiment, from the database alone.
+    Report {
+        experiment: String,
+        /// Output folder (default: report-EXPERIMENT).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Final metrics to show and plot (glob, repeatable; default test.* when present, else all).
+        #[arg(long = "metric", short = 'm', value_name = "GLOB")]
+        metrics: Vec<String>,
+    },
+    /// Export runs, params and metrics (long form) as CSV or JSON.
+    Export {
+        #[arg(long, short = 'e')]
+        experiment: Option<String>,
+        #[arg(long, short = 'f', default_value = "csv")]
+        format: String,
+        /// Output file (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// The run with the best final value of a metric.
     Best {
         #[arg(long, short = 'm')]
@@ -274,6 +294,24 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
                 chosen.push(all.iter().find(|r| r.id == *id).cloned().with_context(|| format!("no run with id {id}"))?);
             }
             print!("{}", query::compare_table(&chosen, &query::patterns(&metrics)?).render(format));
+            Ok(0)
+        }
+        Some(Cmd::Report { experiment, out, metrics }) => {
+            let store = Store::open_existing(&g.db).await?;
+            let out = out.unwrap_or_else(|| crate::report::default_out(&experiment));
+            let figs = crate::report::report(&store, &experiment, &out, &metrics).await?;
+            println!("{} ({} figures)", out.join("index.html").display(), figs.len());
+            Ok(0)
+        }
+        Some(Cmd::Export { experiment, format, out }) => {
+            let store = Store::open_existing(&g.db).await?;
+            match out {
+                Some(p) => {
+                    let mut f = std::io::BufWriter::new(std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?);
+                    crate::report::export(&store, experiment.as_deref(), &format, &mut f).await?;
+                }
+                None => crate::report::export(&store, experiment.as_deref(), &format, &mut std::io::stdout()).await?,
+            }
             Ok(0)
         }
         Some(Cmd::Best { metric, min, filter, format }) => {

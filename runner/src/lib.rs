@@ -14,5 +14,6 @@ pub mod plugin;
 pub mod progress;
 pub mod query;
 pub mod registry;
+pub mod report;
 pub mod store;
 pub mod yaml;

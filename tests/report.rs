@@ -1,0 +1,106 @@
+//! `huse-run report` and `export` on a database with known rows, and the page in Chromium.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::Sandbox;
+
+/// A 2x2 sweep whose `sum` metric is known: (factor, offset) -> 6, 10, 12, 16; `loss` has 3 steps.
+fn known(sb: &Sandbox) {
+    let f = sb.write(
+        "q.yaml",
+        "name: q\nstages:\n  source: { uses: toy-source, with: { count: 4 } }\n  \
+         mid: { uses: toy-scale, needs: [source], with: { metrics: 3 } }\n  total: { uses: toy-sum, needs: [mid] }\n\
+         sweep:\n  mid.factor: [1, 2]\n  mid.offset: [0, 1]\n",
+    );
+    sb.run(&[f.to_str().unwrap()]).expect(0);
+}
+
+#[test]
+fn report_references_every_figure_and_shows_the_database_numbers() {
+    let sb = Sandbox::new();
+    known(&sb);
+    let out = sb.path().join("rep");
+    let printed = sb.run(&["report", "q", "--out", out.to_str().unwrap(), "-m", "sum"]).expect(0).stdout();
+    assert!(printed.contains("index.html"), "{printed}");
+    let html = std::fs::read_to_string(out.join("index.html")).unwrap();
+    let files: BTreeSet<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).filter(|n| n.ends_with(".svg")).collect();
+    let referenced: BTreeSet<String> = html.split("src=\"").skip(1).map(|s| s.split('"').next().unwrap().to_string()).collect();
+    assert_eq!(files, referenced, "every figure is on the page and every image exists");
+    // 1 sweep heatmap (sum over factor x offset) + one curve (loss, 3 steps) per run.
+    assert!(files.contains("sweep-0.svg") && files.len() == 5, "{files:?}");
+    for f in &files {
+        let svg = std::fs::read_to_string(out.join(f)).unwrap();
+        assert!(svg.trim_start().starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{f} is not an SVG document");
+        assert!(svg.matches("<path").count() + svg.matches("<rect").count() + svg.matches("<polyline").count() > 3, "{f} draws something");
+    }
+    // The numbers equal the database's, and the best one is marked.
+    let rows = sb.sql("SELECT r.id, f.value FROM runs r JOIN final_metrics f ON f.run_id = r.id AND f.key = 'sum' ORDER BY r.id");
+    for r in &rows {
+        let v: f64 = r[1].parse().unwrap();
+        let cell = format!(">{v:.0}</td>");
+        assert!(html.contains(&cell), "run {} value {v} missing", r[0]);
+    }
+    assert!(html.contains("<td class=\"best\">16</td>"));
+    assert_eq!(html.matches("class=\"best\"").count(), 1);
+    // The heatmap shows the cell means (here single runs).
+    let heat = std::fs::read_to_string(out.join("sweep-0.svg")).unwrap();
+    let texts: Vec<String> = heat.split("<text").skip(1).filter_map(|t| t.split_once('>').map(|(_, r)| r.split("</text>").next().unwrap().trim().to_string())).collect();
+    for v in ["6", "10", "12", "16"] {
+        assert!(texts.iter().any(|t| t == v), "heatmap lacks {v}: {texts:?}");
+    }
+    // Resolved config and commit are there.
+    assert!(html.contains("resolved config") && html.contains("mid:"), "config missing");
+    // Regenerating from the database alone gives the same page (no cache needed).
+    std::fs::remove_dir_all(sb.cache()).unwrap();
+    let out2 = sb.path().join("rep2");
+    sb.run(&["report", "q", "--out", out2.to_str().unwrap(), "-m", "sum"]).expect(0);
+    assert_eq!(std::fs::read_to_string(out2.join("index.html")).unwrap().replace("rep2", "rep"), html);
+    assert!(sb.run(&["report", "nope"]).expect(1).stderr().contains("no runs of experiment `nope`"));
+}
+
+#[test]
+fn export_writes_params_and_metrics_in_long_form() {
+    let sb = Sandbox::new();
+    known(&sb);
+    let csv = sb.run(&["export", "-e", "q"]).expect(0).stdout();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "run_id,experiment,run,status,kind,key,step,value");
+    assert!(lines.contains(&"4,q,\"q@mid.factor=2,mid.offset=1\",succeeded,metric,sum,0,16"), "{csv}");
+    assert!(lines.contains(&"1,q,\"q@mid.factor=1,mid.offset=0\",succeeded,param,mid.factor,,1"), "{csv}");
+    let n_metrics = sb.count("SELECT count(*) FROM metrics");
+    let n_params = sb.count("SELECT count(*) FROM params");
+    assert_eq!(lines.len() as i64 - 1, n_metrics + n_params);
+    let out = sb.path().join("x.json");
+    sb.run(&["export", "-f", "json", "--out", out.to_str().unwrap()]).expect(0);
+    let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(j.as_array().unwrap().len() as i64, n_metrics + n_params);
+    assert!(j.as_array().unwrap().iter().any(|r| r["key"] == "sum" && r["value"] == 16.0 && r["run_id"] == 4));
+}
+
+#[test]
+fn the_page_renders_in_headless_chromium() {
+    let sb = Sandbox::new();
+    known(&sb);
+    let out = sb.path().join("rep");
+    sb.run(&["report", "q", "--out", out.to_str().unwrap(), "-m", "sum"]).expect(0);
+    let shot = sb.path().join("shot.png");
+    let status = std::process::Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1200,900"])
+        .arg(format!("--user-data-dir={}", sb.path().join("chromium").display()))
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(format!("file://{}", out.join("index.html").display()))
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("chromium must be installed (Debian package `chromium`; .ci/run installs it)");
+    assert!(status.success());
+    let img = image::open(&shot).unwrap().to_rgb8();
+    assert_eq!((img.width(), img.height()), (1200, 900));
+    let inked = img.pixels().filter(|p| p.0.iter().any(|c| *c < 200)).count();
+    let share = inked as f64 / (1200.0 * 900.0);
+    assert!(share > 0.01, "the screenshot is blank ({share:.4} of pixels inked)");
+    // Not a single flat colour either: the page has text, figures and a table.
+    let colours: BTreeSet<[u8; 3]> = img.pixels().map(|p| p.0).collect();
+    assert!(colours.len() > 20, "{} colours", colours.len());
+}
