@@ -115,7 +115,7 @@ fn d_batch() -> usize {
     32
 }
 fn d_text_batch() -> usize {
-    64
+    256
 }
 
 impl EncodeCfg {

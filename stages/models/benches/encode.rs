@@ -4,7 +4,8 @@
 //! Needs `HUSE_ASSETS`; the PyTorch side runs `benches/torch_encode.py` with
 //! `$HUSE_TORCH_PYTHON` (default `python3`; it needs torch, torchvision and transformers)
 //! and is skipped, with a note, when that fails. `BENCH_IMAGES` / `BENCH_TEXTS` set the
-//! sample sizes (default 512 / 4096), `BENCH_THREADS` the threads (default: all CPUs).
+//! sample sizes (default 512 / 4096), `BENCH_THREADS` the threads (default: all CPUs), `BENCH_TEXT_BATCH` the text batch (default 256,
+//! the encode stage's default; the same batch is given to PyTorch).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -26,7 +27,8 @@ fn main() -> anyhow::Result<()> {
     let data = assets.join("data/fashion-product-images-small");
     let (n_img, n_txt) = (env_usize("BENCH_IMAGES", 512), env_usize("BENCH_TEXTS", 4096));
     let threads = env_usize("BENCH_THREADS", std::thread::available_parallelism()?.get());
-    let (size, batch, text_batch) = (224, 32, 64);
+    let (size, batch) = (224, 32);
+    let text_batch = env_usize("BENCH_TEXT_BATCH", 256);
     let mut rdr = csv::Reader::from_path(data.join("styles.csv"))?;
     let rows: Vec<(String, String)> = rdr.records().take(n_img.max(n_txt)).map(|r| r.map(|r| (r[0].to_string(), r[6].to_string()))).collect::<Result<_, _>>()?;
     let images: Vec<PathBuf> = rows.iter().take(n_img).map(|(id, _)| data.join(format!("images/{id}.jpg"))).collect();
