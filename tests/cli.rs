@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::Sandbox;
+use common::{Sandbox, known_runs};
 
 const DIAMOND: &str = "\
 name: diamond
@@ -192,7 +192,7 @@ fn sigint_marks_the_run_interrupted_and_a_rerun_completes() {
         "name: slow\nstages:\n  source: { uses: toy-source }\n  mid: { uses: toy-scale, needs: [source], with: { seconds: 3 } }\n",
     );
     let f = f.to_str().unwrap();
-    let mut child = sb.cmd(&[f]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child = sb.cmd(&[f]).stderr(std::process::Stdio::piped()).spawn().unwrap();
     // Wait until the slow stage is writing into its temporary directory.
     let tmp = sb.cache().join(".tmp");
     let t0 = std::time::Instant::now();
@@ -259,19 +259,6 @@ fn eight_concurrent_processes_lose_no_rows() {
     assert_eq!(sb.count("SELECT count(*) FROM metrics"), 8 * 301);
     assert_eq!(sb.count("SELECT count(*) FROM stage_runs"), 16);
     assert_eq!(sb.count("SELECT count(*) FROM params WHERE key = 'mid.offset'"), 8);
-}
-
-/// Known rows: a 2x2 sweep over toy-scale whose `sum` metric is computable by hand.
-fn known_runs() -> Sandbox {
-    let sb = Sandbox::new();
-    let f = sb.write(
-        "q.yaml",
-        "name: q\nstages:\n  source: { uses: toy-source, with: { count: 4 } }\n  \
-         mid: { uses: toy-scale, needs: [source], with: { metrics: 3 } }\n  total: { uses: toy-sum, needs: [mid] }\n\
-         sweep:\n  mid.factor: [1, 2]\n  mid.offset: [0, 1]\n",
-    );
-    sb.run(&[f.to_str().unwrap()]).expect(0);
-    sb
 }
 
 #[test]

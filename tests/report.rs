@@ -4,23 +4,11 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::Sandbox;
-
-/// A 2x2 sweep whose `sum` metric is known: (factor, offset) -> 6, 10, 12, 16; `loss` has 3 steps.
-fn known(sb: &Sandbox) {
-    let f = sb.write(
-        "q.yaml",
-        "name: q\nstages:\n  source: { uses: toy-source, with: { count: 4 } }\n  \
-         mid: { uses: toy-scale, needs: [source], with: { metrics: 3 } }\n  total: { uses: toy-sum, needs: [mid] }\n\
-         sweep:\n  mid.factor: [1, 2]\n  mid.offset: [0, 1]\n",
-    );
-    sb.run(&[f.to_str().unwrap()]).expect(0);
-}
+use common::known_runs;
 
 #[test]
 fn report_references_every_figure_and_shows_the_database_numbers() {
-    let sb = Sandbox::new();
-    known(&sb);
+    let sb = known_runs();
     let out = sb.path().join("rep");
     let printed = sb.run(&["report", "q", "--out", out.to_str().unwrap(), "-m", "sum"]).expect(0).stdout();
     assert!(printed.contains("index.html"), "{printed}");
@@ -62,8 +50,7 @@ fn report_references_every_figure_and_shows_the_database_numbers() {
 
 #[test]
 fn export_writes_params_and_metrics_in_long_form() {
-    let sb = Sandbox::new();
-    known(&sb);
+    let sb = known_runs();
     let csv = sb.run(&["export", "-e", "q"]).expect(0).stdout();
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines[0], "run_id,experiment,run,status,kind,key,step,value");
@@ -81,8 +68,7 @@ fn export_writes_params_and_metrics_in_long_form() {
 
 #[test]
 fn the_page_renders_in_headless_chromium() {
-    let sb = Sandbox::new();
-    known(&sb);
+    let sb = known_runs();
     let out = sb.path().join("rep");
     sb.run(&["report", "q", "--out", out.to_str().unwrap(), "-m", "sum"]).expect(0);
     let shot = sb.path().join("shot.png");

@@ -82,6 +82,20 @@ impl Sandbox {
     }
 }
 
+/// A 2x2 toy sweep whose rows are known by hand: `sum` = factor * 6 + 4 * offset for
+/// (factor, offset) in {1, 2} x {0, 1} -> 6, 10, 12, 16 (runs 1-4); `loss` has 3 steps.
+pub fn known_runs() -> Sandbox {
+    let sb = Sandbox::new();
+    let f = sb.write(
+        "q.yaml",
+        "name: q\nstages:\n  source: { uses: toy-source, with: { count: 4 } }\n  \
+         mid: { uses: toy-scale, needs: [source], with: { metrics: 3 } }\n  total: { uses: toy-sum, needs: [mid] }\n\
+         sweep:\n  mid.factor: [1, 2]\n  mid.offset: [0, 1]\n",
+    );
+    sb.run(&[f.to_str().unwrap()]).expect(0);
+    sb
+}
+
 /// A finished command.
 pub struct Out(pub Output);
 

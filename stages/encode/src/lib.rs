@@ -26,7 +26,7 @@ use huse_models::model_ref::{ModelRef, TEXT_MODEL_FILES};
 use huse_models::text::{TextEncoder, TokenIdf};
 use huse_models::tfidf::Tfidf;
 use huse_models::{image_prep, torch_pth};
-use huse_stage_api::{Config, ConfigError, Context, DeviceSpec, Input, Inputs, Output, Stage, StageError, parse_config};
+use huse_stage_api::{Config, ConfigError, Context, Input, Inputs, Output, Stage, StageError, parse_config};
 use rayon::prelude::*;
 use serde::Deserialize;
 
@@ -147,16 +147,6 @@ fn aerr(e: anyhow::Error) -> StageError {
     StageError::msg(format!("{e:#}"))
 }
 
-/// The candle device of a stage context.
-pub fn device_of(spec: DeviceSpec) -> Result<Device, StageError> {
-    match spec {
-        DeviceSpec::Auto => huse_models::device(None, true),
-        DeviceSpec::Cpu => huse_models::device(None, false),
-        DeviceSpec::Cuda(n) => huse_models::device(Some(n), false),
-    }
-    .map_err(aerr)
-}
-
 impl Stage for Encode {
     fn kind(&self) -> &str {
         "encode"
@@ -194,7 +184,7 @@ impl Stage for Encode {
         let cfg: EncodeCfg = parse_config(config)?;
         cfg.check()?;
         let items = huse_data::read_items(inputs.get(huse_data::ITEMS)?).map_err(aerr)?;
-        let device = device_of(ctx.device)?;
+        let device = huse_models::device_of(ctx.device).map_err(aerr)?;
         let ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
         std::fs::write(ctx.out_dir.join(IDS), serde_json::to_vec(&ids).map_err(err)?)?;
         let ips = encode_images(ctx, &cfg, &items, &device)?;

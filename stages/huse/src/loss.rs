@@ -225,10 +225,10 @@ pub fn total(
     cfg: &LossConfig,
 ) -> Result<Losses> {
     let class = class_loss(logits_image, logits_text, labels)?;
-    let zero = || Tensor::zeros((), DType::F32, phi_image.device()).map(|t| t.to_dtype(phi_image.dtype()));
+    let zero = || Tensor::zeros((), phi_image.dtype(), phi_image.device());
     // A weight of 0 skips the computation (its value is still reported as 0).
-    let graph = if cfg.beta != 0.0 { graph_loss(phi_image, phi_text, labels, a, cfg.zeta, cfg.variant, cfg.pairs)? } else { zero()?? };
-    let gap = if cfg.gamma != 0.0 { gap_loss(phi_image, phi_text)? } else { zero()?? };
+    let graph = if cfg.beta != 0.0 { graph_loss(phi_image, phi_text, labels, a, cfg.zeta, cfg.variant, cfg.pairs)? } else { zero()? };
+    let gap = if cfg.gamma != 0.0 { gap_loss(phi_image, phi_text)? } else { zero()? };
     let total = ((class.affine(cfg.alpha, 0.0)? + graph.affine(cfg.beta, 0.0)?)? + gap.affine(cfg.gamma, 0.0)?)?;
     Ok(Losses { class, graph, gap, total })
 }

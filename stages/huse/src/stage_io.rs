@@ -11,15 +11,9 @@ fn aerr(e: anyhow::Error) -> StageError {
     StageError::msg(format!("{e:#}"))
 }
 
-/// The candle device for a stage's `device`: `auto` takes a CUDA device when the build
-/// has CUDA support and one exists, else the CPU.
+/// The candle device for a stage's `device` (see `huse_models::device_of`).
 pub fn device_of(spec: DeviceSpec) -> Result<Device, StageError> {
-    match spec {
-        DeviceSpec::Auto => Ok(if candle_core::utils::cuda_is_available() { Device::new_cuda(0).unwrap_or(Device::Cpu) } else { Device::Cpu }),
-        DeviceSpec::Cpu => Ok(Device::Cpu),
-        DeviceSpec::Cuda(n) if candle_core::utils::cuda_is_available() => Device::new_cuda(n).map_err(|e| StageError::msg(e.to_string())),
-        DeviceSpec::Cuda(n) => Err(StageError::msg(format!("device cuda:{n} asked for, but this build has no CUDA support (build with `--features cuda`)"))),
-    }
+    huse_models::device_of(spec).map_err(aerr)
 }
 
 /// Reads the dataset artifacts (items, classes, encode features) among a stage's inputs.

@@ -16,20 +16,15 @@ pub mod text;
 pub mod tfidf;
 pub mod torch_pth;
 
-/// The candle device for a request: `None` is the CPU, `Some(n)` CUDA device n. With
-/// `auto`, a CUDA device is used when this build has CUDA support and one exists.
-pub fn device(cuda: Option<usize>, auto: bool) -> anyhow::Result<candle_core::Device> {
-    if auto {
-        if candle_core::utils::cuda_is_available()
-            && let Ok(d) = candle_core::Device::new_cuda(0)
-        {
-            return Ok(d);
-        }
-        return Ok(candle_core::Device::Cpu);
-    }
-    match cuda {
-        None => Ok(candle_core::Device::Cpu),
-        Some(n) if candle_core::utils::cuda_is_available() => Ok(candle_core::Device::new_cuda(n)?),
-        Some(n) => anyhow::bail!("device cuda:{n} asked for, but this build has no CUDA support (build with `--features cuda`)"),
-    }
+/// The candle device for a stage's `device`: `auto` takes CUDA device 0 when this build has
+/// CUDA support and one exists, else the CPU; `cuda:N` without CUDA support is an error.
+pub fn device_of(spec: huse_stage_api::DeviceSpec) -> anyhow::Result<candle_core::Device> {
+    use huse_stage_api::DeviceSpec;
+    use candle_core::{Device, utils::cuda_is_available};
+    Ok(match spec {
+        DeviceSpec::Auto if cuda_is_available() => Device::new_cuda(0).unwrap_or(Device::Cpu),
+        DeviceSpec::Auto | DeviceSpec::Cpu => Device::Cpu,
+        DeviceSpec::Cuda(n) if cuda_is_available() => Device::new_cuda(n)?,
+        DeviceSpec::Cuda(n) => anyhow::bail!("device cuda:{n} asked for, but this build has no CUDA support (build with `--features cuda`)"),
+    })
 }

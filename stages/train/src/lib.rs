@@ -292,7 +292,7 @@ fn selected(v: &EpochVal, by: &str) -> f64 {
 
 /// The training batches of one epoch.
 fn epoch_batches(cfg: &TrainCfg, ds: &Dataset, train: &[usize], rng: &mut ChaCha8Rng) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = if cfg.balanced {
+    let order: Vec<usize> = if cfg.balanced {
         // As many draws as items: a uniform class, then a uniform item of it.
         let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); ds.classes];
         for &i in train {
@@ -315,7 +315,6 @@ fn epoch_batches(cfg: &TrainCfg, ds: &Dataset, train: &[usize], rng: &mut ChaCha
     if batches.last().is_some_and(|b| b.len() < 2) {
         batches.pop();
     }
-    order.clear();
     batches
 }
 
