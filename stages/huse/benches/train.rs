@@ -5,7 +5,8 @@
 //! Features: `BENCH_ENCODE_DIR` = an encode stage output directory (cache entry) for real
 //! features; otherwise deterministic pseudo-random features of the same shape. The PyTorch
 //! side runs `benches/torch_train.py` with `$HUSE_TORCH_PYTHON` (default `python3`).
-//! `BENCH_STEPS` (default 20), `BENCH_THREADS` (default: all CPUs).
+//! `BENCH_STEPS` (default 20), `BENCH_THREADS` (default: all CPUs), `BENCH_DEVICE` (`cpu`,
+//! default, or `cuda:N` for a `--features cuda` build; PyTorch then runs on the same GPU).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -61,7 +62,10 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let cfg = HuseConfig { image_input: di, text_input: dt + v, classes, dim: 512, hidden: 512, image_layers: 5, text_layers: 2, dropout: 0.15 };
-    let dev = Device::Cpu;
+    let spec: huse_stage_api::DeviceSpec = std::env::var("BENCH_DEVICE").unwrap_or_else(|_| "cpu".into()).parse().map_err(anyhow::Error::msg)?;
+    let dev = huse_models::device_of(spec)?;
+    // All features live on the device; a step takes a slice of them, as PyTorch's side does.
+    let (image_all, text_all) = (Tensor::from_slice(&image, (n, di), &dev)?, Tensor::from_slice(&text, (n, dt), &dev)?);
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let model = Huse::new(&cfg, &mut rng, &dev)?;
     let mut opt = Optimizer::new(model.vars(), OptimizerConfig::Adamw { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 })?;
@@ -84,8 +88,7 @@ fn main() -> anyhow::Result<()> {
     };
     let mut step = |s: usize, rng: &mut ChaCha8Rng| -> anyhow::Result<()> {
         let start = (s * batch) % (n - batch);
-        let xi = Tensor::from_slice(&image[start * di..(start + batch) * di], (batch, di), &dev)?;
-        let xt = Tensor::from_slice(&text[start * dt..(start + batch) * dt], (batch, dt), &dev)?;
+        let (xi, xt) = (image_all.narrow(0, start, batch)?, text_all.narrow(0, start, batch)?);
         let sp = sparse(start)?;
         let y = Tensor::from_slice(&labels[start..start + batch], batch, &dev)?;
         let pi = model.image.embed(&xi, Some((0.15, rng)))?;
@@ -101,6 +104,7 @@ fn main() -> anyhow::Result<()> {
     for s in 3..3 + steps {
         step(s, &mut rng)?;
     }
+    dev.synchronize()?;
     let ours = (steps * batch) as f64 / t.elapsed().as_secs_f64();
 
     // PyTorch on the same features.
@@ -121,7 +125,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(&ft, dense)?;
     let python = std::env::var("HUSE_TORCH_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/torch_train.py");
-    let args = serde_json::json!({"threads": threads, "rows": n, "image_dim": di, "text_dim": dt + v, "classes": classes,
+    let args = serde_json::json!({"device": if dev.is_cpu() { "cpu".to_string() } else { spec.to_string() }, "threads": threads, "rows": n, "image_dim": di, "text_dim": dt + v, "classes": classes,
         "image_file": fi, "text_file": ft, "batch": batch, "steps": steps});
     let out = Command::new(&python).arg(&script).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().and_then(|mut c| {
         c.stdin.take().unwrap().write_all(args.to_string().as_bytes())?;
@@ -138,7 +142,7 @@ fn main() -> anyhow::Result<()> {
             None
         }
     };
-    println!("HUSE train step, batch {batch}, image {di} -> 5x512 -> 512, text {dt}+{v} (BERT + TF-IDF) -> 2x512 -> 512, {classes} classes, AdamW, 3 losses, {threads} threads");
+    println!("HUSE train step, batch {batch}, image {di} -> 5x512 -> 512, text {dt}+{v} (BERT + TF-IDF) -> 2x512 -> 512, {classes} classes, AdamW, 3 losses, {}", if dev.is_cpu() { format!("{threads} threads") } else { spec.to_string() });
     println!("features: {source}");
     match torch.as_ref().and_then(|j| j["samples_per_s"].as_f64()) {
         Some(t) => println!("samples/s  huse-run {ours:.0}   PyTorch {t:.0}   ratio {:.2}x", ours / t),
