@@ -4,6 +4,7 @@
 //! accuracy). The train and evaluate stages are thin layers over this crate.
 
 pub mod data;
+pub mod fused;
 pub mod loss;
 pub mod metrics;
 pub mod model;

@@ -74,7 +74,21 @@ impl Dense {
 
     /// x W^T + b.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.matmul(&self.weight.as_tensor().t()?)?.broadcast_add(self.bias.as_tensor())?)
+        self.apply(x, false)
+    }
+
+    /// max(0, x W^T + b).
+    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+        let (w, b) = (self.weight.as_tensor(), self.bias.as_tensor());
+        if x.rank() == 2 && crate::fused::usable(&[x, w, b]) {
+            return Ok(x.apply_op3(w, b, crate::fused::DenseOp { relu })?);
+        }
+        let z = x.matmul(&w.t()?)?.broadcast_add(b)?;
+        Ok(if relu { z.relu()? } else { z })
     }
 }
 
@@ -108,10 +122,10 @@ pub fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
     Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)?)
 }
 
-/// `[dense | sparse] W^T + b` without materialising the sparse columns.
-fn first_layer(layer: &Dense, dense: &Tensor, sparse: Option<&Sparse>) -> Result<Tensor> {
+/// `[dense | sparse] W^T + b` (then ReLU when `relu`) without materialising the sparse columns.
+fn first_layer(layer: &Dense, dense: &Tensor, sparse: Option<&Sparse>, relu: bool) -> Result<Tensor> {
     let w = layer.weight.as_tensor();
-    let Some(sp) = sparse else { return layer.forward(dense) };
+    let Some(sp) = sparse else { return layer.apply(dense, relu) };
     let d = dense.dim(1)?;
     let mut h = dense.matmul(&w.narrow(1, 0, d)?.t()?)?;
     if sp.rows.dim(0)? > 0 {
@@ -119,7 +133,8 @@ fn first_layer(layer: &Dense, dense: &Tensor, sparse: Option<&Sparse>) -> Result
         let picked = w.index_select(&sp.cols, 1)?.t()?.broadcast_mul(&sp.vals)?;
         h = h.index_add(&sp.rows, &picked, 0)?;
     }
-    Ok(h.broadcast_add(layer.bias.as_tensor())?)
+    let h = h.broadcast_add(layer.bias.as_tensor())?;
+    Ok(if relu { h.relu()? } else { h })
 }
 
 impl Tower {
@@ -143,15 +158,14 @@ impl Tower {
     /// weight columns of the non-zero entries instead of multiplying by zeros.
     pub fn embed_sparse(&self, dense: &Tensor, sparse: Option<&Sparse>, mut dropout_rng: Option<(f64, &mut ChaCha8Rng)>) -> Result<Tensor> {
         let first = self.hidden.first().unwrap_or(&self.out);
-        let mut h = first_layer(first, dense, sparse)?;
         let n = self.hidden.len();
+        let mut h = first_layer(first, dense, sparse, n > 0)?;
         if n == 0 {
             return l2_normalise(&h);
         }
-        h = h.relu()?;
         for i in 0..n {
             if i > 0 {
-                h = self.hidden[i].forward(&h)?.relu()?;
+                h = self.hidden[i].forward_relu(&h)?;
             }
             if i + 1 < n
                 && let Some((p, rng)) = dropout_rng.as_mut()

@@ -1,0 +1,54 @@
+//! The fused CPU dense layer equals the plain tensor ops, forward and backward.
+
+use candle_core::{Device, Tensor, Var};
+use huse_model::fused::DenseOp;
+
+fn values(n: usize, seed: f32) -> Vec<f32> {
+    (0..n).map(|i| ((i as f32 + 1.0) * seed).sin()).collect()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+#[test]
+fn fused_dense_equals_tensor_ops() {
+    let dev = Device::Cpu;
+    // 70 x 300 inputs into 40 units: big enough for the threaded GEMM path, with negative
+    // pre-activations so the ReLU mask matters.
+    for (m, k, n) in [(3, 5, 4), (70, 300, 40)] {
+        for relu in [false, true] {
+            let x = Var::from_tensor(&Tensor::from_vec(values(m * k, 0.37), (m, k), &dev).unwrap()).unwrap();
+            let w = Var::from_tensor(&Tensor::from_vec(values(n * k, 0.91), (n, k), &dev).unwrap()).unwrap();
+            let b = Var::from_tensor(&Tensor::from_vec(values(n, 1.7), n, &dev).unwrap()).unwrap();
+            // A loss that weights every output differently.
+            let c = Tensor::from_vec(values(m * n, 0.23), (m, n), &dev).unwrap();
+            let fused = x.as_tensor().apply_op3(w.as_tensor(), b.as_tensor(), DenseOp { relu }).unwrap();
+            let plain = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(b.as_tensor()).unwrap();
+            let plain = if relu { plain.relu().unwrap() } else { plain };
+            if relu {
+                let zeros = plain.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().filter(|v| **v == 0.0).count();
+                assert!(zeros > 0 && zeros < m * n, "the mask should cut some units: {zeros}");
+            }
+            assert!(max_diff(&fused, &plain) < 1e-4, "forward {m}x{k}x{n} relu={relu}");
+            let gf = (fused * &c).unwrap().sum_all().unwrap().backward().unwrap();
+            let gp = (plain * &c).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in [("x", &x), ("W", &w), ("b", &b)] {
+                let (a, b) = (gf.get(v).unwrap(), gp.get(v).unwrap());
+                assert_eq!(a.shape(), b.shape());
+                assert!(max_diff(a, b) < 1e-3, "d{name} {m}x{k}x{n} relu={relu}: {}", max_diff(a, b));
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_dense_skips_the_input_gradient_of_constants() {
+    // Features are constants: no gradient is made for them.
+    let dev = Device::Cpu;
+    let x = Tensor::from_vec(values(6, 0.5), (2, 3), &dev).unwrap();
+    let w = Var::from_tensor(&Tensor::from_vec(values(12, 0.3), (4, 3), &dev).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::zeros(4, candle_core::DType::F32, &dev).unwrap()).unwrap();
+    let g = x.apply_op3(w.as_tensor(), b.as_tensor(), DenseOp { relu: true }).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(g.get(&x).is_none() && g.get(&w).is_some());
+}
