@@ -115,12 +115,11 @@ pub fn graph_loss_block(e1: &Tensor, e2: &Tensor, y1: &Tensor, y2: &Tensor, a: &
         return graph_loss_block_ops(e1, e2, y1, y2, a, zeta, variant);
     }
     let d = cosine_distances(e1, e2)?.contiguous()?;
-    let (n, m) = d.dims2()?;
+    let n = d.dim(0)?;
+    let classes = a.dim(1)?;
     let a_host: Vec<f64> = a.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-    let k = a.dim(1)?;
-    let (l1, l2): (Vec<u32>, Vec<u32>) = (y1.to_vec1()?, y2.to_vec1()?);
-    let target: Vec<f64> = (0..n * m).map(|i| a_host[l1[i / m] as usize * k + l2[i % m] as usize]).collect();
-    Ok(d.apply_op1(GraphBlock { target, zeta, hinge: variant == GraphVariant::Hinge, n })?)
+    let (rows, cols): (Vec<u32>, Vec<u32>) = (y1.to_vec1()?, y2.to_vec1()?);
+    Ok(d.apply_op1(GraphBlock { a: a_host, classes, rows, cols, zeta, hinge: variant == GraphVariant::Hinge, n })?)
 }
 
 /// The graph-loss block from tensor ops (any device).
@@ -143,23 +142,32 @@ pub fn graph_loss_block_ops(e1: &Tensor, e2: &Tensor, y1: &Tensor, y2: &Tensor, 
 
 /// The fused graph-loss block on a distance matrix `d` (n x m): value
 /// `sum_{i != j} [t < zeta][d < zeta] (d - t)^2 (+ hinge [t >= zeta] max(0, zeta - d)^2) / n^2`
-/// and its gradient `(2 [t < zeta][d < zeta] (d - t) - hinge 2 [t >= zeta] max(0, zeta - d)) / n^2`
-/// in one pass each, instead of a dozen full-size intermediate tensors.
+/// and its gradient `(2 [t < zeta][d < zeta] (d - t) - hinge 2 [t >= zeta] max(0, zeta - d)) / n^2`,
+/// with `t = A[y_i][y_j]`, in one pass each (rows in parallel, summed in row order, so the
+/// value does not depend on the thread count), instead of a dozen full-size intermediates.
 pub struct GraphBlock {
-    /// A[y_i][y_j], row-major n x m.
-    pub target: Vec<f64>,
+    /// The class distance matrix A, row-major `classes` x `classes`.
+    pub a: Vec<f64>,
+    pub classes: usize,
+    /// Labels of the rows (y_i) and of the columns (y_j).
+    pub rows: Vec<u32>,
+    pub cols: Vec<u32>,
     pub zeta: f64,
     pub hinge: bool,
     pub n: usize,
 }
 
+/// Rows per parallel task.
+const GRAPH_ROWS: usize = 32;
+
 impl GraphBlock {
+    /// (value, d value / d d) of pair (i, j) at distance `d`.
     #[inline]
-    fn term(&self, i: usize, m: usize, d: f64) -> (f64, f64) {
-        if i / m == i % m {
+    fn term(&self, i: usize, j: usize, a_row: &[f64], d: f64) -> (f64, f64) {
+        if i == j {
             return (0.0, 0.0);
         }
-        let t = self.target[i];
+        let t = a_row[self.cols[j] as usize];
         if t < self.zeta {
             if d < self.zeta { ((d - t) * (d - t), 2.0 * (d - t)) } else { (0.0, 0.0) }
         } else if self.hinge && d < self.zeta {
@@ -167,6 +175,49 @@ impl GraphBlock {
         } else {
             (0.0, 0.0)
         }
+    }
+
+    fn a_row(&self, i: usize) -> &[f64] {
+        let r = self.rows[i] as usize * self.classes;
+        &self.a[r..r + self.classes]
+    }
+
+    /// Sum of the terms over `d` (row-major, `m` columns), divided by n^2.
+    fn value<T: Copy + Into<f64> + Sync>(&self, d: &[T], m: usize) -> f64 {
+        use rayon::prelude::*;
+        let partial: Vec<f64> = d
+            .par_chunks(GRAPH_ROWS * m)
+            .enumerate()
+            .map(|(c, block)| {
+                let mut s = 0.0;
+                for (r, row) in block.chunks(m).enumerate() {
+                    let i = c * GRAPH_ROWS + r;
+                    let a_row = self.a_row(i);
+                    for (j, &x) in row.iter().enumerate() {
+                        s += self.term(i, j, a_row, x.into()).0;
+                    }
+                }
+                s
+            })
+            .collect();
+        partial.iter().sum::<f64>() / (self.n * self.n) as f64
+    }
+
+    /// The gradient w.r.t. `d`, times `upstream`.
+    fn gradient<T: Copy + Default + Into<f64> + Send + Sync>(&self, d: &[T], m: usize, upstream: f64, from: impl Fn(f64) -> T + Sync) -> Vec<T> {
+        use rayon::prelude::*;
+        let scale = upstream / (self.n * self.n) as f64;
+        let mut g = vec![T::default(); d.len()];
+        g.par_chunks_mut(GRAPH_ROWS * m).zip(d.par_chunks(GRAPH_ROWS * m)).enumerate().for_each(|(c, (gb, db))| {
+            for (r, (gr, dr)) in gb.chunks_mut(m).zip(db.chunks(m)).enumerate() {
+                let i = c * GRAPH_ROWS + r;
+                let a_row = self.a_row(i);
+                for (j, (g, &x)) in gr.iter_mut().zip(dr).enumerate() {
+                    *g = from(self.term(i, j, a_row, x.into()).1 * scale);
+                }
+            }
+        });
+        g
     }
 }
 
@@ -179,11 +230,9 @@ impl candle_core::CustomOp1 for GraphBlock {
         use candle_core::CpuStorage as S;
         let (_, m) = layout.shape().dims2()?;
         let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("graph block needs a contiguous input".into()))?;
-        let scale = 1.0 / (self.n * self.n) as f64;
-        let sum = |it: &mut dyn Iterator<Item = f64>| -> f64 { it.enumerate().map(|(i, d)| self.term(i, m, d).0).sum::<f64>() * scale };
         let out = match storage {
-            S::F32(v) => S::F32(vec![sum(&mut v[start..end].iter().map(|x| f64::from(*x))) as f32]),
-            S::F64(v) => S::F64(vec![sum(&mut v[start..end].iter().copied())]),
+            S::F32(v) => S::F32(vec![self.value(&v[start..end], m) as f32]),
+            S::F64(v) => S::F64(vec![self.value(&v[start..end], m)]),
             _ => return Err(candle_core::Error::Msg("graph block supports f32 and f64".into())),
         };
         Ok((out, candle_core::Shape::from(())))
@@ -191,11 +240,15 @@ impl candle_core::CustomOp1 for GraphBlock {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let (_, m) = arg.dims2()?;
-        let d: Vec<f64> = arg.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-        let scale = 1.0 / (self.n * self.n) as f64;
-        let g: Vec<f64> = d.iter().enumerate().map(|(i, &x)| self.term(i, m, x).1 * scale).collect();
-        let g = Tensor::from_vec(g, arg.shape(), arg.device())?.to_dtype(arg.dtype())?;
-        Some(g.broadcast_mul(grad_res)).transpose()
+        let upstream = grad_res.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let g = if arg.dtype() == DType::F32 {
+            let d: Vec<f32> = arg.flatten_all()?.to_vec1()?;
+            Tensor::from_vec(self.gradient(&d, m, upstream, |x| x as f32), arg.shape(), arg.device())?
+        } else {
+            let d: Vec<f64> = arg.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+            Tensor::from_vec(self.gradient(&d, m, upstream, |x| x), arg.shape(), arg.device())?.to_dtype(arg.dtype())?
+        };
+        Ok(Some(g))
     }
 }
 
