@@ -96,3 +96,134 @@ impl CustomOp3 for DenseOp {
         Ok((dx, Some(dw), Some(db)))
     }
 }
+
+/// The first layer of a tower whose input is `[dense | sparse]` (BERT features, then TF-IDF):
+/// `relu?([x | S] W^T + b)` without materialising the sparse columns. The dense part is one
+/// GEMM against the first columns of W; each non-zero adds its value times one column of W to
+/// its row. Non-zeros are visited by column, so the strided reads of W's columns share cache
+/// lines, and the gradient of those columns is gathered the same way.
+pub struct SparseDenseOp {
+    pub relu: bool,
+    /// Non-zeros sorted by column: (row, column of W, value).
+    entries: Vec<(u32, u32, f32)>,
+}
+
+impl SparseDenseOp {
+    /// `rows`, `cols` (columns of W, i.e. already offset by the dense width) and `vals` of the
+    /// non-zeros.
+    pub fn new(relu: bool, rows: &[u32], cols: &[u32], vals: &[f32]) -> Self {
+        let mut entries: Vec<(u32, u32, f32)> = rows.iter().zip(cols).zip(vals).map(|((&r, &c), &v)| (r, c, v)).collect();
+        entries.sort_by_key(|&(r, c, _)| (c, r));
+        SparseDenseOp { relu, entries }
+    }
+
+    /// Runs of entries sharing a column.
+    fn by_column(&self) -> impl Iterator<Item = &[(u32, u32, f32)]> {
+        self.entries.chunk_by(|a, b| a.1 == b.1)
+    }
+}
+
+impl CustomOp3 for SparseDenseOp {
+    fn name(&self) -> &'static str {
+        "huse-sparse-dense"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, d) = xl.shape().dims2()?;
+        let (n, kw) = wl.shape().dims2()?;
+        if d > kw || bl.shape().dims1()? != n {
+            bail!("sparse first layer: x {:?}, W {:?}, b {:?} do not fit", xl.shape(), wl.shape(), bl.shape());
+        }
+        if let Some(&(r, c, _)) = self.entries.iter().find(|&&(r, c, _)| r as usize >= m || (c as usize) < d || c as usize >= kw) {
+            bail!("sparse first layer: entry ({r}, {c}) outside rows 0..{m}, sparse columns {d}..{kw}");
+        }
+        let (x, w, b) = (slice(xs, xl)?, slice(ws, wl)?, slice(bs, bl)?);
+        let mut out = Vec::with_capacity(m * n);
+        for _ in 0..m {
+            out.extend_from_slice(b);
+        }
+        if d > 0 && m > 0 {
+            // out (m, n) += x (m, d) . W[:, ..d]^T: rhs(kk, j) = w[j*kw + kk].
+            // SAFETY: the slices have exactly the sizes the strides describe.
+            unsafe {
+                gemm::gemm(
+                    m, n, d,
+                    out.as_mut_ptr(), 1, n as isize, true,
+                    x.as_ptr(), 1, d as isize,
+                    w.as_ptr(), kw as isize, 1,
+                    1.0f32, 1.0f32, false, false, false, parallelism(m, n, d),
+                );
+            }
+        }
+        let mut column = vec![0f32; n];
+        for run in self.by_column() {
+            let c = run[0].1 as usize;
+            for (j, v) in column.iter_mut().enumerate() {
+                *v = w[j * kw + c];
+            }
+            for &(r, _, v) in run {
+                for (o, &wc) in out[r as usize * n..(r as usize + 1) * n].iter_mut().zip(&column) {
+                    *o += v * wc;
+                }
+            }
+        }
+        if self.relu {
+            for v in &mut out {
+                if *v < 0.0 {
+                    *v = 0.0;
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, d) = x.dims2()?;
+        let (n, kw) = w.dims2()?;
+        let grad = grad.contiguous()?;
+        let gz: Vec<f32> = if self.relu {
+            with_slice(&grad, |g| with_slice(res, |r| g.iter().zip(r).map(|(&g, &r)| if r > 0.0 { g } else { 0.0 }).collect()))??
+        } else {
+            grad.flatten_all()?.to_vec1()?
+        };
+        let x = x.contiguous()?;
+        let mut dw = vec![0f32; n * kw];
+        if d > 0 && m > 0 {
+            // dW[:, ..d] (n, d) = gz^T (n, m) . x (m, d); lhs(j, r) = gz[r*n + j].
+            with_slice(&x, |xv| {
+                // SAFETY: the slices have exactly the sizes the strides describe.
+                unsafe {
+                    gemm::gemm(
+                        n, d, m,
+                        dw.as_mut_ptr(), 1, kw as isize, false,
+                        gz.as_ptr(), n as isize, 1,
+                        xv.as_ptr(), 1, d as isize,
+                        0.0f32, 1.0f32, false, false, false, parallelism(n, d, m),
+                    );
+                }
+            })?;
+        }
+        let mut acc = vec![0f32; n];
+        for run in self.by_column() {
+            acc.fill(0.0);
+            for &(r, _, v) in run {
+                for (a, &g) in acc.iter_mut().zip(&gz[r as usize * n..(r as usize + 1) * n]) {
+                    *a += v * g;
+                }
+            }
+            let c = run[0].1 as usize;
+            for (j, &a) in acc.iter().enumerate() {
+                dw[j * kw + c] += a;
+            }
+        }
+        let mut db = vec![0f32; n];
+        for row in gz.chunks_exact(n) {
+            for (s, &g) in db.iter_mut().zip(row) {
+                *s += g;
+            }
+        }
+        let gz = Tensor::from_vec(gz, (m, n), res.device())?;
+        let dx = if x.track_op() { Some(gz.matmul(&w.narrow(1, 0, d)?)?) } else { None };
+        Ok((dx, Some(Tensor::from_vec(dw, (n, kw), w.device())?), Some(Tensor::from_vec(db, n, w.device())?)))
+    }
+}

@@ -126,6 +126,10 @@ pub fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
 fn first_layer(layer: &Dense, dense: &Tensor, sparse: Option<&Sparse>, relu: bool) -> Result<Tensor> {
     let w = layer.weight.as_tensor();
     let Some(sp) = sparse else { return layer.apply(dense, relu) };
+    if crate::fused::usable(&[dense, w, layer.bias.as_tensor()]) && sp.vals.device().is_cpu() {
+        let op = crate::fused::SparseDenseOp::new(relu, &sp.rows.to_vec1()?, &sp.cols.to_vec1()?, &sp.vals.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?);
+        return Ok(dense.apply_op3(w, layer.bias.as_tensor(), op)?);
+    }
     let d = dense.dim(1)?;
     let mut h = dense.matmul(&w.narrow(1, 0, d)?.t()?)?;
     if sp.rows.dim(0)? > 0 {

@@ -52,3 +52,44 @@ fn fused_dense_skips_the_input_gradient_of_constants() {
     let g = x.apply_op3(w.as_tensor(), b.as_tensor(), DenseOp { relu: true }).unwrap().sum_all().unwrap().backward().unwrap();
     assert!(g.get(&x).is_none() && g.get(&w).is_some());
 }
+
+#[test]
+fn sparse_first_layer_equals_the_dense_layer_on_the_concatenated_input() {
+    use huse_model::fused::SparseDenseOp;
+    let dev = Device::Cpu;
+    // 40 rows, 30 dense + 50 sparse columns, 24 units; rows with 0..4 non-zeros, columns shared
+    // by several rows.
+    let (m, d, v, n) = (40, 30, 50, 24);
+    let (mut rows, mut cols, mut vals) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..m {
+        for e in 0..(r % 5) {
+            rows.push(r as u32);
+            cols.push((d + (r * 7 + e * 13) % v) as u32);
+            vals.push(0.3 + 0.1 * e as f32 - 0.02 * r as f32);
+        }
+    }
+    let mut sparse = vec![0f32; m * v];
+    for ((&r, &c), &x) in rows.iter().zip(&cols).zip(&vals) {
+        sparse[r as usize * v + c as usize - d] += x;
+    }
+    let x = Tensor::from_vec(values(m * d, 0.37), (m, d), &dev).unwrap();
+    let full = Tensor::cat(&[&x, &Tensor::from_vec(sparse, (m, v), &dev).unwrap()], 1).unwrap();
+    let w = Var::from_tensor(&Tensor::from_vec(values(n * (d + v), 0.71), (n, d + v), &dev).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::from_vec(values(n, 1.3), n, &dev).unwrap()).unwrap();
+    let c = Tensor::from_vec(values(m * n, 0.29), (m, n), &dev).unwrap();
+    for relu in [false, true] {
+        let fused = x.apply_op3(w.as_tensor(), b.as_tensor(), SparseDenseOp::new(relu, &rows, &cols, &vals)).unwrap();
+        let plain = full.matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(b.as_tensor()).unwrap();
+        let plain = if relu { plain.relu().unwrap() } else { plain };
+        assert!(max_diff(&fused, &plain) < 1e-4, "forward relu={relu}");
+        let gf = (fused * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let gp = (plain * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, var) in [("W", &w), ("b", &b)] {
+            let (a, e) = (gf.get(var).unwrap(), gp.get(var).unwrap());
+            assert!(max_diff(a, e) < 1e-3, "d{name} relu={relu}: {}", max_diff(a, e));
+        }
+    }
+    // An entry outside the sparse columns is an error, not a wrong answer.
+    let bad = SparseDenseOp::new(false, &[0], &[3], &[1.0]);
+    assert!(x.apply_op3(w.as_tensor(), b.as_tensor(), bad).is_err());
+}
