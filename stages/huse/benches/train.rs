@@ -64,6 +64,9 @@ fn main() -> anyhow::Result<()> {
     let cfg = HuseConfig { image_input: di, text_input: dt + v, classes, dim: 512, hidden: 512, image_layers: 5, text_layers: 2, dropout: 0.15 };
     let spec: huse_stage_api::DeviceSpec = std::env::var("BENCH_DEVICE").unwrap_or_else(|_| "cpu".into()).parse().map_err(anyhow::Error::msg)?;
     let dev = huse_models::device_of(spec)?;
+    if !dev.is_cpu() {
+        dev.set_seed(0)?; // dropout masks are drawn on the GPU
+    }
     // All features live on the device; a step takes a slice of them, as PyTorch's side does.
     let (image_all, text_all) = (Tensor::from_slice(&image, (n, di), &dev)?, Tensor::from_slice(&text, (n, dt), &dev)?);
     let mut rng = ChaCha8Rng::seed_from_u64(0);

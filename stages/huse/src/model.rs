@@ -112,12 +112,20 @@ pub fn l2_normalise(x: &Tensor) -> Result<Tensor> {
     Ok(x.broadcast_div(&n)?)
 }
 
-/// Dropout with a mask drawn from `rng` (inverted dropout: kept units scaled by 1/(1-p)).
+/// Dropout with a mask drawn from `rng` (inverted dropout: kept units scaled by 1/(1-p));
+/// on a GPU from the device's generator instead.
 pub fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
     }
     let scale = (1.0 / (1.0 - p)) as f32;
+    if !x.device().is_cpu() {
+        // On a GPU the mask is drawn there (curand, seeded by the train stage per epoch):
+        // drawing millions of numbers on the host and copying them over each step cost more
+        // than the step itself.
+        let keep = Tensor::rand(0f32, 1f32, x.shape(), x.device())?.ge(p)?.to_dtype(x.dtype())?;
+        return Ok((x * keep.affine(f64::from(scale), 0.0)?)?);
+    }
     let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f64>() >= p { scale } else { 0.0 }).collect();
     Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)?)
 }
@@ -131,7 +139,8 @@ fn first_layer(layer: &Dense, dense: &Tensor, sparse: Option<&Sparse>, relu: boo
         return Ok(dense.apply_op3(w, layer.bias.as_tensor(), op)?);
     }
     let d = dense.dim(1)?;
-    let mut h = dense.matmul(&w.narrow(1, 0, d)?.t()?)?;
+    // Contiguous before the transpose: CUDA's matmul takes a transposed operand, not a strided one.
+    let mut h = dense.matmul(&w.narrow(1, 0, d)?.contiguous()?.t()?)?;
     if sp.rows.dim(0)? > 0 {
         // Rows of W^T for every non-zero, scaled by its value, summed into its row.
         let picked = w.index_select(&sp.cols, 1)?.t()?.broadcast_mul(&sp.vals)?;

@@ -378,6 +378,11 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
         let started = Instant::now();
         let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch as u64);
         let mut drop_rng = ChaCha8Rng::seed_from_u64(ctx.seed.wrapping_add(0xD1B5_4A32_D192_ED03) ^ ((epoch as u64) << 20));
+        if !device.is_cpu() {
+            // GPU dropout masks come from the device's generator: seeded per epoch from the
+            // same stream, so a GPU run is repeatable too (up to GPU arithmetic).
+            device.set_seed(rand::Rng::random(&mut drop_rng)).map_err(err)?;
+        }
         let batches = epoch_batches(cfg, &ds, &train_idx, &mut rng);
         ctx.progress.start(&format!("epoch {epoch}/{}", cfg.epochs), Some(batches.len() as u64), "batch");
         let (mut sum, mut sc, mut sg, mut sp, mut seen) = (0.0, 0.0, 0.0, 0.0, 0usize);
