@@ -114,12 +114,16 @@ pub fn graph_loss_block(e1: &Tensor, e2: &Tensor, y1: &Tensor, y2: &Tensor, a: &
     if !e1.device().is_cpu() {
         return graph_loss_block_ops(e1, e2, y1, y2, a, zeta, variant);
     }
-    let d = cosine_distances(e1, e2)?.contiguous()?;
-    let n = d.dim(0)?;
     let classes = a.dim(1)?;
     let a_host: Vec<f64> = a.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
     let (rows, cols): (Vec<u32>, Vec<u32>) = (y1.to_vec1()?, y2.to_vec1()?);
-    Ok(d.apply_op1(GraphBlock { a: a_host, classes, rows, cols, zeta, hinge: variant == GraphVariant::Hinge, n })?)
+    let terms = GraphBlock { a: a_host, classes, rows, cols, zeta, hinge: variant == GraphVariant::Hinge, n: e1.dim(0)? };
+    let same = e1.id() == e2.id();
+    let (e1, e2) = (e1.contiguous()?, if same { e1.contiguous()? } else { e2.contiguous()? });
+    // Within a modality e1 and e2 are one tensor: the op then returns the whole gradient
+    // through its first argument (one GEMM instead of two).
+    let e2 = if same { e1.clone() } else { e2 };
+    Ok(e1.apply_op2(&e2, GraphLossOp { terms, same, coef: std::sync::Mutex::new(None) })?)
 }
 
 /// The graph-loss block from tensor ops (any device).
@@ -140,11 +144,9 @@ pub fn graph_loss_block_ops(e1: &Tensor, e2: &Tensor, y1: &Tensor, y2: &Tensor, 
     Ok((per_pair.sum_all()? / (n * n) as f64)?)
 }
 
-/// The fused graph-loss block on a distance matrix `d` (n x m): value
-/// `sum_{i != j} [t < zeta][d < zeta] (d - t)^2 (+ hinge [t >= zeta] max(0, zeta - d)^2) / n^2`
-/// and its gradient `(2 [t < zeta][d < zeta] (d - t) - hinge 2 [t >= zeta] max(0, zeta - d)) / n^2`,
-/// with `t = A[y_i][y_j]`, in one pass each (rows in parallel, summed in row order, so the
-/// value does not depend on the thread count), instead of a dozen full-size intermediates.
+/// The per-pair terms of one graph-loss block: for a pair (i, j), i != j, at cosine distance
+/// `d` with `t = A[y_i][y_j]`, the value `[t < zeta][d < zeta] (d - t)^2` (+ hinge
+/// `[t >= zeta][d < zeta] (zeta - d)^2`) and its derivative in `d`; the block is their sum / n^2.
 pub struct GraphBlock {
     /// The class distance matrix A, row-major `classes` x `classes`.
     pub a: Vec<f64>,
@@ -182,73 +184,147 @@ impl GraphBlock {
         &self.a[r..r + self.classes]
     }
 
-    /// Sum of the terms over `d` (row-major, `m` columns), divided by n^2.
-    fn value<T: Copy + Into<f64> + Sync>(&self, d: &[T], m: usize) -> f64 {
+    /// From the similarities `s` = e1 e2^T (row-major, `m` columns): the block's value and
+    /// d value / d s for every pair. Rows run in parallel; the value sums rows in order, so it
+    /// does not depend on the thread count.
+    fn value_and_coef<T: Element>(&self, s: &[T], m: usize) -> (f64, Vec<f64>) {
         use rayon::prelude::*;
-        let partial: Vec<f64> = d
-            .par_chunks(GRAPH_ROWS * m)
+        let scale = 1.0 / (self.n * self.n) as f64;
+        let mut coef = vec![0f64; s.len()];
+        let partial: Vec<f64> = coef
+            .par_chunks_mut(GRAPH_ROWS * m)
+            .zip(s.par_chunks(GRAPH_ROWS * m))
             .enumerate()
-            .map(|(c, block)| {
-                let mut s = 0.0;
-                for (r, row) in block.chunks(m).enumerate() {
+            .map(|(c, (cb, sb))| {
+                let mut total = 0.0;
+                for (r, (cr, sr)) in cb.chunks_mut(m).zip(sb.chunks(m)).enumerate() {
                     let i = c * GRAPH_ROWS + r;
                     let a_row = self.a_row(i);
-                    for (j, &x) in row.iter().enumerate() {
-                        s += self.term(i, j, a_row, x.into()).0;
+                    for (j, (cv, &sv)) in cr.iter_mut().zip(sr).enumerate() {
+                        // d = 1 - s, so d/ds = -d/dd.
+                        let (v, g) = self.term(i, j, a_row, 1.0 - sv.to_f64());
+                        total += v;
+                        *cv = -g * scale;
                     }
                 }
-                s
+                total
             })
             .collect();
-        partial.iter().sum::<f64>() / (self.n * self.n) as f64
-    }
-
-    /// The gradient w.r.t. `d`, times `upstream`.
-    fn gradient<T: Copy + Default + Into<f64> + Send + Sync>(&self, d: &[T], m: usize, upstream: f64, from: impl Fn(f64) -> T + Sync) -> Vec<T> {
-        use rayon::prelude::*;
-        let scale = upstream / (self.n * self.n) as f64;
-        let mut g = vec![T::default(); d.len()];
-        g.par_chunks_mut(GRAPH_ROWS * m).zip(d.par_chunks(GRAPH_ROWS * m)).enumerate().for_each(|(c, (gb, db))| {
-            for (r, (gr, dr)) in gb.chunks_mut(m).zip(db.chunks(m)).enumerate() {
-                let i = c * GRAPH_ROWS + r;
-                let a_row = self.a_row(i);
-                for (j, (g, &x)) in gr.iter_mut().zip(dr).enumerate() {
-                    *g = from(self.term(i, j, a_row, x.into()).1 * scale);
-                }
-            }
-        });
-        g
+        (partial.iter().sum::<f64>() * scale, coef)
     }
 }
 
-impl candle_core::CustomOp1 for GraphBlock {
+/// Element types of the fused graph-loss op.
+trait Element: candle_core::WithDType + Default {
+    fn slice<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<&'a [Self]>;
+    fn storage(v: Vec<Self>) -> candle_core::CpuStorage;
+}
+
+macro_rules! element {
+    ($t:ty, $variant:ident) => {
+        impl Element for $t {
+            fn slice<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<&'a [Self]> {
+                match (s, l.contiguous_offsets()) {
+                    (candle_core::CpuStorage::$variant(v), Some((a, b))) => Ok(&v[a..b]),
+                    _ => candle_core::bail!("graph loss: contiguous {} embeddings expected", stringify!($t)),
+                }
+            }
+            fn storage(v: Vec<Self>) -> candle_core::CpuStorage {
+                candle_core::CpuStorage::$variant(v)
+            }
+        }
+    };
+}
+element!(f32, F32);
+element!(f64, F64);
+
+/// C (r x c, row-major) = beta * A . B with A and B given by (pointer, column stride, row
+/// stride).
+///
+/// # Safety
+/// The pointers and strides must describe matrices inside their buffers.
+unsafe fn gemm_into<T: Element>(c: &mut [T], r: usize, cols: usize, k: usize, a: (*const T, isize, isize), b: (*const T, isize, isize), beta: T) {
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 && r * cols * k > 1 << 15 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: forwarded from the caller.
+    unsafe { gemm::gemm(r, cols, k, c.as_mut_ptr(), 1, cols as isize, false, a.0, a.1, a.2, b.0, b.1, b.2, T::default(), beta, false, false, false, par) }
+}
+
+/// One graph-loss block on the CPU as a single op on the two embedding matrices: the
+/// similarities by one GEMM, then value and per-pair derivative in one pass (kept for the
+/// backward pass), instead of a distance tensor and a dozen full-size intermediates. The
+/// backward pass is two GEMMs — one when both arguments are the same tensor (a block within
+/// one modality), whose gradient is then `-(G + G^T) E`.
+pub struct GraphLossOp {
+    terms: GraphBlock,
+    same: bool,
+    coef: std::sync::Mutex<Option<Vec<f64>>>,
+}
+
+impl GraphLossOp {
+    fn fwd<T: Element>(&self, s1: &candle_core::CpuStorage, l1: &candle_core::Layout, s2: &candle_core::CpuStorage, l2: &candle_core::Layout) -> candle_core::Result<candle_core::CpuStorage> {
+        let ((n, d), (m, d2)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        if d != d2 || n != self.terms.rows.len() || m != self.terms.cols.len() {
+            candle_core::bail!("graph loss: embeddings {:?} and {:?} do not fit the labels", l1.shape(), l2.shape());
+        }
+        let (e1, e2) = (T::slice(s1, l1)?, T::slice(s2, l2)?);
+        let mut s = vec![T::default(); n * m];
+        // S = e1 . e2^T: rhs(kk, j) = e2[j*d + kk].
+        // SAFETY: the slices have exactly the sizes the strides describe.
+        unsafe { gemm_into(&mut s, n, m, d, (e1.as_ptr(), 1, d as isize), (e2.as_ptr(), d as isize, 1), T::from_f64(1.0)) };
+        let (value, coef) = self.terms.value_and_coef(&s, m);
+        *self.coef.lock().unwrap() = Some(coef);
+        Ok(T::storage(vec![T::from_f64(value)]))
+    }
+
+    fn bwd_typed<T: Element>(&self, e1: &Tensor, e2: &Tensor, upstream: f64) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let coef = self.coef.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("graph loss: backward without forward".into()))?;
+        let ((n, d), (m, _)) = (e1.dims2()?, e2.dims2()?);
+        let (s1, l1) = e1.storage_and_layout();
+        let (s2, l2) = e2.storage_and_layout();
+        let (candle_core::Storage::Cpu(s1), candle_core::Storage::Cpu(s2)) = (&*s1, &*s2) else { candle_core::bail!("graph loss: CPU tensors expected") };
+        let (x1, x2) = (T::slice(s1, l1)?, T::slice(s2, l2)?);
+        let beta = T::from_f64(upstream);
+        let tensor = |v: Vec<T>, rows: usize| Tensor::from_vec(v, (rows, d), e1.device());
+        if self.same {
+            // dL/dE = (G + G^T) E, G = d value / d S (n x n).
+            let g: Vec<T> = (0..n * n).map(|k| T::from_f64(coef[k] + coef[(k % n) * n + k / n])).collect();
+            let mut out = vec![T::default(); n * d];
+            // SAFETY: as above.
+            unsafe { gemm_into(&mut out, n, d, n, (g.as_ptr(), 1, n as isize), (x1.as_ptr(), 1, d as isize), beta) };
+            return Ok((Some(tensor(out, n)?), None));
+        }
+        let g: Vec<T> = coef.iter().map(|&c| T::from_f64(c)).collect();
+        let (mut o1, mut o2) = (vec![T::default(); n * d], vec![T::default(); m * d]);
+        // SAFETY: as above. dL/de1 = G e2; dL/de2 = G^T e1 with lhs(j, i) = G[i*m + j].
+        unsafe {
+            gemm_into(&mut o1, n, d, m, (g.as_ptr(), 1, m as isize), (x2.as_ptr(), 1, d as isize), beta);
+            gemm_into(&mut o2, m, d, n, (g.as_ptr(), m as isize, 1), (x1.as_ptr(), 1, d as isize), beta);
+        }
+        Ok((Some(tensor(o1, n)?), Some(tensor(o2, m)?)))
+    }
+}
+
+impl candle_core::CustomOp2 for GraphLossOp {
     fn name(&self) -> &'static str {
         "huse-graph-loss-block"
     }
 
-    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage as S;
-        let (_, m) = layout.shape().dims2()?;
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("graph block needs a contiguous input".into()))?;
-        let out = match storage {
-            S::F32(v) => S::F32(vec![self.value(&v[start..end], m) as f32]),
-            S::F64(v) => S::F64(vec![self.value(&v[start..end], m)]),
-            _ => return Err(candle_core::Error::Msg("graph block supports f32 and f64".into())),
+    fn cpu_fwd(&self, s1: &candle_core::CpuStorage, l1: &candle_core::Layout, s2: &candle_core::CpuStorage, l2: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let out = match s1 {
+            candle_core::CpuStorage::F32(_) => self.fwd::<f32>(s1, l1, s2, l2)?,
+            candle_core::CpuStorage::F64(_) => self.fwd::<f64>(s1, l1, s2, l2)?,
+            _ => candle_core::bail!("graph loss supports f32 and f64"),
         };
         Ok((out, candle_core::Shape::from(())))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let (_, m) = arg.dims2()?;
-        let upstream = grad_res.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let g = if arg.dtype() == DType::F32 {
-            let d: Vec<f32> = arg.flatten_all()?.to_vec1()?;
-            Tensor::from_vec(self.gradient(&d, m, upstream, |x| x as f32), arg.shape(), arg.device())?
-        } else {
-            let d: Vec<f64> = arg.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-            Tensor::from_vec(self.gradient(&d, m, upstream, |x| x), arg.shape(), arg.device())?.to_dtype(arg.dtype())?
-        };
-        Ok(Some(g))
+    fn bwd(&self, e1: &Tensor, e2: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let upstream = grad.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        match e1.dtype() {
+            DType::F32 => self.bwd_typed::<f32>(e1, e2, upstream),
+            _ => self.bwd_typed::<f64>(e1, e2, upstream),
+        }
     }
 }
 

@@ -190,20 +190,22 @@ fn fused_graph_block_equals_the_tensor_op_version_on_a_larger_batch() {
     let to32 = |x: Vec<f64>| Tensor::from_vec(x.iter().map(|&v| v as f32).collect::<Vec<_>>(), (n, dim), &CPU).unwrap();
     let y = labels(&(0..n as u32).map(|i| (i * 7) % 3).collect::<Vec<_>>());
     let a = Tensor::new(&[[0.0f32, 0.3, 0.8], [0.3, 0.0, 0.6], [0.8, 0.6, 0.0]], &CPU).unwrap();
-    for (variant, zeta) in [(GraphVariant::Paper, 0.9), (GraphVariant::Hinge, 0.7)] {
+    // Image-text blocks (two tensors) and image-image blocks (one tensor in both places,
+    // whose fused gradient comes through one GEMM).
+    for (variant, zeta, same) in [(GraphVariant::Paper, 0.9, false), (GraphVariant::Hinge, 0.7, false), (GraphVariant::Paper, 0.9, true), (GraphVariant::Hinge, 0.7, true)] {
         let vi = Var::from_tensor(&to32(v(0.37))).unwrap();
         let e1 = l2_normalise(vi.as_tensor()).unwrap();
-        let e2 = l2_normalise(&to32(v(0.91))).unwrap();
+        let e2 = if same { e1.clone() } else { l2_normalise(&to32(v(0.91))).unwrap() };
         let fused = loss::graph_loss_block(&e1, &e2, &y, &y, &a, zeta, variant).unwrap();
         let ops = loss::graph_loss_block_ops(&e1, &e2, &y, &y, &a, zeta, variant).unwrap();
         let (f, o) = (fused.to_scalar::<f32>().unwrap(), ops.to_scalar::<f32>().unwrap());
-        assert!(f > 0.0 && (f - o).abs() < 1e-5 * o.abs().max(1e-3), "{variant:?}: {f} vs {o}");
+        assert!(f > 0.0 && (f - o).abs() < 1e-5 * o.abs().max(1e-3), "{variant:?} same={same}: {f} vs {o}");
         let gf: Vec<f32> = fused.backward().unwrap().get(&vi).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let go: Vec<f32> = ops.backward().unwrap().get(&vi).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let scale = go.iter().fold(0f32, |m, x| m.max(x.abs()));
         assert!(scale > 0.0);
         for (a, b) in gf.iter().zip(&go) {
-            assert!((a - b).abs() < 1e-4 * scale, "{variant:?}: {a} vs {b}");
+            assert!((a - b).abs() < 1e-4 * scale, "{variant:?} same={same}: {a} vs {b}");
         }
     }
 }
