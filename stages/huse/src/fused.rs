@@ -5,7 +5,8 @@
 //! in place. Its backward applies the ReLU mask once and then needs only the two matmuls and
 //! a column sum. With plain tensor ops the same layer is a matmul, a transpose, a broadcast
 //! add and a ReLU forward, and about ten whole-tensor passes backward, each allocating.
-//! Used on the CPU for contiguous f32 inputs; other devices use the tensor ops
+//! Dropout rides along: the op multiplies by the mask after the ReLU and its backward
+//! reuses the same pass. Used on the CPU for contiguous f32 inputs; other devices use the tensor ops
 //! ([`crate::model::Dense::forward`]).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, bail};
@@ -36,9 +37,47 @@ pub fn usable(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
 }
 
-/// The layer op; `relu` applies max(0, .) to the output.
+/// The layer op; `relu` applies max(0, .) to the output, then `mask` (dropout: 0 or
+/// 1/(1-p) per output element) multiplies it.
 pub struct DenseOp {
     pub relu: bool,
+    pub mask: Option<Vec<f32>>,
+}
+
+/// ReLU and the dropout mask, in place.
+fn activate(out: &mut [f32], relu: bool, mask: Option<&[f32]>) -> Result<()> {
+    if relu {
+        // `if` rather than max: a NaN stays NaN, so the training guard still sees it.
+        for v in out.iter_mut() {
+            if *v < 0.0 {
+                *v = 0.0;
+            }
+        }
+    }
+    if let Some(mask) = mask {
+        if mask.len() != out.len() {
+            bail!("dropout mask of {} for {} outputs", mask.len(), out.len());
+        }
+        for (v, &k) in out.iter_mut().zip(mask) {
+            *v *= k;
+        }
+    }
+    Ok(())
+}
+
+/// dL/dz from dL/d(output): zero where the ReLU or the mask cut the unit (the output is then
+/// exactly 0), times the mask value elsewhere. A unit whose pre-activation was positive but
+/// whose output is 0 was dropped.
+fn grad_through(grad: &Tensor, res: &Tensor, relu: bool, mask: Option<&[f32]>) -> Result<Vec<f32>> {
+    let grad = grad.contiguous()?;
+    with_slice(&grad, |g| {
+        with_slice(res, |r| match (relu, mask) {
+            (true, Some(k)) => g.iter().zip(r).zip(k).map(|((&g, &r), &k)| if r > 0.0 { g * k } else { 0.0 }).collect(),
+            (true, None) => g.iter().zip(r).map(|(&g, &r)| if r > 0.0 { g } else { 0.0 }).collect(),
+            (false, Some(k)) => g.iter().zip(k).map(|(&g, &k)| g * k).collect(),
+            (false, None) => g.to_vec(),
+        })
+    })?
 }
 
 impl CustomOp3 for DenseOp {
@@ -70,26 +109,12 @@ impl CustomOp3 for DenseOp {
                 );
             }
         }
-        if self.relu {
-            // `if` rather than max: a NaN stays NaN, so the training guard still sees it.
-            for v in &mut out {
-                if *v < 0.0 {
-                    *v = 0.0;
-                }
-            }
-        }
+        activate(&mut out, self.relu, self.mask.as_deref())?;
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // dL/dz: the gradient where the ReLU passed its input, zero elsewhere.
-        let gz = if self.relu {
-            let grad = grad.contiguous()?;
-            let masked = with_slice(&grad, |g| with_slice(res, |r| g.iter().zip(r).map(|(&g, &r)| if r > 0.0 { g } else { 0.0 }).collect::<Vec<f32>>()))??;
-            Tensor::from_vec(masked, res.shape(), res.device())?
-        } else {
-            grad.contiguous()?
-        };
+        let gz = Tensor::from_vec(grad_through(grad, res, self.relu, self.mask.as_deref())?, res.shape(), res.device())?;
         let dx = if x.track_op() { Some(gz.matmul(w)?) } else { None };
         let dw = gz.t()?.matmul(x)?;
         let db = gz.sum(0)?;
@@ -104,6 +129,8 @@ impl CustomOp3 for DenseOp {
 /// lines, and the gradient of those columns is gathered the same way.
 pub struct SparseDenseOp {
     pub relu: bool,
+    /// Dropout mask on the output, as in [`DenseOp`].
+    pub mask: Option<Vec<f32>>,
     /// Non-zeros sorted by column: (row, column of W, value).
     entries: Vec<(u32, u32, f32)>,
 }
@@ -111,10 +138,10 @@ pub struct SparseDenseOp {
 impl SparseDenseOp {
     /// `rows`, `cols` (columns of W, i.e. already offset by the dense width) and `vals` of the
     /// non-zeros.
-    pub fn new(relu: bool, rows: &[u32], cols: &[u32], vals: &[f32]) -> Self {
+    pub fn new(relu: bool, mask: Option<Vec<f32>>, rows: &[u32], cols: &[u32], vals: &[f32]) -> Self {
         let mut entries: Vec<(u32, u32, f32)> = rows.iter().zip(cols).zip(vals).map(|((&r, &c), &v)| (r, c, v)).collect();
         entries.sort_by_key(|&(r, c, _)| (c, r));
-        SparseDenseOp { relu, entries }
+        SparseDenseOp { relu, mask, entries }
     }
 
     /// Runs of entries sharing a column.
@@ -167,25 +194,14 @@ impl CustomOp3 for SparseDenseOp {
                 }
             }
         }
-        if self.relu {
-            for v in &mut out {
-                if *v < 0.0 {
-                    *v = 0.0;
-                }
-            }
-        }
+        activate(&mut out, self.relu, self.mask.as_deref())?;
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (m, d) = x.dims2()?;
         let (n, kw) = w.dims2()?;
-        let grad = grad.contiguous()?;
-        let gz: Vec<f32> = if self.relu {
-            with_slice(&grad, |g| with_slice(res, |r| g.iter().zip(r).map(|(&g, &r)| if r > 0.0 { g } else { 0.0 }).collect()))??
-        } else {
-            grad.flatten_all()?.to_vec1()?
-        };
+        let gz = grad_through(grad, res, self.relu, self.mask.as_deref())?;
         let x = x.contiguous()?;
         let mut dw = vec![0f32; n * kw];
         if d > 0 && m > 0 {

@@ -287,8 +287,18 @@ impl GraphLossOp {
         let beta = T::from_f64(upstream);
         let tensor = |v: Vec<T>, rows: usize| Tensor::from_vec(v, (rows, d), e1.device());
         if self.same {
-            // dL/dE = (G + G^T) E, G = d value / d S (n x n).
-            let g: Vec<T> = (0..n * n).map(|k| T::from_f64(coef[k] + coef[(k % n) * n + k / n])).collect();
+            // dL/dE = (G + G^T) E, G = d value / d S (n x n); the sum by 64 x 64 tiles.
+            let mut g = vec![T::default(); n * n];
+            const TILE: usize = 64;
+            for i0 in (0..n).step_by(TILE) {
+                for j0 in (0..n).step_by(TILE) {
+                    for i in i0..(i0 + TILE).min(n) {
+                        for j in j0..(j0 + TILE).min(n) {
+                            g[i * n + j] = T::from_f64(coef[i * n + j] + coef[j * n + i]);
+                        }
+                    }
+                }
+            }
             let mut out = vec![T::default(); n * d];
             // SAFETY: as above.
             unsafe { gemm_into(&mut out, n, d, n, (g.as_ptr(), 1, n as isize), (x1.as_ptr(), 1, d as isize), beta) };

@@ -16,7 +16,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result, ensure};
 use candle_core::{D, DType, Device, Tensor, Var};
-use rand::Rng;
+use rand::{Rng, RngCore};
 use rand_chacha::ChaCha8Rng;
 
 use crate::data::Sparse;
@@ -74,21 +74,27 @@ impl Dense {
 
     /// x W^T + b.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.apply(x, false)
+        self.apply(x, false, None)
     }
 
     /// max(0, x W^T + b).
     pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
-        self.apply(x, true)
+        self.apply(x, true, None)
     }
 
-    fn apply(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+    /// (ReLU of) x W^T + b, then dropout when `drop` = Some((p, rng)).
+    fn apply(&self, x: &Tensor, relu: bool, drop: Option<(f64, &mut ChaCha8Rng)>) -> Result<Tensor> {
         let (w, b) = (self.weight.as_tensor(), self.bias.as_tensor());
         if x.rank() == 2 && crate::fused::usable(&[x, w, b]) {
-            return Ok(x.apply_op3(w, b, crate::fused::DenseOp { relu })?);
+            let mask = drop.and_then(|(p, rng)| dropout_mask(x.dim(0).ok()? * w.dim(0).ok()?, p, rng));
+            return Ok(x.apply_op3(w, b, crate::fused::DenseOp { relu, mask })?);
         }
         let z = x.matmul(&w.t()?)?.broadcast_add(b)?;
-        Ok(if relu { z.relu()? } else { z })
+        let z = if relu { z.relu()? } else { z };
+        match drop {
+            Some((p, rng)) => dropout(&z, p, rng),
+            None => Ok(z),
+        }
     }
 }
 
@@ -112,30 +118,51 @@ pub fn l2_normalise(x: &Tensor) -> Result<Tensor> {
     Ok(x.broadcast_div(&n)?)
 }
 
-/// Dropout with a mask drawn from `rng` (inverted dropout: kept units scaled by 1/(1-p));
-/// on a GPU from the device's generator instead.
+/// A dropout mask of `len` values: 0 with probability `p`, else 1/(1-p) (inverted dropout),
+/// drawn from `rng` (two draws per 64-bit word, each a 32-bit uniform compared with p).
+/// None when p is 0.
+pub fn dropout_mask(len: usize, p: f64, rng: &mut ChaCha8Rng) -> Option<Vec<f32>> {
+    if p <= 0.0 {
+        return None;
+    }
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let cut = (p * 4_294_967_296.0) as u64; // a draw u (0..2^32) is dropped iff u < p 2^32
+    let mut mask = Vec::with_capacity(len + 1);
+    while mask.len() < len {
+        let r = rng.next_u64();
+        for u in [r & 0xFFFF_FFFF, r >> 32] {
+            mask.push(if u < cut { 0.0 } else { scale });
+        }
+    }
+    mask.truncate(len);
+    Some(mask)
+}
+
+/// Dropout with a mask from [`dropout_mask`] (inverted dropout: kept units scaled by
+/// 1/(1-p)); on a GPU from the device's generator instead.
 pub fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
     }
-    let scale = (1.0 / (1.0 - p)) as f32;
     if !x.device().is_cpu() {
         // On a GPU the mask is drawn there (curand, seeded by the train stage per epoch):
         // drawing millions of numbers on the host and copying them over each step cost more
         // than the step itself.
+        let scale = 1.0 / (1.0 - p);
         let keep = Tensor::rand(0f32, 1f32, x.shape(), x.device())?.ge(p)?.to_dtype(x.dtype())?;
-        return Ok((x * keep.affine(f64::from(scale), 0.0)?)?);
+        return Ok((x * keep.affine(scale, 0.0)?)?);
     }
-    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.random::<f64>() >= p { scale } else { 0.0 }).collect();
+    let mask = dropout_mask(x.elem_count(), p, rng).unwrap_or_default();
     Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)?)
 }
 
 /// `[dense | sparse] W^T + b` (then ReLU when `relu`) without materialising the sparse columns.
-fn first_layer(layer: &Dense, dense: &Tensor, sparse: Option<&Sparse>, relu: bool) -> Result<Tensor> {
+fn first_layer(layer: &Dense, dense: &Tensor, sparse: Option<&Sparse>, relu: bool, drop: Option<(f64, &mut ChaCha8Rng)>) -> Result<Tensor> {
     let w = layer.weight.as_tensor();
-    let Some(sp) = sparse else { return layer.apply(dense, relu) };
+    let Some(sp) = sparse else { return layer.apply(dense, relu, drop) };
     if crate::fused::usable(&[dense, w, layer.bias.as_tensor()]) && sp.vals.device().is_cpu() {
-        let op = crate::fused::SparseDenseOp::new(relu, &sp.rows.to_vec1()?, &sp.cols.to_vec1()?, &sp.vals.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?);
+        let mask = drop.and_then(|(p, rng)| dropout_mask(dense.dim(0).ok()? * w.dim(0).ok()?, p, rng));
+        let op = crate::fused::SparseDenseOp::new(relu, mask, &sp.rows.to_vec1()?, &sp.cols.to_vec1()?, &sp.vals.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?);
         return Ok(dense.apply_op3(w, layer.bias.as_tensor(), op)?);
     }
     let d = dense.dim(1)?;
@@ -147,7 +174,11 @@ fn first_layer(layer: &Dense, dense: &Tensor, sparse: Option<&Sparse>, relu: boo
         h = h.index_add(&sp.rows, &picked, 0)?;
     }
     let h = h.broadcast_add(layer.bias.as_tensor())?;
-    Ok(if relu { h.relu()? } else { h })
+    let h = if relu { h.relu()? } else { h };
+    match drop {
+        Some((p, rng)) => dropout(&h, p, rng),
+        None => Ok(h),
+    }
 }
 
 impl Tower {
@@ -172,19 +203,16 @@ impl Tower {
     pub fn embed_sparse(&self, dense: &Tensor, sparse: Option<&Sparse>, mut dropout_rng: Option<(f64, &mut ChaCha8Rng)>) -> Result<Tensor> {
         let first = self.hidden.first().unwrap_or(&self.out);
         let n = self.hidden.len();
-        let mut h = first_layer(first, dense, sparse, n > 0)?;
         if n == 0 {
-            return l2_normalise(&h);
+            return l2_normalise(&first_layer(first, dense, sparse, false, None)?);
         }
-        for i in 0..n {
-            if i > 0 {
-                h = self.hidden[i].forward_relu(&h)?;
-            }
-            if i + 1 < n
-                && let Some((p, rng)) = dropout_rng.as_mut()
-            {
-                h = dropout(&h, *p, rng)?;
-            }
+        // Dropout after every hidden layer but the last.
+        fn drop_at<'a>(last: bool, d: &'a mut Option<(f64, &mut ChaCha8Rng)>) -> Option<(f64, &'a mut ChaCha8Rng)> {
+            if last { None } else { d.as_mut().map(|(p, rng)| (*p, &mut **rng)) }
+        }
+        let mut h = first_layer(first, dense, sparse, true, drop_at(n == 1, &mut dropout_rng))?;
+        for i in 1..n {
+            h = self.hidden[i].apply(&h, true, drop_at(i + 1 == n, &mut dropout_rng))?;
         }
         l2_normalise(&self.out.forward(&h)?)
     }

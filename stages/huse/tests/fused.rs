@@ -17,26 +17,32 @@ fn fused_dense_equals_tensor_ops() {
     // 70 x 300 inputs into 40 units: big enough for the threaded GEMM path, with negative
     // pre-activations so the ReLU mask matters.
     for (m, k, n) in [(3, 5, 4), (70, 300, 40)] {
-        for relu in [false, true] {
+        for (relu, dropout) in [(false, false), (true, false), (true, true), (false, true)] {
             let x = Var::from_tensor(&Tensor::from_vec(values(m * k, 0.37), (m, k), &dev).unwrap()).unwrap();
             let w = Var::from_tensor(&Tensor::from_vec(values(n * k, 0.91), (n, k), &dev).unwrap()).unwrap();
             let b = Var::from_tensor(&Tensor::from_vec(values(n, 1.7), n, &dev).unwrap()).unwrap();
             // A loss that weights every output differently.
             let c = Tensor::from_vec(values(m * n, 0.23), (m, n), &dev).unwrap();
-            let fused = x.as_tensor().apply_op3(w.as_tensor(), b.as_tensor(), DenseOp { relu }).unwrap();
+            // A dropout mask with p = 0.3 (every third unit dropped, kept ones scaled by 1/0.7).
+            let mask: Option<Vec<f32>> = dropout.then(|| (0..m * n).map(|i| if i % 3 == 1 { 0.0 } else { 1.0 / 0.7 }).collect());
+            let fused = x.as_tensor().apply_op3(w.as_tensor(), b.as_tensor(), DenseOp { relu, mask: mask.clone() }).unwrap();
             let plain = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(b.as_tensor()).unwrap();
             let plain = if relu { plain.relu().unwrap() } else { plain };
-            if relu {
+            let plain = match mask {
+                Some(k) => (plain * Tensor::from_vec(k, (m, n), &dev).unwrap()).unwrap(),
+                None => plain,
+            };
+            if relu && !dropout {
                 let zeros = plain.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().filter(|v| **v == 0.0).count();
                 assert!(zeros > 0 && zeros < m * n, "the mask should cut some units: {zeros}");
             }
-            assert!(max_diff(&fused, &plain) < 1e-4, "forward {m}x{k}x{n} relu={relu}");
+            assert!(max_diff(&fused, &plain) < 1e-4, "forward {m}x{k}x{n} relu={relu} dropout={dropout}");
             let gf = (fused * &c).unwrap().sum_all().unwrap().backward().unwrap();
             let gp = (plain * &c).unwrap().sum_all().unwrap().backward().unwrap();
             for (name, v) in [("x", &x), ("W", &w), ("b", &b)] {
                 let (a, b) = (gf.get(v).unwrap(), gp.get(v).unwrap());
                 assert_eq!(a.shape(), b.shape());
-                assert!(max_diff(a, b) < 1e-3, "d{name} {m}x{k}x{n} relu={relu}: {}", max_diff(a, b));
+                assert!(max_diff(a, b) < 1e-3, "d{name} {m}x{k}x{n} relu={relu} dropout={dropout}: {}", max_diff(a, b));
             }
         }
     }
@@ -49,7 +55,7 @@ fn fused_dense_skips_the_input_gradient_of_constants() {
     let x = Tensor::from_vec(values(6, 0.5), (2, 3), &dev).unwrap();
     let w = Var::from_tensor(&Tensor::from_vec(values(12, 0.3), (4, 3), &dev).unwrap()).unwrap();
     let b = Var::from_tensor(&Tensor::zeros(4, candle_core::DType::F32, &dev).unwrap()).unwrap();
-    let g = x.apply_op3(w.as_tensor(), b.as_tensor(), DenseOp { relu: true }).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = x.apply_op3(w.as_tensor(), b.as_tensor(), DenseOp { relu: true, mask: None }).unwrap().sum_all().unwrap().backward().unwrap();
     assert!(g.get(&x).is_none() && g.get(&w).is_some());
 }
 
@@ -77,10 +83,15 @@ fn sparse_first_layer_equals_the_dense_layer_on_the_concatenated_input() {
     let w = Var::from_tensor(&Tensor::from_vec(values(n * (d + v), 0.71), (n, d + v), &dev).unwrap()).unwrap();
     let b = Var::from_tensor(&Tensor::from_vec(values(n, 1.3), n, &dev).unwrap()).unwrap();
     let c = Tensor::from_vec(values(m * n, 0.29), (m, n), &dev).unwrap();
-    for relu in [false, true] {
-        let fused = x.apply_op3(w.as_tensor(), b.as_tensor(), SparseDenseOp::new(relu, &rows, &cols, &vals)).unwrap();
+    for (relu, dropout) in [(false, false), (true, false), (true, true)] {
+        let mask: Option<Vec<f32>> = dropout.then(|| (0..m * n).map(|i| if i % 4 == 2 { 0.0 } else { 1.25 }).collect());
+        let fused = x.apply_op3(w.as_tensor(), b.as_tensor(), SparseDenseOp::new(relu, mask.clone(), &rows, &cols, &vals)).unwrap();
         let plain = full.matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(b.as_tensor()).unwrap();
         let plain = if relu { plain.relu().unwrap() } else { plain };
+        let plain = match mask {
+            Some(k) => (plain * Tensor::from_vec(k, (m, n), &dev).unwrap()).unwrap(),
+            None => plain,
+        };
         assert!(max_diff(&fused, &plain) < 1e-4, "forward relu={relu}");
         let gf = (fused * &c).unwrap().sum_all().unwrap().backward().unwrap();
         let gp = (plain * &c).unwrap().sum_all().unwrap().backward().unwrap();
@@ -90,6 +101,22 @@ fn sparse_first_layer_equals_the_dense_layer_on_the_concatenated_input() {
         }
     }
     // An entry outside the sparse columns is an error, not a wrong answer.
-    let bad = SparseDenseOp::new(false, &[0], &[3], &[1.0]);
+    let bad = SparseDenseOp::new(false, None, &[0], &[3], &[1.0]);
     assert!(x.apply_op3(w.as_tensor(), b.as_tensor(), bad).is_err());
+}
+
+#[test]
+fn dropout_masks_drop_p_and_scale_the_rest() {
+    use huse_model::model::dropout_mask;
+    use rand::SeedableRng;
+    let draw = |seed| dropout_mask(100_001, 0.15, &mut rand_chacha::ChaCha8Rng::seed_from_u64(seed)).unwrap();
+    let mask = draw(7);
+    assert_eq!(mask.len(), 100_001);
+    let dropped = mask.iter().filter(|&&k| k == 0.0).count() as f64 / mask.len() as f64;
+    // 0.15 +- 4 standard deviations (sqrt(0.15 * 0.85 / 1e5) = 0.0011).
+    assert!((dropped - 0.15).abs() < 0.0045, "{dropped}");
+    assert!(mask.iter().all(|&k| k == 0.0 || (k - 1.0 / 0.85).abs() < 1e-6));
+    assert_eq!(mask, draw(7), "same seed, same mask");
+    assert_ne!(mask, draw(8));
+    assert!(dropout_mask(10, 0.0, &mut rand_chacha::ChaCha8Rng::seed_from_u64(1)).is_none());
 }
