@@ -243,3 +243,76 @@ impl CustomOp3 for SparseDenseOp {
         Ok((dx, Some(Tensor::from_vec(dw, (n, kw), w.device())?), Some(Tensor::from_vec(db, n, w.device())?)))
     }
 }
+
+/// Rows scaled to unit L2 norm, `x / max(|x|, 1e-12)`, as one op: one pass forward, one pass
+/// backward (`(g - y (g . y)) / |x|`), where the tensor-op version takes five ops forward
+/// and about ten backward. f32 and f64, CPU.
+pub struct L2NormaliseOp;
+
+/// The smallest norm divided by (as in the tensor-op version's clamp).
+pub const L2_EPS: f64 = 1e-12;
+
+macro_rules! l2_rows {
+    ($fwd:ident, $bwd:ident, $t:ty) => {
+        fn $fwd(x: &[$t], d: usize) -> Vec<$t> {
+            let mut y = x.to_vec();
+            for row in y.chunks_exact_mut(d) {
+                let norm = row.iter().map(|v| v * v).sum::<$t>().sqrt().max(L2_EPS as $t);
+                for v in row {
+                    *v /= norm;
+                }
+            }
+            y
+        }
+
+        fn $bwd(x: &[$t], y: &[$t], g: &[$t], d: usize) -> Vec<$t> {
+            let mut dx = vec![0.0 as $t; x.len()];
+            for (((dxr, xr), yr), gr) in dx.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(y.chunks_exact(d)).zip(g.chunks_exact(d)) {
+                let norm = xr.iter().map(|v| v * v).sum::<$t>().sqrt();
+                if norm > L2_EPS as $t {
+                    let gy: $t = gr.iter().zip(yr).map(|(a, b)| a * b).sum();
+                    for ((o, &gv), &yv) in dxr.iter_mut().zip(gr).zip(yr) {
+                        *o = (gv - yv * gy) / norm;
+                    }
+                } else {
+                    for (o, &gv) in dxr.iter_mut().zip(gr) {
+                        *o = gv / L2_EPS as $t;
+                    }
+                }
+            }
+            dx
+        }
+    };
+}
+l2_rows!(l2_fwd_f32, l2_bwd_f32, f32);
+l2_rows!(l2_fwd_f64, l2_bwd_f64, f64);
+
+impl candle_core::CustomOp1 for L2NormaliseOp {
+    fn name(&self) -> &'static str {
+        "huse-l2-normalise"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, d) = l.shape().dims2()?;
+        let Some((a, b)) = l.contiguous_offsets() else { bail!("l2 normalise: contiguous input expected") };
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(l2_fwd_f32(&v[a..b], d)),
+            CpuStorage::F64(v) => CpuStorage::F64(l2_fwd_f64(&v[a..b], d)),
+            _ => bail!("l2 normalise: f32 or f64 expected"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let (_, d) = x.dims2()?;
+        let g = g.contiguous()?;
+        let dx = match x.dtype() {
+            DType::F32 => Tensor::from_vec(l2_bwd_f32(&x.flatten_all()?.to_vec1()?, &y.flatten_all()?.to_vec1()?, &g.flatten_all()?.to_vec1()?, d), x.shape(), x.device())?,
+            _ => {
+                let v = |t: &Tensor| t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>();
+                Tensor::from_vec(l2_bwd_f64(&v(x)?, &v(y)?, &v(&g)?, d), x.shape(), x.device())?.to_dtype(x.dtype())?
+            }
+        };
+        Ok(Some(dx))
+    }
+}

@@ -114,6 +114,14 @@ pub struct Huse {
 
 /// Rows scaled to unit L2 norm.
 pub fn l2_normalise(x: &Tensor) -> Result<Tensor> {
+    if x.rank() == 2 && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        return Ok(x.contiguous()?.apply_op1(crate::fused::L2NormaliseOp)?);
+    }
+    l2_normalise_ops(x)
+}
+
+/// [`l2_normalise`] from tensor ops (any device, any rank).
+pub fn l2_normalise_ops(x: &Tensor) -> Result<Tensor> {
     let n = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
     Ok(x.broadcast_div(&n)?)
 }

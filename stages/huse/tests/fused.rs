@@ -120,3 +120,21 @@ fn dropout_masks_drop_p_and_scale_the_rest() {
     assert_ne!(mask, draw(8));
     assert!(dropout_mask(10, 0.0, &mut rand_chacha::ChaCha8Rng::seed_from_u64(1)).is_none());
 }
+
+#[test]
+fn fused_l2_normalise_equals_tensor_ops() {
+    use huse_model::model::{l2_normalise, l2_normalise_ops};
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::from_vec(values(50 * 33, 0.61), (50, 33), &dev).unwrap()).unwrap();
+    let c = Tensor::from_vec(values(50 * 33, 0.17), (50, 33), &dev).unwrap();
+    let (f, p) = (l2_normalise(x.as_tensor()).unwrap(), l2_normalise_ops(x.as_tensor()).unwrap());
+    assert!(max_diff(&f, &p) < 1e-6);
+    let norms = f.sqr().unwrap().sum(1).unwrap().to_vec1::<f32>().unwrap();
+    assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-5));
+    let gf = (f * &c).unwrap().sum_all().unwrap().backward().unwrap();
+    let gp = (p * &c).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(max_diff(gf.get(&x).unwrap(), gp.get(&x).unwrap()) < 1e-5);
+    // A zero row stays zero (no NaN).
+    let z = l2_normalise(&Tensor::zeros((2, 4), candle_core::DType::F32, &dev).unwrap()).unwrap();
+    assert!(z.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| *v == 0.0));
+}
