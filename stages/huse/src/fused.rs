@@ -32,6 +32,18 @@ fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     }
 }
 
+/// Sums of the columns of a row-major matrix with `n` columns (the bias gradient); candle's
+/// sum over dim 0 walks the matrix by columns.
+fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
+    let mut s = vec![0f32; n];
+    for row in g.chunks_exact(n) {
+        for (a, &v) in s.iter_mut().zip(row) {
+            *a += v;
+        }
+    }
+    s
+}
+
 /// Whether the fused op applies: CPU, f32, contiguous.
 pub fn usable(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
@@ -114,10 +126,11 @@ impl CustomOp3 for DenseOp {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let gz = Tensor::from_vec(grad_through(grad, res, self.relu, self.mask.as_deref())?, res.shape(), res.device())?;
+        let gz = grad_through(grad, res, self.relu, self.mask.as_deref())?;
+        let db = Tensor::from_vec(column_sums(&gz, w.dim(0)?), w.dim(0)?, w.device())?;
+        let gz = Tensor::from_vec(gz, res.shape(), res.device())?;
         let dx = if x.track_op() { Some(gz.matmul(w)?) } else { None };
         let dw = gz.t()?.matmul(x)?;
-        let db = gz.sum(0)?;
         Ok((dx, Some(dw), Some(db)))
     }
 }
@@ -232,12 +245,7 @@ impl CustomOp3 for SparseDenseOp {
                 dw[j * kw + c] += a;
             }
         }
-        let mut db = vec![0f32; n];
-        for row in gz.chunks_exact(n) {
-            for (s, &g) in db.iter_mut().zip(row) {
-                *s += g;
-            }
-        }
+        let db = column_sums(&gz, n);
         let gz = Tensor::from_vec(gz, (m, n), res.device())?;
         let dx = if x.track_op() { Some(gz.matmul(&w.narrow(1, 0, d)?)?) } else { None };
         Ok((dx, Some(Tensor::from_vec(dw, (n, kw), w.device())?), Some(Tensor::from_vec(db, n, w.device())?)))

@@ -187,10 +187,10 @@ impl GraphBlock {
     /// From the similarities `s` = e1 e2^T (row-major, `m` columns): the block's value and
     /// d value / d s for every pair. Rows run in parallel; the value sums rows in order, so it
     /// does not depend on the thread count.
-    fn value_and_coef<T: Element>(&self, s: &[T], m: usize) -> (f64, Vec<f64>) {
+    fn value_and_coef<T: Element>(&self, s: &[T], m: usize) -> (f64, Vec<T>) {
         use rayon::prelude::*;
         let scale = 1.0 / (self.n * self.n) as f64;
-        let mut coef = vec![0f64; s.len()];
+        let mut coef = vec![T::default(); s.len()];
         let partial: Vec<f64> = coef
             .par_chunks_mut(GRAPH_ROWS * m)
             .zip(s.par_chunks(GRAPH_ROWS * m))
@@ -204,7 +204,7 @@ impl GraphBlock {
                         // d = 1 - s, so d/ds = -d/dd.
                         let (v, g) = self.term(i, j, a_row, 1.0 - sv.to_f64());
                         total += v;
-                        *cv = -g * scale;
+                        *cv = T::from_f64(-g * scale);
                     }
                 }
                 total
@@ -238,6 +238,14 @@ macro_rules! element {
 element!(f32, F32);
 element!(f64, F64);
 
+fn coef_storage_len(s: &candle_core::CpuStorage) -> usize {
+    match s {
+        candle_core::CpuStorage::F32(v) => v.len(),
+        candle_core::CpuStorage::F64(v) => v.len(),
+        _ => 0,
+    }
+}
+
 /// C (r x c, row-major) = beta * A . B with A and B given by (pointer, column stride, row
 /// stride).
 ///
@@ -258,7 +266,8 @@ unsafe fn gemm_into<T: Element>(c: &mut [T], r: usize, cols: usize, k: usize, a:
 pub struct GraphLossOp {
     terms: GraphBlock,
     same: bool,
-    coef: std::sync::Mutex<Option<Vec<f64>>>,
+    /// d value / d S of the last forward pass, f32 or f64 as the embeddings.
+    coef: std::sync::Mutex<Option<candle_core::CpuStorage>>,
 }
 
 impl GraphLossOp {
@@ -273,12 +282,13 @@ impl GraphLossOp {
         // SAFETY: the slices have exactly the sizes the strides describe.
         unsafe { gemm_into(&mut s, n, m, d, (e1.as_ptr(), 1, d as isize), (e2.as_ptr(), d as isize, 1), T::from_f64(1.0)) };
         let (value, coef) = self.terms.value_and_coef(&s, m);
-        *self.coef.lock().unwrap() = Some(coef);
+        *self.coef.lock().unwrap() = Some(T::storage(coef));
         Ok(T::storage(vec![T::from_f64(value)]))
     }
 
     fn bwd_typed<T: Element>(&self, e1: &Tensor, e2: &Tensor, upstream: f64) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let coef = self.coef.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("graph loss: backward without forward".into()))?;
+        let coef_storage = self.coef.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("graph loss: backward without forward".into()))?;
+        let coef = T::slice(&coef_storage, &candle_core::Layout::contiguous(coef_storage_len(&coef_storage)))?;
         let ((n, d), (m, _)) = (e1.dims2()?, e2.dims2()?);
         let (s1, l1) = e1.storage_and_layout();
         let (s2, l2) = e2.storage_and_layout();
@@ -294,7 +304,7 @@ impl GraphLossOp {
                 for j0 in (0..n).step_by(TILE) {
                     for i in i0..(i0 + TILE).min(n) {
                         for j in j0..(j0 + TILE).min(n) {
-                            g[i * n + j] = T::from_f64(coef[i * n + j] + coef[j * n + i]);
+                            g[i * n + j] = coef[i * n + j] + coef[j * n + i];
                         }
                     }
                 }
@@ -304,7 +314,7 @@ impl GraphLossOp {
             unsafe { gemm_into(&mut out, n, d, n, (g.as_ptr(), 1, n as isize), (x1.as_ptr(), 1, d as isize), beta) };
             return Ok((Some(tensor(out, n)?), None));
         }
-        let g: Vec<T> = coef.iter().map(|&c| T::from_f64(c)).collect();
+        let g = coef;
         let (mut o1, mut o2) = (vec![T::default(); n * d], vec![T::default(); m * d]);
         // SAFETY: as above. dL/de1 = G e2; dL/de2 = G^T e1 with lhs(j, i) = G[i*m + j].
         unsafe {
