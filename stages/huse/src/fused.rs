@@ -1,4 +1,5 @@
-//! Fused CPU kernels for the towers' dense layers.
+//! Fused CPU kernels for the towers: dense layers ([`DenseOp`]), the sparse-input first
+//! layer ([`SparseDenseOp`]) and L2 normalisation ([`L2NormaliseOp`]).
 //!
 //! `relu?(x W^T + b)` as one candle op: the output buffer starts as the bias, one GEMM
 //! (the `gemm` crate, as candle's own matmul) accumulates into it, and the ReLU runs over it
@@ -42,6 +43,30 @@ fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
         }
     }
     s
+}
+
+/// `b + x W[:, ..k]^T` (m x n, row-major): every row starts as the bias, one GEMM adds
+/// `x` (m x k) times the first `k` columns of the row-major W (n rows of `ldw`).
+fn bias_plus_x_wt(x: &[f32], w: &[f32], b: &[f32], m: usize, n: usize, k: usize, ldw: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(m * n);
+    for _ in 0..m {
+        out.extend_from_slice(b);
+    }
+    if k > 0 && m > 0 && n > 0 {
+        assert!(x.len() >= m * k && w.len() >= (n - 1) * ldw + k && k <= ldw, "GEMM operands too short");
+        // rhs(kk, j) = w[j*ldw + kk].
+        // SAFETY: the assertion above keeps every strided access inside the slices.
+        unsafe {
+            gemm::gemm(
+                m, n, k,
+                out.as_mut_ptr(), 1, n as isize, true,
+                x.as_ptr(), 1, k as isize,
+                w.as_ptr(), ldw as isize, 1,
+                1.0f32, 1.0f32, false, false, false, parallelism(m, n, k),
+            );
+        }
+    }
+    out
 }
 
 /// Whether the fused op applies: CPU, f32, contiguous.
@@ -104,23 +129,7 @@ impl CustomOp3 for DenseOp {
             bail!("fused dense layer: x {:?}, W {:?}, b {:?} do not fit", xl.shape(), wl.shape(), bl.shape());
         }
         let (x, w, b) = (slice(xs, xl)?, slice(ws, wl)?, slice(bs, bl)?);
-        let mut out = Vec::with_capacity(m * n);
-        for _ in 0..m {
-            out.extend_from_slice(b);
-        }
-        if k > 0 && m > 0 {
-            // out (m, n) += x (m, k) . W^T, W row-major (n, k): rhs(kk, j) = w[j*k + kk].
-            // SAFETY: the slices have exactly the sizes the strides describe.
-            unsafe {
-                gemm::gemm(
-                    m, n, k,
-                    out.as_mut_ptr(), 1, n as isize, true,
-                    x.as_ptr(), 1, k as isize,
-                    w.as_ptr(), k as isize, 1,
-                    1.0f32, 1.0f32, false, false, false, parallelism(m, n, k),
-                );
-            }
-        }
+        let mut out = bias_plus_x_wt(x, w, b, m, n, k, k);
         activate(&mut out, self.relu, self.mask.as_deref())?;
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
@@ -178,23 +187,7 @@ impl CustomOp3 for SparseDenseOp {
             bail!("sparse first layer: entry ({r}, {c}) outside rows 0..{m}, sparse columns {d}..{kw}");
         }
         let (x, w, b) = (slice(xs, xl)?, slice(ws, wl)?, slice(bs, bl)?);
-        let mut out = Vec::with_capacity(m * n);
-        for _ in 0..m {
-            out.extend_from_slice(b);
-        }
-        if d > 0 && m > 0 {
-            // out (m, n) += x (m, d) . W[:, ..d]^T: rhs(kk, j) = w[j*kw + kk].
-            // SAFETY: the slices have exactly the sizes the strides describe.
-            unsafe {
-                gemm::gemm(
-                    m, n, d,
-                    out.as_mut_ptr(), 1, n as isize, true,
-                    x.as_ptr(), 1, d as isize,
-                    w.as_ptr(), kw as isize, 1,
-                    1.0f32, 1.0f32, false, false, false, parallelism(m, n, d),
-                );
-            }
-        }
+        let mut out = bias_plus_x_wt(x, w, b, m, n, d, kw);
         let mut column = vec![0f32; n];
         for run in self.by_column() {
             let c = run[0].1 as usize;
