@@ -12,23 +12,59 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, bail};
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => bail!("fused dense layer: contiguous f32 inputs only"),
-    }
+/// Element types of the fused CPU ops: their data in a `CpuStorage`, and back.
+pub trait Element: candle_core::WithDType + Default {
+    /// The contiguous data of `s` under `l`; an error for another type or a strided layout.
+    fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [Self]>;
+    fn storage(v: Vec<Self>) -> CpuStorage;
 }
 
-fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+macro_rules! element {
+    ($t:ty, $variant:ident) => {
+        impl Element for $t {
+            fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [Self]> {
+                match (s, l.contiguous_offsets()) {
+                    (CpuStorage::$variant(v), Some((a, b))) => Ok(&v[a..b]),
+                    _ => bail!("fused CPU op: contiguous {} data expected", stringify!($t)),
+                }
+            }
+            fn storage(v: Vec<Self>) -> CpuStorage {
+                CpuStorage::$variant(v)
+            }
+        }
+    };
+}
+element!(f32, F32);
+element!(f64, F64);
+
+/// `dst = beta * lhs . rhs`, or `dst += beta * lhs . rhs` when `accumulate`: dst is `r` x
+/// `cols` with row stride `ldc`, lhs `r` x `k`, rhs `k` x `cols`, each operand given as
+/// (pointer, column stride, row stride). Threaded like candle's matmul for big products.
+///
+/// # Safety
+/// The pointers and strides must describe matrices inside their buffers.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm<T: Element>(dst: &mut [T], ldc: usize, r: usize, cols: usize, k: usize, lhs: (*const T, usize, usize), rhs: (*const T, usize, usize), accumulate: bool, beta: T) {
     let threads = candle_core::utils::get_num_threads();
-    if threads > 1 && m * n * k > 1 << 15 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None }
+    let par = if threads > 1 && r * cols * k > 1 << 15 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let alpha = if accumulate { T::from_f64(1.0) } else { T::default() };
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            r, cols, k,
+            dst.as_mut_ptr(), 1, ldc as isize, accumulate,
+            lhs.0, lhs.1 as isize, lhs.2 as isize,
+            rhs.0, rhs.1 as isize, rhs.2 as isize,
+            alpha, beta, false, false, false, par,
+        )
+    }
 }
 
 /// Runs `f` on the data of a contiguous f32 CPU tensor.
 fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (s, l) = t.storage_and_layout();
     match &*s {
-        Storage::Cpu(c) => Ok(f(slice(c, l)?)),
+        Storage::Cpu(c) => Ok(f(f32::slice(c, l)?)),
         _ => bail!("fused dense layer: CPU tensors only"),
     }
 }
@@ -56,15 +92,7 @@ fn bias_plus_x_wt(x: &[f32], w: &[f32], b: &[f32], m: usize, n: usize, k: usize,
         assert!(x.len() >= m * k && w.len() >= (n - 1) * ldw + k && k <= ldw, "GEMM operands too short");
         // rhs(kk, j) = w[j*ldw + kk].
         // SAFETY: the assertion above keeps every strided access inside the slices.
-        unsafe {
-            gemm::gemm(
-                m, n, k,
-                out.as_mut_ptr(), 1, n as isize, true,
-                x.as_ptr(), 1, k as isize,
-                w.as_ptr(), ldw as isize, 1,
-                1.0f32, 1.0f32, false, false, false, parallelism(m, n, k),
-            );
-        }
+        unsafe { gemm(&mut out, n, m, n, k, (x.as_ptr(), 1, k), (w.as_ptr(), ldw, 1), true, 1.0) };
     }
     out
 }
@@ -128,7 +156,7 @@ impl CustomOp3 for DenseOp {
         if k != k2 || bl.shape().dims1()? != n {
             bail!("fused dense layer: x {:?}, W {:?}, b {:?} do not fit", xl.shape(), wl.shape(), bl.shape());
         }
-        let (x, w, b) = (slice(xs, xl)?, slice(ws, wl)?, slice(bs, bl)?);
+        let (x, w, b) = (f32::slice(xs, xl)?, f32::slice(ws, wl)?, f32::slice(bs, bl)?);
         let mut out = bias_plus_x_wt(x, w, b, m, n, k, k);
         activate(&mut out, self.relu, self.mask.as_deref())?;
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
@@ -186,7 +214,7 @@ impl CustomOp3 for SparseDenseOp {
         if let Some(&(r, c, _)) = self.entries.iter().find(|&&(r, c, _)| r as usize >= m || (c as usize) < d || c as usize >= kw) {
             bail!("sparse first layer: entry ({r}, {c}) outside rows 0..{m}, sparse columns {d}..{kw}");
         }
-        let (x, w, b) = (slice(xs, xl)?, slice(ws, wl)?, slice(bs, bl)?);
+        let (x, w, b) = (f32::slice(xs, xl)?, f32::slice(ws, wl)?, f32::slice(bs, bl)?);
         let mut out = bias_plus_x_wt(x, w, b, m, n, d, kw);
         let mut column = vec![0f32; n];
         for run in self.by_column() {
@@ -212,18 +240,8 @@ impl CustomOp3 for SparseDenseOp {
         let mut dw = vec![0f32; n * kw];
         if d > 0 && m > 0 {
             // dW[:, ..d] (n, d) = gz^T (n, m) . x (m, d); lhs(j, r) = gz[r*n + j].
-            with_slice(&x, |xv| {
-                // SAFETY: the slices have exactly the sizes the strides describe.
-                unsafe {
-                    gemm::gemm(
-                        n, d, m,
-                        dw.as_mut_ptr(), 1, kw as isize, false,
-                        gz.as_ptr(), n as isize, 1,
-                        xv.as_ptr(), 1, d as isize,
-                        0.0f32, 1.0f32, false, false, false, parallelism(n, d, m),
-                    );
-                }
-            })?;
+            // SAFETY: the slices have exactly the sizes the strides describe.
+            with_slice(&x, |xv| unsafe { gemm(&mut dw, kw, n, d, m, (gz.as_ptr(), n, 1), (xv.as_ptr(), 1, d), false, 1.0) })?;
         }
         let mut acc = vec![0f32; n];
         for run in self.by_column() {

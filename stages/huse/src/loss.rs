@@ -19,6 +19,8 @@ use anyhow::Result;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::fused::{Element, gemm};
+
 /// Which graph-loss formula.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -108,22 +110,25 @@ fn pair_targets(a: &Tensor, y1: &Tensor, y2: &Tensor) -> Result<Tensor> {
 }
 
 /// One block of Eqs. 9-11 (plus the hinge term): pairs (m, n), m != n, of `e1` x `e2`.
-/// On the CPU the per-pair terms and their gradient are one fused pass ([`GraphBlock`]);
-/// elsewhere they are composed from tensor ops ([`graph_loss_block_ops`]). Both are tested equal.
+/// On the CPU (f32, f64) one fused op ([`GraphLossOp`]); elsewhere composed from tensor ops
+/// ([`graph_loss_block_ops`]). Both are tested equal.
 pub fn graph_loss_block(e1: &Tensor, e2: &Tensor, y1: &Tensor, y2: &Tensor, a: &Tensor, zeta: f64, variant: GraphVariant) -> Result<Tensor> {
-    if !e1.device().is_cpu() {
+    if !e1.device().is_cpu() || !matches!(e1.dtype(), DType::F32 | DType::F64) {
         return graph_loss_block_ops(e1, e2, y1, y2, a, zeta, variant);
     }
     let classes = a.dim(1)?;
     let a_host: Vec<f64> = a.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
     let (rows, cols): (Vec<u32>, Vec<u32>) = (y1.to_vec1()?, y2.to_vec1()?);
-    let terms = GraphBlock { a: a_host, classes, rows, cols, zeta, hinge: variant == GraphVariant::Hinge, n: e1.dim(0)? };
-    let same = e1.id() == e2.id();
-    let (e1, e2) = (e1.contiguous()?, if same { e1.contiguous()? } else { e2.contiguous()? });
+    let terms = GraphBlock { a: a_host, classes, rows, cols, zeta, hinge: variant == GraphVariant::Hinge };
     // Within a modality e1 and e2 are one tensor: the op then returns the whole gradient
     // through its first argument (one GEMM instead of two).
-    let e2 = if same { e1.clone() } else { e2 };
-    Ok(e1.apply_op2(&e2, GraphLossOp { terms, same, coef: std::sync::Mutex::new(None) })?)
+    let same = e1.id() == e2.id();
+    let e1 = e1.contiguous()?;
+    let e2 = if same { e1.clone() } else { e2.contiguous()? };
+    Ok(match e1.dtype() {
+        DType::F32 => e1.apply_op2(&e2, GraphLossOp::<f32>::new(terms, same))?,
+        _ => e1.apply_op2(&e2, GraphLossOp::<f64>::new(terms, same))?,
+    })
 }
 
 /// The graph-loss block from tensor ops (any device).
@@ -156,7 +161,6 @@ pub struct GraphBlock {
     pub cols: Vec<u32>,
     pub zeta: f64,
     pub hinge: bool,
-    pub n: usize,
 }
 
 /// Rows per parallel task.
@@ -189,7 +193,8 @@ impl GraphBlock {
     /// does not depend on the thread count.
     fn value_and_coef<T: Element>(&self, s: &[T], m: usize) -> (f64, Vec<T>) {
         use rayon::prelude::*;
-        let scale = 1.0 / (self.n * self.n) as f64;
+        let n = self.rows.len();
+        let scale = 1.0 / (n * n) as f64;
         let mut coef = vec![T::default(); s.len()];
         let partial: Vec<f64> = coef
             .par_chunks_mut(GRAPH_ROWS * m)
@@ -214,81 +219,25 @@ impl GraphBlock {
     }
 }
 
-/// Element types of the fused graph-loss op.
-trait Element: candle_core::WithDType + Default {
-    fn slice<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<&'a [Self]>;
-    fn storage(v: Vec<Self>) -> candle_core::CpuStorage;
-}
-
-macro_rules! element {
-    ($t:ty, $variant:ident) => {
-        impl Element for $t {
-            fn slice<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<&'a [Self]> {
-                match (s, l.contiguous_offsets()) {
-                    (candle_core::CpuStorage::$variant(v), Some((a, b))) => Ok(&v[a..b]),
-                    _ => candle_core::bail!("graph loss: contiguous {} embeddings expected", stringify!($t)),
-                }
-            }
-            fn storage(v: Vec<Self>) -> candle_core::CpuStorage {
-                candle_core::CpuStorage::$variant(v)
-            }
-        }
-    };
-}
-element!(f32, F32);
-element!(f64, F64);
-
-fn coef_storage_len(s: &candle_core::CpuStorage) -> usize {
-    match s {
-        candle_core::CpuStorage::F32(v) => v.len(),
-        candle_core::CpuStorage::F64(v) => v.len(),
-        _ => 0,
-    }
-}
-
-/// C (r x c, row-major) = beta * A . B with A and B given by (pointer, column stride, row
-/// stride).
-///
-/// # Safety
-/// The pointers and strides must describe matrices inside their buffers.
-unsafe fn gemm_into<T: Element>(c: &mut [T], r: usize, cols: usize, k: usize, a: (*const T, isize, isize), b: (*const T, isize, isize), beta: T) {
-    let threads = candle_core::utils::get_num_threads();
-    let par = if threads > 1 && r * cols * k > 1 << 15 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: forwarded from the caller.
-    unsafe { gemm::gemm(r, cols, k, c.as_mut_ptr(), 1, cols as isize, false, a.0, a.1, a.2, b.0, b.1, b.2, T::default(), beta, false, false, false, par) }
-}
-
 /// One graph-loss block on the CPU as a single op on the two embedding matrices: the
 /// similarities by one GEMM, then value and per-pair derivative in one pass (kept for the
 /// backward pass), instead of a distance tensor and a dozen full-size intermediates. The
 /// backward pass is two GEMMs — one when both arguments are the same tensor (a block within
 /// one modality), whose gradient is then `-(G + G^T) E`.
-pub struct GraphLossOp {
+pub struct GraphLossOp<T> {
     terms: GraphBlock,
     same: bool,
-    /// d value / d S of the last forward pass, f32 or f64 as the embeddings.
-    coef: std::sync::Mutex<Option<candle_core::CpuStorage>>,
+    /// d value / d S of the last forward pass, for the backward pass.
+    coef: std::sync::Mutex<Option<Vec<T>>>,
 }
 
-impl GraphLossOp {
-    fn fwd<T: Element>(&self, s1: &candle_core::CpuStorage, l1: &candle_core::Layout, s2: &candle_core::CpuStorage, l2: &candle_core::Layout) -> candle_core::Result<candle_core::CpuStorage> {
-        let ((n, d), (m, d2)) = (l1.shape().dims2()?, l2.shape().dims2()?);
-        if d != d2 || n != self.terms.rows.len() || m != self.terms.cols.len() {
-            candle_core::bail!("graph loss: embeddings {:?} and {:?} do not fit the labels", l1.shape(), l2.shape());
-        }
-        let (e1, e2) = (T::slice(s1, l1)?, T::slice(s2, l2)?);
-        let mut s = vec![T::default(); n * m];
-        // S = e1 . e2^T: rhs(kk, j) = e2[j*d + kk].
-        // SAFETY: the slices have exactly the sizes the strides describe.
-        unsafe { gemm_into(&mut s, n, m, d, (e1.as_ptr(), 1, d as isize), (e2.as_ptr(), d as isize, 1), T::from_f64(1.0)) };
-        let (value, coef) = self.terms.value_and_coef(&s, m);
-        *self.coef.lock().unwrap() = Some(T::storage(coef));
-        Ok(T::storage(vec![T::from_f64(value)]))
+impl<T: Element> GraphLossOp<T> {
+    fn new(terms: GraphBlock, same: bool) -> Self {
+        GraphLossOp { terms, same, coef: std::sync::Mutex::new(None) }
     }
 
-    fn bwd_typed<T: Element>(&self, e1: &Tensor, e2: &Tensor, upstream: f64) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let coef_storage = self.coef.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("graph loss: backward without forward".into()))?;
-        let coef = T::slice(&coef_storage, &candle_core::Layout::contiguous(coef_storage_len(&coef_storage)))?;
+    fn grads(&self, e1: &Tensor, e2: &Tensor, upstream: f64) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let coef = self.coef.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("graph loss: backward without forward".into()))?;
         let ((n, d), (m, _)) = (e1.dims2()?, e2.dims2()?);
         let (s1, l1) = e1.storage_and_layout();
         let (s2, l2) = e2.storage_and_layout();
@@ -310,41 +259,42 @@ impl GraphLossOp {
                 }
             }
             let mut out = vec![T::default(); n * d];
-            // SAFETY: as above.
-            unsafe { gemm_into(&mut out, n, d, n, (g.as_ptr(), 1, n as isize), (x1.as_ptr(), 1, d as isize), beta) };
+            // SAFETY: every buffer has exactly the size its strides describe.
+            unsafe { gemm(&mut out, d, n, d, n, (g.as_ptr(), 1, n), (x1.as_ptr(), 1, d), false, beta) };
             return Ok((Some(tensor(out, n)?), None));
         }
-        let g = coef;
         let (mut o1, mut o2) = (vec![T::default(); n * d], vec![T::default(); m * d]);
         // SAFETY: as above. dL/de1 = G e2; dL/de2 = G^T e1 with lhs(j, i) = G[i*m + j].
         unsafe {
-            gemm_into(&mut o1, n, d, m, (g.as_ptr(), 1, m as isize), (x2.as_ptr(), 1, d as isize), beta);
-            gemm_into(&mut o2, m, d, n, (g.as_ptr(), m as isize, 1), (x1.as_ptr(), 1, d as isize), beta);
+            gemm(&mut o1, d, n, d, m, (coef.as_ptr(), 1, m), (x2.as_ptr(), 1, d), false, beta);
+            gemm(&mut o2, d, m, d, n, (coef.as_ptr(), m, 1), (x1.as_ptr(), 1, d), false, beta);
         }
         Ok((Some(tensor(o1, n)?), Some(tensor(o2, m)?)))
     }
 }
 
-impl candle_core::CustomOp2 for GraphLossOp {
+impl<T: Element> candle_core::CustomOp2 for GraphLossOp<T> {
     fn name(&self) -> &'static str {
         "huse-graph-loss-block"
     }
 
     fn cpu_fwd(&self, s1: &candle_core::CpuStorage, l1: &candle_core::Layout, s2: &candle_core::CpuStorage, l2: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let out = match s1 {
-            candle_core::CpuStorage::F32(_) => self.fwd::<f32>(s1, l1, s2, l2)?,
-            candle_core::CpuStorage::F64(_) => self.fwd::<f64>(s1, l1, s2, l2)?,
-            _ => candle_core::bail!("graph loss supports f32 and f64"),
-        };
-        Ok((out, candle_core::Shape::from(())))
+        let ((n, d), (m, d2)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        if d != d2 || n != self.terms.rows.len() || m != self.terms.cols.len() {
+            candle_core::bail!("graph loss: embeddings {:?} and {:?} do not fit the labels", l1.shape(), l2.shape());
+        }
+        let (e1, e2) = (T::slice(s1, l1)?, T::slice(s2, l2)?);
+        let mut s = vec![T::default(); n * m];
+        // S = e1 . e2^T: rhs(kk, j) = e2[j*d + kk].
+        // SAFETY: the slices have exactly the sizes the strides describe.
+        unsafe { gemm(&mut s, m, n, m, d, (e1.as_ptr(), 1, d), (e2.as_ptr(), d, 1), false, T::from_f64(1.0)) };
+        let (value, coef) = self.terms.value_and_coef(&s, m);
+        *self.coef.lock().unwrap() = Some(coef);
+        Ok((T::storage(vec![T::from_f64(value)]), candle_core::Shape::from(())))
     }
 
     fn bwd(&self, e1: &Tensor, e2: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let upstream = grad.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        match e1.dtype() {
-            DType::F32 => self.bwd_typed::<f32>(e1, e2, upstream),
-            _ => self.bwd_typed::<f64>(e1, e2, upstream),
-        }
+        self.grads(e1, e2, grad.to_dtype(DType::F64)?.to_scalar::<f64>()?)
     }
 }
 

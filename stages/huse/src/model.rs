@@ -77,11 +77,6 @@ impl Dense {
         self.apply(x, false, None)
     }
 
-    /// max(0, x W^T + b).
-    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
-        self.apply(x, true, None)
-    }
-
     /// (ReLU of) x W^T + b, then dropout when `drop` = Some((p, rng)).
     fn apply(&self, x: &Tensor, relu: bool, drop: Option<(f64, &mut ChaCha8Rng)>) -> Result<Tensor> {
         let (w, b) = (self.weight.as_tensor(), self.bias.as_tensor());
