@@ -77,17 +77,8 @@ fn main() -> anyhow::Result<()> {
     let a = Tensor::from_vec(a, (classes, classes), &dev)?;
     let lcfg = LossConfig::default();
     let sparse = |start: usize| -> anyhow::Result<Sparse> {
-        let (indptr, idx, vals) = &csr;
-        let (mut r, mut c, mut x) = (Vec::new(), Vec::new(), Vec::new());
-        for row in 0..batch {
-            for k in indptr[start + row] as usize..indptr[start + row + 1] as usize {
-                r.push(row as u32);
-                c.push((dt + idx[k] as usize) as u32);
-                x.push(vals[k]);
-            }
-        }
-        let nnz = r.len();
-        Ok(Sparse { rows: Tensor::from_vec(r, nnz, &dev)?, cols: Tensor::from_vec(c, nnz, &dev)?, vals: Tensor::from_vec(x, (nnz, 1), &dev)?, width: v })
+        let rows: Vec<usize> = (start..start + batch).collect();
+        Sparse::from_csr_rows((&csr.0, &csr.1, &csr.2), v, &rows, dt, &dev)
     };
     let mut step = |s: usize, rng: &mut ChaCha8Rng| -> anyhow::Result<()> {
         let start = (s * batch) % (n - batch);

@@ -76,23 +76,7 @@ impl Dataset {
             txt.extend_from_slice(&self.bert[i * self.bert_dim..(i + 1) * self.bert_dim]);
         }
         let tfidf = match (&self.tfidf, use_tfidf) {
-            (Some((indptr, indices, values, width)), true) => {
-                let (mut rows, mut cols, mut vals) = (Vec::new(), Vec::new(), Vec::new());
-                for (r, &i) in idx.iter().enumerate() {
-                    for k in indptr[i] as usize..indptr[i + 1] as usize {
-                        rows.push(r as u32);
-                        cols.push((self.bert_dim + indices[k] as usize) as u32);
-                        vals.push(values[k]);
-                    }
-                }
-                let nnz = rows.len();
-                Some(Sparse {
-                    rows: Tensor::from_vec(rows, nnz, device)?,
-                    cols: Tensor::from_vec(cols, nnz, device)?,
-                    vals: Tensor::from_vec(vals, (nnz, 1), device)?,
-                    width: *width,
-                })
-            }
+            (Some((indptr, indices, values, width)), true) => Some(Sparse::from_csr_rows((indptr, indices, values), *width, idx, self.bert_dim, device)?),
             _ => None,
         };
         let labels: Vec<u32> = idx.iter().map(|&i| self.labels[i]).collect();
@@ -126,6 +110,27 @@ pub struct Batch {
 }
 
 impl Sparse {
+    /// Rows `idx` of a CSR matrix (`indptr`, `indices`, `values`; `width` columns) as the sparse
+    /// block of a batch whose dense part has `offset` columns.
+    pub fn from_csr_rows(csr: (&[i64], &[u32], &[f32]), width: usize, idx: &[usize], offset: usize, device: &Device) -> Result<Sparse> {
+        let (indptr, indices, values) = csr;
+        let (mut rows, mut cols, mut vals) = (Vec::new(), Vec::new(), Vec::new());
+        for (r, &i) in idx.iter().enumerate() {
+            for k in indptr[i] as usize..indptr[i + 1] as usize {
+                rows.push(r as u32);
+                cols.push((offset + indices[k] as usize) as u32);
+                vals.push(values[k]);
+            }
+        }
+        let nnz = rows.len();
+        Ok(Sparse {
+            rows: Tensor::from_vec(rows, nnz, device)?,
+            cols: Tensor::from_vec(cols, nnz, device)?,
+            vals: Tensor::from_vec(vals, (nnz, 1), device)?,
+            width,
+        })
+    }
+
     /// Dense (B, width) form of the sparse columns (for reference and tests).
     pub fn to_dense(&self, batch: usize, offset: usize) -> Result<Tensor> {
         let rows: Vec<u32> = self.rows.to_vec1()?;

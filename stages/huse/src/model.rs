@@ -18,9 +18,9 @@ use anyhow::{Context as _, Result, ensure};
 use candle_core::{D, DType, Device, Tensor, Var};
 use rand::{Rng, RngCore};
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 
 use crate::data::Sparse;
-use serde::{Deserialize, Serialize};
 
 /// Shape of the network.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -84,12 +84,7 @@ impl Dense {
             let mask = drop.and_then(|(p, rng)| dropout_mask(x.dim(0).ok()? * w.dim(0).ok()?, p, rng));
             return Ok(x.apply_op3(w, b, crate::fused::DenseOp { relu, mask })?);
         }
-        let z = x.matmul(&w.t()?)?.broadcast_add(b)?;
-        let z = if relu { z.relu()? } else { z };
-        match drop {
-            Some((p, rng)) => dropout(&z, p, rng),
-            None => Ok(z),
-        }
+        activate(&x.matmul(&w.t()?)?.broadcast_add(b)?, relu, drop)
     }
 }
 
@@ -165,7 +160,7 @@ fn first_layer(layer: &Dense, dense: &Tensor, sparse: Option<&Sparse>, relu: boo
     let Some(sp) = sparse else { return layer.apply(dense, relu, drop) };
     if crate::fused::usable(&[dense, w, layer.bias.as_tensor()]) && sp.vals.device().is_cpu() {
         let mask = drop.and_then(|(p, rng)| dropout_mask(dense.dim(0).ok()? * w.dim(0).ok()?, p, rng));
-        let op = crate::fused::SparseDenseOp::new(relu, mask, &sp.rows.to_vec1()?, &sp.cols.to_vec1()?, &sp.vals.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?);
+        let op = crate::fused::SparseDenseOp::new(relu, mask, &sp.rows.to_vec1()?, &sp.cols.to_vec1()?, &sp.vals.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?);
         return Ok(dense.apply_op3(w, layer.bias.as_tensor(), op)?);
     }
     let d = dense.dim(1)?;
@@ -176,11 +171,15 @@ fn first_layer(layer: &Dense, dense: &Tensor, sparse: Option<&Sparse>, relu: boo
         let picked = w.index_select(&sp.cols, 1)?.t()?.broadcast_mul(&sp.vals)?;
         h = h.index_add(&sp.rows, &picked, 0)?;
     }
-    let h = h.broadcast_add(layer.bias.as_tensor())?;
-    let h = if relu { h.relu()? } else { h };
+    activate(&h.broadcast_add(layer.bias.as_tensor())?, relu, drop)
+}
+
+/// ReLU (when `relu`) and dropout (when `drop`) from tensor ops, for the unfused paths.
+fn activate(z: &Tensor, relu: bool, drop: Option<(f64, &mut ChaCha8Rng)>) -> Result<Tensor> {
+    let z = if relu { z.relu()? } else { z.clone() };
     match drop {
-        Some((p, rng)) => dropout(&h, p, rng),
-        None => Ok(h),
+        Some((p, rng)) => dropout(&z, p, rng),
+        None => Ok(z),
     }
 }
 
