@@ -10,13 +10,15 @@ use clap::{Args, Parser, Subcommand};
 use huse_stage_api::CancelToken;
 use tracing::{info, warn};
 
-use crate::cache::Cache;
-use crate::config::{self, Overrides};
-use crate::exec::{self, RunOptions};
-use crate::progress::{Display, LogWriter};
-use crate::query::{self, Cond, Filter, Format};
-use crate::registry::Registry;
-use crate::store::Store;
+use huse_config::{Diagnostic, Diagnostics, Overrides, Source};
+use huse_exec::cache::Cache;
+use huse_exec::progress::{Display, LogWriter};
+use huse_exec::{self as exec, RunOptions};
+use huse_registry::Registry;
+use huse_report::table::{self, Cell, Format, Table};
+use huse_store::{Cond, Filter, RunStatus, Store};
+
+use crate::builtin_registry;
 
 #[derive(Parser, Debug)]
 #[command(name = "huse-run", version, about = "Run, sweep and compare HUSE experiments described in YAML.")]
@@ -77,7 +79,7 @@ struct FilterArgs {
     experiment: Option<String>,
     /// Only runs with this status (running, succeeded, failed, interrupted).
     #[arg(long)]
-    status: Option<String>,
+    status: Option<RunStatus>,
     /// Condition on a param or a final metric, e.g. `train.beta=0.5` or `test.t2i.r1>0.6` (repeatable, all must hold).
     #[arg(long = "where", short = 'w', value_name = "COND")]
     conds: Vec<Cond>,
@@ -114,13 +116,15 @@ enum Cmd {
         /// One row per param combination (seeds pooled): mean ± std of each metric.
         #[arg(long)]
         group: bool,
-        #[arg(long, short = 'f', value_enum, default_value = "table")]
+        /// table, csv, json or markdown.
+        #[arg(long, short = 'f', default_value = "table")]
         format: Format,
     },
     /// Everything about one run.
     Show {
         run: i64,
-        #[arg(long, short = 'f', value_enum, default_value = "table")]
+        /// table, csv, json or markdown.
+        #[arg(long, short = 'f', default_value = "table")]
         format: Format,
     },
     /// Differing params and metrics of several runs, side by side.
@@ -129,7 +133,8 @@ enum Cmd {
         runs: Vec<i64>,
         #[arg(long = "metric", short = 'm', value_name = "GLOB")]
         metrics: Vec<String>,
-        #[arg(long, short = 'f', value_enum, default_value = "table")]
+        /// table, csv, json or markdown.
+        #[arg(long, short = 'f', default_value = "table")]
         format: Format,
     },
     /// Write an HTML page with figures for an experiment, from the database alone.
@@ -161,7 +166,8 @@ enum Cmd {
         min: bool,
         #[command(flatten)]
         filter: FilterArgs,
-        #[arg(long, short = 'f', value_enum, default_value = "table")]
+        /// table, csv, json or markdown.
+        #[arg(long, short = 'f', default_value = "table")]
         format: Format,
     },
 }
@@ -226,14 +232,9 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
         },
         Some(Cmd::Run(a)) => run(&g, a, &display).await,
         Some(Cmd::Validate(a)) => {
-            let mut registry = Registry::builtin();
             let file = a.experiment.clone().context("validate needs an experiment file")?;
-            if let Err(d) = config::load_plugins(&file, &a.plugins, &mut registry) {
-                eprintln!("{d}");
-                return Ok(2);
-            }
-            match config::compile(&file, &overrides(&a), &registry) {
-                Ok(exp) => {
+            match compile(&file, &a) {
+                Ok((exp, _)) => {
                     println!("{}: ok ({} run(s), {} stage(s) each)", file.display(), exp.runs.len(), exp.runs[0].stages.len());
                     Ok(0)
                 }
@@ -244,20 +245,20 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
             }
         }
         Some(Cmd::List { plugins }) => {
-            let mut registry = Registry::builtin();
+            let mut registry = builtin_registry();
             for p in &plugins {
                 if let Err(e) = registry.load_plugin(p) {
                     eprintln!("error: {e}");
                     return Ok(2);
                 }
             }
-            let mut t = query::Table { headers: vec!["kind".into(), "version".into(), "takes".into(), "gives".into(), "source".into(), "about".into()], rows: vec![] };
+            let mut t = Table { headers: vec!["kind".into(), "version".into(), "takes".into(), "gives".into(), "source".into(), "about".into()], rows: vec![] };
             for (kind, e) in registry.entries() {
                 let s = &e.stage;
                 let takes = s.inputs().iter().map(|i| i.name.clone()).collect::<Vec<_>>().join(", ");
                 let gives = s.outputs().iter().map(|o| o.name.clone()).collect::<Vec<_>>().join(", ");
                 t.rows.push(
-                    [kind, s.version(), &takes, &gives, &e.source, s.describe()].iter().map(|x| query::Cell::Text(x.to_string())).collect(),
+                    [kind, s.version(), &takes, &gives, &e.source, s.describe()].iter().map(|x| Cell::Text(x.to_string())).collect(),
                 );
             }
             print!("{}", t.render(Format::Table));
@@ -265,8 +266,8 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
         }
         Some(Cmd::Runs { filter, metrics, sort, desc, limit, group, format }) => {
             let store = Store::open_existing(&g.db).await?;
-            let runs = query::load_runs(&store, &to_filter(filter)).await?;
-            let mut t = query::runs_table(&runs, &query::patterns(&metrics)?, group);
+            let runs = store.load_runs(&to_filter(filter)).await?;
+            let mut t = table::runs_table(&runs, &table::patterns(&metrics)?, group);
             if let Some(s) = sort {
                 t.sort_by(&s, desc)?;
             } else if desc {
@@ -280,26 +281,26 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
         }
         Some(Cmd::Show { run, format }) => {
             let store = Store::open_existing(&g.db).await?;
-            print!("{}", query::render_sections(&query::show(&store, run).await?, format));
+            print!("{}", table::render_sections(&table::show(&store, run).await?, format));
             if matches!(format, Format::Table | Format::Markdown) {
-                print!("{}", query::summaries_text(&store, run).await?);
+                print!("{}", table::summaries_text(&store, run).await?);
             }
             Ok(0)
         }
         Some(Cmd::Compare { runs, metrics, format }) => {
             let store = Store::open_existing(&g.db).await?;
-            let all = query::load_runs(&store, &Filter::default()).await?;
+            let all = store.load_runs(&Filter::default()).await?;
             let mut chosen = Vec::new();
             for id in &runs {
                 chosen.push(all.iter().find(|r| r.id == *id).cloned().with_context(|| format!("no run with id {id}"))?);
             }
-            print!("{}", query::compare_table(&chosen, &query::patterns(&metrics)?).render(format));
+            print!("{}", table::compare_table(&chosen, &table::patterns(&metrics)?).render(format));
             Ok(0)
         }
         Some(Cmd::Report { experiment, out, metrics }) => {
             let store = Store::open_existing(&g.db).await?;
-            let out = out.unwrap_or_else(|| crate::report::default_out(&experiment));
-            let figs = crate::report::report(&store, &experiment, &out, &metrics).await?;
+            let out = out.unwrap_or_else(|| huse_report::default_out(&experiment));
+            let figs = huse_report::report(&store, &experiment, &out, &metrics).await?;
             println!("{} ({} figures)", out.join("index.html").display(), figs.len());
             Ok(0)
         }
@@ -308,16 +309,16 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
             match out {
                 Some(p) => {
                     let mut f = std::io::BufWriter::new(std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?);
-                    crate::report::export(&store, experiment.as_deref(), &format, &mut f).await?;
+                    huse_report::export(&store, experiment.as_deref(), &format, &mut f).await?;
                 }
-                None => crate::report::export(&store, experiment.as_deref(), &format, &mut std::io::stdout()).await?,
+                None => huse_report::export(&store, experiment.as_deref(), &format, &mut std::io::stdout()).await?,
             }
             Ok(0)
         }
         Some(Cmd::Best { metric, min, filter, format }) => {
             let store = Store::open_existing(&g.db).await?;
-            let runs = query::load_runs(&store, &to_filter(filter)).await?;
-            print!("{}", query::best_table(&runs, &metric, min)?.render(format));
+            let runs = store.load_runs(&to_filter(filter)).await?;
+            print!("{}", table::best_table(&runs, &metric, min)?.render(format));
             Ok(0)
         }
     }
@@ -331,16 +332,40 @@ fn overrides(a: &RunArgs) -> Overrides {
     Overrides { set: a.set.clone(), repeat: a.repeat }
 }
 
-async fn run(g: &Global, a: RunArgs, display: &Display) -> Result<i32> {
-    let mut registry = Registry::builtin();
-    let file = a.experiment.clone().context("no experiment file given")?;
-    if let Err(d) = config::load_plugins(&file, &a.plugins, &mut registry) {
-        eprintln!("{d}");
-        return Ok(2);
+/// Reads the experiment file once, loads the plugins it and the command line name, and
+/// compiles it; returns the experiment and the registry it was compiled against.
+fn compile(file: &std::path::Path, a: &RunArgs) -> Result<(huse_config::Experiment, Registry), Diagnostics> {
+    let source = Source::read(file)?;
+    let env = |k: &str| std::env::var(k).ok();
+    let mut registry = builtin_registry();
+    load_plugins(&source, &a.plugins, &mut registry, &env)?;
+    let exp = huse_config::compile(&source, &overrides(a), &registry, &env)?;
+    Ok((exp, registry))
+}
+
+/// Loads the plugins of the file's `plugins:` list and of `--plugin` flags into `registry`;
+/// errors point at the list entry or the flag.
+fn load_plugins(source: &Source, cli: &[PathBuf], registry: &mut Registry, env: &dyn Fn(&str) -> Option<String>) -> Result<(), Diagnostics> {
+    let mut diags = Vec::new();
+    for p in source.plugins(env) {
+        if let Err(e) = registry.load_plugin(&p.path) {
+            diags.push(Diagnostic { file: source.display.clone(), origin: p.origin, path: p.key, message: e });
+        }
     }
+    for p in cli {
+        if let Err(e) = registry.load_plugin(p) {
+            let origin = huse_config::yaml::Origin::Arg(format!("--plugin {}", p.display()));
+            diags.push(Diagnostic { file: source.display.clone(), origin, path: String::new(), message: e });
+        }
+    }
+    if diags.is_empty() { Ok(()) } else { Err(Diagnostics(diags)) }
+}
+
+async fn run(g: &Global, a: RunArgs, display: &Display) -> Result<i32> {
+    let file = a.experiment.clone().context("no experiment file given")?;
     // Everything is validated before the database or the cache is touched.
-    let exp = match config::compile(&file, &overrides(&a), &registry) {
-        Ok(e) => e,
+    let (exp, registry) = match compile(&file, &a) {
+        Ok(x) => x,
         Err(d) => {
             eprintln!("{d}");
             return Ok(2);
@@ -359,16 +384,15 @@ async fn run(g: &Global, a: RunArgs, display: &Display) -> Result<i32> {
     let outcomes = exec::execute(&exp, &registry, &store, &cache, &opts, display, &cancel).await?;
     // Stage summaries (e.g. the evaluation tables) of each finished run.
     for o in &outcomes {
-        let text = query::summaries_text(&store, o.id).await?;
+        let text = table::summaries_text(&store, o.id).await?;
         if !text.is_empty() {
             display.suspend(|| println!("run {} ({}):\n{text}", o.id, o.name));
         }
     }
     store.close().await;
 
-    let mut t = query::Table { headers: vec!["run".into(), "name".into(), "status".into(), "computed".into(), "cached".into(), "error".into()], rows: vec![] };
+    let mut t = Table { headers: vec!["run".into(), "name".into(), "status".into(), "computed".into(), "cached".into(), "error".into()], rows: vec![] };
     for o in &outcomes {
-        use query::Cell;
         t.rows.push(vec![
             Cell::Int(o.id),
             Cell::Text(o.name.clone()),
@@ -380,9 +404,9 @@ async fn run(g: &Global, a: RunArgs, display: &Display) -> Result<i32> {
     }
     display.suspend(|| print!("{}", t.render(Format::Table)));
     info!("results in {}; `huse-run show RUN` for details", g.db.display());
-    Ok(if cancel.is_cancelled() || outcomes.iter().any(|o| o.status == "interrupted") {
+    Ok(if cancel.is_cancelled() || outcomes.iter().any(|o| o.status == RunStatus::Interrupted) {
         130
-    } else if outcomes.iter().any(|o| o.status == "failed") {
+    } else if outcomes.iter().any(|o| o.status == RunStatus::Failed) {
         1
     } else {
         0

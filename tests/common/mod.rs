@@ -50,13 +50,16 @@ impl Sandbox {
         Out(self.cmd(args).output().unwrap())
     }
 
-    /// Rows of a query as strings (NULL as "NULL").
+    /// Rows of a query as strings (NULL as "NULL"): the tests read the database with their
+    /// own connection, to check what `huse-run` wrote independently of its store code.
     pub fn sql(&self, q: &str) -> Vec<Vec<String>> {
         use sqlx::Row;
+        assert!(self.db().exists(), "no results database at {}", self.db().display());
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
-            let store = huse_run::store::Store::open_existing(&self.db()).await.unwrap();
-            let rows = sqlx::query(sqlx::AssertSqlSafe(q.to_string())).fetch_all(&store.pool).await.unwrap();
+            let url = format!("sqlite://{}?mode=ro", self.db().display());
+            let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+            let rows = sqlx::query(sqlx::AssertSqlSafe(q.to_string())).fetch_all(&pool).await.unwrap();
             let out = rows
                 .iter()
                 .map(|r| {
@@ -71,7 +74,7 @@ impl Sandbox {
                         .collect()
                 })
                 .collect();
-            store.close().await;
+            pool.close().await;
             out
         })
     }

@@ -5,7 +5,7 @@
 //! * text: the attention-masked token mean of each of the last 4 BERT layers, concatenated
 //!   (4 x hidden); texts longer than `max_tokens` keep their most important tokens by
 //!   TF-IDF, with token idf fitted on the train split only;
-//! * TF-IDF: word features fitted on the train split only (see `huse_models::tfidf`).
+//! * TF-IDF: word features fitted on the train split only (see `huse_encoders::tfidf`).
 //!
 //! Images stream from disk: a producer thread decodes and resizes batch i+1 (in parallel)
 //! while the model computes batch i, through a bounded channel, so memory holds a few
@@ -20,22 +20,15 @@ use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use huse_data::{Item, Split, safetensors_out};
-use huse_models::mobilenet_v2::MobileNetV2;
-use huse_models::model_ref::{ModelRef, TEXT_MODEL_FILES};
-use huse_models::text::{TextEncoder, TokenIdf};
-use huse_models::tfidf::Tfidf;
-use huse_models::{image_prep, torch_pth};
+use huse_data::{Artifact, Item, Split, safetensors_out};
+use huse_encoders::mobilenet_v2::MobileNetV2;
+use huse_encoders::model_ref::{ModelRef, TEXT_MODEL_FILES};
+use huse_encoders::text::{TextEncoder, TokenIdf};
+use huse_encoders::tfidf::Tfidf;
+use huse_encoders::{image_prep, torch_pth};
 use huse_stage_api::{Config, ConfigError, Context, Input, Inputs, Output, Stage, StageError, parse_config};
 use rayon::prelude::*;
 use serde::Deserialize;
-
-/// Artifact names.
-pub const IMAGE: &str = "image.safetensors";
-pub const TEXT: &str = "text.safetensors";
-pub const TFIDF: &str = "tfidf.safetensors";
-pub const TFIDF_VOCAB: &str = "tfidf.json";
-pub const IDS: &str = "ids.json";
 
 /// torchvision's download address of the MobileNetV2 weights (IMAGENET1K_V1).
 pub const MOBILENET_V2_URL: &str = "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth";
@@ -140,12 +133,6 @@ impl EncodeCfg {
     }
 }
 
-fn err(e: impl std::fmt::Display) -> StageError {
-    StageError::msg(e.to_string())
-}
-fn aerr(e: anyhow::Error) -> StageError {
-    StageError::msg(format!("{e:#}"))
-}
 
 impl Stage for Encode {
     fn kind(&self) -> &str {
@@ -158,15 +145,15 @@ impl Stage for Encode {
         "frozen MobileNetV2 image features, BERT last-4-layer text features, TF-IDF (fitted on train)"
     }
     fn inputs(&self) -> Vec<Input> {
-        vec![Input::one(huse_data::ITEMS)]
+        vec![Input::one(Artifact::Items)]
     }
     fn outputs(&self) -> Vec<Output> {
         vec![
-            Output::new(IMAGE, "image features (N x 1280)"),
-            Output::new(TEXT, "BERT features (N x 4H)"),
-            Output::new(TFIDF, "TF-IDF rows (CSR)"),
-            Output::new(TFIDF_VOCAB, "TF-IDF vocabulary and idf"),
-            Output::new(IDS, "item id of every row"),
+            Output::new(Artifact::ImageFeatures, "image features (N x 1280)"),
+            Output::new(Artifact::TextFeatures, "BERT features (N x 4H)"),
+            Output::new(Artifact::Tfidf, "TF-IDF rows (CSR)"),
+            Output::new(Artifact::TfidfVocab, "TF-IDF vocabulary and idf"),
+            Output::new(Artifact::Ids, "item id of every row"),
         ]
     }
     fn validate(&self, config: &Config) -> Result<(), ConfigError> {
@@ -183,10 +170,10 @@ impl Stage for Encode {
     fn run(&self, ctx: &Context, config: &Config, inputs: &Inputs) -> Result<(), StageError> {
         let cfg: EncodeCfg = parse_config(config)?;
         cfg.check()?;
-        let items = huse_data::read_items(inputs.get(huse_data::ITEMS)?).map_err(aerr)?;
-        let device = huse_models::device_of(ctx.device).map_err(aerr)?;
+        let items = huse_data::read_items(inputs.get(Artifact::Items)?).map_err(StageError::of)?;
+        let device = huse_stage_kit::device_of(ctx.device)?;
         let ids: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
-        std::fs::write(ctx.out_dir.join(IDS), serde_json::to_vec(&ids).map_err(err)?)?;
+        std::fs::write(ctx.out_dir.join(Artifact::Ids), serde_json::to_vec(&ids).map_err(StageError::of)?)?;
         let ips = encode_images(ctx, &cfg, &items, &device)?;
         let tps = encode_texts(ctx, &cfg, &items, &device)?;
         ctx.metrics.log("encode.images_per_s", 0, ips);
@@ -197,16 +184,16 @@ impl Stage for Encode {
 
 /// Loads the configured image model.
 pub fn image_model(cfg: &ImageModelCfg) -> Result<MobileNetV2, StageError> {
-    let path = torch_pth::resolve(cfg.weights.as_deref(), &cfg.url).map_err(aerr)?;
-    torch_pth::verify_hash_prefix(&path).map_err(aerr)?;
-    MobileNetV2::load(&torch_pth::load(&path).map_err(aerr)?).map_err(aerr)
+    let path = torch_pth::resolve(cfg.weights.as_deref(), &cfg.url).map_err(StageError::of)?;
+    torch_pth::verify_hash_prefix(&path).map_err(StageError::of)?;
+    MobileNetV2::load(&torch_pth::load(&path).map_err(StageError::of)?).map_err(StageError::of)
 }
 
 fn encode_images(ctx: &Context, cfg: &EncodeCfg, items: &[Item], device: &Device) -> Result<f64, StageError> {
     let model = image_model(&cfg.image_model)?;
-    let model = if device.is_cpu() { model } else { model.to_device(device).map_err(aerr)? };
+    let model = if device.is_cpu() { model } else { model.to_device(device).map_err(StageError::of)? };
     let n = items.len();
-    let mut out = safetensors_out::Writer::create(&ctx.out_dir.join(IMAGE), &[("features", n, 1280)]).map_err(aerr)?;
+    let mut out = safetensors_out::Writer::create(&ctx.out_dir.join(Artifact::ImageFeatures), &[("features", n, 1280)]).map_err(StageError::of)?;
     ctx.progress.start("encode images", Some(n as u64), "img");
     let size = cfg.image_size;
     let paths: Vec<PathBuf> = items.iter().map(|i| PathBuf::from(&i.image)).collect();
@@ -221,7 +208,7 @@ fn encode_images(ctx: &Context, cfg: &EncodeCfg, items: &[Item], device: &Device
                     break;
                 }
                 let batch: Result<Vec<Vec<f32>>, StageError> =
-                    chunk.par_iter().map(|p| image_prep::preprocess_file(p, size).map_err(aerr)).collect();
+                    chunk.par_iter().map(|p| image_prep::preprocess_file(p, size).map_err(StageError::of)).collect();
                 if tx.send(batch).is_err() {
                     break;
                 }
@@ -230,31 +217,31 @@ fn encode_images(ctx: &Context, cfg: &EncodeCfg, items: &[Item], device: &Device
         for batch in rx {
             ctx.cancel.check()?;
             let batch = batch?;
-            let x = image_prep::batch(&batch, size, &Device::Cpu).map_err(aerr)?;
+            let x = image_prep::batch(&batch, size, &Device::Cpu).map_err(StageError::of)?;
             let pooled = if device.is_cpu() {
-                model.forward_cpu(&x).map_err(aerr)?.pooled
+                model.forward_cpu(&x).map_err(StageError::of)?.pooled
             } else {
-                model.forward(&x.to_device(device).map_err(err)?).map_err(aerr)?.pooled.to_device(&Device::Cpu).map_err(err)?
+                model.forward(&x.to_device(device).map_err(StageError::of)?).map_err(StageError::of)?.pooled.to_device(&Device::Cpu).map_err(StageError::of)?
             };
-            out.rows(&pooled.flatten_all().map_err(err)?.to_vec1::<f32>().map_err(err)?).map_err(aerr)?;
+            out.rows(&pooled.flatten_all().map_err(StageError::of)?.to_vec1::<f32>().map_err(StageError::of)?).map_err(StageError::of)?;
             ctx.progress.inc(batch.len() as u64);
         }
         Ok(())
     })?;
     ctx.cancel.check()?;
-    out.finish().map_err(aerr)?;
+    out.finish().map_err(StageError::of)?;
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
 fn encode_texts(ctx: &Context, cfg: &EncodeCfg, items: &[Item], device: &Device) -> Result<f64, StageError> {
-    let dir = cfg.text_model.parse::<ModelRef>().map_err(err)?.resolve(TEXT_MODEL_FILES).map_err(aerr)?;
-    let enc = TextEncoder::load(&dir, device, Some(cfg.max_tokens)).map_err(aerr)?;
+    let dir = cfg.text_model.parse::<ModelRef>().map_err(StageError::of)?.resolve(TEXT_MODEL_FILES).map_err(StageError::of)?;
+    let enc = TextEncoder::load(&dir, device, Some(cfg.max_tokens)).map_err(StageError::of)?;
     // Token idf for shortening long texts: fitted on the training split only.
     let train: Vec<&str> = items.iter().filter(|i| i.split == Split::Train).map(|i| i.text.as_str()).collect();
-    let idf = TokenIdf::fit(&enc.tokenize(&train).map_err(aerr)?);
+    let idf = TokenIdf::fit(&enc.tokenize(&train).map_err(StageError::of)?);
     let n = items.len();
     let dim = 4 * enc.hidden_size();
-    let mut out = safetensors_out::Writer::create(&ctx.out_dir.join(TEXT), &[("bert", n, dim)]).map_err(aerr)?;
+    let mut out = safetensors_out::Writer::create(&ctx.out_dir.join(Artifact::TextFeatures), &[("bert", n, dim)]).map_err(StageError::of)?;
     ctx.progress.start("encode texts", Some(n as u64), "txt");
     let started = Instant::now();
     // Within a window, texts are batched by token length (less padding), then written back
@@ -263,10 +250,10 @@ fn encode_texts(ctx: &Context, cfg: &EncodeCfg, items: &[Item], device: &Device)
     for win in items.chunks(window) {
         ctx.cancel.check()?;
         let texts: Vec<&str> = win.iter().map(|i| i.text.as_str()).collect();
-        let rows = enc.last4_mean_rows(&texts, Some(&idf), cfg.text_batch_size, |k| ctx.progress.inc(k as u64)).map_err(aerr)?;
-        out.rows(&rows).map_err(aerr)?;
+        let rows = enc.last4_mean_rows(&texts, Some(&idf), cfg.text_batch_size, |k| ctx.progress.inc(k as u64)).map_err(StageError::of)?;
+        out.rows(&rows).map_err(StageError::of)?;
     }
-    out.finish().map_err(aerr)?;
+    out.finish().map_err(StageError::of)?;
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
@@ -289,12 +276,12 @@ fn encode_tfidf(ctx: &Context, cfg: &EncodeCfg, items: &[Item]) -> Result<(), St
     }
     let nnz = indices.len();
     let tensors = std::collections::HashMap::from([
-        ("indptr".to_string(), Tensor::from_vec(indptr, items.len() + 1, &Device::Cpu).map_err(err)?),
-        ("indices".to_string(), Tensor::from_vec(indices, nnz, &Device::Cpu).map_err(err)?),
-        ("values".to_string(), Tensor::from_vec(values, nnz, &Device::Cpu).map_err(err)?),
+        ("indptr".to_string(), Tensor::from_vec(indptr, items.len() + 1, &Device::Cpu).map_err(StageError::of)?),
+        ("indices".to_string(), Tensor::from_vec(indices, nnz, &Device::Cpu).map_err(StageError::of)?),
+        ("values".to_string(), Tensor::from_vec(values, nnz, &Device::Cpu).map_err(StageError::of)?),
     ]);
-    candle_core::safetensors::save(&tensors, ctx.out_dir.join(TFIDF)).map_err(err)?;
-    std::fs::write(ctx.out_dir.join(TFIDF_VOCAB), serde_json::to_vec(&vocab).map_err(err)?)?;
+    candle_core::safetensors::save(&tensors, ctx.out_dir.join(Artifact::Tfidf)).map_err(StageError::of)?;
+    std::fs::write(ctx.out_dir.join(Artifact::TfidfVocab), serde_json::to_vec(&vocab).map_err(StageError::of)?)?;
     ctx.metrics.log("encode.tfidf_features", 0, vocab.len() as f64);
     Ok(())
 }

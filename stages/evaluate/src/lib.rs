@@ -14,10 +14,10 @@
 
 use std::fmt::Write as _;
 
-use huse_data::Split;
+use huse_data::{Artifact, Split};
 use huse_model::metrics::{self, Rows};
 use huse_model::model::{Huse, ModelMeta, predict};
-use huse_model::stage_io::{device_of, load_dataset};
+use huse_stage_kit::{device_of, load_dataset};
 use huse_stage_api::{Config, ConfigError, Context, Input, Inputs, Output, Stage, StageError, parse_config};
 use serde::Deserialize;
 
@@ -51,9 +51,6 @@ fn d_split() -> String {
     "test".into()
 }
 
-fn err(e: impl std::fmt::Display) -> StageError {
-    StageError::msg(e.to_string())
-}
 
 /// The four retrieval directions: (name, query is image, gallery is image).
 pub const DIRECTIONS: [(&str, bool, bool); 4] = [("i2i", true, true), ("i2t", true, false), ("t2i", false, true), ("t2t", false, false)];
@@ -70,18 +67,18 @@ impl Stage for Evaluate {
     }
     fn inputs(&self) -> Vec<Input> {
         vec![
-            Input::one(huse_data::ITEMS),
-            Input::one(huse_data::CLASSES),
-            Input::one("image.safetensors"),
-            Input::one("text.safetensors"),
-            Input::optional("tfidf.safetensors"),
-            Input::optional("tfidf.json"),
-            Input::one("model.safetensors"),
-            Input::one("model.json"),
+            Input::one(Artifact::Items),
+            Input::one(Artifact::Classes),
+            Input::one(Artifact::ImageFeatures),
+            Input::one(Artifact::TextFeatures),
+            Input::optional(Artifact::Tfidf),
+            Input::optional(Artifact::TfidfVocab),
+            Input::one(Artifact::Model),
+            Input::one(Artifact::ModelMeta),
         ]
     }
     fn outputs(&self) -> Vec<Output> {
-        vec![Output::new("metrics.json", "every metric"), Output::new("tables.md", "Tables 1-3")]
+        vec![Output::new(Artifact::Metrics, "every metric"), Output::summary(Artifact::Tables, "Tables 1-3")]
     }
     fn validate(&self, config: &Config) -> Result<(), ConfigError> {
         let c: EvalCfg = parse_config(config)?;
@@ -101,19 +98,19 @@ impl Stage for Evaluate {
     }
     fn run(&self, ctx: &Context, config: &Config, inputs: &Inputs) -> Result<(), StageError> {
         let cfg: EvalCfg = parse_config(config)?;
-        let meta = ModelMeta::read(inputs.get("model.json")?).map_err(|e| err(format!("{e:#}")))?;
+        let meta = ModelMeta::read(inputs.get(Artifact::ModelMeta)?).map_err(StageError::of)?;
         let device = device_of(ctx.device)?;
         let (ds, tree) = load_dataset(inputs, meta.use_tfidf)?;
-        let model = Huse::load(&meta.network, inputs.get("model.safetensors")?, &device).map_err(|e| err(format!("{e:#}")))?;
+        let model = Huse::load(&meta.network, inputs.get(Artifact::Model)?, &device).map_err(StageError::of)?;
         let split = if cfg.split == "val" { Split::Val } else { Split::Test };
         let idx = ds.split(split);
         if idx.len() < 2 {
-            return Err(err(format!("the {} split has {} items", cfg.split, idx.len())));
+            return Err(StageError::msg(format!("the {} split has {} items", cfg.split, idx.len())));
         }
         ctx.progress.start("embed", None, "items");
-        let (pi, pt, ei, et) = predict(&model, &ds, &idx, meta.use_tfidf, &device, 4096).map_err(|e| err(format!("{e:#}")))?;
+        let (pi, pt, ei, et) = predict(&model, &ds, &idx, meta.use_tfidf, &device, 4096).map_err(StageError::of)?;
         let labels: Vec<u32> = idx.iter().map(|&i| ds.labels[i]).collect();
-        let d = meta.network.dim;
+        let d = meta.network.shape.dim;
         let (img, txt) = (Rows { data: &ei, dim: d }, Rows { data: &et, dim: d });
         let kmax = cfg.ks.iter().chain(&cfg.hp_ks).copied().max().unwrap_or(10);
         let p = cfg.split.clone();
@@ -146,8 +143,8 @@ impl Stage for Evaluate {
             ctx.metrics.log(key, 0, *v);
         }
         let map: serde_json::Map<String, serde_json::Value> = out.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
-        std::fs::write(ctx.out_dir.join("metrics.json"), serde_json::to_vec_pretty(&map).map_err(err)?)?;
-        std::fs::write(ctx.out_dir.join("tables.md"), tables(&map, &cfg, &p, tree.depth()))?;
+        std::fs::write(ctx.out_dir.join(Artifact::Metrics), serde_json::to_vec_pretty(&map).map_err(StageError::of)?)?;
+        std::fs::write(ctx.out_dir.join(Artifact::Tables), tables(&map, &cfg, &p, tree.depth()))?;
         Ok(())
     }
 }

@@ -9,7 +9,7 @@
 //! `fail: error | panic` makes the stage fail on purpose, to show (and test) how plugin
 //! errors and panics reach the user.
 
-use huse_data::ClassTree;
+use huse_data::{Artifact, ClassTree};
 use huse_stage_api::{Config, ConfigError, Context, Input, Inputs, Output, Stage, StageError, parse_config};
 use serde::Deserialize;
 
@@ -39,10 +39,10 @@ impl Stage for FlatGraph {
         "class distances without hierarchy: every distinct pair at `distance` (example plugin)"
     }
     fn inputs(&self) -> Vec<Input> {
-        vec![Input::one(huse_data::CLASSES)]
+        vec![Input::one(Artifact::Classes)]
     }
     fn outputs(&self) -> Vec<Output> {
-        vec![Output::new("graph.safetensors", "A (K x K)"), Output::new("graph.json", "class names")]
+        vec![Output::new(Artifact::Graph, "A (K x K)"), Output::new(Artifact::GraphMeta, "class names")]
     }
     fn validate(&self, config: &Config) -> Result<(), ConfigError> {
         let c: Cfg = parse_config(config)?;
@@ -64,18 +64,18 @@ impl Stage for FlatGraph {
             Some("panic") => panic!("graph-flat panicked on purpose (fail: panic)"),
             _ => {}
         }
-        let tree = ClassTree::read(inputs.get(huse_data::CLASSES)?).map_err(|e| StageError::msg(format!("{e:#}")))?;
+        let tree = ClassTree::read(inputs.get(Artifact::Classes)?).map_err(StageError::of)?;
         let k = tree.classes.len();
         ctx.progress.start("flat graph", Some(k as u64), "classes");
-        let mut w = huse_data::safetensors_out::Writer::create(&ctx.out_dir.join("graph.safetensors"), &[("A", k, k)]).map_err(|e| StageError::msg(format!("{e:#}")))?;
+        let mut w = huse_data::safetensors_out::Writer::create(&ctx.out_dir.join(Artifact::Graph), &[("A", k, k)]).map_err(StageError::of)?;
         for i in 0..k {
             let row: Vec<f32> = (0..k).map(|j| if i == j { 0.0 } else { c.distance }).collect();
-            w.rows(&row).map_err(|e| StageError::msg(format!("{e:#}")))?;
+            w.rows(&row).map_err(StageError::of)?;
             ctx.progress.inc(1);
         }
-        w.finish().map_err(|e| StageError::msg(format!("{e:#}")))?;
+        w.finish().map_err(StageError::of)?;
         let names: Vec<&str> = tree.classes.iter().map(|c| c.name.as_str()).collect();
-        std::fs::write(ctx.out_dir.join("graph.json"), serde_json::to_vec(&serde_json::json!({"variant": "flat", "classes": names})).unwrap())?;
+        std::fs::write(ctx.out_dir.join(Artifact::GraphMeta), serde_json::to_vec(&serde_json::json!({"variant": "flat", "classes": names})).unwrap())?;
         ctx.metrics.log("graph.classes", 0, k as f64);
         Ok(())
     }

@@ -13,19 +13,12 @@
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use huse_data::ClassTree;
-use huse_models::model_ref;
-use huse_models::text::TextEncoder;
+use huse_data::{Artifact, ClassTree};
+use huse_encoders::model_ref;
+use huse_encoders::text::TextEncoder;
 use huse_stage_api::{Config, ConfigError, Context, Input, Inputs, Output, Stage, StageError, parse_config};
 use serde::Deserialize;
 
-/// Artifact names.
-pub const GRAPH: &str = "graph.safetensors";
-pub const GRAPH_META: &str = "graph.json";
-
-fn err(e: impl std::fmt::Display) -> StageError {
-    StageError::msg(e.to_string())
-}
 
 /// `graph`: A from sentence embeddings of the class-path levels.
 pub struct SentenceGraph;
@@ -46,10 +39,10 @@ struct TreeCfg {}
 
 fn write(ctx: &Context, a: Vec<f32>, tree: &ClassTree, variant: &str) -> Result<(), StageError> {
     let k = tree.classes.len();
-    let t = Tensor::from_vec(a, (k, k), &Device::Cpu).map_err(err)?;
-    t.save_safetensors("A", ctx.out_dir.join(GRAPH)).map_err(err)?;
+    let t = Tensor::from_vec(a, (k, k), &Device::Cpu).map_err(StageError::of)?;
+    t.save_safetensors("A", ctx.out_dir.join(Artifact::Graph)).map_err(StageError::of)?;
     let names: Vec<&str> = tree.classes.iter().map(|c| c.name.as_str()).collect();
-    std::fs::write(ctx.out_dir.join(GRAPH_META), serde_json::to_vec_pretty(&serde_json::json!({"variant": variant, "classes": names})).unwrap())?;
+    std::fs::write(ctx.out_dir.join(Artifact::GraphMeta), serde_json::to_vec_pretty(&serde_json::json!({"variant": variant, "classes": names})).unwrap())?;
     Ok(())
 }
 
@@ -91,10 +84,10 @@ impl Stage for SentenceGraph {
         "class-distance matrix from sentence embeddings of each class-path level"
     }
     fn inputs(&self) -> Vec<Input> {
-        vec![Input::one(huse_data::CLASSES)]
+        vec![Input::one(Artifact::Classes)]
     }
     fn outputs(&self) -> Vec<Output> {
-        vec![Output::new(GRAPH, "A (K x K cosine distances)"), Output::new(GRAPH_META, "class names")]
+        vec![Output::new(Artifact::Graph, "A (K x K cosine distances)"), Output::new(Artifact::GraphMeta, "class names")]
     }
     fn validate(&self, config: &Config) -> Result<(), ConfigError> {
         let c: SentenceCfg = parse_config(config)?;
@@ -105,9 +98,9 @@ impl Stage for SentenceGraph {
     }
     fn run(&self, ctx: &Context, config: &Config, inputs: &Inputs) -> Result<(), StageError> {
         let c: SentenceCfg = parse_config(config)?;
-        let tree = ClassTree::read(inputs.get(huse_data::CLASSES)?).map_err(err)?;
-        let dir = c.model.parse::<model_ref::ModelRef>().map_err(err)?.resolve(model_ref::TEXT_MODEL_FILES).map_err(|e| err(format!("{e:#}")))?;
-        let enc = TextEncoder::load(&dir, &Device::Cpu, None).map_err(|e| err(format!("{e:#}")))?;
+        let tree = ClassTree::read(inputs.get(Artifact::Classes)?).map_err(StageError::of)?;
+        let dir = c.model.parse::<model_ref::ModelRef>().map_err(StageError::of)?.resolve(model_ref::TEXT_MODEL_FILES).map_err(StageError::of)?;
+        let enc = TextEncoder::load(&dir, &Device::Cpu, None).map_err(StageError::of)?;
         // Embed every distinct level name once.
         let depth = tree.depth();
         let mut names: Vec<&str> = tree.classes.iter().flat_map(|c| c.path.iter().map(String::as_str)).collect();
@@ -117,7 +110,7 @@ impl Stage for SentenceGraph {
         let mut emb = std::collections::HashMap::new();
         for chunk in names.chunks(64) {
             ctx.cancel.check()?;
-            let e: Vec<Vec<f32>> = enc.sentence(chunk).map_err(|e| err(format!("{e:#}")))?.to_vec2().map_err(err)?;
+            let e: Vec<Vec<f32>> = enc.sentence(chunk).map_err(StageError::of)?.to_vec2().map_err(StageError::of)?;
             for (n, v) in chunk.iter().zip(e) {
                 emb.insert(*n, v);
             }
@@ -162,16 +155,16 @@ impl Stage for TreeGraph {
         "class-distance matrix from the depth of the lowest common ancestor"
     }
     fn inputs(&self) -> Vec<Input> {
-        vec![Input::one(huse_data::CLASSES)]
+        vec![Input::one(Artifact::Classes)]
     }
     fn outputs(&self) -> Vec<Output> {
-        vec![Output::new(GRAPH, "A (K x K tree distances)"), Output::new(GRAPH_META, "class names")]
+        vec![Output::new(Artifact::Graph, "A (K x K tree distances)"), Output::new(Artifact::GraphMeta, "class names")]
     }
     fn validate(&self, config: &Config) -> Result<(), ConfigError> {
         parse_config::<TreeCfg>(config).map(|_| ())
     }
     fn run(&self, ctx: &Context, _config: &Config, inputs: &Inputs) -> Result<(), StageError> {
-        let tree = ClassTree::read(inputs.get(huse_data::CLASSES)?).map_err(err)?;
+        let tree = ClassTree::read(inputs.get(Artifact::Classes)?).map_err(StageError::of)?;
         let a = tree_distances(&tree);
         log_stats(ctx, &a, tree.classes.len());
         write(ctx, a, &tree, "tree")

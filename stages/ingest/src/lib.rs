@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
-use huse_data::{ClassTree, Item, Split};
+use huse_data::{Artifact, ClassTree, Item, Split};
 use huse_stage_api::{Config, ConfigError, Context, Inputs, Output, Stage, StageError, parse_config};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -169,7 +169,7 @@ impl Stage for Ingest {
         "product table + images -> items with class paths, stratified split, class tree"
     }
     fn outputs(&self) -> Vec<Output> {
-        vec![Output::new(huse_data::ITEMS, "one item per line"), Output::new(huse_data::CLASSES, "the class hierarchy")]
+        vec![Output::new(Artifact::Items, "one item per line"), Output::new(Artifact::Classes, "the class hierarchy")]
     }
     fn validate(&self, config: &Config) -> Result<(), ConfigError> {
         parse_config::<IngestCfg>(config)?.check()
@@ -181,8 +181,8 @@ impl Stage for Ingest {
         let cfg: IngestCfg = parse_config(config)?;
         cfg.check()?;
         let out = ingest(&cfg, ctx)?;
-        huse_data::write_items(&ctx.out_dir.join(huse_data::ITEMS), &out.items).map_err(|e| StageError::msg(format!("{e:#}")))?;
-        out.tree.write(&ctx.out_dir.join(huse_data::CLASSES)).map_err(|e| StageError::msg(format!("{e:#}")))?;
+        huse_data::write_items(&ctx.out_dir.join(Artifact::Items), &out.items).map_err(StageError::of)?;
+        out.tree.write(&ctx.out_dir.join(Artifact::Classes)).map_err(StageError::of)?;
         Ok(())
     }
 }

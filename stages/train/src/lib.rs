@@ -19,59 +19,21 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use huse_data::Split;
+use huse_data::{Artifact, Split};
 use huse_model::data::Dataset;
 use huse_model::loss::{self, GraphPairs, GraphVariant, LossConfig};
 use huse_model::metrics;
-use huse_model::model::{EpochVal, Huse, HuseConfig, ModelMeta, predict};
-use huse_model::stage_io::{device_of, load_dataset};
+use huse_model::model::{EpochVal, Huse, HuseConfig, ModelMeta, Shape, predict};
 use huse_model::optim::{Optimizer, OptimizerConfig, Schedule, lr_at};
+use huse_stage_kit::{device_of, load_dataset};
 use huse_stage_api::{Config, ConfigError, Context, Input, Inputs, Output, Stage, StageError, parse_config};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-/// Artifact names.
-pub const MODEL: &str = "model.safetensors";
-pub const MODEL_META: &str = "model.json";
-pub const HISTORY: &str = "history.json";
-
 /// The stage.
 pub struct Train;
-
-/// Network shape (`with: { model: ... }`).
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ModelCfg {
-    #[serde(default = "d512")]
-    pub dim: usize,
-    #[serde(default = "d512")]
-    pub hidden: usize,
-    #[serde(default = "d5")]
-    pub image_layers: usize,
-    #[serde(default = "d2")]
-    pub text_layers: usize,
-    #[serde(default = "d_drop")]
-    pub dropout: f64,
-}
-fn d512() -> usize {
-    512
-}
-fn d5() -> usize {
-    5
-}
-fn d2() -> usize {
-    2
-}
-fn d_drop() -> f64 {
-    0.15
-}
-impl Default for ModelCfg {
-    fn default() -> Self {
-        ModelCfg { dim: 512, hidden: 512, image_layers: 5, text_layers: 2, dropout: 0.15 }
-    }
-}
 
 /// How the two modalities' softmax outputs are averaged.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -103,7 +65,7 @@ pub struct TrainCfg {
     #[serde(default = "dtrue")]
     pub use_tfidf: bool,
     #[serde(default)]
-    pub model: ModelCfg,
+    pub model: Shape,
     #[serde(default)]
     pub optimizer: OptimizerConfig,
     #[serde(default)]
@@ -223,12 +185,6 @@ struct State {
     best: Option<(usize, f64)>,
 }
 
-fn err(e: impl std::fmt::Display) -> StageError {
-    StageError::msg(e.to_string())
-}
-fn aerr(e: anyhow::Error) -> StageError {
-    StageError::msg(format!("{e:#}"))
-}
 
 impl Stage for Train {
     fn kind(&self) -> &str {
@@ -242,20 +198,20 @@ impl Stage for Train {
     }
     fn inputs(&self) -> Vec<Input> {
         vec![
-            Input::one(huse_data::ITEMS),
-            Input::one(huse_data::CLASSES),
-            Input::one("graph.safetensors"),
-            Input::one("image.safetensors"),
-            Input::one("text.safetensors"),
-            Input::optional("tfidf.safetensors"),
-            Input::optional("tfidf.json"),
+            Input::one(Artifact::Items),
+            Input::one(Artifact::Classes),
+            Input::one(Artifact::Graph),
+            Input::one(Artifact::ImageFeatures),
+            Input::one(Artifact::TextFeatures),
+            Input::optional(Artifact::Tfidf),
+            Input::optional(Artifact::TfidfVocab),
         ]
     }
     fn outputs(&self) -> Vec<Output> {
         vec![
-            Output::new(MODEL, "the best model's parameters"),
-            Output::new(MODEL_META, "network shape, features, fusion weight, best epoch"),
-            Output::new(HISTORY, "per-epoch losses and validation accuracy"),
+            Output::new(Artifact::Model, "the best model's parameters"),
+            Output::new(Artifact::ModelMeta, "network shape, features, fusion weight, best epoch"),
+            Output::new(Artifact::History, "per-epoch losses and validation accuracy"),
         ]
     }
     fn uses_seed(&self) -> bool {
@@ -272,7 +228,7 @@ impl Stage for Train {
 }
 
 fn validate_epoch(model: &Huse, ds: &Dataset, val: &[usize], cfg: &TrainCfg, device: &Device) -> Result<EpochVal, StageError> {
-    let (pi, pt, _, _) = predict(model, ds, val, cfg.use_tfidf, device, cfg.eval_batch_size).map_err(aerr)?;
+    let (pi, pt, _, _) = predict(model, ds, val, cfg.use_tfidf, device, cfg.eval_batch_size).map_err(StageError::of)?;
     let labels: Vec<u32> = val.iter().map(|&i| ds.labels[i]).collect();
     let k = ds.classes;
     let (w, both) = match &cfg.fusion_weight {
@@ -326,29 +282,25 @@ fn config_hash(config: &Config) -> String {
 fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result<(), StageError> {
     let device = device_of(ctx.device)?;
     let (ds, _tree) = load_dataset(inputs, cfg.use_tfidf)?;
-    let a = candle_core::safetensors::load(inputs.get("graph.safetensors")?, &device).map_err(err)?;
-    let a = a.get("A").ok_or_else(|| err("graph.safetensors has no tensor `A`"))?.to_dtype(DType::F32).map_err(err)?;
+    let a = candle_core::safetensors::load(inputs.get(Artifact::Graph)?, &device).map_err(StageError::of)?;
+    let a = a.get("A").ok_or_else(|| StageError::msg("graph.safetensors has no tensor `A`"))?.to_dtype(DType::F32).map_err(StageError::of)?;
     if a.dims() != [ds.classes, ds.classes] {
-        return Err(err(format!("the graph is {:?} but there are {} classes", a.dims(), ds.classes)));
+        return Err(StageError::msg(format!("the graph is {:?} but there are {} classes", a.dims(), ds.classes)));
     }
     let train_idx = ds.split(Split::Train);
     let val_idx = ds.split(Split::Val);
     if train_idx.len() < 2 || val_idx.is_empty() {
-        return Err(err(format!("need training and validation items (have {} and {})", train_idx.len(), val_idx.len())));
+        return Err(StageError::msg(format!("need training and validation items (have {} and {})", train_idx.len(), val_idx.len())));
     }
     let net = HuseConfig {
         image_input: ds.image_dim,
         text_input: ds.text_dim(cfg.use_tfidf),
         classes: ds.classes,
-        dim: cfg.model.dim,
-        hidden: cfg.model.hidden,
-        image_layers: cfg.model.image_layers,
-        text_layers: cfg.model.text_layers,
-        dropout: cfg.model.dropout,
+        shape: cfg.model.clone(),
     };
     let mut init_rng = ChaCha8Rng::seed_from_u64(ctx.seed);
-    let model = Huse::new(&net, &mut init_rng, &device).map_err(aerr)?;
-    let mut opt = Optimizer::new(model.vars(), cfg.optimizer.clone()).map_err(aerr)?;
+    let model = Huse::new(&net, &mut init_rng, &device).map_err(StageError::of)?;
+    let mut opt = Optimizer::new(model.vars(), cfg.optimizer.clone()).map_err(StageError::of)?;
     let loss_cfg = cfg.loss();
 
     // Resume from the work directory when it holds this config's checkpoint.
@@ -360,8 +312,8 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
         && let Ok(saved) = serde_json::from_slice::<State>(&bytes)
         && saved.config == hash
     {
-        model.load_weights(&work.join("last.safetensors")).map_err(aerr)?;
-        opt.load(&work.join("optimizer.safetensors")).map_err(aerr)?;
+        model.load_weights(&work.join("last.safetensors")).map_err(StageError::of)?;
+        opt.load(&work.join("optimizer.safetensors")).map_err(StageError::of)?;
         state = saved;
         // Re-log the finished epochs so the run's curve is complete.
         for e in &state.history {
@@ -381,7 +333,7 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
         if !device.is_cpu() {
             // GPU dropout masks come from the device's generator: seeded per epoch from the
             // same stream, so a GPU run is repeatable too (up to GPU arithmetic).
-            device.set_seed(rand::Rng::random(&mut drop_rng)).map_err(err)?;
+            device.set_seed(rand::Rng::random(&mut drop_rng)).map_err(StageError::of)?;
         }
         let batches = epoch_batches(cfg, &ds, &train_idx, &mut rng);
         ctx.progress.start(&format!("epoch {epoch}/{}", cfg.epochs), Some(batches.len() as u64), "batch");
@@ -394,19 +346,19 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
             ctx.cancel.check()?;
             lr = lr_at(cfg.schedule, cfg.optimizer.lr(), state.steps, total_steps, cfg.warmup_steps);
             opt.set_learning_rate(lr);
-            let bt = ds.batch(b, cfg.use_tfidf, &device).map_err(aerr)?;
+            let bt = ds.batch(b, cfg.use_tfidf, &device).map_err(StageError::of)?;
             let y = &bt.labels;
-            let phi_i = model.image.embed(&bt.image, Some((cfg.model.dropout, &mut drop_rng))).map_err(aerr)?;
-            let phi_t = model.text.embed_sparse(&bt.text, bt.tfidf.as_ref(), Some((cfg.model.dropout, &mut drop_rng))).map_err(aerr)?;
-            let li = model.logits(&phi_i).map_err(aerr)?;
-            let lt = model.logits(&phi_t).map_err(aerr)?;
-            let l = loss::total(&phi_i, &phi_t, &li, &lt, y, &a, &loss_cfg).map_err(aerr)?;
+            let phi_i = model.image.embed(&bt.image, Some((cfg.model.dropout, &mut drop_rng))).map_err(StageError::of)?;
+            let phi_t = model.text.embed_sparse(&bt.text, bt.tfidf.as_ref(), Some((cfg.model.dropout, &mut drop_rng))).map_err(StageError::of)?;
+            let li = model.logits(&phi_i).map_err(StageError::of)?;
+            let lt = model.logits(&phi_t).map_err(StageError::of)?;
+            let l = loss::total(&phi_i, &phi_t, &li, &lt, y, &a, &loss_cfg).map_err(StageError::of)?;
             let vals: Vec<f64> = [&l.total, &l.class, &l.graph, &l.gap]
                 .iter()
-                .map(|t| t.to_dtype(DType::F64).and_then(|t| t.to_scalar::<f64>()).map_err(err))
+                .map(|t| t.to_dtype(DType::F64).and_then(|t| t.to_scalar::<f64>()).map_err(StageError::of))
                 .collect::<Result<_, _>>()?;
             if vals.iter().any(|v| !v.is_finite()) {
-                return Err(err(format!(
+                return Err(StageError::msg(format!(
                     "the loss became {} at epoch {epoch}, step {} (L_class {}, L_graph {}, L_gap {}); lower the learning rate ({lr}) or check the features",
                     vals[0],
                     state.steps + 1,
@@ -415,8 +367,8 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
                     vals[3]
                 )));
             }
-            let grads = l.total.backward().map_err(err)?;
-            opt.step(&grads).map_err(aerr)?;
+            let grads = l.total.backward().map_err(StageError::of)?;
+            opt.step(&grads).map_err(StageError::of)?;
             state.steps += 1;
             let n = b.len() as f64;
             (sum, sc, sg, sp) = (sum + vals[0] * n, sc + vals[1] * n, sg + vals[2] * n, sp + vals[3] * n);
@@ -433,29 +385,29 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
         if state.best.is_none_or(|(_, b)| score > b) {
             state.best = Some((epoch, score));
             since_best = 0;
-            model.save(&work.join("best.safetensors")).map_err(aerr)?;
+            model.save(&work.join("best.safetensors")).map_err(StageError::of)?;
         } else {
             since_best += 1;
         }
         state.history.push(log);
         state.epoch = epoch;
         // Checkpoint: weights, optimiser, then the state file last (it marks the checkpoint complete).
-        model.save(&work.join("last.safetensors")).map_err(aerr)?;
-        opt.save(&work.join("optimizer.safetensors")).map_err(aerr)?;
+        model.save(&work.join("last.safetensors")).map_err(StageError::of)?;
+        opt.save(&work.join("optimizer.safetensors")).map_err(StageError::of)?;
         let tmp = work.join("state.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&state).map_err(err)?)?;
+        std::fs::write(&tmp, serde_json::to_vec(&state).map_err(StageError::of)?)?;
         std::fs::rename(&tmp, &state_path)?;
         if cfg.patience.is_some_and(|p| since_best >= p) {
             ctx.metrics.log("train.early_stop_epoch", 0, epoch as f64);
             break;
         }
     }
-    let (best_epoch, _) = state.best.ok_or_else(|| err("no epoch was completed"))?;
-    let best = state.history.iter().find(|e| e.epoch == best_epoch).cloned().ok_or_else(|| err("best epoch missing from history"))?;
-    std::fs::copy(work.join("best.safetensors"), ctx.out_dir.join(MODEL))?;
+    let (best_epoch, _) = state.best.ok_or_else(|| StageError::msg("no epoch was completed"))?;
+    let best = state.history.iter().find(|e| e.epoch == best_epoch).cloned().ok_or_else(|| StageError::msg("best epoch missing from history"))?;
+    std::fs::copy(work.join("best.safetensors"), ctx.out_dir.join(Artifact::Model))?;
     let meta = ModelMeta { network: net, use_tfidf: cfg.use_tfidf, fusion_weight: best.val.fusion_weight, best_epoch, val: best.val.clone() };
-    std::fs::write(ctx.out_dir.join(MODEL_META), serde_json::to_vec_pretty(&meta).map_err(err)?)?;
-    std::fs::write(ctx.out_dir.join(HISTORY), serde_json::to_vec_pretty(&state.history).map_err(err)?)?;
+    std::fs::write(ctx.out_dir.join(Artifact::ModelMeta), serde_json::to_vec_pretty(&meta).map_err(StageError::of)?)?;
+    std::fs::write(ctx.out_dir.join(Artifact::History), serde_json::to_vec_pretty(&state.history).map_err(StageError::of)?)?;
     ctx.metrics.log("train.best_epoch", 0, best_epoch as f64);
     ctx.metrics.log("val.best.acc.both", 0, best.val.acc_both);
     ctx.metrics.log("train.steps", 0, state.steps as f64);

@@ -1,0 +1,479 @@
+//! `huse-config`: experiment files — parse, override, expand sweeps, validate — before
+//! anything runs.
+//!
+//! An experiment file is read once into a positioned YAML tree ([`yaml::Node`]) held by a
+//! [`Source`]; [`Source::plugins`] lists the plugin libraries it names (the binary loads
+//! them into the [`Registry`] before compiling), and [`compile`] turns it into an
+//! [`Experiment`]: one [`RunSpec`] per sweep point and seed, each with its stages in
+//! topological order and the resolved artifact edges ([`Edge`]: which output of which
+//! stage feeds which input) that the scheduler wires. Every problem found on the way is
+//! collected as a [`Diagnostic`] naming file, line, column and key path; nothing runs
+//! unless the list is empty.
+//!
+//! The passes, in order: top-level keys ([`compile`]), `--set` overrides, sweep points
+//! ([`sweep`]), then per point: interpolation, run settings, stage entries, order, wiring
+//! and each stage's own validation ([`stages`]); finally params and the resolved YAML
+//! ([`resolved`]).
+//!
+//! ```
+//! let mut registry = huse_registry::Registry::default();
+//! for s in huse_stage_toy::stages() {
+//!     registry.add(std::sync::Arc::from(s), "builtin");
+//! }
+//! let text = "name: t\nstages:\n  src: { uses: toy-source }\n  sum: { uses: toy-sum, needs: [src] }\n";
+//! let err = huse_config::compile_str(text, "t.yaml", &Default::default(), &registry, &|_| None).unwrap_err();
+//! assert!(err.to_string().contains("t.yaml:4:3: stages.sum.needs: stage `sum` (toy-sum) takes artifact `scaled.json`"));
+//! ```
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use huse_registry::Registry;
+use huse_stage_api::DeviceSpec;
+
+pub mod resolved;
+pub mod stages;
+pub mod sweep;
+pub mod yaml;
+
+use yaml::{Node, Origin, Value};
+
+/// A positioned problem in an experiment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Diagnostic {
+    /// The experiment file as the user named it.
+    pub file: String,
+    /// Line and column, or the command-line argument.
+    pub origin: Origin,
+    /// Dotted key path, e.g. `stages.train.with.alpha`.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let at = if self.path.is_empty() { String::new() } else { format!(" {}:", self.path) };
+        match &self.origin {
+            Origin::File { line, column } => write!(f, "{}:{line}:{column}:{at} {}", self.file, self.message),
+            Origin::Arg(a) => write!(f, "{} (command line `{a}`):{at} {}", self.file, self.message),
+            Origin::Default => write!(f, "{}:{at} {}", self.file, self.message),
+        }
+    }
+}
+
+/// All the diagnostics of a failed compilation.
+#[derive(Debug)]
+pub struct Diagnostics(pub Vec<Diagnostic>);
+
+impl fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "error: {d}")?;
+        }
+        write!(f, "\n{} error(s) in experiment; nothing was run", self.0.len())
+    }
+}
+
+impl std::error::Error for Diagnostics {}
+
+/// Command-line changes to the experiment.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `KEY=VALUE` pairs from `--set`.
+    pub set: Vec<String>,
+    /// `--repeat N`.
+    pub repeat: Option<u32>,
+}
+
+/// One artifact edge: the input `artifact` of a stage is the output of the same name of
+/// stage `from` (one of its `needs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edge {
+    /// Artifact name.
+    pub artifact: String,
+    /// The upstream stage (name in the experiment) that gives it.
+    pub from: String,
+}
+
+/// One stage of one run, resolved.
+#[derive(Debug, Clone)]
+pub struct StageSpec {
+    /// Name in the experiment (the key under `stages:`).
+    pub name: String,
+    /// Stage kind (`uses:`).
+    pub kind: String,
+    /// Upstream stages, in file order.
+    pub needs: Vec<String>,
+    /// Where each declared input comes from, in the order the stage declares its inputs
+    /// (an input that several stages give has one edge per provider, in `needs` order).
+    pub inputs: Vec<Edge>,
+    /// The `with:` mapping as JSON (null when absent).
+    pub config: serde_json::Value,
+}
+
+/// One run: a sweep point with one seed.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// `EXPERIMENT`, `EXPERIMENT@k=v,...`, plus `/seed=N` with `repeat`.
+    pub name: String,
+    /// Sweep assignments of this run, e.g. `train.beta=0.5,train.gamma=1` (empty without a sweep).
+    pub point: String,
+    /// The run's seed.
+    pub seed: u64,
+    /// Where to compute.
+    pub device: DeviceSpec,
+    /// Stages in a topological order.
+    pub stages: Vec<StageSpec>,
+    /// Every leaf config key, flattened (`seed`, `device`, `train.alpha`, `train.uses`, ...).
+    pub params: Vec<(String, serde_json::Value)>,
+    /// The resolved config as YAML.
+    pub resolved_yaml: String,
+}
+
+/// A compiled experiment.
+#[derive(Debug, Clone)]
+pub struct Experiment {
+    /// The experiment file.
+    pub file: PathBuf,
+    /// Its `name:`.
+    pub name: String,
+    /// Every run, in sweep order.
+    pub runs: Vec<RunSpec>,
+}
+
+/// A plugin library an experiment names (`plugins:`), resolved against the file's folder.
+#[derive(Debug, Clone)]
+pub struct PluginRef {
+    /// The library's path.
+    pub path: PathBuf,
+    /// Where the entry is.
+    pub origin: Origin,
+    /// Its key path, `plugins.N`.
+    pub key: String,
+}
+
+/// An experiment file read and parsed once.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// The file.
+    pub file: PathBuf,
+    /// How the file is named in messages.
+    pub display: String,
+    text: String,
+}
+
+/// Top-level keys of an experiment file.
+pub const TOP_KEYS: &[&str] = &["name", "description", "seed", "device", "repeat", "stages", "sweep", "plugins"];
+/// Keys of a stage entry.
+pub const STAGE_KEYS: &[&str] = &["uses", "needs", "with"];
+
+/// Collects diagnostics while compiling.
+pub(crate) struct Ctx<'a> {
+    pub file: String,
+    pub diags: Vec<Diagnostic>,
+    pub registry: &'a Registry,
+}
+
+impl Ctx<'_> {
+    pub fn err(&mut self, origin: &Origin, path: &str, message: impl Into<String>) {
+        let d = Diagnostic { file: self.file.clone(), origin: origin.clone(), path: path.to_string(), message: message.into() };
+        if !self.diags.contains(&d) {
+            self.diags.push(d);
+        }
+    }
+}
+
+/// "did you mean `x`?" for the closest candidate, if it is close enough.
+pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
+    // Close by edit distance (typos, swapped letters) or by shared prefix (Jaro-Winkler).
+    let best = candidates
+        .into_iter()
+        .filter(|c| *c != word)
+        .map(|c| (strsim::damerau_levenshtein(word, c), strsim::jaro_winkler(word, c), c))
+        .filter(|(d, jw, c)| *jw > 0.85 || (*d <= 2 && *d * 3 <= c.len().max(word.len())))
+        .min_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)))
+        .map(|(d, jw, c)| (d as f64 - jw, c));
+    match best {
+        Some((_, c)) => format!("; did you mean `{c}`?"),
+        None => String::new(),
+    }
+}
+
+/// Maps an override key to its place in the tree: `train.beta` -> `stages.train.with.beta`.
+pub fn override_path(key: &str, stage_names: &BTreeSet<String>) -> Vec<String> {
+    let parts: Vec<String> = key.split('.').map(String::from).collect();
+    match parts.split_first() {
+        Some((first, rest)) if stage_names.contains(first) && !rest.is_empty() => {
+            let mut p = vec!["stages".to_string(), first.clone()];
+            if !STAGE_KEYS.contains(&rest[0].as_str()) {
+                p.push("with".into());
+            }
+            p.extend(rest.iter().cloned());
+            p
+        }
+        _ => parts,
+    }
+}
+
+fn one(display: &str, origin: Origin, message: String) -> Diagnostics {
+    Diagnostics(vec![Diagnostic { file: display.to_string(), origin, path: String::new(), message }])
+}
+
+impl Source {
+    /// Reads an experiment file.
+    pub fn read(file: &Path) -> Result<Source, Diagnostics> {
+        let display = file.display().to_string();
+        let text = std::fs::read_to_string(file).map_err(|e| one(&display, Origin::Default, format!("cannot read experiment file: {e}")))?;
+        Ok(Source { file: file.to_path_buf(), display, text })
+    }
+
+    /// An experiment given as text; `display` names it in messages, `file` is where its
+    /// relative paths (plugins) are resolved from.
+    pub fn from_text(text: &str, display: &str, file: &Path) -> Source {
+        Source { file: file.to_path_buf(), display: display.to_string(), text: text.to_string() }
+    }
+
+    fn tree(&self) -> Result<Node, Diagnostics> {
+        Node::parse(&self.text)
+            .map_err(|e| one(&self.display, Origin::File { line: e.line, column: e.column }, format!("invalid YAML: {}", e.message)))
+    }
+
+    /// The plugin libraries the file lists (`plugins:`), relative paths resolved against the
+    /// file's folder, `${VAR}`s interpolated with `env`. A malformed list is reported by
+    /// [`compile`], not here.
+    pub fn plugins(&self, env: &dyn Fn(&str) -> Option<String>) -> Vec<PluginRef> {
+        let Ok(root) = self.tree() else { return Vec::new() };
+        let Some(Node { value: Value::Seq(items), .. }) = root.get("plugins") else { return Vec::new() };
+        let base = self.file.parent().unwrap_or(Path::new("."));
+        let mut out = Vec::new();
+        for (i, it) in items.iter().enumerate() {
+            if let Value::Str(p) = &it.value {
+                let mut errs = Vec::new();
+                let mut node = it.clone();
+                node.interpolate(env, &mut Vec::new(), &mut errs);
+                let p = if errs.is_empty() { node.to_string() } else { p.clone() };
+                out.push(PluginRef { path: base.join(p), origin: it.origin.clone(), key: format!("plugins.{i}") });
+            }
+        }
+        out
+    }
+}
+
+/// Overrides, expands and validates an experiment against the stage kinds of `registry`;
+/// `env` looks up `${VAR}`s.
+pub fn compile(src: &Source, overrides: &Overrides, registry: &Registry, env: &dyn Fn(&str) -> Option<String>) -> Result<Experiment, Diagnostics> {
+    let mut cx = Ctx { file: src.display.clone(), diags: Vec::new(), registry };
+    let root = src.tree()?;
+    let Some(map) = root.as_map() else {
+        cx.err(&root.origin, "", format!("an experiment must be a mapping, found {}", root.value.type_name()));
+        return Err(Diagnostics(cx.diags));
+    };
+    for (k, _) in map {
+        if !TOP_KEYS.contains(&k.name.as_str()) {
+            let hint = did_you_mean(&k.name, TOP_KEYS.iter().copied());
+            cx.err(&k.origin, &k.name, format!("unknown key `{}`{hint} (known keys: {})", k.name, TOP_KEYS.join(", ")));
+        }
+    }
+    check_plugins_list(&mut cx, &root);
+    let stage_names: BTreeSet<String> = root
+        .get("stages")
+        .and_then(Node::as_map)
+        .map(|m| m.iter().map(|(k, _)| k.name.clone()).collect())
+        .unwrap_or_default();
+    let sets = parse_sets(&mut cx, &overrides.set, &stage_names);
+    let points = sweep::points(&mut cx, &root, &stage_names);
+    let repeat = repeat_count(&mut cx, &root, overrides.repeat);
+    let name = experiment_name(&mut cx, &root);
+
+    let mut runs = Vec::new();
+    for (label, assignments) in &points {
+        let mut tree = root.clone();
+        let mut ok = true;
+        for (path, value) in assignments.iter().chain(sets.iter()) {
+            if let Err(e) = tree.set(path, value.clone()) {
+                cx.err(&value.origin, &path.join("."), e);
+                ok = false;
+            }
+        }
+        if !ok {
+            continue;
+        }
+        let mut errs = Vec::new();
+        tree.interpolate(env, &mut Vec::new(), &mut errs);
+        for (path, origin, msg) in errs {
+            cx.err(&origin, &path.join("."), msg);
+        }
+        let Some((base_seed, device, stages)) = stages::compile_tree(&mut cx, &tree) else { continue };
+        for r in 0..u64::from(repeat) {
+            let seed = base_seed + r;
+            let mut run_tree = tree.clone();
+            let _ = run_tree.set(&["seed".to_string()], Node::new(Value::Int(seed as i64), Origin::Default));
+            let mut run_name = name.clone();
+            if !label.is_empty() {
+                run_name = format!("{run_name}@{label}");
+            }
+            if repeat > 1 {
+                run_name = format!("{run_name}/seed={seed}");
+            }
+            runs.push(RunSpec {
+                name: run_name,
+                point: label.clone(),
+                seed,
+                device,
+                stages: stages.clone(),
+                params: resolved::params_of(&run_tree),
+                resolved_yaml: resolved::yaml(&run_tree),
+            });
+        }
+    }
+    if !cx.diags.is_empty() {
+        return Err(Diagnostics(cx.diags));
+    }
+    Ok(Experiment { file: src.file.clone(), name, runs })
+}
+
+/// [`compile`] of an experiment given as text (`display` names it in messages).
+pub fn compile_str(
+    text: &str,
+    display: &str,
+    overrides: &Overrides,
+    registry: &Registry,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Experiment, Diagnostics> {
+    compile(&Source::from_text(text, display, Path::new(display)), overrides, registry, env)
+}
+
+fn check_plugins_list(cx: &mut Ctx, root: &Node) {
+    let Some(pl) = root.get("plugins") else { return };
+    match &pl.value {
+        Value::Seq(items) => {
+            for (i, it) in items.iter().enumerate() {
+                if !matches!(it.value, Value::Str(_)) {
+                    cx.err(&it.origin, &format!("plugins.{i}"), format!("expected the path of a plugin library, found {}", it.value.type_name()));
+                }
+            }
+        }
+        _ => cx.err(&pl.origin, "plugins", "expected a list of plugin library paths"),
+    }
+}
+
+/// `--set KEY=VALUE` pairs as (tree path, value); applied to every run after the sweep point.
+fn parse_sets(cx: &mut Ctx, set: &[String], stage_names: &BTreeSet<String>) -> Vec<(Vec<String>, Node)> {
+    let mut sets = Vec::new();
+    for s in set {
+        let arg = format!("--set {s}");
+        let Some((k, v)) = s.split_once('=') else {
+            cx.err(&Origin::Arg(arg), "", "expected KEY=VALUE");
+            continue;
+        };
+        match Node::parse_arg(v, &arg) {
+            Ok(n) => sets.push((override_path(k.trim(), stage_names), n)),
+            Err(e) => cx.err(&Origin::Arg(arg), k, format!("invalid value: {e}")),
+        }
+    }
+    sets
+}
+
+fn repeat_count(cx: &mut Ctx, root: &Node, cli: Option<u32>) -> u32 {
+    match (cli, root.get("repeat")) {
+        (Some(r), _) => r.max(1),
+        (None, None) => 1,
+        (None, Some(n)) => match n.value {
+            Value::Int(r) if r >= 1 => r as u32,
+            _ => {
+                cx.err(&n.origin, "repeat", format!("expected an integer >= 1, found {}", n));
+                1
+            }
+        },
+    }
+}
+
+fn experiment_name(cx: &mut Ctx, root: &Node) -> String {
+    match root.get("name") {
+        Some(Node { value: Value::Str(s), .. }) if valid_name(s) => s.clone(),
+        Some(n) => {
+            cx.err(&n.origin, "name", format!("expected a name of letters, digits, `-`, `_` or `.`, found {n}"));
+            String::new()
+        }
+        None => {
+            cx.err(&root.origin, "name", "missing required key `name`");
+            String::new()
+        }
+    }
+}
+
+pub(crate) fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn registry() -> Registry {
+        let mut r = Registry::default();
+        for s in huse_stage_toy::stages() {
+            r.add(std::sync::Arc::from(s), "builtin");
+        }
+        r
+    }
+
+    pub fn compile_ok(text: &str, set: &[&str]) -> Experiment {
+        let o = Overrides { set: set.iter().map(|s| s.to_string()).collect(), repeat: None };
+        compile_str(text, "e.yaml", &o, &registry(), &|k| (k == "HOME_OF_DATA").then(|| "/data".to_string())).unwrap_or_else(|d| panic!("{d}"))
+    }
+
+    pub fn compile_err(text: &str, set: &[&str]) -> Vec<String> {
+        let o = Overrides { set: set.iter().map(|s| s.to_string()).collect(), repeat: None };
+        compile_str(text, "e.yaml", &o, &registry(), &|_| None).unwrap_err().0.iter().map(|d| d.to_string()).collect()
+    }
+
+    pub const DIAMOND: &str = "\
+name: d
+seed: 3
+stages:
+  source: { uses: toy-source, with: { count: 4 } }
+  left:   { uses: toy-scale, needs: [source], with: { factor: 2.0 } }
+  right:  { uses: toy-scale, needs: [source] }
+  total:  { uses: toy-sum, needs: [left, right] }
+";
+
+    #[test]
+    fn top_level_keys_name_and_repeat() {
+        let e = compile_err("name: x y\nstagez: {}\nrepeat: 0\n", &[]);
+        assert!(e.iter().any(|d| d.starts_with("e.yaml:2:1: stagez: unknown key `stagez`; did you mean `stages`?")), "{e:?}");
+        assert!(e.iter().any(|d| d.contains("e.yaml:1:7: name: expected a name")), "{e:?}");
+        assert!(e.iter().any(|d| d.contains("repeat: expected an integer >= 1")), "{e:?}");
+        let e = compile_err("- a\n", &[]);
+        assert!(e[0].contains("an experiment must be a mapping"), "{e:?}");
+        let e = compile_err("name: [\n", &[]);
+        assert!(e[0].contains("invalid YAML"), "{e:?}");
+    }
+
+    #[test]
+    fn sets_apply_after_the_file_and_are_positioned() {
+        let e = compile_ok(DIAMOND, &["left.factor=5", "seed=9"]);
+        assert_eq!(e.runs.len(), 1);
+        let left = e.runs[0].stages.iter().find(|s| s.name == "left").unwrap();
+        assert_eq!(left.config["factor"], 5.0);
+        assert_eq!(e.runs[0].seed, 9);
+        let e = compile_err(DIAMOND, &["left.factor"]);
+        assert_eq!(e[0], "e.yaml (command line `--set left.factor`): expected KEY=VALUE");
+        let e = compile_err(DIAMOND, &["left.factor=abc"]);
+        assert!(e[0].starts_with("e.yaml (command line `--set left.factor=abc`): stages.left.with.factor: invalid type"), "{e:?}");
+    }
+
+    #[test]
+    fn interpolation_fills_strings_and_reports_unset_variables() {
+        let text = "name: i\nstages:\n  s: { uses: toy-source }\n  t: { uses: toy-scale, needs: [s], with: { fail: \"${HOME_OF_DATA}/x\" } }\n";
+        let e = compile_ok(text, &[]);
+        assert_eq!(e.runs[0].stages[1].config["fail"], "/data/x");
+        let e = compile_err(text, &[]);
+        assert!(e[0].starts_with("e.yaml:4:51: stages.t.with.fail:") && e[0].contains("HOME_OF_DATA"), "{e:?}");
+    }
+}

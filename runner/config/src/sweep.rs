@@ -1,0 +1,138 @@
+//! The sweep pass: `sweep:` as a grid (`key: [values]`, cartesian product) or as explicit
+//! `points:` combined with an optional `grid:`, each key checked to address a stage or a
+//! top-level setting; returns one (label, assignments) per point.
+
+use std::collections::BTreeSet;
+
+use crate::yaml::{Key, Node, Value};
+use crate::{Ctx, TOP_KEYS, did_you_mean, override_path};
+
+/// The sweep's points as (label, assignments). Without a sweep: one empty point.
+pub(crate) fn points(cx: &mut Ctx, root: &Node, stage_names: &BTreeSet<String>) -> Vec<(String, Vec<(Vec<String>, Node)>)> {
+    let Some(sweep) = root.get("sweep") else { return vec![(String::new(), Vec::new())] };
+    let Some(map) = sweep.as_map() else {
+        cx.err(&sweep.origin, "sweep", format!("expected a mapping, found {}", sweep.value.type_name()));
+        return Vec::new();
+    };
+    let explicit = map.iter().any(|(k, _)| k.name == "grid" || k.name == "points");
+    let mut grid: Vec<(Key, Vec<Node>)> = Vec::new();
+    let mut points: Vec<Vec<(Key, Node)>> = Vec::new();
+    let grid_entries = |cx: &mut Ctx, m: &[(Key, Node)], prefix: &str| {
+        let mut out = Vec::new();
+        for (k, v) in m {
+            match &v.value {
+                Value::Seq(items) if !items.is_empty() => out.push((k.clone(), items.clone())),
+                _ => cx.err(&v.origin, &format!("{prefix}{}", k.name), format!("expected a non-empty list of values, found {}", v.value.type_name())),
+            }
+        }
+        out
+    };
+    if explicit {
+        for (k, v) in map {
+            match k.name.as_str() {
+                "grid" => match v.as_map() {
+                    Some(m) => grid = grid_entries(cx, m, "sweep.grid."),
+                    None => cx.err(&v.origin, "sweep.grid", "expected a mapping of key: [values]"),
+                },
+                "points" => match &v.value {
+                    Value::Seq(items) => {
+                        for (i, p) in items.iter().enumerate() {
+                            match p.as_map() {
+                                Some(m) => points.push(m.to_vec()),
+                                None => cx.err(&p.origin, &format!("sweep.points.{i}"), "expected a mapping of key: value"),
+                            }
+                        }
+                    }
+                    _ => cx.err(&v.origin, "sweep.points", "expected a list of mappings"),
+                },
+                other => cx.err(&k.origin, &format!("sweep.{other}"), format!("unknown key `{other}`{} (a sweep with `grid:` or `points:` takes only those two)", did_you_mean(other, ["grid", "points"]))),
+            }
+        }
+    } else {
+        grid = grid_entries(cx, map, "sweep.");
+    }
+    // Check the keys address something in the experiment.
+    let check = |cx: &mut Ctx, k: &Key, prefix: &str| {
+        let path = override_path(&k.name, stage_names);
+        let ok = match path.first().map(String::as_str) {
+            Some("stages") => stage_names.contains(&path[1]),
+            Some(first) => TOP_KEYS.contains(&first) && !["stages", "sweep", "name", "repeat", "plugins"].contains(&first),
+            None => false,
+        };
+        if !ok {
+            let hint = did_you_mean(k.name.split('.').next().unwrap_or(""), stage_names.iter().map(String::as_str));
+            cx.err(&k.origin, &format!("{prefix}{}", k.name), format!("sweep key `{}` names no stage or top-level setting{hint}", k.name));
+        }
+        path
+    };
+    let prefix = if explicit { "sweep.grid." } else { "sweep." };
+    let grid: Vec<(Key, Vec<String>, Vec<Node>)> =
+        grid.into_iter().map(|(k, v)| (k.clone(), check(cx, &k, prefix), v)).collect();
+    let mut combos: Vec<Vec<(String, Vec<String>, Node)>> = vec![Vec::new()];
+    for (k, path, values) in &grid {
+        combos = combos
+            .into_iter()
+            .flat_map(|c| {
+                values.iter().map(move |v| {
+                    let mut c = c.clone();
+                    c.push((k.name.clone(), path.clone(), v.clone()));
+                    c
+                })
+            })
+            .collect();
+    }
+    let mut pts: Vec<Vec<(String, Vec<String>, Node)>> = Vec::new();
+    if points.is_empty() {
+        pts = combos;
+    } else {
+        for p in &points {
+            let entries: Vec<_> = p.iter().map(|(k, v)| (k.name.clone(), check(cx, k, "sweep.points."), v.clone())).collect();
+            for c in &combos {
+                let mut e = entries.clone();
+                e.extend(c.iter().cloned());
+                pts.push(e);
+            }
+        }
+    }
+    pts.into_iter()
+        .map(|p| {
+            let label = p.iter().map(|(k, _, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+            (label, p.into_iter().map(|(_, path, v)| (path, v)).collect())
+        })
+        .collect()
+}
+
+
+#[cfg(test)]
+mod tests {
+    use crate::tests::{DIAMOND, compile_err, compile_ok};
+
+    #[test]
+    fn a_grid_is_the_cartesian_product_in_file_order() {
+        let e = compile_ok(&format!("{DIAMOND}sweep:\n  left.factor: [1, 2]\n  right.offset: [0, 5, 7]\n"), &[]);
+        let names: Vec<&str> = e.runs.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names.len(), 6);
+        assert_eq!(names[0], "d@left.factor=1,right.offset=0");
+        assert_eq!(names[5], "d@left.factor=2,right.offset=7");
+        assert_eq!(e.runs[5].point, "left.factor=2,right.offset=7");
+    }
+
+    #[test]
+    fn points_combine_with_a_grid_and_repeat_adds_seeds() {
+        let text = format!("{DIAMOND}repeat: 2\nsweep:\n  points:\n    - {{ left.factor: 1 }}\n    - {{ left.factor: 3 }}\n  grid:\n    right.factor: [4, 5]\n");
+        let e = compile_ok(&text, &[]);
+        assert_eq!(e.runs.len(), 8);
+        assert_eq!(e.runs[0].name, "d@left.factor=1,right.factor=4/seed=3");
+        assert_eq!(e.runs[1].name, "d@left.factor=1,right.factor=4/seed=4");
+        assert_eq!(e.runs[1].seed, 4);
+    }
+
+    #[test]
+    fn bad_sweep_keys_and_values_are_positioned() {
+        let e = compile_err(&format!("{DIAMOND}sweep:\n  lefft.factor: [1]\n  right.factor: 2\n"), &[]);
+        assert!(e.iter().any(|d| d.starts_with("e.yaml:9:3: sweep.lefft.factor: sweep key `lefft.factor` names no stage") && d.contains("did you mean `left`")), "{e:?}");
+        assert!(e.iter().any(|d| d.starts_with("e.yaml:10:17: sweep.right.factor: expected a non-empty list")), "{e:?}");
+        let e = compile_err(&format!("{DIAMOND}sweep:\n  grid: {{}}\n  pointz: []\n"), &[]);
+        assert!(e.iter().any(|d| d.contains("unknown key `pointz`; did you mean `points`?")), "{e:?}");
+    }
+}

@@ -1,0 +1,551 @@
+//! `huse-exec`: the scheduler and the stage cache of `huse-run`.
+//!
+//! [`execute`] turns the runs of a compiled experiment into cache-keyed jobs and runs
+//! them. Every (run, stage) gets a cache key ([`cache::KeyParts`]); equal keys are one job,
+//! so upstream stages that several sweep runs share are computed once. Jobs run on tokio
+//! as soon as their inputs are ready, at most `--jobs` at a time; stage code runs on
+//! blocking threads so it never stalls the runtime. A stage's inputs are wired along the
+//! edges the compiled experiment resolved. A failed stage skips its dependants;
+//! cancellation (Ctrl-C) stops running stages through their `CancelToken`, and their
+//! temporary outputs are removed. Runs, stage runs and metrics are recorded through
+//! [`huse_store::Store`]; outputs live in the [`cache::Cache`]; [`progress`] draws the bars.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Result;
+use huse_stage_api::{CancelToken, Context, DeviceSpec, Inputs, MetricLogger, StageError};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tracing::{info, warn};
+
+pub mod cache;
+pub mod progress;
+
+use cache::{Cache, KeyParts, Manifest, MetricRecord};
+use huse_config::{Edge, Experiment};
+use huse_registry::{Entry, Registry};
+use huse_store::{self as store, MetricRow, NewRun, RunStatus, StageRunRow, StageStatus, Store};
+use progress::Display;
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Stages run at most this many at a time (across the whole sweep).
+    pub jobs: usize,
+    /// Stage names to recompute even when cached.
+    pub force: Vec<String>,
+    /// Recompute everything (and refresh the cache).
+    pub no_cache: bool,
+}
+
+/// The end state of one run.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// Run id in the database.
+    pub id: i64,
+    /// Run name.
+    pub name: String,
+    /// How it ended.
+    pub status: RunStatus,
+    /// The first failure or interruption.
+    pub error: Option<String>,
+    /// Stages computed for this run.
+    pub computed: usize,
+    /// Stages taken from the cache (or from another run of this invocation).
+    pub cached: usize,
+}
+
+/// One unit of work: a stage with one cache key, used by one or more runs.
+struct Job {
+    key: String,
+    kind: String,
+    entry: Entry,
+    config: serde_json::Value,
+    seed: u64,
+    device: DeviceSpec,
+    /// (stage name in `needs`, job index)
+    needs: Vec<(String, usize)>,
+    /// Where each input comes from (artifact, upstream stage name).
+    inputs: Vec<Edge>,
+    /// Why the job is not a cache hit is worked out from these (inputs, files).
+    key_inputs: Vec<(String, String)>,
+    files: Vec<(String, String)>,
+    /// (run index, stage name)
+    users: Vec<(usize, String)>,
+    force: bool,
+}
+
+#[derive(Debug, Clone)]
+enum State {
+    Pending,
+    Done { dir: PathBuf, cached: bool, started: Option<String>, ended: Option<String>, secs: Option<f64> },
+    Failed(String),
+    Skipped(String),
+    Interrupted,
+}
+
+impl State {
+    fn is_final(&self) -> bool {
+        !matches!(self, State::Pending)
+    }
+}
+
+/// Plans the jobs of every run (cache keys, sharing). No side effects beyond reading inputs.
+fn plan(exp: &Experiment, registry: &Registry, opts: &RunOptions, identity: &dyn Fn(&Path) -> Result<String>) -> Result<(Vec<Job>, Vec<Vec<usize>>)> {
+    let mut jobs: Vec<Job> = Vec::new();
+    let mut by_key: HashMap<String, usize> = HashMap::new();
+    let mut identities: HashMap<PathBuf, String> = HashMap::new();
+    let mut run_jobs = Vec::new();
+    for (ri, run) in exp.runs.iter().enumerate() {
+        let mut stage_job: HashMap<&str, usize> = HashMap::new();
+        let mut this_run = Vec::new();
+        for s in &run.stages {
+            let entry = registry.get(&s.kind).expect("validated").clone();
+            let needs: Vec<(String, usize)> = s.needs.iter().map(|n| (n.clone(), stage_job[n.as_str()])).collect();
+            let mut files = Vec::new();
+            for p in entry.stage.reads(&s.config) {
+                let id = match identities.get(&p) {
+                    Some(id) => id.clone(),
+                    None => {
+                        let id = identity(&p)?;
+                        identities.insert(p.clone(), id.clone());
+                        id
+                    }
+                };
+                files.push((p.display().to_string(), id));
+            }
+            let key_inputs: Vec<(String, String)> = needs.iter().map(|(n, j)| (n.clone(), jobs[*j].key.clone())).collect();
+            let key = KeyParts {
+                kind: &s.kind,
+                version: entry.stage.version(),
+                source: &entry.source,
+                config: &s.config,
+                inputs: key_inputs.clone(),
+                seed: entry.stage.uses_seed().then_some(run.seed),
+                files: files.clone(),
+            }
+            .key();
+            let ji = *by_key.entry(key.clone()).or_insert_with(|| {
+                jobs.push(Job {
+                    key: key.clone(),
+                    kind: s.kind.clone(),
+                    entry: entry.clone(),
+                    config: s.config.clone(),
+                    seed: run.seed,
+                    device: run.device,
+                    needs: needs.clone(),
+                    inputs: s.inputs.clone(),
+                    key_inputs,
+                    files,
+                    users: Vec::new(),
+                    force: false,
+                });
+                jobs.len() - 1
+            });
+            jobs[ji].users.push((ri, s.name.clone()));
+            jobs[ji].force |= opts.no_cache || opts.force.contains(&s.name);
+            stage_job.insert(&s.name, ji);
+            this_run.push(ji);
+        }
+        run_jobs.push(this_run);
+    }
+    Ok((jobs, run_jobs))
+}
+
+/// The cache key of every (run, stage) of `exp`, as (run name, stage name, key), with the
+/// identity of read files given by `identity` (tests use a stand-in to get keys that do not
+/// depend on the machine's files).
+pub fn cache_keys(exp: &Experiment, registry: &Registry, identity: &dyn Fn(&Path) -> Result<String>) -> Result<Vec<(String, String, String)>> {
+    let opts = RunOptions { jobs: 1, force: Vec::new(), no_cache: false };
+    let (jobs, run_jobs) = plan(exp, registry, &opts, identity)?;
+    let mut out = Vec::new();
+    for (ri, run) in exp.runs.iter().enumerate() {
+        for (si, ji) in run_jobs[ri].iter().enumerate() {
+            out.push((run.name.clone(), run.stages[si].name.clone(), jobs[*ji].key.clone()));
+        }
+    }
+    Ok(out)
+}
+
+struct Metrics {
+    tx: mpsc::UnboundedSender<Vec<MetricRow>>,
+    users: Vec<(i64, String)>,
+    records: Mutex<Vec<MetricRecord>>,
+}
+
+impl MetricLogger for Metrics {
+    fn log(&self, key: &str, step: i64, value: f64) {
+        self.records.lock().unwrap().push(MetricRecord { key: key.to_string(), step, value });
+        let rows = self
+            .users
+            .iter()
+            .map(|(run_id, stage)| MetricRow { run_id: *run_id, stage: stage.clone(), key: key.to_string(), step, value })
+            .collect();
+        let _ = self.tx.send(rows);
+    }
+}
+
+/// Writes metric batches as they arrive, many rows per transaction.
+async fn metric_writer(store: Store, mut rx: mpsc::UnboundedReceiver<Vec<MetricRow>>) {
+    while let Some(mut batch) = rx.recv().await {
+        while batch.len() < 5000 {
+            match rx.try_recv() {
+                Ok(more) => batch.extend(more),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = store.insert_metrics(&batch).await {
+            warn!("could not store {} metric rows: {e:#}", batch.len());
+        }
+    }
+}
+
+fn dir_size(p: &Path) -> Option<i64> {
+    let m = std::fs::metadata(p).ok()?;
+    if m.is_file() {
+        return Some(m.len() as i64);
+    }
+    let mut total = 0;
+    for e in std::fs::read_dir(p).ok()?.flatten() {
+        total += dir_size(&e.path()).unwrap_or(0);
+    }
+    Some(total)
+}
+
+fn git_commit(file: &Path) -> Option<String> {
+    let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let out = std::process::Command::new("git").arg("-C").arg(dir).args(["rev-parse", "HEAD"]).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let mut commit = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let dirty = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .output()
+        .ok()
+        .is_some_and(|o| !o.stdout.is_empty());
+    if dirty {
+        commit.push_str("-dirty");
+    }
+    Some(commit)
+}
+
+/// Runs every run of `exp`, recording them in `store`. Returns the outcome of each run.
+pub async fn execute(
+    exp: &Experiment,
+    registry: &Registry,
+    store: &Store,
+    cache: &Cache,
+    opts: &RunOptions,
+    display: &Display,
+    cancel: &CancelToken,
+) -> Result<Vec<RunOutcome>> {
+    let (jobs, run_jobs) = plan(exp, registry, opts, &cache::identity)?;
+    cache.sweep_stale_temps();
+    let commit = git_commit(&exp.file);
+    let exp_id = store.experiment(&exp.name, &exp.file.display().to_string()).await?;
+    let mut run_ids = Vec::new();
+    for run in &exp.runs {
+        let row = NewRun {
+            name: run.name.clone(),
+            point: run.point.clone(),
+            seed: run.seed,
+            device: run.device.to_string(),
+            config_yaml: run.resolved_yaml.clone(),
+            params: run.params.clone(),
+            git_commit: commit.clone(),
+        };
+        run_ids.push(store.insert_run(exp_id, &row).await?);
+    }
+    info!(
+        "experiment `{}`: {} run(s), {} distinct stage job(s), up to {} at a time",
+        exp.name,
+        exp.runs.len(),
+        jobs.len(),
+        opts.jobs
+    );
+
+    let (mtx, mrx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(metric_writer(store.clone(), mrx));
+    let sem = Arc::new(Semaphore::new(opts.jobs.max(1)));
+    let channels: Vec<(watch::Sender<State>, watch::Receiver<State>)> =
+        jobs.iter().map(|_| watch::channel(State::Pending)).collect();
+    let receivers: Vec<watch::Receiver<State>> = channels.iter().map(|(_, r)| r.clone()).collect();
+    let many_runs = exp.runs.len() > 1;
+    let jobs: Vec<Arc<Job>> = jobs.into_iter().map(Arc::new).collect();
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for (ji, (tx, _)) in channels.into_iter().enumerate() {
+        let job = jobs[ji].clone();
+        let deps: Vec<(String, watch::Receiver<State>)> = job.needs.iter().map(|(n, d)| (n.clone(), receivers[*d].clone())).collect();
+        let users: Vec<(i64, String)> = job.users.iter().map(|(ri, s)| (run_ids[*ri], s.clone())).collect();
+        let label = {
+            let (ri, stage) = &job.users[0];
+            if many_runs { format!("{}:{stage}", exp.runs[*ri].name) } else { stage.clone() }
+        };
+        let (store, cache, sem, cancel, display, mtx) =
+            (store.clone(), cache.clone(), sem.clone(), cancel.clone(), display.clone(), mtx.clone());
+        tasks.spawn(async move {
+            let state = run_job(&job, deps, &users, &label, &cache, &sem, &cancel, &display, mtx).await;
+            record(&store, &job, &users, &state).await;
+            let _ = tx.send(state);
+        });
+    }
+    drop(mtx);
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r {
+            warn!("a job task ended abnormally: {e}");
+        }
+    }
+    let _ = writer.await;
+
+    // Final status of every run.
+    let mut outcomes = Vec::new();
+    for (ri, run) in exp.runs.iter().enumerate() {
+        let mut status = RunStatus::Succeeded;
+        let mut error = None;
+        let (mut computed, mut cached) = (0, 0);
+        for (si, ji) in run_jobs[ri].iter().enumerate() {
+            let stage = &run.stages[si].name;
+            match &*receivers[*ji].borrow() {
+                State::Done { cached: c, .. } => {
+                    let first_user = jobs[*ji].users[0].0 == ri;
+                    if *c || !first_user { cached += 1 } else { computed += 1 }
+                }
+                State::Failed(e) => {
+                    if status != RunStatus::Failed {
+                        error = Some(format!("stage `{stage}` failed: {e}"));
+                    }
+                    status = RunStatus::Failed;
+                }
+                State::Interrupted | State::Pending => {
+                    if status == RunStatus::Succeeded {
+                        status = RunStatus::Interrupted;
+                        error = Some(format!("interrupted during or before stage `{stage}`"));
+                    }
+                }
+                State::Skipped(_) => {}
+            }
+        }
+        store.finish_run(run_ids[ri], status, error.as_deref()).await?;
+        outcomes.push(RunOutcome { id: run_ids[ri], name: run.name.clone(), status, error, computed, cached });
+    }
+    Ok(outcomes)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_job(
+    job: &Job,
+    deps: Vec<(String, watch::Receiver<State>)>,
+    users: &[(i64, String)],
+    label: &str,
+    cache: &Cache,
+    sem: &Arc<Semaphore>,
+    cancel: &CancelToken,
+    display: &Display,
+    mtx: mpsc::UnboundedSender<Vec<MetricRow>>,
+) -> State {
+    let mut dirs: HashMap<String, PathBuf> = HashMap::new();
+    for (need, mut rx) in deps {
+        let state = match rx.wait_for(State::is_final).await {
+            Ok(s) => s.clone(),
+            Err(_) => State::Interrupted,
+        };
+        match state {
+            State::Done { dir, .. } => {
+                dirs.insert(need, dir);
+            }
+            State::Failed(_) | State::Skipped(_) => return State::Skipped(format!("upstream stage `{need}` did not succeed")),
+            State::Interrupted | State::Pending => return State::Interrupted,
+        }
+    }
+    let mut inputs = Inputs::default();
+    for e in &job.inputs {
+        inputs.insert(&e.artifact, &e.from, dirs[&e.from].join(&e.artifact));
+    }
+    if cancel.is_cancelled() {
+        return State::Interrupted;
+    }
+    if !job.force && cache.contains(&job.kind, &job.key) {
+        info!("{label}: cache hit ({}/{})", job.kind, job.key);
+        return State::Done { dir: cache.entry(&job.kind, &job.key), cached: true, started: None, ended: None, secs: None };
+    }
+    let _permit = match sem.clone().acquire_owned().await {
+        Ok(p) => p,
+        Err(_) => return State::Interrupted,
+    };
+    if cancel.is_cancelled() {
+        return State::Interrupted;
+    }
+    let why = if job.force {
+        "forced".to_string()
+    } else {
+        cache.why_miss(&KeyParts {
+            kind: &job.kind,
+            version: job.entry.stage.version(),
+            source: &job.entry.source,
+            config: &job.config,
+            inputs: job.key_inputs.clone(),
+            seed: job.entry.stage.uses_seed().then_some(job.seed),
+            files: job.files.clone(),
+        })
+    };
+    info!("{label}: running {} (key {}): {why}", job.kind, job.key);
+    let tmp = match cache.temp_dir(&job.key) {
+        Ok(t) => t,
+        Err(e) => return State::Failed(format!("{e:#}")),
+    };
+    let work = match cache.work_dir(&job.key) {
+        Ok(w) => w,
+        Err(e) => return State::Failed(format!("{e:#}")),
+    };
+    let started = store::now();
+    let clock = Instant::now();
+    let metrics = Arc::new(Metrics { tx: mtx, users: users.to_vec(), records: Mutex::new(Vec::new()) });
+    let progress = Arc::new(display.stage(label));
+    let result = {
+        let (stage, config, tmp, work, cancel, metrics, progress) =
+            (job.entry.stage.clone(), job.config.clone(), tmp.clone(), work.clone(), cancel.clone(), metrics.clone(), progress.clone());
+        let (seed, device, name) = (job.seed, job.device, users[0].1.clone());
+        tokio::task::spawn_blocking(move || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let ctx = Context {
+                    name: &name,
+                    device,
+                    seed,
+                    out_dir: &tmp,
+                    work_dir: &work,
+                    progress: progress.as_ref(),
+                    metrics: metrics.as_ref(),
+                    cancel: &cancel,
+                };
+                stage.run(&ctx, &config, &inputs)
+            }))
+        })
+        .await
+    };
+    progress.finish();
+    let secs = clock.elapsed().as_secs_f64();
+    let outcome: Result<(), String> = match result {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(StageError::Cancelled))) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            info!("{label}: cancelled");
+            return State::Interrupted;
+        }
+        Ok(Ok(Err(e))) => Err(e.to_string()),
+        Ok(Err(panic)) => Err(format!(
+            "stage panicked: {}",
+            panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+        )),
+        Err(e) => Err(format!("stage task failed: {e}")),
+    };
+    let finished = outcome.and_then(|()| {
+        for out in job.entry.stage.outputs() {
+            if !tmp.join(&out.name).exists() {
+                return Err(format!("stage did not write its declared output `{}`", out.name));
+            }
+        }
+        let records = metrics.records.lock().unwrap().clone();
+        let manifest = Manifest {
+            schema: cache::MANIFEST_SCHEMA,
+            kind: job.kind.clone(),
+            version: job.entry.stage.version().to_string(),
+            source: job.entry.source.clone(),
+            key: job.key.clone(),
+            config: job.config.clone(),
+            seed: job.seed,
+            uses_seed: job.entry.stage.uses_seed(),
+            inputs: job.key_inputs.clone(),
+            files: job.files.clone(),
+            created: started.clone(),
+            seconds: secs,
+        };
+        cache.finish(&tmp, &manifest, &records, job.force).map_err(|e| format!("{e:#}"))
+    });
+    match finished {
+        Ok(dir) => {
+            cache.remove_work_dir(&job.key);
+            info!("{label}: done in {secs:.2}s");
+            State::Done { dir, cached: false, started: Some(started), ended: Some(store::now()), secs: Some(secs) }
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            warn!("{label}: failed: {e}");
+            State::Failed(e)
+        }
+    }
+}
+
+/// Records the job's stage run for every run that uses it (and replays cached metrics).
+async fn record(store: &Store, job: &Job, users: &[(i64, String)], state: &State) {
+    let mut replay = Vec::new();
+    for (i, (run_id, stage)) in users.iter().enumerate() {
+        let mut row = StageRunRow {
+            run_id: *run_id,
+            stage: stage.clone(),
+            kind: job.kind.clone(),
+            version: job.entry.stage.version().to_string(),
+            source: job.entry.source.clone(),
+            cache_key: job.key.clone(),
+            cached: false,
+            status: StageStatus::Succeeded,
+            started_at: None,
+            ended_at: None,
+            duration_s: None,
+            output_dir: None,
+            error: None,
+            artifacts: Vec::new(),
+            summaries: Vec::new(),
+        };
+        match state {
+            State::Done { dir, cached, started, ended, secs } => {
+                row.cached = *cached || i > 0;
+                if !row.cached {
+                    (row.started_at, row.ended_at, row.duration_s) = (started.clone(), ended.clone(), *secs);
+                }
+                row.output_dir = Some(dir.display().to_string());
+                for out in job.entry.stage.outputs() {
+                    let p = dir.join(&out.name);
+                    row.artifacts.push((out.name.clone(), p.display().to_string(), dir_size(&p)));
+                    if out.summary
+                        && let Ok(text) = std::fs::read_to_string(&p)
+                    {
+                        row.summaries.push((out.name.clone(), text));
+                    }
+                }
+                if *cached {
+                    match cache::read_metrics(dir) {
+                        Ok(ms) => replay.extend(ms.into_iter().map(|m| MetricRow {
+                            run_id: *run_id,
+                            stage: stage.clone(),
+                            key: m.key,
+                            step: m.step,
+                            value: m.value,
+                        })),
+                        Err(e) => warn!("cached metrics of {}: {e:#}", dir.display()),
+                    }
+                }
+            }
+            State::Failed(e) => {
+                row.status = StageStatus::Failed;
+                row.error = Some(e.clone());
+            }
+            State::Skipped(why) => {
+                row.status = StageStatus::Skipped;
+                row.error = Some(why.clone());
+            }
+            State::Interrupted | State::Pending => row.status = StageStatus::Interrupted,
+        }
+        if let Err(e) = store.insert_stage_run(&row).await {
+            warn!("could not record stage run {stage}: {e:#}");
+        }
+    }
+    if let Err(e) = store.insert_metrics(&replay).await {
+        warn!("could not store cached metrics: {e:#}");
+    }
+}

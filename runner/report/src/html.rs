@@ -1,0 +1,274 @@
+//! `huse-run report`: a static HTML page with SVG figures, made from the results database
+//! alone (so it can be regenerated at any time, after the cache is gone).
+//!
+//! The page holds, for an experiment:
+//! * one small line chart per metric logged at more than one step (training curves), per run;
+//! * for a sweep, each selected final metric against the swept params: a line (mean over
+//!   seeds, with min-max whiskers) for one param, a heatmap for two;
+//! * the runs table (varying params + selected final metrics; the best value of each
+//!   metric in bold), each run's stage summaries (e.g. the paper's tables), resolved
+//!   config and git commit.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+use huse_store::{Filter, RunRow, Store};
+use plotters::prelude::*;
+
+use crate::table::{self, mean_std};
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+fn fmt(v: f64) -> String {
+    if v == v.trunc() && v.abs() < 1e12 { format!("{v:.0}") } else { format!("{v:.4}") }
+}
+
+/// Writes `index.html` and the figures into `out`; returns the figure file names.
+pub async fn report(store: &Store, experiment: &str, out: &Path, metric_globs: &[String]) -> Result<Vec<String>> {
+    let runs = store.load_runs(&Filter { experiment: Some(experiment.to_string()), ..Default::default() }).await?;
+    if runs.is_empty() {
+        bail!("no runs of experiment `{experiment}` in {}", store.path().display());
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let globs = if metric_globs.is_empty() {
+        let any_test = runs.iter().any(|r| r.metrics.keys().any(|k| k.starts_with("test.")));
+        vec![if any_test { "test.*".to_string() } else { "*".to_string() }]
+    } else {
+        metric_globs.to_vec()
+    };
+    let patterns = table::patterns(&globs)?;
+    let selected: Vec<String> = runs
+        .iter()
+        .flat_map(|r| r.metrics.keys())
+        .filter(|k| patterns.iter().any(|p| p.matches(k)))
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let swept: Vec<String> = {
+        let keys: BTreeSet<&String> = runs.iter().flat_map(|r| r.params.keys()).collect();
+        keys.into_iter()
+            .filter(|k| *k != "seed" && runs.iter().map(|r| r.params.get(*k)).collect::<BTreeSet<_>>().len() > 1)
+            .cloned()
+            .collect()
+    };
+    let mut figures = Vec::new();
+    let mut html = String::new();
+    write!(
+        html,
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>huse-run report: {e}</title><style>\
+         body{{font-family:sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse;font-size:13px}} \
+         td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} th{{background:#f3f3f3}} .best{{font-weight:bold;background:#e6f4e6}} \
+         img{{margin:4px;border:1px solid #eee}} pre{{background:#f8f8f8;padding:8px;overflow:auto}}</style></head><body>\
+         <h1>Experiment <code>{e}</code></h1><p>{n} run(s), generated from <code>{db}</code>.</p>",
+        e = esc(experiment),
+        n = runs.len(),
+        db = esc(&store.path().display().to_string())
+    )?;
+
+    // Sweep figures.
+    if !swept.is_empty() && swept.len() <= 2 {
+        html.push_str("<h2>Metrics against the swept parameters</h2><div>");
+        for (i, m) in selected.iter().enumerate() {
+            let name = format!("sweep-{i}.svg");
+            let ok = if swept.len() == 1 { sweep_line(&out.join(&name), &runs, &swept[0], m)? } else { sweep_heatmap(&out.join(&name), &runs, &swept[0], &swept[1], m)? };
+            if ok {
+                write!(html, "<img src=\"{name}\" alt=\"{}\" width=\"420\">", esc(m))?;
+                figures.push(name);
+            }
+        }
+        html.push_str("</div>");
+    }
+
+    // The runs table, best values marked.
+    html.push_str("<h2>Runs</h2><table><tr><th>id</th><th>name</th><th>status</th>");
+    for p in &swept {
+        write!(html, "<th>{}</th>", esc(p))?;
+    }
+    for m in &selected {
+        write!(html, "<th>{}</th>", esc(m))?;
+    }
+    html.push_str("</tr>");
+    let best: BTreeMap<&String, f64> = selected
+        .iter()
+        .filter_map(|m| runs.iter().filter_map(|r| r.metrics.get(m).copied().flatten()).reduce(f64::max).map(|b| (m, b)))
+        .collect();
+    for r in &runs {
+        write!(html, "<tr><td>{}</td><td style=\"text-align:left\">{}</td><td>{}</td>", r.id, esc(&r.name), esc(r.status.as_str()))?;
+        for p in &swept {
+            write!(html, "<td>{}</td>", esc(r.params.get(p).map(String::as_str).unwrap_or("")))?;
+        }
+        for m in &selected {
+            match r.metrics.get(m).copied().flatten() {
+                Some(v) if best.get(m) == Some(&v) => write!(html, "<td class=\"best\">{}</td>", fmt(v))?,
+                Some(v) => write!(html, "<td>{}</td>", fmt(v))?,
+                None => html.push_str("<td></td>"),
+            }
+        }
+        html.push_str("</tr>");
+    }
+    html.push_str("</table><p>Bold: the best (highest) value of each metric.</p>");
+
+    // Per run: curves, summaries, config.
+    for r in &runs {
+        write!(html, "<h2>Run {} — {}</h2>", r.id, esc(&r.name))?;
+        let series = curves(store, r.id).await?;
+        for (key, points) in &series {
+            let name = format!("run{}-{}.svg", r.id, key.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+            curve(&out.join(&name), key, points)?;
+            write!(html, "<img src=\"{name}\" alt=\"{}\" width=\"320\">", esc(key))?;
+            figures.push(name);
+        }
+        for s in store.summaries(r.id).await? {
+            write!(html, "<h3>{} — {}</h3><pre>{}</pre>", esc(&s.stage), esc(&s.name), esc(&s.text))?;
+        }
+        let (yaml, commit) = store.run_config(r.id).await?;
+        write!(
+            html,
+            "<details><summary>resolved config, git commit <code>{}</code></summary><pre>{}</pre></details>",
+            esc(commit.as_deref().unwrap_or("unknown")),
+            esc(&yaml)
+        )?;
+    }
+    html.push_str("</body></html>\n");
+    std::fs::write(out.join("index.html"), html)?;
+    Ok(figures)
+}
+
+/// Every metric of a run logged at more than one step: key -> (step, value).
+async fn curves(store: &Store, run: i64) -> Result<BTreeMap<String, Vec<(f64, f64)>>> {
+    let mut m: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for (key, step, value) in store.metric_series(run).await? {
+        if let Some(v) = value {
+            m.entry(key).or_default().push((step as f64, v));
+        }
+    }
+    m.retain(|_, v| v.len() > 1);
+    Ok(m)
+}
+
+fn range(vals: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
+    let lo = vals.clone().fold(f64::INFINITY, f64::min);
+    let hi = vals.fold(f64::NEG_INFINITY, f64::max);
+    if !lo.is_finite() || !hi.is_finite() {
+        return (0.0, 1.0);
+    }
+    if (hi - lo).abs() < 1e-12 { (lo - 0.5, hi + 0.5) } else { (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)) }
+}
+
+fn curve(path: &Path, key: &str, points: &[(f64, f64)]) -> Result<()> {
+    let root = SVGBackend::new(path, (320, 220)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (x0, x1) = range(points.iter().map(|p| p.0));
+    let (y0, y1) = range(points.iter().map(|p| p.1));
+    let mut chart = ChartBuilder::on(&root).caption(key, ("sans-serif", 14)).margin(6).x_label_area_size(22).y_label_area_size(44).build_cartesian_2d(x0..x1, y0..y1)?;
+    chart.configure_mesh().x_desc("step").label_style(("sans-serif", 10)).draw()?;
+    chart.draw_series(LineSeries::new(points.iter().copied(), &BLUE))?;
+    root.present()?;
+    Ok(())
+}
+
+fn num(s: &str) -> Option<f64> {
+    s.parse().ok()
+}
+
+/// One swept param: mean of `metric` over the runs at each value, with min-max whiskers.
+fn sweep_line(path: &Path, runs: &[RunRow], param: &str, metric: &str) -> Result<bool> {
+    let mut by: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for r in runs {
+        if let (Some(p), Some(Some(v))) = (r.params.get(param), r.metrics.get(metric)) {
+            by.entry(p.clone()).or_default().push(*v);
+        }
+    }
+    if by.is_empty() {
+        return Ok(false);
+    }
+    let numeric = by.keys().all(|k| num(k).is_some());
+    let xs: Vec<(f64, String)> = if numeric { by.keys().map(|k| (num(k).unwrap(), k.clone())).collect() } else { by.keys().enumerate().map(|(i, k)| (i as f64, k.clone())).collect() };
+    let pts: Vec<(f64, f64, f64, f64)> = xs
+        .iter()
+        .map(|(x, k)| {
+            let v = &by[k];
+            (*x, mean_std(v).0, v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(f64::NEG_INFINITY, f64::max))
+        })
+        .collect();
+    let root = SVGBackend::new(path, (420, 280)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (x0, x1) = range(pts.iter().map(|p| p.0));
+    let (y0, y1) = range(pts.iter().flat_map(|p| [p.2, p.3]));
+    let mut chart = ChartBuilder::on(&root).caption(metric, ("sans-serif", 15)).margin(8).x_label_area_size(30).y_label_area_size(50).build_cartesian_2d(x0..x1, y0..y1)?;
+    chart.configure_mesh().x_desc(param).label_style(("sans-serif", 11)).draw()?;
+    chart.draw_series(LineSeries::new(pts.iter().map(|p| (p.0, p.1)), &BLUE))?;
+    chart.draw_series(pts.iter().map(|p| PathElement::new(vec![(p.0, p.2), (p.0, p.3)], BLACK)))?;
+    chart.draw_series(pts.iter().map(|p| Circle::new((p.0, p.1), 3, BLUE.filled())))?;
+    root.present()?;
+    Ok(true)
+}
+
+/// Two swept params: a heatmap of the mean of `metric`, with the values written in the cells.
+fn sweep_heatmap(path: &Path, runs: &[RunRow], pa: &str, pb: &str, metric: &str) -> Result<bool> {
+    let mut cells: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    for r in runs {
+        if let (Some(a), Some(b), Some(Some(v))) = (r.params.get(pa), r.params.get(pb), r.metrics.get(metric)) {
+            cells.entry((a.clone(), b.clone())).or_default().push(*v);
+        }
+    }
+    if cells.is_empty() {
+        return Ok(false);
+    }
+    let sort = |v: BTreeSet<String>| -> Vec<String> {
+        let mut v: Vec<String> = v.into_iter().collect();
+        v.sort_by(|x, y| match (num(x), num(y)) {
+            (Some(a), Some(b)) => a.total_cmp(&b),
+            _ => x.cmp(y),
+        });
+        v
+    };
+    let xa = sort(cells.keys().map(|k| k.0.clone()).collect());
+    let yb = sort(cells.keys().map(|k| k.1.clone()).collect());
+    let means: BTreeMap<(String, String), f64> = cells.iter().map(|(k, v)| (k.clone(), mean_std(v).0)).collect();
+    let (lo, hi) = range(means.values().copied());
+    let root = SVGBackend::new(path, (420, 300)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(metric, ("sans-serif", 15))
+        .margin(8)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..xa.len() as f64, 0f64..yb.len() as f64)?;
+    let (xl, yl) = (xa.clone(), yb.clone());
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_desc(pa)
+        .y_desc(pb)
+        .x_labels(xa.len() * 2 + 1)
+        .y_labels(yb.len() * 2 + 1)
+        .x_label_formatter(&|v| if (v.fract() - 0.5).abs() < 1e-6 { xl.get(*v as usize).cloned().unwrap_or_default() } else { String::new() })
+        .y_label_formatter(&|v| if (v.fract() - 0.5).abs() < 1e-6 { yl.get(*v as usize).cloned().unwrap_or_default() } else { String::new() })
+        .label_style(("sans-serif", 11))
+        .draw()?;
+    for (i, a) in xa.iter().enumerate() {
+        for (j, b) in yb.iter().enumerate() {
+            let Some(v) = means.get(&(a.clone(), b.clone())) else { continue };
+            let t = ((v - lo) / (hi - lo)).clamp(0.0, 1.0);
+            // Light (worst) to dark blue (best); the value written in the cell.
+            let lerp = |a: f64, b: f64| (a + (b - a) * t) as u8;
+            let color = RGBColor(lerp(239.0, 8.0), lerp(243.0, 69.0), lerp(255.0, 148.0));
+            chart.draw_series(std::iter::once(Rectangle::new([(i as f64, j as f64), (i as f64 + 1.0, j as f64 + 1.0)], color.filled())))?;
+            let ink = if t > 0.55 { WHITE } else { BLACK };
+            chart.draw_series(std::iter::once(Text::new(fmt(*v), (i as f64 + 0.3, j as f64 + 0.5), ("sans-serif", 12).into_font().color(&ink))))?;
+        }
+    }
+    root.present()?;
+    Ok(true)
+}
+
+/// Default report directory.
+pub fn default_out(experiment: &str) -> PathBuf {
+    PathBuf::from(format!("report-{experiment}"))
+}

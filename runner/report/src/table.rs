@@ -1,0 +1,420 @@
+//! Results as tables: `runs`, `compare`, `best` and `show`, rendered as a terminal table,
+//! CSV, JSON or Markdown. Built from [`huse_store::RunRow`]s; no SQL here.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use anyhow::{Result, bail};
+use huse_store::{RunRow, Store};
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// A box-drawn terminal table.
+    Table,
+    /// Comma-separated values, `mean ± std` split into two columns.
+    Csv,
+    /// A JSON array of objects.
+    Json,
+    /// A Markdown table.
+    Markdown,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Format, String> {
+        match s {
+            "table" => Ok(Format::Table),
+            "csv" => Ok(Format::Csv),
+            "json" => Ok(Format::Json),
+            "markdown" | "md" => Ok(Format::Markdown),
+            _ => Err(format!("unknown format `{s}` (table, csv, json or markdown)")),
+        }
+    }
+}
+
+/// A table cell.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cell {
+    Text(String),
+    Int(i64),
+    Num(Option<f64>),
+    /// mean, sample standard deviation, count
+    MeanStd(f64, f64, usize),
+    Empty,
+}
+
+impl Cell {
+    fn text(&self) -> String {
+        match self {
+            Cell::Text(s) => s.clone(),
+            Cell::Int(i) => i.to_string(),
+            Cell::Num(Some(v)) => fmt_num(*v),
+            Cell::Num(None) => "NaN".into(),
+            Cell::MeanStd(m, s, _) => format!("{} ± {}", fmt_num(*m), fmt_num(*s)),
+            Cell::Empty => String::new(),
+        }
+    }
+    fn sort_key(&self) -> (u8, f64, String) {
+        match self {
+            Cell::Int(i) => (0, *i as f64, String::new()),
+            Cell::Num(Some(v)) | Cell::MeanStd(v, _, _) => (0, *v, String::new()),
+            Cell::Text(s) => match s.parse::<f64>() {
+                Ok(v) => (0, v, String::new()),
+                Err(_) => (1, 0.0, s.clone()),
+            },
+            _ => (2, 0.0, String::new()),
+        }
+    }
+}
+
+fn fmt_num(v: f64) -> String {
+    if v == v.trunc() && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else if v.abs() >= 1000.0 || v.abs() < 1e-3 {
+        format!("{v:.4e}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+/// A rectangular result, rendered in any [`Format`].
+#[derive(Debug, Clone, Default)]
+pub struct Table {
+    pub headers: Vec<String>,
+    pub rows: Vec<Vec<Cell>>,
+}
+
+impl Table {
+    /// Sorts rows by the column `key` (numbers before text).
+    pub fn sort_by(&mut self, key: &str, desc: bool) -> Result<()> {
+        let Some(i) = self.headers.iter().position(|h| h == key) else {
+            bail!("cannot sort by `{key}`: no such column (columns: {})", self.headers.join(", "));
+        };
+        self.rows.sort_by(|a, b| {
+            let (x, y) = (a[i].sort_key(), b[i].sort_key());
+            let o = x.0.cmp(&y.0).then(x.1.total_cmp(&y.1)).then(x.2.cmp(&y.2));
+            if desc && x.0 == y.0 { o.reverse() } else { o }
+        });
+        Ok(())
+    }
+
+    /// Renders the table.
+    pub fn render(&self, format: Format) -> String {
+        match format {
+            Format::Table | Format::Markdown => {
+                let mut t = comfy_table::Table::new();
+                t.load_style(if format == Format::Table {
+                    comfy_table::presets::UTF8_FULL_CONDENSED
+                } else {
+                    comfy_table::presets::ASCII_MARKDOWN
+                });
+                t.set_header(self.headers.clone());
+                for r in &self.rows {
+                    t.add_row(r.iter().map(Cell::text).collect::<Vec<_>>());
+                }
+                format!("{t}\n")
+            }
+            Format::Csv => {
+                let mut w = csv::Writer::from_writer(Vec::new());
+                let (headers, rows) = self.expanded();
+                w.write_record(&headers).unwrap();
+                for r in rows {
+                    w.write_record(r.iter().map(|c| match c {
+                        Cell::Num(Some(v)) => v.to_string(),
+                        other => other.text(),
+                    }))
+                    .unwrap();
+                }
+                String::from_utf8(w.into_inner().unwrap()).unwrap()
+            }
+            Format::Json => {
+                let (headers, rows) = self.expanded();
+                let arr: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(|r| {
+                        let obj: serde_json::Map<String, serde_json::Value> = headers
+                            .iter()
+                            .zip(r)
+                            .map(|(h, c)| {
+                                let v = match c {
+                                    Cell::Text(s) => serde_json::json!(s),
+                                    Cell::Int(i) => serde_json::json!(i),
+                                    Cell::Num(v) => serde_json::json!(v),
+                                    Cell::Empty => serde_json::Value::Null,
+                                    Cell::MeanStd(..) => unreachable!("expanded"),
+                                };
+                                (h.clone(), v)
+                            })
+                            .collect();
+                        serde_json::Value::Object(obj)
+                    })
+                    .collect();
+                format!("{}\n", serde_json::to_string_pretty(&arr).unwrap())
+            }
+        }
+    }
+
+    /// For machine formats: a `mean ± std` column becomes `key` (mean) and `key.std`.
+    fn expanded(&self) -> (Vec<String>, Vec<Vec<Cell>>) {
+        let split: Vec<bool> =
+            (0..self.headers.len()).map(|i| self.rows.iter().any(|r| matches!(r[i], Cell::MeanStd(..)))).collect();
+        let mut headers = Vec::new();
+        for (h, s) in self.headers.iter().zip(&split) {
+            headers.push(h.clone());
+            if *s {
+                headers.push(format!("{h}.std"));
+            }
+        }
+        let rows = self
+            .rows
+            .iter()
+            .map(|r| {
+                let mut out = Vec::new();
+                for (c, s) in r.iter().zip(&split) {
+                    match (c, s) {
+                        (Cell::MeanStd(m, sd, _), _) => {
+                            out.push(Cell::Num(Some(*m)));
+                            out.push(Cell::Num(Some(*sd)));
+                        }
+                        (c, true) => {
+                            out.push(c.clone());
+                            out.push(Cell::Empty);
+                        }
+                        (c, false) => out.push(c.clone()),
+                    }
+                }
+                out
+            })
+            .collect();
+        (headers, rows)
+    }
+}
+
+/// Whether `key` matches any of the glob patterns (all keys match when there are none).
+fn selected(key: &str, patterns: &[glob::Pattern]) -> bool {
+    patterns.is_empty() || patterns.iter().any(|p| p.matches(key))
+}
+
+/// Params whose value differs between the runs (seed last).
+fn varying_params(runs: &[RunRow]) -> Vec<String> {
+    let keys: BTreeSet<&String> = runs.iter().flat_map(|r| r.params.keys()).collect();
+    let mut out: Vec<String> = keys
+        .into_iter()
+        .filter(|k| {
+            let vals: BTreeSet<Option<&String>> = runs.iter().map(|r| r.params.get(*k)).collect();
+            vals.len() > 1
+        })
+        .cloned()
+        .collect();
+    if let Some(i) = out.iter().position(|k| k == "seed") {
+        let s = out.remove(i);
+        out.push(s);
+    }
+    out
+}
+
+/// Compiles `--metric` globs.
+pub fn patterns(globs: &[String]) -> Result<Vec<glob::Pattern>> {
+    globs.iter().map(|g| glob::Pattern::new(g).map_err(|e| anyhow::anyhow!("bad --metric pattern `{g}`: {e}"))).collect()
+}
+
+/// The `runs` table: one row per run, or one per param group with mean ± std when `group`.
+pub fn runs_table(runs: &[RunRow], metric_globs: &[glob::Pattern], group: bool) -> Table {
+    let params = varying_params(runs);
+    let metrics: BTreeSet<&String> =
+        runs.iter().flat_map(|r| r.metrics.keys()).filter(|k| selected(k, metric_globs)).collect();
+    let mut t = Table::default();
+    if !group {
+        t.headers = ["id", "experiment", "name", "status"].iter().map(|s| s.to_string()).collect();
+        t.headers.extend(params.iter().cloned());
+        t.headers.extend(metrics.iter().map(|s| s.to_string()));
+        for r in runs {
+            let mut row = vec![Cell::Int(r.id), Cell::Text(r.experiment.clone()), Cell::Text(r.name.clone()), Cell::Text(r.status.to_string())];
+            row.extend(params.iter().map(|p| r.params.get(p).map(|v| Cell::Text(v.clone())).unwrap_or(Cell::Empty)));
+            row.extend(metrics.iter().map(|m| r.metrics.get(*m).map(|v| Cell::Num(*v)).unwrap_or(Cell::Empty)));
+            t.rows.push(row);
+        }
+        return t;
+    }
+    let gparams: Vec<String> = params.into_iter().filter(|p| p != "seed").collect();
+    let mut groups: BTreeMap<(String, Vec<Option<String>>), Vec<&RunRow>> = BTreeMap::new();
+    for r in runs {
+        let key = (r.experiment.clone(), gparams.iter().map(|p| r.params.get(p).cloned()).collect());
+        groups.entry(key).or_default().push(r);
+    }
+    t.headers = vec!["experiment".into()];
+    t.headers.extend(gparams.iter().cloned());
+    t.headers.push("runs".into());
+    t.headers.extend(metrics.iter().map(|s| s.to_string()));
+    for ((exp, vals), members) in groups {
+        let mut row = vec![Cell::Text(exp)];
+        row.extend(vals.into_iter().map(|v| v.map(Cell::Text).unwrap_or(Cell::Empty)));
+        row.push(Cell::Int(members.len() as i64));
+        for m in &metrics {
+            let xs: Vec<f64> = members.iter().filter_map(|r| r.metrics.get(*m).copied().flatten()).collect();
+            row.push(if xs.is_empty() { Cell::Empty } else { let (mean, sd) = mean_std(&xs); Cell::MeanStd(mean, sd, xs.len()) });
+        }
+        t.rows.push(row);
+    }
+    t
+}
+
+/// Mean and sample standard deviation (0 for a single value).
+pub fn mean_std(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    if xs.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
+/// `compare`: differing params and the metrics, one column per run.
+pub fn compare_table(runs: &[RunRow], metric_globs: &[glob::Pattern]) -> Table {
+    let mut t = Table { headers: vec!["".into(), "key".into()], rows: Vec::new() };
+    t.headers.extend(runs.iter().map(|r| format!("#{} {}", r.id, r.name)));
+    for p in varying_params(runs) {
+        let mut row = vec![Cell::Text("param".into()), Cell::Text(p.clone())];
+        row.extend(runs.iter().map(|r| r.params.get(&p).map(|v| Cell::Text(v.clone())).unwrap_or(Cell::Empty)));
+        t.rows.push(row);
+    }
+    let mut status = vec![Cell::Text("run".into()), Cell::Text("status".into())];
+    status.extend(runs.iter().map(|r| Cell::Text(r.status.to_string())));
+    t.rows.push(status);
+    let metrics: BTreeSet<&String> = runs.iter().flat_map(|r| r.metrics.keys()).filter(|k| selected(k, metric_globs)).collect();
+    for m in metrics {
+        let mut row = vec![Cell::Text("metric".into()), Cell::Text(m.clone())];
+        row.extend(runs.iter().map(|r| r.metrics.get(m).map(|v| Cell::Num(*v)).unwrap_or(Cell::Empty)));
+        t.rows.push(row);
+    }
+    t
+}
+
+/// Everything about one run, as sections of (title, table).
+pub async fn show(store: &Store, id: i64) -> Result<Vec<(String, Table)>> {
+    let r = store.run(id).await?;
+    let mut sections = Vec::new();
+    let mut info = Table { headers: vec!["field".into(), "value".into()], rows: Vec::new() };
+    let fields: Vec<(&str, Cell)> = vec![
+        ("id", Cell::Int(r.id)),
+        ("experiment", Cell::Text(r.experiment.clone())),
+        ("name", Cell::Text(r.name.clone())),
+        ("status", Cell::Text(r.status.to_string())),
+        ("started", Cell::Text(r.started_at.clone())),
+        ("duration_s", Cell::Num(r.duration_s)),
+        ("seed", Cell::Int(r.seed)),
+        ("sweep point", Cell::Text(r.point.clone())),
+        ("git commit", Cell::Text(r.git_commit.clone().unwrap_or_default())),
+        ("error", Cell::Text(r.error.clone().unwrap_or_default())),
+    ];
+    for (k, v) in fields {
+        info.rows.push(vec![Cell::Text(k.into()), v]);
+    }
+    sections.push(("run".to_string(), info));
+    let mut params = Table { headers: vec!["param".into(), "value".into()], rows: Vec::new() };
+    for (k, v) in &r.params {
+        params.rows.push(vec![Cell::Text(k.clone()), Cell::Text(v.clone())]);
+    }
+    sections.push(("params".to_string(), params));
+    let mut stages = Table {
+        headers: ["stage", "kind", "status", "cached", "seconds", "cache key", "error"].iter().map(|s| s.to_string()).collect(),
+        rows: Vec::new(),
+    };
+    for s in store.stage_runs(id).await? {
+        stages.rows.push(vec![
+            Cell::Text(s.stage),
+            Cell::Text(s.kind),
+            Cell::Text(s.status),
+            Cell::Text(if s.cached { "yes".into() } else { "no".into() }),
+            Cell::Num(s.duration_s),
+            Cell::Text(s.cache_key),
+            Cell::Text(s.error.unwrap_or_default()),
+        ]);
+    }
+    sections.push(("stages".to_string(), stages));
+    let mut metrics = Table { headers: vec!["stage".into(), "metric".into(), "step".into(), "value".into()], rows: Vec::new() };
+    for (stage, key, step, value) in store.final_metrics(id).await? {
+        metrics.rows.push(vec![Cell::Text(stage), Cell::Text(key), Cell::Int(step), Cell::Num(value)]);
+    }
+    sections.push(("metrics (last step)".to_string(), metrics));
+    Ok(sections)
+}
+
+/// The run's stage summaries (`*.md` outputs such as evaluate's tables) as text.
+pub async fn summaries_text(store: &Store, id: i64) -> Result<String> {
+    let mut out = String::new();
+    for s in store.summaries(id).await? {
+        writeln!(out, "── {}: {} ──\n", s.stage, s.name).unwrap();
+        out.push_str(&s.text);
+        if !s.text.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
+
+/// Renders `show`'s sections: titled tables, or one JSON object.
+pub fn render_sections(sections: &[(String, Table)], format: Format) -> String {
+    if format == Format::Json {
+        let obj: serde_json::Map<String, serde_json::Value> = sections
+            .iter()
+            .map(|(title, t)| (title.clone(), serde_json::from_str(&t.render(Format::Json)).unwrap()))
+            .collect();
+        return format!("{}\n", serde_json::to_string_pretty(&obj).unwrap());
+    }
+    let mut out = String::new();
+    for (title, t) in sections {
+        match format {
+            Format::Markdown => writeln!(out, "### {title}\n").unwrap(),
+            Format::Csv => writeln!(out, "# {title}").unwrap(),
+            _ => writeln!(out, "{title}:").unwrap(),
+        }
+        out.push_str(&t.render(format));
+        out.push('\n');
+    }
+    out
+}
+
+/// The best run by a metric (max, or min when `minimize`).
+pub fn best_table(runs: &[RunRow], metric: &str, minimize: bool) -> Result<Table> {
+    let with: Vec<(&RunRow, f64)> =
+        runs.iter().filter_map(|r| r.metrics.get(metric).copied().flatten().map(|v| (r, v))).collect();
+    let Some(&(best, value)) = with.iter().max_by(|a, b| if minimize { b.1.total_cmp(&a.1) } else { a.1.total_cmp(&b.1) }) else {
+        bail!("no run has a value for metric `{metric}`");
+    };
+    let params = varying_params(runs);
+    let mut t = Table { headers: vec!["id".into(), "experiment".into(), "name".into(), metric.to_string()], rows: Vec::new() };
+    t.headers.extend(params.iter().cloned());
+    let mut row = vec![Cell::Int(best.id), Cell::Text(best.experiment.clone()), Cell::Text(best.name.clone()), Cell::Num(Some(value))];
+    row.extend(params.iter().map(|p| best.params.get(p).map(|v| Cell::Text(v.clone())).unwrap_or(Cell::Empty)));
+    t.rows.push(row);
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_std_is_sample_std() {
+        let (m, s) = mean_std(&[1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(m, 2.5);
+        assert!((s - 1.2909944487358056).abs() < 1e-12);
+        assert_eq!(mean_std(&[3.0]), (3.0, 0.0));
+    }
+
+    #[test]
+    fn renders_all_formats() {
+        let t = Table {
+            headers: vec!["k".into(), "v".into()],
+            rows: vec![vec![Cell::Text("a,b".into()), Cell::MeanStd(0.5, 0.25, 3)]],
+        };
+        assert!(t.render(Format::Table).contains("0.5000 ± 0.2500"));
+        assert!(t.render(Format::Markdown).contains("| a,b | 0.5000 ± 0.2500 |"));
+        assert_eq!(t.render(Format::Csv), "k,v,v.std\n\"a,b\",0.5,0.25\n");
+        let j: serde_json::Value = serde_json::from_str(&t.render(Format::Json)).unwrap();
+        assert_eq!(j, serde_json::json!([{"k": "a,b", "v": 0.5, "v.std": 0.25}]));
+    }
+}

@@ -1,0 +1,325 @@
+//! Reading results back: runs with their params and final metrics, filtered by
+//! `--where` conditions, and the per-run details `show`, `report` and `export` need.
+//!
+//! A condition (`train.beta=0.5`, `test.t2i.r1>0.6`) is parsed into a key, an operator
+//! from a fixed list and a value; key and value are bound as SQL parameters, never pasted
+//! into the SQL text. A key that is a param of some run filters on params; any other key
+//! filters on the run's final metric value (its highest step).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use anyhow::{Result, bail};
+use sqlx::{AssertSqlSafe, Row, query as sql};
+
+use crate::{RunStatus, Store, Summary};
+
+/// A comparison operator of a `--where` condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// `=` (or `==`)
+    Eq,
+    /// `!=`
+    Ne,
+    /// `<`
+    Lt,
+    /// `<=`
+    Le,
+    /// `>`
+    Gt,
+    /// `>=`
+    Ge,
+}
+
+impl Op {
+    /// The SQL operator.
+    pub fn sql(self) -> &'static str {
+        match self {
+            Op::Eq => "=",
+            Op::Ne => "!=",
+            Op::Lt => "<",
+            Op::Le => "<=",
+            Op::Gt => ">",
+            Op::Ge => ">=",
+        }
+    }
+}
+
+/// A parsed `--where` condition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cond {
+    /// A param key or a metric key.
+    pub key: String,
+    /// The comparison.
+    pub op: Op,
+    /// The value compared with (numerically when it parses as a number).
+    pub value: String,
+}
+
+impl std::str::FromStr for Cond {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Cond, String> {
+        let i = s.find(['<', '>', '=', '!']).ok_or_else(|| format!("`{s}`: expected KEY OP VALUE with OP one of = != < <= > >="))?;
+        let (key, rest) = s.split_at(i);
+        let (op, value) = if let Some(v) = rest.strip_prefix(">=") {
+            (Op::Ge, v)
+        } else if let Some(v) = rest.strip_prefix("<=") {
+            (Op::Le, v)
+        } else if let Some(v) = rest.strip_prefix("!=") {
+            (Op::Ne, v)
+        } else if let Some(v) = rest.strip_prefix("==") {
+            (Op::Eq, v)
+        } else if let Some(v) = rest.strip_prefix('=') {
+            (Op::Eq, v)
+        } else if let Some(v) = rest.strip_prefix('>') {
+            (Op::Gt, v)
+        } else if let Some(v) = rest.strip_prefix('<') {
+            (Op::Lt, v)
+        } else {
+            return Err(format!("`{s}`: unknown operator (use = != < <= > >=)"));
+        };
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(format!("`{s}`: missing key before the operator"));
+        }
+        Ok(Cond { key: key.to_string(), op, value: value.trim().to_string() })
+    }
+}
+
+/// Which runs to load.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only runs of this experiment.
+    pub experiment: Option<String>,
+    /// Only runs with this status.
+    pub status: Option<RunStatus>,
+    /// Conditions that must all hold.
+    pub conds: Vec<Cond>,
+}
+
+/// A run with its params and final metrics.
+#[derive(Debug, Clone)]
+pub struct RunRow {
+    /// Run id.
+    pub id: i64,
+    /// Experiment name.
+    pub experiment: String,
+    /// Run name.
+    pub name: String,
+    /// Its state.
+    pub status: RunStatus,
+    /// RFC 3339 start time.
+    pub started_at: String,
+    /// Seconds from start to end.
+    pub duration_s: Option<f64>,
+    /// The run's seed.
+    pub seed: i64,
+    /// Sweep assignments.
+    pub point: String,
+    /// Git commit of the experiment file's repository.
+    pub git_commit: Option<String>,
+    /// Why it failed or was interrupted.
+    pub error: Option<String>,
+    /// Every param, as text.
+    pub params: BTreeMap<String, String>,
+    /// The final (highest-step) value of every metric; None for NaN/inf.
+    pub metrics: BTreeMap<String, Option<f64>>,
+}
+
+/// One recorded stage of a run, for `show`.
+#[derive(Debug, Clone)]
+pub struct StageRunInfo {
+    /// Stage name.
+    pub stage: String,
+    /// Stage kind.
+    pub kind: String,
+    /// `succeeded`, `failed`, `skipped` or `interrupted`.
+    pub status: String,
+    /// Taken from the cache.
+    pub cached: bool,
+    /// Seconds it ran.
+    pub duration_s: Option<f64>,
+    /// Its cache key.
+    pub cache_key: String,
+    /// Why it did not succeed.
+    pub error: Option<String>,
+}
+
+enum Bind {
+    Text(String),
+    Num(f64),
+}
+
+impl Store {
+    /// Loads the runs that pass `filter`, oldest first.
+    pub async fn load_runs(&self, filter: &Filter) -> Result<Vec<RunRow>> {
+        let mut text = String::from(
+            "SELECT r.id, e.name AS experiment, r.name, r.status, r.started_at, r.duration_s, r.seed, r.sweep_point, r.git_commit, r.error
+             FROM runs r JOIN experiments e ON e.id = r.experiment_id WHERE 1 = 1",
+        );
+        if filter.experiment.is_some() {
+            text.push_str(" AND e.name = ?");
+        }
+        if filter.status.is_some() {
+            text.push_str(" AND r.status = ?");
+        }
+        let param_keys: BTreeSet<String> =
+            sql("SELECT DISTINCT key FROM params").fetch_all(&self.pool).await?.iter().map(|r| r.get(0)).collect();
+        let mut binds: Vec<Bind> = Vec::new();
+        for c in &filter.conds {
+            let num = c.value.parse::<f64>().ok();
+            let op = c.op.sql();
+            if param_keys.contains(&c.key) {
+                let col = if num.is_some() { "p.value_num" } else { "p.value" };
+                write!(text, " AND EXISTS (SELECT 1 FROM params p WHERE p.run_id = r.id AND p.key = ? AND {col} {op} ?)").unwrap();
+            } else {
+                if num.is_none() {
+                    bail!("`--where {}{}{}`: `{}` is no param of any run, and metrics compare with numbers only", c.key, op, c.value, c.key);
+                }
+                write!(text, " AND EXISTS (SELECT 1 FROM final_metrics f WHERE f.run_id = r.id AND f.key = ? AND f.value {op} ?)").unwrap();
+            }
+            binds.push(Bind::Text(c.key.clone()));
+            binds.push(match num {
+                Some(n) => Bind::Num(n),
+                None => Bind::Text(c.value.clone()),
+            });
+        }
+        text.push_str(" ORDER BY r.id");
+        let mut q = sql(AssertSqlSafe(text));
+        if let Some(e) = &filter.experiment {
+            q = q.bind(e.clone());
+        }
+        if let Some(s) = &filter.status {
+            q = q.bind(s.as_str());
+        }
+        for b in binds {
+            q = match b {
+                Bind::Text(t) => q.bind(t),
+                Bind::Num(n) => q.bind(n),
+            };
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        let mut out = Vec::new();
+        for r in rows {
+            let id: i64 = r.get("id");
+            let params = sql("SELECT key, value FROM params WHERE run_id = ? ORDER BY key")
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|p| (p.get::<String, _>(0), p.get::<String, _>(1)))
+                .collect();
+            let metrics = sql("SELECT key, value FROM final_metrics WHERE run_id = ? ORDER BY key")
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|m| (m.get::<String, _>(0), m.get::<Option<f64>, _>(1)))
+                .collect();
+            let status: String = r.get("status");
+            out.push(RunRow {
+                id,
+                experiment: r.get("experiment"),
+                name: r.get("name"),
+                status: status.parse().map_err(anyhow::Error::msg)?,
+                started_at: r.get("started_at"),
+                duration_s: r.get("duration_s"),
+                seed: r.get("seed"),
+                point: r.get("sweep_point"),
+                git_commit: r.get("git_commit"),
+                error: r.get("error"),
+                params,
+                metrics,
+            });
+        }
+        Ok(out)
+    }
+
+    /// One run by id.
+    pub async fn run(&self, id: i64) -> Result<RunRow> {
+        let runs = self.load_runs(&Filter::default()).await?;
+        match runs.into_iter().find(|r| r.id == id) {
+            Some(r) => Ok(r),
+            None => bail!("no run with id {id}"),
+        }
+    }
+
+    /// The recorded stages of a run, in the order they were recorded.
+    pub async fn stage_runs(&self, run_id: i64) -> Result<Vec<StageRunInfo>> {
+        Ok(sql("SELECT stage, kind, status, cached, duration_s, cache_key, error FROM stage_runs WHERE run_id = ? ORDER BY id")
+            .bind(run_id)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|s| StageRunInfo {
+                stage: s.get(0),
+                kind: s.get(1),
+                status: s.get(2),
+                cached: s.get(3),
+                duration_s: s.get(4),
+                cache_key: s.get(5),
+                error: s.get(6),
+            })
+            .collect())
+    }
+
+    /// The last step of every metric of a run: (stage, key, step, value), by stage and key.
+    pub async fn final_metrics(&self, run_id: i64) -> Result<Vec<(String, String, i64, Option<f64>)>> {
+        Ok(sql("SELECT stage, key, step, value FROM final_metrics WHERE run_id = ? ORDER BY stage, key")
+            .bind(run_id)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|m| (m.get(0), m.get(1), m.get(2), m.get(3)))
+            .collect())
+    }
+
+    /// Every logged value of every metric of a run: (key, step, value), by key, step and
+    /// logging order; None for NaN/inf.
+    pub async fn metric_series(&self, run_id: i64) -> Result<Vec<(String, i64, Option<f64>)>> {
+        Ok(sql("SELECT key, step, value FROM metrics WHERE run_id = ? ORDER BY key, step, id")
+            .bind(run_id)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|m| (m.get(0), m.get(1), m.get(2)))
+            .collect())
+    }
+
+    /// The summaries of a run, in the order they were recorded.
+    pub async fn summaries(&self, run_id: i64) -> Result<Vec<Summary>> {
+        Ok(sql("SELECT stage, name, text FROM summaries WHERE run_id = ? ORDER BY rowid")
+            .bind(run_id)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| Summary { stage: r.get(0), name: r.get(1), text: r.get(2) })
+            .collect())
+    }
+
+    /// The resolved config (YAML) and git commit of a run.
+    pub async fn run_config(&self, run_id: i64) -> Result<(String, Option<String>)> {
+        let row = sql("SELECT config_yaml, git_commit FROM runs WHERE id = ?").bind(run_id).fetch_optional(&self.pool).await?;
+        match row {
+            Some(r) => Ok((r.get(0), r.get(1))),
+            None => bail!("no run with id {run_id}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_conditions() {
+        let c: Cond = "train.beta=0.5".parse().unwrap();
+        assert_eq!((c.key.as_str(), c.op, c.value.as_str()), ("train.beta", Op::Eq, "0.5"));
+        let c: Cond = "test.t2i.r1 >= 0.6".parse().unwrap();
+        assert_eq!((c.key.as_str(), c.op, c.value.as_str()), ("test.t2i.r1", Op::Ge, "0.6"));
+        assert_eq!("a!=x".parse::<Cond>().unwrap().op, Op::Ne);
+        assert_eq!("a<1".parse::<Cond>().unwrap().op, Op::Lt);
+        assert!("abc".parse::<Cond>().is_err());
+        assert!("=1".parse::<Cond>().is_err());
+    }
+}

@@ -1,0 +1,150 @@
+//! Train-step throughput, ours beside PyTorch's identical model (same dims, dropout, the
+//! three losses, AdamW, batch 1024) on the same features, in one run:
+//! `cargo bench -p huse-model --bench train --profile dev` (or plain `cargo bench`).
+//!
+//! Features: `BENCH_ENCODE_DIR` = an encode stage output directory (cache entry) for real
+//! features; otherwise deterministic pseudo-random features of the same shape. The PyTorch
+//! side runs `benches/torch_train.py` with `$HUSE_TORCH_PYTHON` (default `python3`).
+//! `BENCH_STEPS` (default 20), `BENCH_THREADS` (default: all CPUs), `BENCH_DEVICE` (`cpu`,
+//! default, or `cuda:N` for a `--features cuda` build; PyTorch then runs on the same GPU).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use huse_data::Artifact;
+use huse_model::data::Sparse;
+use huse_model::loss::{self, LossConfig};
+use huse_model::model::{Huse, HuseConfig, Shape};
+use huse_model::optim::{Optimizer, OptimizerConfig};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn env_usize(k: &str, d: usize) -> usize {
+    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+}
+
+fn main() -> anyhow::Result<()> {
+    let threads = env_usize("BENCH_THREADS", std::thread::available_parallelism()?.get());
+    let steps = env_usize("BENCH_STEPS", 20);
+    let (batch, classes) = (1024usize, 86usize);
+    // Features: real ones from an encode output, or pseudo-random of the same shape.
+    let n_max = env_usize("BENCH_ROWS", 8192);
+    let (image, text, csr, n, di, dt, v, source) = match std::env::var("BENCH_ENCODE_DIR") {
+        Ok(dir) => {
+            let dir = PathBuf::from(dir);
+            let im = candle_core::safetensors::load(dir.join(Artifact::ImageFeatures), &Device::Cpu)?["features"].clone();
+            let tx = candle_core::safetensors::load(dir.join(Artifact::TextFeatures), &Device::Cpu)?["bert"].clone();
+            let tf = candle_core::safetensors::load(dir.join(Artifact::Tfidf), &Device::Cpu)?;
+            let vocab: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join(Artifact::TfidfVocab))?)?;
+            let v = vocab["terms"].as_array().map(Vec::len).unwrap_or(0);
+            let n = im.dim(0)?.min(n_max);
+            let (im, tx) = (im.narrow(0, 0, n)?, tx.narrow(0, 0, n)?);
+            let (di, dt) = (im.dim(1)?, tx.dim(1)?);
+            let csr = (tf["indptr"].to_vec1::<i64>()?, tf["indices"].to_vec1::<u32>()?, tf["values"].to_vec1::<f32>()?);
+            (im.flatten_all()?.to_vec1::<f32>()?, tx.flatten_all()?.to_vec1::<f32>()?, csr, n, di, dt, v, format!("real features from {}", dir.display()))
+        }
+        Err(_) => {
+            let (n, di, dt, v) = (n_max, 1280, 1536, 4096);
+            let mut r = ChaCha8Rng::seed_from_u64(1);
+            let im: Vec<f32> = (0..n * di).map(|_| r.random::<f32>()).collect();
+            let tx: Vec<f32> = (0..n * dt).map(|_| r.random::<f32>() - 0.5).collect();
+            let (mut indptr, mut idx, mut vals) = (vec![0i64], Vec::new(), Vec::new());
+            for _ in 0..n {
+                for _ in 0..6 {
+                    idx.push(r.random_range(0..v as u32));
+                    vals.push(0.4f32);
+                }
+                indptr.push(idx.len() as i64);
+            }
+            (im, tx, (indptr, idx, vals), n, di, dt, v, "pseudo-random features (set BENCH_ENCODE_DIR for real ones)".to_string())
+        }
+    };
+    let cfg = HuseConfig { image_input: di, text_input: dt + v, classes, shape: Shape::default() };
+    let spec = std::env::var("BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let dev = match spec.as_str() {
+        "cpu" => Device::Cpu,
+        d => Device::new_cuda(d.strip_prefix("cuda:").and_then(|n| n.parse().ok()).ok_or_else(|| anyhow::anyhow!("BENCH_DEVICE: cpu or cuda:N, not {d}"))?)?,
+    };
+    if !dev.is_cpu() {
+        dev.set_seed(0)?; // dropout masks are drawn on the GPU
+    }
+    // All features live on the device; a step takes a slice of them, as PyTorch's side does.
+    let (image_all, text_all) = (Tensor::from_slice(&image, (n, di), &dev)?, Tensor::from_slice(&text, (n, dt), &dev)?);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let model = Huse::new(&cfg, &mut rng, &dev)?;
+    let mut opt = Optimizer::new(model.vars(), OptimizerConfig::Adamw { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 })?;
+    let labels: Vec<u32> = (0..n).map(|_| rng.random_range(0..classes as u32)).collect();
+    let a: Vec<f32> = (0..classes * classes).map(|i| if i / classes == i % classes { 0.0 } else { rng.random::<f32>() }).collect();
+    let a = Tensor::from_vec(a, (classes, classes), &dev)?;
+    let lcfg = LossConfig::default();
+    let sparse = |start: usize| -> anyhow::Result<Sparse> {
+        let rows: Vec<usize> = (start..start + batch).collect();
+        Sparse::from_csr_rows((&csr.0, &csr.1, &csr.2), v, &rows, dt, &dev)
+    };
+    let mut step = |s: usize, rng: &mut ChaCha8Rng| -> anyhow::Result<()> {
+        let start = (s * batch) % (n - batch);
+        let (xi, xt) = (image_all.narrow(0, start, batch)?, text_all.narrow(0, start, batch)?);
+        let sp = sparse(start)?;
+        let y = Tensor::from_slice(&labels[start..start + batch], batch, &dev)?;
+        let pi = model.image.embed(&xi, Some((0.15, rng)))?;
+        let pt = model.text.embed_sparse(&xt, Some(&sp), Some((0.15, rng)))?;
+        let l = loss::total(&pi, &pt, &model.logits(&pi)?, &model.logits(&pt)?, &y, &a, &lcfg)?;
+        opt.step(&l.total.backward()?)?;
+        Ok(())
+    };
+    for s in 0..3 {
+        step(s, &mut rng)?;
+    }
+    let t = Instant::now();
+    for s in 3..3 + steps {
+        step(s, &mut rng)?;
+    }
+    dev.synchronize()?;
+    let ours = (steps * batch) as f64 / t.elapsed().as_secs_f64();
+
+    // PyTorch on the same features.
+    let dir = tempfile::tempdir()?;
+    let (fi, ft) = (dir.path().join("image.f32"), dir.path().join("text.f32"));
+    std::fs::write(&fi, image.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
+    // PyTorch gets the text input dense: [BERT | TF-IDF] per row.
+    let mut dense = Vec::with_capacity(n * (dt + v) * 4);
+    for row in 0..n {
+        let mut tf = vec![0f32; v];
+        for k in csr.0[row] as usize..csr.0[row + 1] as usize {
+            tf[csr.1[k] as usize] = csr.2[k];
+        }
+        for x in text[row * dt..(row + 1) * dt].iter().chain(&tf) {
+            dense.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    std::fs::write(&ft, dense)?;
+    let python = std::env::var("HUSE_TORCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/torch_train.py");
+    let args = serde_json::json!({"device": if dev.is_cpu() { "cpu".to_string() } else { spec.to_string() }, "threads": threads, "rows": n, "image_dim": di, "text_dim": dt + v, "classes": classes,
+        "image_file": fi, "text_file": ft, "batch": batch, "steps": steps});
+    let out = Command::new(&python).arg(&script).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().and_then(|mut c| {
+        c.stdin.take().unwrap().write_all(args.to_string().as_bytes())?;
+        c.wait_with_output()
+    });
+    let torch: Option<serde_json::Value> = match out {
+        Ok(o) if o.status.success() => serde_json::from_slice(o.stdout.trim_ascii()).ok(),
+        Ok(o) => {
+            eprintln!("PyTorch side failed ({}); set HUSE_TORCH_PYTHON to a Python with torch", o.status);
+            None
+        }
+        Err(e) => {
+            eprintln!("PyTorch side not run ({python}: {e})");
+            None
+        }
+    };
+    println!("HUSE train step, batch {batch}, image {di} -> 5x512 -> 512, text {dt}+{v} (BERT + TF-IDF) -> 2x512 -> 512, {classes} classes, AdamW, 3 losses, {}", if dev.is_cpu() { format!("{threads} threads") } else { spec.to_string() });
+    println!("features: {source}");
+    match torch.as_ref().and_then(|j| j["samples_per_s"].as_f64()) {
+        Some(t) => println!("samples/s  huse-run {ours:.0}   PyTorch {t:.0}   ratio {:.2}x", ours / t),
+        None => println!("samples/s  huse-run {ours:.0}   PyTorch -"),
+    }
+    Ok(())
+}
