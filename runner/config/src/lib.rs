@@ -157,14 +157,16 @@ pub struct PluginRef {
     pub key: String,
 }
 
-/// An experiment file read and parsed once.
-#[derive(Debug, Clone)]
+/// An experiment file read and parsed once (the plugin list and the compile both use the
+/// same tree).
+#[derive(Debug)]
 pub struct Source {
     /// The file.
     pub file: PathBuf,
     /// How the file is named in messages.
     pub display: String,
-    text: String,
+    /// The parsed tree, or the syntax error.
+    root: Result<Node, Diagnostic>,
 }
 
 /// Top-level keys of an experiment file.
@@ -220,27 +222,29 @@ pub fn override_path(key: &str, stage_names: &BTreeSet<String>) -> Vec<String> {
     }
 }
 
-fn one(display: &str, origin: Origin, message: String) -> Diagnostics {
-    Diagnostics(vec![Diagnostic { file: display.to_string(), origin, path: String::new(), message }])
+fn diag(display: &str, origin: Origin, message: String) -> Diagnostic {
+    Diagnostic { file: display.to_string(), origin, path: String::new(), message }
 }
 
 impl Source {
     /// Reads an experiment file.
     pub fn read(file: &Path) -> Result<Source, Diagnostics> {
         let display = file.display().to_string();
-        let text = std::fs::read_to_string(file).map_err(|e| one(&display, Origin::Default, format!("cannot read experiment file: {e}")))?;
-        Ok(Source { file: file.to_path_buf(), display, text })
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| Diagnostics(vec![diag(&display, Origin::Default, format!("cannot read experiment file: {e}"))]))?;
+        Ok(Source::from_text(&text, &display, file))
     }
 
     /// An experiment given as text; `display` names it in messages, `file` is where its
     /// relative paths (plugins) are resolved from.
     pub fn from_text(text: &str, display: &str, file: &Path) -> Source {
-        Source { file: file.to_path_buf(), display: display.to_string(), text: text.to_string() }
+        let root = Node::parse(text)
+            .map_err(|e| diag(display, Origin::File { line: e.line, column: e.column }, format!("invalid YAML: {}", e.message)));
+        Source { file: file.to_path_buf(), display: display.to_string(), root }
     }
 
-    fn tree(&self) -> Result<Node, Diagnostics> {
-        Node::parse(&self.text)
-            .map_err(|e| one(&self.display, Origin::File { line: e.line, column: e.column }, format!("invalid YAML: {}", e.message)))
+    fn tree(&self) -> Result<&Node, Diagnostics> {
+        self.root.as_ref().map_err(|d| Diagnostics(vec![d.clone()]))
     }
 
     /// The plugin libraries the file lists (`plugins:`), relative paths resolved against the

@@ -326,7 +326,7 @@ pub async fn show(store: &Store, id: i64) -> Result<Vec<(String, Table)>> {
         stages.rows.push(vec![
             Cell::Text(s.stage),
             Cell::Text(s.kind),
-            Cell::Text(s.status),
+            Cell::Text(s.status.to_string()),
             Cell::Text(if s.cached { "yes".into() } else { "no".into() }),
             Cell::Num(s.duration_s),
             Cell::Text(s.cache_key),

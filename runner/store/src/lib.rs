@@ -461,7 +461,7 @@ mod tests {
         let none = store.load_runs(&Filter { conds: vec!["loss<0.5".parse().unwrap()], ..Default::default() }).await.unwrap();
         assert!(none.is_empty());
         assert_eq!(store.metric_series(id).await.unwrap().len(), 3);
-        assert_eq!(store.stage_runs(id).await.unwrap()[0].status, "succeeded");
+        assert_eq!(store.stage_runs(id).await.unwrap()[0].status, StageStatus::Succeeded);
         assert_eq!(store.summaries(id).await.unwrap()[0].text, "| a |");
         assert_eq!(store.run_config(id).await.unwrap(), ("name: exp\n".to_string(), Some("abc".to_string())));
     }

@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 use anyhow::{Result, bail};
 use sqlx::{AssertSqlSafe, Row, query as sql};
 
-use crate::{RunStatus, Store, Summary};
+use crate::{RunStatus, StageStatus, Store, Summary};
 
 /// A comparison operator of a `--where` condition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,8 +133,8 @@ pub struct StageRunInfo {
     pub stage: String,
     /// Stage kind.
     pub kind: String,
-    /// `succeeded`, `failed`, `skipped` or `interrupted`.
-    pub status: String,
+    /// How it ended.
+    pub status: StageStatus,
     /// Taken from the cache.
     pub cached: bool,
     /// Seconds it ran.
@@ -246,21 +246,23 @@ impl Store {
 
     /// The recorded stages of a run, in the order they were recorded.
     pub async fn stage_runs(&self, run_id: i64) -> Result<Vec<StageRunInfo>> {
-        Ok(sql("SELECT stage, kind, status, cached, duration_s, cache_key, error FROM stage_runs WHERE run_id = ? ORDER BY id")
+        let rows = sql("SELECT stage, kind, status, cached, duration_s, cache_key, error FROM stage_runs WHERE run_id = ? ORDER BY id")
             .bind(run_id)
             .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|s| StageRunInfo {
-                stage: s.get(0),
-                kind: s.get(1),
-                status: s.get(2),
-                cached: s.get(3),
-                duration_s: s.get(4),
-                cache_key: s.get(5),
-                error: s.get(6),
+            .await?;
+        rows.iter()
+            .map(|s| {
+                Ok(StageRunInfo {
+                    stage: s.get(0),
+                    kind: s.get(1),
+                    status: s.get::<String, _>(2).parse().map_err(anyhow::Error::msg)?,
+                    cached: s.get(3),
+                    duration_s: s.get(4),
+                    cache_key: s.get(5),
+                    error: s.get(6),
+                })
             })
-            .collect())
+            .collect()
     }
 
     /// The last step of every metric of a run: (stage, key, step, value), by stage and key.
