@@ -144,7 +144,7 @@ fn config_errors_are_positioned_and_write_nothing() {
         ("unset variable", good.replace("factor: 2.0", "fail: ${HUSE_TEST_SURELY_UNSET}"), &[], "b.yaml:8:13: stages.mid.with.fail: environment variable `HUSE_TEST_SURELY_UNSET` is not set"),
         ("missing input artifact", good.replace("needs: [source]", "needs: []"), &[], "stages.mid.needs: stage `mid` (toy-scale) takes artifact `numbers.json`, but none of its needs [] gives it (kinds that give it: toy-source)"),
         ("syntax", good.replace("needs: [source]", "needs: [source"), &[], "b.yaml:7:9: invalid YAML: illegal placement of ':' indicator"),
-        ("bad sweep key", format!("{good}sweep:\n  mdi.factor: [1, 2]\n"), &[], "b.yaml:10:3: sweep.mdi.factor: sweep key `mdi.factor` names no stage or top-level setting; did you mean `mid`?"),
+        ("bad sweep key", format!("{good}sweep:\n  mdi.factor: [1, 2]\n"), &[], "b.yaml:10:3: sweep.mdi.factor: sweep key `mdi.factor` names no stage or settable top-level key; did you mean `mid`?"),
         ("bad sweep value", format!("{good}sweep:\n  mid.factor: [1, x]\n"), &[], "b.yaml:10:19: stages.mid.with.factor: invalid type: string \"x\", expected f64"),
     ];
     for (what, yaml, extra, expected) in cases {

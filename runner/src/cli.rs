@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use huse_stage_api::CancelToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use huse_config::{Diagnostic, Diagnostics, Overrides, Source};
 use huse_exec::cache::Cache;
@@ -16,7 +16,7 @@ use huse_exec::progress::{Display, LogWriter};
 use huse_exec::{self as exec, RunOptions};
 use huse_registry::Registry;
 use huse_report::table::{self, Cell, Format, Table};
-use huse_store::{Cond, Filter, RunStatus, Store};
+use huse_store::{Cond, Filter, Location, RunStatus, Store};
 
 use crate::builtin_registry;
 
@@ -34,9 +34,9 @@ struct Cli {
 
 #[derive(Args, Debug, Clone)]
 struct Global {
-    /// Results database (SQLite).
+    /// Results database: a SQLite file path (taken verbatim) or sqlite://PATH.
     #[arg(long, global = true, env = "HUSE_DB", default_value = ".huse/runs.sqlite")]
-    db: PathBuf,
+    db: Location,
     /// Stage cache directory.
     #[arg(long, global = true, env = "HUSE_CACHE", default_value = ".huse/cache")]
     cache: PathBuf,
@@ -58,9 +58,15 @@ struct RunArgs {
     /// Run each sweep point with this many seeds (seed, seed+1, ...).
     #[arg(long)]
     repeat: Option<u32>,
-    /// Stages that may run at the same time (default: number of CPUs).
-    #[arg(short, long)]
-    jobs: Option<usize>,
+    /// Stages that may run at the same time (default: number of CPUs; 1 to 4096).
+    #[arg(short, long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    jobs: Option<u32>,
+    /// Check the content hash of every cached output before using it (sizes are always checked).
+    #[arg(long)]
+    verify: bool,
+    /// Refuse experiments with more runs than this (sweep points x seeds).
+    #[arg(long, value_name = "N", default_value_t = huse_config::MAX_RUNS)]
+    max_runs: usize,
     /// Recompute this stage even if its output is cached (repeatable).
     #[arg(long, value_name = "STAGE")]
     force: Vec<String>,
@@ -157,6 +163,16 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// The stage cache: `verify` checks every entry's outputs against their recorded hashes.
+    Cache {
+        #[command(subcommand)]
+        cmd: CacheCmd,
+    },
+    /// The results database: `replay` writes what earlier processes left spooled.
+    Db {
+        #[command(subcommand)]
+        cmd: DbCmd,
+    },
     /// The run with the best final value of a metric.
     Best {
         #[arg(long, short = 'm')]
@@ -172,6 +188,18 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum CacheCmd {
+    /// Hash every entry's outputs; remove the entries that do not match (they are recomputed when next needed).
+    Verify,
+}
+
+#[derive(Subcommand, Debug)]
+enum DbCmd {
+    /// Write the records that processes which could not reach the database left spooled.
+    Replay,
+}
+
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
@@ -181,7 +209,7 @@ pub fn main() -> i32 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
-    let display = Display::new();
+    let display = if cli.global.quiet { Display::quiet() } else { Display::new() };
     init_logging(&cli.global, &display);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -265,7 +293,7 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
             Ok(0)
         }
         Some(Cmd::Runs { filter, metrics, sort, desc, limit, group, format }) => {
-            let store = Store::open_existing(&g.db).await?;
+            let store = open_for_queries(&g.db).await?;
             let runs = store.load_runs(&to_filter(filter)).await?;
             let mut t = table::runs_table(&runs, &table::patterns(&metrics)?, group);
             if let Some(s) = sort {
@@ -280,7 +308,7 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
             Ok(0)
         }
         Some(Cmd::Show { run, format }) => {
-            let store = Store::open_existing(&g.db).await?;
+            let store = open_for_queries(&g.db).await?;
             print!("{}", table::render_sections(&table::show(&store, run).await?, format));
             if matches!(format, Format::Table | Format::Markdown) {
                 print!("{}", table::summaries_text(&store, run).await?);
@@ -288,7 +316,7 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
             Ok(0)
         }
         Some(Cmd::Compare { runs, metrics, format }) => {
-            let store = Store::open_existing(&g.db).await?;
+            let store = open_for_queries(&g.db).await?;
             let all = store.load_runs(&Filter::default()).await?;
             let mut chosen = Vec::new();
             for id in &runs {
@@ -298,25 +326,66 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
             Ok(0)
         }
         Some(Cmd::Report { experiment, out, metrics }) => {
-            let store = Store::open_existing(&g.db).await?;
+            let store = open_for_queries(&g.db).await?;
             let out = out.unwrap_or_else(|| huse_report::default_out(&experiment));
             let figs = huse_report::report(&store, &experiment, &out, &metrics).await?;
             println!("{} ({} figures)", out.join("index.html").display(), figs.len());
             Ok(0)
         }
         Some(Cmd::Export { experiment, format, out }) => {
-            let store = Store::open_existing(&g.db).await?;
+            // Check everything before touching the output file; then write a temporary
+            // file beside it and rename, so an existing file is never left half-written.
+            if !["csv", "json"].contains(&format.as_str()) {
+                eprintln!("error: unknown export format `{format}` (csv or json)");
+                return Ok(2);
+            }
+            let store = open_for_queries(&g.db).await?;
             match out {
                 Some(p) => {
-                    let mut f = std::io::BufWriter::new(std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))?);
-                    huse_report::export(&store, experiment.as_deref(), &format, &mut f).await?;
+                    let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+                    let tmp = tempfile_in(dir, &p)?;
+                    let written = async {
+                        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?);
+                        huse_report::export(&store, experiment.as_deref(), &format, &mut f).await?;
+                        std::io::Write::flush(&mut f)?;
+                        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+                        std::fs::rename(&tmp, &p).with_context(|| format!("writing {}", p.display()))
+                    }
+                    .await;
+                    if written.is_err() {
+                        let _ = std::fs::remove_file(&tmp);
+                    }
+                    written?;
                 }
                 None => huse_report::export(&store, experiment.as_deref(), &format, &mut std::io::stdout()).await?,
             }
             Ok(0)
         }
+        Some(Cmd::Cache { cmd: CacheCmd::Verify }) => {
+            let cache = Cache::open(&g.cache)?;
+            let (mut good, mut bad) = (0, 0);
+            for (kind, key) in cache.entries() {
+                match cache.check(&kind, &key, true) {
+                    Ok(_) => good += 1,
+                    Err(why) => {
+                        bad += 1;
+                        println!("{kind}/{key}: {why}; removed");
+                        cache.remove(&kind, &key)?;
+                    }
+                }
+            }
+            println!("{good} entr{} whole, {bad} damaged and removed ({})", if good == 1 { "y" } else { "ies" }, g.cache.display());
+            Ok(if bad > 0 { 1 } else { 0 })
+        }
+        Some(Cmd::Db { cmd: DbCmd::Replay }) => {
+            let Location::Sqlite(path) = &g.db;
+            let store = Store::open(path, store_options(&g)?).await?;
+            let left = store.spooled().await;
+            println!("results database {} is up to date{}", path.display(), if left > 0 { format!(" ({left} spooled record(s) of running processes wait)") } else { String::new() });
+            Ok(0)
+        }
         Some(Cmd::Best { metric, min, filter, format }) => {
-            let store = Store::open_existing(&g.db).await?;
+            let store = open_for_queries(&g.db).await?;
             let runs = store.load_runs(&to_filter(filter)).await?;
             print!("{}", table::best_table(&runs, &metric, min)?.render(format));
             Ok(0)
@@ -324,12 +393,37 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
     }
 }
 
+/// A temporary file name beside `target`.
+fn tempfile_in(dir: &std::path::Path, target: &std::path::Path) -> Result<PathBuf> {
+    let name = target.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "export".into());
+    Ok(dir.join(format!(".{name}.{}.tmp", std::process::id())))
+}
+
+/// The store options: the busy timeout and retry window from the environment, and the
+/// cache's `.spool/` as the fallback spool folder.
+fn store_options(g: &Global) -> Result<huse_store::Options> {
+    let mut o = huse_store::Options::from_env()?;
+    o.fallback_spool_dir = Some(g.cache.join(".spool"));
+    Ok(o)
+}
+
+/// Opens the database read-only for a query, warning about records still spooled.
+async fn open_for_queries(db: &Location) -> Result<Store> {
+    let Location::Sqlite(path) = db;
+    let store = Store::open_read_only(path).await?;
+    let n = store.spooled().await;
+    if n > 0 {
+        warn!("{n} record(s) are spooled and not yet in {}; `huse-run db replay` writes them", path.display());
+    }
+    Ok(store)
+}
+
 fn to_filter(f: FilterArgs) -> Filter {
     Filter { experiment: f.experiment, status: f.status, conds: f.conds }
 }
 
 fn overrides(a: &RunArgs) -> Overrides {
-    Overrides { set: a.set.clone(), repeat: a.repeat }
+    Overrides { set: a.set.clone(), repeat: a.repeat, force: a.force.clone(), max_runs: Some(a.max_runs) }
 }
 
 /// Reads the experiment file once, loads the plugins it and the command line name, and
@@ -373,18 +467,20 @@ async fn run(g: &Global, a: RunArgs, display: &Display) -> Result<i32> {
     };
     let cancel = CancelToken::new();
     spawn_signal_handler(cancel.clone());
-    let store = Store::open(&g.db).await?;
+    let Location::Sqlite(db_path) = &g.db;
+    let cache = Cache::open(&g.cache)?;
+    let store = Store::open(db_path, store_options(g)?).await?;
     let reaped = store.reap_dead_runs().await?;
     if reaped > 0 {
         warn!("marked {reaped} run(s) of dead processes as interrupted");
     }
-    let cache = Cache::new(&g.cache);
-    let jobs = a.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    let opts = RunOptions { jobs, force: a.force.clone(), no_cache: a.no_cache };
-    let outcomes = exec::execute(&exp, &registry, &store, &cache, &opts, display, &cancel).await?;
+    let jobs = a.jobs.map(|j| j as usize).unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let opts = RunOptions { jobs, force: a.force.clone(), no_cache: a.no_cache, verify: a.verify };
+    let outcome = exec::execute(&exp, &registry, &store, &cache, &opts, display, &cancel).await?;
+    let outcomes = &outcome.runs;
     // Stage summaries (e.g. the evaluation tables) of each finished run.
-    for o in &outcomes {
-        let text = table::summaries_text(&store, o.id).await?;
+    for o in outcomes {
+        let text = table::summaries_text(&store, o.id).await.unwrap_or_default();
         if !text.is_empty() {
             display.suspend(|| println!("run {} ({}):\n{text}", o.id, o.name));
         }
@@ -392,7 +488,7 @@ async fn run(g: &Global, a: RunArgs, display: &Display) -> Result<i32> {
     store.close().await;
 
     let mut t = Table { headers: vec!["run".into(), "name".into(), "status".into(), "computed".into(), "cached".into(), "error".into()], rows: vec![] };
-    for o in &outcomes {
+    for o in outcomes {
         t.rows.push(vec![
             Cell::Int(o.id),
             Cell::Text(o.name.clone()),
@@ -403,7 +499,11 @@ async fn run(g: &Global, a: RunArgs, display: &Display) -> Result<i32> {
         ]);
     }
     display.suspend(|| print!("{}", t.render(Format::Table)));
-    info!("results in {}; `huse-run show RUN` for details", g.db.display());
+    if let Some(why) = &outcome.results_incomplete {
+        error!("not every result reached the database: {why}");
+        return Ok(1);
+    }
+    info!("results in {}; `huse-run show RUN` for details", g.db);
     Ok(if cancel.is_cancelled() || outcomes.iter().any(|o| o.status == RunStatus::Interrupted) {
         130
     } else if outcomes.iter().any(|o| o.status == RunStatus::Failed) {

@@ -88,7 +88,16 @@ pub struct Overrides {
     pub set: Vec<String>,
     /// `--repeat N`.
     pub repeat: Option<u32>,
+    /// `--force STAGE` names (checked against the experiment's stages).
+    pub force: Vec<String>,
+    /// `--max-runs N`: the largest sweep accepted (default [`MAX_RUNS`]).
+    pub max_runs: Option<usize>,
 }
+
+/// The default limit on the runs of one experiment (sweep points x seeds).
+pub const MAX_RUNS: usize = 100_000;
+/// The largest `repeat`.
+pub const MAX_REPEAT: u32 = 10_000;
 
 /// One artifact edge: the input `artifact` of a stage is the output of the same name of
 /// stage `from` (one of its `needs`).
@@ -206,6 +215,27 @@ pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str
     }
 }
 
+/// Top-level keys a sweep or `--set` may change.
+const SETTABLE_TOP: &[&str] = &["seed", "device", "description"];
+
+/// The tree path a sweep or `--set` key addresses, or why it addresses nothing settable
+/// (with a did-you-mean over the stage names and settable top-level keys).
+pub(crate) fn settable_path(key: &str, stage_names: &BTreeSet<String>) -> Result<Vec<String>, String> {
+    let path = override_path(key, stage_names);
+    let ok = match path.first().map(String::as_str) {
+        Some("stages") => path.get(1).is_some_and(|s| stage_names.contains(s)),
+        Some(first) => SETTABLE_TOP.contains(&first),
+        None => false,
+    };
+    if ok {
+        return Ok(path);
+    }
+    let first = key.split('.').next().unwrap_or("");
+    let hint = did_you_mean(first, stage_names.iter().map(String::as_str).chain(SETTABLE_TOP.iter().copied()));
+    let known = stage_names.iter().map(String::as_str).chain(SETTABLE_TOP.iter().copied()).collect::<Vec<_>>().join(", ");
+    Err(format!("`{key}` names no stage or settable top-level key{hint} (stages and keys: {known})"))
+}
+
 /// Maps an override key to its place in the tree: `train.beta` -> `stages.train.with.beta`.
 pub fn override_path(key: &str, stage_names: &BTreeSet<String>) -> Vec<String> {
     let parts: Vec<String> = key.split('.').map(String::from).collect();
@@ -290,9 +320,16 @@ pub fn compile(src: &Source, overrides: &Overrides, registry: &Registry, env: &d
         .map(|m| m.iter().map(|(k, _)| k.name.clone()).collect())
         .unwrap_or_default();
     let sets = parse_sets(&mut cx, &overrides.set, &stage_names);
-    let points = sweep::points(&mut cx, &root, &stage_names);
+    for f in &overrides.force {
+        if !stage_names.contains(f) {
+            let hint = did_you_mean(f, stage_names.iter().map(String::as_str));
+            let known = stage_names.iter().map(String::as_str).collect::<Vec<_>>().join(", ");
+            cx.err(&Origin::Arg(format!("--force {f}")), "", format!("no stage `{f}` in this experiment{hint} (stages: {known})"));
+        }
+    }
     let repeat = repeat_count(&mut cx, &root, overrides.repeat);
-    let name = experiment_name(&mut cx, &root);
+    let points = sweep::points(&mut cx, &root, &stage_names, repeat, overrides.max_runs.unwrap_or(MAX_RUNS));
+    let name = experiment_name(&mut cx, &root, env);
 
     let mut runs = Vec::new();
     for (label, assignments) in &points {
@@ -313,6 +350,11 @@ pub fn compile(src: &Source, overrides: &Overrides, registry: &Registry, env: &d
             cx.err(&origin, &path.join("."), msg);
         }
         let Some((base_seed, device, stages)) = stages::compile_tree(&mut cx, &tree) else { continue };
+        if base_seed.checked_add(u64::from(repeat) - 1).is_none_or(|last| last > i64::MAX as u64) {
+            let origin = tree.get("seed").map(|n| n.origin.clone()).unwrap_or(Origin::Default);
+            cx.err(&origin, "seed", format!("seed {base_seed} with repeat {repeat} gives seeds above {} (the largest the database stores)", i64::MAX));
+            continue;
+        }
         for r in 0..u64::from(repeat) {
             let seed = base_seed + r;
             let mut run_tree = tree.clone();
@@ -375,8 +417,15 @@ fn parse_sets(cx: &mut Ctx, set: &[String], stage_names: &BTreeSet<String>) -> V
             cx.err(&Origin::Arg(arg), "", "expected KEY=VALUE");
             continue;
         };
+        let path = match settable_path(k.trim(), stage_names) {
+            Ok(p) => p,
+            Err(why) => {
+                cx.err(&Origin::Arg(arg), "", format!("--set key {why}"));
+                continue;
+            }
+        };
         match Node::parse_arg(v, &arg) {
-            Ok(n) => sets.push((override_path(k.trim(), stage_names), n)),
+            Ok(n) => sets.push((path, n)),
             Err(e) => cx.err(&Origin::Arg(arg), k, format!("invalid value: {e}")),
         }
     }
@@ -385,20 +434,32 @@ fn parse_sets(cx: &mut Ctx, set: &[String], stage_names: &BTreeSet<String>) -> V
 
 fn repeat_count(cx: &mut Ctx, root: &Node, cli: Option<u32>) -> u32 {
     match (cli, root.get("repeat")) {
-        (Some(r), _) => r.max(1),
+        (Some(r), _) if (1..=MAX_REPEAT).contains(&r) => r,
+        (Some(r), _) => {
+            cx.err(&Origin::Arg(format!("--repeat {r}")), "repeat", format!("expected 1 to {MAX_REPEAT}"));
+            1
+        }
         (None, None) => 1,
         (None, Some(n)) => match n.value {
-            Value::Int(r) if r >= 1 => r as u32,
+            Value::Int(r) if r >= 1 && r <= i64::from(MAX_REPEAT) => r as u32,
             _ => {
-                cx.err(&n.origin, "repeat", format!("expected an integer >= 1, found {}", n));
+                cx.err(&n.origin, "repeat", format!("expected an integer from 1 to {MAX_REPEAT}, found {}", n));
                 1
             }
         },
     }
 }
 
-fn experiment_name(cx: &mut Ctx, root: &Node) -> String {
-    match root.get("name") {
+fn experiment_name(cx: &mut Ctx, root: &Node, env: &dyn Fn(&str) -> Option<String>) -> String {
+    let mut node = root.get("name").cloned();
+    if let Some(n) = &mut node {
+        let mut errs = Vec::new();
+        n.interpolate(env, &mut vec!["name".into()], &mut errs);
+        for (path, origin, msg) in errs {
+            cx.err(&origin, &path.join("."), msg);
+        }
+    }
+    match node.as_ref() {
         Some(Node { value: Value::Str(s), .. }) if valid_name(s) => s.clone(),
         Some(n) => {
             cx.err(&n.origin, "name", format!("expected a name of letters, digits, `-`, `_` or `.`, found {n}"));
@@ -428,12 +489,12 @@ pub(crate) mod tests {
     }
 
     pub fn compile_ok(text: &str, set: &[&str]) -> Experiment {
-        let o = Overrides { set: set.iter().map(|s| s.to_string()).collect(), repeat: None };
+        let o = Overrides { set: set.iter().map(|s| s.to_string()).collect(), ..Default::default() };
         compile_str(text, "e.yaml", &o, &registry(), &|k| (k == "HOME_OF_DATA").then(|| "/data".to_string())).unwrap_or_else(|d| panic!("{d}"))
     }
 
     pub fn compile_err(text: &str, set: &[&str]) -> Vec<String> {
-        let o = Overrides { set: set.iter().map(|s| s.to_string()).collect(), repeat: None };
+        let o = Overrides { set: set.iter().map(|s| s.to_string()).collect(), ..Default::default() };
         compile_str(text, "e.yaml", &o, &registry(), &|_| None).unwrap_err().0.iter().map(|d| d.to_string()).collect()
     }
 
@@ -452,7 +513,7 @@ stages:
         let e = compile_err("name: x y\nstagez: {}\nrepeat: 0\n", &[]);
         assert!(e.iter().any(|d| d.starts_with("e.yaml:2:1: stagez: unknown key `stagez`; did you mean `stages`?")), "{e:?}");
         assert!(e.iter().any(|d| d.contains("e.yaml:1:7: name: expected a name")), "{e:?}");
-        assert!(e.iter().any(|d| d.contains("repeat: expected an integer >= 1")), "{e:?}");
+        assert!(e.iter().any(|d| d.contains("repeat: expected an integer from 1 to 10000, found 0")), "{e:?}");
         let e = compile_err("- a\n", &[]);
         assert!(e[0].contains("an experiment must be a mapping"), "{e:?}");
         let e = compile_err("name: [\n", &[]);
@@ -470,6 +531,40 @@ stages:
         assert_eq!(e[0], "e.yaml (command line `--set left.factor`): expected KEY=VALUE");
         let e = compile_err(DIAMOND, &["left.factor=abc"]);
         assert!(e[0].starts_with("e.yaml (command line `--set left.factor=abc`): stages.left.with.factor: invalid type"), "{e:?}");
+    }
+
+    #[test]
+    fn set_keys_and_force_names_must_exist() {
+        for (set, want) in [
+            ("lefft.factor=7", "`lefft.factor` names no stage or settable top-level key; did you mean `left`?"),
+            ("sed=7", "`sed` names no stage or settable top-level key; did you mean `seed`?"),
+            ("name=other", "`name` names no stage"),
+            ("repeat=3", "`repeat` names no stage"),
+        ] {
+            let e = compile_err(DIAMOND, &[set]);
+            assert!(e[0].starts_with(&format!("e.yaml (command line `--set {set}`): --set key {want}")), "{set}: {e:?}");
+        }
+        let o = Overrides { force: vec!["lfet".into()], ..Default::default() };
+        let e = compile_str(DIAMOND, "e.yaml", &o, &registry(), &|_| None).unwrap_err().to_string();
+        assert!(e.contains("(command line `--force lfet`): no stage `lfet` in this experiment; did you mean `left`?"), "{e}");
+    }
+
+    #[test]
+    fn integers_are_range_checked() {
+        let e = compile_err(&format!("{DIAMOND}repeat: 4294967296\n"), &[]);
+        assert!(e[0].contains("repeat: expected an integer from 1 to 10000, found 4294967296"), "{e:?}");
+        assert_eq!(compile_ok(&DIAMOND.replace("seed: 3", "seed: 9223372036854775807"), &[]).runs[0].seed, i64::MAX as u64);
+        let e = compile_err(&format!("{}repeat: 2\n", DIAMOND.replace("seed: 3", "seed: 9223372036854775807")), &[]);
+        assert!(e[0].contains("seed 9223372036854775807 with repeat 2 gives seeds above"), "{e:?}");
+        let o = Overrides { repeat: Some(0), ..Default::default() };
+        let e = compile_str(DIAMOND, "e.yaml", &o, &registry(), &|_| None).unwrap_err().to_string();
+        assert!(e.contains("(command line `--repeat 0`): repeat: expected 1 to 10000"), "{e}");
+    }
+
+    #[test]
+    fn the_name_is_interpolated() {
+        let text = DIAMOND.replace("name: d", "name: \"d-${UNSET_HERE:-x}\"");
+        assert_eq!(compile_ok(&text, &[]).name, "d-x");
     }
 
     #[test]

@@ -5,10 +5,10 @@
 use std::collections::BTreeSet;
 
 use crate::yaml::{Key, Node, Value};
-use crate::{Ctx, TOP_KEYS, did_you_mean, override_path};
+use crate::{Ctx, did_you_mean, settable_path};
 
 /// The sweep's points as (label, assignments). Without a sweep: one empty point.
-pub(crate) fn points(cx: &mut Ctx, root: &Node, stage_names: &BTreeSet<String>) -> Vec<(String, Vec<(Vec<String>, Node)>)> {
+pub(crate) fn points(cx: &mut Ctx, root: &Node, stage_names: &BTreeSet<String>, repeat: u32, max_runs: usize) -> Vec<(String, Vec<(Vec<String>, Node)>)> {
     let Some(sweep) = root.get("sweep") else { return vec![(String::new(), Vec::new())] };
     let Some(map) = sweep.as_map() else {
         cx.err(&sweep.origin, "sweep", format!("expected a mapping, found {}", sweep.value.type_name()));
@@ -52,22 +52,24 @@ pub(crate) fn points(cx: &mut Ctx, root: &Node, stage_names: &BTreeSet<String>) 
         grid = grid_entries(cx, map, "sweep.");
     }
     // Check the keys address something in the experiment.
-    let check = |cx: &mut Ctx, k: &Key, prefix: &str| {
-        let path = override_path(&k.name, stage_names);
-        let ok = match path.first().map(String::as_str) {
-            Some("stages") => stage_names.contains(&path[1]),
-            Some(first) => TOP_KEYS.contains(&first) && !["stages", "sweep", "name", "repeat", "plugins"].contains(&first),
-            None => false,
-        };
-        if !ok {
-            let hint = did_you_mean(k.name.split('.').next().unwrap_or(""), stage_names.iter().map(String::as_str));
-            cx.err(&k.origin, &format!("{prefix}{}", k.name), format!("sweep key `{}` names no stage or top-level setting{hint}", k.name));
+    let check = |cx: &mut Ctx, k: &Key, prefix: &str| match settable_path(&k.name, stage_names) {
+        Ok(path) => path,
+        Err(why) => {
+            cx.err(&k.origin, &format!("{prefix}{}", k.name), format!("sweep key {why}"));
+            Vec::new()
         }
-        path
     };
     let prefix = if explicit { "sweep.grid." } else { "sweep." };
     let grid: Vec<(Key, Vec<String>, Vec<Node>)> =
         grid.into_iter().map(|(k, v)| (k.clone(), check(cx, &k, prefix), v)).collect();
+    // Count before expanding: a huge grid must not exhaust memory.
+    let n_combos = grid.iter().fold(1usize, |n, (_, _, v)| n.saturating_mul(v.len()));
+    let n_runs = n_combos.saturating_mul(points.len().max(1)).saturating_mul(repeat as usize);
+    if n_runs > max_runs {
+        let shown = if n_runs == usize::MAX { "more than 2^64".to_string() } else { n_runs.to_string() };
+        cx.err(&sweep.origin, "sweep", format!("the sweep makes {shown} runs, more than the limit of {max_runs} (raise it with --max-runs)"));
+        return Vec::new();
+    }
     let mut combos: Vec<Vec<(String, Vec<String>, Node)>> = vec![Vec::new()];
     for (k, path, values) in &grid {
         combos = combos
@@ -134,5 +136,19 @@ mod tests {
         assert!(e.iter().any(|d| d.starts_with("e.yaml:10:17: sweep.right.factor: expected a non-empty list")), "{e:?}");
         let e = compile_err(&format!("{DIAMOND}sweep:\n  grid: {{}}\n  pointz: []\n"), &[]);
         assert!(e.iter().any(|d| d.contains("unknown key `pointz`; did you mean `points`?")), "{e:?}");
+        let e = compile_err(&format!("{DIAMOND}sweep:\n  stages: [1]\n"), &[]);
+        assert!(e.iter().any(|d| d.contains("sweep.stages: sweep key `stages`")), "{e:?}");
+    }
+
+    #[test]
+    fn sweep_size_is_capped_before_expanding() {
+        let values = (0..100).map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+        let text = format!("{DIAMOND}sweep:\n  left.factor: [{values}]\n  left.offset: [{values}]\n  right.factor: [{values}]\n");
+        let e = compile_err(&text, &[]);
+        assert!(e.iter().any(|d| d.contains("the sweep makes 1000000 runs, more than the limit of 100000")), "{e:?}");
+        let o = crate::Overrides { max_runs: Some(10), repeat: Some(6), ..Default::default() };
+        let small = format!("{DIAMOND}sweep:\n  left.factor: [1, 2]\n");
+        let e = crate::compile_str(&small, "e.yaml", &o, &crate::tests::registry(), &|_| None).unwrap_err().to_string();
+        assert!(e.contains("makes 12 runs, more than the limit of 10"), "{e}");
     }
 }

@@ -1,20 +1,28 @@
 //! The content-addressed stage cache.
 //!
 //! A stage output lives in `<root>/<kind>/<key>/`, where `key` is the BLAKE3 hash of
-//! the stage kind, its version (and plugin version), its resolved config, the keys of
-//! its inputs, the seed when the stage uses it, and the identity of the files it reads.
+//! the stage kind, its version (and plugin version), its resolved config, the **content
+//! hashes of the inputs it reads** (as recorded by the upstream entries' manifests), the
+//! seed when the stage uses it, and the identity of the files it reads.
 //! Outputs are written into `<root>/.tmp/<key>-<pid>-<n>/` and renamed into place when
 //! complete ([`Cache::finish`]), so a directory under `<kind>/` is always a finished
 //! output. Beside the outputs go the stage's metrics (`.huse-metrics.jsonl`), so that a
 //! cache hit can give a new run the same metrics, and a [`Manifest`] (`.huse-stage.json`,
 //! with a schema version) recording what made the entry, including its key parts, so
-//! that a later miss can say which part changed ([`Cache::why_miss`]).
+//! that a later miss can say which part changed ([`Cache::why_miss`]), and the size and
+//! BLAKE3 hash of every output, so that an entry is checked before it is used
+//! ([`Cache::check`]: presence and sizes always, hashes on request) and a damaged entry
+//! is recomputed rather than trusted.
+//!
+//! The cache never follows a symbolic link out of itself: its `.tmp`, `.work` and kind
+//! folders must be real folders or links inside the root ([`Cache::open`]), and stale
+//! temporary folders are removed without following links.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
 /// File name of the recorded metrics inside an output directory.
@@ -32,7 +40,19 @@ pub struct Cache {
 }
 
 /// Version of the manifest's layout; bumped when its fields change meaning.
-pub const MANIFEST_SCHEMA: u32 = 1;
+/// 1: key parts; 2: output sizes and hashes, inputs by content.
+pub const MANIFEST_SCHEMA: u32 = 2;
+
+/// An output's recorded size and content hash.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OutputRecord {
+    /// File or directory name in the entry.
+    pub name: String,
+    /// Bytes (a directory: the sum of its files).
+    pub bytes: u64,
+    /// BLAKE3 of the content (a directory: of its sorted file names and their hashes).
+    pub blake3: String,
+}
 
 /// A metric as recorded in the cache.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -66,7 +86,7 @@ pub struct Manifest {
     /// Whether the seed is part of the key.
     #[serde(default)]
     pub uses_seed: bool,
-    /// (stage in `needs`, its cache key).
+    /// (`stage/artifact`, its content hash) of every input read.
     #[serde(default)]
     pub inputs: Vec<(String, String)>,
     /// (path, identity) of the files the stage reads.
@@ -76,14 +96,51 @@ pub struct Manifest {
     pub created: String,
     /// Seconds it ran.
     pub seconds: f64,
+    /// Every output and the metrics file, with size and hash (schema 2).
+    #[serde(default)]
+    pub outputs: Vec<OutputRecord>,
+}
+
+/// Why an entry cannot be used.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadEntry(pub String);
+
+impl std::fmt::Display for BadEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl Cache {
-    /// The cache at `root` (created on first write).
+    /// The cache at `root` (created on first write), without checks (tests, reading).
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Cache { root: root.into() }
+    }
+
+    /// The cache at `root`, refusing one whose `.tmp`, `.work`, `.spool` or kind folders
+    /// are symbolic links that lead outside it (cleaning them would touch other data).
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
+        let cache = Cache { root: root.into() };
+        let Ok(rd) = std::fs::read_dir(&cache.root) else { return Ok(cache) };
+        let real_root = std::fs::canonicalize(&cache.root).with_context(|| format!("resolving {}", cache.root.display()))?;
+        for e in rd.flatten() {
+            let meta = std::fs::symlink_metadata(e.path())?;
+            if !meta.file_type().is_symlink() {
+                continue;
+            }
+            let target = std::fs::canonicalize(e.path()).unwrap_or_else(|_| std::fs::read_link(e.path()).unwrap_or_default());
+            if !target.starts_with(&real_root) {
+                bail!(
+                    "cache {}: `{}` is a symbolic link to {}, outside the cache; refusing to use it (cleaning it would touch other data). Replace it with a folder",
+                    cache.root.display(),
+                    e.file_name().to_string_lossy(),
+                    target.display()
+                );
+            }
+        }
+        Ok(cache)
     }
 
     /// Its root directory.
@@ -96,9 +153,83 @@ impl Cache {
         self.root.join(kind).join(key)
     }
 
-    /// Whether a finished output exists.
+    /// Whether a finished output exists (unchecked; see [`Cache::check`]).
     pub fn contains(&self, kind: &str, key: &str) -> bool {
         self.entry(kind, key).is_dir()
+    }
+
+    /// The entry of `kind`/`key` if it exists and is whole: its manifest readable, every
+    /// recorded output and the metrics file present with their recorded sizes, and, with
+    /// `verify`, their recorded hashes. `Ok(None)`: no entry. `Err`: a damaged entry (say
+    /// why; the caller recomputes it). An entry written before output hashes were recorded
+    /// gets them now, once.
+    pub fn check(&self, kind: &str, key: &str, verify: bool) -> Result<Option<(PathBuf, Manifest)>, BadEntry> {
+        let dir = self.entry(kind, key);
+        if !dir.is_dir() {
+            return Ok(None);
+        }
+        let bad = |why: String| Err(BadEntry(why));
+        let bytes = match std::fs::read(dir.join(MANIFEST_FILE)) {
+            Ok(b) => b,
+            Err(e) => return bad(format!("its manifest {MANIFEST_FILE} is missing or unreadable ({e})")),
+        };
+        let mut m: Manifest = match serde_json::from_slice(&bytes) {
+            Ok(m) => m,
+            Err(e) => return bad(format!("its manifest {MANIFEST_FILE} is damaged ({e})")),
+        };
+        if !dir.join(METRICS_FILE).is_file() {
+            return bad(format!("its metrics file {METRICS_FILE} is missing"));
+        }
+        if m.schema < 2 {
+            // Written before outputs were hashed: record them now (trust on first use).
+            let names: Vec<String> = std::fs::read_dir(&dir)
+                .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n != MANIFEST_FILE).collect())
+                .unwrap_or_default();
+            m.outputs = match names.iter().map(|n| output_record(&dir, n)).collect::<Result<Vec<_>>>() {
+                Ok(o) => o,
+                Err(e) => return bad(format!("{e:#}")),
+            };
+            m.schema = MANIFEST_SCHEMA;
+            let _ = std::fs::write(dir.join(MANIFEST_FILE), serde_json::to_vec_pretty(&m).expect("a manifest serialises"));
+            tracing::info!("{kind}/{key}: recorded the output hashes of an entry made before they were kept");
+            return Ok(Some((dir, m)));
+        }
+        for o in &m.outputs {
+            let p = dir.join(&o.name);
+            match tree_size(&p) {
+                Err(_) => return bad(format!("output `{}` is missing", o.name)),
+                Ok(n) if n != o.bytes => return bad(format!("output `{}` has {n} bytes, {} were written", o.name, o.bytes)),
+                Ok(_) => {}
+            }
+            if verify {
+                match content_hash(&p) {
+                    Ok(h) if h == o.blake3 => {}
+                    Ok(_) => return bad(format!("output `{}` does not match its recorded hash", o.name)),
+                    Err(e) => return bad(format!("output `{}`: {e:#}", o.name)),
+                }
+            }
+        }
+        Ok(Some((dir, m)))
+    }
+
+    /// Every entry as (kind, key).
+    pub fn entries(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let Ok(kinds) = std::fs::read_dir(&self.root) else { return out };
+        for k in kinds.flatten() {
+            let kind = k.file_name().to_string_lossy().to_string();
+            if kind.starts_with('.') || !k.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let Ok(keys) = std::fs::read_dir(k.path()) else { continue };
+            for e in keys.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    out.push((kind.clone(), e.file_name().to_string_lossy().to_string()));
+                }
+            }
+        }
+        out.sort();
+        out
     }
 
     /// A fresh, empty temporary output directory.
@@ -124,9 +255,13 @@ impl Cache {
     /// Completes a temporary output directory: writes the stage's metrics and manifest
     /// into it, replaces an existing entry when `replace` (for `--force`), and moves it into
     /// place. Returns the entry's directory.
-    pub fn finish(&self, tmp: &Path, manifest: &Manifest, metrics: &[MetricRecord], replace: bool) -> Result<PathBuf> {
+    pub fn finish(&self, tmp: &Path, manifest: &Manifest, outputs: &[String], metrics: &[MetricRecord], replace: bool) -> Result<PathBuf> {
         write_metrics(tmp, metrics)?;
-        let json = serde_json::to_vec_pretty(manifest).expect("a manifest serialises");
+        normalise_permissions(tmp)?;
+        let mut manifest = manifest.clone();
+        manifest.schema = MANIFEST_SCHEMA;
+        manifest.outputs = outputs.iter().map(String::as_str).chain([METRICS_FILE]).map(|n| output_record(tmp, n)).collect::<Result<_>>()?;
+        let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
         std::fs::write(tmp.join(MANIFEST_FILE), json).with_context(|| format!("writing {}", tmp.join(MANIFEST_FILE).display()))?;
         if replace {
             self.remove(&manifest.kind, &manifest.key)?;
@@ -180,9 +315,14 @@ impl Cache {
         }
     }
 
-    /// Removes temporary directories left by processes that no longer exist.
+    /// Removes temporary directories left by processes that no longer exist. Never
+    /// follows a symbolic link: a link found there is removed itself, not what it points to.
     pub fn sweep_stale_temps(&self) {
-        let Ok(rd) = std::fs::read_dir(self.root.join(".tmp")) else { return };
+        let tmp = self.root.join(".tmp");
+        if std::fs::symlink_metadata(&tmp).is_ok_and(|m| m.file_type().is_symlink()) {
+            return; // `open` refuses links outside the cache; never walk into one anyway
+        }
+        let Ok(rd) = std::fs::read_dir(&tmp) else { return };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
             let pid = name.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
@@ -190,7 +330,14 @@ impl Cache {
                 && pid != std::process::id()
                 && !Path::new(&format!("/proc/{pid}")).exists()
             {
-                let _ = std::fs::remove_dir_all(e.path());
+                match e.file_type() {
+                    Ok(t) if t.is_dir() => {
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                    _ => {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
             }
         }
     }
@@ -329,6 +476,69 @@ impl KeyParts<'_> {
     }
 }
 
+/// Size in bytes of a file, or of every file below a directory; an error if missing.
+fn tree_size(p: &Path) -> Result<u64> {
+    let m = std::fs::symlink_metadata(p)?;
+    if !m.is_dir() {
+        return Ok(m.len());
+    }
+    let mut n = 0;
+    for e in std::fs::read_dir(p)? {
+        n += tree_size(&e?.path())?;
+    }
+    Ok(n)
+}
+
+/// BLAKE3 of a file's content, or of a directory's sorted (relative name, content hash) list.
+pub fn content_hash(p: &Path) -> Result<String> {
+    let m = std::fs::symlink_metadata(p).with_context(|| format!("{} is missing", p.display()))?;
+    if !m.is_dir() {
+        let mut h = blake3::Hasher::new();
+        h.update_reader(std::fs::File::open(p)?).with_context(|| format!("hashing {}", p.display()))?;
+        return Ok(h.finalize().to_hex().to_string());
+    }
+    let mut names: Vec<_> = std::fs::read_dir(p)?.map(|e| e.map(|e| e.file_name())).collect::<std::io::Result<_>>()?;
+    names.sort();
+    let mut h = blake3::Hasher::new();
+    for n in names {
+        h.update(n.as_encoded_bytes());
+        h.update(b"\0");
+        h.update(content_hash(&p.join(&n))?.as_bytes());
+        h.update(b"\n");
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+fn output_record(dir: &Path, name: &str) -> Result<OutputRecord> {
+    let p = dir.join(name);
+    Ok(OutputRecord { name: name.to_string(), bytes: tree_size(&p).with_context(|| format!("output `{name}`"))?, blake3: content_hash(&p)? })
+}
+
+/// Gives every file and folder of a finished output the permissions a new file or folder
+/// gets here (the umask's), whatever the library that wrote it chose (some write 0600).
+fn normalise_permissions(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let probe = dir.join(".huse-probe");
+    std::fs::write(&probe, b"")?;
+    let file_mode = std::fs::metadata(&probe)?.permissions().mode() & 0o777;
+    std::fs::remove_file(&probe)?;
+    let dir_mode = file_mode | ((file_mode & 0o444) >> 2);
+    fn walk(p: &Path, file_mode: u32, dir_mode: u32) -> Result<()> {
+        for e in std::fs::read_dir(p)? {
+            let e = e?;
+            let t = e.file_type()?;
+            if t.is_dir() {
+                std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(dir_mode))?;
+                walk(&e.path(), file_mode, dir_mode)?;
+            } else if t.is_file() {
+                std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(file_mode))?;
+            }
+        }
+        Ok(())
+    }
+    walk(dir, file_mode, dir_mode)
+}
+
 /// The identity of a file (content hash) or directory (hash of its recursive listing with
 /// sizes and modification times). A missing path has the identity `missing`, so the stage
 /// itself reports the error.
@@ -430,9 +640,10 @@ mod tests {
             files: vec![],
             created: "2026-01-01T00:00:00.000Z".into(),
             seconds: 1.0,
+            outputs: vec![],
         };
         let tmp = c.temp_dir("x").unwrap();
-        let dir = c.finish(&tmp, &m, &[MetricRecord { key: "loss".into(), step: 1, value: 0.5 }], false).unwrap();
+        let dir = c.finish(&tmp, &m, &[], &[MetricRecord { key: "loss".into(), step: 1, value: 0.5 }], false).unwrap();
         assert_eq!(read_metrics(&dir).unwrap().len(), 1);
         let cfg2 = serde_json::json!({"beta": 1.0, "model": {"dim": 8}});
         let changed = KeyParts { config: &cfg2, seed: Some(2), inputs: vec![("encode".into(), "k2".into())], ..parts };

@@ -38,6 +38,18 @@ pub struct RunOptions {
     pub force: Vec<String>,
     /// Recompute everything (and refresh the cache).
     pub no_cache: bool,
+    /// Check the content hash of every cached output before using it (not only its size).
+    pub verify: bool,
+}
+
+/// What [`execute`] reports.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The end state of each run.
+    pub runs: Vec<RunOutcome>,
+    /// Set when some results could not be written to the database (they are spooled, or,
+    /// if even that failed, lost): the invocation must not exit 0.
+    pub results_incomplete: Option<String>,
 }
 
 /// The end state of one run.
@@ -57,8 +69,11 @@ pub struct RunOutcome {
     pub cached: usize,
 }
 
-/// One unit of work: a stage with one cache key, used by one or more runs.
+/// One unit of work: a stage with one plan key, used by one or more runs. Its cache key
+/// is known once its inputs are: it hashes their content ([`Job::cache_key`]).
 struct Job {
+    /// The plan key: the key parts with the upstream *plan* keys in place of input content;
+    /// equal plan keys mean equal work within one invocation.
     key: String,
     kind: String,
     entry: Entry,
@@ -69,18 +84,40 @@ struct Job {
     needs: Vec<(String, usize)>,
     /// Where each input comes from (artifact, upstream stage name).
     inputs: Vec<Edge>,
-    /// Why the job is not a cache hit is worked out from these (inputs, files).
-    key_inputs: Vec<(String, String)>,
+    /// (path, identity) of the files outside the cache the stage reads.
     files: Vec<(String, String)>,
     /// (run index, stage name)
     users: Vec<(usize, String)>,
     force: bool,
 }
 
+impl Job {
+    /// The key parts, given the content hashes of the inputs (in edge order).
+    fn parts(&self, inputs: Vec<(String, String)>) -> KeyParts<'_> {
+        KeyParts {
+            kind: &self.kind,
+            version: self.entry.stage.version(),
+            source: &self.entry.source,
+            config: &self.config,
+            inputs,
+            seed: self.entry.stage.uses_seed().then_some(self.seed),
+            files: self.files.clone(),
+        }
+    }
+}
+
+/// A finished job's output: where, its cache key, and the content hash of each output.
+#[derive(Debug, Clone)]
+struct Output {
+    dir: PathBuf,
+    key: String,
+    hashes: HashMap<String, String>,
+}
+
 #[derive(Debug, Clone)]
 enum State {
     Pending,
-    Done { dir: PathBuf, cached: bool, started: Option<String>, ended: Option<String>, secs: Option<f64> },
+    Done { out: Output, cached: bool, started: Option<String>, ended: Option<String>, secs: Option<f64> },
     Failed(String),
     Skipped(String),
     Interrupted,
@@ -116,13 +153,13 @@ fn plan(exp: &Experiment, registry: &Registry, opts: &RunOptions, identity: &dyn
                 };
                 files.push((p.display().to_string(), id));
             }
-            let key_inputs: Vec<(String, String)> = needs.iter().map(|(n, j)| (n.clone(), jobs[*j].key.clone())).collect();
+            let plan_inputs: Vec<(String, String)> = needs.iter().map(|(n, j)| (n.clone(), jobs[*j].key.clone())).collect();
             let key = KeyParts {
                 kind: &s.kind,
                 version: entry.stage.version(),
                 source: &entry.source,
                 config: &s.config,
-                inputs: key_inputs.clone(),
+                inputs: plan_inputs,
                 seed: entry.stage.uses_seed().then_some(run.seed),
                 files: files.clone(),
             }
@@ -137,7 +174,6 @@ fn plan(exp: &Experiment, registry: &Registry, opts: &RunOptions, identity: &dyn
                     device: run.device,
                     needs: needs.clone(),
                     inputs: s.inputs.clone(),
-                    key_inputs,
                     files,
                     users: Vec::new(),
                     force: false,
@@ -154,16 +190,40 @@ fn plan(exp: &Experiment, registry: &Registry, opts: &RunOptions, identity: &dyn
     Ok((jobs, run_jobs))
 }
 
+/// The label of an input in the key parts: `stage/artifact`.
+fn input_label(e: &Edge) -> String {
+    format!("{}/{}", e.from, e.artifact)
+}
+
 /// The cache key of every (run, stage) of `exp`, as (run name, stage name, key), with the
-/// identity of read files given by `identity` (tests use a stand-in to get keys that do not
-/// depend on the machine's files).
-pub fn cache_keys(exp: &Experiment, registry: &Registry, identity: &dyn Fn(&Path) -> Result<String>) -> Result<Vec<(String, String, String)>> {
-    let opts = RunOptions { jobs: 1, force: Vec::new(), no_cache: false };
+/// identity of read files given by `identity` and the content hash of an upstream output
+/// given by `output_hash(upstream cache key, artifact)` (tests use stand-ins for both, to
+/// get keys that do not depend on the machine's files).
+pub fn cache_keys(
+    exp: &Experiment,
+    registry: &Registry,
+    identity: &dyn Fn(&Path) -> Result<String>,
+    output_hash: &dyn Fn(&str, &str) -> String,
+) -> Result<Vec<(String, String, String)>> {
+    let opts = RunOptions { jobs: 1, force: Vec::new(), no_cache: false, verify: false };
     let (jobs, run_jobs) = plan(exp, registry, &opts, identity)?;
+    // Jobs come in dependency order: every need has a lower index.
+    let mut keys: Vec<String> = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        let inputs = job
+            .inputs
+            .iter()
+            .map(|e| {
+                let (_, dep) = job.needs.iter().find(|(n, _)| *n == e.from).expect("an edge comes from a need");
+                (input_label(e), output_hash(&keys[*dep], &e.artifact))
+            })
+            .collect();
+        keys.push(job.parts(inputs).key());
+    }
     let mut out = Vec::new();
     for (ri, run) in exp.runs.iter().enumerate() {
         for (si, ji) in run_jobs[ri].iter().enumerate() {
-            out.push((run.name.clone(), run.stages[si].name.clone(), jobs[*ji].key.clone()));
+            out.push((run.name.clone(), run.stages[si].name.clone(), keys[*ji].clone()));
         }
     }
     Ok(out)
@@ -187,8 +247,11 @@ impl MetricLogger for Metrics {
     }
 }
 
-/// Writes metric batches as they arrive, many rows per transaction.
-async fn metric_writer(store: Store, mut rx: mpsc::UnboundedReceiver<Vec<MetricRow>>) {
+/// Writes metric batches as they arrive, many rows per transaction; a batch the database
+/// cannot take is spooled by the store. Returns an error only if rows could not even be
+/// spooled.
+async fn metric_writer(store: Store, mut rx: mpsc::UnboundedReceiver<Vec<MetricRow>>) -> Option<String> {
+    let mut lost = None;
     while let Some(mut batch) = rx.recv().await {
         while batch.len() < 5000 {
             match rx.try_recv() {
@@ -197,9 +260,11 @@ async fn metric_writer(store: Store, mut rx: mpsc::UnboundedReceiver<Vec<MetricR
             }
         }
         if let Err(e) = store.insert_metrics(&batch).await {
-            warn!("could not store {} metric rows: {e:#}", batch.len());
+            warn!("could not store or spool {} metric rows: {e:#}", batch.len());
+            lost.get_or_insert_with(|| format!("{} metric rows could be neither written nor spooled: {e:#}", batch.len()));
         }
     }
+    lost
 }
 
 fn dir_size(p: &Path) -> Option<i64> {
@@ -243,7 +308,7 @@ pub async fn execute(
     opts: &RunOptions,
     display: &Display,
     cancel: &CancelToken,
-) -> Result<Vec<RunOutcome>> {
+) -> Result<Outcome> {
     let (jobs, run_jobs) = plan(exp, registry, opts, &cache::identity)?;
     cache.sweep_stale_temps();
     let commit = git_commit(&exp.file);
@@ -287,21 +352,29 @@ pub async fn execute(
             let (ri, stage) = &job.users[0];
             if many_runs { format!("{}:{stage}", exp.runs[*ri].name) } else { stage.clone() }
         };
-        let (store, cache, sem, cancel, display, mtx) =
-            (store.clone(), cache.clone(), sem.clone(), cancel.clone(), display.clone(), mtx.clone());
+        let (store, cache, sem, cancel, display, mtx, verify) =
+            (store.clone(), cache.clone(), sem.clone(), cancel.clone(), display.clone(), mtx.clone(), opts.verify);
         tasks.spawn(async move {
-            let state = run_job(&job, deps, &users, &label, &cache, &sem, &cancel, &display, mtx).await;
-            record(&store, &job, &users, &state).await;
+            let state = run_job(&job, deps, &users, &label, &cache, &sem, &cancel, &display, mtx, verify).await;
+            let lost = record(&store, &job, &users, &state).await;
             let _ = tx.send(state);
+            lost
         });
     }
     drop(mtx);
+    let mut lost: Option<String> = None;
     while let Some(r) = tasks.join_next().await {
-        if let Err(e) = r {
-            warn!("a job task ended abnormally: {e}");
+        match r {
+            Ok(Some(e)) => {
+                lost.get_or_insert(e);
+            }
+            Ok(None) => {}
+            Err(e) => warn!("a job task ended abnormally: {e}"),
         }
     }
-    let _ = writer.await;
+    if let Ok(Some(e)) = writer.await {
+        lost.get_or_insert(e);
+    }
 
     // Final status of every run.
     let mut outcomes = Vec::new();
@@ -331,10 +404,22 @@ pub async fn execute(
                 State::Skipped(_) => {}
             }
         }
-        store.finish_run(run_ids[ri], status, error.as_deref()).await?;
+        if let Err(e) = store.finish_run(run_ids[ri], status, error.as_deref()).await {
+            lost.get_or_insert(format!("the final status of run {} could be neither written nor spooled: {e:#}", run_ids[ri]));
+        }
         outcomes.push(RunOutcome { id: run_ids[ri], name: run.name.clone(), status, error, computed, cached });
     }
-    Ok(outcomes)
+    // Whatever the database could not take is spooled: retry it now, for a while.
+    let mut results_incomplete = lost;
+    if let Err(e) = store.drain().await {
+        let reason = format!("{e:#}");
+        warn!("{reason}");
+        if let Err(e2) = store.mark_incomplete(&run_ids, &reason).await {
+            warn!("could not mark the runs failed either: {e2:#}");
+        }
+        results_incomplete.get_or_insert(reason);
+    }
+    Ok(Outcome { runs: outcomes, results_incomplete })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -348,31 +433,75 @@ async fn run_job(
     cancel: &CancelToken,
     display: &Display,
     mtx: mpsc::UnboundedSender<Vec<MetricRow>>,
+    verify: bool,
 ) -> State {
-    let mut dirs: HashMap<String, PathBuf> = HashMap::new();
+    let mut ups: HashMap<String, Output> = HashMap::new();
     for (need, mut rx) in deps {
         let state = match rx.wait_for(State::is_final).await {
             Ok(s) => s.clone(),
             Err(_) => State::Interrupted,
         };
         match state {
-            State::Done { dir, .. } => {
-                dirs.insert(need, dir);
+            State::Done { out, .. } => {
+                ups.insert(need, out);
             }
             State::Failed(_) | State::Skipped(_) => return State::Skipped(format!("upstream stage `{need}` did not succeed")),
             State::Interrupted | State::Pending => return State::Interrupted,
         }
     }
+    // The cache key hashes the content of the inputs, as their entries recorded it.
     let mut inputs = Inputs::default();
+    let mut input_hashes = Vec::new();
     for e in &job.inputs {
-        inputs.insert(&e.artifact, &e.from, dirs[&e.from].join(&e.artifact));
+        let up = &ups[&e.from];
+        let Some(hash) = up.hashes.get(&e.artifact) else {
+            return State::Failed(format!("upstream stage `{}` recorded no output `{}`", e.from, e.artifact));
+        };
+        inputs.insert(&e.artifact, &e.from, up.dir.join(&e.artifact));
+        input_hashes.push((input_label(e), hash.clone()));
     }
+    let parts = job.parts(input_hashes);
+    let key = parts.key();
     if cancel.is_cancelled() {
         return State::Interrupted;
     }
-    if !job.force && cache.contains(&job.kind, &job.key) {
-        info!("{label}: cache hit ({}/{})", job.kind, job.key);
-        return State::Done { dir: cache.entry(&job.kind, &job.key), cached: true, started: None, ended: None, secs: None };
+    if !job.force {
+        match cache.check(&job.kind, &key, verify) {
+            Ok(Some((dir, m))) => {
+                info!("{label}: cache hit ({}/{key})", job.kind);
+                return State::Done { out: Output { dir, key, hashes: hashes_of(&m) }, cached: true, started: None, ended: None, secs: None };
+            }
+            Ok(None) => {}
+            Err(bad) => {
+                warn!("{label}: the cached entry {}/{key} is damaged ({bad}); recomputing it", job.kind);
+                if let Err(e) = cache.remove(&job.kind, &key) {
+                    return State::Failed(format!("removing the damaged entry {}/{key}: {e:#}", job.kind));
+                }
+            }
+        }
+    }
+    // Before computing, make sure the inputs are what their entries recorded: a stage never
+    // computes (and caches) a result from damaged input.
+    for e in &job.inputs {
+        let path = ups[&e.from].dir.join(&e.artifact);
+        let want = &ups[&e.from].hashes[&e.artifact];
+        let got = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || cache::content_hash(&path)).await
+        };
+        match got {
+            Ok(Ok(h)) if &h == want => {}
+            Ok(Ok(_)) => {
+                return State::Failed(format!(
+                    "input `{}` from stage `{}` ({}) no longer matches the hash recorded when it was written: the cached entry was changed or damaged. `huse-run cache verify` removes damaged entries; then run again",
+                    e.artifact,
+                    e.from,
+                    path.display()
+                ));
+            }
+            Ok(Err(err)) => return State::Failed(format!("input `{}` from stage `{}`: {err:#}", e.artifact, e.from)),
+            Err(err) => return State::Failed(format!("hashing input `{}`: {err}", e.artifact)),
+        }
     }
     let _permit = match sem.clone().acquire_owned().await {
         Ok(p) => p,
@@ -381,20 +510,8 @@ async fn run_job(
     if cancel.is_cancelled() {
         return State::Interrupted;
     }
-    let why = if job.force {
-        "forced".to_string()
-    } else {
-        cache.why_miss(&KeyParts {
-            kind: &job.kind,
-            version: job.entry.stage.version(),
-            source: &job.entry.source,
-            config: &job.config,
-            inputs: job.key_inputs.clone(),
-            seed: job.entry.stage.uses_seed().then_some(job.seed),
-            files: job.files.clone(),
-        })
-    };
-    info!("{label}: running {} (key {}): {why}", job.kind, job.key);
+    let why = if job.force { "forced".to_string() } else { cache.why_miss(&parts) };
+    info!("{label}: running {} (key {key}): {why}", job.kind);
     let tmp = match cache.temp_dir(&job.key) {
         Ok(t) => t,
         Err(e) => return State::Failed(format!("{e:#}")),
@@ -456,22 +573,28 @@ async fn run_job(
             kind: job.kind.clone(),
             version: job.entry.stage.version().to_string(),
             source: job.entry.source.clone(),
-            key: job.key.clone(),
+            key: key.clone(),
             config: job.config.clone(),
             seed: job.seed,
             uses_seed: job.entry.stage.uses_seed(),
-            inputs: job.key_inputs.clone(),
+            inputs: parts.inputs.clone(),
             files: job.files.clone(),
             created: started.clone(),
             seconds: secs,
+            outputs: Vec::new(),
         };
-        cache.finish(&tmp, &manifest, &records, job.force).map_err(|e| format!("{e:#}"))
+        let names: Vec<String> = job.entry.stage.outputs().into_iter().map(|o| o.name).collect();
+        cache.finish(&tmp, &manifest, &names, &records, job.force).map_err(|e| format!("{e:#}"))
     });
-    match finished {
-        Ok(dir) => {
+    match finished.and_then(|dir| match cache.check(&job.kind, &key, false) {
+        Ok(Some((_, m))) => Ok((dir, m)),
+        Ok(None) => Err(format!("the entry {}/{key} vanished after it was written", job.kind)),
+        Err(bad) => Err(format!("the entry {}/{key} is damaged right after it was written: {bad}", job.kind)),
+    }) {
+        Ok((dir, m)) => {
             cache.remove_work_dir(&job.key);
             info!("{label}: done in {secs:.2}s");
-            State::Done { dir, cached: false, started: Some(started), ended: Some(store::now()), secs: Some(secs) }
+            State::Done { out: Output { dir, key, hashes: hashes_of(&m) }, cached: false, started: Some(started), ended: Some(store::now()), secs: Some(secs) }
         }
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);
@@ -481,8 +604,14 @@ async fn run_job(
     }
 }
 
+fn hashes_of(m: &Manifest) -> HashMap<String, String> {
+    m.outputs.iter().map(|o| (o.name.clone(), o.blake3.clone())).collect()
+}
+
 /// Records the job's stage run for every run that uses it (and replays cached metrics).
-async fn record(store: &Store, job: &Job, users: &[(i64, String)], state: &State) {
+/// Returns what could be neither written nor spooled, if anything.
+async fn record(store: &Store, job: &Job, users: &[(i64, String)], state: &State) -> Option<String> {
+    let mut lost = None;
     let mut replay = Vec::new();
     for (i, (run_id, stage)) in users.iter().enumerate() {
         let mut row = StageRunRow {
@@ -491,7 +620,10 @@ async fn record(store: &Store, job: &Job, users: &[(i64, String)], state: &State
             kind: job.kind.clone(),
             version: job.entry.stage.version().to_string(),
             source: job.entry.source.clone(),
-            cache_key: job.key.clone(),
+            cache_key: match state {
+                State::Done { out, .. } => out.key.clone(),
+                _ => job.key.clone(),
+            },
             cached: false,
             status: StageStatus::Succeeded,
             started_at: None,
@@ -503,7 +635,7 @@ async fn record(store: &Store, job: &Job, users: &[(i64, String)], state: &State
             summaries: Vec::new(),
         };
         match state {
-            State::Done { dir, cached, started, ended, secs } => {
+            State::Done { out: Output { dir, .. }, cached, started, ended, secs } => {
                 row.cached = *cached || i > 0;
                 if !row.cached {
                     (row.started_at, row.ended_at, row.duration_s) = (started.clone(), ended.clone(), *secs);
@@ -542,10 +674,13 @@ async fn record(store: &Store, job: &Job, users: &[(i64, String)], state: &State
             State::Interrupted | State::Pending => row.status = StageStatus::Interrupted,
         }
         if let Err(e) = store.insert_stage_run(&row).await {
-            warn!("could not record stage run {stage}: {e:#}");
+            warn!("could not record or spool stage run {stage}: {e:#}");
+            lost.get_or_insert(format!("the stage run `{stage}` could be neither written nor spooled: {e:#}"));
         }
     }
     if let Err(e) = store.insert_metrics(&replay).await {
-        warn!("could not store cached metrics: {e:#}");
+        warn!("could not store or spool cached metrics: {e:#}");
+        lost.get_or_insert(format!("{} cached metric rows could be neither written nor spooled: {e:#}", replay.len()));
     }
+    lost
 }

@@ -14,6 +14,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 pub struct Display {
     multi: MultiProgress,
     fancy: bool,
+    quiet: bool,
 }
 
 impl Display {
@@ -25,7 +26,12 @@ impl Display {
         } else {
             ProgressDrawTarget::hidden()
         });
-        Display { multi, fancy }
+        Display { multi, fancy, quiet: false }
+    }
+
+    /// No progress at all (`-q`): neither bars nor plain lines.
+    pub fn quiet() -> Self {
+        Display { multi: MultiProgress::with_draw_target(ProgressDrawTarget::hidden()), fancy: false, quiet: true }
     }
 
     /// A progress reporter for one stage run, labelled `label`.
@@ -34,7 +40,7 @@ impl Display {
         bar.set_prefix(label.to_string());
         bar.set_style(spinner_style());
         bar.enable_steady_tick(Duration::from_millis(200));
-        StageProgress { bar, fancy: self.fancy, label: label.to_string(), state: Mutex::new(Plain::default()) }
+        StageProgress { bar, fancy: self.fancy, quiet: self.quiet, label: label.to_string(), state: Mutex::new(Plain::default()) }
     }
 
     /// Runs `f` with the bars hidden (for printing).
@@ -75,6 +81,7 @@ struct Plain {
 pub struct StageProgress {
     bar: ProgressBar,
     fancy: bool,
+    quiet: bool,
     label: String,
     state: Mutex<Plain>,
 }
@@ -124,7 +131,7 @@ impl Progress for StageProgress {
 
     fn inc(&self, n: u64) {
         self.bar.inc(n);
-        if !self.fancy {
+        if !self.fancy && !self.quiet {
             let mut s = self.state.lock().unwrap();
             s.pos += n;
             let done = s.total.is_some_and(|t| s.pos >= t);

@@ -47,6 +47,9 @@ impl Registry {
     /// Loads the plugin at `path` and registers its stages; returns their kinds. A kind
     /// already registered by another source is an error (a plugin cannot shadow a stage).
     pub fn load_plugin(&mut self, path: &std::path::Path) -> Result<Vec<String>, String> {
+        // An absolute path, so that the loader never searches the system's library path
+        // for a bare name (`plug.so` means ./plug.so, not some installed library).
+        let path = &std::path::absolute(path).map_err(|e| format!("plugin {}: {e}", path.display()))?;
         let (stages, source) = plugin::load(path)?;
         let mut kinds = Vec::new();
         for s in stages {

@@ -11,12 +11,22 @@
 //! SQLite through sqlx, WAL journal, a busy timeout, and migrations embedded in the
 //! binary (`runner/store/migrations/`). Several `huse-run` processes may write one
 //! database at once: migrations run under an exclusive file lock, and write transactions
-//! start with `BEGIN IMMEDIATE` so they wait for each other instead of failing. All
-//! values are bound as parameters; no user text is ever pasted into SQL.
+//! start with `BEGIN IMMEDIATE` so they wait for each other instead of failing; a
+//! transaction that fails is rolled back on the spot (a connection that cannot roll back
+//! is closed, never reused). All values are bound as parameters; no user text is ever
+//! pasted into SQL.
+//!
+//! Nothing is dropped when the database cannot take a write (busy past the timeout, disk
+//! full): the [`Record`] goes to a spool ([`spool`]) — a JSON-lines journal beside the
+//! database, or in the cache when that fails — and is retried in order
+//! ([`Store::record`], [`Store::drain`]); what is still spooled when a process ends is
+//! written by the next `huse-run` that opens the database for writing
+//! ([`Store::replay_spools`]), exactly once. Queries open the database read-only
+//! ([`Store::open_read_only`]) and never change it.
 //!
 //! ```no_run
 //! # async fn f() -> anyhow::Result<()> {
-//! let store = huse_store::Store::open_existing(std::path::Path::new(".huse/runs.sqlite")).await?;
+//! let store = huse_store::Store::open_read_only(std::path::Path::new(".huse/runs.sqlite")).await?;
 //! for run in store.load_runs(&huse_store::Filter::default()).await? {
 //!     println!("{} {} {}", run.id, run.name, run.status);
 //! }
@@ -34,11 +44,14 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{Row, query as sql};
 
 pub mod query;
+pub mod spool;
 
 pub use query::{Cond, Filter, Op, RunRow, StageRunInfo};
+pub use spool::Record;
 
 /// The state of a run, as stored in `runs.status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RunStatus {
     /// Started and not finished (or its process died; see [`Store::reap_dead_runs`]).
     Running,
@@ -51,7 +64,8 @@ pub enum RunStatus {
 }
 
 /// The state of one stage of a run, as stored in `stage_runs.status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum StageStatus {
     /// Computed or taken from the cache.
     Succeeded,
@@ -112,7 +126,7 @@ pub struct NewRun {
 }
 
 /// One metric row to insert.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MetricRow {
     /// The run it belongs to.
     pub run_id: i64,
@@ -123,7 +137,20 @@ pub struct MetricRow {
     /// Step (epoch for curves, 0 for single values).
     pub step: i64,
     /// The value; NaN and infinities are stored as NULL.
+    #[serde(with = "nan_as_null")]
     pub value: f64,
+}
+
+/// JSON has no NaN: a non-finite value is written as null and read back as NaN (the
+/// database stores both as NULL anyway).
+mod nan_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() { s.serialize_f64(*v) } else { s.serialize_none() }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
 }
 
 /// A text summary a stage published (e.g. evaluate's tables), stored with the run.
@@ -138,7 +165,7 @@ pub struct Summary {
 }
 
 /// One stage run to record.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct StageRunRow {
     /// The run it belongs to.
     pub run_id: i64,
@@ -177,6 +204,93 @@ pub struct StageRunRow {
 pub struct Store {
     pool: SqlitePool,
     path: PathBuf,
+    read_only: bool,
+    options: Options,
+    spool: std::sync::Arc<tokio::sync::Mutex<spool::Spool>>,
+}
+
+/// How patient the store is with a database that cannot take a write.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// How long one statement waits for another process's write lock (SQLite's busy timeout).
+    pub busy_timeout: Duration,
+    /// How long [`Store::drain`] keeps retrying spooled records at the end of a run.
+    pub retry_window: Duration,
+    /// Where to spool when the folder beside the database cannot be written (e.g. the cache).
+    pub fallback_spool_dir: Option<PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { busy_timeout: Duration::from_secs(60), retry_window: Duration::from_secs(300), fallback_spool_dir: None }
+    }
+}
+
+impl Options {
+    /// The defaults, with `HUSE_DB_BUSY_TIMEOUT` and `HUSE_DB_RETRY` (seconds) when set.
+    pub fn from_env() -> Result<Options> {
+        let mut o = Options::default();
+        let secs = |name: &str| -> Result<Option<Duration>> {
+            match std::env::var(name) {
+                Ok(v) => {
+                    let s: f64 = v.trim().parse().map_err(|_| anyhow::anyhow!("{name}={v}: expected a number of seconds"))?;
+                    if !(s.is_finite() && (0.0..=86_400.0).contains(&s)) {
+                        bail!("{name}={v}: expected 0 to 86400 seconds");
+                    }
+                    Ok(Some(Duration::from_secs_f64(s)))
+                }
+                Err(_) => Ok(None),
+            }
+        };
+        if let Some(d) = secs("HUSE_DB_BUSY_TIMEOUT")? {
+            o.busy_timeout = d;
+        }
+        if let Some(d) = secs("HUSE_DB_RETRY")? {
+            o.retry_window = d;
+        }
+        Ok(o)
+    }
+}
+
+/// Where the results live, as given by `--db` / `HUSE_DB`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A SQLite file.
+    Sqlite(PathBuf),
+}
+
+impl FromStr for Location {
+    type Err = String;
+    /// A plain argument is a file path, taken verbatim (`x?mode=rwc` is a file of that
+    /// name, `%41` is not decoded); `sqlite://PATH` (or `sqlite:PATH`) names a SQLite file
+    /// explicitly; any other `scheme://` is an error.
+    fn from_str(s: &str) -> Result<Location, String> {
+        if s.is_empty() {
+            return Err("empty database path".into());
+        }
+        if let Some(rest) = s.strip_prefix("sqlite://").or_else(|| s.strip_prefix("sqlite:")) {
+            if rest.is_empty() {
+                return Err(format!("`{s}`: no file after `sqlite://`"));
+            }
+            return Ok(Location::Sqlite(PathBuf::from(rest)));
+        }
+        if let Some(i) = s.find("://") {
+            let scheme = &s[..i];
+            if !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) {
+                let hint = if scheme.starts_with("postgres") { " (PostgreSQL is not supported by this build yet)" } else { "" };
+                return Err(format!("`{s}`: unknown database scheme `{scheme}://`{hint}; give a file path or sqlite://PATH"));
+            }
+        }
+        Ok(Location::Sqlite(PathBuf::from(s)))
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::Sqlite(p) => write!(f, "{}", p.display()),
+        }
+    }
 }
 
 /// Now, as an RFC 3339 UTC timestamp with milliseconds.
@@ -188,17 +302,46 @@ fn host() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
+/// The newest schema version this build knows (the last migration's number).
+fn latest_schema() -> i64 {
+    sqlx::migrate!("./migrations").iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// Runs `$body` (statements on `$conn`) in a `BEGIN IMMEDIATE` transaction; on any error
+/// rolls back, and closes the connection if even that fails, so that no connection goes
+/// back to the pool inside a transaction.
+macro_rules! transaction {
+    ($pool:expr, |$conn:ident| $body:block) => {{
+        let mut guard = $pool.acquire().await?;
+        sql("BEGIN IMMEDIATE").execute(&mut *guard).await?;
+        let result: Result<_> = async {
+            let $conn = &mut *guard;
+            let out = $body;
+            sql("COMMIT").execute(&mut *$conn).await?;
+            Ok(out)
+        }
+        .await;
+        if result.is_err() && sql("ROLLBACK").execute(&mut *guard).await.is_err() {
+            // Still inside a transaction, or broken: never give it back to the pool.
+            let _ = guard.detach();
+        }
+        result
+    }};
+}
+
 impl Store {
-    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
-    pub async fn open(path: &Path) -> Result<Store> {
+    /// Opens (creating if needed) the database at `path` for writing, brings its schema up
+    /// to date and writes what earlier processes left spooled.
+    pub async fn open(path: &Path, options: Options) -> Result<Store> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(60))
+            .busy_timeout(options.busy_timeout)
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -212,15 +355,50 @@ impl Store {
         let migrated = sqlx::migrate!("./migrations").run(&pool).await;
         drop(lock);
         migrated.with_context(|| format!("migrating results database {}", path.display()))?;
-        Ok(Store { pool, path: path.to_path_buf() })
+        let spool = spool::Spool::new(path, options.fallback_spool_dir.clone());
+        let store = Store { pool, path: path.to_path_buf(), read_only: false, options, spool: std::sync::Arc::new(tokio::sync::Mutex::new(spool)) };
+        store.replay_spools().await?;
+        Ok(store)
     }
 
-    /// Opens an existing database for queries; a missing file is an error, not a new database.
-    pub async fn open_existing(path: &Path) -> Result<Store> {
+    /// Opens an existing database for queries, read-only: nothing is created, migrated or
+    /// written (a read-only file works). A file that is not a huse-run database, or one
+    /// whose schema is older or newer than this build's, is refused with what to do.
+    pub async fn open_read_only(path: &Path) -> Result<Store> {
         if !path.exists() {
             bail!("no results database at {} (run an experiment first, or pass --db)", path.display());
         }
-        Store::open(path).await
+        let opts = SqliteConnectOptions::new().filename(path).read_only(true).busy_timeout(Duration::from_secs(60));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(opts)
+            .await
+            .with_context(|| format!("opening results database {}", path.display()))?;
+        let not_ours = || anyhow::anyhow!("{} is not a huse-run database", path.display());
+        let has_table = sql("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'")
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| anyhow::anyhow!("{} is not a huse-run database ({e})", path.display()))?
+            .get::<i64, _>(0);
+        if has_table == 0 {
+            return Err(not_ours());
+        }
+        let version: Option<i64> = sql("SELECT max(version) FROM _sqlx_migrations WHERE success").fetch_one(&pool).await?.get(0);
+        let latest = latest_schema();
+        match version {
+            None => return Err(not_ours()),
+            Some(v) if v < latest => bail!(
+                "{} has an older schema (version {v}, this huse-run writes {latest}): run an experiment with this huse-run to upgrade it",
+                path.display()
+            ),
+            Some(v) if v > latest => bail!(
+                "{} has a newer schema (version {v}) than this huse-run knows ({latest}): use a newer huse-run",
+                path.display()
+            ),
+            _ => {}
+        }
+        let spool = spool::Spool::new(path, None);
+        Ok(Store { pool, path: path.to_path_buf(), read_only: true, options: Options::default(), spool: std::sync::Arc::new(tokio::sync::Mutex::new(spool)) })
     }
 
     /// Where the database lives.
@@ -228,19 +406,26 @@ impl Store {
         &self.path
     }
 
+    /// How many spooled records (of any process) wait to be written to this database.
+    pub async fn spooled(&self) -> usize {
+        self.spool.lock().await.pending_on_disk()
+    }
+
     /// Marks runs of this host whose process is gone (killed, crashed) as interrupted.
+    /// Runs whose results are still spooled are left alone: replaying sets their status.
     pub async fn reap_dead_runs(&self) -> Result<u64> {
         let rows = sql("SELECT id, pid FROM runs WHERE status = ? AND host = ?")
             .bind(RunStatus::Running.as_str())
             .bind(host())
             .fetch_all(&self.pool)
             .await?;
+        let spooled = self.spool.lock().await.spooled_runs();
         let mut n = 0;
         for r in rows {
             let pid: Option<i64> = r.get("pid");
+            let id: i64 = r.get("id");
             let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists() && p as u32 != std::process::id());
-            if !alive {
-                let id: i64 = r.get("id");
+            if !alive && !spooled.contains(&id) {
                 n += sql("UPDATE runs SET status = ?, ended_at = ?, error = 'the process ended without finishing (killed or crashed)' WHERE id = ? AND status = ?")
                     .bind(RunStatus::Interrupted.as_str())
                     .bind(now())
@@ -256,137 +441,276 @@ impl Store {
 
     /// The id of the experiment called `name`, created if new.
     pub async fn experiment(&self, name: &str, file: &str) -> Result<i64> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sql("INSERT INTO experiments (name, file, created_at) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET file = excluded.file")
-            .bind(name)
-            .bind(file)
-            .bind(now())
-            .execute(&mut *tx)
-            .await?;
-        let id: i64 = sql("SELECT id FROM experiments WHERE name = ?").bind(name).fetch_one(&mut *tx).await?.get(0);
-        tx.commit().await?;
-        Ok(id)
+        transaction!(self.pool, |conn| {
+            sql("INSERT INTO experiments (name, file, created_at) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET file = excluded.file")
+                .bind(name)
+                .bind(file)
+                .bind(now())
+                .execute(&mut *conn)
+                .await?;
+            sql("SELECT id FROM experiments WHERE name = ?").bind(name).fetch_one(&mut *conn).await?.get::<i64, _>(0)
+        })
     }
 
     /// Records a new run (status `running`) with its params; returns its id.
     pub async fn insert_run(&self, experiment_id: i64, run: &NewRun) -> Result<i64> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let id: i64 = sql(
-            "INSERT INTO runs (experiment_id, name, status, started_at, config_yaml, sweep_point, seed, device, git_commit, host, pid)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-        )
-        .bind(experiment_id)
-        .bind(&run.name)
-        .bind(RunStatus::Running.as_str())
-        .bind(now())
-        .bind(&run.config_yaml)
-        .bind(&run.point)
-        .bind(run.seed as i64)
-        .bind(&run.device)
-        .bind(&run.git_commit)
-        .bind(host())
-        .bind(std::process::id() as i64)
-        .fetch_one(&mut *tx)
-        .await?
-        .get(0);
-        for (k, v) in &run.params {
-            let (text, num) = match v {
-                serde_json::Value::String(s) => (s.clone(), s.parse::<f64>().ok()),
-                serde_json::Value::Number(n) => (n.to_string(), n.as_f64()),
-                serde_json::Value::Bool(b) => (b.to_string(), Some(f64::from(u8::from(*b)))),
-                other => (other.to_string(), None),
-            };
-            sql("INSERT OR REPLACE INTO params (run_id, key, value, value_num) VALUES (?, ?, ?, ?)")
+        transaction!(self.pool, |conn| {
+            let id: i64 = sql(
+                "INSERT INTO runs (experiment_id, name, status, started_at, config_yaml, sweep_point, seed, device, git_commit, host, pid)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            )
+            .bind(experiment_id)
+            .bind(&run.name)
+            .bind(RunStatus::Running.as_str())
+            .bind(now())
+            .bind(&run.config_yaml)
+            .bind(&run.point)
+            .bind(i64::try_from(run.seed).context("seed out of range")?)
+            .bind(&run.device)
+            .bind(&run.git_commit)
+            .bind(host())
+            .bind(std::process::id() as i64)
+            .fetch_one(&mut *conn)
+            .await?
+            .get(0);
+            for (k, v) in &run.params {
+                let (text, num) = match v {
+                    serde_json::Value::String(s) => (s.clone(), s.parse::<f64>().ok()),
+                    serde_json::Value::Number(n) => (n.to_string(), n.as_f64()),
+                    serde_json::Value::Bool(b) => (b.to_string(), Some(f64::from(u8::from(*b)))),
+                    other => (other.to_string(), None),
+                };
+                sql("INSERT OR REPLACE INTO params (run_id, key, value, value_num) VALUES (?, ?, ?, ?)")
+                    .bind(id)
+                    .bind(k)
+                    .bind(text)
+                    .bind(num)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            id
+        })
+    }
+
+    /// Writes one record in one transaction; with `marker` = (spool id, sequence number)
+    /// also notes it as replayed, in the same transaction, so a record is applied once.
+    async fn apply(&self, rec: &Record, marker: Option<(&str, u64)>) -> Result<()> {
+        if self.read_only {
+            bail!("the results database was opened read-only");
+        }
+        transaction!(self.pool, |conn| {
+            let mut already = false;
+            if let Some((spool, seq)) = marker {
+                already = sql("SELECT count(*) FROM replayed WHERE spool = ? AND seq = ?")
+                    .bind(spool)
+                    .bind(seq as i64)
+                    .fetch_one(&mut *conn)
+                    .await?
+                    .get::<i64, _>(0)
+                    > 0;
+                if !already {
+                    sql("INSERT INTO replayed (spool, seq) VALUES (?, ?)").bind(spool).bind(seq as i64).execute(&mut *conn).await?;
+                }
+            }
+            if !already {
+                Self::write_record(conn, rec).await?;
+            }
+        })
+    }
+
+    async fn write_record(conn: &mut sqlx::SqliteConnection, rec: &Record) -> Result<()> {
+        {
+            match rec {
+                Record::Metrics(rows) => {
+                    for m in rows {
+                        sql("INSERT INTO metrics (run_id, stage, key, step, value) VALUES (?, ?, ?, ?, ?)")
+                            .bind(m.run_id)
+                            .bind(&m.stage)
+                            .bind(&m.key)
+                            .bind(m.step)
+                            .bind(m.value.is_finite().then_some(m.value))
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                }
+                Record::StageRun(r) => {
+                    sql("INSERT INTO stage_runs (run_id, stage, kind, version, source, cache_key, cached, status, started_at, ended_at, duration_s, output_dir, error)
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+                    .bind(r.run_id)
+                    .bind(&r.stage)
+                    .bind(&r.kind)
+                    .bind(&r.version)
+                    .bind(&r.source)
+                    .bind(&r.cache_key)
+                    .bind(r.cached)
+                    .bind(r.status.as_str())
+                    .bind(&r.started_at)
+                    .bind(&r.ended_at)
+                    .bind(r.duration_s)
+                    .bind(&r.output_dir)
+                    .bind(&r.error)
+                    .execute(&mut *conn)
+                    .await?;
+                    for (name, text) in &r.summaries {
+                        sql("INSERT OR REPLACE INTO summaries (run_id, stage, name, text) VALUES (?, ?, ?, ?)")
+                            .bind(r.run_id)
+                            .bind(&r.stage)
+                            .bind(name)
+                            .bind(text)
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    for (name, path, bytes) in &r.artifacts {
+                        sql("INSERT OR REPLACE INTO artifacts (run_id, stage, name, path, bytes) VALUES (?, ?, ?, ?, ?)")
+                            .bind(r.run_id)
+                            .bind(&r.stage)
+                            .bind(name)
+                            .bind(path)
+                            .bind(bytes)
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                }
+                Record::Finish { run_id, status, error, ended_at } => {
+                    sql("UPDATE runs SET status = ?, error = ?, ended_at = ?,
+                         duration_s = (julianday(?) - julianday(started_at)) * 86400.0 WHERE id = ?")
+                    .bind(status.as_str())
+                    .bind(error)
+                    .bind(ended_at)
+                    .bind(ended_at)
+                    .bind(run_id)
+                    .execute(&mut *conn)
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `rec`, or, when the database cannot take it (or earlier records of this
+    /// process are still waiting), appends it to this process's spool to be retried in
+    /// order. Returns `Ok(false)` when it was spooled; an error only when even the spool
+    /// cannot be written (then the record exists in memory alone and the run must fail).
+    pub async fn record(&self, rec: Record) -> Result<bool> {
+        let mut spool = self.spool.lock().await;
+        if spool.is_empty() {
+            match self.apply(&rec, None).await {
+                Ok(()) => return Ok(true),
+                Err(e) => {
+                    tracing::warn!("results database {}: {e:#}; spooling and retrying", self.path.display());
+                }
+            }
+        }
+        spool.push(rec)?;
+        if spool.due_for_retry() {
+            self.drain_locked(&mut spool).await;
+        }
+        Ok(false)
+    }
+
+    /// Writes this process's spooled records in order until one fails; returns how many
+    /// are left.
+    async fn drain_locked(&self, spool: &mut spool::Spool) -> usize {
+        spool.tried();
+        while let Some((id, seq, rec)) = spool.front() {
+            match self.apply(&rec, Some((&id, seq))).await {
+                Ok(()) => {
+                    if let Err(e) = spool.pop() {
+                        tracing::warn!("spool: {e:#}");
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!("results database still unavailable: {e:#}");
+                    break;
+                }
+            }
+        }
+        spool.len()
+    }
+
+    /// At the end of a run: retries this process's spooled records for up to the retry
+    /// window (`HUSE_DB_RETRY`). `Ok(())` when everything is written; otherwise an error
+    /// saying how many records wait in which spool file.
+    pub async fn drain(&self) -> Result<()> {
+        let mut spool = self.spool.lock().await;
+        let deadline = std::time::Instant::now() + self.options.retry_window;
+        let mut pause = Duration::from_millis(200);
+        loop {
+            if self.drain_locked(&mut spool).await == 0 {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "the results database {} could not take {} record(s) of this run; they are kept in {} and written the next time huse-run opens the database for writing (`huse-run db replay`)",
+                    self.path.display(),
+                    spool.len(),
+                    spool.file().map(|f| f.display().to_string()).unwrap_or_else(|| "memory only (the spool could not be written either)".into())
+                );
+            }
+            tokio::time::sleep(pause.min(deadline.saturating_duration_since(std::time::Instant::now()))).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Best effort, when [`Store::drain`] failed: marks `runs` failed with `reason` so the
+    /// database does not show them `running`; replaying the spool later sets their real
+    /// status once their results are complete.
+    pub async fn mark_incomplete(&self, runs: &[i64], reason: &str) -> Result<()> {
+        for id in runs {
+            sql("UPDATE runs SET status = ?, error = ?, ended_at = ? WHERE id = ?")
+                .bind(RunStatus::Failed.as_str())
+                .bind(format!("results incomplete: {reason}"))
+                .bind(now())
                 .bind(id)
-                .bind(k)
-                .bind(text)
-                .bind(num)
-                .execute(&mut *tx)
+                .execute(&self.pool)
                 .await?;
         }
-        tx.commit().await?;
-        Ok(id)
-    }
-
-    /// Sets a run's final status.
-    pub async fn finish_run(&self, run_id: i64, status: RunStatus, error: Option<&str>) -> Result<()> {
-        sql(
-            "UPDATE runs SET status = ?, error = ?, ended_at = ?,
-             duration_s = (julianday(?) - julianday(started_at)) * 86400.0 WHERE id = ?",
-        )
-        .bind(status.as_str())
-        .bind(error)
-        .bind(now())
-        .bind(now())
-        .bind(run_id)
-        .execute(&self.pool)
-        .await?;
         Ok(())
     }
 
-    /// Records one stage run, its artifacts and its summaries.
-    pub async fn insert_stage_run(&self, r: &StageRunRow) -> Result<()> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sql(
-            "INSERT INTO stage_runs (run_id, stage, kind, version, source, cache_key, cached, status, started_at, ended_at, duration_s, output_dir, error)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(r.run_id)
-        .bind(&r.stage)
-        .bind(&r.kind)
-        .bind(&r.version)
-        .bind(&r.source)
-        .bind(&r.cache_key)
-        .bind(r.cached)
-        .bind(r.status.as_str())
-        .bind(&r.started_at)
-        .bind(&r.ended_at)
-        .bind(r.duration_s)
-        .bind(&r.output_dir)
-        .bind(&r.error)
-        .execute(&mut *tx)
-        .await?;
-        for (name, text) in &r.summaries {
-            sql("INSERT OR REPLACE INTO summaries (run_id, stage, name, text) VALUES (?, ?, ?, ?)")
-                .bind(r.run_id)
-                .bind(&r.stage)
-                .bind(name)
-                .bind(text)
-                .execute(&mut *tx)
-                .await?;
+    /// Writes every record that processes which have ended left spooled for this database
+    /// (each exactly once), in order, and removes their spool files. Returns how many
+    /// records were written.
+    pub async fn replay_spools(&self) -> Result<usize> {
+        let files = self.spool.lock().await.foreign_files();
+        let mut written = 0;
+        for file in files {
+            let (id, records) = match spool::read_file(&file) {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("skipping spool {}: {e:#}", file.display());
+                    continue;
+                }
+            };
+            for (seq, rec) in records.iter().enumerate() {
+                self.apply(rec, Some((&id, seq as u64)))
+                    .await
+                    .with_context(|| format!("replaying spool {} into {}", file.display(), self.path.display()))?;
+            }
+            written += records.len();
+            std::fs::remove_file(&file).with_context(|| format!("removing replayed spool {}", file.display()))?;
+            tracing::info!("wrote {} spooled record(s) from {} into the results database", records.len(), file.display());
         }
-        for (name, path, bytes) in &r.artifacts {
-            sql("INSERT OR REPLACE INTO artifacts (run_id, stage, name, path, bytes) VALUES (?, ?, ?, ?, ?)")
-                .bind(r.run_id)
-                .bind(&r.stage)
-                .bind(name)
-                .bind(path)
-                .bind(bytes)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        Ok(written)
     }
 
-    /// Inserts metric rows in one transaction.
-    pub async fn insert_metrics(&self, rows: &[MetricRow]) -> Result<()> {
+    /// Sets a run's final status (or spools it; see [`Store::record`]).
+    pub async fn finish_run(&self, run_id: i64, status: RunStatus, error: Option<&str>) -> Result<bool> {
+        self.record(Record::Finish { run_id, status, error: error.map(String::from), ended_at: now() }).await
+    }
+
+    /// Records one stage run, its artifacts and its summaries (or spools them).
+    pub async fn insert_stage_run(&self, r: &StageRunRow) -> Result<bool> {
+        self.record(Record::StageRun(r.clone())).await
+    }
+
+    /// Inserts metric rows in one transaction (or spools them).
+    pub async fn insert_metrics(&self, rows: &[MetricRow]) -> Result<bool> {
         if rows.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for m in rows {
-            sql("INSERT INTO metrics (run_id, stage, key, step, value) VALUES (?, ?, ?, ?, ?)")
-                .bind(m.run_id)
-                .bind(&m.stage)
-                .bind(&m.key)
-                .bind(m.step)
-                .bind(m.value.is_finite().then_some(m.value))
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.record(Record::Metrics(rows.to_vec())).await
     }
 
     /// Closes the connections (waits for them to finish).
@@ -413,7 +737,7 @@ mod tests {
     #[tokio::test]
     async fn records_and_reads_back_a_run() {
         let d = tempfile::tempdir().unwrap();
-        let store = Store::open(&d.path().join("r.sqlite")).await.unwrap();
+        let store = Store::open(&d.path().join("r.sqlite"), Options::default()).await.unwrap();
         let e = store.experiment("exp", "exp.yaml").await.unwrap();
         let run = NewRun {
             name: "exp@a=1".into(),

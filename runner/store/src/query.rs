@@ -2,9 +2,13 @@
 //! `--where` conditions, and the per-run details `show`, `report` and `export` need.
 //!
 //! A condition (`train.beta=0.5`, `test.t2i.r1>0.6`) is parsed into a key, an operator
-//! from a fixed list and a value; key and value are bound as SQL parameters, never pasted
-//! into the SQL text. A key that is a param of some run filters on params; any other key
-//! filters on the run's final metric value (its highest step).
+//! from a fixed list and a value; params are filtered in SQL with key and value bound as
+//! parameters, never pasted into the SQL text. A key that is a param of some run filters
+//! on params; any other key filters on the run's final metric value (its highest step).
+//!
+//! Metric keys are shown as logged, except where two stages of a run log the same key
+//! (both toy-scale stages log `mean`): there each is qualified by its stage (`left.mean`,
+//! `right.mean`) — in `runs`, `best`, `--group`, `--where`, the report and exports alike.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -82,7 +86,14 @@ impl std::str::FromStr for Cond {
         if key.is_empty() {
             return Err(format!("`{s}`: missing key before the operator"));
         }
-        Ok(Cond { key: key.to_string(), op, value: value.trim().to_string() })
+        let value = value.trim();
+        if value.is_empty() {
+            return Err(format!("`{s}`: missing value after the operator"));
+        }
+        if value.starts_with(['<', '>', '=', '!']) {
+            return Err(format!("`{s}`: malformed operator (use one of = != < <= > >=)"));
+        }
+        Ok(Cond { key: key.to_string(), op, value: value.to_string() })
     }
 }
 
@@ -150,6 +161,27 @@ enum Bind {
     Num(f64),
 }
 
+fn compare(v: f64, op: Op, n: f64) -> bool {
+    match op {
+        Op::Eq => v == n,
+        Op::Ne => v != n,
+        Op::Lt => v < n,
+        Op::Le => v <= n,
+        Op::Gt => v > n,
+        Op::Ge => v >= n,
+    }
+}
+
+/// The shown name of each (stage, key) of one run: the key, or `stage.key` where several
+/// stages of the run log that key.
+pub fn qualified<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)> + Clone) -> Vec<String> {
+    let mut count: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for (stage, key) in pairs.clone() {
+        count.entry(key).or_default().insert(stage);
+    }
+    pairs.map(|(stage, key)| if count[key].len() > 1 { format!("{stage}.{key}") } else { key.to_string() }).collect()
+}
+
 impl Store {
     /// Loads the runs that pass `filter`, oldest first.
     pub async fn load_runs(&self, filter: &Filter) -> Result<Vec<RunRow>> {
@@ -166,23 +198,24 @@ impl Store {
         let param_keys: BTreeSet<String> =
             sql("SELECT DISTINCT key FROM params").fetch_all(&self.pool).await?.iter().map(|r| r.get(0)).collect();
         let mut binds: Vec<Bind> = Vec::new();
+        let mut metric_conds = Vec::new();
         for c in &filter.conds {
             let num = c.value.parse::<f64>().ok();
             let op = c.op.sql();
             if param_keys.contains(&c.key) {
                 let col = if num.is_some() { "p.value_num" } else { "p.value" };
                 write!(text, " AND EXISTS (SELECT 1 FROM params p WHERE p.run_id = r.id AND p.key = ? AND {col} {op} ?)").unwrap();
+                binds.push(Bind::Text(c.key.clone()));
+                binds.push(match num {
+                    Some(n) => Bind::Num(n),
+                    None => Bind::Text(c.value.clone()),
+                });
             } else {
-                if num.is_none() {
+                let Some(n) = num else {
                     bail!("`--where {}{}{}`: `{}` is no param of any run, and metrics compare with numbers only", c.key, op, c.value, c.key);
-                }
-                write!(text, " AND EXISTS (SELECT 1 FROM final_metrics f WHERE f.run_id = r.id AND f.key = ? AND f.value {op} ?)").unwrap();
+                };
+                metric_conds.push((c, n));
             }
-            binds.push(Bind::Text(c.key.clone()));
-            binds.push(match num {
-                Some(n) => Bind::Num(n),
-                None => Bind::Text(c.value.clone()),
-            });
         }
         text.push_str(" ORDER BY r.id");
         let mut q = sql(AssertSqlSafe(text));
@@ -209,13 +242,38 @@ impl Store {
                 .iter()
                 .map(|p| (p.get::<String, _>(0), p.get::<String, _>(1)))
                 .collect();
-            let metrics = sql("SELECT key, value FROM final_metrics WHERE run_id = ? ORDER BY key")
+            let finals: Vec<(String, String, Option<f64>)> = sql("SELECT stage, key, value FROM final_metrics WHERE run_id = ? ORDER BY key, stage")
                 .bind(id)
                 .fetch_all(&self.pool)
                 .await?
                 .iter()
-                .map(|m| (m.get::<String, _>(0), m.get::<Option<f64>, _>(1)))
+                .map(|m| (m.get(0), m.get(1), m.get(2)))
                 .collect();
+            let metrics: BTreeMap<String, Option<f64>> = qualified(finals.iter().map(|(s, k, _)| (s.as_str(), k.as_str())))
+                .into_iter()
+                .zip(&finals)
+                .map(|(name, (_, _, v))| (name, *v))
+                .collect();
+            let mut keep = true;
+            for (c, n) in &metric_conds {
+                let value = match metrics.get(&c.key) {
+                    Some(v) => *v,
+                    None => {
+                        let stages: Vec<&str> = finals.iter().filter(|(_, k, _)| *k == c.key).map(|(s, _, _)| s.as_str()).collect();
+                        if stages.len() > 1 {
+                            bail!(
+                                "`--where {}{}{}`: metric `{}` is logged by several stages of run {id} ({}); name one, e.g. `{}.{}`",
+                                c.key, c.op.sql(), c.value, c.key, stages.join(", "), stages[0], c.key
+                            );
+                        }
+                        None
+                    }
+                };
+                keep &= value.is_some_and(|v| compare(v, c.op, *n));
+            }
+            if !keep {
+                continue;
+            }
             let status: String = r.get("status");
             out.push(RunRow {
                 id,
@@ -276,16 +334,19 @@ impl Store {
             .collect())
     }
 
-    /// Every logged value of every metric of a run: (key, step, value), by key, step and
-    /// logging order; None for NaN/inf.
+    /// Every logged value of every metric of a run: (shown key, step, value), by key, step
+    /// and logging order; the key qualified by its stage where several stages log it; None
+    /// for NaN/inf.
     pub async fn metric_series(&self, run_id: i64) -> Result<Vec<(String, i64, Option<f64>)>> {
-        Ok(sql("SELECT key, step, value FROM metrics WHERE run_id = ? ORDER BY key, step, id")
+        let rows: Vec<(String, String, i64, Option<f64>)> = sql("SELECT stage, key, step, value FROM metrics WHERE run_id = ? ORDER BY key, stage, step, id")
             .bind(run_id)
             .fetch_all(&self.pool)
             .await?
             .iter()
-            .map(|m| (m.get(0), m.get(1), m.get(2)))
-            .collect())
+            .map(|m| (m.get(0), m.get(1), m.get(2), m.get(3)))
+            .collect();
+        let names = qualified(rows.iter().map(|(s, k, _, _)| (s.as_str(), k.as_str())));
+        Ok(names.into_iter().zip(rows).map(|(name, (_, _, step, v))| (name, step, v)).collect())
     }
 
     /// The summaries of a run, in the order they were recorded.
@@ -323,5 +384,18 @@ mod tests {
         assert_eq!("a<1".parse::<Cond>().unwrap().op, Op::Lt);
         assert!("abc".parse::<Cond>().is_err());
         assert!("=1".parse::<Cond>().is_err());
+    }
+
+    #[test]
+    fn malformed_conditions_are_rejected() {
+        for bad in ["left.factor<=>1", "a=", "a<>1", "a>=<2", "a!==1"] {
+            assert!(bad.parse::<Cond>().is_err(), "{bad} must be rejected");
+        }
+    }
+
+    #[test]
+    fn keys_logged_by_two_stages_are_qualified() {
+        let pairs = [("left", "mean"), ("left", "loss"), ("right", "mean")];
+        assert_eq!(qualified(pairs.iter().copied()), ["left.mean", "loss", "right.mean"]);
     }
 }

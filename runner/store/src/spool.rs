@@ -1,0 +1,318 @@
+//! The spool: rows the results database could not take when they were produced.
+//!
+//! Each process that meets a write failure (a database busy past its timeout, a full
+//! disk) appends the [`Record`]s it could not write, in order, to a JSON-lines file of its
+//! own: `<database>.spool/<host>-<pid>-<time>.jsonl`, or, when that folder cannot be
+//! written, the same name in the fallback folder (the cache's `.spool/`). The first line
+//! names the database the records belong to; each further line is one record with its
+//! sequence number. The process retries the records in order; when all are written the
+//! file is removed. A file left by a process that ended is replayed by the next process
+//! that opens the same database for writing. Every record written from a spool is noted
+//! in the `replayed` table in the same transaction, so a replay that stops half-way and
+//! runs again writes nothing twice.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::{MetricRow, RunStatus, StageRunRow};
+
+/// One unit of writing: what the scheduler records about runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Record {
+    /// Metric rows (one transaction).
+    Metrics(Vec<MetricRow>),
+    /// A stage run with its artifacts and summaries.
+    StageRun(StageRunRow),
+    /// A run's final status.
+    Finish {
+        /// The run.
+        run_id: i64,
+        /// Its status.
+        status: RunStatus,
+        /// Why it failed or was interrupted.
+        error: Option<String>,
+        /// When it ended (RFC 3339).
+        ended_at: String,
+    },
+}
+
+impl Record {
+    fn run_ids(&self) -> Vec<i64> {
+        match self {
+            Record::Metrics(rows) => rows.iter().map(|r| r.run_id).collect(),
+            Record::StageRun(r) => vec![r.run_id],
+            Record::Finish { run_id, .. } => vec![*run_id],
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Header {
+    db: PathBuf,
+    id: String,
+    host: String,
+    pid: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Line {
+    seq: u64,
+    record: Record,
+}
+
+/// This process's spool for one database.
+#[derive(Debug)]
+pub struct Spool {
+    db: PathBuf,
+    dirs: Vec<PathBuf>,
+    id: String,
+    file: Option<PathBuf>,
+    pending: VecDeque<(u64, Record)>,
+    next_seq: u64,
+    last_try: Option<Instant>,
+}
+
+/// How long a process waits between retries while its spool is not empty.
+const RETRY_EVERY: Duration = Duration::from_secs(5);
+
+fn canonical(db: &Path) -> PathBuf {
+    std::fs::canonicalize(db).unwrap_or_else(|_| std::path::absolute(db).unwrap_or_else(|_| db.to_path_buf()))
+}
+
+/// The folders a database's spools may be in: beside it, then the fallback.
+fn spool_dirs(db: &Path, fallback: Option<PathBuf>) -> Vec<PathBuf> {
+    let mut name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".spool");
+    let mut dirs = vec![db.with_file_name(name)];
+    dirs.extend(fallback);
+    dirs
+}
+
+impl Spool {
+    /// The (empty) spool of this process for the database at `db`.
+    pub fn new(db: &Path, fallback: Option<PathBuf>) -> Spool {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "host".into());
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        Spool {
+            db: canonical(db),
+            dirs: spool_dirs(db, fallback),
+            id: format!("{host}-{}-{nanos}", std::process::id()),
+            file: None,
+            pending: VecDeque::new(),
+            next_seq: 0,
+            last_try: None,
+        }
+    }
+
+    /// Whether nothing of this process waits.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// How many records of this process wait.
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// This process's spool file, once one was written.
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_deref()
+    }
+
+    /// Appends a record (to the file first, so it survives this process).
+    pub fn push(&mut self, rec: Record) -> Result<()> {
+        let seq = self.next_seq;
+        let line = serde_json::to_string(&Line { seq, record: rec.clone() })?;
+        let written = self.append(&line);
+        self.pending.push_back((seq, rec));
+        self.next_seq += 1;
+        written
+    }
+
+    fn append(&mut self, line: &str) -> Result<()> {
+        let mut last_err = None;
+        if self.file.is_none() {
+            for dir in self.dirs.clone() {
+                let path = dir.join(format!("{}.jsonl", self.id));
+                let header = serde_json::to_string(&Header {
+                    db: self.db.clone(),
+                    id: self.id.clone(),
+                    host: self.id.rsplitn(3, '-').nth(2).unwrap_or("").to_string(),
+                    pid: std::process::id(),
+                })?;
+                let made = std::fs::create_dir_all(&dir).and_then(|()| {
+                    let mut f = std::fs::OpenOptions::new().create_new(true).append(true).open(&path)?;
+                    writeln!(f, "{header}")?;
+                    f.sync_data()
+                });
+                match made {
+                    Ok(()) => {
+                        self.file = Some(path);
+                        break;
+                    }
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&path);
+                        last_err = Some(anyhow::anyhow!("creating spool {}: {e}", path.display()));
+                    }
+                }
+            }
+        }
+        let Some(path) = &self.file else {
+            return Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no folder for a spool")));
+        };
+        let mut f = std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("opening spool {}", path.display()))?;
+        writeln!(f, "{line}").and_then(|()| f.sync_data()).with_context(|| format!("appending to spool {}", path.display()))
+    }
+
+    /// The oldest waiting record: (spool id, sequence number, record).
+    pub fn front(&self) -> Option<(String, u64, Record)> {
+        self.pending.front().map(|(seq, rec)| (self.id.clone(), *seq, rec.clone()))
+    }
+
+    /// Drops the oldest waiting record (it was written); removes the file when none is left.
+    pub fn pop(&mut self) -> Result<()> {
+        self.pending.pop_front();
+        if self.pending.is_empty()
+            && let Some(f) = self.file.take()
+        {
+            std::fs::remove_file(&f).with_context(|| format!("removing spool {}", f.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Notes a retry now.
+    pub fn tried(&mut self) {
+        self.last_try = Some(Instant::now());
+    }
+
+    /// Whether the last retry is long enough ago for another.
+    pub fn due_for_retry(&self) -> bool {
+        self.last_try.is_none_or(|t| t.elapsed() >= RETRY_EVERY)
+    }
+
+    /// Spool files of other processes for this database whose writer has ended, oldest first.
+    pub fn foreign_files(&self) -> Vec<PathBuf> {
+        let mut out: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
+        for dir in &self.dirs {
+            let Ok(rd) = std::fs::read_dir(dir) else { continue };
+            for e in rd.flatten() {
+                let path = e.path();
+                if path.extension().is_none_or(|x| x != "jsonl") || Some(&path) == self.file.as_ref() {
+                    continue;
+                }
+                let Ok(h) = read_header(&path) else { continue };
+                if h.db != self.db || h.id == self.id {
+                    continue;
+                }
+                let this_host = self.id.starts_with(&format!("{}-", h.host));
+                if this_host && Path::new(&format!("/proc/{}", h.pid)).exists() {
+                    continue; // its writer is still at work
+                }
+                let modified = e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+                out.push((modified, path));
+            }
+        }
+        out.sort();
+        out.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// Records (of any process) in spool files for this database, counting each line.
+    pub fn pending_on_disk(&self) -> usize {
+        let mut n = self.pending.len();
+        for f in self.foreign_files() {
+            n += read_file(&f).map(|(_, r)| r.len()).unwrap_or(0);
+        }
+        n
+    }
+
+    /// Runs named by records in other processes' spools for this database.
+    pub fn spooled_runs(&self) -> BTreeSet<i64> {
+        self.foreign_files().iter().filter_map(|f| read_file(f).ok()).flat_map(|(_, recs)| recs.into_iter().flat_map(|r| r.run_ids())).collect()
+    }
+}
+
+fn read_header(path: &Path) -> Result<Header> {
+    let f = std::fs::File::open(path)?;
+    let mut first = String::new();
+    std::io::BufReader::new(f).read_line(&mut first)?;
+    Ok(serde_json::from_str(&first)?)
+}
+
+/// A spool file's id and its records, in order. A last line cut short (the process died
+/// while appending) is ignored: its record was never acknowledged as spooled.
+pub fn read_file(path: &Path) -> Result<(String, Vec<Record>)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading spool {}", path.display()))?;
+    let mut lines = text.lines();
+    let header: Header = serde_json::from_str(lines.next().unwrap_or("")).with_context(|| format!("{}: bad header", path.display()))?;
+    let mut out = Vec::new();
+    let all: Vec<&str> = lines.collect();
+    for (i, l) in all.iter().enumerate() {
+        match serde_json::from_str::<Line>(l) {
+            Ok(line) => {
+                if line.seq != out.len() as u64 {
+                    bail!("{}: line {} has sequence {} (expected {})", path.display(), i + 2, line.seq, out.len());
+                }
+                out.push(line.record);
+            }
+            Err(_) if i + 1 == all.len() && !text.ends_with('\n') => break,
+            Err(e) => bail!("{}: line {}: {e}", path.display(), i + 2),
+        }
+    }
+    Ok((header.id, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metric(v: f64) -> Record {
+        Record::Metrics(vec![MetricRow { run_id: 1, stage: "s".into(), key: "k".into(), step: 0, value: v }])
+    }
+
+    #[test]
+    fn records_survive_in_order_and_the_file_goes_when_drained() {
+        let d = tempfile::tempdir().unwrap();
+        let db = d.path().join("r.sqlite");
+        std::fs::write(&db, "").unwrap();
+        let mut s = Spool::new(&db, None);
+        s.push(metric(1.0)).unwrap();
+        s.push(metric(f64::NAN)).unwrap();
+        let file = s.file().unwrap().to_path_buf();
+        assert!(file.starts_with(d.path().join("r.sqlite.spool")));
+        let (id, recs) = read_file(&file).unwrap();
+        assert_eq!(id, s.front().unwrap().0);
+        assert_eq!(recs.len(), 2);
+        match &recs[1] {
+            Record::Metrics(rows) => assert!(rows[0].value.is_nan()),
+            other => panic!("{other:?}"),
+        }
+        // Another process sees the file only once its writer has ended (here: never).
+        assert!(Spool::new(&db, None).foreign_files().is_empty());
+        s.pop().unwrap();
+        assert!(file.exists());
+        s.pop().unwrap();
+        assert!(!file.exists() && s.is_empty());
+    }
+
+    #[test]
+    fn an_unwritable_folder_falls_back_and_a_torn_last_line_is_ignored() {
+        let d = tempfile::tempdir().unwrap();
+        let db = d.path().join("r.sqlite");
+        std::fs::write(&db, "").unwrap();
+        std::fs::write(d.path().join("r.sqlite.spool"), "a file where the folder should be").unwrap();
+        let mut s = Spool::new(&db, Some(d.path().join("fallback")));
+        s.push(metric(2.0)).unwrap();
+        let file = s.file().unwrap().to_path_buf();
+        assert!(file.starts_with(d.path().join("fallback")), "{}", file.display());
+        let mut text = std::fs::read_to_string(&file).unwrap();
+        text.push_str("{\"seq\": 1, \"rec");
+        std::fs::write(&file, text).unwrap();
+        assert_eq!(read_file(&file).unwrap().1.len(), 1);
+    }
+}
