@@ -89,6 +89,20 @@ fn huse_learns_is_deterministic_and_resumes() {
         assert!((0.0..=1.0).contains(&v), "{key} = {v}");
     }
     assert!(value(&sb, 1, "test.acc.text") > 10.0 * chance);
+    // Every output file of every stage has the same permissions (libraries that write
+    // safetensors may choose 0600; the cache normalises them).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mut modes = std::collections::BTreeMap::new();
+        for row in sb.sql("SELECT stage, output_dir FROM stage_runs WHERE run_id = 1") {
+            for e in std::fs::read_dir(&row[1]).unwrap() {
+                let e = e.unwrap();
+                modes.insert(format!("{}/{}", row[0], e.file_name().to_string_lossy()), e.metadata().unwrap().permissions().mode() & 0o777);
+            }
+        }
+        let distinct: std::collections::BTreeSet<_> = modes.values().collect();
+        assert_eq!(distinct.len(), 1, "mixed output permissions: {modes:?}");
+    }
 
     // Same seed, same data: the same loss curve, bit for bit.
     sb.run(&[&f, "--force", "train"]).expect(0);

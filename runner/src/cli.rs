@@ -22,7 +22,7 @@ use crate::builtin_registry;
 
 #[derive(Parser, Debug)]
 #[command(name = "huse-run", version, about = "Run, sweep and compare HUSE experiments described in YAML.")]
-#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+#[command(subcommand_negates_reqs = true)]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,

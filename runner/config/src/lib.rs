@@ -188,10 +188,14 @@ pub(crate) struct Ctx<'a> {
     pub file: String,
     pub diags: Vec<Diagnostic>,
     pub registry: &'a Registry,
+    /// Every error reported, repeats included (the list keeps one of each): passes compare
+    /// this count, since a sweep point can repeat an earlier point's error.
+    pub errors: usize,
 }
 
 impl Ctx<'_> {
     pub fn err(&mut self, origin: &Origin, path: &str, message: impl Into<String>) {
+        self.errors += 1;
         let d = Diagnostic { file: self.file.clone(), origin: origin.clone(), path: path.to_string(), message: message.into() };
         if !self.diags.contains(&d) {
             self.diags.push(d);
@@ -301,7 +305,7 @@ impl Source {
 /// Overrides, expands and validates an experiment against the stage kinds of `registry`;
 /// `env` looks up `${VAR}`s.
 pub fn compile(src: &Source, overrides: &Overrides, registry: &Registry, env: &dyn Fn(&str) -> Option<String>) -> Result<Experiment, Diagnostics> {
-    let mut cx = Ctx { file: src.display.clone(), diags: Vec::new(), registry };
+    let mut cx = Ctx { file: src.display.clone(), diags: Vec::new(), registry, errors: 0 };
     let root = src.tree()?;
     let Some(map) = root.as_map() else {
         cx.err(&root.origin, "", format!("an experiment must be a mapping, found {}", root.value.type_name()));

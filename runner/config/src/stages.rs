@@ -13,7 +13,7 @@ use crate::{Ctx, Edge, STAGE_KEYS, StageSpec, did_you_mean, valid_name};
 
 /// Validates one resolved tree; returns (seed, device, stages in topological order).
 pub(crate) fn compile_tree(cx: &mut Ctx, tree: &Node) -> Option<(u64, DeviceSpec, Vec<StageSpec>)> {
-    let before = cx.diags.len();
+    let before = cx.errors;
     let (seed, device) = settings(cx, tree);
     let Some(stages_node) = tree.get("stages") else {
         cx.err(&tree.origin, "stages", "missing required key `stages`");
@@ -24,7 +24,7 @@ pub(crate) fn compile_tree(cx: &mut Ctx, tree: &Node) -> Option<(u64, DeviceSpec
         return None;
     };
     let mut specs = entries(cx, stage_map);
-    if cx.diags.len() > before {
+    if cx.errors > before {
         return None;
     }
     let key_origin = |name: &str| stage_map.iter().find(|(k, _)| k.name == name).map(|(k, _)| k.origin.clone()).unwrap_or(Origin::Default);
@@ -38,7 +38,7 @@ pub(crate) fn compile_tree(cx: &mut Ctx, tree: &Node) -> Option<(u64, DeviceSpec
     };
     wire(cx, &mut specs, &key_origin);
     validate_configs(cx, &specs, tree);
-    if cx.diags.len() > before {
+    if cx.errors > before {
         return None;
     }
     let mut by_name: BTreeMap<String, StageSpec> = specs.into_iter().map(|s| (s.name.clone(), s)).collect();
@@ -278,6 +278,16 @@ mod tests {
         for w in want {
             assert!(e.iter().any(|d| d.starts_with(w)), "missing {w:?} in {e:#?}");
         }
+    }
+
+    #[test]
+    fn an_error_repeated_by_every_sweep_point_still_stops_the_point() {
+        // Each point repeats the same entry error (listed once); the later passes must not
+        // run on the incomplete stage list (they used to panic in the topological sort).
+        let text = "name: x\nstages:\n  a: { uses: toy-source }\n  b: 3\n  c: { uses: toy-scale, needs: [b] }\nsweep:\n  a.count: [1, 2]\n";
+        let e = compile_err(text, &[]);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("stages.b: expected a mapping"), "{e:?}");
     }
 
     #[test]

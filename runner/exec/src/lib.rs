@@ -492,6 +492,7 @@ async fn run_job(
         match got {
             Ok(Ok(h)) if &h == want => {}
             Ok(Ok(_)) => {
+                warn!("{label}: input `{}` from stage `{}` does not match its recorded hash; not computing from it", e.artifact, e.from);
                 return State::Failed(format!(
                     "input `{}` from stage `{}` ({}) no longer matches the hash recorded when it was written: the cached entry was changed or damaged. `huse-run cache verify` removes damaged entries; then run again",
                     e.artifact,
