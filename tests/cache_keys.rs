@@ -8,7 +8,8 @@
 //! `HUSE_UPDATE_KEYS=1 cargo test -p huse-run --test cache_keys` and says so in its commit.
 //! History: written by the code before the crate split (1e055bd) and unchanged by it;
 //! regenerated once when inputs entered keys by content instead of by upstream key (the
-//! keys of stages without inputs stayed the same).
+//! keys of stages without inputs stayed the same); evaluate 1 -> 2 (instance retrieval) changed
+//! the keys of the evaluate stages only.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

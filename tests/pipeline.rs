@@ -84,11 +84,16 @@ fn huse_learns_is_deterministic_and_resumes() {
     let gap: Vec<f64> = curve(&sb, 1, "train.loss_gap").iter().map(|v| v.parse().unwrap()).collect();
     assert!(gap.iter().all(|g| *g < 0.3), "{gap:?}");
     // Evaluate wrote the three tables' metrics.
-    for key in ["test.i2i.r1", "test.t2i.r10", "test.hp5.i2t", "test.acc.both", "test.acc.image.l0"] {
+    for key in ["test.i2i.r1", "test.t2i.r10", "test.hp5.i2t", "test.acc.both", "test.acc.image.l0", "test.inst.i2t.r1", "test.inst.t2i.r10"] {
         let v = value(&sb, 1, key);
         assert!((0.0..=1.0).contains(&v), "{key} = {v}");
     }
     assert!(value(&sb, 1, "test.acc.text") > 10.0 * chance);
+    // Instance retrieval: an item's text ranks its own image far better than chance (the
+    // median rank of a random order would be about half the test split).
+    let medr = value(&sb, 1, "test.inst.t2i.medr");
+    assert!(medr >= 1.0 && medr < 50.0, "median rank {medr}");
+    assert!(out.stdout().contains("Table 4 — instance retrieval"), "{}", out.stdout());
     // Every output file of every stage has the same permissions (libraries that write
     // safetensors may choose 0600; the cache normalises them).
     {

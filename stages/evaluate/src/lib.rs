@@ -7,6 +7,9 @@
 //! * Table 3, accuracy: `test.acc.image`, `test.acc.text`, `test.acc.both` (with the fusion
 //!   weight chosen on validation by train), and per hierarchy level `test.acc.both.lN`
 //!   (also `.image.lN`, `.text.lN`).
+//! * Table 4 (not in the paper), instance retrieval: `test.inst.i2t.r1/r5/r10` (an item's
+//!   image finds its own text among all test texts within K), `test.inst.t2i.rK`, and the
+//!   median ranks `test.inst.i2t.medr`, `test.inst.t2i.medr`.
 //!
 //! Queries and gallery are the test items; a query never retrieves itself nor, in
 //! cross-modal search, its own paired item. Similarities are computed `block` queries at
@@ -60,7 +63,7 @@ impl Stage for Evaluate {
         "evaluate"
     }
     fn version(&self) -> &str {
-        "1"
+        "2"
     }
     fn describe(&self) -> &str {
         "the paper's Tables 1-3 (Recall@K, HP@K, accuracy) on the test split"
@@ -129,6 +132,15 @@ impl Stage for Evaluate {
             }
             ctx.progress.inc(1);
         }
+        // Instance level: does an item's image retrieve its own text, and its text its own image?
+        for (name, q, g) in [("i2t", &img, &txt), ("t2i", &txt, &img)] {
+            ctx.cancel.check()?;
+            let ranks = metrics::instance_ranks(q, g);
+            for (k, r) in cfg.ks.iter().zip(metrics::instance_recall(&ranks, &cfg.ks)) {
+                out.push((format!("{p}.inst.{name}.r{k}"), r));
+            }
+            out.push((format!("{p}.inst.{name}.medr"), metrics::median_rank(&ranks)));
+        }
         let k = ds.classes;
         let both = metrics::fuse(&pi, &pt, meta.fusion_weight);
         out.push((format!("{p}.acc.image"), metrics::accuracy(&pi, k, &labels)));
@@ -175,6 +187,13 @@ pub fn tables(m: &serde_json::Map<String, serde_json::Value>, cfg: &EvalCfg, pre
     for name in ["image", "text", "both"] {
         let lv: Vec<String> = (0..depth).map(|l| get(&format!("{prefix}.acc.{name}.l{l}"))).collect();
         writeln!(s, "| {name} | {} | {} |", get(&format!("{prefix}.acc.{name}")), lv.join(" | ")).unwrap();
+    }
+    writeln!(s, "\nTable 4 — instance retrieval: an item's own pair, R@{} and median rank ({prefix} split)\n", ks.join("/")).unwrap();
+    writeln!(s, "| | R@{} | median rank |\n|---|---|---|", ks.join("/")).unwrap();
+    for (name, label) in [("i2t", "image -> own text"), ("t2i", "text -> own image")] {
+        let r: Vec<String> = cfg.ks.iter().map(|k| get(&format!("{prefix}.inst.{name}.r{k}"))).collect();
+        let medr = m.get(&format!("{prefix}.inst.{name}.medr")).and_then(|v| v.as_f64()).map(|v| format!("{v}")).unwrap_or_else(|| "-".into());
+        writeln!(s, "| {label} | {} | {medr} |", r.join("/")).unwrap();
     }
     s
 }

@@ -10,6 +10,10 @@
 //!   at least as close as the K-th closest class (ties included); HP@K is the share of the
 //!   K retrieved items whose class is in that set.
 //! * [`accuracy`], [`fuse`], [`best_fusion_weight`], [`level_accuracy`] — Table 3.
+//! * [`instance_ranks`], [`instance_recall`], [`median_rank`] — instance-level retrieval
+//!   (not in the paper): for query i, the rank of its OWN paired item i in the other
+//!   modality among all gallery items (does a product's photo retrieve its own title?).
+//!   This is what the gap loss is meant to improve; the class-level Table 1 cannot show it.
 
 use huse_data::ClassTree;
 
@@ -64,6 +68,42 @@ pub fn top_k(queries: &Rows, gallery: &Rows, k: usize, skip: &dyn Fn(usize) -> O
         }
     }
     out
+}
+
+/// For each query i, the 1-based rank of gallery item i (its own pair) among all gallery
+/// items by similarity: 1 + the items more similar than it, + the equally similar ones of
+/// lower index (ties broken by index, as in [`top_k`]). One query at a time: memory O(N).
+pub fn instance_ranks(queries: &Rows, gallery: &Rows) -> Vec<usize> {
+    assert_eq!(queries.len(), gallery.len(), "instance retrieval pairs query i with gallery item i");
+    let n = gallery.len();
+    let mut ranks = Vec::with_capacity(n);
+    let mut sims = vec![0f32; n];
+    for q in 0..queries.len() {
+        let qrow = queries.row(q);
+        for (g, s) in sims.iter_mut().enumerate() {
+            *s = qrow.iter().zip(gallery.row(g)).map(|(a, b)| a * b).sum();
+        }
+        let own = sims[q];
+        let ahead = sims.iter().enumerate().filter(|(g, s)| **s > own || (**s == own && *g < q)).count();
+        ranks.push(1 + ahead);
+    }
+    ranks
+}
+
+/// The share of queries whose own pair is within the top K, for each K in `ks`.
+pub fn instance_recall(ranks: &[usize], ks: &[usize]) -> Vec<f64> {
+    ks.iter().map(|&k| ranks.iter().filter(|r| **r <= k).count() as f64 / ranks.len().max(1) as f64).collect()
+}
+
+/// The median rank (the mean of the two middle ranks for an even count).
+pub fn median_rank(ranks: &[usize]) -> f64 {
+    if ranks.is_empty() {
+        return f64::NAN;
+    }
+    let mut r = ranks.to_vec();
+    r.sort_unstable();
+    let n = r.len();
+    if n % 2 == 1 { r[n / 2] as f64 } else { (r[n / 2 - 1] + r[n / 2]) as f64 / 2.0 }
 }
 
 /// Recall@K for each K in `ks` (result lists must be at least max(ks) long).
@@ -193,6 +233,27 @@ mod tests {
         // Without skipping, an item finds itself first.
         let r = top_k(&rows, &rows, 1, &|_| None, 1);
         assert_eq!(r, vec![vec![0], vec![1], vec![2], vec![3]]);
+    }
+
+    #[test]
+    fn instance_retrieval_by_hand() {
+        // Four items, unit vectors in 2-D; similarities worked out by hand:
+        // i2t  i0: t2 (1.0) > t0 (0.8) -> 2;  i1: t1 (0.8) first -> 1;
+        //      i2: t1 (1.0), t0 (0.96) > t2 (0.6) -> 3;  i3: t3 (0.0) first -> 1.
+        // t2i  t0: i2 (0.96) > i0 (0.8) -> 2;  t1: i2 (1.0) > i1 (0.8) -> 2;
+        //      t2: i0 (1.0) > i2 (0.6) -> 2;  t3: i0 ties i3 at 0.0, lower index first -> 2.
+        let img = [1.0, 0.0, 0.0, 1.0, 0.6, 0.8, -1.0, 0.0];
+        let txt = [0.8, 0.6, 0.6, 0.8, 1.0, 0.0, 0.0, -1.0];
+        let (i, t) = (Rows { data: &img, dim: 2 }, Rows { data: &txt, dim: 2 });
+        let i2t = instance_ranks(&i, &t);
+        assert_eq!(i2t, [2, 1, 3, 1]);
+        assert_eq!(instance_recall(&i2t, &[1, 2, 5]), [0.5, 0.75, 1.0]);
+        assert_eq!(median_rank(&i2t), 1.5);
+        let t2i = instance_ranks(&t, &i);
+        assert_eq!(t2i, [2, 2, 2, 2]);
+        assert_eq!(instance_recall(&t2i, &[1, 2]), [0.0, 1.0]);
+        assert_eq!(median_rank(&t2i), 2.0);
+        assert_eq!(median_rank(&[3, 1, 2]), 2.0);
     }
 
     #[test]
