@@ -16,8 +16,13 @@ fn report_references_every_figure_and_shows_the_database_numbers() {
     let files: BTreeSet<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).filter(|n| n.ends_with(".svg")).collect();
     let referenced: BTreeSet<String> = html.split("src=\"").skip(1).map(|s| s.split('"').next().unwrap().to_string()).collect();
     assert_eq!(files, referenced, "every figure is on the page and every image exists");
-    // 1 sweep heatmap (sum over factor x offset) + one curve (loss, 3 steps) per run.
-    assert!(files.contains("sweep-0.svg") && files.len() == 5, "{files:?}");
+    // 1 sweep heatmap (sum over factor x offset) + one chart per multi-step metric (loss,
+    // 3 steps) with the four runs overlaid — not one chart per run and metric.
+    assert!(files.contains("sweep-0.svg") && files.contains("curve-loss.svg") && files.len() == 2, "{files:?}");
+    let curves = std::fs::read_to_string(out.join("curve-loss.svg")).unwrap();
+    for point in ["mid.factor=1,mid.offset=0", "mid.factor=2,mid.offset=1"] {
+        assert!(curves.contains(point), "the legend names every sweep point: {point}");
+    }
     for f in &files {
         let svg = std::fs::read_to_string(out.join(f)).unwrap();
         assert!(svg.trim_start().starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{f} is not an SVG document");

@@ -2,7 +2,9 @@
 //! alone (so it can be regenerated at any time, after the cache is gone).
 //!
 //! The page holds, for an experiment:
-//! * one small line chart per metric logged at more than one step (training curves), per run;
+//! * one chart per metric logged at more than one step (training curves), every run
+//!   overlaid: per sweep point a mean line with a min-max band when seeds repeat, a plain
+//!   line otherwise (an 8-run sweep draws one chart per metric, not one per run and metric);
 //! * for a sweep, each selected final metric against the swept params: a line (mean over
 //!   seeds, with min-max whiskers) for one param, a heatmap for two;
 //! * the runs table (varying params + selected final metrics; the best value of each
@@ -113,16 +115,28 @@ pub async fn report(store: &Store, experiment: &str, out: &Path, metric_globs: &
     }
     html.push_str("</table><p>Bold: the best (highest) value of each metric.</p>");
 
-    // Per run: curves, summaries, config.
+    // Training curves: one chart per metric, every run overlaid, grouped by sweep point.
+    let mut by_metric: BTreeMap<String, BTreeMap<String, Vec<Vec<(f64, f64)>>>> = BTreeMap::new();
     for r in &runs {
-        write!(html, "<h2>Run {} — {}</h2>", r.id, esc(&r.name))?;
-        let series = curves(store, r.id).await?;
-        for (key, points) in &series {
-            let name = format!("run{}-{}.svg", r.id, key.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
-            curve(&out.join(&name), key, points)?;
-            write!(html, "<img src=\"{name}\" alt=\"{}\" width=\"320\">", esc(key))?;
+        let label = if r.point.is_empty() { r.name.clone() } else { r.point.clone() };
+        for (key, points) in curves(store, r.id).await? {
+            by_metric.entry(key).or_default().entry(label.clone()).or_default().push(points);
+        }
+    }
+    if !by_metric.is_empty() {
+        html.push_str("<h2>Training curves</h2><p>One line per sweep point: the mean over its seeds, with the min-max band when seeds repeat.</p><div>");
+        for (key, groups) in &by_metric {
+            let name = format!("curve-{}.svg", key.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+            overlay(&out.join(&name), key, groups)?;
+            write!(html, "<img src=\"{name}\" alt=\"{}\" width=\"460\">", esc(key))?;
             figures.push(name);
         }
+        html.push_str("</div>");
+    }
+
+    // Per run: summaries, config.
+    for r in &runs {
+        write!(html, "<h2>Run {} — {}</h2>", r.id, esc(&r.name))?;
         for s in store.summaries(r.id).await? {
             write!(html, "<h3>{} — {}</h3><pre>{}</pre>", esc(&s.stage), esc(&s.name), esc(&s.text))?;
         }
@@ -160,17 +174,64 @@ fn range(vals: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
     if (hi - lo).abs() < 1e-12 { (lo - 0.5, hi + 0.5) } else { (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)) }
 }
 
-fn curve(path: &Path, key: &str, points: &[(f64, f64)]) -> Result<()> {
-    let root = SVGBackend::new(path, (320, 220)).into_drawing_area();
+/// Per step: mean, min and max over the series (steps in order; a step some series lack
+/// uses those that have it).
+fn band(series: &[Vec<(f64, f64)>]) -> Vec<(f64, f64, f64, f64)> {
+    let mut at: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
+    for s in series {
+        for (x, y) in s {
+            at.entry(*x as i64).or_default().push(*y);
+        }
+    }
+    at.into_iter()
+        .map(|(x, ys)| {
+            let lo = ys.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = ys.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            (x as f64, mean_std(&ys).0, lo, hi)
+        })
+        .collect()
+}
+
+const PALETTE: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+];
+
+/// One metric, every group (sweep point) overlaid: mean line, min-max band over seeds.
+fn overlay(path: &Path, key: &str, groups: &BTreeMap<String, Vec<Vec<(f64, f64)>>>) -> Result<()> {
+    let bands: Vec<(&String, Vec<(f64, f64, f64, f64)>)> = groups.iter().map(|(l, s)| (l, band(s))).collect();
+    let root = SVGBackend::new(path, (460, 300)).into_drawing_area();
     root.fill(&WHITE)?;
-    let (x0, x1) = range(points.iter().map(|p| p.0));
-    let (y0, y1) = range(points.iter().map(|p| p.1));
-    let mut chart = ChartBuilder::on(&root).caption(key, ("sans-serif", 14)).margin(6).x_label_area_size(22).y_label_area_size(44).build_cartesian_2d(x0..x1, y0..y1)?;
+    let (x0, x1) = range(bands.iter().flat_map(|(_, b)| b.iter().map(|p| p.0)));
+    let (y0, y1) = range(bands.iter().flat_map(|(_, b)| b.iter().flat_map(|p| [p.2, p.3])));
+    let mut chart = ChartBuilder::on(&root).caption(key, ("sans-serif", 14)).margin(6).x_label_area_size(24).y_label_area_size(48).build_cartesian_2d(x0..x1, y0..y1)?;
     chart.configure_mesh().x_desc("step").label_style(("sans-serif", 10)).draw()?;
-    chart.draw_series(LineSeries::new(points.iter().copied(), &BLUE))?;
+    for (i, (label, b)) in bands.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        if groups[*label].len() > 1 {
+            let mut poly: Vec<(f64, f64)> = b.iter().map(|p| (p.0, p.3)).collect();
+            poly.extend(b.iter().rev().map(|p| (p.0, p.2)));
+            chart.draw_series(std::iter::once(Polygon::new(poly, color.mix(0.18).filled())))?;
+        }
+        chart
+            .draw_series(LineSeries::new(b.iter().map(|p| (p.0, p.1)), color.stroke_width(2)))?
+            .label(label.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2)));
+    }
+    if bands.len() > 1 {
+        chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK.mix(0.3)).label_font(("sans-serif", 9)).draw()?;
+    }
     root.present()?;
     Ok(())
 }
+
+
 
 fn num(s: &str) -> Option<f64> {
     s.parse().ok()
@@ -271,4 +332,15 @@ fn sweep_heatmap(path: &Path, runs: &[RunRow], pa: &str, pb: &str, metric: &str)
 /// Default report directory.
 pub fn default_out(experiment: &str) -> PathBuf {
     PathBuf::from(format!("report-{experiment}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bands_are_mean_min_max_per_step() {
+        let b = band(&[vec![(1.0, 1.0), (2.0, 4.0)], vec![(1.0, 3.0), (2.0, 2.0)], vec![(1.0, 2.0)]]);
+        assert_eq!(b, vec![(1.0, 2.0, 1.0, 3.0), (2.0, 3.0, 2.0, 4.0)]);
+    }
 }
