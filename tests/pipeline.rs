@@ -92,7 +92,7 @@ fn huse_learns_is_deterministic_and_resumes() {
     // Instance retrieval: an item's text ranks its own image far better than chance (the
     // median rank of a random order would be about half the test split).
     let medr = value(&sb, 1, "test.inst.t2i.medr");
-    assert!(medr >= 1.0 && medr < 50.0, "median rank {medr}");
+    assert!((1.0..60.0).contains(&medr), "median rank {medr} (a random order gives about half of the ~240 test items)");
     assert!(out.stdout().contains("Table 4 — instance retrieval"), "{}", out.stdout());
     // Every output file of every stage has the same permissions (libraries that write
     // safetensors may choose 0600; the cache normalises them).
@@ -140,6 +140,47 @@ fn huse_learns_is_deterministic_and_resumes() {
     let resumed_at = value(&sb, 5, "train.resumed_at_epoch");
     assert!(resumed_at >= 1.0, "resumed at epoch {resumed_at}");
     assert_eq!(curve(&sb, 5, "train.loss"), curve(&sb, 1, "train.loss"), "resumed curve equals the uninterrupted one");
+
+    // What a trained run is for: find products by a sentence or a photo.
+    let ingest = sb.sql("SELECT output_dir FROM stage_runs WHERE run_id = 1 AND stage = 'ingest'")[0][0].clone();
+    let items: Vec<serde_json::Value> =
+        std::fs::read_to_string(format!("{ingest}/items.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let classes: serde_json::Value = serde_json::from_slice(&std::fs::read(format!("{ingest}/classes.json")).unwrap()).unwrap();
+    let class_of = |it: &serde_json::Value| classes["classes"][it["class"].as_u64().unwrap() as usize]["name"].as_str().unwrap().to_string();
+    let tests: Vec<&serde_json::Value> = items.iter().filter(|i| i["split"] == "test").take(5).collect();
+    for it in &tests {
+        // In the text embeddings, a query built from an item's own title finds that very item
+        // first, at distance 0: the query is encoded exactly as the encode stage encoded it.
+        let csv = sb.run(&["search", "1", "--text", it["text"].as_str().unwrap(), "--modality", "text", "-k", "10", "-f", "csv"]).expect(0).stdout();
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines[0], "rank,id,title,class,split,distance");
+        assert_eq!(lines.len(), 11, "{csv}");
+        let first: Vec<&str> = lines[1].rsplitn(2, ',').collect();
+        assert!(first[0].parse::<f64>().unwrap().abs() < 1e-4, "{csv}");
+        assert!(lines[1..].iter().any(|l| l.contains(&format!(",{},", class_of(it)))), "the item's class is in the results: {csv}");
+        assert!(lines[1..].iter().any(|l| l.starts_with(&format!("1,{},", it["id"].as_str().unwrap())) || l.contains(&format!(",{},", it["id"].as_str().unwrap()))), "{csv}");
+    }
+    // Across modalities (the default: a text query against the item images) every result is a
+    // real item with a distance in [0, 2].
+    let csv = sb.run(&["search", "1", "--text", tests[0]["text"].as_str().unwrap(), "-k", "3", "-f", "csv"]).expect(0).stdout();
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+    // By photo, in the text embeddings: the item's class again.
+    let it = tests[0];
+    let json = sb.run(&["search", "1", "--image", it["image"].as_str().unwrap(), "--modality", "text", "-k", "5", "-f", "json"]).expect(0).stdout();
+    let hits: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(hits.as_array().unwrap().len(), 5);
+    assert!(hits.as_array().unwrap().iter().all(|h| h["distance"].as_f64().unwrap() >= -1e-4 && h["distance"].as_f64().unwrap() <= 2.0001));
+    let err = sb.run(&["search", "1", "--text", "   "]).expect(1).stderr();
+    assert!(err.contains("the query text is empty"), "{err}");
+    // Embeddings of the test split, with ids, from the cached index.
+    let out = sb.path().join("emb");
+    sb.run(&["embed", "1", "--split", "test", "--out", out.to_str().unwrap()]).expect(0);
+    let ids: Vec<String> = serde_json::from_slice(&std::fs::read(out.join("ids.json")).unwrap()).unwrap();
+    assert_eq!(ids.len(), items.iter().filter(|i| i["split"] == "test").count());
+    let t = candle_core::safetensors::load(out.join("embeddings.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(t["image"].dims(), &[ids.len(), 512]);
+    let norms: Vec<f32> = t["text"].sqr().unwrap().sum(1).unwrap().to_vec1().unwrap();
+    assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-3), "unit embeddings");
 }
 
 #[test]

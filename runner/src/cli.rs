@@ -163,6 +163,37 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Find items of a trained run by a sentence or a photo (nearest by cosine distance).
+    Search {
+        /// The run (its id in the database).
+        run: i64,
+        /// A text query, e.g. "red floral summer dress".
+        #[arg(long, conflicts_with = "image", required_unless_present = "image")]
+        text: Option<String>,
+        /// An image query (JPEG or PNG).
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// How many results.
+        #[arg(short, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        k: u32,
+        /// Search the items' image or text embeddings.
+        #[arg(long, default_value = "image")]
+        modality: huse_search::Modality,
+        /// table, csv, json or markdown.
+        #[arg(long, short = 'f', default_value = "table")]
+        format: Format,
+    },
+    /// Write a trained run's image and text embeddings of its items (safetensors + ids.json).
+    Embed {
+        /// The run (its id in the database).
+        run: i64,
+        /// Which items: all, train, val or test.
+        #[arg(long, default_value = "all")]
+        split: String,
+        /// Output folder (default: embed-RUN).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// The stage cache: `verify` checks every entry's outputs against their recorded hashes.
     Cache {
         #[command(subcommand)]
@@ -361,6 +392,50 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
             }
             Ok(0)
         }
+        Some(Cmd::Search { run, text, image, k, modality, format }) => {
+            let store = open_for_queries(&g.db).await?;
+            let files = run_files(&store, run).await?;
+            store.close().await;
+            let searcher = huse_search::Searcher::open(&files, &g.cache.join(".index"))?;
+            let q = match (&text, &image) {
+                (Some(t), _) => searcher.embed_text(t)?,
+                (None, Some(p)) => searcher.embed_image(p)?,
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let mut t = Table { headers: ["rank", "id", "title", "class", "split", "distance"].iter().map(|s| s.to_string()).collect(), rows: vec![] };
+            for (i, h) in searcher.search(&q, modality, k as usize).into_iter().enumerate() {
+                t.rows.push(vec![
+                    Cell::Int(i as i64 + 1),
+                    Cell::Text(h.id),
+                    Cell::Text(h.title),
+                    Cell::Text(h.class),
+                    Cell::Text(format!("{:?}", h.split).to_lowercase()),
+                    Cell::Num(Some(f64::from(h.distance))),
+                ]);
+            }
+            print!("{}", t.render(format));
+            Ok(0)
+        }
+        Some(Cmd::Embed { run, split, out }) => {
+            let keep: Option<huse_data::Split> = match split.as_str() {
+                "all" => None,
+                "train" => Some(huse_data::Split::Train),
+                "val" => Some(huse_data::Split::Val),
+                "test" => Some(huse_data::Split::Test),
+                other => {
+                    eprintln!("error: --split {other}: expected all, train, val or test");
+                    return Ok(2);
+                }
+            };
+            let store = open_for_queries(&g.db).await?;
+            let files = run_files(&store, run).await?;
+            store.close().await;
+            let searcher = huse_search::Searcher::open(&files, &g.cache.join(".index"))?;
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("embed-{run}")));
+            let n = huse_search::write_embeddings(&searcher, keep, &out)?;
+            println!("{} ({n} items: embeddings.safetensors with `image` and `text` ({n} x {}), ids.json)", out.display(), searcher.dim());
+            Ok(0)
+        }
         Some(Cmd::Cache { cmd: CacheCmd::Verify }) => {
             let cache = Cache::open(&g.cache)?;
             let (mut good, mut bad) = (0, 0);
@@ -391,6 +466,34 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// Where run `run`'s ingest, encode and train outputs are, from the database.
+async fn run_files(store: &Store, run: i64) -> Result<huse_search::RunFiles> {
+    let info = store.run(run).await?;
+    let stages = store.stage_runs(run).await?;
+    let find = |kind: &str| {
+        stages
+            .iter()
+            .find(|s| s.kind == kind && s.status == huse_store::StageStatus::Succeeded && s.output_dir.is_some())
+            .with_context(|| format!("run {run} ({}) has no succeeded `{kind}` stage; search needs a trained HUSE run", info.name))
+    };
+    let (ingest, encode, train) = (find("ingest")?, find("encode")?, find("train")?);
+    for s in [ingest, encode, train] {
+        let dir = PathBuf::from(s.output_dir.as_ref().unwrap());
+        if !dir.is_dir() {
+            anyhow::bail!("run {run}: the `{}` output {} is no longer in the cache; run the experiment again to recreate it", s.stage, dir.display());
+        }
+    }
+    let (yaml, _) = store.run_config(run).await?;
+    let config: serde_json::Value = serde_saphyr::from_str(&yaml).context("the run's resolved config")?;
+    Ok(huse_search::RunFiles {
+        ingest_dir: ingest.output_dir.clone().unwrap().into(),
+        encode_dir: encode.output_dir.clone().unwrap().into(),
+        train_dir: train.output_dir.clone().unwrap().into(),
+        encode_config: config["stages"][&encode.stage]["with"].clone(),
+        index_key: format!("{}-{}", train.cache_key, encode.cache_key),
+    })
 }
 
 /// A temporary file name beside `target`.

@@ -154,6 +154,8 @@ pub struct StageRunInfo {
     pub cache_key: String,
     /// Why it did not succeed.
     pub error: Option<String>,
+    /// Its output folder in the cache (succeeded stages).
+    pub output_dir: Option<String>,
 }
 
 enum Bind {
@@ -304,7 +306,7 @@ impl Store {
 
     /// The recorded stages of a run, in the order they were recorded.
     pub async fn stage_runs(&self, run_id: i64) -> Result<Vec<StageRunInfo>> {
-        let rows = sql("SELECT stage, kind, status, cached, duration_s, cache_key, error FROM stage_runs WHERE run_id = ? ORDER BY id")
+        let rows = sql("SELECT stage, kind, status, cached, duration_s, cache_key, error, output_dir FROM stage_runs WHERE run_id = ? ORDER BY id")
             .bind(run_id)
             .fetch_all(&self.pool)
             .await?;
@@ -318,6 +320,7 @@ impl Store {
                     duration_s: s.get(4),
                     cache_key: s.get(5),
                     error: s.get(6),
+                    output_dir: s.get(7),
                 })
             })
             .collect()

@@ -1,0 +1,309 @@
+//! `huse-search`: what a trained run is for — products found by a sentence or a photo.
+//!
+//! The one runner crate that knows the HUSE model: a [`Searcher`] loads a trained run's
+//! frozen encoders (as its `encode` stage configured them, through `huse-encoders`) and its
+//! towers (`huse-model`), embeds every item of the run's dataset in both modalities once
+//! (the index, cached under the run's train and encode keys), and answers queries by exact
+//! blocked search: a text is encoded like an item's title (BERT last-4 features and the
+//! run's own TF-IDF vocabulary, then the text tower), an image like an item's photo
+//! (PIL-exact resize, MobileNetV2, then the image tower). [`RunFiles`] says where a run's
+//! artifacts are; the binary fills it from the results database.
+//!
+//! ```no_run
+//! # fn f(files: huse_search::RunFiles) -> anyhow::Result<()> {
+//! let s = huse_search::Searcher::open(&files, std::path::Path::new(".huse/cache/.index"))?;
+//! let q = s.embed_text("red floral summer dress")?;
+//! for hit in s.search(&q, huse_search::Modality::Image, 10) {
+//!     println!("{} {} {} {:.3}", hit.id, hit.title, hit.class, hit.distance);
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::{Context as _, Result, bail};
+use candle_core::{Device, Tensor};
+use huse_data::{Artifact, ClassTree, Item, Split};
+use huse_encoders::mobilenet_v2::MobileNetV2;
+use huse_encoders::model_ref::{ModelRef, TEXT_MODEL_FILES};
+use huse_encoders::text::TextEncoder;
+use huse_encoders::tfidf::Tfidf;
+use huse_encoders::image_prep;
+use huse_model::data::{Dataset, Sparse};
+use huse_model::metrics::{Rows, top_k};
+use huse_model::model::{Huse, ModelMeta, predict};
+use huse_stage_encode::EncodeCfg;
+
+/// Where a trained run's artifacts are.
+#[derive(Debug, Clone)]
+pub struct RunFiles {
+    /// The ingest stage's output folder (`items.jsonl`, `classes.json`).
+    pub ingest_dir: PathBuf,
+    /// The encode stage's output folder (features, TF-IDF vocabulary).
+    pub encode_dir: PathBuf,
+    /// The train stage's output folder (`model.safetensors`, `model.json`).
+    pub train_dir: PathBuf,
+    /// The encode stage's resolved `with:` config (how queries must be encoded).
+    pub encode_config: serde_json::Value,
+    /// Names the cached index: the train and encode cache keys.
+    pub index_key: String,
+}
+
+/// Which embeddings to search.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Modality {
+    /// The items' image embeddings.
+    Image,
+    /// The items' text embeddings.
+    Text,
+}
+
+impl std::str::FromStr for Modality {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "image" => Ok(Modality::Image),
+            "text" => Ok(Modality::Text),
+            _ => Err(format!("unknown modality `{s}` (image or text)")),
+        }
+    }
+}
+
+/// One result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hit {
+    /// Position of the item in the run's `items.jsonl`.
+    pub index: usize,
+    /// The item's id.
+    pub id: String,
+    /// Its text (title).
+    pub title: String,
+    /// Its class path, `A<B<C`.
+    pub class: String,
+    /// Its split.
+    pub split: Split,
+    /// Its image file.
+    pub image: String,
+    /// Cosine distance to the query (0 = same direction).
+    pub distance: f32,
+}
+
+/// A trained run, ready to embed and search.
+pub struct Searcher {
+    model: Huse,
+    meta: ModelMeta,
+    tree: ClassTree,
+    items: Vec<Item>,
+    /// Unit embeddings of every item, row-major (N x dim), per modality.
+    image: Vec<f32>,
+    text: Vec<f32>,
+    dim: usize,
+    encode: EncodeCfg,
+    vocab: Option<Tfidf>,
+    bert_dim: usize,
+    text_encoder: OnceLock<TextEncoder>,
+    image_encoder: OnceLock<MobileNetV2>,
+}
+
+/// Queries at a time in [`Searcher::search_many`].
+const BLOCK: usize = 256;
+
+impl Searcher {
+    /// Loads the run and its index (built and cached in `index_dir` the first time).
+    pub fn open(files: &RunFiles, index_dir: &Path) -> Result<Searcher> {
+        let meta = ModelMeta::read(&files.train_dir.join(Artifact::ModelMeta))?;
+        let encode: EncodeCfg = serde_json::from_value(if files.encode_config.is_null() { serde_json::json!({}) } else { files.encode_config.clone() })
+            .context("the run's encode config")?;
+        let tree = ClassTree::read(&files.ingest_dir.join(Artifact::Classes))?;
+        let tfidf_files = (files.encode_dir.join(Artifact::Tfidf), files.encode_dir.join(Artifact::TfidfVocab));
+        let ds = Dataset::load(
+            &files.ingest_dir.join(Artifact::Items),
+            &files.encode_dir.join(Artifact::ImageFeatures),
+            &files.encode_dir.join(Artifact::TextFeatures),
+            meta.use_tfidf.then_some((tfidf_files.0.as_path(), tfidf_files.1.as_path())),
+            tree.classes.len(),
+        )?;
+        let device = Device::Cpu;
+        let model = Huse::load(&meta.network, &files.train_dir.join(Artifact::Model), &device)?;
+        let vocab = if meta.use_tfidf {
+            let t: Tfidf = serde_json::from_slice(&std::fs::read(&tfidf_files.1)?).with_context(|| format!("reading {}", tfidf_files.1.display()))?;
+            Some(Tfidf::new(t.terms, t.idf))
+        } else {
+            None
+        };
+        let dim = meta.network.shape.dim;
+        let n = ds.items.len();
+        let index_path = index_dir.join(format!("{}.safetensors", files.index_key));
+        let cached = candle_core::safetensors::load(&index_path, &Device::Cpu).ok().and_then(|t| {
+            let (i, x) = (t.get("image")?, t.get("text")?);
+            if i.dims() != [n, dim] || x.dims() != [n, dim] {
+                return None;
+            }
+            Some((i.flatten_all().ok()?.to_vec1().ok()?, x.flatten_all().ok()?.to_vec1().ok()?))
+        });
+        let (image, text) = match cached {
+            Some(c) => c,
+            None => {
+                let all: Vec<usize> = (0..n).collect();
+                let (_, _, ei, et) = predict(&model, &ds, &all, meta.use_tfidf, &device, 4096)?;
+                std::fs::create_dir_all(index_dir).with_context(|| format!("creating {}", index_dir.display()))?;
+                let tmp = index_dir.join(format!(".{}.{}.tmp", files.index_key, std::process::id()));
+                let tensors = [("image", Tensor::from_slice(&ei, (n, dim), &Device::Cpu)?), ("text", Tensor::from_slice(&et, (n, dim), &Device::Cpu)?)];
+                candle_core::safetensors::save(&tensors.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(), &tmp)?;
+                std::fs::rename(&tmp, &index_path).with_context(|| format!("writing {}", index_path.display()))?;
+                (ei, et)
+            }
+        };
+        Ok(Searcher {
+            model,
+            meta,
+            tree,
+            items: ds.items,
+            image,
+            text,
+            dim,
+            encode,
+            vocab,
+            bert_dim: ds.bert_dim,
+            text_encoder: OnceLock::new(),
+            image_encoder: OnceLock::new(),
+        })
+    }
+
+    /// The run's items, in index order.
+    pub fn items(&self) -> &[Item] {
+        &self.items
+    }
+
+    /// The unit embeddings of every item (N x [`Searcher::dim`]) in `modality`.
+    pub fn embeddings(&self, modality: Modality) -> &[f32] {
+        match modality {
+            Modality::Image => &self.image,
+            Modality::Text => &self.text,
+        }
+    }
+
+    /// Embedding size.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// The class path of class `c`.
+    pub fn class_name(&self, c: usize) -> &str {
+        &self.tree.classes[c].name
+    }
+
+    fn text_encoder(&self) -> Result<&TextEncoder> {
+        if let Some(e) = self.text_encoder.get() {
+            return Ok(e);
+        }
+        let dir = self.encode.text_model.parse::<ModelRef>().map_err(anyhow::Error::msg)?.resolve(TEXT_MODEL_FILES)?;
+        let e = TextEncoder::load(&dir, &Device::Cpu, Some(self.encode.max_tokens))?;
+        Ok(self.text_encoder.get_or_init(|| e))
+    }
+
+    fn image_encoder(&self) -> Result<&MobileNetV2> {
+        if let Some(e) = self.image_encoder.get() {
+            return Ok(e);
+        }
+        let m = huse_stage_encode::image_model(&self.encode.image_model).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(self.image_encoder.get_or_init(|| m))
+    }
+
+    /// The unit text-tower embedding of `text`, encoded as the encode stage encodes a title.
+    pub fn embed_text(&self, text: &str) -> Result<Vec<f32>> {
+        if text.trim().is_empty() {
+            bail!("the query text is empty");
+        }
+        let bert = self.text_encoder()?.last4_mean_rows(&[text], None, 1, |_| {})?;
+        if bert.len() != self.bert_dim {
+            bail!("the text model gives {} features, the run was trained on {}", bert.len(), self.bert_dim);
+        }
+        let dense = Tensor::from_vec(bert, (1, self.bert_dim), &Device::Cpu)?;
+        let phi = match &self.vocab {
+            Some(v) => {
+                let row = v.transform(text);
+                let (idx, vals): (Vec<u32>, Vec<f32>) = row.iter().enumerate().filter(|(_, x)| **x != 0.0).map(|(j, x)| (j as u32, *x)).unzip();
+                let indptr = [0i64, idx.len() as i64];
+                let sparse = Sparse::from_csr_rows((&indptr, &idx, &vals), v.len(), &[0], self.bert_dim, &Device::Cpu)?;
+                self.model.text.embed_sparse(&dense, Some(&sparse), None)?
+            }
+            None => self.model.text.embed(&dense, None)?,
+        };
+        Ok(phi.flatten_all()?.to_vec1()?)
+    }
+
+    /// The unit image-tower embedding of the image at `path` (JPEG or PNG).
+    pub fn embed_image(&self, path: &Path) -> Result<Vec<f32>> {
+        let size = self.encode.image_size;
+        let x = image_prep::preprocess_file(path, size).with_context(|| format!("reading image {}", path.display()))?;
+        let x = image_prep::batch(&[x], size, &Device::Cpu)?;
+        let pooled = self.image_encoder()?.forward_cpu(&x)?.pooled;
+        Ok(self.model.image.embed(&pooled, None)?.flatten_all()?.to_vec1()?)
+    }
+
+    /// The `k` items nearest to each query (unit vectors, row-major), in `modality`;
+    /// `skip` excludes one item per query (e.g. the query item itself).
+    pub fn search_many(&self, queries: &[f32], modality: Modality, k: usize, skip: &dyn Fn(usize) -> Option<usize>) -> Vec<Vec<Hit>> {
+        let q = Rows { data: queries, dim: self.dim };
+        let g = Rows { data: self.embeddings(modality), dim: self.dim };
+        top_k(&q, &g, k, skip, BLOCK)
+            .into_iter()
+            .enumerate()
+            .map(|(qi, found)| {
+                found
+                    .into_iter()
+                    .map(|i| {
+                        let sim: f32 = q.row(qi).iter().zip(g.row(i)).map(|(a, b)| a * b).sum();
+                        let it = &self.items[i];
+                        Hit {
+                            index: i,
+                            id: it.id.clone(),
+                            title: it.text.clone(),
+                            class: self.tree.classes[it.class].name.clone(),
+                            split: it.split,
+                            image: it.image.clone(),
+                            distance: 1.0 - sim,
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The `k` items nearest to `query` in `modality`.
+    pub fn search(&self, query: &[f32], modality: Modality, k: usize) -> Vec<Hit> {
+        self.search_many(query, modality, k, &|_| None).pop().unwrap_or_default()
+    }
+
+    /// The embedding of item `i` in `modality`.
+    pub fn item_embedding(&self, i: usize, modality: Modality) -> &[f32] {
+        &self.embeddings(modality)[i * self.dim..(i + 1) * self.dim]
+    }
+
+    /// Whether the run used TF-IDF text features.
+    pub fn uses_tfidf(&self) -> bool {
+        self.meta.use_tfidf
+    }
+}
+
+/// Writes the embeddings of the items of `split` (all when None) to `out`:
+/// `embeddings.safetensors` (`image` and `text`, N x dim, unit rows) and `ids.json` (the
+/// item id of each row). Returns N.
+pub fn write_embeddings(s: &Searcher, split: Option<Split>, out: &Path) -> Result<usize> {
+    let rows: Vec<usize> = (0..s.items.len()).filter(|i| split.is_none_or(|sp| s.items[*i].split == sp)).collect();
+    let n = rows.len();
+    let pick = |m: Modality| rows.iter().flat_map(|i| s.item_embedding(*i, m).iter().copied()).collect::<Vec<f32>>();
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let tensors: std::collections::HashMap<String, Tensor> = [
+        ("image".to_string(), Tensor::from_vec(pick(Modality::Image), (n, s.dim), &Device::Cpu)?),
+        ("text".to_string(), Tensor::from_vec(pick(Modality::Text), (n, s.dim), &Device::Cpu)?),
+    ]
+    .into_iter()
+    .collect();
+    candle_core::safetensors::save(&tensors, out.join("embeddings.safetensors"))?;
+    let ids: Vec<&str> = rows.iter().map(|i| s.items[*i].id.as_str()).collect();
+    std::fs::write(out.join("ids.json"), serde_json::to_vec(&ids)?)?;
+    Ok(n)
+}
