@@ -181,6 +181,114 @@ fn huse_learns_is_deterministic_and_resumes() {
     assert_eq!(t["image"].dims(), &[ids.len(), 512]);
     let norms: Vec<f32> = t["text"].sqr().unwrap().sum(1).unwrap().to_vec1().unwrap();
     assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-3), "unit embeddings");
+
+    serve_answers_as_search_does(&sb, tests[0]);
+}
+
+/// A raw HTTP/1.1 exchange with the local server: (status, body).
+fn http(addr: &str, request: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+fn get(addr: &str, path: &str) -> (u16, String) {
+    http(addr, format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+}
+
+fn upload(addr: &str, name: &str, bytes: &[u8]) -> (u16, String) {
+    let mut body = format!("--XB\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n").into_bytes();
+    body.extend_from_slice(bytes);
+    body.extend_from_slice(b"\r\n--XB--\r\n");
+    let mut req = format!(
+        "POST /search HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: multipart/form-data; boundary=XB\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&body);
+    http(addr, &req)
+}
+
+/// The ids of the result tiles of a page, in order.
+fn tile_ids(html: &str) -> Vec<String> {
+    html.split("data-id=\"").skip(1).map(|s| s.split('"').next().unwrap().to_string()).collect()
+}
+
+struct KillOnDrop(std::process::Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `huse-run serve` gives the same answer as `huse-run search`, in a real browser, and
+/// turns away bad requests with a clear 4xx.
+fn serve_answers_as_search_does(sb: &Sandbox, item: &serde_json::Value) {
+    use std::io::BufRead;
+    let mut child = sb.cmd(&["serve", "1", "--port", "0"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let _guard = KillOnDrop(child);
+    let addr = line.split("http://").nth(1).and_then(|r| r.split('/').next()).unwrap_or_else(|| panic!("no address in {line:?}")).to_string();
+    assert!(addr.starts_with("127.0.0.1:"), "localhost by default: {addr}");
+
+    let title = item["text"].as_str().unwrap();
+    let cli = sb.run(&["search", "1", "--text", title, "-k", "12", "-f", "csv"]).expect(0).stdout();
+    let cli_ids: Vec<String> = cli.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().to_string()).collect();
+    let q: String = title.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect();
+    let path = format!("/search?q={q}&modality=image");
+    let (status, html) = get(&addr, &path);
+    assert_eq!(status, 200, "{html}");
+    assert_eq!(tile_ids(&html), cli_ids, "the page shows the CLI's results, in order");
+
+    // In Chromium: the DOM has the same tiles, and the page renders with its thumbnails.
+    let chromium = |extra: &[String]| {
+        std::process::Command::new("chromium")
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1200,900"])
+            .arg(format!("--user-data-dir={}", sb.path().join("chromium").display()))
+            .args(extra)
+            .arg(format!("http://{addr}{path}"))
+            .stderr(std::process::Stdio::null())
+            .output()
+            .expect("chromium must be installed (Debian package `chromium`; .ci/run installs it)")
+    };
+    let dom = String::from_utf8_lossy(&chromium(&["--dump-dom".to_string()]).stdout).into_owned();
+    assert_eq!(tile_ids(&dom), cli_ids, "the browser's DOM shows the same results");
+    assert!(dom.contains(&format!("data-id=\"{}\"", cli_ids[0])) && dom.contains("<img src=\"/img/0/"));
+    let shot = sb.path().join("serve.png");
+    assert!(chromium(&[format!("--screenshot={}", shot.display())]).status.success());
+    let img = image::open(&shot).unwrap().to_rgb8();
+    let colours: std::collections::BTreeSet<[u8; 3]> = img.pixels().map(|p| p.0).collect();
+    assert!(colours.len() > 200, "the page shows product photos ({} colours)", colours.len());
+
+    // The item page shows neighbours in both modalities.
+    let (status, page) = get(&addr, "/item/0/0");
+    assert_eq!(status, 200);
+    assert!(page.contains("nearest images to its image") && page.contains("nearest texts to its text") && tile_ids(&page).len() == 48, "{page}");
+    // A photo upload works; bad requests get a clear 4xx and nothing else.
+    let photo = std::fs::read(item["image"].as_str().unwrap()).unwrap();
+    let (status, html) = upload(&addr, "p.jpg", &photo);
+    assert_eq!(status, 200, "{html}");
+    assert_eq!(tile_ids(&html).len(), 12);
+    let (status, body) = upload(&addr, "notes.txt", b"not an image at all");
+    assert_eq!(status, 415, "{body}");
+    assert!(body.contains("not a JPEG or PNG image"));
+    let mut big = vec![0xFFu8, 0xD8, 0xFF];
+    big.resize(6 << 20, 0);
+    assert_eq!(upload(&addr, "big.jpg", &big).0, 413);
+    for bad in ["/img/0/..%2F..%2F..%2Fetc%2Fpasswd", "/img/0/../../etc/passwd", "/item/0/-1", "/img/x/0"] {
+        let (status, body) = get(&addr, bad);
+        assert!((400..500).contains(&status), "{bad}: {status} {body}");
+        assert!(!body.contains("root:"), "{bad} must not leak a file");
+    }
+    assert_eq!(get(&addr, "/img/0/999999").0, 404);
+    assert_eq!(get(&addr, "/search?q=").0, 400);
 }
 
 #[test]

@@ -183,6 +183,18 @@ enum Cmd {
         #[arg(long, short = 'f', default_value = "table")]
         format: Format,
     },
+    /// A local web page: search trained runs by text or photo, side by side; item pages.
+    Serve {
+        /// The runs (ids in the database); their results are shown side by side.
+        #[arg(required = true)]
+        runs: Vec<i64>,
+        /// Port (0: any free one; the address is printed).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Address to bind; the default serves this machine only.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+    },
     /// Write a trained run's image and text embeddings of its items (safetensors + ids.json).
     Embed {
         /// The run (its id in the database).
@@ -414,6 +426,23 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
                 ]);
             }
             print!("{}", t.render(format));
+            Ok(0)
+        }
+        Some(Cmd::Serve { runs, port, host }) => {
+            let store = open_for_queries(&g.db).await?;
+            let mut views = Vec::new();
+            for run in &runs {
+                let files = run_files(&store, *run).await?;
+                let name = store.run(*run).await?.name;
+                let index = g.cache.join(".index");
+                let searcher = tokio::task::spawn_blocking(move || huse_search::Searcher::open(&files, &index)).await??;
+                views.push(huse_serve::RunView::new(format!("#{run} {name}"), searcher)?);
+            }
+            store.close().await;
+            huse_serve::serve(views, std::net::SocketAddr::new(host, port), |addr| {
+                println!("serving {} run(s) on http://{addr}/ (Ctrl-C to stop)", runs.len());
+            })
+            .await?;
             Ok(0)
         }
         Some(Cmd::Embed { run, split, out }) => {
