@@ -9,7 +9,7 @@
 //! History: written by the code before the crate split (1e055bd) and unchanged by it;
 //! regenerated once when inputs entered keys by content instead of by upstream key (the
 //! keys of stages without inputs stayed the same); evaluate 1 -> 2 (instance retrieval) changed
-//! the keys of the evaluate stages only.
+//! the keys of the evaluate stages only, and so did evaluate 2 -> 3 (the gallery attachment).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -183,6 +183,18 @@ fn huse_learns_is_deterministic_and_resumes() {
     assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-3), "unit embeddings");
 
     serve_answers_as_search_does(&sb, tests[0]);
+
+    // The report's retrieval gallery: fixed test queries, the runs' top 5 photos, copied
+    // beside the page; every image it shows exists.
+    let rep = sb.path().join("rep");
+    sb.run(&["report", "tiny", "--out", rep.to_str().unwrap()]).expect(0);
+    let html = std::fs::read_to_string(rep.join("index.html")).unwrap();
+    assert!(html.contains("<h2>Retrieval gallery</h2>"), "no gallery");
+    let thumbs: Vec<&str> = html.split("src=\"thumbs/").skip(1).map(|s| s.split('"').next().unwrap()).collect();
+    assert!(thumbs.len() >= 8 * 5, "{} thumbnails", thumbs.len());
+    assert!(thumbs.iter().all(|t| rep.join("thumbs").join(t).is_file()));
+    assert!(html.contains("border:3px solid #2a2"), "some photo has the query's class");
+    assert!(html.contains("curve-train_loss.svg"), "overlaid training curves");
 }
 
 /// A raw HTTP/1.1 exchange with the local server: (status, body).

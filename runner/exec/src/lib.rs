@@ -634,6 +634,7 @@ async fn record(store: &Store, job: &Job, users: &[(i64, String)], state: &State
             error: None,
             artifacts: Vec::new(),
             summaries: Vec::new(),
+            attachments: Vec::new(),
         };
         match state {
             State::Done { out: Output { dir, .. }, cached, started, ended, secs } => {
@@ -645,10 +646,10 @@ async fn record(store: &Store, job: &Job, users: &[(i64, String)], state: &State
                 for out in job.entry.stage.outputs() {
                     let p = dir.join(&out.name);
                     row.artifacts.push((out.name.clone(), p.display().to_string(), dir_size(&p)));
-                    if out.summary
+                    if (out.summary || out.attachment)
                         && let Ok(text) = std::fs::read_to_string(&p)
                     {
-                        row.summaries.push((out.name.clone(), text));
+                        if out.summary { row.summaries.push((out.name.clone(), text)) } else { row.attachments.push((out.name.clone(), text)) }
                     }
                 }
                 if *cached {

@@ -191,7 +191,10 @@ pub fn load(path: &Path) -> Result<(Vec<Arc<dyn Stage>>, String), String> {
                 .iter()
                 .map(|v| {
                     let (name, about) = (v["name"].as_str().unwrap_or(""), v["about"].as_str().unwrap_or(""));
-                    if v["summary"].as_bool().unwrap_or(false) { Output::summary(name, about) } else { Output::new(name, about) }
+                    let mut o = Output::new(name, about);
+                    o.summary = v["summary"].as_bool().unwrap_or(false);
+                    o.attachment = v["attachment"].as_bool().unwrap_or(false);
+                    o
                 })
                 .collect(),
             uses_seed: vt.uses_seed,

@@ -9,7 +9,11 @@
 //!   seeds, with min-max whiskers) for one param, a heatmap for two;
 //! * the runs table (varying params + selected final metrics; the best value of each
 //!   metric in bold), each run's stage summaries (e.g. the paper's tables), resolved
-//!   config and git commit.
+//!   config and git commit;
+//! * a retrieval gallery when the runs were evaluated: for the evaluate stage's fixed test
+//!   queries (item titles), the 5 nearest product photos of each run (one run per sweep
+//!   point), a green frame where the class is the query's; the thumbnails are copied into
+//!   the report folder, so the page stands alone.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -134,6 +138,9 @@ pub async fn report(store: &Store, experiment: &str, out: &Path, metric_globs: &
         html.push_str("</div>");
     }
 
+    // Retrieval gallery: the evaluate stage's fixed test queries, top 5 images per run.
+    gallery(store, &runs, out, &mut html).await?;
+
     // Per run: summaries, config.
     for r in &runs {
         write!(html, "<h2>Run {} — {}</h2>", r.id, esc(&r.name))?;
@@ -151,6 +158,53 @@ pub async fn report(store: &Store, experiment: &str, out: &Path, metric_globs: &
     html.push_str("</body></html>\n");
     std::fs::write(out.join("index.html"), html)?;
     Ok(figures)
+}
+
+/// The gallery section (nothing when no run has a gallery).
+async fn gallery(store: &Store, runs: &[RunRow], out: &Path, html: &mut String) -> Result<()> {
+    let mut shown: Vec<(&RunRow, serde_json::Value)> = Vec::new();
+    let mut points = BTreeSet::new();
+    for r in runs {
+        if shown.len() == 6 || !points.insert(r.point.clone()) {
+            continue;
+        }
+        if let Some(a) = store.attachment(r.id, "gallery.json").await?
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&a.text)
+        {
+            shown.push((r, v));
+        }
+    }
+    let Some((_, first)) = shown.first() else { return Ok(()) };
+    let queries = first.as_array().cloned().unwrap_or_default();
+    let thumbs = out.join("thumbs");
+    std::fs::create_dir_all(&thumbs)?;
+    html.push_str("<h2>Retrieval gallery</h2><p>For fixed test items, the 5 product photos nearest to the item's title in each run (one run per sweep point; green frame: the query's class).</p><table><tr><th>query</th>");
+    for (r, _) in &shown {
+        write!(html, "<th>{}</th>", esc(&r.name))?;
+    }
+    html.push_str("</tr>");
+    for (qi, q) in queries.iter().enumerate() {
+        let qclass = q["class"].as_str().unwrap_or("");
+        write!(html, "<tr><td style=\"text-align:left;max-width:220px\">{}<br><small>{}</small></td>", esc(q["text"].as_str().unwrap_or("")), esc(qclass))?;
+        for (_, g) in &shown {
+            html.push_str("<td style=\"white-space:nowrap\">");
+            for h in g[qi]["hits"].as_array().into_iter().flatten() {
+                let (id, src) = (h["id"].as_str().unwrap_or(""), Path::new(h["image"].as_str().unwrap_or("")));
+                let ext = src.extension().and_then(|e| e.to_str()).unwrap_or("jpg");
+                let safe: String = id.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').collect();
+                let name = format!("thumbs/{safe}.{ext}");
+                if !out.join(&name).exists() && std::fs::copy(src, out.join(&name)).is_err() {
+                    continue; // the dataset is gone: the row shows what is left
+                }
+                let frame = if h["class"].as_str() == Some(qclass) { "#2a2" } else { "#ddd" };
+                write!(html, "<img src=\"{name}\" title=\"{}\" style=\"height:80px;border:3px solid {frame};margin:1px\">", esc(h["class"].as_str().unwrap_or("")))?;
+            }
+            html.push_str("</td>");
+        }
+        html.push_str("</tr>");
+    }
+    html.push_str("</table>");
+    Ok(())
 }
 
 /// Every metric of a run logged at more than one step: key -> (step, value).

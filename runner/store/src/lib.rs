@@ -197,6 +197,9 @@ pub struct StageRunRow {
     pub artifacts: Vec<(String, String, Option<i64>)>,
     /// (output name, text) of the outputs the stage declares as summaries.
     pub summaries: Vec<(String, String)>,
+    /// (output name, text) of the outputs the stage declares as attachments (stored, not printed).
+    #[serde(default)]
+    pub attachments: Vec<(String, String)>,
 }
 
 /// A handle on the results database.
@@ -551,12 +554,14 @@ impl Store {
                     .bind(&r.error)
                     .execute(&mut *conn)
                     .await?;
-                    for (name, text) in &r.summaries {
-                        sql("INSERT OR REPLACE INTO summaries (run_id, stage, name, text) VALUES (?, ?, ?, ?)")
+                    let texts = r.summaries.iter().map(|s| (s, true)).chain(r.attachments.iter().map(|a| (a, false)));
+                    for ((name, text), printed) in texts {
+                        sql("INSERT OR REPLACE INTO summaries (run_id, stage, name, text, printed) VALUES (?, ?, ?, ?, ?)")
                             .bind(r.run_id)
                             .bind(&r.stage)
                             .bind(name)
                             .bind(text)
+                            .bind(printed)
                             .execute(&mut *conn)
                             .await?;
                     }
@@ -768,6 +773,7 @@ mod tests {
                 error: None,
                 artifacts: vec![],
                 summaries: vec![("t.md".into(), "| a |".into())],
+                attachments: vec![("g.json".into(), "[]".into())],
             })
             .await
             .unwrap();
@@ -786,7 +792,9 @@ mod tests {
         assert!(none.is_empty());
         assert_eq!(store.metric_series(id).await.unwrap().len(), 3);
         assert_eq!(store.stage_runs(id).await.unwrap()[0].status, StageStatus::Succeeded);
+        assert_eq!(store.summaries(id).await.unwrap().len(), 1, "attachments are not summaries");
         assert_eq!(store.summaries(id).await.unwrap()[0].text, "| a |");
+        assert_eq!(store.attachment(id, "g.json").await.unwrap().unwrap().text, "[]");
         assert_eq!(store.run_config(id).await.unwrap(), ("name: exp\n".to_string(), Some("abc".to_string())));
     }
 }

@@ -354,13 +354,23 @@ impl Store {
 
     /// The summaries of a run, in the order they were recorded.
     pub async fn summaries(&self, run_id: i64) -> Result<Vec<Summary>> {
-        Ok(sql("SELECT stage, name, text FROM summaries WHERE run_id = ? ORDER BY rowid")
+        Ok(sql("SELECT stage, name, text FROM summaries WHERE run_id = ? AND printed ORDER BY rowid")
             .bind(run_id)
             .fetch_all(&self.pool)
             .await?
             .iter()
             .map(|r| Summary { stage: r.get(0), name: r.get(1), text: r.get(2) })
             .collect())
+    }
+
+    /// The attachment called `name` of a run (the first stage's, in recording order).
+    pub async fn attachment(&self, run_id: i64, name: &str) -> Result<Option<Summary>> {
+        Ok(sql("SELECT stage, name, text FROM summaries WHERE run_id = ? AND name = ? AND NOT printed ORDER BY rowid LIMIT 1")
+            .bind(run_id)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| Summary { stage: r.get(0), name: r.get(1), text: r.get(2) }))
     }
 
     /// The resolved config (YAML) and git commit of a run.

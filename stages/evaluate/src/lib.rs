@@ -55,6 +55,9 @@ fn d_split() -> String {
 }
 
 
+/// Test queries in the gallery.
+const GALLERY_QUERIES: usize = 8;
+
 /// The four retrieval directions: (name, query is image, gallery is image).
 pub const DIRECTIONS: [(&str, bool, bool); 4] = [("i2i", true, true), ("i2t", true, false), ("t2i", false, true), ("t2t", false, false)];
 
@@ -63,7 +66,7 @@ impl Stage for Evaluate {
         "evaluate"
     }
     fn version(&self) -> &str {
-        "2"
+        "3"
     }
     fn describe(&self) -> &str {
         "the paper's Tables 1-3 (Recall@K, HP@K, accuracy) on the test split"
@@ -81,7 +84,11 @@ impl Stage for Evaluate {
         ]
     }
     fn outputs(&self) -> Vec<Output> {
-        vec![Output::new(Artifact::Metrics, "every metric"), Output::summary(Artifact::Tables, "Tables 1-3")]
+        vec![
+            Output::new(Artifact::Metrics, "every metric"),
+            Output::summary(Artifact::Tables, "Tables 1-4"),
+            Output::attachment(Artifact::Gallery, "top results of fixed test queries, for the report"),
+        ]
     }
     fn validate(&self, config: &Config) -> Result<(), ConfigError> {
         let c: EvalCfg = parse_config(config)?;
@@ -157,6 +164,27 @@ impl Stage for Evaluate {
         let map: serde_json::Map<String, serde_json::Value> = out.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
         std::fs::write(ctx.out_dir.join(Artifact::Metrics), serde_json::to_vec_pretty(&map).map_err(StageError::of)?)?;
         std::fs::write(ctx.out_dir.join(Artifact::Tables), tables(&map, &cfg, &p, tree.depth()))?;
+        // A gallery for the report: for a fixed set of test items (spread evenly over the
+        // split, the same for every run on the same data), the 5 images nearest to the
+        // item's text (its own image included: this is what a search for the title shows).
+        let picks: Vec<usize> = (0..GALLERY_QUERIES.min(idx.len())).map(|j| j * idx.len() / GALLERY_QUERIES.min(idx.len())).collect();
+        let q: Vec<f32> = picks.iter().flat_map(|&j| txt.row(j).iter().copied()).collect();
+        let found = metrics::top_k(&Rows { data: &q, dim: d }, &img, 5, &|_| None, cfg.block);
+        let gallery: Vec<serde_json::Value> = picks
+            .iter()
+            .zip(found)
+            .map(|(&j, hits)| {
+                let it = &ds.items[idx[j]];
+                serde_json::json!({
+                    "id": it.id, "text": it.text, "class": tree.classes[it.class].name,
+                    "hits": hits.iter().map(|&h| {
+                        let g = &ds.items[idx[h]];
+                        serde_json::json!({"id": g.id, "image": g.image, "class": tree.classes[g.class].name})
+                    }).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        std::fs::write(ctx.out_dir.join(Artifact::Gallery), serde_json::to_vec_pretty(&gallery).map_err(StageError::of)?)?;
         Ok(())
     }
 }

@@ -125,12 +125,19 @@ pub struct Output {
     /// A UTF-8 text summary of the run (e.g. Markdown tables): the runner stores its text
     /// with every run that uses the output, and prints it when the run ends.
     pub summary: bool,
+    /// A UTF-8 text (e.g. JSON) the runner stores with every run that uses the output, for
+    /// reports made from the database alone; not printed.
+    pub attachment: bool,
 }
 
 impl Output {
     /// Declares an output artifact.
     pub fn new(name: impl AsRef<str>, about: &str) -> Self {
-        Output { name: name.as_ref().into(), about: about.into(), summary: false }
+        Output { name: name.as_ref().into(), about: about.into(), summary: false, attachment: false }
+    }
+    /// Declares an attachment output (see [`Output::attachment`](Output#structfield.attachment)).
+    pub fn attachment(name: impl AsRef<str>, about: &str) -> Self {
+        Output { attachment: true, ..Output::new(name, about) }
     }
     /// Declares a text summary output (see [`Output::summary`](Output#structfield.summary)).
     pub fn summary(name: impl AsRef<str>, about: &str) -> Self {

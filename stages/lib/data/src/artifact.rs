@@ -36,6 +36,8 @@ pub enum Artifact {
     Metrics,
     /// `tables.md`: the paper's Tables 1-3 (evaluate).
     Tables,
+    /// `gallery.json`: the top results of a fixed set of test queries (evaluate).
+    Gallery,
 }
 
 impl Artifact {
@@ -56,6 +58,7 @@ impl Artifact {
             Artifact::History => "history.json",
             Artifact::Metrics => "metrics.json",
             Artifact::Tables => "tables.md",
+            Artifact::Gallery => "gallery.json",
         }
     }
 }

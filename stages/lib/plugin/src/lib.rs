@@ -51,8 +51,8 @@ pub struct StageVTable {
     pub describe: *const c_char,
     /// JSON `[{"name": .., "required": .., "many": ..}]`.
     pub inputs_json: *const c_char,
-    /// JSON `[{"name": .., "about": .., "summary": ..}]` (`summary` may be absent: false;
-    /// added within ABI version 1, so older plugins still load).
+    /// JSON `[{"name": .., "about": .., "summary": .., "attachment": ..}]` (the flags may be
+    /// absent: false; added within ABI version 1, so older plugins still load).
     pub outputs_json: *const c_char,
     pub uses_seed: bool,
     /// Config JSON in; null when valid, else JSON `{"path": [..], "message": ..}` (plugin-owned).
@@ -224,7 +224,7 @@ pub fn plugin_run(stage: &dyn Stage, ctx: *const RunContext) -> *mut c_char {
 /// JSON of a stage's inputs and outputs, for the vtable.
 pub fn ports_json(stage: &dyn Stage) -> (CString, CString) {
     let i: Vec<_> = stage.inputs().iter().map(|i| serde_json::json!({"name": i.name, "required": i.required, "many": i.many})).collect();
-    let o: Vec<_> = stage.outputs().iter().map(|o| serde_json::json!({"name": o.name, "about": o.about, "summary": o.summary})).collect();
+    let o: Vec<_> = stage.outputs().iter().map(|o| serde_json::json!({"name": o.name, "about": o.about, "summary": o.summary, "attachment": o.attachment})).collect();
     (CString::new(serde_json::to_string(&i).unwrap()).unwrap(), CString::new(serde_json::to_string(&o).unwrap()).unwrap())
 }
 
