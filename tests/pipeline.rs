@@ -181,6 +181,34 @@ fn huse_learns_is_deterministic_and_resumes() {
     assert_eq!(t["image"].dims(), &[ids.len(), 512]);
     let norms: Vec<f32> = t["text"].sqr().unwrap().sum(1).unwrap().to_vec1().unwrap();
     assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-3), "unit embeddings");
+    // A new table in the run's ingest layout (three of the test items, copied): embedded with
+    // the run, its rows match the run's own embeddings of the same items.
+    let assets = std::path::PathBuf::from(std::env::var("HUSE_ASSETS").unwrap()).join("data/fashion-product-images-small");
+    let new = sb.path().join("new");
+    std::fs::create_dir_all(new.join("images")).unwrap();
+    let table = std::fs::read_to_string(assets.join("styles.csv")).unwrap();
+    let pick: Vec<&str> = tests[..3].iter().map(|i| i["id"].as_str().unwrap()).collect();
+    let mut csv = table.lines().next().unwrap().to_string() + "\n";
+    for id in &pick {
+        csv += table.lines().find(|l| l.starts_with(&format!("{id},"))).unwrap();
+        csv += "\n";
+        std::fs::copy(assets.join(format!("images/{id}.jpg")), new.join(format!("images/{id}.jpg"))).unwrap();
+    }
+    std::fs::write(new.join("styles.csv"), csv).unwrap();
+    let out2 = sb.path().join("emb-new");
+    sb.run(&["embed", "1", "--data", new.to_str().unwrap(), "--out", out2.to_str().unwrap()]).expect(0);
+    let new_ids: Vec<String> = serde_json::from_slice(&std::fs::read(out2.join("ids.json")).unwrap()).unwrap();
+    assert_eq!(new_ids, pick);
+    let t2 = candle_core::safetensors::load(out2.join("embeddings.safetensors"), &candle_core::Device::Cpu).unwrap();
+    for m in ["image", "text"] {
+        let a: Vec<Vec<f32>> = t2[m].to_vec2().unwrap();
+        let b: Vec<Vec<f32>> = t[m].to_vec2().unwrap();
+        for (k, id) in new_ids.iter().enumerate() {
+            let row = ids.iter().position(|x| x == id).unwrap();
+            let cos: f32 = a[k].iter().zip(&b[row]).map(|(x, y)| x * y).sum();
+            assert!(cos > 0.999, "{m} embedding of {id}: cosine {cos} to the run's own");
+        }
+    }
 
     serve_answers_as_search_does(&sb, tests[0]);
 

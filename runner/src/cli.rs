@@ -205,6 +205,10 @@ enum Cmd {
         /// Output folder (default: embed-RUN).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Embed a new table instead: a folder in the run's ingest layout (its table and
+        /// image names as the run's ingest stage read them), every usable row.
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
     },
     /// The stage cache: `verify` checks every entry's outputs against their recorded hashes.
     Cache {
@@ -445,7 +449,7 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
             .await?;
             Ok(0)
         }
-        Some(Cmd::Embed { run, split, out }) => {
+        Some(Cmd::Embed { run, split, out, data }) => {
             let keep: Option<huse_data::Split> = match split.as_str() {
                 "all" => None,
                 "train" => Some(huse_data::Split::Train),
@@ -461,7 +465,10 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
             store.close().await;
             let searcher = huse_search::Searcher::open(&files, &g.cache.join(".index"))?;
             let out = out.unwrap_or_else(|| PathBuf::from(format!("embed-{run}")));
-            let n = huse_search::write_embeddings(&searcher, keep, &out)?;
+            let n = match data {
+                None => huse_search::write_embeddings(&searcher, keep, &out)?,
+                Some(dir) => embed_new_table(&searcher, &files, &dir, &out, &display)?,
+            };
             println!("{} ({n} items: embeddings.safetensors with `image` and `text` ({n} x {}), ids.json)", out.display(), searcher.dim());
             Ok(0)
         }
@@ -521,8 +528,38 @@ async fn run_files(store: &Store, run: i64) -> Result<huse_search::RunFiles> {
         encode_dir: encode.output_dir.clone().unwrap().into(),
         train_dir: train.output_dir.clone().unwrap().into(),
         encode_config: config["stages"][&encode.stage]["with"].clone(),
+        ingest_config: config["stages"][&ingest.stage]["with"].clone(),
         index_key: format!("{}-{}", train.cache_key, encode.cache_key),
     })
+}
+
+/// Reads a new table in the run's ingest layout (the run's ingest stage, with `root` set to
+/// `dir` and every usable row kept) and embeds its items with the run; returns N.
+fn embed_new_table(searcher: &huse_search::Searcher, files: &huse_search::RunFiles, dir: &std::path::Path, out: &std::path::Path, display: &Display) -> Result<usize> {
+    use huse_stage_api::Progress as _;
+    let mut cfg = files.ingest_config.clone();
+    if !cfg.is_object() {
+        cfg = serde_json::json!({});
+    }
+    let root = std::path::absolute(dir).with_context(|| format!("{}", dir.display()))?;
+    cfg["root"] = serde_json::json!(root);
+    cfg["min_items_per_class"] = serde_json::json!(1);
+    cfg["limit"] = serde_json::Value::Null;
+    cfg["per_class_cap"] = serde_json::Value::Null;
+    let tmp = tempfile::tempdir()?;
+    huse_stage_api::testing::run(&huse_stage_ingest::Ingest, &cfg, &Default::default(), &tmp.path().join("ingest"), 0)
+        .map_err(|e| anyhow::anyhow!("reading {} as the run's ingest stage would: {e}", dir.display()))?;
+    let items = huse_data::read_items(&tmp.path().join("ingest").join(huse_data::Artifact::Items))?;
+    let bar = display.stage("embed");
+    bar.start("texts", Some(items.len() as u64), "items");
+    let texts: Vec<&str> = items.iter().map(|i| i.text.as_str()).collect();
+    let text = searcher.embed_texts(&texts, 64, &mut |n| bar.inc(n as u64))?;
+    bar.start("images", Some(items.len() as u64), "img");
+    let paths: Vec<&std::path::Path> = items.iter().map(|i| std::path::Path::new(&i.image)).collect();
+    let image = searcher.embed_images(&paths, 32, &mut |n| bar.inc(n as u64))?;
+    bar.finish();
+    let ids: Vec<String> = items.iter().map(|i| i.id.clone()).collect();
+    huse_search::write_embedding_files(image, text, &ids, searcher.dim(), out)
 }
 
 /// A temporary file name beside `target`.

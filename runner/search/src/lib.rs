@@ -46,6 +46,8 @@ pub struct RunFiles {
     pub train_dir: PathBuf,
     /// The encode stage's resolved `with:` config (how queries must be encoded).
     pub encode_config: serde_json::Value,
+    /// The ingest stage's resolved `with:` config (how a new table is read).
+    pub ingest_config: serde_json::Value,
     /// Names the cached index: the train and encode cache keys.
     pub index_key: String,
 }
@@ -243,6 +245,55 @@ impl Searcher {
         Ok(self.model.image.embed(&pooled, None)?.flatten_all()?.to_vec1()?)
     }
 
+    /// The unit text embeddings of `texts` (row-major), `batch` texts through BERT at a
+    /// time; `done(n)` after each batch.
+    pub fn embed_texts(&self, texts: &[&str], batch: usize, done: &mut dyn FnMut(usize)) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(texts.len() * self.dim);
+        for chunk in texts.chunks(batch.max(1)) {
+            let bert = self.text_encoder()?.last4_mean_rows(chunk, None, batch.max(1), |_| {})?;
+            let dense = Tensor::from_vec(bert, (chunk.len(), self.bert_dim), &Device::Cpu)?;
+            let phi = match &self.vocab {
+                Some(v) => {
+                    let (mut indptr, mut idx, mut vals) = (vec![0i64], Vec::new(), Vec::new());
+                    for t in chunk {
+                        for (j, x) in v.transform(t).into_iter().enumerate() {
+                            if x != 0.0 {
+                                idx.push(j as u32);
+                                vals.push(x);
+                            }
+                        }
+                        indptr.push(idx.len() as i64);
+                    }
+                    let rows: Vec<usize> = (0..chunk.len()).collect();
+                    let sparse = Sparse::from_csr_rows((&indptr, &idx, &vals), v.len(), &rows, self.bert_dim, &Device::Cpu)?;
+                    self.model.text.embed_sparse(&dense, Some(&sparse), None)?
+                }
+                None => self.model.text.embed(&dense, None)?,
+            };
+            out.extend(phi.flatten_all()?.to_vec1::<f32>()?);
+            done(chunk.len());
+        }
+        Ok(out)
+    }
+
+    /// The unit image embeddings of the images at `paths` (row-major), `batch` at a time;
+    /// `done(n)` after each batch.
+    pub fn embed_images(&self, paths: &[&Path], batch: usize, done: &mut dyn FnMut(usize)) -> Result<Vec<f32>> {
+        let size = self.encode.image_size;
+        let mut out = Vec::with_capacity(paths.len() * self.dim);
+        for chunk in paths.chunks(batch.max(1)) {
+            let xs = chunk
+                .iter()
+                .map(|p| image_prep::preprocess_file(p, size).with_context(|| format!("reading image {}", p.display())))
+                .collect::<Result<Vec<_>>>()?;
+            let x = image_prep::batch(&xs, size, &Device::Cpu)?;
+            let pooled = self.image_encoder()?.forward_cpu(&x)?.pooled;
+            out.extend(self.model.image.embed(&pooled, None)?.flatten_all()?.to_vec1::<f32>()?);
+            done(chunk.len());
+        }
+        Ok(out)
+    }
+
     /// The `k` items nearest to each query (unit vectors, row-major), in `modality`;
     /// `skip` excludes one item per query (e.g. the query item itself).
     pub fn search_many(&self, queries: &[f32], modality: Modality, k: usize, skip: &dyn Fn(usize) -> Option<usize>) -> Vec<Vec<Hit>> {
@@ -305,5 +356,21 @@ pub fn write_embeddings(s: &Searcher, split: Option<Split>, out: &Path) -> Resul
     candle_core::safetensors::save(&tensors, out.join("embeddings.safetensors"))?;
     let ids: Vec<&str> = rows.iter().map(|i| s.items[*i].id.as_str()).collect();
     std::fs::write(out.join("ids.json"), serde_json::to_vec(&ids)?)?;
+    Ok(n)
+}
+
+/// Writes embeddings made elsewhere (e.g. of a new table) in the layout of
+/// [`write_embeddings`]. Returns N.
+pub fn write_embedding_files(image: Vec<f32>, text: Vec<f32>, ids: &[String], dim: usize, out: &Path) -> Result<usize> {
+    let n = ids.len();
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let tensors: std::collections::HashMap<String, Tensor> = [
+        ("image".to_string(), Tensor::from_vec(image, (n, dim), &Device::Cpu)?),
+        ("text".to_string(), Tensor::from_vec(text, (n, dim), &Device::Cpu)?),
+    ]
+    .into_iter()
+    .collect();
+    candle_core::safetensors::save(&tensors, out.join("embeddings.safetensors"))?;
+    std::fs::write(out.join("ids.json"), serde_json::to_vec(ids)?)?;
     Ok(n)
 }
