@@ -223,6 +223,19 @@ fn huse_learns_is_deterministic_and_resumes() {
     assert!(thumbs.iter().all(|t| rep.join("thumbs").join(t).is_file()));
     assert!(html.contains("border:3px solid #2a2"), "some photo has the query's class");
     assert!(html.contains("curve-train_loss.svg"), "overlaid training curves");
+    let shot = sb.path().join("report.png");
+    let ok = std::process::Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1200,4000"])
+        .arg(format!("--user-data-dir={}", sb.path().join("chromium-report").display()))
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(format!("file://{}", rep.join("index.html").display()))
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let img = image::open(&shot).unwrap().to_rgb8();
+    let colours: std::collections::BTreeSet<[u8; 3]> = img.pixels().map(|p| p.0).collect();
+    assert!(colours.len() > 200, "the report shows the gallery's photos ({} colours)", colours.len());
 }
 
 /// A raw HTTP/1.1 exchange with the local server: (status, body).
