@@ -88,15 +88,29 @@ pub struct IngestCfg {
     pub image: String,
     #[serde(default = "d_text")]
     pub text_column: String,
+    /// Text from several columns: `"{title}. {description}"` (overrides `text_column`);
+    /// an empty column drops its part and the separator before it.
+    #[serde(default)]
+    pub text: Option<String>,
     /// Class path from several columns, root first.
     #[serde(default)]
     pub classes: Option<Vec<String>>,
     /// Class path from one column...
     #[serde(default)]
     pub class_column: Option<String>,
-    /// ...split at this separator.
+    /// ...split at this separator (any length, e.g. ` >> `). A value that is a JSON list
+    /// of strings (`["A >> B >> C"]`) is unwrapped to its first element.
     #[serde(default = "d_sep")]
     pub class_separator: String,
+    /// Keep the first N levels of each path.
+    #[serde(default)]
+    pub class_levels: Option<usize>,
+    /// A path shorter than `class_levels`: `drop` the row (a bad row) or `repeat` its last level.
+    #[serde(default)]
+    pub class_pad: ClassPad,
+    /// The path's last level is the item's own name (not a class): remove it first.
+    #[serde(default)]
+    pub class_drop_last: bool,
     #[serde(default = "d_min")]
     pub min_items_per_class: usize,
     /// Keep only the first N usable rows (quick experiments).
@@ -112,6 +126,17 @@ pub struct IngestCfg {
     #[serde(default)]
     pub check_images: CheckImages,
 }
+/// What to do with a class path shorter than `class_levels`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClassPad {
+    /// Treat the row as bad (`bad_rows` decides: error or skip).
+    #[default]
+    Drop,
+    /// Repeat the last level until the path has `class_levels` levels.
+    Repeat,
+}
+
 fn d_table() -> String {
     "styles.csv".into()
 }
@@ -141,6 +166,25 @@ impl IngestCfg {
         }
         if self.class_separator.is_empty() {
             return Err(ConfigError::at("class_separator", "must not be empty"));
+        }
+        if self.class_levels == Some(0) {
+            return Err(ConfigError::at("class_levels", "must be at least 1"));
+        }
+        if let Some(t) = &self.text {
+            let cols = template_columns(t).map_err(|e| ConfigError::at("text", e))?;
+            if cols.is_empty() {
+                return Err(ConfigError::at("text", format!("`{t}` names no column (write e.g. \"{{title}}. {{description}}\")")));
+            }
+            // The table's header is cheap to read: name a missing column before anything runs.
+            if let Ok(mut r) = csv::ReaderBuilder::new().flexible(true).from_path(self.root.join(&self.table))
+                && let Ok(h) = r.headers()
+            {
+                for c in cols {
+                    if !h.iter().any(|x| x == c) {
+                        return Err(ConfigError::at("text", format!("column `{c}` is not in {}{}", self.table, did_you_mean(c, h.iter()))));
+                    }
+                }
+            }
         }
         let s = &self.split;
         for (k, v) in [("train", s.train), ("val", s.val), ("test", s.test)] {
@@ -202,6 +246,100 @@ struct Row {
     path: Vec<String>,
 }
 
+/// The `{column}` names of a template, in order.
+fn template_columns(template: &str) -> Result<Vec<&str>, String> {
+    let mut out = Vec::new();
+    let mut rest = template;
+    while let Some(i) = rest.find('{') {
+        let end = rest[i..].find('}').ok_or_else(|| format!("unclosed `{{` in `{template}`"))?;
+        out.push(&rest[i + 1..i + end]);
+        rest = &rest[i + end + 1..];
+    }
+    Ok(out)
+}
+
+/// "; did you mean `x`?" for the closest of `names`.
+fn did_you_mean<'a>(word: &str, names: impl Iterator<Item = &'a str>) -> String {
+    names
+        .map(|n| (strsim::jaro_winkler(&word.to_lowercase(), &n.to_lowercase()), n))
+        .filter(|(s, _)| *s > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, n)| format!("; did you mean `{n}`?"))
+        .unwrap_or_default()
+}
+
+/// The text of a row from a template: each `{column}` filled; an empty one drops its part
+/// and the literal before it (or after it, for the first), so `"{title}. {description}"`
+/// with no description is just the title. Whitespace runs collapse to one space.
+pub fn text_from_template(template: &str, get: &dyn Fn(&str) -> Option<String>) -> String {
+    let mut lits: Vec<&str> = Vec::new();
+    let mut vals: Vec<String> = Vec::new();
+    let mut rest = template;
+    while let Some(i) = rest.find('{') {
+        let Some(end) = rest[i..].find('}') else { break };
+        lits.push(&rest[..i]);
+        vals.push(get(&rest[i + 1..i + end]).unwrap_or_default().trim().to_string());
+        rest = &rest[i + end + 1..];
+    }
+    let mut out = String::new();
+    let mut any = false;
+    for (k, v) in vals.iter().enumerate() {
+        if v.is_empty() {
+            continue;
+        }
+        // The literal before a kept value: the prefix for the first kept value, the
+        // separator before this placeholder otherwise.
+        out.push_str(if any { lits[k] } else { lits[0] });
+        out.push_str(v);
+        any = true;
+    }
+    if any {
+        out.push_str(rest);
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+const EMPTY_LEVEL: &str = "missing class level (an empty level)";
+
+/// A class path from one column's raw value: a JSON list of strings is unwrapped to its
+/// first element, then split at `sep`, the last level dropped when `drop_last`, cut or
+/// padded to `levels`. `Err` says what is wrong with the value.
+pub fn class_path(raw: &str, sep: &str, drop_last: bool, levels: Option<usize>, pad: ClassPad) -> Result<Vec<String>, String> {
+    let mut v = raw.trim().to_string();
+    if v.starts_with('[')
+        && let Ok(list) = serde_json::from_str::<Vec<serde_json::Value>>(&v)
+    {
+        match list.first() {
+            Some(serde_json::Value::String(first)) => v = first.clone(),
+            Some(_) => return Err("a JSON list whose first element is not a string".into()),
+            None => return Err("an empty JSON list".into()),
+        }
+    }
+    let mut path: Vec<String> = v.split(sep).map(|s| s.trim().to_string()).collect();
+    if drop_last {
+        if path.len() < 2 {
+            return Err(format!("no level left after dropping the item's own name (separator `{sep}`)"));
+        }
+        path.pop();
+    }
+    if path.iter().any(String::is_empty) {
+        return Err(EMPTY_LEVEL.into());
+    }
+    if let Some(n) = levels {
+        if path.len() < n {
+            match pad {
+                ClassPad::Drop => return Err(format!("{} level(s), fewer than class_levels {n}", path.len())),
+                ClassPad::Repeat => {
+                    let last = path.last().cloned().unwrap_or_default();
+                    path.resize(n, last);
+                }
+            }
+        }
+        path.truncate(n);
+    }
+    Ok(path)
+}
+
 /// Fills `{column}` placeholders of `template` from the row.
 fn fill(template: &str, get: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
     let mut out = String::new();
@@ -231,7 +369,16 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
         })
     };
     let id_col = col(&cfg.id_column, "id_column")?;
-    let text_col = col(&cfg.text_column, "text_column")?;
+    let text_col = match &cfg.text {
+        Some(t) => {
+            for (i, c) in template_columns(t).map_err(|e| StageError::Config(ConfigError::at("text", e)))?.into_iter().enumerate() {
+                let _ = i;
+                col(c, "text")?;
+            }
+            usize::MAX
+        }
+        None => col(&cfg.text_column, "text_column")?,
+    };
     let class_cols: Vec<(usize, String)> = match (&cfg.classes, &cfg.class_column) {
         (Some(cs), _) => cs.iter().enumerate().map(|(i, c)| col(c, &format!("classes.{i}")).map(|x| (x, c.clone()))).collect::<Result<_, _>>()?,
         (None, Some(c)) => vec![(col(c, "class_column")?, c.clone())],
@@ -266,21 +413,35 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
         };
         let get = |c: &str| headers.iter().position(|h| h == c).and_then(|p| rec.get(p)).map(str::to_string);
         let mut problem: Option<&'static str> = None;
-        let text = rec.get(text_col).unwrap_or("").trim().to_string();
+        let text = match &cfg.text {
+            Some(t) => text_from_template(t, &get),
+            None => rec.get(text_col).unwrap_or("").trim().to_string(),
+        };
         let mut path: Vec<String> = Vec::new();
-        for (c, name) in &class_cols {
-            let v = rec.get(*c).unwrap_or("").trim();
-            if class_cols.len() == 1 {
-                path.extend(v.split(cfg.class_separator.as_str()).map(|s| s.trim().to_string()));
-            } else {
-                path.push(v.to_string());
+        if class_cols.len() == 1 && cfg.classes.is_none() {
+            let (c, name) = &class_cols[0];
+            let raw = rec.get(*c).unwrap_or("");
+            match class_path(raw, &cfg.class_separator, cfg.class_drop_last, cfg.class_levels, cfg.class_pad) {
+                Ok(p) => path = p,
+                Err(why) => {
+                    let reason = if why == EMPTY_LEVEL { "missing_class" } else { "bad_class_path" };
+                    problem = bad(reason, name, format!("class path {raw:?}: {why}"))?;
+                }
             }
-            if path.iter().any(String::is_empty) && problem.is_none() {
-                problem = bad("missing_class", name, format!("missing class level (path `{}`)", path.join(&cfg.class_separator)))?;
+        } else {
+            for (c, name) in &class_cols {
+                let v = rec.get(*c).unwrap_or("").trim();
+                path.push(v.to_string());
+                if path.iter().any(String::is_empty) && problem.is_none() {
+                    problem = bad("missing_class", name, format!("missing class level (path `{}`)", path.join(&cfg.class_separator)))?;
+                }
+            }
+            if let Some(n) = cfg.class_levels {
+                path.truncate(n);
             }
         }
         if problem.is_none() && text.is_empty() {
-            problem = bad("empty_text", &cfg.text_column, "empty text".into())?;
+            problem = bad("empty_text", cfg.text.as_deref().unwrap_or(&cfg.text_column), "empty text".into())?;
         }
         let image = match fill(&cfg.image, &get) {
             Ok(p) => cfg.root.join(p),

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use huse_data::{ClassTree, Item, Split};
-use huse_stage_api::{Inputs, testing};
+use huse_stage_api::{Inputs, Stage, testing};
 use huse_stage_ingest::Ingest;
 use serde_json::json;
 
@@ -151,4 +151,78 @@ fn config_errors_name_the_key() {
     let out = tempfile::tempdir().unwrap();
     let err = run(json!({"root": d.path(), "table": "table.csv", "classes": ["a", "zz"], "text_column": "a"}), out.path()).unwrap_err();
     assert!(err.contains("classes.1") && err.contains("column `zz` not in"), "{err}");
+}
+
+/// A catalog as researchers have it: the whole path in one JSON-wrapped string that ends
+/// with the product's own name, more levels than wanted, and a title plus a description.
+const CATALOG: &str = "\
+id,category_tree,title,description
+1163,\"[\"\"Apparel >> Topwear >> Tshirts >> Jersey >> Nike Sahara Jersey\"\"]\",Nike Sahara Jersey,Round neck fanwear
+1164,\"[\"\"Apparel >> Topwear >> Tshirts >> Polo >> Nike Blue Polo\"\"]\",Nike Blue Polo,
+1165,Footwear >> Shoes >> Nike Boot,Nike Boot,  Leather   ankle boot
+1525,\"[\"\"Bags >> Backpack\"\"]\",Puma Backpack,A bag
+";
+
+fn catalog_cfg(d: &Path) -> serde_json::Value {
+    json!({
+        "root": d, "table": "table.csv", "class_column": "category_tree", "class_separator": " >> ",
+        "class_drop_last": true, "class_levels": 3, "text": "{title}. {description}", "bad_rows": "skip",
+    })
+}
+
+#[test]
+fn a_wrapped_path_column_and_a_text_template_need_only_yaml() {
+    let d = tempfile::tempdir().unwrap();
+    small_dataset(d.path(), CATALOG);
+    let out = tempfile::tempdir().unwrap();
+    let (items, tree, m) = run(catalog_cfg(d.path()), out.path()).unwrap();
+    let by_id: HashMap<&str, &Item> = items.iter().map(|i| (i.id.as_str(), i)).collect();
+    let class = |id: &str| tree.classes[by_id[id].class].name.clone();
+    // Unwrapped, the product name dropped, cut to 3 levels.
+    assert_eq!(class("1163"), "Apparel<Topwear<Tshirts");
+    assert_eq!(class("1164"), "Apparel<Topwear<Tshirts");
+    // Too short after dropping the name (2 levels < 3): a bad row, skipped and counted.
+    assert!(!by_id.contains_key("1165") && !by_id.contains_key("1525"));
+    assert_eq!(m.last("data.skipped.bad_class_path"), Some(2.0));
+    // Title and description joined; an empty description collapses with its separator.
+    assert_eq!(by_id["1163"].text, "Nike Sahara Jersey. Round neck fanwear");
+    assert_eq!(by_id["1164"].text, "Nike Blue Polo");
+
+    // `class_pad: repeat` keeps the short paths, repeating their last level.
+    let mut cfg = catalog_cfg(d.path());
+    cfg["class_pad"] = json!("repeat");
+    let out = tempfile::tempdir().unwrap();
+    let (items, tree, _) = run(cfg, out.path()).unwrap();
+    let names: Vec<&str> = tree.classes.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["Apparel<Topwear<Tshirts", "Bags<Bags<Bags", "Footwear<Shoes<Shoes"]);
+    let boot = items.iter().find(|i| i.id == "1165").unwrap();
+    assert_eq!(boot.text, "Nike Boot. Leather ankle boot", "whitespace runs collapse");
+}
+
+#[test]
+fn bad_class_paths_and_template_columns_name_the_row_the_value_and_the_key() {
+    let d = tempfile::tempdir().unwrap();
+    small_dataset(d.path(), &format!("{CATALOG}1166,[],Empty,\n"));
+    let mut cfg = catalog_cfg(d.path());
+    cfg["bad_rows"] = json!("error");
+    let out = tempfile::tempdir().unwrap();
+    let err = run(cfg, out.path()).unwrap_err();
+    assert!(err.contains("row 4 (id 1165), column `category_tree`: class path \"Footwear >> Shoes >> Nike Boot\": 2 level(s), fewer than class_levels 3"), "{err}");
+    // A misspelt template column is a config error at `text`, before anything runs.
+    let mut cfg = catalog_cfg(d.path());
+    cfg["text"] = json!("{titel}. {description}");
+    let e = Ingest.validate(&cfg).unwrap_err();
+    assert_eq!(e.path, vec!["text"]);
+    assert!(e.message.contains("column `titel` is not in table.csv; did you mean `title`?"), "{}", e.message);
+    let mut cfg = catalog_cfg(d.path());
+    cfg["text"] = json!("no columns");
+    assert!(Ingest.validate(&cfg).unwrap_err().message.contains("names no column"));
+    // Unit cases of the path rule.
+    use huse_stage_ingest::{ClassPad, class_path};
+    assert_eq!(class_path("[\"a/b/c\"]", "/", false, None, ClassPad::Drop).unwrap(), ["a", "b", "c"]);
+    assert!(class_path("[]", "/", false, None, ClassPad::Drop).unwrap_err().contains("empty JSON list"));
+    assert!(class_path("[1]", "/", false, None, ClassPad::Drop).unwrap_err().contains("not a string"));
+    assert!(class_path("a", "/", true, None, ClassPad::Drop).unwrap_err().contains("no level left"));
+    assert!(class_path("a//c", "/", false, None, ClassPad::Drop).unwrap_err().contains("empty level"));
+    assert_eq!(class_path("a/b/c/d", "/", false, Some(2), ClassPad::Drop).unwrap(), ["a", "b"]);
 }
