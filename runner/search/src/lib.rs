@@ -106,6 +106,7 @@ pub struct Searcher {
     bert_dim: usize,
     text_encoder: OnceLock<TextEncoder>,
     image_encoder: OnceLock<MobileNetV2>,
+    cleaner: huse_stage_ingest::clean::Cleaner,
 }
 
 /// Queries at a time in [`Searcher::search_many`].
@@ -134,6 +135,10 @@ impl Searcher {
         } else {
             None
         };
+        let clean_cfg: huse_stage_ingest::clean::CleanCfg = serde_json::from_value(files.ingest_config.get("clean").cloned().unwrap_or(serde_json::Value::Null))
+            .or_else(|_| serde_json::from_value(serde_json::json!({})))
+            .context("the run's text cleaning config")?;
+        let cleaner = huse_stage_ingest::clean::Cleaner::new(&clean_cfg).map_err(|(k, m)| anyhow::anyhow!("clean.{k}: {m}"))?;
         let dim = meta.network.shape.dim;
         let n = ds.items.len();
         let index_path = index_dir.join(format!("{}.safetensors", files.index_key));
@@ -170,6 +175,7 @@ impl Searcher {
             bert_dim: ds.bert_dim,
             text_encoder: OnceLock::new(),
             image_encoder: OnceLock::new(),
+            cleaner,
         })
     }
 
@@ -213,8 +219,11 @@ impl Searcher {
         Ok(self.image_encoder.get_or_init(|| m))
     }
 
-    /// The unit text-tower embedding of `text`, encoded as the encode stage encodes a title.
+    /// The unit text-tower embedding of a query `text`: cleaned as the run's ingest stage
+    /// cleaned the titles, then encoded as the encode stage encodes a title.
     pub fn embed_text(&self, text: &str) -> Result<Vec<f32>> {
+        let cleaned = if self.cleaner.is_identity() { text.to_string() } else { self.cleaner.clean(text) };
+        let text = cleaned.as_str();
         if text.trim().is_empty() {
             bail!("the query text is empty");
         }

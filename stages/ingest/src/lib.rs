@@ -18,6 +18,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use huse_data::{Artifact, ClassTree, Item, Split};
+
+pub mod clean;
 use huse_stage_api::{Config, ConfigError, Context, Inputs, Output, Stage, StageError, parse_config};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -92,6 +94,9 @@ pub struct IngestCfg {
     /// an empty column drops its part and the separator before it.
     #[serde(default)]
     pub text: Option<String>,
+    /// Text cleaning before anything else sees the text (see [`clean`]).
+    #[serde(default)]
+    pub clean: clean::CleanCfg,
     /// Class path from several columns, root first.
     #[serde(default)]
     pub classes: Option<Vec<String>>,
@@ -167,6 +172,7 @@ impl IngestCfg {
         if self.class_separator.is_empty() {
             return Err(ConfigError::at("class_separator", "must not be empty"));
         }
+        clean::Cleaner::new(&self.clean).map_err(|(k, m)| ConfigError::at(&format!("clean.{k}"), m))?;
         if self.class_levels == Some(0) {
             return Err(ConfigError::at("class_levels", "must be at least 1"));
         }
@@ -368,6 +374,7 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
             StageError::Config(ConfigError::at(key, format!("column `{name}` not in {} (columns: {})", table.display(), headers.iter().collect::<Vec<_>>().join(", "))))
         })
     };
+    let cleaner = clean::Cleaner::new(&cfg.clean).map_err(|(k, m)| StageError::Config(ConfigError::at(&format!("clean.{k}"), m)))?;
     let id_col = col(&cfg.id_column, "id_column")?;
     let text_col = match &cfg.text {
         Some(t) => {
@@ -417,6 +424,7 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
             Some(t) => text_from_template(t, &get),
             None => rec.get(text_col).unwrap_or("").trim().to_string(),
         };
+        let text = if cleaner.is_identity() { text } else { cleaner.clean(&text) };
         let mut path: Vec<String> = Vec::new();
         if class_cols.len() == 1 && cfg.classes.is_none() {
             let (c, name) = &class_cols[0];

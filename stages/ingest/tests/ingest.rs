@@ -226,3 +226,24 @@ fn bad_class_paths_and_template_columns_name_the_row_the_value_and_the_key() {
     assert!(class_path("a//c", "/", false, None, ClassPad::Drop).unwrap_err().contains("empty level"));
     assert_eq!(class_path("a/b/c/d", "/", false, Some(2), ClassPad::Drop).unwrap(), ["a", "b"]);
 }
+
+#[test]
+fn text_cleaning_is_part_of_ingest() {
+    let d = tempfile::tempdir().unwrap();
+    small_dataset(
+        d.path(),
+        "id,title,description,cls\n1163,Nike <b>Jersey</b>,Cotton &amp; silk!!! see https://x.example/a,A<B\n1164,Nike Polo,,A<B\n",
+    );
+    let out = tempfile::tempdir().unwrap();
+    let cfg = json!({
+        "root": d.path(), "table": "table.csv", "class_column": "cls", "text": "{title}. {description}",
+        "clean": { "html": true, "urls": true, "punctuation": true, "lowercase": true, "replace": [["jersey", "tee"]] },
+    });
+    let (items, _, _) = run(cfg.clone(), out.path()).unwrap();
+    assert_eq!(items[0].text, "nike tee. cotton & silk! see");
+    assert_eq!(items[1].text, "nike polo");
+    let mut bad = cfg;
+    bad["clean"]["replace"] = json!([["(", ""]]);
+    let e = Ingest.validate(&bad).unwrap_err();
+    assert_eq!(e.path, vec!["clean", "replace", "0"]);
+}
