@@ -31,7 +31,7 @@ fn spool_files(dir: &Path) -> Vec<PathBuf> {
 fn metric_rows_are_never_dropped_when_the_database_stays_busy() {
     let sb = Sandbox::new();
     let f = sb.write("c.yaml", &chain(2.0, 5));
-    let mut child = sb
+    let child = sb
         .cmd(&[f.to_str().unwrap()])
         .env("HUSE_DB_BUSY_TIMEOUT", "0.3")
         .env("HUSE_DB_RETRY", "1")
