@@ -164,13 +164,16 @@ pub async fn report(store: &Store, experiment: &str, out: &Path, metric_globs: &
 async fn gallery(store: &Store, runs: &[RunRow], out: &Path, html: &mut String) -> Result<()> {
     let mut shown: Vec<(&RunRow, serde_json::Value)> = Vec::new();
     let mut points = BTreeSet::new();
+    // One run per sweep point: the first that has a gallery (runs that were interrupted
+    // before evaluate have none).
     for r in runs {
-        if shown.len() == 6 || !points.insert(r.point.clone()) {
+        if shown.len() == 6 || points.contains(&r.point) {
             continue;
         }
         if let Some(a) = store.attachment(r.id, "gallery.json").await?
             && let Ok(v) = serde_json::from_str::<serde_json::Value>(&a.text)
         {
+            points.insert(r.point.clone());
             shown.push((r, v));
         }
     }
