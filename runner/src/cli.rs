@@ -179,6 +179,9 @@ enum Cmd {
         /// Search the items' image or text embeddings.
         #[arg(long, default_value = "image")]
         modality: huse_search::Modality,
+        /// Where the encoders and towers run: auto, cpu or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
         /// table, csv, json or markdown.
         #[arg(long, short = 'f', default_value = "table")]
         format: Format,
@@ -194,6 +197,9 @@ enum Cmd {
         /// Address to bind; the default serves this machine only.
         #[arg(long, default_value = "127.0.0.1")]
         host: std::net::IpAddr,
+        /// Where the encoders and towers run: auto, cpu or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
     },
     /// Write a trained run's image and text embeddings of its items (safetensors + ids.json).
     Embed {
@@ -209,6 +215,9 @@ enum Cmd {
         /// image names as the run's ingest stage read them), every usable row.
         #[arg(long, value_name = "DIR")]
         data: Option<PathBuf>,
+        /// Where the encoders and towers run: auto, cpu or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
     },
     /// The stage cache: `verify` checks every entry's outputs against their recorded hashes.
     Cache {
@@ -408,11 +417,11 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
             }
             Ok(0)
         }
-        Some(Cmd::Search { run, text, image, k, modality, format }) => {
+        Some(Cmd::Search { run, text, image, k, modality, device, format }) => {
             let store = open_for_queries(&g.db).await?;
             let files = run_files(&store, run).await?;
             store.close().await;
-            let searcher = huse_search::Searcher::open(&files, &g.cache.join(".index"))?;
+            let searcher = huse_search::Searcher::open(&files, &g.cache.join(".index"), &device_arg(&device)?)?;
             let q = match (&text, &image) {
                 (Some(t), _) => searcher.embed_text(t)?,
                 (None, Some(p)) => searcher.embed_image(p)?,
@@ -432,14 +441,15 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
             print!("{}", t.render(format));
             Ok(0)
         }
-        Some(Cmd::Serve { runs, port, host }) => {
+        Some(Cmd::Serve { runs, port, host, device }) => {
             let store = open_for_queries(&g.db).await?;
             let mut views = Vec::new();
             for run in &runs {
                 let files = run_files(&store, *run).await?;
                 let name = store.run(*run).await?.name;
                 let index = g.cache.join(".index");
-                let searcher = tokio::task::spawn_blocking(move || huse_search::Searcher::open(&files, &index)).await??;
+                let dev = device_arg(&device)?;
+                let searcher = tokio::task::spawn_blocking(move || huse_search::Searcher::open(&files, &index, &dev)).await??;
                 views.push(huse_serve::RunView::new(format!("#{run} {name}"), searcher)?);
             }
             store.close().await;
@@ -449,7 +459,7 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
             .await?;
             Ok(0)
         }
-        Some(Cmd::Embed { run, split, out, data }) => {
+        Some(Cmd::Embed { run, split, out, data, device }) => {
             let keep: Option<huse_data::Split> = match split.as_str() {
                 "all" => None,
                 "train" => Some(huse_data::Split::Train),
@@ -463,7 +473,7 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
             let store = open_for_queries(&g.db).await?;
             let files = run_files(&store, run).await?;
             store.close().await;
-            let searcher = huse_search::Searcher::open(&files, &g.cache.join(".index"))?;
+            let searcher = huse_search::Searcher::open(&files, &g.cache.join(".index"), &device_arg(&device)?)?;
             let out = out.unwrap_or_else(|| PathBuf::from(format!("embed-{run}")));
             let n = match data {
                 None => huse_search::write_embeddings(&searcher, keep, &out)?,
@@ -560,6 +570,12 @@ fn embed_new_table(searcher: &huse_search::Searcher, files: &huse_search::RunFil
     bar.finish();
     let ids: Vec<String> = items.iter().map(|i| i.id.clone()).collect();
     huse_search::write_embedding_files(image, text, &ids, searcher.dim(), out)
+}
+
+/// The candle device for `--device` (auto: a GPU when this build and machine have one).
+fn device_arg(spec: &str) -> Result<candle_core::Device> {
+    let spec: huse_stage_api::DeviceSpec = spec.parse().map_err(anyhow::Error::msg)?;
+    huse_stage_kit::device_of(spec).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// A temporary file name beside `target`.

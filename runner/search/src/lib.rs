@@ -107,14 +107,16 @@ pub struct Searcher {
     text_encoder: OnceLock<TextEncoder>,
     image_encoder: OnceLock<MobileNetV2>,
     cleaner: huse_stage_ingest::clean::Cleaner,
+    device: Device,
 }
 
 /// Queries at a time in [`Searcher::search_many`].
 const BLOCK: usize = 256;
 
 impl Searcher {
-    /// Loads the run and its index (built and cached in `index_dir` the first time).
-    pub fn open(files: &RunFiles, index_dir: &Path) -> Result<Searcher> {
+    /// Loads the run and its index (built and cached in `index_dir` the first time); the
+    /// encoders and towers run on `device` (nearest-neighbour search itself on the CPU).
+    pub fn open(files: &RunFiles, index_dir: &Path, device: &Device) -> Result<Searcher> {
         let meta = ModelMeta::read(&files.train_dir.join(Artifact::ModelMeta))?;
         let encode: EncodeCfg = serde_json::from_value(if files.encode_config.is_null() { serde_json::json!({}) } else { files.encode_config.clone() })
             .context("the run's encode config")?;
@@ -127,7 +129,7 @@ impl Searcher {
             meta.use_tfidf.then_some((tfidf_files.0.as_path(), tfidf_files.1.as_path())),
             tree.classes.len(),
         )?;
-        let device = Device::Cpu;
+        let device = device.clone();
         let model = Huse::load(&meta.network, &files.train_dir.join(Artifact::Model), &device)?;
         let vocab = if meta.use_tfidf {
             let t: Tfidf = serde_json::from_slice(&std::fs::read(&tfidf_files.1)?).with_context(|| format!("reading {}", tfidf_files.1.display()))?;
@@ -176,6 +178,7 @@ impl Searcher {
             text_encoder: OnceLock::new(),
             image_encoder: OnceLock::new(),
             cleaner,
+            device,
         })
     }
 
@@ -207,7 +210,7 @@ impl Searcher {
             return Ok(e);
         }
         let dir = self.encode.text_model.parse::<ModelRef>().map_err(anyhow::Error::msg)?.resolve(TEXT_MODEL_FILES)?;
-        let e = TextEncoder::load(&dir, &Device::Cpu, Some(self.encode.max_tokens))?;
+        let e = TextEncoder::load(&dir, &self.device, Some(self.encode.max_tokens))?;
         Ok(self.text_encoder.get_or_init(|| e))
     }
 
@@ -216,6 +219,7 @@ impl Searcher {
             return Ok(e);
         }
         let m = huse_stage_encode::image_model(&self.encode.image_model).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let m = if self.device.is_cpu() { m } else { m.to_device(&self.device)? };
         Ok(self.image_encoder.get_or_init(|| m))
     }
 
@@ -231,13 +235,13 @@ impl Searcher {
         if bert.len() != self.bert_dim {
             bail!("the text model gives {} features, the run was trained on {}", bert.len(), self.bert_dim);
         }
-        let dense = Tensor::from_vec(bert, (1, self.bert_dim), &Device::Cpu)?;
+        let dense = Tensor::from_vec(bert, (1, self.bert_dim), &self.device)?;
         let phi = match &self.vocab {
             Some(v) => {
                 let row = v.transform(text);
                 let (idx, vals): (Vec<u32>, Vec<f32>) = row.iter().enumerate().filter(|(_, x)| **x != 0.0).map(|(j, x)| (j as u32, *x)).unzip();
                 let indptr = [0i64, idx.len() as i64];
-                let sparse = Sparse::from_csr_rows((&indptr, &idx, &vals), v.len(), &[0], self.bert_dim, &Device::Cpu)?;
+                let sparse = Sparse::from_csr_rows((&indptr, &idx, &vals), v.len(), &[0], self.bert_dim, &self.device)?;
                 self.model.text.embed_sparse(&dense, Some(&sparse), None)?
             }
             None => self.model.text.embed(&dense, None)?,
@@ -249,8 +253,7 @@ impl Searcher {
     pub fn embed_image(&self, path: &Path) -> Result<Vec<f32>> {
         let size = self.encode.image_size;
         let x = image_prep::preprocess_file(path, size).with_context(|| format!("reading image {}", path.display()))?;
-        let x = image_prep::batch(&[x], size, &Device::Cpu)?;
-        let pooled = self.image_encoder()?.forward_cpu(&x)?.pooled;
+        let pooled = self.image_features(&[x])?;
         Ok(self.model.image.embed(&pooled, None)?.flatten_all()?.to_vec1()?)
     }
 
@@ -260,7 +263,7 @@ impl Searcher {
         let mut out = Vec::with_capacity(texts.len() * self.dim);
         for chunk in texts.chunks(batch.max(1)) {
             let bert = self.text_encoder()?.last4_mean_rows(chunk, None, batch.max(1), |_| {})?;
-            let dense = Tensor::from_vec(bert, (chunk.len(), self.bert_dim), &Device::Cpu)?;
+            let dense = Tensor::from_vec(bert, (chunk.len(), self.bert_dim), &self.device)?;
             let phi = match &self.vocab {
                 Some(v) => {
                     let (mut indptr, mut idx, mut vals) = (vec![0i64], Vec::new(), Vec::new());
@@ -274,7 +277,7 @@ impl Searcher {
                         indptr.push(idx.len() as i64);
                     }
                     let rows: Vec<usize> = (0..chunk.len()).collect();
-                    let sparse = Sparse::from_csr_rows((&indptr, &idx, &vals), v.len(), &rows, self.bert_dim, &Device::Cpu)?;
+                    let sparse = Sparse::from_csr_rows((&indptr, &idx, &vals), v.len(), &rows, self.bert_dim, &self.device)?;
                     self.model.text.embed_sparse(&dense, Some(&sparse), None)?
                 }
                 None => self.model.text.embed(&dense, None)?,
@@ -295,12 +298,19 @@ impl Searcher {
                 .iter()
                 .map(|p| image_prep::preprocess_file(p, size).with_context(|| format!("reading image {}", p.display())))
                 .collect::<Result<Vec<_>>>()?;
-            let x = image_prep::batch(&xs, size, &Device::Cpu)?;
-            let pooled = self.image_encoder()?.forward_cpu(&x)?.pooled;
+            let pooled = self.image_features(&xs)?;
             out.extend(self.model.image.embed(&pooled, None)?.flatten_all()?.to_vec1::<f32>()?);
             done(chunk.len());
         }
         Ok(out)
+    }
+
+    /// MobileNetV2 pooled features of preprocessed images, on the searcher's device (the
+    /// CPU's fused path there, candle's ops elsewhere, as the encode stage does).
+    fn image_features(&self, xs: &[Vec<f32>]) -> Result<Tensor> {
+        let x = image_prep::batch(xs, self.encode.image_size, &Device::Cpu)?;
+        let m = self.image_encoder()?;
+        Ok(if self.device.is_cpu() { m.forward_cpu(&x)?.pooled } else { m.forward(&x.to_device(&self.device)?)?.pooled })
     }
 
     /// The `k` items nearest to each query (unit vectors, row-major), in `modality`;
