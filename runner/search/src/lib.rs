@@ -11,7 +11,7 @@
 //!
 //! ```no_run
 //! # fn f(files: huse_search::RunFiles) -> anyhow::Result<()> {
-//! let s = huse_search::Searcher::open(&files, std::path::Path::new(".huse/cache/.index"))?;
+//! let s = huse_search::Searcher::open(&files, std::path::Path::new(".huse/cache/.index"), &candle_core::Device::Cpu)?;
 //! let q = s.embed_text("red floral summer dress")?;
 //! for hit in s.search(&q, huse_search::Modality::Image, 10) {
 //!     println!("{} {} {} {:.3}", hit.id, hit.title, hit.class, hit.distance);
