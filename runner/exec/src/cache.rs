@@ -153,10 +153,6 @@ impl Cache {
         self.root.join(kind).join(key)
     }
 
-    /// Whether a finished output exists (unchecked; see [`Cache::check`]).
-    pub fn contains(&self, kind: &str, key: &str) -> bool {
-        self.entry(kind, key).is_dir()
-    }
 
     /// The entry of `kind`/`key` if it exists and is whole: its manifest readable, every
     /// recorded output and the metrics file present with their recorded sizes, and, with
@@ -429,31 +425,35 @@ fn key_diffs(m: &Manifest, p: &KeyParts) -> Vec<String> {
         let show = |s: Option<u64>| s.map(|s| s.to_string()).unwrap_or_else(|| "unused".into());
         out.push(format!("seed {} -> {}", show(then_seed), show(p.seed)));
     }
-    for (stage, key) in &p.inputs {
-        match m.inputs.iter().find(|(s, _)| s == stage) {
-            Some((_, k)) if k != key => out.push(format!("input from `{stage}` changed (its key {k} -> {key})")),
-            None => out.push(format!("new input from `{stage}`")),
-            _ => {}
-        }
-    }
-    for (stage, _) in &m.inputs {
-        if !p.inputs.iter().any(|(s, _)| s == stage) {
-            out.push(format!("no longer an input from `{stage}`"));
-        }
-    }
-    for (path, id) in &p.files {
-        match m.files.iter().find(|(f, _)| f == path) {
-            Some((_, i)) if i != id => out.push(format!("file {path} changed")),
-            None => out.push(format!("new file {path}")),
-            _ => {}
-        }
-    }
-    for (path, _) in &m.files {
-        if !p.files.iter().any(|(f, _)| f == path) {
-            out.push(format!("no longer reads {path}"));
-        }
-    }
+    diff_pairs(&m.inputs, &p.inputs, &mut out, |stage, then, now| match (then, now) {
+        (Some(k), Some(key)) => format!("input from `{stage}` changed (its key {k} -> {key})"),
+        (None, _) => format!("new input from `{stage}`"),
+        (_, None) => format!("no longer an input from `{stage}`"),
+    });
+    diff_pairs(&m.files, &p.files, &mut out, |path, then, now| match (then, now) {
+        (Some(_), Some(_)) => format!("file {path} changed"),
+        (None, _) => format!("new file {path}"),
+        (_, None) => format!("no longer reads {path}"),
+    });
     out
+}
+
+/// For (name, value) lists: a line for each name whose value changed, was added (`then` is
+/// None) or went away (`now` is None), in the order of `now`, then the removed ones.
+fn diff_pairs(then: &[(String, String)], now: &[(String, String)], out: &mut Vec<String>, say: impl Fn(&str, Option<&str>, Option<&str>) -> String) {
+    let find = |list: &[(String, String)], name: &str| list.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+    for (name, v) in now {
+        match find(then, name) {
+            Some(old) if &old != v => out.push(say(name, Some(&old), Some(v))),
+            None => out.push(say(name, None, Some(v))),
+            _ => {}
+        }
+    }
+    for (name, old) in then {
+        if find(now, name).is_none() {
+            out.push(say(name, Some(old), None));
+        }
+    }
 }
 
 fn json_leaves(v: &serde_json::Value, prefix: &str, out: &mut Vec<(String, String)>) {

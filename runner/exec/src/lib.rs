@@ -10,7 +10,7 @@
 //! temporary outputs are removed. Runs, stage runs and metrics are recorded through
 //! [`huse_store::Store`]; outputs live in the [`cache::Cache`]; [`progress`] draws the bars.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -70,7 +70,7 @@ pub struct RunOutcome {
 }
 
 /// One unit of work: a stage with one plan key, used by one or more runs. Its cache key
-/// is known once its inputs are: it hashes their content ([`Job::cache_key`]).
+/// is known once its inputs are: it hashes their content ([`Job::parts`]).
 struct Job {
     /// The plan key: the key parts with the upstream *plan* keys in place of input content;
     /// equal plan keys mean equal work within one invocation.
@@ -111,7 +111,8 @@ impl Job {
 struct Output {
     dir: PathBuf,
     key: String,
-    hashes: HashMap<String, String>,
+    /// Each output's recorded size and hash, from the entry's manifest.
+    records: HashMap<String, cache::OutputRecord>,
 }
 
 #[derive(Debug, Clone)]
@@ -267,18 +268,6 @@ async fn metric_writer(store: Store, mut rx: mpsc::UnboundedReceiver<Vec<MetricR
     lost
 }
 
-fn dir_size(p: &Path) -> Option<i64> {
-    let m = std::fs::metadata(p).ok()?;
-    if m.is_file() {
-        return Some(m.len() as i64);
-    }
-    let mut total = 0;
-    for e in std::fs::read_dir(p).ok()?.flatten() {
-        total += dir_size(&e.path()).unwrap_or(0);
-    }
-    Some(total)
-}
-
 fn git_commit(file: &Path) -> Option<String> {
     let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let out = std::process::Command::new("git").arg("-C").arg(dir).args(["rev-parse", "HEAD"]).output().ok()?;
@@ -342,6 +331,7 @@ pub async fn execute(
     let receivers: Vec<watch::Receiver<State>> = channels.iter().map(|(_, r)| r.clone()).collect();
     let many_runs = exp.runs.len() > 1;
     let jobs: Vec<Arc<Job>> = jobs.into_iter().map(Arc::new).collect();
+    let verified: Arc<Mutex<HashSet<PathBuf>>> = Arc::default();
 
     let mut tasks = tokio::task::JoinSet::new();
     for (ji, (tx, _)) in channels.into_iter().enumerate() {
@@ -352,10 +342,10 @@ pub async fn execute(
             let (ri, stage) = &job.users[0];
             if many_runs { format!("{}:{stage}", exp.runs[*ri].name) } else { stage.clone() }
         };
-        let (store, cache, sem, cancel, display, mtx, verify) =
-            (store.clone(), cache.clone(), sem.clone(), cancel.clone(), display.clone(), mtx.clone(), opts.verify);
+        let (store, cache, sem, cancel, display, mtx, verify, verified) =
+            (store.clone(), cache.clone(), sem.clone(), cancel.clone(), display.clone(), mtx.clone(), opts.verify, verified.clone());
         tasks.spawn(async move {
-            let state = run_job(&job, deps, &users, &label, &cache, &sem, &cancel, &display, mtx, verify).await;
+            let state = run_job(&job, deps, &users, &label, &cache, &sem, &cancel, &display, mtx, verify, &verified).await;
             let lost = record(&store, &job, &users, &state).await;
             let _ = tx.send(state);
             lost
@@ -434,6 +424,7 @@ async fn run_job(
     display: &Display,
     mtx: mpsc::UnboundedSender<Vec<MetricRow>>,
     verify: bool,
+    verified: &Mutex<HashSet<PathBuf>>,
 ) -> State {
     let mut ups: HashMap<String, Output> = HashMap::new();
     for (need, mut rx) in deps {
@@ -454,7 +445,7 @@ async fn run_job(
     let mut input_hashes = Vec::new();
     for e in &job.inputs {
         let up = &ups[&e.from];
-        let Some(hash) = up.hashes.get(&e.artifact) else {
+        let Some(hash) = up.records.get(&e.artifact).map(|r| &r.blake3) else {
             return State::Failed(format!("upstream stage `{}` recorded no output `{}`", e.from, e.artifact));
         };
         inputs.insert(&e.artifact, &e.from, up.dir.join(&e.artifact));
@@ -469,7 +460,7 @@ async fn run_job(
         match cache.check(&job.kind, &key, verify) {
             Ok(Some((dir, m))) => {
                 info!("{label}: cache hit ({}/{key})", job.kind);
-                return State::Done { out: Output { dir, key, hashes: hashes_of(&m) }, cached: true, started: None, ended: None, secs: None };
+                return State::Done { out: Output { dir, key, records: records_of(m) }, cached: true, started: None, ended: None, secs: None };
             }
             Ok(None) => {}
             Err(bad) => {
@@ -482,13 +473,20 @@ async fn run_job(
     }
     // Before computing, make sure the inputs are what their entries recorded: a stage never
     // computes (and caches) a result from damaged input.
+    // (Each file once per invocation: a sweep's trainings share the same encode outputs.)
     for e in &job.inputs {
         let path = ups[&e.from].dir.join(&e.artifact);
-        let want = &ups[&e.from].hashes[&e.artifact];
+        let want = &ups[&e.from].records[&e.artifact].blake3;
+        if verified.lock().unwrap().contains(&path) {
+            continue;
+        }
         let got = {
             let path = path.clone();
             tokio::task::spawn_blocking(move || cache::content_hash(&path)).await
         };
+        if matches!(&got, Ok(Ok(h)) if h == want) {
+            verified.lock().unwrap().insert(path.clone());
+        }
         match got {
             Ok(Ok(h)) if &h == want => {}
             Ok(Ok(_)) => {
@@ -595,7 +593,7 @@ async fn run_job(
         Ok((dir, m)) => {
             cache.remove_work_dir(&job.key);
             info!("{label}: done in {secs:.2}s");
-            State::Done { out: Output { dir, key, hashes: hashes_of(&m) }, cached: false, started: Some(started), ended: Some(store::now()), secs: Some(secs) }
+            State::Done { out: Output { dir, key, records: records_of(m) }, cached: false, started: Some(started), ended: Some(store::now()), secs: Some(secs) }
         }
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);
@@ -605,8 +603,8 @@ async fn run_job(
     }
 }
 
-fn hashes_of(m: &Manifest) -> HashMap<String, String> {
-    m.outputs.iter().map(|o| (o.name.clone(), o.blake3.clone())).collect()
+fn records_of(m: Manifest) -> HashMap<String, cache::OutputRecord> {
+    m.outputs.into_iter().map(|o| (o.name.clone(), o)).collect()
 }
 
 /// Records the job's stage run for every run that uses it (and replays cached metrics).
@@ -637,7 +635,7 @@ async fn record(store: &Store, job: &Job, users: &[(i64, String)], state: &State
             attachments: Vec::new(),
         };
         match state {
-            State::Done { out: Output { dir, .. }, cached, started, ended, secs } => {
+            State::Done { out: Output { dir, records, .. }, cached, started, ended, secs } => {
                 row.cached = *cached || i > 0;
                 if !row.cached {
                     (row.started_at, row.ended_at, row.duration_s) = (started.clone(), ended.clone(), *secs);
@@ -645,7 +643,8 @@ async fn record(store: &Store, job: &Job, users: &[(i64, String)], state: &State
                 row.output_dir = Some(dir.display().to_string());
                 for out in job.entry.stage.outputs() {
                     let p = dir.join(&out.name);
-                    row.artifacts.push((out.name.clone(), p.display().to_string(), dir_size(&p)));
+                    let bytes = records.get(&out.name).map(|r| r.bytes as i64);
+                    row.artifacts.push((out.name.clone(), p.display().to_string(), bytes));
                     if (out.summary || out.attachment)
                         && let Ok(text) = std::fs::read_to_string(&p)
                     {

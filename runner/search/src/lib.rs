@@ -231,30 +231,12 @@ impl Searcher {
         if text.trim().is_empty() {
             bail!("the query text is empty");
         }
-        let bert = self.text_encoder()?.last4_mean_rows(&[text], None, 1, |_| {})?;
-        if bert.len() != self.bert_dim {
-            bail!("the text model gives {} features, the run was trained on {}", bert.len(), self.bert_dim);
-        }
-        let dense = Tensor::from_vec(bert, (1, self.bert_dim), &self.device)?;
-        let phi = match &self.vocab {
-            Some(v) => {
-                let row = v.transform(text);
-                let (idx, vals): (Vec<u32>, Vec<f32>) = row.iter().enumerate().filter(|(_, x)| **x != 0.0).map(|(j, x)| (j as u32, *x)).unzip();
-                let indptr = [0i64, idx.len() as i64];
-                let sparse = Sparse::from_csr_rows((&indptr, &idx, &vals), v.len(), &[0], self.bert_dim, &self.device)?;
-                self.model.text.embed_sparse(&dense, Some(&sparse), None)?
-            }
-            None => self.model.text.embed(&dense, None)?,
-        };
-        Ok(phi.flatten_all()?.to_vec1()?)
+        self.embed_texts(&[text], 1, &mut |_| {})
     }
 
     /// The unit image-tower embedding of the image at `path` (JPEG or PNG).
     pub fn embed_image(&self, path: &Path) -> Result<Vec<f32>> {
-        let size = self.encode.image_size;
-        let x = image_prep::preprocess_file(path, size).with_context(|| format!("reading image {}", path.display()))?;
-        let pooled = self.image_features(&[x])?;
-        Ok(self.model.image.embed(&pooled, None)?.flatten_all()?.to_vec1()?)
+        self.embed_images(&[path], 1, &mut |_| {})
     }
 
     /// The unit text embeddings of `texts` (row-major), `batch` texts through BERT at a
@@ -263,6 +245,9 @@ impl Searcher {
         let mut out = Vec::with_capacity(texts.len() * self.dim);
         for chunk in texts.chunks(batch.max(1)) {
             let bert = self.text_encoder()?.last4_mean_rows(chunk, None, batch.max(1), |_| {})?;
+            if bert.len() != chunk.len() * self.bert_dim {
+                bail!("the text model gives {} features, the run was trained on {}", bert.len() / chunk.len().max(1), self.bert_dim);
+            }
             let dense = Tensor::from_vec(bert, (chunk.len(), self.bert_dim), &self.device)?;
             let phi = match &self.vocab {
                 Some(v) => {
@@ -363,19 +348,9 @@ impl Searcher {
 /// item id of each row). Returns N.
 pub fn write_embeddings(s: &Searcher, split: Option<Split>, out: &Path) -> Result<usize> {
     let rows: Vec<usize> = (0..s.items.len()).filter(|i| split.is_none_or(|sp| s.items[*i].split == sp)).collect();
-    let n = rows.len();
     let pick = |m: Modality| rows.iter().flat_map(|i| s.item_embedding(*i, m).iter().copied()).collect::<Vec<f32>>();
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let tensors: std::collections::HashMap<String, Tensor> = [
-        ("image".to_string(), Tensor::from_vec(pick(Modality::Image), (n, s.dim), &Device::Cpu)?),
-        ("text".to_string(), Tensor::from_vec(pick(Modality::Text), (n, s.dim), &Device::Cpu)?),
-    ]
-    .into_iter()
-    .collect();
-    candle_core::safetensors::save(&tensors, out.join("embeddings.safetensors"))?;
-    let ids: Vec<&str> = rows.iter().map(|i| s.items[*i].id.as_str()).collect();
-    std::fs::write(out.join("ids.json"), serde_json::to_vec(&ids)?)?;
-    Ok(n)
+    let ids: Vec<String> = rows.iter().map(|i| s.items[*i].id.clone()).collect();
+    write_embedding_files(pick(Modality::Image), pick(Modality::Text), &ids, s.dim, out)
 }
 
 /// Writes embeddings made elsewhere (e.g. of a new table) in the layout of

@@ -376,15 +376,15 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
     };
     let cleaner = clean::Cleaner::new(&cfg.clean).map_err(|(k, m)| StageError::Config(ConfigError::at(&format!("clean.{k}"), m)))?;
     let id_col = col(&cfg.id_column, "id_column")?;
+    // With a template, its columns must exist; the text is filled per row.
     let text_col = match &cfg.text {
         Some(t) => {
-            for (i, c) in template_columns(t).map_err(|e| StageError::Config(ConfigError::at("text", e)))?.into_iter().enumerate() {
-                let _ = i;
+            for c in template_columns(t).map_err(|e| StageError::Config(ConfigError::at("text", e)))? {
                 col(c, "text")?;
             }
-            usize::MAX
+            None
         }
-        None => col(&cfg.text_column, "text_column")?,
+        None => Some(col(&cfg.text_column, "text_column")?),
     };
     let class_cols: Vec<(usize, String)> = match (&cfg.classes, &cfg.class_column) {
         (Some(cs), _) => cs.iter().enumerate().map(|(i, c)| col(c, &format!("classes.{i}")).map(|x| (x, c.clone()))).collect::<Result<_, _>>()?,
@@ -420,9 +420,9 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
         };
         let get = |c: &str| headers.iter().position(|h| h == c).and_then(|p| rec.get(p)).map(str::to_string);
         let mut problem: Option<&'static str> = None;
-        let text = match &cfg.text {
-            Some(t) => text_from_template(t, &get),
-            None => rec.get(text_col).unwrap_or("").trim().to_string(),
+        let text = match (&cfg.text, text_col) {
+            (Some(t), _) => text_from_template(t, &get),
+            (None, c) => c.and_then(|c| rec.get(c)).unwrap_or("").trim().to_string(),
         };
         let text = if cleaner.is_identity() { text } else { cleaner.clean(&text) };
         let mut path: Vec<String> = Vec::new();
