@@ -20,6 +20,8 @@ use huse_store::{Cond, Filter, Location, RunStatus, Store};
 
 use crate::builtin_registry;
 
+mod cluster;
+
 #[derive(Parser, Debug)]
 #[command(name = "huse-run", version, about = "Run, sweep and compare HUSE experiments described in YAML.")]
 #[command(subcommand_negates_reqs = true)]
@@ -34,7 +36,8 @@ struct Cli {
 
 #[derive(Args, Debug, Clone)]
 struct Global {
-    /// Results database: a SQLite file path (taken verbatim) or sqlite://PATH.
+    /// Results database: a SQLite file path (taken verbatim), sqlite://PATH, or a PostgreSQL
+    /// URL (postgres://USER[:PASSWORD]@HOST[:PORT]/DB).
     #[arg(long, global = true, env = "HUSE_DB", default_value = ".huse/runs.sqlite")]
     db: Location,
     /// Stage cache directory.
@@ -76,6 +79,14 @@ struct RunArgs {
     /// Load stage kinds from this plugin library (repeatable), besides the experiment's `plugins:`.
     #[arg(long = "plugin", value_name = "PATH")]
     plugins: Vec<PathBuf>,
+    /// Where the runs go: `local` (this machine) or `slurm` (submit to the cluster; settings
+    /// in the file's `launcher:` block). Default: the block's `kind`, else local.
+    #[arg(long, value_name = "local|slurm")]
+    launcher: Option<String>,
+    /// With the SLURM launcher: return once the jobs are submitted (print their ids);
+    /// `huse-run status` and `huse-run wait` follow them.
+    #[arg(long)]
+    detach: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -229,6 +240,21 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DbCmd,
     },
+    /// The state of every run of an experiment: pending, running, succeeded, failed or
+    /// cancelled, from the database and the cluster queue (logs of failed runs named).
+    Status(RunArgs),
+    /// Wait until no job of an experiment's cluster launches is queued or running; then
+    /// print `status` (exit 1 if a run failed or was cancelled).
+    Wait(RunArgs),
+    /// (Internal) the entry point of a SLURM job of a launch.
+    #[command(hide = true)]
+    SlurmTask {
+        /// The launch manifest.
+        launch: PathBuf,
+        /// Compute this shared stage job of the launch (else: the array task in SLURM_ARRAY_TASK_ID).
+        #[arg(long)]
+        shared: Option<usize>,
+    },
     /// The run with the best final value of a metric.
     Best {
         #[arg(long, short = 'm')]
@@ -254,6 +280,17 @@ enum CacheCmd {
 enum DbCmd {
     /// Write the records that processes which could not reach the database left spooled.
     Replay,
+    /// Copy finished runs from one results database into another (e.g. a laptop's SQLite
+    /// into the group's PostgreSQL); runs the destination already has are skipped.
+    Copy {
+        /// Source database (path or URL).
+        src: Location,
+        /// Destination database (path or URL; created/migrated if needed).
+        dst: Location,
+        /// Only runs of this experiment.
+        #[arg(long, short = 'e')]
+        experiment: Option<String>,
+    },
 }
 
 /// Runs the command line; returns the process exit code.
@@ -499,12 +536,31 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
             Ok(if bad > 0 { 1 } else { 0 })
         }
         Some(Cmd::Db { cmd: DbCmd::Replay }) => {
-            let Location::Sqlite(path) = &g.db;
-            let store = Store::open(path, store_options(&g)?).await?;
+            let store = Store::open(&g.db, store_options(&g)?).await?;
             let left = store.spooled().await;
-            println!("results database {} is up to date{}", path.display(), if left > 0 { format!(" ({left} spooled record(s) of running processes wait)") } else { String::new() });
+            println!("results database {} is up to date{}", g.db, if left > 0 { format!(" ({left} spooled record(s) of running processes wait)") } else { String::new() });
             Ok(0)
         }
+        Some(Cmd::Db { cmd: DbCmd::Copy { src, dst, experiment } }) => {
+            if src == dst {
+                eprintln!("error: db copy: source and destination are the same database ({src})");
+                return Ok(2);
+            }
+            let from = Store::open_read_only(&src).await?;
+            let to = Store::open(&dst, store_options(&g)?).await?;
+            let done = huse_store::copy::copy(&from, &to, experiment.as_deref()).await?;
+            to.close().await;
+            println!(
+                "copied {} run(s) from {src} into {dst}; {} already there{}",
+                done.copied,
+                done.skipped,
+                if done.running > 0 { format!("; {} still running, left out (copy again later)", done.running) } else { String::new() }
+            );
+            Ok(0)
+        }
+        Some(Cmd::Status(a)) => cluster::status(&g, &a, false).await,
+        Some(Cmd::Wait(a)) => cluster::status(&g, &a, true).await,
+        Some(Cmd::SlurmTask { launch, shared }) => cluster::task(&g, &launch, shared, &display).await,
         Some(Cmd::Best { metric, min, filter, format }) => {
             let store = open_for_queries(&g.db).await?;
             let runs = store.load_runs(&to_filter(filter)).await?;
@@ -594,11 +650,10 @@ fn store_options(g: &Global) -> Result<huse_store::Options> {
 
 /// Opens the database read-only for a query, warning about records still spooled.
 async fn open_for_queries(db: &Location) -> Result<Store> {
-    let Location::Sqlite(path) = db;
-    let store = Store::open_read_only(path).await?;
+    let store = Store::open_read_only(db).await?;
     let n = store.spooled().await;
     if n > 0 {
-        warn!("{n} record(s) are spooled and not yet in {}; `huse-run db replay` writes them", path.display());
+        warn!("{n} record(s) are spooled and not yet in {db}; `huse-run db replay` writes them");
     }
     Ok(store)
 }
@@ -650,18 +705,32 @@ async fn run(g: &Global, a: RunArgs, display: &Display) -> Result<i32> {
             return Ok(2);
         }
     };
+    match cluster::launcher_of(&file, &a) {
+        Ok(Some(cfg)) => return cluster::launch(g, &a, &exp, &registry, &cfg, display).await,
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(2);
+        }
+    }
+    let jobs = a.jobs.map(|j| j as usize).unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let opts = RunOptions { jobs, force: a.force.clone(), no_cache: a.no_cache, verify: a.verify, run_log: None };
+    run_compiled(g, &g.db, &exp, &registry, &opts, display).await
+}
+
+/// Runs a compiled experiment on this machine against the database at `db`, prints the
+/// summaries and the outcome table; returns the exit code.
+async fn run_compiled(g: &Global, db: &Location, exp: &huse_config::Experiment, registry: &Registry, opts: &RunOptions, display: &Display) -> Result<i32> {
+    let (exp, registry, opts) = (exp, registry, opts);
     let cancel = CancelToken::new();
     spawn_signal_handler(cancel.clone());
-    let Location::Sqlite(db_path) = &g.db;
     let cache = Cache::open(&g.cache)?;
-    let store = Store::open(db_path, store_options(g)?).await?;
+    let store = Store::open(db, store_options(g)?).await?;
     let reaped = store.reap_dead_runs().await?;
     if reaped > 0 {
         warn!("marked {reaped} run(s) of dead processes as interrupted");
     }
-    let jobs = a.jobs.map(|j| j as usize).unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    let opts = RunOptions { jobs, force: a.force.clone(), no_cache: a.no_cache, verify: a.verify };
-    let outcome = exec::execute(&exp, &registry, &store, &cache, &opts, display, &cancel).await?;
+    let outcome = exec::execute(exp, registry, &store, &cache, opts, display, &cancel).await?;
     let outcomes = &outcome.runs;
     // Stage summaries (e.g. the evaluation tables) of each finished run.
     for o in outcomes {
@@ -688,7 +757,7 @@ async fn run(g: &Global, a: RunArgs, display: &Display) -> Result<i32> {
         error!("not every result reached the database: {why}");
         return Ok(1);
     }
-    info!("results in {}; `huse-run show RUN` for details", g.db);
+    info!("results in {db}; `huse-run show RUN` for details");
     Ok(if cancel.is_cancelled() || outcomes.iter().any(|o| o.status == RunStatus::Interrupted) {
         130
     } else if outcomes.iter().any(|o| o.status == RunStatus::Failed) {

@@ -179,7 +179,7 @@ pub struct Source {
 }
 
 /// Top-level keys of an experiment file.
-pub const TOP_KEYS: &[&str] = &["name", "description", "seed", "device", "repeat", "stages", "sweep", "plugins"];
+pub const TOP_KEYS: &[&str] = &["name", "description", "seed", "device", "repeat", "stages", "sweep", "plugins", "launcher"];
 /// Keys of a stage entry.
 pub const STAGE_KEYS: &[&str] = &["uses", "needs", "with"];
 
@@ -275,6 +275,15 @@ impl Source {
         let root = Node::parse(text)
             .map_err(|e| diag(display, Origin::File { line: e.line, column: e.column }, format!("invalid YAML: {}", e.message)));
         Source { file: file.to_path_buf(), display: display.to_string(), root }
+    }
+
+    /// The `launcher:` block (where and how a sweep is submitted, e.g. to SLURM) as JSON,
+    /// with where it is; `None` when the file has none (or does not parse: [`compile`]
+    /// reports that). It is not part of any run's config or cache key.
+    pub fn launcher(&self) -> Option<(serde_json::Value, Origin)> {
+        let root = self.tree().ok()?;
+        let n = root.get("launcher")?;
+        Some((n.to_json(), n.origin.clone()))
     }
 
     fn tree(&self) -> Result<&Node, Diagnostics> {

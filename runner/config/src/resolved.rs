@@ -30,11 +30,12 @@ pub fn params_of(tree: &Node) -> Vec<(String, serde_json::Value)> {
     out
 }
 
-/// The resolved config as YAML, in the file's key order, without `sweep` and `repeat`.
+/// The resolved config as YAML, in the file's key order, without `sweep`, `repeat` and
+/// `launcher` (how a sweep is submitted is not part of a run's config).
 pub fn yaml(tree: &Node) -> String {
     let mut t = tree.clone();
     if let Value::Map(m) = &mut t.value {
-        m.retain(|(k, _)| k.name != "sweep" && k.name != "repeat");
+        m.retain(|(k, _)| !["sweep", "repeat", "launcher"].contains(&k.name.as_str()));
     }
     serde_saphyr::to_string(&ordered_json(&t)).unwrap_or_else(|_| t.to_json().to_string())
 }

@@ -40,6 +40,8 @@ pub struct RunOptions {
     pub no_cache: bool,
     /// Check the content hash of every cached output before using it (not only its size).
     pub verify: bool,
+    /// The log file of this invocation when it runs as a cluster job (recorded with its runs).
+    pub run_log: Option<String>,
 }
 
 /// What [`execute`] reports.
@@ -206,7 +208,7 @@ pub fn cache_keys(
     identity: &dyn Fn(&Path) -> Result<String>,
     output_hash: &dyn Fn(&str, &str) -> String,
 ) -> Result<Vec<(String, String, String)>> {
-    let opts = RunOptions { jobs: 1, force: Vec::new(), no_cache: false, verify: false };
+    let opts = RunOptions { jobs: 1, force: Vec::new(), no_cache: false, verify: false, run_log: None };
     let (jobs, run_jobs) = plan(exp, registry, &opts, identity)?;
     // Jobs come in dependency order: every need has a lower index.
     let mut keys: Vec<String> = Vec::with_capacity(jobs.len());
@@ -228,6 +230,67 @@ pub fn cache_keys(
         }
     }
     Ok(out)
+}
+
+/// What a launcher needs to know before submitting anything: the distinct stage jobs of
+/// an experiment, which runs use each, and which are already in the cache.
+#[derive(Debug, Clone)]
+pub struct Survey {
+    /// Distinct stage jobs, in dependency order (every need has a lower index).
+    pub jobs: Vec<SurveyJob>,
+    /// For each run, its stages' job indices in the run's stage order.
+    pub run_jobs: Vec<Vec<usize>>,
+}
+
+/// One distinct stage job of a [`Survey`].
+#[derive(Debug, Clone)]
+pub struct SurveyJob {
+    /// (run index, stage name) of every run that uses it; the first is the one whose
+    /// stages a launcher runs to compute it.
+    pub users: Vec<(usize, String)>,
+    /// Job indices of its upstream stages.
+    pub needs: Vec<usize>,
+    /// Its output is in the cache (and so is every input it was computed from). Unknown
+    /// (false) below a stage that is not cached: its key depends on content not yet computed.
+    pub cached: bool,
+}
+
+impl Survey {
+    /// Whether every stage of run `ri` is cached.
+    pub fn run_cached(&self, ri: usize) -> bool {
+        self.run_jobs[ri].iter().all(|j| self.jobs[*j].cached)
+    }
+}
+
+/// Plans `exp` as [`execute`] would and looks each job up in the cache (sizes checked,
+/// no hashing), without running or recording anything.
+pub fn survey(exp: &Experiment, registry: &Registry, cache: &Cache, opts: &RunOptions) -> Result<Survey> {
+    let (jobs, run_jobs) = plan(exp, registry, opts, &cache::identity)?;
+    let mut outputs: Vec<Option<HashMap<String, cache::OutputRecord>>> = Vec::with_capacity(jobs.len());
+    let mut out = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        let mut inputs = Some(Vec::new());
+        for e in &job.inputs {
+            let (_, dep) = job.needs.iter().find(|(n, _)| *n == e.from).expect("an edge comes from a need");
+            match outputs[*dep].as_ref().and_then(|r| r.get(&e.artifact)) {
+                Some(r) => inputs.as_mut().map(|v| v.push((input_label(e), r.blake3.clone()))),
+                None => inputs.take().map(|_| ()),
+            };
+        }
+        let hit = match inputs {
+            Some(inputs) if !job.force && job.needs.iter().all(|(_, d)| outputs[*d].is_some()) => {
+                let key = job.parts(inputs).key();
+                match cache.check(&job.kind, &key, false) {
+                    Ok(Some((_, m))) => Some(records_of(m)),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        out.push(SurveyJob { users: job.users.clone(), needs: job.needs.iter().map(|(_, d)| *d).collect(), cached: hit.is_some() });
+        outputs.push(hit);
+    }
+    Ok(Survey { jobs: out, run_jobs })
 }
 
 struct Metrics {
@@ -312,6 +375,7 @@ pub async fn execute(
             config_yaml: run.resolved_yaml.clone(),
             params: run.params.clone(),
             git_commit: commit.clone(),
+            log: opts.run_log.clone(),
         };
         run_ids.push(store.insert_run(exp_id, &row).await?);
     }

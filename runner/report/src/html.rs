@@ -37,7 +37,7 @@ fn fmt(v: f64) -> String {
 pub async fn report(store: &Store, experiment: &str, out: &Path, metric_globs: &[String]) -> Result<Vec<String>> {
     let runs = store.load_runs(&Filter { experiment: Some(experiment.to_string()), ..Default::default() }).await?;
     if runs.is_empty() {
-        bail!("no runs of experiment `{experiment}` in {}", store.path().display());
+        bail!("no runs of experiment `{experiment}` in {}", store.location());
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let globs = if metric_globs.is_empty() {
@@ -73,7 +73,7 @@ pub async fn report(store: &Store, experiment: &str, out: &Path, metric_globs: &
          <h1>Experiment <code>{e}</code></h1><p>{n} run(s), generated from <code>{db}</code>.</p>",
         e = esc(experiment),
         n = runs.len(),
-        db = esc(&store.path().display().to_string())
+        db = esc(&store.location().to_string())
     )?;
 
     // Sweep figures.

@@ -297,7 +297,7 @@ pub async fn show(store: &Store, id: i64) -> Result<Vec<(String, Table)>> {
     let r = store.run(id).await?;
     let mut sections = Vec::new();
     let mut info = Table { headers: vec!["field".into(), "value".into()], rows: Vec::new() };
-    let fields: Vec<(&str, Cell)> = vec![
+    let mut fields: Vec<(&str, Cell)> = vec![
         ("id", Cell::Int(r.id)),
         ("experiment", Cell::Text(r.experiment.clone())),
         ("name", Cell::Text(r.name.clone())),
@@ -309,6 +309,10 @@ pub async fn show(store: &Store, id: i64) -> Result<Vec<(String, Table)>> {
         ("git commit", Cell::Text(r.git_commit.clone().unwrap_or_default())),
         ("error", Cell::Text(r.error.clone().unwrap_or_default())),
     ];
+    if let Some(log) = &r.log {
+        // Runs that ran as cluster jobs: where their output went.
+        fields.push(("log", Cell::Text(log.clone())));
+    }
     for (k, v) in fields {
         info.rows.push(vec![Cell::Text(k.into()), v]);
     }

@@ -8,10 +8,16 @@
 //! SQL, and the connection pool is private, which is also the seam a second backend
 //! plugs into.
 //!
-//! SQLite through sqlx, WAL journal, a busy timeout, and migrations embedded in the
-//! binary (`runner/store/migrations/`). Several `huse-run` processes may write one
-//! database at once: migrations run under an exclusive file lock, and write transactions
-//! start with `BEGIN IMMEDIATE` so they wait for each other instead of failing; a
+//! Two backends behind one API ([`Location`]): a SQLite file (one machine; WAL journal,
+//! a busy timeout) or a PostgreSQL server (a group, or many cluster nodes writing at
+//! once), both through sqlx's `Any` driver with the same SQL: statements are written with
+//! `?` placeholders and numbered (`$1`, `$2`, ...) for PostgreSQL, and every dialect
+//! difference is a named branch here ([`Backend`]). Each backend has its own migrations
+//! (`runner/store/migrations/{sqlite,postgres}/`), the same versions and the same tables
+//! and columns. Several `huse-run` processes may write one database at once: SQLite
+//! migrations run under an exclusive file lock (PostgreSQL's under sqlx's advisory lock),
+//! and SQLite write transactions start with `BEGIN IMMEDIATE` so they wait for each other
+//! instead of failing; a
 //! transaction that fails is rolled back on the spot (a connection that cannot roll back
 //! is closed, never reused). All values are bound as parameters; no user text is ever
 //! pasted into SQL.
@@ -40,8 +46,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, query as sql};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, ConnectOptions as _};
+use sqlx::{AssertSqlSafe, Executor as _, Row};
 
 pub mod query;
 pub mod spool;
@@ -123,6 +130,8 @@ pub struct NewRun {
     pub params: Vec<(String, serde_json::Value)>,
     /// The git commit of the experiment file's repository (`-dirty` when changed).
     pub git_commit: Option<String>,
+    /// Its log file, when it runs as a cluster job.
+    pub log: Option<String>,
 }
 
 /// One metric row to insert.
@@ -205,8 +214,9 @@ pub struct StageRunRow {
 /// A handle on the results database.
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
-    path: PathBuf,
+    pool: AnyPool,
+    backend: Backend,
+    location: Location,
     read_only: bool,
     options: Options,
     spool: std::sync::Arc<tokio::sync::Mutex<spool::Spool>>,
@@ -260,13 +270,16 @@ impl Options {
 pub enum Location {
     /// A SQLite file.
     Sqlite(PathBuf),
+    /// A PostgreSQL server: the `postgres://` (or `postgresql://`) URL as given.
+    Postgres(String),
 }
 
 impl FromStr for Location {
     type Err = String;
     /// A plain argument is a file path, taken verbatim (`x?mode=rwc` is a file of that
     /// name, `%41` is not decoded); `sqlite://PATH` (or `sqlite:PATH`) names a SQLite file
-    /// explicitly; any other `scheme://` is an error.
+    /// explicitly; `postgres://` and `postgresql://` URLs name a PostgreSQL database; any
+    /// other `scheme://` is an error.
     fn from_str(s: &str) -> Result<Location, String> {
         if s.is_empty() {
             return Err("empty database path".into());
@@ -279,9 +292,15 @@ impl FromStr for Location {
         }
         if let Some(i) = s.find("://") {
             let scheme = &s[..i];
+            if scheme == "postgres" || scheme == "postgresql" {
+                let rest = &s[i + 3..];
+                if rest.is_empty() || rest.starts_with('/') && rest.len() == 1 {
+                    return Err(format!("`{}`: no host or database after `{scheme}://`", redact(s)));
+                }
+                return Ok(Location::Postgres(s.to_string()));
+            }
             if !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) {
-                let hint = if scheme.starts_with("postgres") { " (PostgreSQL is not supported by this build yet)" } else { "" };
-                return Err(format!("`{s}`: unknown database scheme `{scheme}://`{hint}; give a file path or sqlite://PATH"));
+                return Err(format!("`{s}`: unknown database scheme `{scheme}://`; give a file path, sqlite://PATH or postgres://USER@HOST/DB"));
             }
         }
         Ok(Location::Sqlite(PathBuf::from(s)))
@@ -289,11 +308,100 @@ impl FromStr for Location {
 }
 
 impl fmt::Display for Location {
+    /// The file path, or the URL with its password hidden.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Location::Sqlite(p) => write!(f, "{}", p.display()),
+            Location::Postgres(url) => f.write_str(&redact(url)),
         }
     }
+}
+
+impl Location {
+    /// The location as `--db` / `HUSE_DB` take it, password included (for passing it on
+    /// to another `huse-run` process; never print it). A SQLite path is made absolute.
+    pub fn to_arg(&self) -> String {
+        match self {
+            Location::Sqlite(p) => std::path::absolute(p).unwrap_or_else(|_| p.clone()).display().to_string(),
+            Location::Postgres(url) => url.clone(),
+        }
+    }
+}
+
+/// The URL the Any driver opens a SQLite file by: every byte of the path but
+/// `[A-Za-z0-9/._~-]` percent-encoded (sqlx decodes the path; `%`, `?` and `#` in a file
+/// name stay literal).
+fn sqlite_url(path: &Path, mode: &str) -> Result<url::Url> {
+    let bytes = path.as_os_str().as_encoded_bytes();
+    let mut enc = String::with_capacity(bytes.len() + 16);
+    for b in bytes {
+        if b.is_ascii_alphanumeric() || b"/._~-".contains(b) {
+            enc.push(*b as char);
+        } else {
+            enc.push_str(&format!("%{b:02X}"));
+        }
+    }
+    url::Url::parse(&format!("sqlite://{enc}?mode={mode}")).with_context(|| format!("{}: cannot make a database URL of this path", path.display()))
+}
+
+/// `postgres://user:secret@host/db` -> `postgres://user:***@host/db`.
+fn redact(url: &str) -> String {
+    let Some(i) = url.find("://") else { return url.to_string() };
+    let (scheme, rest) = url.split_at(i + 3);
+    let auth_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..auth_end].rfind('@') {
+        Some(at) => match rest[..at].find(':') {
+            Some(colon) => format!("{scheme}{}:***{}", &rest[..colon], &rest[at..]),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+/// The SQL dialect of the database behind a [`Store`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite.
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+/// A statement of this crate, for `backend`: `?` placeholders become `$1`, `$2`, ... for
+/// PostgreSQL. (No statement here has a `?` inside a string literal.)
+///
+/// PostgreSQL statements are not kept prepared between executions: sqlx's `Any` driver
+/// sends a NULL `f64` as a `float4` parameter, and a statement prepared with that type
+/// then refuses a non-NULL `float8` ("incorrect binary data format"); an unnamed
+/// statement takes each execution's parameter types afresh.
+pub(crate) fn q(backend: Backend, text: &'static str) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
+    match backend {
+        Backend::Sqlite => sqlx::query(text),
+        Backend::Postgres => sqlx::query(AssertSqlSafe(numbered(text))).persistent(false),
+    }
+}
+
+/// Like [`q`], for a statement built at run time.
+pub(crate) fn q_owned(backend: Backend, text: String) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
+    match backend {
+        Backend::Sqlite => sqlx::query(AssertSqlSafe(text)),
+        Backend::Postgres => sqlx::query(AssertSqlSafe(numbered(&text))).persistent(false),
+    }
+}
+
+fn numbered(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    let mut n = 0;
+    for c in text.chars() {
+        if c == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Now, as an RFC 3339 UTC timestamp with milliseconds.
@@ -305,26 +413,35 @@ fn host() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
 /// The newest schema version this build knows (the last migration's number).
 fn latest_schema() -> i64 {
-    sqlx::migrate!("./migrations").iter().map(|m| m.version).max().unwrap_or(0)
+    let v = |m: &sqlx::migrate::Migrator| m.iter().map(|m| m.version).max().unwrap_or(0);
+    debug_assert_eq!(v(&SQLITE_MIGRATIONS), v(&POSTGRES_MIGRATIONS), "both backends have the same schema versions");
+    v(&SQLITE_MIGRATIONS)
 }
 
 /// Runs `$body` (statements on `$conn`) in a `BEGIN IMMEDIATE` transaction; on any error
 /// rolls back, and closes the connection if even that fails, so that no connection goes
 /// back to the pool inside a transaction.
 macro_rules! transaction {
-    ($pool:expr, |$conn:ident| $body:block) => {{
-        let mut guard = $pool.acquire().await?;
-        sql("BEGIN IMMEDIATE").execute(&mut *guard).await?;
+    ($self:expr, |$conn:ident| $body:block) => {{
+        let mut guard = $self.pool.acquire().await?;
+        let begin = match $self.backend {
+            Backend::Sqlite => "BEGIN IMMEDIATE",
+            Backend::Postgres => "BEGIN",
+        };
+        q($self.backend, begin).execute(&mut *guard).await?;
         let result: Result<_> = async {
             let $conn = &mut *guard;
             let out = $body;
-            sql("COMMIT").execute(&mut *$conn).await?;
+            q($self.backend, "COMMIT").execute(&mut *$conn).await?;
             Ok(out)
         }
         .await;
-        if result.is_err() && sql("ROLLBACK").execute(&mut *guard).await.is_err() {
+        if result.is_err() && q($self.backend, "ROLLBACK").execute(&mut *guard).await.is_err() {
             // Still inside a transaction, or broken: never give it back to the pool.
             let _ = guard.detach();
         }
@@ -332,81 +449,142 @@ macro_rules! transaction {
     }};
 }
 
+// After `transaction!`, which it uses.
+pub mod copy;
+
 impl Store {
-    /// Opens (creating if needed) the database at `path` for writing, brings its schema up
-    /// to date and writes what earlier processes left spooled.
-    pub async fn open(path: &Path, options: Options) -> Result<Store> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    /// Opens (creating a SQLite file if needed) the database at `location` for writing,
+    /// brings its schema up to date and writes what earlier processes left spooled.
+    pub async fn open(location: &Location, options: Options) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let (pool, backend, spool_key) = match location {
+            Location::Sqlite(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                }
+                let busy_ms = options.busy_timeout.as_millis();
+                let url = sqlite_url(path, "rwc")?;
+                let pool = AnyPoolOptions::new()
+                    .max_connections(4)
+                    .after_connect(move |conn, _| {
+                        Box::pin(async move {
+                            // What SqliteConnectOptions would set, as PRAGMAs: the Any driver
+                            // connects from a URL, which carries none of these.
+                            conn.execute(AssertSqlSafe(format!(
+                                "PRAGMA busy_timeout = {busy_ms}; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;"
+                            )))
+                            .await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_with(AnyConnectOptions::from_url(&url)?)
+                    .await
+                    .with_context(|| format!("opening results database {}", path.display()))?;
+                // Concurrent first runs must not race on the migrations: hold a file lock meanwhile.
+                let lock_path = path.with_extension("migrate.lock");
+                let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
+                let lock = tokio::task::spawn_blocking(move || lock.lock().map(|_| lock)).await??;
+                let migrated = SQLITE_MIGRATIONS.run(&pool).await;
+                drop(lock);
+                migrated.with_context(|| format!("migrating results database {}", path.display()))?;
+                (pool, Backend::Sqlite, path.clone())
+            }
+            Location::Postgres(url) => {
+                let pool = Self::connect_postgres(url, 16).await?;
+                POSTGRES_MIGRATIONS.run(&pool).await.with_context(|| format!("migrating results database {location}"))?;
+                // A server has no folder beside it: spool in the fallback folder (the cache),
+                // one sub-folder per database.
+                let dir = options.fallback_spool_dir.clone().unwrap_or_else(std::env::temp_dir);
+                (pool, Backend::Postgres, dir.join(format!("postgres-{}", &blake3::hash(redact(url).as_bytes()).to_hex()[..16])))
+            }
+        };
+        let spool = spool::Spool::new(&spool_key, options.fallback_spool_dir.clone().filter(|_| backend == Backend::Sqlite));
+        let store = Store { pool, backend, location: location.clone(), read_only: false, options, spool: std::sync::Arc::new(tokio::sync::Mutex::new(spool)) };
+        // What is still spooled stays spooled when this fails; the next process tries again.
+        if let Err(e) = store.replay_spools().await {
+            tracing::warn!("{e:#}");
         }
-        let opts = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(options.busy_timeout)
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(opts)
-            .await
-            .with_context(|| format!("opening results database {}", path.display()))?;
-        // Concurrent first runs must not race on the migrations: hold a file lock meanwhile.
-        let lock_path = path.with_extension("migrate.lock");
-        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
-        let lock = tokio::task::spawn_blocking(move || lock.lock().map(|_| lock)).await??;
-        let migrated = sqlx::migrate!("./migrations").run(&pool).await;
-        drop(lock);
-        migrated.with_context(|| format!("migrating results database {}", path.display()))?;
-        let spool = spool::Spool::new(path, options.fallback_spool_dir.clone());
-        let store = Store { pool, path: path.to_path_buf(), read_only: false, options, spool: std::sync::Arc::new(tokio::sync::Mutex::new(spool)) };
-        store.replay_spools().await?;
         Ok(store)
     }
 
-    /// Opens an existing database for queries, read-only: nothing is created, migrated or
-    /// written (a read-only file works). A file that is not a huse-run database, or one
-    /// whose schema is older or newer than this build's, is refused with what to do.
-    pub async fn open_read_only(path: &Path) -> Result<Store> {
-        if !path.exists() {
-            bail!("no results database at {} (run an experiment first, or pass --db)", path.display());
-        }
-        let opts = SqliteConnectOptions::new().filename(path).read_only(true).busy_timeout(Duration::from_secs(60));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(2)
+    async fn connect_postgres(url: &str, max: u32) -> Result<AnyPool> {
+        let shown = redact(url);
+        let opts = AnyConnectOptions::from_url(&url.parse().map_err(|e| anyhow::anyhow!("`{shown}`: not a valid URL ({e})"))?)
+            .with_context(|| format!("`{shown}`: not a PostgreSQL URL"))?;
+        AnyPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(Duration::from_secs(60))
             .connect_with(opts)
             .await
-            .with_context(|| format!("opening results database {}", path.display()))?;
-        let not_ours = || anyhow::anyhow!("{} is not a huse-run database", path.display());
-        let has_table = sql("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'")
-            .fetch_one(&pool)
-            .await
-            .map_err(|e| anyhow::anyhow!("{} is not a huse-run database ({e})", path.display()))?
-            .get::<i64, _>(0);
+            .with_context(|| format!("connecting to the results database {shown}"))
+    }
+
+    /// Opens an existing database for queries, read-only: nothing is created, migrated or
+    /// written (a read-only file works). A database that is not a huse-run database, or one
+    /// whose schema is older or newer than this build's, is refused with what to do.
+    pub async fn open_read_only(location: &Location) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let (pool, backend, spool_key) = match location {
+            Location::Sqlite(path) => {
+                if !path.exists() {
+                    bail!("no results database at {} (run an experiment first, or pass --db)", path.display());
+                }
+                let url = sqlite_url(path, "ro")?;
+                let pool = AnyPoolOptions::new()
+                    .max_connections(2)
+                    .after_connect(|conn, _| Box::pin(async move { conn.execute("PRAGMA busy_timeout = 60000").await.map(|_| ()) }))
+                    .connect_with(AnyConnectOptions::from_url(&url)?)
+                    .await
+                    .with_context(|| format!("opening results database {}", path.display()))?;
+                (pool, Backend::Sqlite, path.clone())
+            }
+            Location::Postgres(url) => {
+                let pool = Self::connect_postgres(url, 4).await?;
+                (pool, Backend::Postgres, std::env::temp_dir().join(format!("postgres-{}", &blake3::hash(redact(url).as_bytes()).to_hex()[..16])))
+            }
+        };
+        let not_ours = || anyhow::anyhow!("{location} is not a huse-run database");
+        let has_table = q(
+            backend,
+            match backend {
+                Backend::Sqlite => "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+                Backend::Postgres => "SELECT count(*) FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = '_sqlx_migrations'",
+            },
+        )
+        .fetch_one(&pool)
+        .await
+        .map_err(|e| anyhow::anyhow!("{location} is not a huse-run database ({e})"))?
+        .get::<i64, _>(0);
         if has_table == 0 {
             return Err(not_ours());
         }
-        let version: Option<i64> = sql("SELECT max(version) FROM _sqlx_migrations WHERE success").fetch_one(&pool).await?.get(0);
+        let version: Option<i64> = q(backend, "SELECT max(version) FROM _sqlx_migrations WHERE success").fetch_one(&pool).await?.get(0);
         let latest = latest_schema();
         match version {
             None => return Err(not_ours()),
             Some(v) if v < latest => bail!(
-                "{} has an older schema (version {v}, this huse-run writes {latest}): run an experiment with this huse-run to upgrade it",
-                path.display()
+                "{location} has an older schema (version {v}, this huse-run writes {latest}): run an experiment with this huse-run to upgrade it"
             ),
-            Some(v) if v > latest => bail!(
-                "{} has a newer schema (version {v}) than this huse-run knows ({latest}): use a newer huse-run",
-                path.display()
-            ),
+            Some(v) if v > latest => bail!("{location} has a newer schema (version {v}) than this huse-run knows ({latest}): use a newer huse-run"),
             _ => {}
         }
-        let spool = spool::Spool::new(path, None);
-        Ok(Store { pool, path: path.to_path_buf(), read_only: true, options: Options::default(), spool: std::sync::Arc::new(tokio::sync::Mutex::new(spool)) })
+        let spool = spool::Spool::new(&spool_key, None);
+        Ok(Store { pool, backend, location: location.clone(), read_only: true, options: Options::default(), spool: std::sync::Arc::new(tokio::sync::Mutex::new(spool)) })
     }
 
     /// Where the database lives.
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// Which SQL dialect it speaks.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// A statement of this crate, with placeholders for this store's backend.
+    pub(crate) fn q(&self, text: &'static str) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
+        q(self.backend, text)
     }
 
     /// How many spooled records (of any process) wait to be written to this database.
@@ -417,7 +595,7 @@ impl Store {
     /// Marks runs of this host whose process is gone (killed, crashed) as interrupted.
     /// Runs whose results are still spooled are left alone: replaying sets their status.
     pub async fn reap_dead_runs(&self) -> Result<u64> {
-        let rows = sql("SELECT id, pid FROM runs WHERE status = ? AND host = ?")
+        let rows = self.q("SELECT id, pid FROM runs WHERE status = ? AND host = ?")
             .bind(RunStatus::Running.as_str())
             .bind(host())
             .fetch_all(&self.pool)
@@ -429,7 +607,7 @@ impl Store {
             let id: i64 = r.get("id");
             let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists() && p as u32 != std::process::id());
             if !alive && !spooled.contains(&id) {
-                n += sql("UPDATE runs SET status = ?, ended_at = ?, error = 'the process ended without finishing (killed or crashed)' WHERE id = ? AND status = ?")
+                n += self.q("UPDATE runs SET status = ?, ended_at = ?, error = 'the process ended without finishing (killed or crashed)' WHERE id = ? AND status = ?")
                     .bind(RunStatus::Interrupted.as_str())
                     .bind(now())
                     .bind(id)
@@ -444,23 +622,23 @@ impl Store {
 
     /// The id of the experiment called `name`, created if new.
     pub async fn experiment(&self, name: &str, file: &str) -> Result<i64> {
-        transaction!(self.pool, |conn| {
-            sql("INSERT INTO experiments (name, file, created_at) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET file = excluded.file")
+        transaction!(self, |conn| {
+            self.q("INSERT INTO experiments (name, file, created_at) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET file = excluded.file")
                 .bind(name)
                 .bind(file)
                 .bind(now())
                 .execute(&mut *conn)
                 .await?;
-            sql("SELECT id FROM experiments WHERE name = ?").bind(name).fetch_one(&mut *conn).await?.get::<i64, _>(0)
+            self.q("SELECT id FROM experiments WHERE name = ?").bind(name).fetch_one(&mut *conn).await?.get::<i64, _>(0)
         })
     }
 
     /// Records a new run (status `running`) with its params; returns its id.
     pub async fn insert_run(&self, experiment_id: i64, run: &NewRun) -> Result<i64> {
-        transaction!(self.pool, |conn| {
-            let id: i64 = sql(
-                "INSERT INTO runs (experiment_id, name, status, started_at, config_yaml, sweep_point, seed, device, git_commit, host, pid)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        transaction!(self, |conn| {
+            let id: i64 = self.q(
+                "INSERT INTO runs (experiment_id, name, status, started_at, config_yaml, sweep_point, seed, device, git_commit, host, pid, log)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             )
             .bind(experiment_id)
             .bind(&run.name)
@@ -473,6 +651,7 @@ impl Store {
             .bind(&run.git_commit)
             .bind(host())
             .bind(std::process::id() as i64)
+            .bind(&run.log)
             .fetch_one(&mut *conn)
             .await?
             .get(0);
@@ -483,7 +662,7 @@ impl Store {
                     serde_json::Value::Bool(b) => (b.to_string(), Some(f64::from(u8::from(*b)))),
                     other => (other.to_string(), None),
                 };
-                sql("INSERT OR REPLACE INTO params (run_id, key, value, value_num) VALUES (?, ?, ?, ?)")
+                self.q("INSERT INTO params (run_id, key, value, value_num) VALUES (?, ?, ?, ?) ON CONFLICT (run_id, key) DO UPDATE SET value = excluded.value, value_num = excluded.value_num")
                     .bind(id)
                     .bind(k)
                     .bind(text)
@@ -501,27 +680,28 @@ impl Store {
         if self.read_only {
             bail!("the results database was opened read-only");
         }
-        transaction!(self.pool, |conn| {
+        transaction!(self, |conn| {
             let mut already = false;
             if let Some((spool, seq)) = marker {
-                already = sql("SELECT count(*) FROM replayed WHERE spool = ? AND seq = ?")
+                // Claims the record: of two processes replaying the same spool at once, the
+                // second waits for the first's transaction and then finds the row taken.
+                already = self
+                    .q("INSERT INTO replayed (spool, seq) VALUES (?, ?) ON CONFLICT (spool, seq) DO NOTHING")
                     .bind(spool)
                     .bind(seq as i64)
-                    .fetch_one(&mut *conn)
+                    .execute(&mut *conn)
                     .await?
-                    .get::<i64, _>(0)
-                    > 0;
-                if !already {
-                    sql("INSERT INTO replayed (spool, seq) VALUES (?, ?)").bind(spool).bind(seq as i64).execute(&mut *conn).await?;
-                }
+                    .rows_affected()
+                    == 0;
             }
             if !already {
-                Self::write_record(conn, rec).await?;
+                Self::write_record(self.backend, conn, rec).await?;
             }
         })
     }
 
-    async fn write_record(conn: &mut sqlx::SqliteConnection, rec: &Record) -> Result<()> {
+    async fn write_record(backend: Backend, conn: &mut sqlx::AnyConnection, rec: &Record) -> Result<()> {
+        let sql = |text: &'static str| q(backend, text);
         {
             match rec {
                 Record::Metrics(rows) => {
@@ -545,7 +725,7 @@ impl Store {
                     .bind(&r.version)
                     .bind(&r.source)
                     .bind(&r.cache_key)
-                    .bind(r.cached)
+                    .bind(i64::from(r.cached))
                     .bind(r.status.as_str())
                     .bind(&r.started_at)
                     .bind(&r.ended_at)
@@ -556,17 +736,17 @@ impl Store {
                     .await?;
                     let texts = r.summaries.iter().map(|s| (s, true)).chain(r.attachments.iter().map(|a| (a, false)));
                     for ((name, text), printed) in texts {
-                        sql("INSERT OR REPLACE INTO summaries (run_id, stage, name, text, printed) VALUES (?, ?, ?, ?, ?)")
+                        sql("INSERT INTO summaries (run_id, stage, name, text, printed) VALUES (?, ?, ?, ?, ?) ON CONFLICT (run_id, stage, name) DO UPDATE SET text = excluded.text, printed = excluded.printed")
                             .bind(r.run_id)
                             .bind(&r.stage)
                             .bind(name)
                             .bind(text)
-                            .bind(printed)
+                            .bind(i64::from(printed))
                             .execute(&mut *conn)
                             .await?;
                     }
                     for (name, path, bytes) in &r.artifacts {
-                        sql("INSERT OR REPLACE INTO artifacts (run_id, stage, name, path, bytes) VALUES (?, ?, ?, ?, ?)")
+                        sql("INSERT INTO artifacts (run_id, stage, name, path, bytes) VALUES (?, ?, ?, ?, ?) ON CONFLICT (run_id, stage, name) DO UPDATE SET path = excluded.path, bytes = excluded.bytes")
                             .bind(r.run_id)
                             .bind(&r.stage)
                             .bind(name)
@@ -577,15 +757,23 @@ impl Store {
                     }
                 }
                 Record::Finish { run_id, status, error, ended_at } => {
-                    sql("UPDATE runs SET status = ?, error = ?, ended_at = ?,
-                         duration_s = (julianday(?) - julianday(started_at)) * 86400.0 WHERE id = ?")
-                    .bind(status.as_str())
-                    .bind(error)
-                    .bind(ended_at)
-                    .bind(ended_at)
-                    .bind(run_id)
-                    .execute(&mut *conn)
-                    .await?;
+                    // The duration from the recorded start (no date functions in SQL: the
+                    // two dialects differ).
+                    let started: Option<String> =
+                        sql("SELECT started_at FROM runs WHERE id = ?").bind(run_id).fetch_optional(&mut *conn).await?.map(|r| r.get(0));
+                    let duration = started.and_then(|s| {
+                        let a = chrono::DateTime::parse_from_rfc3339(&s).ok()?;
+                        let b = chrono::DateTime::parse_from_rfc3339(ended_at).ok()?;
+                        Some((b - a).num_milliseconds() as f64 / 1000.0)
+                    });
+                    sql("UPDATE runs SET status = ?, error = ?, ended_at = ?, duration_s = ? WHERE id = ?")
+                        .bind(status.as_str())
+                        .bind(error)
+                        .bind(ended_at)
+                        .bind(duration)
+                        .bind(run_id)
+                        .execute(&mut *conn)
+                        .await?;
                 }
             }
         }
@@ -602,7 +790,7 @@ impl Store {
             match self.apply(&rec, None).await {
                 Ok(()) => return Ok(true),
                 Err(e) => {
-                    tracing::warn!("results database {}: {e:#}; spooling and retrying", self.path.display());
+                    tracing::warn!("results database {}: {e:#}; spooling and retrying", self.location);
                 }
             }
         }
@@ -648,7 +836,7 @@ impl Store {
             if std::time::Instant::now() >= deadline {
                 bail!(
                     "the results database {} could not take {} record(s) of this run; they are kept in {} and written the next time huse-run opens the database for writing (`huse-run db replay`)",
-                    self.path.display(),
+                    self.location,
                     spool.len(),
                     spool.file().map(|f| f.display().to_string()).unwrap_or_else(|| "memory only (the spool could not be written either)".into())
                 );
@@ -663,7 +851,7 @@ impl Store {
     /// status once their results are complete.
     pub async fn mark_incomplete(&self, runs: &[i64], reason: &str) -> Result<()> {
         for id in runs {
-            sql("UPDATE runs SET status = ?, error = ?, ended_at = ? WHERE id = ?")
+            self.q("UPDATE runs SET status = ?, error = ?, ended_at = ? WHERE id = ?")
                 .bind(RunStatus::Failed.as_str())
                 .bind(format!("results incomplete: {reason}"))
                 .bind(now())
@@ -691,10 +879,15 @@ impl Store {
             for (seq, rec) in records.iter().enumerate() {
                 self.apply(rec, Some((&id, seq as u64)))
                     .await
-                    .with_context(|| format!("replaying spool {} into {}", file.display(), self.path.display()))?;
+                    .with_context(|| format!("replaying spool {} into {}", file.display(), self.location))?;
             }
             written += records.len();
-            std::fs::remove_file(&file).with_context(|| format!("removing replayed spool {}", file.display()))?;
+            match std::fs::remove_file(&file) {
+                Ok(()) => {}
+                // Another process replayed (and removed) it at the same time.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing replayed spool {}", file.display())),
+            }
             tracing::info!("wrote {} spooled record(s) from {} into the results database", records.len(), file.display());
         }
         Ok(written)
@@ -742,7 +935,7 @@ mod tests {
     #[tokio::test]
     async fn records_and_reads_back_a_run() {
         let d = tempfile::tempdir().unwrap();
-        let store = Store::open(&d.path().join("r.sqlite"), Options::default()).await.unwrap();
+        let store = Store::open(&Location::Sqlite(d.path().join("r.sqlite")), Options::default()).await.unwrap();
         let e = store.experiment("exp", "exp.yaml").await.unwrap();
         let run = NewRun {
             name: "exp@a=1".into(),
@@ -752,6 +945,7 @@ mod tests {
             config_yaml: "name: exp\n".into(),
             params: vec![("a".into(), serde_json::json!(1)), ("s.uses".into(), serde_json::json!("toy"))],
             git_commit: Some("abc".into()),
+            log: None,
         };
         let id = store.insert_run(e, &run).await.unwrap();
         let m = |key: &str, step, value| MetricRow { run_id: id, stage: "s".into(), key: key.into(), step, value };

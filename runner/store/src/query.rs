@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use anyhow::{Result, bail};
-use sqlx::{AssertSqlSafe, Row, query as sql};
+use sqlx::Row;
 
 use crate::{RunStatus, StageStatus, Store, Summary};
 
@@ -131,6 +131,8 @@ pub struct RunRow {
     pub git_commit: Option<String>,
     /// Why it failed or was interrupted.
     pub error: Option<String>,
+    /// Its log file, when it ran as a cluster job.
+    pub log: Option<String>,
     /// Every param, as text.
     pub params: BTreeMap<String, String>,
     /// The final (highest-step) value of every metric; None for NaN/inf.
@@ -188,7 +190,7 @@ impl Store {
     /// Loads the runs that pass `filter`, oldest first.
     pub async fn load_runs(&self, filter: &Filter) -> Result<Vec<RunRow>> {
         let mut text = String::from(
-            "SELECT r.id, e.name AS experiment, r.name, r.status, r.started_at, r.duration_s, r.seed, r.sweep_point, r.git_commit, r.error
+            "SELECT r.id, e.name AS experiment, r.name, r.status, r.started_at, r.duration_s, r.seed, r.sweep_point, r.git_commit, r.error, r.log
              FROM runs r JOIN experiments e ON e.id = r.experiment_id WHERE 1 = 1",
         );
         if filter.experiment.is_some() {
@@ -198,7 +200,7 @@ impl Store {
             text.push_str(" AND r.status = ?");
         }
         let param_keys: BTreeSet<String> =
-            sql("SELECT DISTINCT key FROM params").fetch_all(&self.pool).await?.iter().map(|r| r.get(0)).collect();
+            self.q("SELECT DISTINCT key FROM params").fetch_all(&self.pool).await?.iter().map(|r| r.get(0)).collect();
         let mut binds: Vec<Bind> = Vec::new();
         let mut metric_conds = Vec::new();
         for c in &filter.conds {
@@ -220,7 +222,7 @@ impl Store {
             }
         }
         text.push_str(" ORDER BY r.id");
-        let mut q = sql(AssertSqlSafe(text));
+        let mut q = crate::q_owned(self.backend, text);
         if let Some(e) = &filter.experiment {
             q = q.bind(e.clone());
         }
@@ -237,14 +239,14 @@ impl Store {
         let mut out = Vec::new();
         for r in rows {
             let id: i64 = r.get("id");
-            let params = sql("SELECT key, value FROM params WHERE run_id = ? ORDER BY key")
+            let params = self.q("SELECT key, value FROM params WHERE run_id = ? ORDER BY key")
                 .bind(id)
                 .fetch_all(&self.pool)
                 .await?
                 .iter()
                 .map(|p| (p.get::<String, _>(0), p.get::<String, _>(1)))
                 .collect();
-            let finals: Vec<(String, String, Option<f64>)> = sql("SELECT stage, key, value FROM final_metrics WHERE run_id = ? ORDER BY key, stage")
+            let finals: Vec<(String, String, Option<f64>)> = self.q("SELECT stage, key, value FROM final_metrics WHERE run_id = ? ORDER BY key, stage")
                 .bind(id)
                 .fetch_all(&self.pool)
                 .await?
@@ -288,6 +290,7 @@ impl Store {
                 point: r.get("sweep_point"),
                 git_commit: r.get("git_commit"),
                 error: r.get("error"),
+                log: r.get("log"),
                 params,
                 metrics,
             });
@@ -306,7 +309,7 @@ impl Store {
 
     /// The recorded stages of a run, in the order they were recorded.
     pub async fn stage_runs(&self, run_id: i64) -> Result<Vec<StageRunInfo>> {
-        let rows = sql("SELECT stage, kind, status, cached, duration_s, cache_key, error, output_dir FROM stage_runs WHERE run_id = ? ORDER BY id")
+        let rows = self.q("SELECT stage, kind, status, cached, duration_s, cache_key, error, output_dir FROM stage_runs WHERE run_id = ? ORDER BY id")
             .bind(run_id)
             .fetch_all(&self.pool)
             .await?;
@@ -316,7 +319,7 @@ impl Store {
                     stage: s.get(0),
                     kind: s.get(1),
                     status: s.get::<String, _>(2).parse().map_err(anyhow::Error::msg)?,
-                    cached: s.get(3),
+                    cached: s.get::<i64, _>(3) != 0,
                     duration_s: s.get(4),
                     cache_key: s.get(5),
                     error: s.get(6),
@@ -328,7 +331,7 @@ impl Store {
 
     /// The last step of every metric of a run: (stage, key, step, value), by stage and key.
     pub async fn final_metrics(&self, run_id: i64) -> Result<Vec<(String, String, i64, Option<f64>)>> {
-        Ok(sql("SELECT stage, key, step, value FROM final_metrics WHERE run_id = ? ORDER BY stage, key")
+        Ok(self.q("SELECT stage, key, step, value FROM final_metrics WHERE run_id = ? ORDER BY stage, key")
             .bind(run_id)
             .fetch_all(&self.pool)
             .await?
@@ -341,7 +344,7 @@ impl Store {
     /// and logging order; the key qualified by its stage where several stages log it; None
     /// for NaN/inf.
     pub async fn metric_series(&self, run_id: i64) -> Result<Vec<(String, i64, Option<f64>)>> {
-        let rows: Vec<(String, String, i64, Option<f64>)> = sql("SELECT stage, key, step, value FROM metrics WHERE run_id = ? ORDER BY key, stage, step, id")
+        let rows: Vec<(String, String, i64, Option<f64>)> = self.q("SELECT stage, key, step, value FROM metrics WHERE run_id = ? ORDER BY key, stage, step, id")
             .bind(run_id)
             .fetch_all(&self.pool)
             .await?
@@ -354,7 +357,11 @@ impl Store {
 
     /// The summaries of a run, in the order they were recorded.
     pub async fn summaries(&self, run_id: i64) -> Result<Vec<Summary>> {
-        Ok(sql("SELECT stage, name, text FROM summaries WHERE run_id = ? AND printed ORDER BY rowid")
+        let text = match self.backend {
+            crate::Backend::Sqlite => "SELECT stage, name, text FROM summaries WHERE run_id = ? AND printed <> 0 ORDER BY rowid",
+            crate::Backend::Postgres => "SELECT stage, name, text FROM summaries WHERE run_id = ? AND printed <> 0 ORDER BY seq",
+        };
+        Ok(self.q(text)
             .bind(run_id)
             .fetch_all(&self.pool)
             .await?
@@ -365,7 +372,11 @@ impl Store {
 
     /// The attachment called `name` of a run (the first stage's, in recording order).
     pub async fn attachment(&self, run_id: i64, name: &str) -> Result<Option<Summary>> {
-        Ok(sql("SELECT stage, name, text FROM summaries WHERE run_id = ? AND name = ? AND NOT printed ORDER BY rowid LIMIT 1")
+        let text = match self.backend {
+            crate::Backend::Sqlite => "SELECT stage, name, text FROM summaries WHERE run_id = ? AND name = ? AND printed = 0 ORDER BY rowid LIMIT 1",
+            crate::Backend::Postgres => "SELECT stage, name, text FROM summaries WHERE run_id = ? AND name = ? AND printed = 0 ORDER BY seq LIMIT 1",
+        };
+        Ok(self.q(text)
             .bind(run_id)
             .bind(name)
             .fetch_optional(&self.pool)
@@ -375,7 +386,7 @@ impl Store {
 
     /// The resolved config (YAML) and git commit of a run.
     pub async fn run_config(&self, run_id: i64) -> Result<(String, Option<String>)> {
-        let row = sql("SELECT config_yaml, git_commit FROM runs WHERE id = ?").bind(run_id).fetch_optional(&self.pool).await?;
+        let row = self.q("SELECT config_yaml, git_commit FROM runs WHERE id = ?").bind(run_id).fetch_optional(&self.pool).await?;
         match row {
             Some(r) => Ok((r.get(0), r.get(1))),
             None => bail!("no run with id {run_id}"),

@@ -78,6 +78,10 @@ pub struct Spool {
     last_try: Option<Instant>,
 }
 
+/// How long a spool of a process on another host must be unchanged before another
+/// process replays it (longer than the default retry window of a writer).
+const OTHER_HOST_QUIET: Duration = Duration::from_secs(360);
+
 /// How long a process waits between retries while its spool is not empty.
 const RETRY_EVERY: Duration = Duration::from_secs(5);
 
@@ -215,6 +219,12 @@ impl Spool {
                     continue; // its writer is still at work
                 }
                 let modified = e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+                // A writer on another host (a cluster node) cannot be checked for life: its
+                // spool counts as left behind once it has not changed for longer than a
+                // writer keeps retrying.
+                if !this_host && modified.elapsed().is_ok_and(|age| age < OTHER_HOST_QUIET) {
+                    continue;
+                }
                 out.push((modified, path));
             }
         }

@@ -3,7 +3,8 @@
 //!
 //! * `toy-source` writes `numbers.json`, the integers `0..count`;
 //! * `toy-scale` reads `numbers`, writes `scaled.json` = `factor * x + offset`, can log
-//!   `metrics` steps of a fake loss, sleep `seconds` (checking cancellation) or `fail`;
+//!   `metrics` steps of a fake loss, sleep `seconds` (checking cancellation), `fail`, or
+//!   fail while the file `fail_while` exists (a transient fault);
 //! * `toy-sum` reads every upstream `scaled` artifact and writes/logs their sum.
 //!
 //! Each stage records in `timing.json` when it ran, so tests can check overlap.
@@ -119,6 +120,9 @@ struct ScaleCfg {
     /// Fail on purpose with this message.
     #[serde(default)]
     fail: Option<String>,
+    /// Fail while this file exists: a transient fault (tests of resubmission remove it).
+    #[serde(default)]
+    fail_while: Option<String>,
     /// Add the run seed to every number (makes the stage seed-dependent).
     #[serde(default)]
     add_seed: bool,
@@ -162,6 +166,9 @@ impl Stage for Scale {
             busy(ctx, c.seconds)?;
             if let Some(m) = &c.fail {
                 return Err(StageError::msg(m.clone()));
+            }
+            if let Some(p) = c.fail_while.as_deref().filter(|p| Path::new(p).exists()) {
+                return Err(StageError::msg(format!("failing while {p} exists")));
             }
             let seed = if c.add_seed { ctx.seed as f64 } else { 0.0 };
             let v: Vec<f64> =
