@@ -32,7 +32,9 @@
 //!
 //! ```no_run
 //! # async fn f() -> anyhow::Result<()> {
-//! let store = huse_store::Store::open_read_only(std::path::Path::new(".huse/runs.sqlite")).await?;
+//! let db: huse_store::Location = ".huse/runs.sqlite".parse().map_err(anyhow::Error::msg)?;
+//! // or "postgres://me@dbhost/huse".parse()
+//! let store = huse_store::Store::open_read_only(&db).await?;
 //! for run in store.load_runs(&huse_store::Filter::default()).await? {
 //!     println!("{} {} {}", run.id, run.name, run.status);
 //! }

@@ -11,6 +11,10 @@
 //! the stage with the row number, id and column (`bad_rows: error`, the default) or are
 //! skipped and counted as metrics (`bad_rows: skip`).
 //!
+//! An `image` value that is an `http(s)://` URL is downloaded once into a shared,
+//! content-addressed folder ([`download`]); a download that fails is a bad row
+//! (`download_failed`).
+//!
 //! Outputs: `items.jsonl` (id, absolute image path, text, class index, split) and
 //! `classes.json` (leaf classes with counts, every level's nodes with parent links).
 
@@ -20,6 +24,7 @@ use std::path::PathBuf;
 use huse_data::{Artifact, ClassTree, Item, Split};
 
 pub mod clean;
+pub mod download;
 use huse_stage_api::{Config, ConfigError, Context, Inputs, Output, Stage, StageError, parse_config};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -130,6 +135,9 @@ pub struct IngestCfg {
     pub bad_rows: BadRows,
     #[serde(default)]
     pub check_images: CheckImages,
+    /// How images given as `http(s)://` URLs are downloaded (see [`download`]).
+    #[serde(default)]
+    pub download: download::DownloadCfg,
 }
 /// What to do with a class path shorter than `class_levels`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -163,6 +171,9 @@ fn d_min() -> usize {
 
 impl IngestCfg {
     fn check(&self) -> Result<(), ConfigError> {
+        if let Err((k, m)) = self.download.check() {
+            return Err(ConfigError::at(&format!("download.{k}"), m));
+        }
         match (&self.classes, &self.class_column) {
             (Some(_), Some(_)) => return Err(ConfigError::at("class_column", "give either `classes` (columns) or `class_column`, not both")),
             (None, None) => return Err(ConfigError::at("classes", "missing: give `classes: [col, ...]` or `class_column: col`")),
@@ -399,10 +410,42 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
     ctx.progress.start("check rows", Some(records.len() as u64), "rows");
     let mut skipped: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut rows: Vec<Row> = Vec::new();
+    // Images given as URLs: fetched a chunk of rows ahead, `download.concurrency` at a time.
+    let mut downloader: Option<download::Downloader> = None;
+    let mut fetched: HashMap<String, Result<PathBuf, String>> = HashMap::new();
+    let mut downloaded = 0usize;
     for (i, rec) in records.iter().enumerate() {
         if i % 256 == 0 {
             ctx.cancel.check()?;
             ctx.progress.inc(if i == 0 { 0 } else { 256 });
+            if !cfg.limit.is_some_and(|l| rows.len() >= l) {
+                let mut urls: Vec<String> = Vec::new();
+                for r in &records[i..(i + 256).min(records.len())] {
+                    let get = |c: &str| headers.iter().position(|h| h == c).and_then(|p| r.get(p)).map(str::to_string);
+                    if let Ok(v) = fill(&cfg.image, &get)
+                        && download::is_url(&v)
+                        && !fetched.contains_key(v.trim())
+                    {
+                        urls.push(v.trim().to_string());
+                    }
+                }
+                urls.sort();
+                urls.dedup();
+                if !urls.is_empty() {
+                    if downloader.is_none() {
+                        let d = download::Downloader::new(&cfg.download).map_err(|e| {
+                            StageError::msg(format!("download folder {}: {e}", cfg.download.dir.clone().unwrap_or_else(download::default_dir).display()))
+                        })?;
+                        downloader = Some(d);
+                    }
+                    let d = downloader.as_ref().expect("set above");
+                    let got = d.fetch_all(&urls, &|| {}, &|| ctx.cancel.is_cancelled());
+                    ctx.cancel.check()?;
+                    downloaded += got.len();
+                    ctx.progress.message(&format!("{downloaded} image URL(s) fetched or found in {}", d.dir().display()));
+                    fetched.extend(got);
+                }
+            }
         }
         if cfg.limit.is_some_and(|l| rows.len() >= l) {
             break;
@@ -451,13 +494,23 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
         if problem.is_none() && text.is_empty() {
             problem = bad("empty_text", cfg.text.as_deref().unwrap_or(&cfg.text_column), "empty text".into())?;
         }
+        let cols: Vec<&str> = cfg.image.split('{').skip(1).filter_map(|p| p.split('}').next()).collect();
+        let col_name = &cols.join("`, `");
         let image = match fill(&cfg.image, &get) {
+            Ok(p) if download::is_url(&p) => match fetched.get(p.trim()) {
+                Some(Ok(path)) => path.clone(),
+                Some(Err(e)) => {
+                    if problem.is_none() {
+                        problem = bad("download_failed", col_name, e.clone())?;
+                    }
+                    PathBuf::new()
+                }
+                None => return Err(StageError::msg(format!("internal: image URL {p} was not fetched"))),
+            },
             Ok(p) => cfg.root.join(p),
             Err(e) => return Err(StageError::Config(ConfigError::at("image", e))),
         };
         if problem.is_none() {
-            let cols: Vec<&str> = cfg.image.split('{').skip(1).filter_map(|p| p.split('}').next()).collect();
-            let col_name = &cols.join("`, `");
             if !image.is_file() {
                 problem = bad("missing_image", col_name, format!("image {} does not exist", image.display()))?;
             } else if cfg.check_images == CheckImages::Decode

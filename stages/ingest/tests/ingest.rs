@@ -247,3 +247,88 @@ fn text_cleaning_is_part_of_ingest() {
     let e = Ingest.validate(&bad).unwrap_err();
     assert_eq!(e.path, vec!["clean", "replace", "0"]);
 }
+
+/// A local HTTP server for the URL tests: `/img/ID.jpg` serves the fashion image ID, `/down/...`
+/// answers 503 every time, anything else 404. Returns the base URL and the request count.
+fn image_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", l.local_addr().unwrap());
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let mut r = BufReader::new(c.try_clone().unwrap());
+            let mut line = String::new();
+            let _ = r.read_line(&mut line);
+            loop {
+                let mut hd = String::new();
+                if r.read_line(&mut hd).is_err() || hd == "\r\n" || hd.is_empty() {
+                    break;
+                }
+            }
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let (status, body) = match path.strip_prefix("/img/") {
+                Some(name) => match std::fs::read(fashion().join("images").join(name)) {
+                    Ok(b) => ("200 OK", b),
+                    Err(_) => ("404 Not Found", b"no".to_vec()),
+                },
+                None if path.starts_with("/down/") => ("503 Service Unavailable", b"busy".to_vec()),
+                None => ("404 Not Found", b"no".to_vec()),
+            };
+            let _ = write!(c, "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let _ = c.write_all(&body);
+        }
+    });
+    (base, hits)
+}
+
+#[test]
+fn image_urls_are_downloaded_once_and_failures_follow_bad_rows() {
+    let (base, hits) = image_server();
+    let d = tempfile::tempdir().unwrap();
+    let downloads = d.path().join("downloads");
+    std::fs::write(
+        d.path().join("table.csv"),
+        format!(
+            "id,url,cat,sub,title\n1163,{base}/img/1163.jpg,Apparel,Topwear,shirt one\n1164,{base}/img/1164.jpg,Apparel,Topwear,shirt two\n\
+             1165,{base}/img/1165.jpg,Footwear,Shoes,boot\n1525,{base}/img/1525.jpg,Accessories,Bags,bag\n\
+             7777,{base}/img/1163.jpg,Apparel,Topwear,same image again\n9999,{base}/img/nope.jpg,Bags,Bags,gone\n8888,{base}/down/x.jpg,Bags,Bags,server down\n"
+        ),
+    )
+    .unwrap();
+    let cfg = json!({
+        "root": d.path(), "table": "table.csv", "image": "{url}", "text_column": "title", "classes": ["cat", "sub"],
+        "check_images": "decode", "bad_rows": "skip",
+        "download": {"dir": downloads, "concurrency": 3, "retries": 1, "timeout_s": 10},
+    });
+    let out = tempfile::tempdir().unwrap();
+    let (items, _, m) = run(cfg.clone(), out.path()).unwrap();
+    assert_eq!(items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["1163", "1164", "1165", "1525", "7777"]);
+    assert_eq!(m.last("data.skipped.download_failed"), Some(2.0), "the 404 and the server that stays down");
+    // Content-addressed: the same image under two ids is one file; its bytes are the served ones.
+    assert_eq!(items[0].image, items[4].image);
+    assert_eq!(std::fs::read(&items[2].image).unwrap(), std::fs::read(fashion().join("images/1165.jpg")).unwrap());
+    assert!(Path::new(&items[0].image).starts_with(&downloads));
+    // 5 distinct good or missing URLs once each (the 404 is not retried), the 503 twice.
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 5 + 2);
+    // A second run downloads nothing again: only the two failures are asked again.
+    let out2 = tempfile::tempdir().unwrap();
+    let (again, _, _) = run(cfg.clone(), out2.path()).unwrap();
+    assert_eq!(again, items);
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 7 + 1 + 2);
+    // With `bad_rows: error` the failed download names the row, the id, the column and the URL.
+    let mut strict = cfg.clone();
+    strict["bad_rows"] = json!("error");
+    let err = run(strict, tempfile::tempdir().unwrap().path()).unwrap_err();
+    for part in ["row 7", "id 9999", "column `url`", "/img/nope.jpg", "HTTP 404"] {
+        assert!(err.contains(part), "expected `{part}` in: {err}");
+    }
+    // Bad download settings are config errors at their key.
+    let mut bad = cfg;
+    bad["download"]["concurrency"] = json!(0);
+    let err = run(bad, tempfile::tempdir().unwrap().path()).unwrap_err();
+    assert!(err.contains("download.concurrency"), "{err}");
+}
