@@ -25,6 +25,7 @@ use huse_data::{Artifact, ClassTree, Item, Split};
 
 pub mod clean;
 pub mod download;
+pub mod hub;
 use huse_stage_api::{Config, ConfigError, Context, Inputs, Output, Stage, StageError, parse_config};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -138,6 +139,9 @@ pub struct IngestCfg {
     /// How images given as `http(s)://` URLs are downloaded (see [`download`]).
     #[serde(default)]
     pub download: download::DownloadCfg,
+    /// With `root: hf:ORG/NAME[@REVISION]`: which split (and config) of the Hub dataset.
+    #[serde(default)]
+    pub hub: hub::HubCfg,
 }
 /// What to do with a class path shorter than `class_levels`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -171,6 +175,9 @@ fn d_min() -> usize {
 
 impl IngestCfg {
     fn check(&self) -> Result<(), ConfigError> {
+        if let Some(Err(e)) = hub::parse(&self.root) {
+            return Err(ConfigError::at("root", e));
+        }
         if let Err((k, m)) = self.download.check() {
             return Err(ConfigError::at(&format!("download.{k}"), m));
         }
@@ -236,7 +243,15 @@ impl Stage for Ingest {
         parse_config::<IngestCfg>(config)?.check()
     }
     fn reads(&self, config: &Config) -> Vec<PathBuf> {
-        parse_config::<IngestCfg>(config).map(|c| vec![c.root]).unwrap_or_default()
+        match parse_config::<IngestCfg>(config) {
+            // A Hub dataset: the ref file says which commit the revision is.
+            Ok(c) => match hub::parse(&c.root) {
+                Some(Ok(r)) => hub::refs_path(&r).into_iter().collect(),
+                Some(Err(_)) => Vec::new(),
+                None => vec![c.root],
+            },
+            Err(_) => Vec::new(),
+        }
     }
     fn run(&self, ctx: &Context, config: &Config, _inputs: &Inputs) -> Result<(), StageError> {
         let cfg: IngestCfg = parse_config(config)?;
@@ -374,7 +389,16 @@ fn fill(template: &str, get: &dyn Fn(&str) -> Option<String>) -> Result<String, 
 
 /// Reads, checks, filters and splits.
 pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
-    let table = cfg.root.join(&cfg.table);
+    // A Hub dataset is first written out as a table + images folder, then read like any other.
+    let (root, table_name) = match hub::parse(&cfg.root) {
+        Some(r) => {
+            let r = r.map_err(|e| StageError::Config(ConfigError::at("root", e)))?;
+            let dir = cfg.download.dir.clone().unwrap_or_else(download::default_dir);
+            (hub::prepare(&r, &cfg.hub, &dir, ctx)?, "table.csv".to_string())
+        }
+        None => (cfg.root.clone(), cfg.table.clone()),
+    };
+    let table = root.join(&table_name);
     let mut rdr = csv::ReaderBuilder::new()
         .flexible(true)
         .from_path(&table)
@@ -507,7 +531,7 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
                 }
                 None => return Err(StageError::msg(format!("internal: image URL {p} was not fetched"))),
             },
-            Ok(p) => cfg.root.join(p),
+            Ok(p) => root.join(p),
             Err(e) => return Err(StageError::Config(ConfigError::at("image", e))),
         };
         if problem.is_none() {

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{Result, anyhow, bail};
+use huse_hub::{HubRef, Kind};
 
 /// The files a BERT-family text model directory must hold.
 pub const TEXT_MODEL_FILES: &[&str] = &["config.json", "tokenizer.json", "model.safetensors"];
@@ -30,43 +31,20 @@ impl FromStr for ModelRef {
         if s.is_empty() {
             return Err("empty model reference".into());
         }
-        let Some(rest) = s.strip_prefix("hf:") else { return Ok(ModelRef::Local(PathBuf::from(s))) };
-        let (repo, revision) = match rest.split_once('@') {
-            Some((r, rev)) => (r, rev),
-            None => (rest, "main"),
-        };
-        let ok = |x: &str| !x.is_empty() && x.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c)) && !x.contains("..");
-        if !ok(repo) || repo.starts_with('/') || repo.ends_with('/') || repo.matches('/').count() > 1 {
-            return Err(format!("`{s}`: expected hf:ORG/NAME[@REVISION]"));
+        match HubRef::parse(s) {
+            None => Ok(ModelRef::Local(PathBuf::from(s))),
+            Some(r) => r.map(|h| ModelRef::Hub { repo: h.repo, revision: h.revision }),
         }
-        if !ok(revision) {
-            return Err(format!("`{s}`: bad revision `{revision}`"));
-        }
-        Ok(ModelRef::Hub { repo: repo.to_string(), revision: revision.to_string() })
     }
 }
 
 /// The hub cache directory: `$HF_HOME/hub`, or `~/.cache/huggingface/hub`.
 pub fn hub_cache_dir() -> Option<PathBuf> {
-    std::env::var_os("HF_HOME")
-        .map(|h| PathBuf::from(h).join("hub"))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub")))
+    huse_hub::cache_dir()
 }
 
-fn repo_dir(repo: &str) -> Option<PathBuf> {
-    hub_cache_dir().map(|c| c.join(format!("models--{}", repo.replace('/', "--"))))
-}
-
-/// The snapshot directory of `repo`@`revision` in the cache, if the revision is known there.
-fn snapshot(repo: &str, revision: &str) -> Option<PathBuf> {
-    let dir = repo_dir(repo)?;
-    // A 40-hex revision is a commit; otherwise refs/<revision> holds the commit.
-    let commit = if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) {
-        revision.to_string()
-    } else {
-        std::fs::read_to_string(dir.join("refs").join(revision)).ok()?.trim().to_string()
-    };
-    Some(dir.join("snapshots").join(commit))
+fn hub_ref(repo: &str, revision: &str) -> HubRef {
+    HubRef { repo: repo.to_string(), revision: revision.to_string() }
 }
 
 impl ModelRef {
@@ -74,7 +52,7 @@ impl ModelRef {
     pub fn local_paths(&self) -> Vec<PathBuf> {
         match self {
             ModelRef::Local(p) => vec![p.clone()],
-            ModelRef::Hub { repo, revision } => repo_dir(repo).map(|d| vec![d.join("refs").join(revision)]).unwrap_or_default(),
+            ModelRef::Hub { repo, revision } => hub_ref(repo, revision).refs_path(Kind::Model).into_iter().collect(),
         }
     }
 
@@ -95,7 +73,7 @@ impl ModelRef {
             ModelRef::Hub { repo, revision } => {
                 let mut dir: Option<PathBuf> = None;
                 for f in files {
-                    let cached = snapshot(repo, revision).map(|s| s.join(f)).filter(|p| p.is_file());
+                    let cached = hub_ref(repo, revision).snapshot(Kind::Model).map(|(_, s)| s.join(f)).filter(|p| p.is_file());
                     let path = match cached {
                         Some(p) => p,
                         None => download(repo, revision, f)?,
@@ -121,15 +99,10 @@ fn download(repo: &str, revision: &str, file: &str) -> Result<PathBuf> {
         "provide it by running `huggingface-cli download {repo} --revision {revision}` where the hub is reachable \
          (with HF_HOME pointing at the same cache), or set the model to a local directory holding the files"
     );
-    if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0") {
+    if huse_hub::offline() {
         bail!("{file} of hf:{repo}@{revision} is not in the Hugging Face cache at {cache} and HF_HUB_OFFLINE is set: {how}");
     }
-    let mut builder = hf_hub::api::sync::ApiBuilder::from_env().with_progress(false);
-    if let Some(dir) = hub_cache_dir() {
-        builder = builder.with_cache_dir(dir);
-    }
-    let api = builder.build().map_err(|e| anyhow!("cannot set up the hub client: {e}"))?;
-    let r = api.repo(hf_hub::Repo::with_revision(repo.to_string(), hf_hub::RepoType::Model, revision.to_string()));
+    let r = hub_ref(repo, revision).api(Kind::Model).map_err(|e| anyhow!(e))?;
     r.download(file).map_err(|e| {
         anyhow!("{file} of hf:{repo}@{revision} is not in the Hugging Face cache at {cache} and downloading {} failed ({e}): {how}", r.url(file))
     })

@@ -1,0 +1,310 @@
+//! `root: hf:ORG/NAME[@REVISION]`: a dataset on the Hugging Face Hub, read from its Parquet
+//! files.
+//!
+//! The files of the `hub.split` (and `hub.config`, when the dataset has several) are found
+//! in the repository's file list — `data/train-00000-of-00001.parquet`,
+//! `default/train/0000.parquet`, `train.parquet` — and fetched with hf-hub (repository type
+//! dataset) into the same Hugging Face cache, under the same rules as models: `HF_HOME`,
+//! `HF_ENDPOINT`, and `HF_HUB_OFFLINE` (then the cached snapshot is listed instead).
+//!
+//! The rows are then written once, per commit, as an ordinary table the rest of ingest
+//! reads: `<download dir>/hf/datasets--ORG--NAME/<commit>/<config>/<split>/table.csv`, every
+//! column as text (lists of strings as JSON lists, so a wrapped class path works as in a
+//! CSV), and every image column — `Image()` features stored as `{bytes, path}` structs, or
+//! plain binary columns — as files `images/<blake3>.<ext>` whose relative path is the
+//! column's value. So `image: "{image}"` names them.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, UInt8Type, UInt16Type, UInt32Type, UInt64Type};
+use arrow_array::{Array, ArrayRef};
+use arrow_schema::DataType;
+use huse_stage_api::{Context, StageError};
+use huse_hub::{HubRef, Kind};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use serde::Deserialize;
+
+/// The `hub:` block of the ingest config (used with an `hf:` root).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HubCfg {
+    /// The dataset split to read.
+    #[serde(default = "d_split")]
+    pub split: String,
+    /// The dataset configuration (subset), when it has several.
+    #[serde(default)]
+    pub config: Option<String>,
+}
+
+fn d_split() -> String {
+    "train".into()
+}
+
+impl Default for HubCfg {
+    fn default() -> Self {
+        HubCfg { split: d_split(), config: None }
+    }
+}
+
+/// `Some(reference)` when `root` is an `hf:` reference (an error when malformed).
+pub fn parse(root: &Path) -> Option<Result<HubRef, String>> {
+    HubRef::parse(root.to_str()?)
+}
+
+/// The file whose identity says which commit the reference's revision is (for cache keys).
+pub fn refs_path(r: &HubRef) -> Option<PathBuf> {
+    r.refs_path(Kind::Dataset)
+}
+
+/// The Parquet files of `split` (and `config`) among a repository's files.
+pub fn select(files: &[String], hub: &HubCfg) -> Vec<String> {
+    let split = hub.split.as_str();
+    let mut out: Vec<String> = files
+        .iter()
+        .filter(|f| f.ends_with(".parquet"))
+        .filter(|f| hub.config.as_deref().is_none_or(|c| f.split('/').next() == Some(c)))
+        .filter(|f| {
+            let parts: Vec<&str> = f.split('/').collect();
+            let (name, dirs) = parts.split_last().expect("non-empty");
+            dirs.contains(&split) || name.starts_with(&format!("{split}-")) || *name == format!("{split}.parquet")
+        })
+        .cloned()
+        .collect();
+    out.sort();
+    out
+}
+
+fn list_snapshot(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(rel) = p.strip_prefix(dir) {
+                out.push(rel.to_string_lossy().replace('\\', "/"));
+            }
+        }
+    }
+    out
+}
+
+/// The commit and local paths of the Parquet files of `hub.split` of the dataset,
+/// downloaded into the hub cache when missing.
+pub fn parquet_files(r: &HubRef, hub: &HubCfg) -> Result<(String, Vec<PathBuf>), String> {
+    let (repo, revision) = (r.repo.as_str(), r.revision.as_str());
+    let how = format!(
+        "fetch it where the hub is reachable (`huggingface-cli download {repo} --repo-type dataset --revision {revision}` with HF_HOME pointing at the same cache), or point `root` at a local copy"
+    );
+    let what = format!("dataset hf:{repo}@{revision}");
+    let cached_snapshot = || r.snapshot(Kind::Dataset).filter(|(_, snap)| snap.is_dir());
+    let pick = |files: &[String]| -> Result<Vec<String>, String> {
+        let chosen = select(files, hub);
+        if chosen.is_empty() {
+            let parquet: Vec<&String> = files.iter().filter(|f| f.ends_with(".parquet")).collect();
+            return Err(format!(
+                "{what} has no Parquet file for split `{}`{} (its Parquet files: {})",
+                hub.split,
+                hub.config.as_ref().map(|c| format!(" of config `{c}`")).unwrap_or_default(),
+                if parquet.is_empty() { "none".to_string() } else { parquet.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ") }
+            ));
+        }
+        Ok(chosen)
+    };
+    if huse_hub::offline() {
+        let (commit, snap) = cached_snapshot().ok_or_else(|| format!("{what} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: {how}"))?;
+        let files = pick(&list_snapshot(&snap))?;
+        return Ok((commit, files.iter().map(|f| snap.join(f)).collect()));
+    }
+    let api = r.api(Kind::Dataset)?;
+    let info = match api.info() {
+        Ok(i) => i,
+        Err(e) => {
+            // Unreachable hub: a cached snapshot still works.
+            return match cached_snapshot() {
+                Some((commit, snap)) => {
+                    let files = pick(&list_snapshot(&snap))?;
+                    Ok((commit, files.iter().map(|f| snap.join(f)).collect()))
+                }
+                None => Err(format!("{what}: listing its files failed ({e}) and it is not in the Hugging Face cache: {how}")),
+            };
+        }
+    };
+    let names: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
+    let mut paths = Vec::new();
+    for f in pick(&names)? {
+        paths.push(api.get(&f).map_err(|e| format!("{what}: downloading {} failed ({e}): {how}", api.url(&f)))?);
+    }
+    Ok((info.sha, paths))
+}
+
+fn write_blob(images: &Path, bytes: &[u8]) -> Result<String, String> {
+    let ext = match image::guess_format(bytes) {
+        Ok(image::ImageFormat::Jpeg) => "jpg",
+        Ok(image::ImageFormat::Png) => "png",
+        Ok(f) => f.extensions_str().first().copied().unwrap_or("img"),
+        Err(_) => "bin",
+    };
+    let name = format!("{}.{ext}", blake3::hash(bytes).to_hex());
+    let path = images.join(&name);
+    if !path.is_file() {
+        std::fs::write(&path, bytes).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    Ok(format!("images/{name}"))
+}
+
+/// One cell as text; image bytes become a file in `images`.
+fn cell(a: &ArrayRef, row: usize, images: &Path, column: &str) -> Result<String, String> {
+    if a.is_null(row) {
+        return Ok(String::new());
+    }
+    Ok(match a.data_type() {
+        DataType::Utf8 => a.as_string::<i32>().value(row).to_string(),
+        DataType::LargeUtf8 => a.as_string::<i64>().value(row).to_string(),
+        DataType::Utf8View => a.as_string_view().value(row).to_string(),
+        DataType::Boolean => a.as_boolean().value(row).to_string(),
+        DataType::Int8 => a.as_primitive::<Int8Type>().value(row).to_string(),
+        DataType::Int16 => a.as_primitive::<Int16Type>().value(row).to_string(),
+        DataType::Int32 => a.as_primitive::<Int32Type>().value(row).to_string(),
+        DataType::Int64 => a.as_primitive::<Int64Type>().value(row).to_string(),
+        DataType::UInt8 => a.as_primitive::<UInt8Type>().value(row).to_string(),
+        DataType::UInt16 => a.as_primitive::<UInt16Type>().value(row).to_string(),
+        DataType::UInt32 => a.as_primitive::<UInt32Type>().value(row).to_string(),
+        DataType::UInt64 => a.as_primitive::<UInt64Type>().value(row).to_string(),
+        DataType::Float32 => a.as_primitive::<Float32Type>().value(row).to_string(),
+        DataType::Float64 => a.as_primitive::<Float64Type>().value(row).to_string(),
+        DataType::Binary => write_blob(images, a.as_binary::<i32>().value(row))?,
+        DataType::LargeBinary => write_blob(images, a.as_binary::<i64>().value(row))?,
+        DataType::BinaryView => write_blob(images, a.as_binary_view().value(row))?,
+        // The `datasets` Image() feature: {bytes, path}; the bytes when present, else the path.
+        DataType::Struct(fields) if fields.iter().any(|f| f.name() == "bytes") => {
+            let s = a.as_struct();
+            let bytes = s.column_by_name("bytes").expect("checked");
+            if !bytes.is_null(row) {
+                cell(bytes, row, images, column)?
+            } else if let Some(p) = s.column_by_name("path") {
+                cell(p, row, images, column)?
+            } else {
+                String::new()
+            }
+        }
+        DataType::List(_) | DataType::LargeList(_) => {
+            let values = match a.data_type() {
+                DataType::List(_) => a.as_list::<i32>().value(row),
+                _ => a.as_list::<i64>().value(row),
+            };
+            let items: Vec<String> = (0..values.len()).map(|i| cell(&values, i, images, column)).collect::<Result<_, _>>()?;
+            serde_json::to_string(&items).expect("strings serialise")
+        }
+        other => return Err(format!("column `{column}` has type {other}, which ingest cannot read (text, numbers, booleans, images and lists are supported)")),
+    })
+}
+
+/// Writes the rows of `files` as `dest/table.csv` (+ `dest/images/`), through a temporary
+/// folder renamed at the end; `dest` that exists is complete and reused.
+pub fn materialize(files: &[PathBuf], dest: &Path, ctx: &Context) -> Result<(), String> {
+    if dest.join("table.csv").is_file() {
+        return Ok(());
+    }
+    let parent = dest.parent().expect("a folder under the download dir");
+    std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+    let tmp = parent.join(format!(".tmp-{}-{}", dest.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let images = tmp.join("images");
+    std::fs::create_dir_all(&images).map_err(|e| format!("creating {}: {e}", images.display()))?;
+    let result = (|| -> Result<(), String> {
+        let mut w = csv::Writer::from_path(tmp.join("table.csv")).map_err(|e| format!("writing table: {e}"))?;
+        let mut header: Option<Vec<String>> = None;
+        let total: i64 = files
+            .iter()
+            .map(|f| File::open(f).ok().and_then(|f| ParquetRecordBatchReaderBuilder::try_new(f).ok()).map(|b| b.metadata().file_metadata().num_rows()).unwrap_or(0))
+            .sum();
+        ctx.progress.start("read parquet", Some(total.max(0) as u64), "rows");
+        for f in files {
+            let open = File::open(f).map_err(|e| format!("opening {}: {e}", f.display()))?;
+            let builder = ParquetRecordBatchReaderBuilder::try_new(open).map_err(|e| format!("{}: not a readable Parquet file ({e})", f.display()))?;
+            let names: Vec<String> = builder.schema().fields().iter().map(|x| x.name().clone()).collect();
+            match &header {
+                None => {
+                    w.write_record(&names).map_err(|e| e.to_string())?;
+                    header = Some(names.clone());
+                }
+                Some(h) if *h != names => return Err(format!("{}: columns {names:?} differ from the first file's {h:?}", f.display())),
+                Some(_) => {}
+            }
+            let reader = builder.with_batch_size(1024).build().map_err(|e| format!("{}: {e}", f.display()))?;
+            for batch in reader {
+                ctx.cancel.check().map_err(|e| e.to_string())?;
+                let batch = batch.map_err(|e| format!("{}: {e}", f.display()))?;
+                for row in 0..batch.num_rows() {
+                    let rec: Vec<String> = batch.columns().iter().zip(&names).map(|(c, n)| cell(c, row, &images, n)).collect::<Result<_, _>>()?;
+                    w.write_record(&rec).map_err(|e| e.to_string())?;
+                }
+                ctx.progress.inc(batch.num_rows() as u64);
+            }
+        }
+        w.flush().map_err(|e| e.to_string())?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    match std::fs::rename(&tmp, dest) {
+        Ok(()) => Ok(()),
+        // Another process finished the same table first.
+        Err(_) if dest.join("table.csv").is_file() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Ok(())
+        }
+        Err(e) => Err(format!("moving {} to {}: {e}", tmp.display(), dest.display())),
+    }
+}
+
+/// For an `hf:` root: the folder holding the dataset's split as `table.csv` + `images/`.
+pub fn prepare(r: &HubRef, hub: &HubCfg, download_dir: &Path, ctx: &Context) -> Result<PathBuf, StageError> {
+    let (commit, files) = parquet_files(r, hub).map_err(StageError::msg)?;
+    let dest = download_dir
+        .join("hf")
+        .join(format!("datasets--{}", r.repo.replace('/', "--")))
+        .join(&commit)
+        .join(hub.config.as_deref().unwrap_or("default"))
+        .join(&hub.split);
+    materialize(&files, &dest, ctx).map_err(StageError::msg)?;
+    Ok(dest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_and_file_selection() {
+        let r = parse(Path::new("hf:ashraq/fashion-product-images-small")).unwrap().unwrap();
+        assert_eq!((r.repo.as_str(), r.revision.as_str()), ("ashraq/fashion-product-images-small", "main"));
+        assert!(parse(Path::new("/data/x")).is_none());
+        assert!(parse(Path::new("hf:a/b@")).unwrap().is_err());
+        let files: Vec<String> = [
+            "README.md",
+            "data/train-00000-of-00002.parquet",
+            "data/train-00001-of-00002.parquet",
+            "data/test-00000-of-00001.parquet",
+            "small/train/0000.parquet",
+            "train.parquet",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let train = HubCfg::default();
+        assert_eq!(
+            select(&files, &train),
+            ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet", "small/train/0000.parquet", "train.parquet"]
+        );
+        assert_eq!(select(&files, &HubCfg { split: "test".into(), config: None }), ["data/test-00000-of-00001.parquet"]);
+        assert_eq!(select(&files, &HubCfg { split: "train".into(), config: Some("small".into()) }), ["small/train/0000.parquet"]);
+        assert!(select(&files, &HubCfg { split: "validation".into(), config: None }).is_empty());
+    }
+}
