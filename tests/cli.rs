@@ -239,21 +239,7 @@ fn a_killed_process_leaves_a_run_that_the_next_start_marks_interrupted() {
 #[test]
 fn eight_concurrent_processes_lose_no_rows() {
     let sb = Sandbox::new();
-    let f = sb.write(
-        "c.yaml",
-        "name: conc\nstages:\n  source: { uses: toy-source }\n  mid: { uses: toy-scale, needs: [source], with: { metrics: 300 } }\n",
-    );
-    let f = f.to_str().unwrap();
-    let children: Vec<_> = (0..8)
-        .map(|i| {
-            let set = format!("mid.offset={i}");
-            sb.cmd(&[f, "--set", &set]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap()
-        })
-        .collect();
-    for c in children {
-        let out = c.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    }
+    common::eight_concurrent_writers(&sb, None);
     assert_eq!(sb.count("SELECT count(*) FROM runs WHERE status = 'succeeded'"), 8);
     // 300 loss steps + 1 mean per run.
     assert_eq!(sb.count("SELECT count(*) FROM metrics"), 8 * 301);

@@ -280,21 +280,7 @@ fn eight_concurrent_processes_writing_one_postgres_lose_no_row() {
     let Some(pg) = services("eight_writers") else { return };
     let url = fresh_pg(&pg, "eight");
     let sb = Sandbox::new();
-    let f = sb.write(
-        "c.yaml",
-        "name: conc\nstages:\n  source: { uses: toy-source }\n  mid: { uses: toy-scale, needs: [source], with: { metrics: 300 } }\n",
-    );
-    let f = f.to_str().unwrap();
-    let children: Vec<_> = (0..8)
-        .map(|i| {
-            let set = format!("mid.offset={i}");
-            sb.cmd(&[f, "--set", &set]).env("HUSE_DB", &url).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap()
-        })
-        .collect();
-    for c in children {
-        let out = c.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    }
+    common::eight_concurrent_writers(&sb, Some(&url));
     assert_eq!(pg_count(&url, "SELECT count(*) FROM runs WHERE status = 'succeeded'"), 8);
     assert_eq!(pg_count(&url, "SELECT count(*) FROM metrics"), 8 * 301);
     assert_eq!(pg_count(&url, "SELECT count(*) FROM stage_runs"), 16);

@@ -99,6 +99,31 @@ pub fn known_runs() -> Sandbox {
     sb
 }
 
+/// Eight `huse-run` processes at once, each a run of the same small experiment (`conc`:
+/// 300 loss steps + 1 mean each) with its own `mid.offset`, writing the database `db` (the
+/// sandbox's SQLite file when `None`); panics unless every one succeeds.
+pub fn eight_concurrent_writers(sb: &Sandbox, db: Option<&str>) {
+    let f = sb.write(
+        "c.yaml",
+        "name: conc\nstages:\n  source: { uses: toy-source }\n  mid: { uses: toy-scale, needs: [source], with: { metrics: 300 } }\n",
+    );
+    let f = f.to_str().unwrap();
+    let children: Vec<_> = (0..8)
+        .map(|i| {
+            let set = format!("mid.offset={i}");
+            let mut c = sb.cmd(&[f, "--set", &set]);
+            if let Some(db) = db {
+                c.env("HUSE_DB", db);
+            }
+            c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
 /// A finished command.
 pub struct Out(pub Output);
 
