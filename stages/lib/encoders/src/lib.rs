@@ -10,6 +10,7 @@
 //!   text feature, sentence embeddings and TF-IDF-aware truncation;
 //! * [`tfidf`]: word TF-IDF features fitted on the training split.
 
+pub mod augment;
 pub mod bert;
 pub mod image_prep;
 pub mod mobilenet_v2;
