@@ -1,6 +1,7 @@
 //! Whole runs as data: [`Store::dump_runs`] reads every row of a run (the run, its params,
-//! stage runs, metrics in logging order, artifacts, summaries), [`Store::import_run`]
-//! writes one into another store in one transaction, and [`copy`] moves runs between
+//! stage runs with their artifacts and summaries, metrics in logging order),
+//! [`Store::import_run`] writes one into another store in one transaction, through the
+//! same writer that records a running run, and [`copy`] moves runs between
 //! stores (`huse-run db copy SRC DST`: a laptop's SQLite into the group's PostgreSQL)
 //! without duplicating them.
 //!
@@ -10,7 +11,7 @@
 use anyhow::{Context as _, Result};
 use sqlx::Row;
 
-use crate::{Backend, RunStatus, Store, q};
+use crate::{Backend, MetricRow, Record, RunStatus, StageRunRow, Store, q};
 
 /// One run, every row of it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -49,43 +50,11 @@ pub struct RunDump {
     pub log: Option<String>,
     /// (key, value, value_num), by key.
     pub params: Vec<(String, String, Option<f64>)>,
-    /// Stage runs in recording order.
-    pub stage_runs: Vec<StageDump>,
+    /// Stage runs in recording order, each with its artifacts, summaries and attachments
+    /// (`run_id` is 0: ids belong to a store).
+    pub stage_runs: Vec<StageRunRow>,
     /// (stage, key, step, value) in logging order.
     pub metrics: Vec<(String, String, i64, Option<f64>)>,
-    /// (stage, name, path, bytes), by stage and name.
-    pub artifacts: Vec<(String, String, String, Option<i64>)>,
-    /// (stage, name, text, printed) in recording order.
-    pub summaries: Vec<(String, String, String, bool)>,
-}
-
-/// One stage run row.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct StageDump {
-    /// Stage name.
-    pub stage: String,
-    /// Kind.
-    pub kind: String,
-    /// Kind version.
-    pub version: String,
-    /// builtin or plugin.
-    pub source: String,
-    /// Cache key.
-    pub cache_key: String,
-    /// From the cache.
-    pub cached: bool,
-    /// How it ended.
-    pub status: String,
-    /// Start.
-    pub started_at: Option<String>,
-    /// End.
-    pub ended_at: Option<String>,
-    /// Seconds.
-    pub duration_s: Option<f64>,
-    /// Output folder.
-    pub output_dir: Option<String>,
-    /// Error.
-    pub error: Option<String>,
 }
 
 /// What [`copy`] did.
@@ -122,28 +91,49 @@ impl Store {
                 .iter()
                 .map(|p| (p.get(0), p.get(1), p.get(2)))
                 .collect();
-            let stage_runs = self
+            let mut stage_runs: Vec<StageRunRow> = Vec::new();
+            for st in self
                 .q("SELECT stage, kind, version, source, cache_key, cached, status, started_at, ended_at, duration_s, output_dir, error
                     FROM stage_runs WHERE run_id = ? ORDER BY id")
                 .bind(id)
                 .fetch_all(&self.pool)
                 .await?
-                .iter()
-                .map(|s| StageDump {
-                    stage: s.get(0),
-                    kind: s.get(1),
-                    version: s.get(2),
-                    source: s.get(3),
-                    cache_key: s.get(4),
-                    cached: s.get::<i64, _>(5) != 0,
-                    status: s.get(6),
-                    started_at: s.get(7),
-                    ended_at: s.get(8),
-                    duration_s: s.get(9),
-                    output_dir: s.get(10),
-                    error: s.get(11),
-                })
-                .collect();
+            {
+                stage_runs.push(StageRunRow {
+                    run_id: 0,
+                    stage: st.get(0),
+                    kind: st.get(1),
+                    version: st.get(2),
+                    source: st.get(3),
+                    cache_key: st.get(4),
+                    cached: st.get::<i64, _>(5) != 0,
+                    status: st.get::<String, _>(6).parse().map_err(anyhow::Error::msg)?,
+                    started_at: st.get(7),
+                    ended_at: st.get(8),
+                    duration_s: st.get(9),
+                    output_dir: st.get(10),
+                    error: st.get(11),
+                    artifacts: Vec::new(),
+                    summaries: Vec::new(),
+                    attachments: Vec::new(),
+                });
+            }
+            // Artifacts and texts go with the (first) row of their stage, as they were recorded.
+            for a in self.q("SELECT stage, name, path, bytes FROM artifacts WHERE run_id = ? ORDER BY stage, name").bind(id).fetch_all(&self.pool).await? {
+                if let Some(r) = of_stage(&mut stage_runs, &a.get::<String, _>(0)) {
+                    r.artifacts.push((a.get(1), a.get(2), a.get(3)));
+                }
+            }
+            let summaries_sql = match self.backend {
+                Backend::Sqlite => "SELECT stage, name, text, printed FROM summaries WHERE run_id = ? ORDER BY rowid",
+                Backend::Postgres => "SELECT stage, name, text, printed FROM summaries WHERE run_id = ? ORDER BY seq",
+            };
+            for t in self.q(summaries_sql).bind(id).fetch_all(&self.pool).await? {
+                if let Some(r) = of_stage(&mut stage_runs, &t.get::<String, _>(0)) {
+                    let entry = (t.get(1), t.get(2));
+                    if t.get::<i64, _>(3) != 0 { r.summaries.push(entry) } else { r.attachments.push(entry) }
+                }
+            }
             let metrics = self
                 .q("SELECT stage, key, step, value FROM metrics WHERE run_id = ? ORDER BY id")
                 .bind(id)
@@ -151,26 +141,6 @@ impl Store {
                 .await?
                 .iter()
                 .map(|m| (m.get(0), m.get(1), m.get(2), m.get(3)))
-                .collect();
-            let artifacts = self
-                .q("SELECT stage, name, path, bytes FROM artifacts WHERE run_id = ? ORDER BY stage, name")
-                .bind(id)
-                .fetch_all(&self.pool)
-                .await?
-                .iter()
-                .map(|a| (a.get(0), a.get(1), a.get(2), a.get(3)))
-                .collect();
-            let summaries_sql = match self.backend {
-                Backend::Sqlite => "SELECT stage, name, text, printed FROM summaries WHERE run_id = ? ORDER BY rowid",
-                Backend::Postgres => "SELECT stage, name, text, printed FROM summaries WHERE run_id = ? ORDER BY seq",
-            };
-            let summaries = self
-                .q(summaries_sql)
-                .bind(id)
-                .fetch_all(&self.pool)
-                .await?
-                .iter()
-                .map(|s| (s.get(0), s.get(1), s.get(2), s.get::<i64, _>(3) != 0))
                 .collect();
             out.push(RunDump {
                 experiment: r.get(1),
@@ -192,8 +162,6 @@ impl Store {
                 params,
                 stage_runs,
                 metrics,
-                artifacts,
-                summaries,
             });
         }
         Ok(out)
@@ -254,59 +222,25 @@ impl Store {
                 for (k, v, n) in &run.params {
                     q(b, "INSERT INTO params (run_id, key, value, value_num) VALUES (?, ?, ?, ?)").bind(id).bind(k).bind(v).bind(*n).execute(&mut *conn).await?;
                 }
-                for s in &run.stage_runs {
-                    q(b, "INSERT INTO stage_runs (run_id, stage, kind, version, source, cache_key, cached, status, started_at, ended_at, duration_s, output_dir, error)
-                          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-                    .bind(id)
-                    .bind(&s.stage)
-                    .bind(&s.kind)
-                    .bind(&s.version)
-                    .bind(&s.source)
-                    .bind(&s.cache_key)
-                    .bind(i64::from(s.cached))
-                    .bind(&s.status)
-                    .bind(&s.started_at)
-                    .bind(&s.ended_at)
-                    .bind(s.duration_s)
-                    .bind(&s.output_dir)
-                    .bind(&s.error)
-                    .execute(&mut *conn)
-                    .await?;
+                // The same writer as a run being recorded.
+                for st in &run.stage_runs {
+                    Store::write_record(b, &mut *conn, &Record::StageRun(StageRunRow { run_id: id, ..st.clone() })).await?;
                 }
-                for (stage, key, step, value) in &run.metrics {
-                    q(b, "INSERT INTO metrics (run_id, stage, key, step, value) VALUES (?, ?, ?, ?, ?)")
-                        .bind(id)
-                        .bind(stage)
-                        .bind(key)
-                        .bind(*step)
-                        .bind(*value)
-                        .execute(&mut *conn)
-                        .await?;
-                }
-                for (stage, name, path, bytes) in &run.artifacts {
-                    q(b, "INSERT INTO artifacts (run_id, stage, name, path, bytes) VALUES (?, ?, ?, ?, ?)")
-                        .bind(id)
-                        .bind(stage)
-                        .bind(name)
-                        .bind(path)
-                        .bind(*bytes)
-                        .execute(&mut *conn)
-                        .await?;
-                }
-                for (stage, name, text, printed) in &run.summaries {
-                    q(b, "INSERT INTO summaries (run_id, stage, name, text, printed) VALUES (?, ?, ?, ?, ?)")
-                        .bind(id)
-                        .bind(stage)
-                        .bind(name)
-                        .bind(text)
-                        .bind(i64::from(*printed))
-                        .execute(&mut *conn)
-                        .await?;
-                }
+                let metrics = run
+                    .metrics
+                    .iter()
+                    .map(|(stage, key, step, value)| MetricRow { run_id: id, stage: stage.clone(), key: key.clone(), step: *step, value: value.unwrap_or(f64::NAN) })
+                    .collect();
+                Store::write_record(b, &mut *conn, &Record::Metrics(metrics)).await?;
                 true
             }
         })
     }
+}
+
+/// The first recorded row of `stage`.
+fn of_stage<'a>(rows: &'a mut [StageRunRow], stage: &str) -> Option<&'a mut StageRunRow> {
+    rows.iter_mut().find(|r| r.stage == stage)
 }
 
 /// Copies the finished runs of `src` (of `experiment`, when given) that `dst` lacks into

@@ -176,7 +176,7 @@ pub struct Summary {
 }
 
 /// One stage run to record.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StageRunRow {
     /// The run it belongs to.
     pub run_id: i64,
@@ -513,6 +513,15 @@ impl Store {
         let shown = redact(url);
         let opts = AnyConnectOptions::from_url(&url.parse().map_err(|e| anyhow::anyhow!("`{shown}`: not a valid URL ({e})"))?)
             .with_context(|| format!("`{shown}`: not a PostgreSQL URL"))?;
+        // One direct attempt first: a wrong host, port or password fails at once instead of
+        // being retried for the pool's whole acquire timeout.
+        match tokio::time::timeout(Duration::from_secs(30), <sqlx::AnyConnection as sqlx::Connection>::connect_with(&opts)).await {
+            Ok(Ok(c)) => {
+                let _ = sqlx::Connection::close(c).await;
+            }
+            Ok(Err(e)) => bail!("connecting to the results database {shown}: {e}"),
+            Err(_) => bail!("connecting to the results database {shown}: no answer within 30 s"),
+        }
         AnyPoolOptions::new()
             .max_connections(max)
             .acquire_timeout(Duration::from_secs(60))
