@@ -678,7 +678,7 @@ mod tests {
     fn a_failed_shared_job_fails_its_runs_with_its_log() {
         let l = launch(&[("source", "10")], ("11", &["a"]));
         let jobs: BTreeMap<String, String> = [("10", "FAILED"), ("11_*", "CANCELLED")].iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
-        let s = run_states(&["a".to_string()], &[l.clone()], &jobs, &[]);
+        let s = run_states(&["a".to_string()], std::slice::from_ref(&l), &jobs, &[]);
         assert_eq!(s[0].status, "failed", "SLURM cancels the dependants of a failed job; the cause is the shared job");
         let jobs: BTreeMap<String, String> = [("10", "FAILED"), ("11_0", "FAILED")].iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
         let s = run_states(&["a".to_string()], &[l], &jobs, &[]);

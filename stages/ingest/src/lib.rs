@@ -442,7 +442,7 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
         if i % 256 == 0 {
             ctx.cancel.check()?;
             ctx.progress.inc(if i == 0 { 0 } else { 256 });
-            if !cfg.limit.is_some_and(|l| rows.len() >= l) {
+            if cfg.limit.is_none_or(|l| rows.len() < l) {
                 let mut urls: Vec<String> = Vec::new();
                 for r in &records[i..(i + 256).min(records.len())] {
                     let get = |c: &str| headers.iter().position(|h| h == c).and_then(|p| r.get(p)).map(str::to_string);
