@@ -355,7 +355,7 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
         Some(Cmd::Validate(a)) => {
             let file = a.experiment.clone().context("validate needs an experiment file")?;
             match compile(&file, &a) {
-                Ok((exp, _)) => {
+                Ok((exp, _, _)) => {
                     println!("{}: ok ({} run(s), {} stage(s) each)", file.display(), exp.runs.len(), exp.runs[0].stages.len());
                     Ok(0)
                 }
@@ -667,14 +667,15 @@ fn overrides(a: &RunArgs) -> Overrides {
 }
 
 /// Reads the experiment file once, loads the plugins it and the command line name, and
-/// compiles it; returns the experiment and the registry it was compiled against.
-fn compile(file: &std::path::Path, a: &RunArgs) -> Result<(huse_config::Experiment, Registry), Diagnostics> {
+/// compiles it; returns the experiment, the registry it was compiled against, and the
+/// parsed file (for what is not part of a run, such as the `launcher:` block).
+fn compile(file: &std::path::Path, a: &RunArgs) -> Result<(huse_config::Experiment, Registry, Source), Diagnostics> {
     let source = Source::read(file)?;
     let env = |k: &str| std::env::var(k).ok();
     let mut registry = builtin_registry();
     load_plugins(&source, &a.plugins, &mut registry, &env)?;
     let exp = huse_config::compile(&source, &overrides(a), &registry, &env)?;
-    Ok((exp, registry))
+    Ok((exp, registry, source))
 }
 
 /// Loads the plugins of the file's `plugins:` list and of `--plugin` flags into `registry`;
@@ -698,14 +699,14 @@ fn load_plugins(source: &Source, cli: &[PathBuf], registry: &mut Registry, env: 
 async fn run(g: &Global, a: RunArgs, display: &Display) -> Result<i32> {
     let file = a.experiment.clone().context("no experiment file given")?;
     // Everything is validated before the database or the cache is touched.
-    let (exp, registry) = match compile(&file, &a) {
+    let (exp, registry, source) = match compile(&file, &a) {
         Ok(x) => x,
         Err(d) => {
             eprintln!("{d}");
             return Ok(2);
         }
     };
-    match cluster::launcher_of(&file, &a) {
+    match cluster::launcher_of(&source, &a) {
         Ok(Some(cfg)) => return cluster::launch(g, &a, &exp, &registry, &cfg, display).await,
         Ok(None) => {}
         Err(e) => {

@@ -94,6 +94,11 @@ struct Job {
 }
 
 impl Job {
+    /// The job index of the upstream stage an input edge comes from.
+    fn dep(&self, e: &Edge) -> usize {
+        self.needs.iter().find(|(n, _)| *n == e.from).expect("an edge comes from a need").1
+    }
+
     /// The key parts, given the content hashes of the inputs (in edge order).
     fn parts(&self, inputs: Vec<(String, String)>) -> KeyParts<'_> {
         KeyParts {
@@ -216,10 +221,7 @@ pub fn cache_keys(
         let inputs = job
             .inputs
             .iter()
-            .map(|e| {
-                let (_, dep) = job.needs.iter().find(|(n, _)| *n == e.from).expect("an edge comes from a need");
-                (input_label(e), output_hash(&keys[*dep], &e.artifact))
-            })
+            .map(|e| (input_label(e), output_hash(&keys[job.dep(e)], &e.artifact)))
             .collect();
         keys.push(job.parts(inputs).key());
     }
@@ -269,14 +271,9 @@ pub fn survey(exp: &Experiment, registry: &Registry, cache: &Cache, opts: &RunOp
     let mut outputs: Vec<Option<HashMap<String, cache::OutputRecord>>> = Vec::with_capacity(jobs.len());
     let mut out = Vec::with_capacity(jobs.len());
     for job in &jobs {
-        let mut inputs = Some(Vec::new());
-        for e in &job.inputs {
-            let (_, dep) = job.needs.iter().find(|(n, _)| *n == e.from).expect("an edge comes from a need");
-            match outputs[*dep].as_ref().and_then(|r| r.get(&e.artifact)) {
-                Some(r) => inputs.as_mut().map(|v| v.push((input_label(e), r.blake3.clone()))),
-                None => inputs.take().map(|_| ()),
-            };
-        }
+        // The input hashes, known when every upstream output is cached.
+        let inputs: Option<Vec<(String, String)>> =
+            job.inputs.iter().map(|e| outputs[job.dep(e)].as_ref()?.get(&e.artifact).map(|r| (input_label(e), r.blake3.clone()))).collect();
         let hit = match inputs {
             Some(inputs) if !job.force && job.needs.iter().all(|(_, d)| outputs[*d].is_some()) => {
                 let key = job.parts(inputs).key();

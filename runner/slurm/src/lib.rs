@@ -500,6 +500,10 @@ pub fn states(job_ids: &[String]) -> Result<BTreeMap<String, JobState>> {
         }
     }
     for id in &ids {
+        // A plain job the queue listed needs no second question.
+        if out.contains_key(id.as_str()) {
+            continue;
+        }
         if let Ok(text) = command_output(Command::new("scontrol").args(["-o", "show", "job", id]), "scontrol") {
             for line in text.lines() {
                 let field = |name: &str| line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{name}=")[..]).map(str::to_string));
@@ -507,7 +511,7 @@ pub fn states(job_ids: &[String]) -> Result<BTreeMap<String, JobState>> {
                 let key = match (field("ArrayJobId"), field("ArrayTaskId")) {
                     // 4294967294 (NO_VAL) is the record of the tasks not yet split off a
                     // pending array, like a non-numeric range `6-17%2`.
-                    (Some(a), Some(t)) if t.chars().all(|c| c.is_ascii_digit()) && t.parse::<u64>().is_ok_and(|n| n < 4_000_000_000) => format!("{a}_{t}"),
+                    (Some(a), Some(t)) if t.parse::<u64>().is_ok_and(|n| n < 4_000_000_000) => format!("{a}_{t}"),
                     (Some(a), Some(_)) => format!("{a}_*"),
                     _ => job,
                 };
@@ -515,8 +519,13 @@ pub fn states(job_ids: &[String]) -> Result<BTreeMap<String, JobState>> {
             }
         }
     }
-    // Finished jobs SLURM has forgotten: accounting, when the cluster keeps it.
-    if let Ok(text) = command_output(Command::new("sacct").args(["-n", "-P", "-X", "-o", "JobID,State", "-j", &list]), "sacct") {
+    // Finished jobs SLURM has forgotten: accounting, when the cluster keeps it (asked only
+    // about the jobs neither the queue nor scontrol knew).
+    let unknown: Vec<&str> = ids.iter().map(|s| s.as_str()).filter(|id| !out.keys().any(|k| k == id || k.starts_with(&format!("{id}_")))).collect();
+    if unknown.is_empty() {
+        return Ok(out);
+    }
+    if let Ok(text) = command_output(Command::new("sacct").args(["-n", "-P", "-X", "-o", "JobID,State", "-j", &unknown.join(",")]), "sacct") {
         for line in text.lines() {
             if let Some((id, state)) = line.split_once('|') {
                 let state = state.split_whitespace().next().unwrap_or(state).to_string();

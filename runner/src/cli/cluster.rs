@@ -21,14 +21,18 @@ use tracing::{info, warn};
 
 use super::{Global, RunArgs, compile, run_compiled};
 
+/// The file's `launcher:` block, checked; errors name the file, line and key.
+fn launcher_block(source: &Source) -> Result<Option<LauncherConfig>, String> {
+    source
+        .launcher()
+        .map(|(v, origin)| LauncherConfig::from_json(&v).map_err(|e| format!("{}:{}: {e}", source.display, origin_text(&origin))))
+        .transpose()
+}
+
 /// The launcher a run command asks for: `None` runs here; `Some` submits to SLURM with
 /// these settings. Errors name the file, line and key (or the flag).
-pub(super) fn launcher_of(file: &Path, a: &RunArgs) -> Result<Option<LauncherConfig>, String> {
-    let source = Source::read(file).map_err(|d| d.to_string())?;
-    let block = match source.launcher() {
-        Some((v, origin)) => Some(LauncherConfig::from_json(&v).map_err(|e| format!("{}:{}: {e}", source.display, origin_text(&origin)))?),
-        None => None,
-    };
+pub(super) fn launcher_of(source: &Source, a: &RunArgs) -> Result<Option<LauncherConfig>, String> {
+    let block = launcher_block(source)?;
     let slurm = match a.launcher.as_deref() {
         Some("local") => false,
         Some("slurm") => true,
@@ -228,14 +232,15 @@ async fn print_status(g: &Global, exp: &Experiment, root: &Path) -> Result<Vec<h
 /// queued or running).
 pub(super) async fn status(g: &Global, a: &RunArgs, wait: bool) -> Result<i32> {
     let file = a.experiment.clone().context("status needs the experiment file")?;
-    let (exp, _) = match compile(&file, a) {
+    let (exp, _, source) = match compile(&file, a) {
         Ok(x) => x,
         Err(d) => {
             eprintln!("{d}");
             return Ok(2);
         }
     };
-    let cfg = match launcher_of(&file, &RunArgs { launcher: Some("slurm".into()), ..a.clone() }) {
+    // Only where the launches are: the block's `log_dir`, or the default.
+    let cfg = match launcher_block(&source) {
         Ok(c) => c.unwrap_or_default(),
         Err(e) => {
             eprintln!("{e}");
@@ -277,7 +282,7 @@ pub(super) async fn task(g: &Global, launch_file: &Path, shared: Option<usize>, 
         launcher: Some("local".into()),
         ..Default::default()
     };
-    let (exp, registry) = match compile(&c.file, &args) {
+    let (exp, registry, _) = match compile(&c.file, &args) {
         Ok(x) => x,
         Err(d) => {
             eprintln!("{d}");

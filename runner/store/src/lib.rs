@@ -346,6 +346,12 @@ fn sqlite_url(path: &Path, mode: &str) -> Result<url::Url> {
     url::Url::parse(&format!("sqlite://{enc}?mode={mode}")).with_context(|| format!("{}: cannot make a database URL of this path", path.display()))
 }
 
+/// Where a PostgreSQL database's spools go under `dir` (a server has no folder beside it):
+/// one sub-folder per database, named by a hash of its URL without the password.
+fn pg_spool_key(dir: &Path, url: &str) -> PathBuf {
+    dir.join(format!("postgres-{}", &blake3::hash(redact(url).as_bytes()).to_hex()[..16]))
+}
+
 /// `postgres://user:secret@host/db` -> `postgres://user:***@host/db`.
 fn redact(url: &str) -> String {
     let Some(i) = url.find("://") else { return url.to_string() };
@@ -497,7 +503,7 @@ impl Store {
                 // A server has no folder beside it: spool in the fallback folder (the cache),
                 // one sub-folder per database.
                 let dir = options.fallback_spool_dir.clone().unwrap_or_else(std::env::temp_dir);
-                (pool, Backend::Postgres, dir.join(format!("postgres-{}", &blake3::hash(redact(url).as_bytes()).to_hex()[..16])))
+                (pool, Backend::Postgres, pg_spool_key(&dir, url))
             }
         };
         let spool = spool::Spool::new(&spool_key, options.fallback_spool_dir.clone().filter(|_| backend == Backend::Sqlite));
@@ -551,7 +557,7 @@ impl Store {
             }
             Location::Postgres(url) => {
                 let pool = Self::connect_postgres(url, 4).await?;
-                (pool, Backend::Postgres, std::env::temp_dir().join(format!("postgres-{}", &blake3::hash(redact(url).as_bytes()).to_hex()[..16])))
+                (pool, Backend::Postgres, pg_spool_key(&std::env::temp_dir(), url))
             }
         };
         let not_ours = || anyhow::anyhow!("{location} is not a huse-run database");

@@ -117,6 +117,17 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     })
 }
 
+/// The content-addressed file name of image bytes, `<blake3>.<ext>` (the extension from
+/// the bytes' format); `None` when the bytes are no image format.
+pub fn blob_name(bytes: &[u8]) -> Option<String> {
+    let ext = match image::guess_format(bytes).ok()? {
+        image::ImageFormat::Jpeg => "jpg",
+        image::ImageFormat::Png => "png",
+        f => f.extensions_str().first().copied().unwrap_or("img"),
+    };
+    Some(format!("{}.{ext}", hex(blake3::hash(bytes))))
+}
+
 enum Attempt {
     /// Worth another try (network error, timeout, 5xx, 429).
     Transient(String),
@@ -180,13 +191,9 @@ impl Downloader {
             ureq::Error::BodyExceedsLimit(_) => Attempt::Final(format!("more than max_bytes ({max}) bytes")),
             other => Attempt::Transient(format!("reading the body: {other}")),
         })?;
-        let ext = match image::guess_format(&bytes) {
-            Ok(image::ImageFormat::Jpeg) => "jpg",
-            Ok(image::ImageFormat::Png) => "png",
-            Ok(f) => f.extensions_str().first().copied().unwrap_or("img"),
-            Err(_) => return Err(Attempt::Final(format!("not an image ({} bytes of unknown format)", bytes.len()))),
+        let Some(name) = blob_name(&bytes) else {
+            return Err(Attempt::Final(format!("not an image ({} bytes of unknown format)", bytes.len())));
         };
-        let name = format!("{}.{ext}", hex(blake3::hash(&bytes)));
         let blob = self.dir.join("blobs").join(&name);
         let io = |e: std::io::Error| Attempt::Final(format!("writing {}: {e}", blob.display()));
         if !blob.is_file() {

@@ -142,13 +142,7 @@ pub fn parquet_files(r: &HubRef, hub: &HubCfg) -> Result<(String, Vec<PathBuf>),
 }
 
 fn write_blob(images: &Path, bytes: &[u8]) -> Result<String, String> {
-    let ext = match image::guess_format(bytes) {
-        Ok(image::ImageFormat::Jpeg) => "jpg",
-        Ok(image::ImageFormat::Png) => "png",
-        Ok(f) => f.extensions_str().first().copied().unwrap_or("img"),
-        Err(_) => "bin",
-    };
-    let name = format!("{}.{ext}", blake3::hash(bytes).to_hex());
+    let name = crate::download::blob_name(bytes).unwrap_or_else(|| format!("{}.bin", blake3::hash(bytes).to_hex()));
     let path = images.join(&name);
     if !path.is_file() {
         std::fs::write(&path, bytes).map_err(|e| format!("writing {}: {e}", path.display()))?;
@@ -218,14 +212,17 @@ pub fn materialize(files: &[PathBuf], dest: &Path, ctx: &Context) -> Result<(), 
     let result = (|| -> Result<(), String> {
         let mut w = csv::Writer::from_path(tmp.join("table.csv")).map_err(|e| format!("writing table: {e}"))?;
         let mut header: Option<Vec<String>> = None;
-        let total: i64 = files
+        // Each file's footer is read once: for the row count of the progress bar, then to read it.
+        let builders = files
             .iter()
-            .map(|f| File::open(f).ok().and_then(|f| ParquetRecordBatchReaderBuilder::try_new(f).ok()).map(|b| b.metadata().file_metadata().num_rows()).unwrap_or(0))
-            .sum();
+            .map(|f| {
+                let open = File::open(f).map_err(|e| format!("opening {}: {e}", f.display()))?;
+                ParquetRecordBatchReaderBuilder::try_new(open).map(|b| (f, b)).map_err(|e| format!("{}: not a readable Parquet file ({e})", f.display()))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let total: i64 = builders.iter().map(|(_, b)| b.metadata().file_metadata().num_rows()).sum();
         ctx.progress.start("read parquet", Some(total.max(0) as u64), "rows");
-        for f in files {
-            let open = File::open(f).map_err(|e| format!("opening {}: {e}", f.display()))?;
-            let builder = ParquetRecordBatchReaderBuilder::try_new(open).map_err(|e| format!("{}: not a readable Parquet file ({e})", f.display()))?;
+        for (f, builder) in builders {
             let names: Vec<String> = builder.schema().fields().iter().map(|x| x.name().clone()).collect();
             match &header {
                 None => {

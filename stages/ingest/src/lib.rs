@@ -434,6 +434,8 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
     ctx.progress.start("check rows", Some(records.len() as u64), "rows");
     let mut skipped: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut rows: Vec<Row> = Vec::new();
+    // The columns the image template names, for messages about a row's image.
+    let image_cols = cfg.image.split('{').skip(1).filter_map(|p| p.split('}').next()).collect::<Vec<_>>().join("`, `");
     // Images given as URLs: fetched a chunk of rows ahead, `download.concurrency` at a time.
     let mut downloader: Option<download::Downloader> = None;
     let mut fetched: HashMap<String, Result<PathBuf, String>> = HashMap::new();
@@ -518,8 +520,7 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
         if problem.is_none() && text.is_empty() {
             problem = bad("empty_text", cfg.text.as_deref().unwrap_or(&cfg.text_column), "empty text".into())?;
         }
-        let cols: Vec<&str> = cfg.image.split('{').skip(1).filter_map(|p| p.split('}').next()).collect();
-        let col_name = &cols.join("`, `");
+        let col_name = &image_cols;
         let image = match fill(&cfg.image, &get) {
             Ok(p) if download::is_url(&p) => match fetched.get(p.trim()) {
                 Some(Ok(path)) => path.clone(),

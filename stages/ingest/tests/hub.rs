@@ -3,8 +3,6 @@
 //! `ashraq/fashion-product-images-small` (real fashion images embedded as `Image()` structs).
 //! (One test: it sets process-wide environment variables.)
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,57 +22,13 @@ fn fashion() -> PathBuf {
     PathBuf::from(std::env::var("HUSE_ASSETS").expect("set HUSE_ASSETS")).join("data/fashion-product-images-small")
 }
 
-/// Serves the repository info and `FILE` with the headers hf-hub reads (etag,
-/// x-repo-commit, Content-Range), honouring `Range`. Counts requests.
+/// The stand-in hub serving the repository info and `FILE`.
 fn serve(parquet: Vec<u8>) -> (String, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = format!("http://{}", listener.local_addr().unwrap());
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
     let info = json!({"sha": COMMIT, "siblings": [{"rfilename": ".gitattributes"}, {"rfilename": "README.md"}, {"rfilename": FILE}]}).to_string().into_bytes();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            h.fetch_add(1, Ordering::SeqCst);
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut first = String::new();
-            let _ = reader.read_line(&mut first);
-            let (mut start, mut end) = (0usize, None::<usize>);
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).is_err() || line.trim().is_empty() {
-                    break;
-                }
-                if let Some(r) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
-                    let (a, b) = r.trim().split_once('-').unwrap();
-                    start = a.parse().unwrap();
-                    end = b.parse().ok();
-                }
-            }
-            let path = first.split_whitespace().nth(1).unwrap_or("").to_string();
-            let resp = if path == format!("/api/datasets/{REPO}/revision/main") {
-                let mut r = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", info.len()).into_bytes();
-                r.extend_from_slice(&info);
-                r
-            } else if path == format!("/datasets/{REPO}/resolve/main/{FILE}") {
-                let e = end.unwrap_or(parquet.len() - 1).min(parquet.len() - 1);
-                let part = &parquet[start..=e];
-                let mut r = format!(
-                    "HTTP/1.1 206 Partial Content\r\netag: \"{:x}\"\r\nx-repo-commit: {COMMIT}\r\nContent-Range: bytes {start}-{e}/{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    parquet.len() * 31,
-                    parquet.len(),
-                    part.len()
-                )
-                .into_bytes();
-                r.extend_from_slice(part);
-                r
-            } else {
-                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec()
-            };
-            let _ = stream.write_all(&resp);
-        }
-    });
-    (addr, hits)
+    huse_hub::testing::serve(
+        vec![(format!("/api/datasets/{REPO}/revision/main"), info), (format!("/datasets/{REPO}/resolve/main/{FILE}"), parquet)],
+        COMMIT,
+    )
 }
 
 /// Six real items as the Hub dataset stores them (ids, class columns, name, Image()).

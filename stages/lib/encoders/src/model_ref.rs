@@ -38,11 +38,6 @@ impl FromStr for ModelRef {
     }
 }
 
-/// The hub cache directory: `$HF_HOME/hub`, or `~/.cache/huggingface/hub`.
-pub fn hub_cache_dir() -> Option<PathBuf> {
-    huse_hub::cache_dir()
-}
-
 fn hub_ref(repo: &str, revision: &str) -> HubRef {
     HubRef { repo: repo.to_string(), revision: revision.to_string() }
 }
@@ -94,7 +89,7 @@ impl ModelRef {
 }
 
 fn download(repo: &str, revision: &str, file: &str) -> Result<PathBuf> {
-    let cache = hub_cache_dir().map(|d| d.display().to_string()).unwrap_or_else(|| "(no HF_HOME or HOME)".into());
+    let cache = huse_hub::cache_dir().map(|d| d.display().to_string()).unwrap_or_else(|| "(no HF_HOME or HOME)".into());
     let how = format!(
         "provide it by running `huggingface-cli download {repo} --revision {revision}` where the hub is reachable \
          (with HF_HOME pointing at the same cache), or set the model to a local directory holding the files"

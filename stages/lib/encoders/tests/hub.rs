@@ -1,8 +1,6 @@
 //! `hf:` model references against a local HTTP server standing in for the Hugging Face hub.
 //! (One test: it sets process-wide environment variables.)
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,57 +9,9 @@ use huse_encoders::model_ref::ModelRef;
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
-/// Serves `/{repo}/resolve/{rev}/{file}` from `files` with the headers hf-hub reads
-/// (etag, x-repo-commit, Content-Range), honouring `Range`. Counts requests.
+/// The stand-in hub, answering as commit `COMMIT`.
 fn serve(files: Vec<(String, Vec<u8>)>) -> (String, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = format!("http://{}", listener.local_addr().unwrap());
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().take(200) {
-            let Ok(mut stream) = stream else { continue };
-            h.fetch_add(1, Ordering::SeqCst);
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut first = String::new();
-            reader.read_line(&mut first).unwrap();
-            let mut range_start = 0usize;
-            let mut range_end: Option<usize> = None;
-            loop {
-                let mut line = String::new();
-                reader.read_line(&mut line).unwrap();
-                if line.trim().is_empty() {
-                    break;
-                }
-                if let Some(r) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
-                    let (a, b) = r.trim().split_once('-').unwrap();
-                    range_start = a.parse().unwrap();
-                    range_end = b.parse().ok();
-                }
-            }
-            let path = first.split_whitespace().nth(1).unwrap_or("");
-            let found = files.iter().find(|(p, _)| path == p);
-            let resp = match found {
-                None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
-                Some((_, body)) => {
-                    let end = range_end.unwrap_or(body.len() - 1).min(body.len() - 1);
-                    let part = &body[range_start..=end];
-                    let etag = format!("{:x}", body.len() * 7919 + body.iter().map(|b| *b as usize).sum::<usize>());
-                    let mut r = format!(
-                        "HTTP/1.1 206 Partial Content\r\netag: \"{etag}\"\r\nx-repo-commit: {COMMIT}\r\n\
-                         Content-Range: bytes {range_start}-{end}/{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                        body.len(),
-                        part.len()
-                    )
-                    .into_bytes();
-                    r.extend_from_slice(part);
-                    r
-                }
-            };
-            let _ = stream.write_all(&resp);
-        }
-    });
-    (addr, hits)
+    huse_hub::testing::serve(files, COMMIT)
 }
 
 #[test]

@@ -9,6 +9,8 @@
 
 use std::path::PathBuf;
 
+pub mod testing;
+
 /// The kind of repository.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
