@@ -170,8 +170,29 @@ impl Spool {
         let Some(path) = &self.file else {
             return Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no folder for a spool")));
         };
-        let mut f = std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("opening spool {}", path.display()))?;
-        writeln!(f, "{line}").and_then(|()| f.sync_data()).with_context(|| format!("appending to spool {}", path.display()))
+        let appended = std::fs::OpenOptions::new().append(true).open(path).and_then(|mut f| writeln!(f, "{line}").and_then(|()| f.sync_data()));
+        let Err(e) = appended else { return Ok(()) };
+        // The folder filled up after the file was made: move the whole journal (header and
+        // every line so far, sequence numbers intact) to the next folder, then append there.
+        let path = path.clone();
+        let here = self.dirs.iter().position(|d| path.starts_with(d)).unwrap_or(self.dirs.len());
+        let old = std::fs::read_to_string(&path).unwrap_or_default();
+        for dir in self.dirs.iter().skip(here + 1) {
+            let next = dir.join(format!("{}.jsonl", self.id));
+            let moved = std::fs::create_dir_all(dir).and_then(|()| {
+                let mut f = std::fs::OpenOptions::new().create_new(true).append(true).open(&next)?;
+                f.write_all(old.as_bytes())?;
+                writeln!(f, "{line}")?;
+                f.sync_data()
+            });
+            if moved.is_ok() {
+                let _ = std::fs::remove_file(&path);
+                self.file = Some(next);
+                return Ok(());
+            }
+            let _ = std::fs::remove_file(&next);
+        }
+        Err(e).with_context(|| format!("appending to spool {}", path.display()))
     }
 
     /// The oldest waiting record: (spool id, sequence number, record).
