@@ -354,3 +354,32 @@ fn a_diverging_loss_stops_the_run_with_a_clear_error() {
     assert!(err.contains("lower the learning rate"), "{err}");
     assert_eq!(sb.sql("SELECT status FROM stage_runs WHERE stage = 'evaluate'")[0][0], "skipped");
 }
+
+#[test]
+fn training_on_augmented_views() {
+    let sb = Sandbox::new();
+    let f = experiment(&sb);
+    // Asking train for views the encode stage did not make is a clear error.
+    sb.run(&[&f, "--set", "train.augment=true", "--set", "train.epochs=2"]).expect(1);
+    let err = sb.sql("SELECT error FROM runs WHERE id = 1")[0][0].clone();
+    assert!(err.contains("augment: true") && err.contains("holds no augmented views: set `views: {count: K, ...}` in the encode stage"), "{err}");
+    // Two views per training image; train draws one per item per epoch.
+    let views = "encode.views={count: 2, seed: 3, brightness: 0.4, contrast: 0.4, saturation: 0.4, hue: 0.1, hflip: 0.5}";
+    let aug = [f.as_str(), "--set", views, "--set", "train.augment=true", "--set", "train.epochs=3"];
+    sb.run(&aug).expect(0);
+    assert_eq!(value(&sb, 2, "train.augment_views"), 2.0);
+    let ingest = sb.sql("SELECT output_dir FROM stage_runs WHERE run_id = 2 AND stage = 'ingest'")[0][0].clone();
+    let n_train = std::fs::read_to_string(format!("{ingest}/items.jsonl")).unwrap().lines().filter(|l| l.contains("\"split\":\"train\"")).count();
+    assert!(n_train > 100, "{n_train} training items");
+    assert_eq!(value(&sb, 2, "encode.views"), 2.0 * n_train as f64);
+    assert!(value(&sb, 2, "test.acc.both") > 0.0);
+    // The same seed gives the same curve with views too.
+    let mut again = aug.to_vec();
+    again.extend(["--force", "train"]);
+    sb.run(&again).expect(0);
+    assert_eq!(curve(&sb, 3, "train.loss"), curve(&sb, 2, "train.loss"));
+    // Without `augment` the same encode output (cached) trains on the clean features: another curve.
+    sb.run(&[&f, "--set", views, "--set", "train.epochs=3"]).expect(0);
+    assert_eq!(sb.sql("SELECT cached FROM stage_runs WHERE run_id = 4 AND stage = 'encode'")[0][0], "1");
+    assert_ne!(curve(&sb, 4, "train.loss"), curve(&sb, 2, "train.loss"));
+}

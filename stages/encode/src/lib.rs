@@ -11,8 +11,18 @@
 //! while the model computes batch i, through a bounded channel, so memory holds a few
 //! batches, never the whole data set; features are written to disk batch by batch.
 //!
+//! Augmented views (`views: {count: K, seed, brightness, contrast, saturation, hue,
+//! hflip}`, off by default): each *training* image is also encoded K times after
+//! torchvision's `ColorJitter` and a random horizontal flip (`huse_encoders::augment`),
+//! applied to the resized pixels before the normalisation. View k of an item is drawn from
+//! (seed, item id, k) alone, so it does not depend on batching or threads; the settings are
+//! part of the config and so of the cache key. The views share the decode and resize of the
+//! clean image; the train stage picks one per item per epoch (`augment: true`).
+//!
 //! Outputs (rows in `items.jsonl` order; `ids.json` maps row -> item id):
-//! `image.safetensors` (`features`, N x 1280), `text.safetensors` (`bert`, N x 4H),
+//! `image.safetensors` (`features`, N x 1280; with views also `views`, (T*K) x 1280 for
+//! the T training items in item order, view k of training item t at row t*K + k),
+//! `text.safetensors` (`bert`, N x 4H),
 //! `tfidf.safetensors` (CSR: `indptr` N+1, `indices`, `values`) with `tfidf.json` (vocabulary).
 
 use std::path::PathBuf;
@@ -25,6 +35,7 @@ use huse_encoders::mobilenet_v2::MobileNetV2;
 use huse_encoders::model_ref::{ModelRef, TEXT_MODEL_FILES};
 use huse_encoders::text::{TextEncoder, TokenIdf};
 use huse_encoders::tfidf::Tfidf;
+use huse_encoders::augment::{Jitter, view_of, view_rng};
 use huse_encoders::{image_prep, torch_pth};
 use huse_stage_api::{Config, ConfigError, Context, Input, Inputs, Output, Stage, StageError, parse_config};
 use rayon::prelude::*;
@@ -94,6 +105,37 @@ pub struct EncodeCfg {
     pub batch_size: usize,
     #[serde(default = "d_text_batch")]
     pub text_batch_size: usize,
+    /// Augmented views of the training images (null: none).
+    #[serde(default)]
+    pub views: Option<ViewsCfg>,
+}
+
+/// `views:`: `count` augmented views of each training image, encoded next to the clean
+/// one: torchvision's `ColorJitter(brightness, contrast, saturation, hue)` and a horizontal
+/// flip with probability `hflip`, drawn per (seed, item id, view number).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewsCfg {
+    pub count: usize,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub brightness: f32,
+    #[serde(default)]
+    pub contrast: f32,
+    #[serde(default)]
+    pub saturation: f32,
+    #[serde(default)]
+    pub hue: f32,
+    #[serde(default)]
+    pub hflip: f32,
+}
+
+impl ViewsCfg {
+    /// The jitter strengths.
+    pub fn jitter(&self) -> Jitter {
+        Jitter { brightness: self.brightness, contrast: self.contrast, saturation: self.saturation, hue: self.hue, hflip: self.hflip }
+    }
 }
 fn d_size() -> usize {
     224
@@ -129,6 +171,12 @@ impl EncodeCfg {
             return Err(ConfigError::at("text_batch_size", "must be at least 1"));
         }
         self.text_model.parse::<ModelRef>().map_err(|e| ConfigError::at("text_model", e))?;
+        if let Some(v) = &self.views {
+            if !(1..=64).contains(&v.count) {
+                return Err(ConfigError::at("views.count", format!("must be 1 to 64, found {}", v.count)));
+            }
+            v.jitter().check().map_err(|(k, m)| ConfigError::at(&format!("views.{k}"), m))?;
+        }
         Ok(())
     }
 }
@@ -189,27 +237,64 @@ pub fn image_model(cfg: &ImageModelCfg) -> Result<MobileNetV2, StageError> {
     MobileNetV2::load(&torch_pth::load(&path).map_err(StageError::of)?).map_err(StageError::of)
 }
 
+/// The preprocessed images of one batch of items: the clean ones, then the augmented
+/// views of its training items (`count` per item, item by item).
+struct Prepared {
+    clean: Vec<Vec<f32>>,
+    views: Vec<Vec<f32>>,
+}
+
 fn encode_images(ctx: &Context, cfg: &EncodeCfg, items: &[Item], device: &Device) -> Result<f64, StageError> {
     let model = image_model(&cfg.image_model)?;
     let model = if device.is_cpu() { model } else { model.to_device(device).map_err(StageError::of)? };
     let n = items.len();
-    let mut out = safetensors_out::Writer::create(&ctx.out_dir.join(Artifact::ImageFeatures), &[("features", n, 1280)]).map_err(StageError::of)?;
-    ctx.progress.start("encode images", Some(n as u64), "img");
+    let views = cfg.views.as_ref().map(|v| (v.count, v.seed, v.jitter()));
+    let n_views = views.map_or(0, |(k, _, _)| k * items.iter().filter(|i| i.split == Split::Train).count());
+    // Without views the file holds `features` only, exactly as before views existed.
+    let mut shapes = vec![("features", n, 1280)];
+    if views.is_some() {
+        shapes.push(("views", n_views, 1280));
+    }
+    let mut out = safetensors_out::Writer::create(&ctx.out_dir.join(Artifact::ImageFeatures), &shapes).map_err(StageError::of)?;
+    ctx.progress.start(if views.is_some() { "encode images + views" } else { "encode images" }, Some((n + n_views) as u64), "img");
     let size = cfg.image_size;
-    let paths: Vec<PathBuf> = items.iter().map(|i| PathBuf::from(&i.image)).collect();
-    let (tx, rx) = sync_channel::<Result<Vec<Vec<f32>>, StageError>>(2);
+    let (tx, rx) = sync_channel::<Result<Prepared, StageError>>(2);
     let bs = cfg.batch_size;
     let cancel = ctx.cancel.clone();
     let started = Instant::now();
+    let forward = |images: &[Vec<f32>]| -> Result<Vec<f32>, StageError> {
+        let x = image_prep::batch(images, size, &Device::Cpu).map_err(StageError::of)?;
+        let pooled = if device.is_cpu() {
+            model.forward_cpu(&x).map_err(StageError::of)?.pooled
+        } else {
+            model.forward(&x.to_device(device).map_err(StageError::of)?).map_err(StageError::of)?.pooled.to_device(&Device::Cpu).map_err(StageError::of)?
+        };
+        pooled.flatten_all().map_err(StageError::of)?.to_vec1::<f32>().map_err(StageError::of)
+    };
     std::thread::scope(|s| -> Result<(), StageError> {
         s.spawn(move || {
-            for chunk in paths.chunks(bs) {
+            for chunk in items.chunks(bs) {
                 if cancel.is_cancelled() {
                     break;
                 }
-                let batch: Result<Vec<Vec<f32>>, StageError> =
-                    chunk.par_iter().map(|p| image_prep::preprocess_file(p, size).map_err(StageError::of)).collect();
-                if tx.send(batch).is_err() {
+                let batch: Result<Vec<(Vec<f32>, Vec<Vec<f32>>)>, StageError> = chunk
+                    .par_iter()
+                    .map(|it| {
+                        let resized = image_prep::load_resized(std::path::Path::new(&it.image), size).map_err(StageError::of)?;
+                        let augmented = match views {
+                            Some((k, seed, jitter)) if it.split == Split::Train => {
+                                (0..k).map(|v| view_of(&resized, size, &jitter.sample(&mut view_rng(seed, &it.id, v)))).collect()
+                            }
+                            _ => Vec::new(),
+                        };
+                        Ok((image_prep::normalised(&resized, size), augmented))
+                    })
+                    .collect();
+                let prepared = batch.map(|b| {
+                    let (clean, views): (Vec<_>, Vec<Vec<_>>) = b.into_iter().unzip();
+                    Prepared { clean, views: views.into_iter().flatten().collect() }
+                });
+                if tx.send(prepared).is_err() {
                     break;
                 }
             }
@@ -217,20 +302,24 @@ fn encode_images(ctx: &Context, cfg: &EncodeCfg, items: &[Item], device: &Device
         for batch in rx {
             ctx.cancel.check()?;
             let batch = batch?;
-            let x = image_prep::batch(&batch, size, &Device::Cpu).map_err(StageError::of)?;
-            let pooled = if device.is_cpu() {
-                model.forward_cpu(&x).map_err(StageError::of)?.pooled
-            } else {
-                model.forward(&x.to_device(device).map_err(StageError::of)?).map_err(StageError::of)?.pooled.to_device(&Device::Cpu).map_err(StageError::of)?
-            };
-            out.rows(&pooled.flatten_all().map_err(StageError::of)?.to_vec1::<f32>().map_err(StageError::of)?).map_err(StageError::of)?;
-            ctx.progress.inc(batch.len() as u64);
+            out.rows_to("features", &forward(&batch.clean)?).map_err(StageError::of)?;
+            ctx.progress.inc(batch.clean.len() as u64);
+            for chunk in batch.views.chunks(bs) {
+                ctx.cancel.check()?;
+                out.rows_to("views", &forward(chunk)?).map_err(StageError::of)?;
+                ctx.progress.inc(chunk.len() as u64);
+            }
         }
         Ok(())
     })?;
     ctx.cancel.check()?;
     out.finish().map_err(StageError::of)?;
-    Ok(n as f64 / started.elapsed().as_secs_f64())
+    let secs = started.elapsed().as_secs_f64();
+    if views.is_some() {
+        ctx.metrics.log("encode.views", 0, n_views as f64);
+        ctx.metrics.log("encode.all_images_per_s", 0, (n + n_views) as f64 / secs);
+    }
+    Ok(n as f64 / secs)
 }
 
 fn encode_texts(ctx: &Context, cfg: &EncodeCfg, items: &[Item], device: &Device) -> Result<f64, StageError> {

@@ -7,6 +7,10 @@
 //! `train.loss_graph`, `train.loss_gap`, `train.lr`, `train.samples_per_s`,
 //! `val.acc.image`, `val.acc.text`, `val.acc.both`, `val.fusion_weight`.
 //!
+//! With `augment: true` the image input of each training item is, each epoch, one of the
+//! augmented views the encode stage made (`views:` there), drawn uniformly from a seeded
+//! stream of its own.
+//!
 //! Determinism: initial weights, shuffles and dropout masks come from ChaCha RNGs seeded
 //! by the run seed (and the epoch), so the same seed and data give the same loss curve on
 //! the CPU, bit for bit — also across an interruption: every epoch ends with a checkpoint
@@ -92,6 +96,11 @@ pub struct TrainCfg {
     pub fusion_weight: Fusion,
     #[serde(default = "d_eval_batch")]
     pub eval_batch_size: usize,
+    /// Train on the encode stage's augmented image views (`views:` there): each epoch, each
+    /// training item's image input is one of its views, drawn uniformly; validation and
+    /// evaluation use the clean features.
+    #[serde(default)]
+    pub augment: bool,
 }
 fn d1() -> f64 {
     1.0
@@ -281,7 +290,14 @@ fn config_hash(config: &Config) -> String {
 
 fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result<(), StageError> {
     let device = device_of(ctx.device)?;
-    let (ds, _tree) = load_dataset(inputs, cfg.use_tfidf)?;
+    let (mut ds, _tree) = load_dataset(inputs, cfg.use_tfidf)?;
+    let views = if cfg.augment {
+        let k = ds.load_views(inputs.get(Artifact::ImageFeatures)?).map_err(|e| StageError::msg(format!("augment: true: {e:#}")))?;
+        ctx.metrics.log("train.augment_views", 0, k as f64);
+        k
+    } else {
+        0
+    };
     let a = candle_core::safetensors::load(inputs.get(Artifact::Graph)?, &device).map_err(StageError::of)?;
     let a = a.get("A").ok_or_else(|| StageError::msg("graph.safetensors has no tensor `A`"))?.to_dtype(DType::F32).map_err(StageError::of)?;
     if a.dims() != [ds.classes, ds.classes] {
@@ -336,6 +352,8 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
             device.set_seed(rand::Rng::random(&mut drop_rng)).map_err(StageError::of)?;
         }
         let batches = epoch_batches(cfg, &ds, &train_idx, &mut rng);
+        // Which view of each item this epoch (its own stream: runs without views are unchanged).
+        let mut view_rng = ChaCha8Rng::seed_from_u64(ctx.seed.wrapping_mul(0xA076_1D64_78BD_642F) ^ ((epoch as u64) << 32));
         ctx.progress.start(&format!("epoch {epoch}/{}", cfg.epochs), Some(batches.len() as u64), "batch");
         let (mut sum, mut sc, mut sg, mut sp, mut seen) = (0.0, 0.0, 0.0, 0.0, 0usize);
         let mut lr = opt.learning_rate();
@@ -346,7 +364,13 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
             ctx.cancel.check()?;
             lr = lr_at(cfg.schedule, cfg.optimizer.lr(), state.steps, total_steps, cfg.warmup_steps);
             opt.set_learning_rate(lr);
-            let bt = ds.batch(b, cfg.use_tfidf, &device).map_err(StageError::of)?;
+            let bt = if views > 0 {
+                let picks: Vec<usize> = b.iter().map(|_| rand::Rng::random_range(&mut view_rng, 0..views)).collect();
+                ds.batch_viewed(b, &picks, cfg.use_tfidf, &device)
+            } else {
+                ds.batch(b, cfg.use_tfidf, &device)
+            }
+            .map_err(StageError::of)?;
             let y = &bt.labels;
             let phi_i = model.image.embed(&bt.image, Some((cfg.model.dropout, &mut drop_rng))).map_err(StageError::of)?;
             let phi_t = model.text.embed_sparse(&bt.text, bt.tfidf.as_ref(), Some((cfg.model.dropout, &mut drop_rng))).map_err(StageError::of)?;

@@ -185,25 +185,32 @@ pub mod safetensors_out {
 
     use anyhow::{Context as _, Result, ensure};
 
-    /// Writer of one file with tensors written in declaration order.
+    /// Writer of one file of f32 matrices: each tensor is filled row by row, either in
+    /// declaration order ([`Writer::rows`]) or by name ([`Writer::rows_to`], which lets
+    /// batches of several tensors interleave).
     pub struct Writer {
         file: BufWriter<std::fs::File>,
-        /// (name, rows, cols, rows written)
-        tensors: Vec<(String, usize, usize, usize)>,
+        /// (name, rows, cols, rows written, byte offset of its data in the file)
+        tensors: Vec<(String, usize, usize, usize, u64)>,
         current: usize,
+        /// Where the file's write position is.
+        pos: u64,
     }
 
     impl Writer {
-        /// Creates `path` holding f32 tensors `(name, rows, cols)`; fill them in order with [`Writer::rows`].
+        /// Creates `path` holding f32 tensors `(name, rows, cols)`; fill them with [`Writer::rows`]
+        /// or [`Writer::rows_to`].
         pub fn create(path: &Path, tensors: &[(&str, usize, usize)]) -> Result<Self> {
             let mut header = serde_json::Map::new();
             let mut offset = 0usize;
+            let mut starts = Vec::new();
             for (name, r, c) in tensors {
                 let len = r * c * 4;
                 header.insert(
                     name.to_string(),
                     serde_json::json!({"dtype": "F32", "shape": [r, c], "data_offsets": [offset, offset + len]}),
                 );
+                starts.push(offset as u64);
                 offset += len;
             }
             let mut h = serde_json::to_vec(&header)?;
@@ -213,33 +220,102 @@ pub mod safetensors_out {
             let mut file = BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?);
             file.write_all(&(h.len() as u64).to_le_bytes())?;
             file.write_all(&h)?;
-            Ok(Writer { file, tensors: tensors.iter().map(|(n, r, c)| (n.to_string(), *r, *c, 0)).collect(), current: 0 })
+            let base = 8 + h.len() as u64;
+            let tensors = tensors.iter().zip(starts).map(|((n, r, c), s)| (n.to_string(), *r, *c, 0, base + s)).collect();
+            Ok(Writer { file, tensors, current: 0, pos: base })
         }
 
-        /// Appends rows (row-major, `cols` values each) to the tensor being filled.
+        /// Appends rows (row-major, `cols` values each) to the first tensor not yet full.
         pub fn rows(&mut self, data: &[f32]) -> Result<()> {
-            let (name, r, c, done) = self.tensors.get_mut(self.current).context("all tensors are full")?;
-            ensure!(data.len() % *c == 0, "{name}: {} values is not a whole number of rows of {c}", data.len());
-            let n = data.len() / *c;
-            ensure!(*done + n <= *r, "{name}: more than {r} rows");
-            for v in data {
-                self.file.write_all(&v.to_le_bytes())?;
-            }
-            *done += n;
-            if *done == *r {
+            ensure!(self.current < self.tensors.len(), "all tensors are full");
+            self.write(self.current, data)?;
+            while self.tensors.get(self.current).is_some_and(|t| t.3 == t.1) {
                 self.current += 1;
             }
             Ok(())
         }
 
+        /// Appends rows to the tensor `name`.
+        pub fn rows_to(&mut self, name: &str, data: &[f32]) -> Result<()> {
+            let i = self.tensors.iter().position(|t| t.0 == name).with_context(|| format!("no tensor `{name}` was declared"))?;
+            self.write(i, data)?;
+            while self.tensors.get(self.current).is_some_and(|t| t.3 == t.1) {
+                self.current += 1;
+            }
+            Ok(())
+        }
+
+        fn write(&mut self, i: usize, data: &[f32]) -> Result<()> {
+            let (name, r, c, done, start) = &mut self.tensors[i];
+            ensure!(data.len() % *c == 0, "{name}: {} values is not a whole number of rows of {c}", data.len());
+            let n = data.len() / *c;
+            ensure!(*done + n <= *r, "{name}: more than {r} rows");
+            let at = *start + (*done * *c * 4) as u64;
+            if at != self.pos {
+                self.file.seek(SeekFrom::Start(at))?;
+            }
+            for v in data {
+                self.file.write_all(&v.to_le_bytes())?;
+            }
+            *done += n;
+            self.pos = at + data.len() as u64 * 4;
+            Ok(())
+        }
+
         /// Checks every tensor is complete and flushes.
         pub fn finish(mut self) -> Result<()> {
-            for (name, r, _, done) in &self.tensors {
+            for (name, r, _, done, _) in &self.tensors {
                 ensure!(done == r, "{name}: {done} of {r} rows written");
             }
             self.file.flush()?;
             self.file.seek(SeekFrom::End(0))?;
             Ok(())
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// Reads tensor `name` of a safetensors file by its header (no safetensors crate here).
+        fn read(bytes: &[u8], name: &str) -> (Vec<usize>, Vec<f32>) {
+            let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+            let h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+            let t = &h[name];
+            let shape = t["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+            let (a, b) = (t["data_offsets"][0].as_u64().unwrap() as usize, t["data_offsets"][1].as_u64().unwrap() as usize);
+            let data = bytes[8 + n + a..8 + n + b].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            (shape, data)
+        }
+
+        #[test]
+        fn tensors_filled_in_order_or_interleaved_by_name_read_back_the_same() {
+            let dir = std::env::temp_dir().join(format!("huse-data-writer-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let (a, b) = (dir.join("a.safetensors"), dir.join("b.safetensors"));
+            let x: Vec<f32> = (0..6).map(|v| v as f32).collect();
+            let y: Vec<f32> = (0..8).map(|v| 100.0 + v as f32).collect();
+            let mut w = Writer::create(&a, &[("x", 3, 2), ("y", 4, 2)]).unwrap();
+            w.rows(&x[..4]).unwrap();
+            w.rows(&x[4..]).unwrap();
+            w.rows(&y).unwrap();
+            w.finish().unwrap();
+            // The same content, batches of both tensors interleaved as encode writes them.
+            let mut w = Writer::create(&b, &[("x", 3, 2), ("y", 4, 2)]).unwrap();
+            w.rows_to("y", &y[..4]).unwrap();
+            w.rows_to("x", &x[..2]).unwrap();
+            w.rows_to("y", &y[4..]).unwrap();
+            w.rows_to("x", &x[2..]).unwrap();
+            assert!(w.rows_to("x", &x[..2]).is_err(), "a full tensor takes no more rows");
+            assert!(w.rows_to("z", &x[..2]).is_err());
+            w.finish().unwrap();
+            let (ba, bb) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+            assert_eq!(ba, bb);
+            assert_eq!(read(&ba, "x"), (vec![3, 2], x));
+            assert_eq!(read(&ba, "y"), (vec![4, 2], y));
+            let w = Writer::create(&a, &[("x", 3, 2)]).unwrap();
+            assert!(w.finish().is_err(), "an incomplete tensor is an error");
+            std::fs::remove_dir_all(&dir).unwrap();
         }
     }
 }

@@ -7,8 +7,9 @@
 //! with weights 0.2989/0.587/0.114, `_rgb2hsv`/`_hsv2rgb`); the random draws use our own
 //! seeded generator, so a view is reproducible from its seed, not equal to torch's stream.
 
-use rand::Rng;
 use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 /// Jitter strengths, as `ColorJitter(brightness, contrast, saturation, hue)` takes them,
 /// and the horizontal flip probability.
@@ -168,6 +169,30 @@ pub fn hflip(img: &mut [f32], w: usize) {
     }
 }
 
+/// The generator of view `k` of the item `id` under `seed`: a view depends on these three
+/// only (not on batch sizes, thread counts or which other items are encoded).
+pub fn view_rng(seed: u64, id: &str, k: usize) -> ChaCha8Rng {
+    // FNV-1a of the id, mixed with the seed and view number (splitmix64 finaliser).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut z = h ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (k as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ChaCha8Rng::seed_from_u64(z ^ (z >> 31))
+}
+
+/// One view of a resized RGB8 image (`size` x `size`): `ToTensor`, the view's jitter and
+/// flip, then the ImageNet normalisation, as normalised `(3, size, size)` floats.
+pub fn view_of(resized: &[u8], size: usize, p: &ViewParams) -> Vec<f32> {
+    let mut img: Vec<f32> = resized.iter().map(|v| f32::from(*v) / 255.0).collect();
+    apply(&mut img, size, p);
+    let mut out = vec![0f32; img.len()];
+    crate::image_prep::normalise_f32_into(&img, size, size, &mut out);
+    out
+}
+
 /// Applies a view's jitter (in its order) and flip to an image `w` pixels wide.
 pub fn apply(img: &mut [f32], w: usize, p: &ViewParams) {
     for op in p.order {
@@ -186,7 +211,6 @@ pub fn apply(img: &mut [f32], w: usize, p: &ViewParams) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
 
     fn close(a: &[f32], b: &[f32]) {
         assert_eq!(a.len(), b.len());
@@ -253,7 +277,7 @@ mod tests {
     #[test]
     fn draws_stay_in_range_and_repeat_with_the_seed() {
         let j = Jitter { brightness: 0.4, contrast: 0.4, saturation: 0.4, hue: 0.1, hflip: 0.5 };
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
         let views: Vec<ViewParams> = (0..200).map(|_| j.sample(&mut rng)).collect();
         for v in &views {
             for f in [v.brightness, v.contrast, v.saturation] {
@@ -266,13 +290,35 @@ mod tests {
         }
         let flips = views.iter().filter(|v| v.flip).count();
         assert!((70..=130).contains(&flips), "{flips} flips of 200");
-        let mut again = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut again = ChaCha8Rng::seed_from_u64(7);
         assert_eq!(j.sample(&mut again), views[0]);
         // Strength 0 leaves an adjustment out; bad strengths are refused by key.
         let none = Jitter::default().sample(&mut rng);
         assert!(none.brightness.is_none() && none.hue.is_none() && !none.flip);
         assert_eq!(Jitter { hue: 0.6, ..Default::default() }.check().unwrap_err().0, "hue");
         assert_eq!(Jitter { contrast: -1.0, ..Default::default() }.check().unwrap_err().0, "contrast");
+    }
+
+    #[test]
+    fn views_depend_on_seed_item_and_number_only_and_the_identity_view_is_the_clean_image() {
+        let j = Jitter { brightness: 0.4, contrast: 0.4, saturation: 0.4, hue: 0.1, hflip: 0.5 };
+        let draw = |seed, id, k| j.sample(&mut view_rng(seed, id, k));
+        assert_eq!(draw(1, "15970", 0), draw(1, "15970", 0));
+        assert_ne!(draw(1, "15970", 0), draw(1, "15970", 1));
+        assert_ne!(draw(1, "15970", 0), draw(2, "15970", 0));
+        assert_ne!(draw(1, "15970", 0), draw(1, "15971", 0));
+        // No jitter and no flip: the view is the clean preprocessing, bit for bit.
+        let rgb: Vec<u8> = (0..4 * 4 * 3).map(|v| (v * 5) as u8).collect();
+        let none = Jitter::default().sample(&mut view_rng(0, "x", 0));
+        assert_eq!(view_of(&rgb, 4, &none), crate::image_prep::normalised(&rgb, 4));
+        // Flip only: the clean preprocessing of the mirrored pixels.
+        let flip = ViewParams { flip: true, ..none };
+        let mut mirrored = rgb.clone();
+        for row in mirrored.chunks_exact_mut(12) {
+            let px: Vec<[u8; 3]> = row.chunks(3).rev().map(|p| [p[0], p[1], p[2]]).collect();
+            row.copy_from_slice(&px.concat());
+        }
+        assert_eq!(view_of(&rgb, 4, &flip), crate::image_prep::normalised(&mirrored, 4));
     }
 
     #[test]

@@ -119,14 +119,35 @@ pub fn normalise_into(rgb: &[u8], w: usize, h: usize, out: &mut [f32]) {
     }
 }
 
+/// Writes the normalised CHW floats of one RGB image of floats in `[0, 1]` (`HWC`, as
+/// [`crate::augment`] works on) into `out` (3*h*w); for `x = v / 255` it equals
+/// [`normalise_into`] of `v`.
+pub fn normalise_f32_into(hwc: &[f32], w: usize, h: usize, out: &mut [f32]) {
+    let hw = w * h;
+    for p in 0..hw {
+        for c in 0..3 {
+            out[c * hw + p] = (hwc[p * 3 + c] - IMAGENET_MEAN[c]) / IMAGENET_STD[c];
+        }
+    }
+}
+
+/// File -> RGB8 pixels resized to (size, size) like PIL (`Resize((size, size))`).
+pub fn load_resized(path: &Path, size: usize) -> Result<Vec<u8>> {
+    let (w, h, rgb) = decode_rgb(path)?;
+    Ok(resize_bilinear_pil(&rgb, w, h, size, size))
+}
+
+/// Resized RGB8 pixels -> normalised (3, size, size) floats (`ToTensor -> Normalize`).
+pub fn normalised(resized: &[u8], size: usize) -> Vec<f32> {
+    let mut out = vec![0f32; 3 * size * size];
+    normalise_into(resized, size, size, &mut out);
+    out
+}
+
 /// File -> normalised (3, size, size) floats, as torchvision's
 /// `Resize((size, size)) -> ToTensor -> Normalize(ImageNet)` on a PIL RGB image.
 pub fn preprocess_file(path: &Path, size: usize) -> Result<Vec<f32>> {
-    let (w, h, rgb) = decode_rgb(path)?;
-    let resized = resize_bilinear_pil(&rgb, w, h, size, size);
-    let mut out = vec![0f32; 3 * size * size];
-    normalise_into(&resized, size, size, &mut out);
-    Ok(out)
+    Ok(normalised(&load_resized(path, size)?, size))
 }
 
 /// Stacks preprocessed images into a (B, 3, size, size) tensor.

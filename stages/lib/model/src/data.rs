@@ -22,11 +22,31 @@ pub struct Dataset {
     pub bert_dim: usize,
     /// CSR rows of TF-IDF (indptr, indices, values), and the vocabulary size.
     pub tfidf: Option<(Vec<i64>, Vec<u32>, Vec<f32>, usize)>,
+    /// Augmented image views of the training items, when loaded ([`Dataset::load_views`]).
+    pub views: Option<Views>,
 }
 
+/// The encode stage's augmented image views: `count` rows per training item.
+pub struct Views {
+    /// (training items x count) rows of `image_dim` values; view k of training item t at row t*count + k.
+    pub rows: Vec<f32>,
+    pub count: usize,
+    /// For each item, its ordinal among the training items (None: not a training item).
+    pub slot: Vec<Option<usize>>,
+}
+
+/// Whether `path` holds the tensor `name` (reads the header only).
+fn has_tensor(path: &Path, name: &str) -> Result<bool> {
+    // SAFETY: the file is a finished cache output that nothing writes while it is read.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.with_context(|| format!("reading {}", path.display()))?;
+    Ok(st.tensors().iter().any(|(n, _)| n == name))
+}
+
+/// The tensor `name` of `path` as flat rows (only that tensor is read).
 fn matrix(path: &Path, name: &str) -> Result<(Vec<f32>, usize, usize)> {
-    let t = candle_core::safetensors::load(path, &Device::Cpu).with_context(|| format!("reading {}", path.display()))?;
-    let m = t.get(name).with_context(|| format!("{} has no tensor `{name}`", path.display()))?;
+    // SAFETY: as in `has_tensor`.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.with_context(|| format!("reading {}", path.display()))?;
+    let m = st.load(name, &Device::Cpu).with_context(|| format!("{} has no tensor `{name}`", path.display()))?;
     let (r, c) = m.dims2()?;
     Ok((m.flatten_all()?.to_vec1()?, r, c))
 }
@@ -52,7 +72,31 @@ impl Dataset {
         };
         let labels = items.iter().map(|i| i.class as u32).collect::<Vec<_>>();
         ensure!(labels.iter().all(|&l| (l as usize) < classes), "an item's class is outside the {classes} classes");
-        Ok(Dataset { items, labels, classes, image, image_dim, bert, bert_dim, tfidf })
+        Ok(Dataset { items, labels, classes, image, image_dim, bert, bert_dim, tfidf, views: None })
+    }
+
+    /// Reads the augmented views (tensor `views`) of the encode stage's image file; an error
+    /// names the file when it has none or when their rows do not fit the training items.
+    pub fn load_views(&mut self, encode_image: &Path) -> Result<usize> {
+        ensure!(
+            has_tensor(encode_image, "views")?,
+            "{} holds no augmented views: set `views: {{count: K, ...}}` in the encode stage",
+            encode_image.display()
+        );
+        let (rows, r, c) = matrix(encode_image, "views")?;
+        let mut slot = Vec::with_capacity(self.items.len());
+        let mut t = 0;
+        for it in &self.items {
+            slot.push((it.split == Split::Train).then(|| {
+                t += 1;
+                t - 1
+            }));
+        }
+        ensure!(c == self.image_dim, "{}: views are {c} wide, the features {}", encode_image.display(), self.image_dim);
+        ensure!(t > 0 && r % t == 0 && r > 0, "{}: {r} view rows for {t} training items", encode_image.display());
+        let count = r / t;
+        self.views = Some(Views { rows, count, slot });
+        Ok(count)
     }
 
     /// Width of the text input (BERT + TF-IDF when used).
@@ -68,11 +112,32 @@ impl Dataset {
     /// The tensors of the rows `idx`: image features, the dense text features (BERT), the
     /// TF-IDF part as a sparse matrix (when `use_tfidf`), and the labels.
     pub fn batch(&self, idx: &[usize], use_tfidf: bool, device: &Device) -> Result<Batch> {
+        self.gather(idx, None, use_tfidf, device)
+    }
+
+    /// As [`Dataset::batch`], with the image features of item `idx[r]` taken from its
+    /// augmented view `views[r]` (the loaded [`Views`]; every item must be a training item).
+    pub fn batch_viewed(&self, idx: &[usize], views: &[usize], use_tfidf: bool, device: &Device) -> Result<Batch> {
+        ensure!(views.len() == idx.len(), "{} views for {} items", views.len(), idx.len());
+        self.gather(idx, Some(views), use_tfidf, device)
+    }
+
+    fn gather(&self, idx: &[usize], picks: Option<&[usize]>, use_tfidf: bool, device: &Device) -> Result<Batch> {
         let b = idx.len();
         let mut img = Vec::with_capacity(b * self.image_dim);
         let mut txt = Vec::with_capacity(b * self.bert_dim);
-        for &i in idx {
-            img.extend_from_slice(&self.image[i * self.image_dim..(i + 1) * self.image_dim]);
+        let d = self.image_dim;
+        for (r, &i) in idx.iter().enumerate() {
+            match picks {
+                None => img.extend_from_slice(&self.image[i * d..(i + 1) * d]),
+                Some(p) => {
+                    let v = self.views.as_ref().context("no augmented views are loaded")?;
+                    let t = v.slot[i].with_context(|| format!("item {} is not a training item: it has no views", self.items[i].id))?;
+                    ensure!(p[r] < v.count, "view {} of {}", p[r], v.count);
+                    let row = t * v.count + p[r];
+                    img.extend_from_slice(&v.rows[row * d..(row + 1) * d]);
+                }
+            }
             txt.extend_from_slice(&self.bert[i * self.bert_dim..(i + 1) * self.bert_dim]);
         }
         let tfidf = match (&self.tfidf, use_tfidf) {
