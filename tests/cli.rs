@@ -336,3 +336,55 @@ fn queries_without_a_database_say_so() {
     assert!(sb.run(&["runs"]).expect(1).stderr().contains("no results database"));
     assert!(!sb.db().exists());
 }
+
+/// (start, end, threads, pool) of every computed stage of the invocation's runs.
+fn budgets(sb: &Sandbox) -> Vec<(String, f64, f64, usize, usize)> {
+    sb.sql("SELECT DISTINCT stage, output_dir FROM stage_runs WHERE cached = 0")
+        .into_iter()
+        .map(|r| {
+            let t: serde_json::Value = serde_json::from_slice(&std::fs::read(format!("{}/timing.json", r[1])).unwrap()).unwrap();
+            let n = |k: &str| t[k].as_u64().unwrap() as usize;
+            (r[0].clone(), t["start"].as_f64().unwrap(), t["end"].as_f64().unwrap(), n("threads"), n("pool"))
+        })
+        .collect()
+}
+
+#[test]
+fn every_stage_runs_in_a_pool_of_its_thread_budget_and_the_running_ones_never_exceed_the_cpus() {
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    // Six runs whose `scale` stages (0.3 s each) all become ready when the shared source ends.
+    let yaml = "name: share\nseed: 1\nstages:\n  source: { uses: toy-source, with: { count: 5 } }\n  scale: { uses: toy-scale, needs: [source], with: { seconds: 0.3 } }\nsweep:\n  scale.factor: [1, 2, 3, 4, 5, 6]\n";
+    let sb = Sandbox::new();
+    let f = sb.write("share.yaml", yaml);
+    let out = sb.run(&[f.to_str().unwrap()]).expect(0);
+    let b = budgets(&sb);
+    assert_eq!(b.len(), 7, "{b:?}");
+    for (stage, _, _, threads, pool) in &b {
+        assert_eq!(threads, pool, "{stage} runs in a pool of its budget");
+        assert!((1..=cpus).contains(threads), "{stage}: {threads} threads on {cpus} CPUs");
+    }
+    // The source runs alone: every core. The six scales share them.
+    let source = b.iter().find(|s| s.0 == "source").unwrap();
+    assert_eq!(source.3, cpus);
+    let share = (cpus / cpus.min(6)).max(1);
+    assert!(b.iter().filter(|s| s.0 == "scale").all(|s| s.3 == share), "{share} each: {b:?}");
+    // At no moment do the running stages hold more threads than there are CPUs.
+    for (_, t, _, _, _) in &b {
+        let busy: usize = b.iter().filter(|s| s.1 <= *t && *t < s.2).map(|s| s.3).sum();
+        assert!(busy <= cpus, "{busy} threads at once on {cpus} CPUs: {b:?}");
+    }
+    assert!(out.stderr().contains(&format!("running toy-source (key ")) && out.stderr().contains(&format!("{cpus} thread")), "{}", out.stderr());
+
+    // One job at a time: each gets every core.
+    let sb = Sandbox::new();
+    let f = sb.write("share.yaml", yaml);
+    sb.run(&[f.to_str().unwrap(), "--jobs", "1"]).expect(0);
+    assert!(budgets(&sb).iter().all(|s| s.3 == cpus && s.4 == cpus));
+
+    // Told otherwise, a stage gets what it was told, even beyond the CPUs.
+    let sb = Sandbox::new();
+    let f = sb.write("share.yaml", yaml);
+    let n = (cpus + 1).to_string();
+    sb.run(&[f.to_str().unwrap(), "--threads-per-job", &n, "--jobs", "2"]).expect(0);
+    assert!(budgets(&sb).iter().all(|s| s.3 == cpus + 1 && s.4 == cpus + 1));
+}

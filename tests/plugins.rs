@@ -73,9 +73,15 @@ fn the_example_plugin_runs_in_an_experiment_and_is_recorded() {
     let k = sb.count("SELECT CAST(value AS INTEGER) FROM final_metrics WHERE key = 'graph.classes'") as usize;
     assert_eq!(a.len(), k);
     assert!(a[0][0] == 0.0 && a[0][1] == 0.8);
+    // The host's thread budget crosses the ABI: the plugin ran in a pool of that size.
+    let threads = sb.count("SELECT CAST(value AS INTEGER) FROM final_metrics WHERE run_id = 1 AND key = 'plugin.threads'");
+    assert!(threads >= 1 && threads as usize <= std::thread::available_parallelism().unwrap().get());
+    assert_eq!(sb.count("SELECT CAST(value AS INTEGER) FROM final_metrics WHERE run_id = 1 AND key = 'plugin.pool'"), threads);
+    sb.run(&[f.to_str().unwrap(), "--threads-per-job", "3", "--force", "graph"]).expect(0);
+    assert_eq!(sb.count("SELECT CAST(value AS INTEGER) FROM final_metrics WHERE run_id = 2 AND key = 'plugin.pool'"), 3);
     // Cached on the second run, under the same key.
     sb.run(&[f.to_str().unwrap()]).expect(0);
-    let again = &sb.sql("SELECT cache_key, cached FROM stage_runs WHERE stage = 'graph' AND run_id = 2")[0];
+    let again = &sb.sql("SELECT cache_key, cached FROM stage_runs WHERE stage = 'graph' AND run_id = 3")[0];
     assert_eq!((again[0].as_str(), again[1].as_str()), (row[1].as_str(), "1"));
 }
 
@@ -95,7 +101,7 @@ fn plugin_failures_are_clear_and_leave_the_database_consistent() {
     for (lib_path, expected) in [
         (text.clone(), "is not a loadable shared library"),
         (no_entry, "has no `huse_plugin_entry` symbol"),
-        (bad_abi, "was built for plugin ABI version 999, this huse-run speaks version 1"),
+        (bad_abi, "was built for plugin ABI version 999, this huse-run speaks version 2"),
         (sb.path().join("missing.so"), "does not exist"),
     ] {
         let f = experiment(&sb, &lib_path, "{}");

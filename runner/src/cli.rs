@@ -64,6 +64,9 @@ struct RunArgs {
     /// Stages that may run at the same time (default: number of CPUs; 1 to 4096).
     #[arg(short, long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     jobs: Option<u32>,
+    /// Threads of every stage (default: the CPUs shared among the stages ready to run, never more in all than the CPUs)
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    threads_per_job: Option<u32>,
     /// Check the content hash of every cached output before using it (sizes are always checked).
     #[arg(long)]
     verify: bool,
@@ -715,7 +718,7 @@ async fn run(g: &Global, a: RunArgs, display: &Display) -> Result<i32> {
         }
     }
     let jobs = a.jobs.map(|j| j as usize).unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    let opts = RunOptions { jobs, force: a.force.clone(), no_cache: a.no_cache, verify: a.verify, run_log: None };
+    let opts = RunOptions { jobs, force: a.force.clone(), no_cache: a.no_cache, verify: a.verify, run_log: None, threads_per_job: a.threads_per_job.map(|t| t as usize) };
     run_compiled(g, &g.db, &exp, &registry, &opts, display).await
 }
 

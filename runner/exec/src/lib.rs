@@ -42,6 +42,70 @@ pub struct RunOptions {
     pub verify: bool,
     /// The log file of this invocation when it runs as a cluster job (recorded with its runs).
     pub run_log: Option<String>,
+    /// Threads of every stage (`--threads-per-job`); None: shared out of the CPU count (see [`Cores`]).
+    pub threads_per_job: Option<usize>,
+}
+
+/// The machine's cores, shared among the stages that run at the same time. Every stage runs
+/// in a rayon pool of its budget ([`Context::threads`]). Without `--threads-per-job`, a stage
+/// holds as many core tokens as threads, so the running stages never have more threads than
+/// the machine has cores: a light stage ([`huse_stage_api::Stage::light`]) gets 1; another
+/// gets `cores / min(jobs, heavy stages ready or running)` (at least 1), waiting for that
+/// many tokens. One run's encode thus gets every core (the graph stage beside it is light),
+/// and a sweep's trainings split them (`--jobs 2` on 2 cores: 1 thread each).
+pub struct Cores {
+    total: usize,
+    jobs: usize,
+    fixed: Option<usize>,
+    tokens: Arc<Semaphore>,
+    ready: std::sync::atomic::AtomicUsize,
+}
+
+impl Cores {
+    /// `total` cores for at most `jobs` stages at a time; `fixed` threads each if given.
+    pub fn new(total: usize, jobs: usize, fixed: Option<usize>) -> Cores {
+        let total = total.max(1);
+        Cores { total, jobs: jobs.max(1), fixed, tokens: Arc::new(Semaphore::new(total)), ready: Default::default() }
+    }
+
+    /// The CPU count this process may use (affinity and cgroup limits included).
+    pub fn available() -> usize {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    }
+
+    /// Marks a heavy stage ready (its inputs are there and it must compute) until the guard drops.
+    fn ready(&self, light: bool) -> ReadyGuard<'_> {
+        if !light {
+            self.ready.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        ReadyGuard(self, !light)
+    }
+
+    /// The budget of a stage about to start, with the core tokens it holds while it runs.
+    async fn budget(&self, light: bool) -> Option<(usize, Option<tokio::sync::OwnedSemaphorePermit>)> {
+        if let Some(n) = self.fixed {
+            return Some((n.max(1), None));
+        }
+        // Let the stages woken by the same upstream stage count themselves first.
+        tokio::task::yield_now().await;
+        let n = if light { 1 } else { self.share(self.ready.load(std::sync::atomic::Ordering::SeqCst)) };
+        let permit = self.tokens.clone().acquire_many_owned(n as u32).await.ok()?;
+        Some((n, Some(permit)))
+    }
+
+    /// Threads for a heavy stage when `ready` heavy stages compete.
+    pub fn share(&self, ready: usize) -> usize {
+        (self.total / self.jobs.min(ready.max(1))).max(1)
+    }
+}
+
+struct ReadyGuard<'a>(&'a Cores, bool);
+impl Drop for ReadyGuard<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.ready.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }
 
 /// What [`execute`] reports.
@@ -213,7 +277,7 @@ pub fn cache_keys(
     identity: &dyn Fn(&Path) -> Result<String>,
     output_hash: &dyn Fn(&str, &str) -> String,
 ) -> Result<Vec<(String, String, String)>> {
-    let opts = RunOptions { jobs: 1, force: Vec::new(), no_cache: false, verify: false, run_log: None };
+    let opts = RunOptions { jobs: 1, force: Vec::new(), no_cache: false, verify: false, run_log: None, threads_per_job: None };
     let (jobs, run_jobs) = plan(exp, registry, &opts, identity)?;
     // Jobs come in dependency order: every need has a lower index.
     let mut keys: Vec<String> = Vec::with_capacity(jobs.len());
@@ -387,6 +451,7 @@ pub async fn execute(
     let (mtx, mrx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(metric_writer(store.clone(), mrx));
     let sem = Arc::new(Semaphore::new(opts.jobs.max(1)));
+    let cores = Arc::new(Cores::new(Cores::available(), opts.jobs, opts.threads_per_job));
     let channels: Vec<(watch::Sender<State>, watch::Receiver<State>)> =
         jobs.iter().map(|_| watch::channel(State::Pending)).collect();
     let receivers: Vec<watch::Receiver<State>> = channels.iter().map(|(_, r)| r.clone()).collect();
@@ -403,10 +468,10 @@ pub async fn execute(
             let (ri, stage) = &job.users[0];
             if many_runs { format!("{}:{stage}", exp.runs[*ri].name) } else { stage.clone() }
         };
-        let (store, cache, sem, cancel, display, mtx, verify, verified) =
-            (store.clone(), cache.clone(), sem.clone(), cancel.clone(), display.clone(), mtx.clone(), opts.verify, verified.clone());
+        let (store, cache, sem, cores, cancel, display, mtx, verify, verified) =
+            (store.clone(), cache.clone(), sem.clone(), cores.clone(), cancel.clone(), display.clone(), mtx.clone(), opts.verify, verified.clone());
         tasks.spawn(async move {
-            let state = run_job(&job, deps, &users, &label, &cache, &sem, &cancel, &display, mtx, verify, &verified).await;
+            let state = run_job(&job, deps, &users, &label, &cache, &sem, &cores, &cancel, &display, mtx, verify, &verified).await;
             let lost = record(&store, &job, &users, &state).await;
             let _ = tx.send(state);
             lost
@@ -481,6 +546,7 @@ async fn run_job(
     label: &str,
     cache: &Cache,
     sem: &Arc<Semaphore>,
+    cores: &Cores,
     cancel: &CancelToken,
     display: &Display,
     mtx: mpsc::UnboundedSender<Vec<MetricRow>>,
@@ -501,6 +567,10 @@ async fn run_job(
             State::Interrupted | State::Pending => return State::Interrupted,
         }
     }
+    // Ready from here on (until it ends, or finds its output cached): stages that become
+    // ready together (a sweep's trainings after their shared encode) share the cores.
+    let light = job.entry.stage.light();
+    let _ready = cores.ready(light);
     // The cache key hashes the content of the inputs, as their entries recorded it.
     let mut inputs = Inputs::default();
     let mut input_hashes = Vec::new();
@@ -567,11 +637,12 @@ async fn run_job(
         Ok(p) => p,
         Err(_) => return State::Interrupted,
     };
+    let Some((threads, _cores)) = cores.budget(light).await else { return State::Interrupted };
     if cancel.is_cancelled() {
         return State::Interrupted;
     }
     let why = if job.force { "forced".to_string() } else { cache.why_miss(&parts) };
-    info!("{label}: running {} (key {key}): {why}", job.kind);
+    info!("{label}: running {} (key {key}, {threads} thread{}): {why}", job.kind, if threads == 1 { "" } else { "s" });
     let tmp = match cache.temp_dir(&job.key) {
         Ok(t) => t,
         Err(e) => return State::Failed(format!("{e:#}")),
@@ -599,8 +670,9 @@ async fn run_job(
                     progress: progress.as_ref(),
                     metrics: metrics.as_ref(),
                     cancel: &cancel,
+                    threads,
                 };
-                stage.run(&ctx, &config, &inputs)
+                huse_stage_api::with_threads(threads, || stage.run(&ctx, &config, &inputs)).and_then(|r| r)
             }))
         })
         .await

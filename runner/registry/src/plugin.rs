@@ -137,6 +137,7 @@ impl Stage for PluginStage {
             progress_inc: cb_inc,
             progress_message: cb_message,
             is_cancelled: cb_cancelled,
+            threads: ctx.threads,
         };
         match self.take((self.vt().run)(self.index, &rc)) {
             None => Ok(()),

@@ -271,13 +271,19 @@ fn encode_images(ctx: &Context, cfg: &EncodeCfg, items: &[Item], device: &Device
         };
         pooled.flatten_all().map_err(StageError::of)?.to_vec1::<f32>().map_err(StageError::of)
     };
+    // Decoding (the producer thread) and the model share one pool of the stage's thread
+    // budget: the split between them follows the work, and together they never run more
+    // threads than the budget (a thread outside any pool would use rayon's global one).
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(ctx.threads.max(1)).build().map_err(StageError::of)?;
+    let pool = &pool;
+    let forward = |images: &[Vec<f32>]| pool.install(|| forward(images));
     std::thread::scope(|s| -> Result<(), StageError> {
         s.spawn(move || {
             for chunk in items.chunks(bs) {
                 if cancel.is_cancelled() {
                     break;
                 }
-                let batch: Result<Vec<(Vec<f32>, Vec<Vec<f32>>)>, StageError> = chunk
+                let batch: Result<Vec<(Vec<f32>, Vec<Vec<f32>>)>, StageError> = pool.install(|| chunk
                     .par_iter()
                     .map(|it| {
                         let resized = image_prep::load_resized(std::path::Path::new(&it.image), size).map_err(StageError::of)?;
@@ -289,7 +295,7 @@ fn encode_images(ctx: &Context, cfg: &EncodeCfg, items: &[Item], device: &Device
                         };
                         Ok((image_prep::normalised(&resized, size), augmented))
                     })
-                    .collect();
+                    .collect());
                 let prepared = batch.map(|b| {
                     let (clean, views): (Vec<_>, Vec<Vec<_>>) = b.into_iter().unzip();
                     Prepared { clean, views: views.into_iter().flatten().collect() }

@@ -77,6 +77,10 @@ impl Stage for FlatGraph {
         let names: Vec<&str> = tree.classes.iter().map(|c| c.name.as_str()).collect();
         std::fs::write(ctx.out_dir.join(Artifact::GraphMeta), serde_json::to_vec(&serde_json::json!({"variant": "flat", "classes": names})).unwrap())?;
         ctx.metrics.log("graph.classes", 0, k as f64);
+        // The thread budget the host gave, and the size of the (plugin's own) rayon pool
+        // the stage runs in.
+        ctx.metrics.log("plugin.threads", 0, ctx.threads as f64);
+        ctx.metrics.log("plugin.pool", 0, rayon::current_num_threads() as f64);
         Ok(())
     }
 }

@@ -74,6 +74,10 @@ pub fn tree_distances(tree: &ClassTree) -> Vec<f32> {
 }
 
 impl Stage for SentenceGraph {
+    fn light(&self) -> bool {
+        // A few hundred class names: seconds, whatever the data set's size.
+        true
+    }
     fn kind(&self) -> &str {
         "graph"
     }
@@ -145,6 +149,10 @@ fn log_stats(ctx: &Context, a: &[f32], k: usize) {
 }
 
 impl Stage for TreeGraph {
+    fn light(&self) -> bool {
+        // A few hundred class names: seconds, whatever the data set's size.
+        true
+    }
     fn kind(&self) -> &str {
         "graph-tree"
     }

@@ -7,7 +7,8 @@
 //!   fail while the file `fail_while` exists (a transient fault);
 //! * `toy-sum` reads every upstream `scaled` artifact and writes/logs their sum.
 //!
-//! Each stage records in `timing.json` when it ran, so tests can check overlap.
+//! Each stage records in `timing.json` when it ran and its thread budget (and the size of
+//! the rayon pool it ran in), so tests can check overlap and core sharing.
 #![deny(missing_docs)]
 
 use std::path::Path;
@@ -54,7 +55,9 @@ fn read_numbers(path: &Path) -> Result<Vec<f64>, StageError> {
 fn timed(ctx: &Context, f: impl FnOnce() -> Result<(), StageError>) -> Result<(), StageError> {
     let start = now_s();
     f()?;
-    write_json(ctx.out_dir, "timing.json", &serde_json::json!({"start": start, "end": now_s()}))
+    // With the thread budget the stage got and the size of the pool it runs in.
+    let pool = rayon::current_num_threads();
+    write_json(ctx.out_dir, "timing.json", &serde_json::json!({"start": start, "end": now_s(), "threads": ctx.threads, "pool": pool}))
 }
 
 /// `toy-source`: writes the integers `0..count`.

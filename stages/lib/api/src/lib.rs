@@ -78,6 +78,11 @@ pub trait Stage: Send + Sync {
     fn uses_seed(&self) -> bool {
         false
     }
+    /// A short stage (seconds, whatever the data): the scheduler gives it one thread and
+    /// leaves it out when it shares the cores among the stages ready to run.
+    fn light(&self) -> bool {
+        false
+    }
     /// Checks the config without running anything. Called for every run before any stage starts.
     fn validate(&self, config: &Config) -> Result<(), ConfigError>;
     /// Files and directories outside the cache that the stage reads for this config.
@@ -281,6 +286,21 @@ pub struct Context<'a> {
     pub metrics: &'a dyn MetricLogger,
     /// Cancellation signal: check it often and return [`StageError::Cancelled`].
     pub cancel: &'a CancelToken,
+    /// The stage's thread budget. `run` is called inside a rayon pool of this many threads
+    /// (so `par_iter`, candle's CPU ops and GEMMs use at most these); a stage that starts
+    /// threads or pools of its own splits this number among them.
+    pub threads: usize,
+}
+
+/// Runs `f` inside a new rayon pool of `threads` threads (at least 1): what the runner does
+/// around every stage's `run`, so the stage's parallel work stays within its budget.
+pub fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> Result<R, StageError> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .thread_name(|i| format!("huse-stage-{i}"))
+        .build()
+        .map_err(|e| StageError::msg(format!("starting a pool of {threads} threads: {e}")))?;
+    Ok(pool.install(f))
 }
 
 /// A config error at a key path inside the stage's `with:` mapping.
@@ -449,8 +469,9 @@ pub mod testing {
         let cancel = CancelToken::new();
         let work_dir = out_dir.with_extension("work");
         std::fs::create_dir_all(&work_dir)?;
-        let ctx = Context { name: stage.kind(), device: DeviceSpec::Cpu, seed, out_dir, work_dir: &work_dir, progress: &NoProgress, metrics: &metrics, cancel: &cancel };
-        stage.run(&ctx, config, inputs)?;
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let ctx = Context { name: stage.kind(), device: DeviceSpec::Cpu, seed, out_dir, work_dir: &work_dir, progress: &NoProgress, metrics: &metrics, cancel: &cancel, threads };
+        super::with_threads(threads, || stage.run(&ctx, config, inputs))??;
         Ok(metrics)
     }
 }

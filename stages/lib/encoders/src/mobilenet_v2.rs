@@ -86,7 +86,6 @@ pub struct MobileNetV2 {
     last: ConvBn,
     classifier_w: Tensor,
     classifier_b: Tensor,
-    threads: usize,
 }
 
 /// Pooled features (B, 1280) and ImageNet logits (B, 1000).
@@ -124,8 +123,7 @@ impl MobileNetV2 {
         let last = ConvBn::load(w, "features.18.0", "features.18.1", 1, 1, true)?;
         let classifier_w = w.get("classifier.1.weight").cloned().context("checkpoint has no `classifier.1.weight`")?;
         let classifier_b = w.get("classifier.1.bias").cloned().context("checkpoint has no `classifier.1.bias`")?;
-        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        Ok(MobileNetV2 { stem, blocks, last, classifier_w, classifier_b, threads })
+        Ok(MobileNetV2 { stem, blocks, last, classifier_w, classifier_b })
     }
 
     /// Moves the weights used by [`MobileNetV2::forward`] to `device`.
@@ -145,11 +143,6 @@ impl MobileNetV2 {
         self.classifier_w = self.classifier_w.to_device(device)?;
         self.classifier_b = self.classifier_b.to_device(device)?;
         Ok(self)
-    }
-
-    /// Sets the number of threads of the CPU path (default: all CPUs).
-    pub fn set_threads(&mut self, n: usize) {
-        self.threads = n.max(1);
     }
 
     fn head(&self, pooled: Tensor) -> Result<Output> {
@@ -176,9 +169,10 @@ impl MobileNetV2 {
         let (b, c, h, w) = x.dims4()?;
         ensure!(c == 3, "expected 3 input channels, got {c}");
         let nhwc: Vec<f32> = x.to_dtype(DType::F32)?.permute((0, 2, 3, 1))?.contiguous()?.flatten_all()?.to_vec1()?;
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(self.threads).build()?;
-        let (feat, fh, fw) = pool.install(|| {
-            let (mut x, mut h, mut w) = stem(&self.stem, &nhwc, b, h, w, self.threads);
+        // On the current rayon pool: the stage's, sized by its thread budget.
+        let threads = rayon::current_num_threads();
+        let (feat, fh, fw) = {
+            let (mut x, mut h, mut w) = stem(&self.stem, &nhwc, b, h, w, threads);
             for blk in &self.blocks {
                 let mut y = std::borrow::Cow::Borrowed(&x);
                 let (mut yh, mut yw) = (h, w);
@@ -190,16 +184,16 @@ impl MobileNetV2 {
                         (yh, yw) = (oh, ow);
                         o
                     } else {
-                        pointwise(l, &y, b * yh * yw, residual, self.threads)
+                        pointwise(l, &y, b * yh * yw, residual, threads)
                     };
                     y = std::borrow::Cow::Owned(out);
                 }
                 x = y.into_owned();
                 (h, w) = (yh, yw);
             }
-            let x = pointwise(&self.last, &x, b * h * w, None, self.threads);
+            let x = pointwise(&self.last, &x, b * h * w, None, threads);
             (x, h, w)
-        });
+        };
         // Global average pool over (h, w).
         let cl = self.last.cout;
         let hw = fh * fw;

@@ -45,7 +45,8 @@ element!(f64, F64);
 /// The pointers and strides must describe matrices inside their buffers.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm<T: Element>(dst: &mut [T], ldc: usize, r: usize, cols: usize, k: usize, lhs: (*const T, usize, usize), rhs: (*const T, usize, usize), accumulate: bool, beta: T) {
-    let threads = candle_core::utils::get_num_threads();
+    // The current rayon pool is the stage's (its thread budget).
+    let threads = rayon::current_num_threads();
     let par = if threads > 1 && r * cols * k > 1 << 15 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     let alpha = if accumulate { T::from_f64(1.0) } else { T::default() };
     // SAFETY: forwarded from the caller.

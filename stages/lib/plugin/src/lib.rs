@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use huse_stage_api::{CancelToken, Config, ConfigError, Context, DeviceSpec, Inputs, MetricLogger, Progress, Stage, StageError};
 
 /// Version of this ABI; a plugin built against another version is refused.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 /// The symbol every plugin exports.
 pub const ENTRY_SYMBOL: &[u8] = b"huse_plugin_entry";
 /// The error string a `run` returns when the stage was cancelled.
@@ -82,6 +82,9 @@ pub struct RunContext {
     pub progress_inc: extern "C" fn(host: *const c_void, n: u64),
     pub progress_message: extern "C" fn(host: *const c_void, msg: *const c_char),
     pub is_cancelled: extern "C" fn(host: *const c_void) -> bool,
+    /// The stage's thread budget (ABI 2): the plugin runs the stage in a rayon pool of its
+    /// own of this size (the plugin's rayon is not the host's).
+    pub threads: usize,
 }
 
 // SAFETY: by contract the host's callbacks and `host` object may be used from any thread
@@ -201,6 +204,7 @@ pub fn plugin_run(stage: &dyn Stage, ctx: *const RunContext) -> *mut c_char {
                 progress: &cb,
                 metrics: &cb,
                 cancel: &cancel,
+                threads: c.threads.max(1),
             };
             // Stops the watcher however `run` ends, a panic included.
             struct Done<'a>(&'a std::sync::atomic::AtomicBool);
@@ -210,7 +214,7 @@ pub fn plugin_run(stage: &dyn Stage, ctx: *const RunContext) -> *mut c_char {
                 }
             }
             let _done = Done(&done);
-            stage.run(&ctx, &config, &inputs)
+            huse_stage_api::with_threads(ctx.threads, || stage.run(&ctx, &config, &inputs))?
         })
     }));
     match r {
