@@ -28,6 +28,11 @@ fn env_usize(k: &str, d: usize) -> usize {
 
 fn main() -> anyhow::Result<()> {
     let threads = env_usize("BENCH_THREADS", std::thread::available_parallelism()?.get());
+    // Our side runs in a pool of that many threads, as a stage runs in its thread budget.
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build()?.install(|| bench(threads))
+}
+
+fn bench(threads: usize) -> anyhow::Result<()> {
     let steps = env_usize("BENCH_STEPS", 20);
     let (batch, classes) = (1024usize, 86usize);
     // Features: real ones from an encode output, or pseudo-random of the same shape.

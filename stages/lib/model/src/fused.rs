@@ -11,6 +11,17 @@
 //! ([`crate::model::Dense::forward`]).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, bail};
+use rayon::prelude::*;
+
+/// Elements per parallel chunk of the element-wise passes (64 KiB of f32: stays in L2).
+/// Fixed, not derived from the thread count, so every pass (the column sums included)
+/// adds in the same order whatever the number of threads.
+const CHUNK: usize = 16 * 1024;
+
+/// Rows per parallel chunk of a row-wise pass over rows of `n` values (at least 1).
+fn rows_per_chunk(n: usize) -> usize {
+    (CHUNK / n.max(1)).max(1)
+}
 
 /// Element types of the fused CPU ops: their data in a `CpuStorage`, and back.
 pub trait Element: candle_core::WithDType + Default {
@@ -71,11 +82,24 @@ fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 }
 
 /// Sums of the columns of a row-major matrix with `n` columns (the bias gradient); candle's
-/// sum over dim 0 walks the matrix by columns.
+/// sum over dim 0 walks the matrix by columns. Partial sums over fixed blocks of rows in
+/// parallel, then added block by block in order: the same result for any thread count.
 fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
+    let partial: Vec<Vec<f32>> = g
+        .par_chunks(rows_per_chunk(n) * n)
+        .map(|block| {
+            let mut s = vec![0f32; n];
+            for row in block.chunks_exact(n) {
+                for (a, &v) in s.iter_mut().zip(row) {
+                    *a += v;
+                }
+            }
+            s
+        })
+        .collect();
     let mut s = vec![0f32; n];
-    for row in g.chunks_exact(n) {
-        for (a, &v) in s.iter_mut().zip(row) {
+    for p in &partial {
+        for (a, &v) in s.iter_mut().zip(p) {
             *a += v;
         }
     }
@@ -85,10 +109,12 @@ fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
 /// `b + x W[:, ..k]^T` (m x n, row-major): every row starts as the bias, one GEMM adds
 /// `x` (m x k) times the first `k` columns of the row-major W (n rows of `ldw`).
 fn bias_plus_x_wt(x: &[f32], w: &[f32], b: &[f32], m: usize, n: usize, k: usize, ldw: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(m * n);
-    for _ in 0..m {
-        out.extend_from_slice(b);
-    }
+    let mut out = vec![0f32; m * n];
+    out.par_chunks_mut(rows_per_chunk(n) * n).for_each(|block| {
+        for row in block.chunks_exact_mut(n) {
+            row.copy_from_slice(b);
+        }
+    });
     if k > 0 && m > 0 && n > 0 {
         assert!(x.len() >= m * k && w.len() >= (n - 1) * ldw + k && k <= ldw, "GEMM operands too short");
         // rhs(kk, j) = w[j*ldw + kk].
@@ -112,21 +138,28 @@ pub struct DenseOp {
 
 /// ReLU and the dropout mask, in place.
 fn activate(out: &mut [f32], relu: bool, mask: Option<&[f32]>) -> Result<()> {
-    if relu {
-        // `if` rather than max: a NaN stays NaN, so the training guard still sees it.
-        for v in out.iter_mut() {
-            if *v < 0.0 {
-                *v = 0.0;
+    if mask.is_some_and(|m| m.len() != out.len()) {
+        bail!("dropout mask of {} for {} outputs", mask.map_or(0, <[f32]>::len), out.len());
+    }
+    let relu_and_mask = |(o, k): (&mut [f32], Option<&[f32]>)| {
+        if relu {
+            // `if` rather than max: a NaN stays NaN, so the training guard still sees it.
+            for v in o.iter_mut() {
+                if *v < 0.0 {
+                    *v = 0.0;
+                }
             }
         }
-    }
-    if let Some(mask) = mask {
-        if mask.len() != out.len() {
-            bail!("dropout mask of {} for {} outputs", mask.len(), out.len());
+        if let Some(k) = k {
+            for (v, &k) in o.iter_mut().zip(k) {
+                *v *= k;
+            }
         }
-        for (v, &k) in out.iter_mut().zip(mask) {
-            *v *= k;
-        }
+    };
+    match mask {
+        Some(m) => out.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK)).for_each(|(o, k)| relu_and_mask((o, Some(k)))),
+        None if relu => out.par_chunks_mut(CHUNK).for_each(|o| relu_and_mask((o, None))),
+        None => {}
     }
     Ok(())
 }
@@ -137,11 +170,28 @@ fn activate(out: &mut [f32], relu: bool, mask: Option<&[f32]>) -> Result<()> {
 fn grad_through(grad: &Tensor, res: &Tensor, relu: bool, mask: Option<&[f32]>) -> Result<Vec<f32>> {
     let grad = grad.contiguous()?;
     with_slice(&grad, |g| {
-        with_slice(res, |r| match (relu, mask) {
-            (true, Some(k)) => g.iter().zip(r).zip(k).map(|((&g, &r), &k)| if r > 0.0 { g * k } else { 0.0 }).collect(),
-            (true, None) => g.iter().zip(r).map(|(&g, &r)| if r > 0.0 { g } else { 0.0 }).collect(),
-            (false, Some(k)) => g.iter().zip(k).map(|(&g, &k)| g * k).collect(),
-            (false, None) => g.to_vec(),
+        with_slice(res, |r| {
+            let mut out = vec![0f32; g.len()];
+            let chunks = out.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).zip(r.par_chunks(CHUNK));
+            match (relu, mask) {
+                (true, Some(k)) => chunks.zip(k.par_chunks(CHUNK)).for_each(|(((o, g), r), k)| {
+                    for (((o, &g), &r), &k) in o.iter_mut().zip(g).zip(r).zip(k) {
+                        *o = if r > 0.0 { g * k } else { 0.0 };
+                    }
+                }),
+                (true, None) => chunks.for_each(|((o, g), r)| {
+                    for ((o, &g), &r) in o.iter_mut().zip(g).zip(r) {
+                        *o = if r > 0.0 { g } else { 0.0 };
+                    }
+                }),
+                (false, Some(k)) => chunks.zip(k.par_chunks(CHUNK)).for_each(|(((o, g), _), k)| {
+                    for ((o, &g), &k) in o.iter_mut().zip(g).zip(k) {
+                        *o = g * k;
+                    }
+                }),
+                (false, None) => out.copy_from_slice(g),
+            }
+            out
         })
     })?
 }
@@ -217,18 +267,31 @@ impl CustomOp3 for SparseDenseOp {
         }
         let (x, w, b) = (f32::slice(xs, xl)?, f32::slice(ws, wl)?, f32::slice(bs, bl)?);
         let mut out = bias_plus_x_wt(x, w, b, m, n, d, kw);
-        let mut column = vec![0f32; n];
-        for run in self.by_column() {
-            let c = run[0].1 as usize;
-            for (j, v) in column.iter_mut().enumerate() {
-                *v = w[j * kw + c];
-            }
-            for &(r, _, v) in run {
-                for (o, &wc) in out[r as usize * n..(r as usize + 1) * n].iter_mut().zip(&column) {
-                    *o += v * wc;
+        // In parallel over one block of output rows per thread: each block takes the
+        // non-zeros of its rows (every thread scans the short entry list), so the writes
+        // never overlap; each output still adds its terms in column order, whatever the
+        // number of blocks.
+        let rows = m.div_ceil(rayon::current_num_threads()).max(1);
+        let runs: Vec<&[(u32, u32, f32)]> = self.by_column().collect();
+        out.par_chunks_mut(rows * n).enumerate().for_each(|(bi, block)| {
+            let (lo, hi) = ((bi * rows) as u32, ((bi + 1) * rows) as u32);
+            let mut column = vec![0f32; n];
+            for run in &runs {
+                if !run.iter().any(|&(r, _, _)| (lo..hi).contains(&r)) {
+                    continue;
+                }
+                let c = run[0].1 as usize;
+                for (j, v) in column.iter_mut().enumerate() {
+                    *v = w[j * kw + c];
+                }
+                for &(r, _, v) in run.iter().filter(|&&(r, _, _)| (lo..hi).contains(&r)) {
+                    let o = (r - lo) as usize * n;
+                    for (o, &wc) in block[o..o + n].iter_mut().zip(&column) {
+                        *o += v * wc;
+                    }
                 }
             }
-        }
+        });
         activate(&mut out, self.relu, self.mask.as_deref())?;
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
@@ -244,15 +307,21 @@ impl CustomOp3 for SparseDenseOp {
             // SAFETY: the slices have exactly the sizes the strides describe.
             with_slice(&x, |xv| unsafe { gemm(&mut dw, kw, n, d, m, (gz.as_ptr(), n, 1), (xv.as_ptr(), 1, d), false, 1.0) })?;
         }
-        let mut acc = vec![0f32; n];
-        for run in self.by_column() {
-            acc.fill(0.0);
-            for &(r, _, v) in run {
-                for (a, &g) in acc.iter_mut().zip(&gz[r as usize * n..(r as usize + 1) * n]) {
-                    *a += v * g;
+        // The gradient of each sparse column, columns in parallel, then scattered into dW.
+        let runs: Vec<&[(u32, u32, f32)]> = self.by_column().collect();
+        let cols: Vec<(usize, Vec<f32>)> = runs
+            .par_iter()
+            .map(|run| {
+                let mut acc = vec![0f32; n];
+                for &(r, _, v) in run.iter() {
+                    for (a, &g) in acc.iter_mut().zip(&gz[r as usize * n..(r as usize + 1) * n]) {
+                        *a += v * g;
+                    }
                 }
-            }
-            let c = run[0].1 as usize;
+                (run[0].1 as usize, acc)
+            })
+            .collect();
+        for (c, acc) in cols {
             for (j, &a) in acc.iter().enumerate() {
                 dw[j * kw + c] += a;
             }
@@ -276,17 +345,21 @@ macro_rules! l2_rows {
     ($fwd:ident, $bwd:ident, $t:ty) => {
         fn $fwd(x: &[$t], d: usize) -> Vec<$t> {
             let mut y = x.to_vec();
-            for row in y.chunks_exact_mut(d) {
-                let norm = row.iter().map(|v| v * v).sum::<$t>().sqrt().max(L2_EPS as $t);
-                for v in row {
-                    *v /= norm;
+            y.par_chunks_mut(rows_per_chunk(d) * d).for_each(|block| {
+                for row in block.chunks_exact_mut(d) {
+                    let norm = row.iter().map(|v| v * v).sum::<$t>().sqrt().max(L2_EPS as $t);
+                    for v in row {
+                        *v /= norm;
+                    }
                 }
-            }
+            });
             y
         }
 
         fn $bwd(x: &[$t], y: &[$t], g: &[$t], d: usize) -> Vec<$t> {
             let mut dx = vec![0.0 as $t; x.len()];
+            let c = rows_per_chunk(d) * d;
+            dx.par_chunks_mut(c).zip(x.par_chunks(c)).zip(y.par_chunks(c)).zip(g.par_chunks(c)).for_each(|(((dx, x), y), g)| {
             for (((dxr, xr), yr), gr) in dx.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(y.chunks_exact(d)).zip(g.chunks_exact(d)) {
                 let norm = xr.iter().map(|v| v * v).sum::<$t>().sqrt();
                 if norm > L2_EPS as $t {
@@ -300,6 +373,7 @@ macro_rules! l2_rows {
                     }
                 }
             }
+            });
             dx
         }
     };

@@ -16,7 +16,8 @@ fn fused_dense_equals_tensor_ops() {
     let dev = Device::Cpu;
     // 70 x 300 inputs into 40 units: big enough for the threaded GEMM path, with negative
     // pre-activations so the ReLU mask matters.
-    for (m, k, n) in [(3, 5, 4), (70, 300, 40)] {
+    // 300 x 120 outputs span several chunks of the parallel element-wise passes.
+    for (m, k, n) in [(3, 5, 4), (70, 300, 40), (300, 200, 120)] {
         for (relu, dropout) in [(false, false), (true, false), (true, true), (false, true)] {
             let x = Var::from_tensor(&Tensor::from_vec(values(m * k, 0.37), (m, k), &dev).unwrap()).unwrap();
             let w = Var::from_tensor(&Tensor::from_vec(values(n * k, 0.91), (n, k), &dev).unwrap()).unwrap();
@@ -137,4 +138,57 @@ fn fused_l2_normalise_equals_tensor_ops() {
     // A zero row stays zero (no NaN).
     let z = l2_normalise(&Tensor::zeros((2, 4), candle_core::DType::F32, &dev).unwrap()).unwrap();
     assert!(z.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| *v == 0.0));
+}
+
+/// Three training steps of the paper's towers (all three losses, sparse TF-IDF columns,
+/// dropout, AdamW) in a rayon pool of `threads`; returns every parameter afterwards.
+fn three_steps(threads: usize) -> Vec<Vec<f32>> {
+    use huse_model::data::Sparse;
+    use huse_model::loss::{self, LossConfig};
+    use huse_model::model::{Huse, HuseConfig, Shape};
+    use huse_model::optim::{Optimizer, OptimizerConfig};
+    use rand::SeedableRng;
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| {
+        let dev = Device::Cpu;
+        let (b, di, dt, v, classes) = (256, 300, 200, 500, 12);
+        let cfg = HuseConfig { image_input: di, text_input: dt + v, classes, shape: Shape::default() };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let model = Huse::new(&cfg, &mut rng, &dev).unwrap();
+        let mut opt = Optimizer::new(model.vars(), OptimizerConfig::Adamw { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }).unwrap();
+        let a = Tensor::from_vec((0..classes * classes).map(|i| if i / classes == i % classes { 0.0 } else { 0.3 + (i % 7) as f32 * 0.1 }).collect::<Vec<f32>>(), (classes, classes), &dev).unwrap();
+        for step in 0..3 {
+            let xi = Tensor::from_vec(values(b * di, 0.11 + step as f32), (b, di), &dev).unwrap().abs().unwrap();
+            let xt = Tensor::from_vec(values(b * dt, 0.07 + step as f32), (b, dt), &dev).unwrap();
+            let (mut indptr, mut idx, mut val) = (vec![0i64], Vec::new(), Vec::new());
+            for r in 0..b {
+                for j in 0..5 {
+                    idx.push(((r * 37 + j * 101 + step) % v) as u32);
+                    val.push(0.2 + j as f32 * 0.1);
+                }
+                indptr.push(idx.len() as i64);
+            }
+            let rows: Vec<usize> = (0..b).collect();
+            let sp = Sparse::from_csr_rows((&indptr, &idx, &val), v, &rows, dt, &dev).unwrap();
+            let y = Tensor::from_vec((0..b as u32).map(|i| i % classes as u32).collect::<Vec<u32>>(), b, &dev).unwrap();
+            let pi = model.image.embed(&xi, Some((0.15, &mut rng))).unwrap();
+            let pt = model.text.embed_sparse(&xt, Some(&sp), Some((0.15, &mut rng))).unwrap();
+            let l = loss::total(&pi, &pt, &model.logits(&pi).unwrap(), &model.logits(&pt).unwrap(), &y, &a, &LossConfig::default()).unwrap();
+            opt.step(&l.total.backward().unwrap()).unwrap();
+        }
+        model.vars().iter().map(|v| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+    })
+}
+
+#[test]
+fn a_train_step_gives_the_same_parameters_bit_for_bit_with_one_or_three_threads() {
+    // The element-wise passes split work into fixed chunks and add partial sums in chunk
+    // order, and each GEMM output is summed in the same order by whichever thread owns it,
+    // so the thread count does not change a single bit.
+    let one = three_steps(1);
+    let three = three_steps(3);
+    assert_eq!(one.len(), three.len());
+    for (k, (a, b)) in one.iter().zip(&three).enumerate() {
+        let differ = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+        assert_eq!(differ, 0, "parameter {k}: {differ} of {} values differ", a.len());
+    }
 }
