@@ -300,7 +300,7 @@ impl Searcher {
 
     /// The `k` items nearest to each query (unit vectors, row-major), in `modality`;
     /// `skip` excludes one item per query (e.g. the query item itself).
-    pub fn search_many(&self, queries: &[f32], modality: Modality, k: usize, skip: &dyn Fn(usize) -> Option<usize>) -> Vec<Vec<Hit>> {
+    pub fn search_many(&self, queries: &[f32], modality: Modality, k: usize, skip: &(dyn Fn(usize) -> Option<usize> + Sync)) -> Vec<Vec<Hit>> {
         let q = Rows { data: queries, dim: self.dim };
         let g = Rows { data: self.embeddings(modality), dim: self.dim };
         top_k(&q, &g, k, skip, BLOCK)

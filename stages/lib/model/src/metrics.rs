@@ -37,57 +37,61 @@ impl Rows<'_> {
 
 /// For each query, the gallery indices of its `k` most similar items (by dot product of
 /// unit vectors = smallest cosine distance), skipping gallery index `skip[q]`.
-/// Computed `block` queries at a time: memory is O(block x gallery), never O(N^2).
-pub fn top_k(queries: &Rows, gallery: &Rows, k: usize, skip: &dyn Fn(usize) -> Option<usize>, block: usize) -> Vec<Vec<usize>> {
+/// Queries run in parallel (on the current rayon pool), `block` at a time per task, each
+/// task with one similarity row of the gallery's length: memory is O(threads x gallery),
+/// never O(N^2); every query's result is computed exactly as one at a time would be.
+pub fn top_k(queries: &Rows, gallery: &Rows, k: usize, skip: &(dyn Fn(usize) -> Option<usize> + Sync), block: usize) -> Vec<Vec<usize>> {
+    use rayon::prelude::*;
     let n = gallery.len();
-    let mut out = Vec::with_capacity(queries.len());
-    let mut sims = vec![0f32; block.max(1) * n];
-    for start in (0..queries.len()).step_by(block.max(1)) {
-        let end = (start + block.max(1)).min(queries.len());
-        for (qi, q) in (start..end).enumerate() {
-            let qrow = queries.row(q);
-            for g in 0..n {
-                sims[qi * n + g] = qrow.iter().zip(gallery.row(g)).map(|(a, b)| a * b).sum();
-            }
-        }
-        for (qi, q) in (start..end).enumerate() {
-            let s = &sims[qi * n..(qi + 1) * n];
-            let excluded = skip(q);
-            let mut idx: Vec<usize> = (0..n).filter(|g| Some(*g) != excluded).collect();
-            let kk = k.min(idx.len());
-            if kk == 0 {
-                out.push(Vec::new());
-                continue;
-            }
-            // Highest similarity first; ties by index for determinism.
-            let cmp = |a: &usize, b: &usize| s[*b].total_cmp(&s[*a]).then(a.cmp(b));
-            idx.select_nth_unstable_by(kk - 1, cmp);
-            idx.truncate(kk);
-            idx.sort_by(cmp);
-            out.push(idx);
-        }
-    }
-    out
+    (0..queries.len())
+        .into_par_iter()
+        .with_min_len(block.max(1))
+        .map_init(
+            || vec![0f32; n],
+            |s, q| {
+                let qrow = queries.row(q);
+                for (g, v) in s.iter_mut().enumerate() {
+                    *v = qrow.iter().zip(gallery.row(g)).map(|(a, b)| a * b).sum();
+                }
+                let excluded = skip(q);
+                let mut idx: Vec<usize> = (0..n).filter(|g| Some(*g) != excluded).collect();
+                let kk = k.min(idx.len());
+                if kk == 0 {
+                    return Vec::new();
+                }
+                // Highest similarity first; ties by index for determinism.
+                let cmp = |a: &usize, b: &usize| s[*b].total_cmp(&s[*a]).then(a.cmp(b));
+                idx.select_nth_unstable_by(kk - 1, cmp);
+                idx.truncate(kk);
+                idx.sort_by(cmp);
+                idx
+            },
+        )
+        .collect()
 }
 
 /// For each query i, the 1-based rank of gallery item i (its own pair) among all gallery
 /// items by similarity: 1 + the items more similar than it, + the equally similar ones of
-/// lower index (ties broken by index, as in [`top_k`]). One query at a time: memory O(N).
+/// lower index (ties broken by index, as in [`top_k`]). Queries in parallel, memory
+/// O(threads x N).
 pub fn instance_ranks(queries: &Rows, gallery: &Rows) -> Vec<usize> {
+    use rayon::prelude::*;
     assert_eq!(queries.len(), gallery.len(), "instance retrieval pairs query i with gallery item i");
     let n = gallery.len();
-    let mut ranks = Vec::with_capacity(n);
-    let mut sims = vec![0f32; n];
-    for q in 0..queries.len() {
-        let qrow = queries.row(q);
-        for (g, s) in sims.iter_mut().enumerate() {
-            *s = qrow.iter().zip(gallery.row(g)).map(|(a, b)| a * b).sum();
-        }
-        let own = sims[q];
-        let ahead = sims.iter().enumerate().filter(|(g, s)| **s > own || (**s == own && *g < q)).count();
-        ranks.push(1 + ahead);
-    }
-    ranks
+    (0..queries.len())
+        .into_par_iter()
+        .map_init(
+            || vec![0f32; n],
+            |sims, q| {
+                let qrow = queries.row(q);
+                for (g, s) in sims.iter_mut().enumerate() {
+                    *s = qrow.iter().zip(gallery.row(g)).map(|(a, b)| a * b).sum();
+                }
+                let own = sims[q];
+                1 + sims.iter().enumerate().filter(|(g, s)| **s > own || (**s == own && *g < q)).count()
+            },
+        )
+        .collect()
 }
 
 /// The share of queries whose own pair is within the top K, for each K in `ks`.
@@ -233,6 +237,32 @@ mod tests {
         // Without skipping, an item finds itself first.
         let r = top_k(&rows, &rows, 1, &|_| None, 1);
         assert_eq!(r, vec![vec![0], vec![1], vec![2], vec![3]]);
+    }
+
+    #[test]
+    fn parallel_top_k_and_ranks_equal_a_full_sort_for_any_thread_count() {
+        // 97 pseudo-random 8-d rows; the reference sorts every similarity (ties by index).
+        let v: Vec<f32> = (0..97 * 8).map(|i| ((i as f32 * 0.731).sin() * 10.0).round() / 10.0).collect();
+        let rows = Rows { data: &v, dim: 8 };
+        let dot = |a: usize, b: usize| rows.row(a).iter().zip(rows.row(b)).map(|(x, y)| x * y).sum::<f32>();
+        let want: Vec<Vec<usize>> = (0..97)
+            .map(|q| {
+                let mut idx: Vec<usize> = (0..97).filter(|g| *g != q).collect();
+                idx.sort_by(|a, b| dot(q, *b).total_cmp(&dot(q, *a)).then(a.cmp(b)));
+                idx.truncate(5);
+                idx
+            })
+            .collect();
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let (got, ranks) = pool.install(|| (top_k(&rows, &rows, 5, &|q| Some(q), 4), instance_ranks(&rows, &rows)));
+            assert_eq!(got, want, "{threads} threads");
+            // Each row's own rank: 1 + rows strictly more similar + equal ones of lower index.
+            for (q, r) in ranks.iter().enumerate() {
+                let own = dot(q, q);
+                assert_eq!(*r, 1 + (0..97).filter(|&g| dot(q, g) > own || (dot(q, g) == own && g < q)).count());
+            }
+        }
     }
 
     #[test]
