@@ -38,7 +38,7 @@ fn main() -> anyhow::Result<()> {
 
     // Ours: the encode stage's path (parallel decode + resize, fast CPU MobileNetV2).
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
-    let mut model = MobileNetV2::load(&torch_pth::load(&ckpt)?)?;
+    let model = MobileNetV2::load(&torch_pth::load(&ckpt)?)?;
 
     let prep = |chunk: &[PathBuf]| -> anyhow::Result<candle_core::Tensor> {
         let v: Vec<Vec<f32>> = chunk.par_iter().map(|p| image_prep::preprocess_file(p, size)).collect::<anyhow::Result<_>>()?;
