@@ -107,27 +107,9 @@ fn bad_view_settings_are_refused_by_key() {
 
 #[test]
 fn encode_writes_features_equal_to_the_pytorch_fixtures() {
-    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(var("HUSE_REFERENCE").join("fixtures/encoders.json")).unwrap()).unwrap();
     let fx = candle_core::safetensors::load(var("HUSE_REFERENCE").join("fixtures/encoders.safetensors"), &Device::Cpu).unwrap();
-    let data = var("HUSE_ASSETS").join("data/fashion-product-images-small");
-    // items.jsonl of the six fixture items (+ their texts), 4 train, 1 val, 1 test.
     let dir = tempfile::tempdir().unwrap();
-    let ingest = dir.path().join("ingest");
-    std::fs::create_dir_all(&ingest).unwrap();
-    let splits = ["train", "train", "train", "train", "val", "test"];
-    let lines: Vec<String> = meta["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(meta["texts"].as_array().unwrap())
-        .zip(splits)
-        .map(|((id, text), split)| {
-            json!({"id": id.to_string(), "image": data.join(format!("images/{id}.jpg")), "text": text, "class": 0, "split": split}).to_string()
-        })
-        .collect();
-    std::fs::write(ingest.join("items.jsonl"), lines.join("\n")).unwrap();
-    let mut inputs = Inputs::default();
-    inputs.insert("items.jsonl", "ingest", ingest.join("items.jsonl"));
+    let inputs = fixture_items(dir.path());
     let out = dir.path().join("encode");
     // SAFETY: set before any thread of this test binary reads it.
     unsafe { std::env::set_var("TORCH_HOME", var("HUSE_ASSETS").join("torch")) };
