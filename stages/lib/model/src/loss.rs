@@ -219,6 +219,29 @@ impl GraphBlock {
     }
 }
 
+/// Rows per block of [`symmetric_self_product`].
+const SYM_BLOCK: usize = 256;
+
+/// `s = e e^T` (n x n) for `e` (n x d), computing only the blocks on and below the diagonal
+/// (block rows of [`SYM_BLOCK`]) and mirroring the rest: for n = 1024, 10 of 16 block GEMMs.
+fn symmetric_self_product<T: Element>(s: &mut [T], e: &[T], n: usize, d: usize) {
+    let nb = n.div_ceil(SYM_BLOCK);
+    for bi in 0..nb {
+        let (i0, i1) = (bi * SYM_BLOCK, ((bi + 1) * SYM_BLOCK).min(n));
+        // Block row bi, columns 0..i1 (every block left of and on the diagonal) in one GEMM:
+        // s[i0..i1, 0..i1] = e[i0..i1] . e[0..i1]^T.
+        // SAFETY: the destination starts at row i0 with row stride n and i1 <= n columns;
+        // lhs is rows i0..i1 of e, rhs(kk, j) = e[j*d + kk] for j < i1.
+        unsafe { gemm(&mut s[i0 * n..], n, i1 - i0, i1, d, (e[i0 * d..].as_ptr(), 1, d), (e.as_ptr(), d, 1), false, T::from_f64(1.0)) };
+    }
+    // Mirror: s[i][j] = s[j][i] for j > i.
+    for i in 0..n {
+        for j in i + 1..n {
+            s[i * n + j] = s[j * n + i];
+        }
+    }
+}
+
 /// One graph-loss block on the CPU as a single op on the two embedding matrices: the
 /// similarities by one GEMM, then value and per-pair derivative in one pass (kept for the
 /// backward pass), instead of a distance tensor and a dozen full-size intermediates. The
@@ -247,17 +270,21 @@ impl<T: Element> GraphLossOp<T> {
         let tensor = |v: Vec<T>, rows: usize| Tensor::from_vec(v, (rows, d), e1.device());
         if self.same {
             // dL/dE = (G + G^T) E, G = d value / d S (n x n); the sum by 64 x 64 tiles.
+            // Blocks of TILE rows in parallel, each walked by TILE x TILE tiles.
+            use rayon::prelude::*;
             let mut g = vec![T::default(); n * n];
             const TILE: usize = 64;
-            for i0 in (0..n).step_by(TILE) {
+            g.par_chunks_mut(TILE * n).enumerate().for_each(|(bi, block)| {
+                let i0 = bi * TILE;
                 for j0 in (0..n).step_by(TILE) {
-                    for i in i0..(i0 + TILE).min(n) {
+                    for (r, row) in block.chunks_mut(n).enumerate() {
+                        let i = i0 + r;
                         for j in j0..(j0 + TILE).min(n) {
-                            g[i * n + j] = coef[i * n + j] + coef[j * n + i];
+                            row[j] = coef[i * n + j] + coef[j * n + i];
                         }
                     }
                 }
-            }
+            });
             let mut out = vec![T::default(); n * d];
             // SAFETY: every buffer has exactly the size its strides describe.
             unsafe { gemm(&mut out, d, n, d, n, (g.as_ptr(), 1, n), (x1.as_ptr(), 1, d), false, beta) };
@@ -285,9 +312,13 @@ impl<T: Element> candle_core::CustomOp2 for GraphLossOp<T> {
         }
         let (e1, e2) = (T::slice(s1, l1)?, T::slice(s2, l2)?);
         let mut s = vec![T::default(); n * m];
-        // S = e1 . e2^T: rhs(kk, j) = e2[j*d + kk].
-        // SAFETY: the slices have exactly the sizes the strides describe.
-        unsafe { gemm(&mut s, m, n, m, d, (e1.as_ptr(), 1, d), (e2.as_ptr(), d, 1), false, T::from_f64(1.0)) };
+        if self.same {
+            symmetric_self_product(&mut s, e1, n, d);
+        } else {
+            // S = e1 . e2^T: rhs(kk, j) = e2[j*d + kk].
+            // SAFETY: the slices have exactly the sizes the strides describe.
+            unsafe { gemm(&mut s, m, n, m, d, (e1.as_ptr(), 1, d), (e2.as_ptr(), d, 1), false, T::from_f64(1.0)) };
+        }
         let (value, coef) = self.terms.value_and_coef(&s, m);
         *self.coef.lock().unwrap() = Some(coef);
         Ok((T::storage(vec![T::from_f64(value)]), candle_core::Shape::from(())))

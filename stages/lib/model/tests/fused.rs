@@ -150,7 +150,7 @@ fn three_steps(threads: usize) -> Vec<Vec<f32>> {
     use rand::SeedableRng;
     rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| {
         let dev = Device::Cpu;
-        let (b, di, dt, v, classes) = (256, 300, 200, 500, 12);
+        let (b, di, dt, v, classes) = (300, 300, 200, 500, 12);
         let cfg = HuseConfig { image_input: di, text_input: dt + v, classes, shape: Shape::default() };
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
         let model = Huse::new(&cfg, &mut rng, &dev).unwrap();

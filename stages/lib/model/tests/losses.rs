@@ -183,9 +183,10 @@ fn adamw_first_step_is_lr_times_sign() {
 
 #[test]
 fn fused_graph_block_equals_the_tensor_op_version_on_a_larger_batch() {
-    // 100 items over 3 classes (several parallel row blocks, a ragged last one), f32 as in
+    // 300 items over 3 classes (several parallel row blocks, a ragged last one; within a
+    // modality two block rows of the symmetric product, the second ragged), f32 as in
     // training, both variants, image-text block.
-    let (n, dim) = (100, 8);
+    let (n, dim) = (300, 8);
     let v = |s: f64| (0..n * dim).map(|i| ((i as f64 + 1.0) * s).sin()).collect::<Vec<f64>>();
     let to32 = |x: Vec<f64>| Tensor::from_vec(x.iter().map(|&v| v as f32).collect::<Vec<_>>(), (n, dim), &CPU).unwrap();
     let y = labels(&(0..n as u32).map(|i| (i * 7) % 3).collect::<Vec<_>>());
