@@ -540,6 +540,13 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
         }
         Some(Cmd::Db { cmd: DbCmd::Replay }) => {
             let store = Store::open(&g.db, store_options(&g)?).await?;
+            let bad = store.unreadable_spools().await;
+            for (f, why) in &bad {
+                eprintln!("error: spool {} could not be replayed (left in place): {why}", f.display());
+            }
+            if !bad.is_empty() {
+                return Ok(1);
+            }
             let left = store.spooled().await;
             println!("results database {} is up to date{}", g.db, if left > 0 { format!(" ({left} spooled record(s) of running processes wait)") } else { String::new() });
             Ok(0)

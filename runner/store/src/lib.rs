@@ -609,6 +609,11 @@ impl Store {
         self.spool.lock().await.pending_on_disk()
     }
 
+    /// Spool files for this database that replay cannot read (left in place), with why.
+    pub async fn unreadable_spools(&self) -> Vec<(PathBuf, String)> {
+        self.spool.lock().await.unreadable()
+    }
+
     /// Marks runs of this host whose process is gone (killed, crashed) as interrupted.
     /// Runs whose results are still spooled are left alone: replaying sets their status.
     pub async fn reap_dead_runs(&self) -> Result<u64> {

@@ -177,12 +177,15 @@ impl Spool {
         let path = path.clone();
         let here = self.dirs.iter().position(|d| path.starts_with(d)).unwrap_or(self.dirs.len());
         let old = std::fs::read_to_string(&path).unwrap_or_default();
+        let (old, line_there) = complete_lines(&old, line);
         for dir in self.dirs.iter().skip(here + 1) {
             let next = dir.join(format!("{}.jsonl", self.id));
             let moved = std::fs::create_dir_all(dir).and_then(|()| {
                 let mut f = std::fs::OpenOptions::new().create_new(true).append(true).open(&next)?;
                 f.write_all(old.as_bytes())?;
-                writeln!(f, "{line}")?;
+                if !line_there {
+                    writeln!(f, "{line}")?;
+                }
                 f.sync_data()
             });
             if moved.is_ok() {
@@ -262,6 +265,12 @@ impl Spool {
         n
     }
 
+    /// Other processes' spool files for this database that cannot be read, with why: they
+    /// stay where they are (nothing is lost), but replay skips them.
+    pub fn unreadable(&self) -> Vec<(PathBuf, String)> {
+        self.foreign_files().into_iter().filter_map(|f| read_file(&f).err().map(|e| (f, format!("{e:#}")))).collect()
+    }
+
     /// Runs named by records in other processes' spools for this database.
     pub fn spooled_runs(&self) -> BTreeSet<i64> {
         self.foreign_files().iter().filter_map(|f| read_file(f).ok()).flat_map(|(_, recs)| recs.into_iter().flat_map(|r| r.run_ids())).collect()
@@ -273,6 +282,20 @@ fn read_header(path: &Path) -> Result<Header> {
     let mut first = String::new();
     std::io::BufReader::new(f).read_line(&mut first)?;
     Ok(serde_json::from_str(&first)?)
+}
+
+/// The whole lines of a journal whose last append failed, and whether the line being
+/// appended is already its last whole line. A failed append can leave part of the line
+/// (no newline: dropped, so the move does not carry a torn line into the middle of the new
+/// file), or all of it when only the sync failed (kept, and not written twice: every
+/// sequence number must appear once).
+fn complete_lines<'a>(journal: &'a str, line: &str) -> (&'a str, bool) {
+    let whole = match journal.rfind('\n') {
+        Some(i) => &journal[..=i],
+        None => "",
+    };
+    let there = whole.strip_suffix('\n').is_some_and(|w| w.rsplit('\n').next() == Some(line));
+    (whole, there)
 }
 
 /// A spool file's id and its records, in order. A last line cut short (the process died
@@ -329,6 +352,57 @@ mod tests {
         assert!(file.exists());
         s.pop().unwrap();
         assert!(!file.exists() && s.is_empty());
+    }
+
+    #[test]
+    fn a_journal_moved_after_a_failed_append_keeps_whole_lines_once() {
+        let j = "{\"h\":1}\n{\"seq\":0}\n{\"seq\":1}\n";
+        // The append wrote part of the line: the torn tail is dropped, the line written again.
+        assert_eq!(complete_lines(&format!("{j}{{\"se"), "{\"seq\":2}"), (j, false));
+        // The append wrote the whole line but its sync failed: kept, not written twice.
+        assert_eq!(complete_lines(j, "{\"seq\":1}"), (j, true));
+        assert_eq!(complete_lines(j, "{\"seq\":2}"), (j, false));
+        assert_eq!(complete_lines("{\"h", "x"), ("", false));
+    }
+
+    #[test]
+    fn a_journal_torn_by_a_full_disk_moves_whole_to_the_next_folder() {
+        // A 64 KiB tmpfs filled up after the journal was made: the appends fill the slack of
+        // its last page, then one is cut short at the page's end (a torn line), fails, and
+        // the journal moves to the fallback folder: every record once, in order.
+        let d = tempfile::tempdir().unwrap();
+        let small = d.path().join("small");
+        std::fs::create_dir_all(&small).unwrap();
+        let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"]).arg(&small).stderr(std::process::Stdio::null()).status();
+        if !mounted.is_ok_and(|s| s.success()) {
+            eprintln!("NOT RUN: a_journal_torn_by_a_full_disk_moves_whole_to_the_next_folder needs to mount a tmpfs (root)");
+            return;
+        }
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+            }
+        }
+        let _unmount = Unmount(small.clone());
+        let db = small.join("r.sqlite");
+        std::fs::write(&db, "").unwrap();
+        let mut s = Spool::new(&db, Some(d.path().join("fallback")));
+        s.push(metric(0.0)).unwrap();
+        assert!(s.file().unwrap().starts_with(&small));
+        let mut i = 0;
+        while std::fs::write(small.join(format!("filler{i}")), vec![0u8; 4096]).is_ok() {
+            i += 1;
+        }
+        for k in 1..60 {
+            s.push(metric(k as f64)).unwrap();
+        }
+        let file = s.file().unwrap().to_path_buf();
+        assert!(file.starts_with(d.path().join("fallback")), "the journal moved: {}", file.display());
+        assert!(std::fs::read_dir(small.join("r.sqlite.spool")).unwrap().next().is_none(), "nothing left beside the database");
+        let (_, recs) = read_file(&file).unwrap();
+        let values: Vec<f64> = recs.iter().map(|r| match r { Record::Metrics(m) => m[0].value, other => panic!("{other:?}") }).collect();
+        assert_eq!(values, (0..60).map(f64::from).collect::<Vec<_>>());
     }
 
     #[test]
