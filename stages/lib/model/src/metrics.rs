@@ -35,25 +35,46 @@ impl Rows<'_> {
     }
 }
 
+/// `s` (rows x n, row-major) = `q` (rows x d) . `g`^T (g: n x d), one GEMM on the current
+/// rayon pool; each element is summed in the same order whatever the thread count.
+fn similarities(s: &mut [f32], q: &[f32], g: &[f32], rows: usize, n: usize, d: usize) {
+    if rows == 0 || n == 0 {
+        return;
+    }
+    if d == 0 {
+        s[..rows * n].fill(0.0);
+        return;
+    }
+    assert!(q.len() >= rows * d && g.len() >= n * d && s.len() >= rows * n, "similarity operands too short");
+    // SAFETY: the assertion keeps every access inside the slices: lhs(i, kk) = q[i*d + kk],
+    // rhs(kk, j) = g[j*d + kk], dst(i, j) = s[i*n + j].
+    unsafe { crate::fused::gemm(s, n, rows, n, d, (q.as_ptr(), 1, d), (g.as_ptr(), d, 1), false, 1.0) };
+}
+
 /// For each query, the gallery indices of its `k` most similar items (by dot product of
 /// unit vectors = smallest cosine distance), skipping gallery index `skip[q]`.
-/// Queries run in parallel (on the current rayon pool), `block` at a time per task, each
-/// task with one similarity row of the gallery's length: memory is O(threads x gallery),
-/// never O(N^2); every query's result is computed exactly as one at a time would be.
+/// Computed `block` queries at a time — their similarities to the whole gallery by one GEMM,
+/// then each query's selection, in parallel on the current rayon pool: memory is
+/// O(block x gallery), never O(N^2).
 pub fn top_k(queries: &Rows, gallery: &Rows, k: usize, skip: &(dyn Fn(usize) -> Option<usize> + Sync), block: usize) -> Vec<Vec<usize>> {
     use rayon::prelude::*;
     let n = gallery.len();
-    (0..queries.len())
-        .into_par_iter()
-        .with_min_len(block.max(1))
-        .map_init(
-            || vec![0f32; n],
-            |s, q| {
-                let qrow = queries.row(q);
-                for (g, v) in s.iter_mut().enumerate() {
-                    *v = qrow.iter().zip(gallery.row(g)).map(|(a, b)| a * b).sum();
-                }
-                let excluded = skip(q);
+    if n == 0 {
+        return vec![Vec::new(); queries.len()];
+    }
+    assert_eq!(queries.dim, gallery.dim, "queries and gallery differ in width");
+    let block = block.max(1);
+    let mut out = Vec::with_capacity(queries.len());
+    let mut sims = vec![0f32; block.min(queries.len()) * n];
+    for start in (0..queries.len()).step_by(block) {
+        let end = (start + block).min(queries.len());
+        let rows = end - start;
+        similarities(&mut sims, &queries.data[start * queries.dim..end * queries.dim], gallery.data, rows, n, gallery.dim);
+        let found: Vec<Vec<usize>> = sims[..rows * n]
+            .par_chunks(n)
+            .enumerate()
+            .map(|(qi, s)| {
+                let excluded = skip(start + qi);
                 let mut idx: Vec<usize> = (0..n).filter(|g| Some(*g) != excluded).collect();
                 let kk = k.min(idx.len());
                 if kk == 0 {
@@ -65,33 +86,43 @@ pub fn top_k(queries: &Rows, gallery: &Rows, k: usize, skip: &(dyn Fn(usize) -> 
                 idx.truncate(kk);
                 idx.sort_by(cmp);
                 idx
-            },
-        )
-        .collect()
+            })
+            .collect();
+        out.extend(found);
+    }
+    out
 }
+
+/// Queries per similarity GEMM of [`instance_ranks`].
+const RANK_BLOCK: usize = 256;
 
 /// For each query i, the 1-based rank of gallery item i (its own pair) among all gallery
 /// items by similarity: 1 + the items more similar than it, + the equally similar ones of
-/// lower index (ties broken by index, as in [`top_k`]). Queries in parallel, memory
-/// O(threads x N).
+/// lower index (ties broken by index, as in [`top_k`]). Blocks of queries by one GEMM, the
+/// counting in parallel: memory O(block x N).
 pub fn instance_ranks(queries: &Rows, gallery: &Rows) -> Vec<usize> {
     use rayon::prelude::*;
     assert_eq!(queries.len(), gallery.len(), "instance retrieval pairs query i with gallery item i");
+    assert_eq!(queries.dim, gallery.dim, "queries and gallery differ in width");
     let n = gallery.len();
-    (0..queries.len())
-        .into_par_iter()
-        .map_init(
-            || vec![0f32; n],
-            |sims, q| {
-                let qrow = queries.row(q);
-                for (g, s) in sims.iter_mut().enumerate() {
-                    *s = qrow.iter().zip(gallery.row(g)).map(|(a, b)| a * b).sum();
-                }
-                let own = sims[q];
-                1 + sims.iter().enumerate().filter(|(g, s)| **s > own || (**s == own && *g < q)).count()
-            },
-        )
-        .collect()
+    let mut ranks = Vec::with_capacity(n);
+    let mut sims = vec![0f32; RANK_BLOCK.min(n.max(1)) * n];
+    for start in (0..n).step_by(RANK_BLOCK) {
+        let end = (start + RANK_BLOCK).min(n);
+        let rows = end - start;
+        similarities(&mut sims, &queries.data[start * queries.dim..end * queries.dim], gallery.data, rows, n, gallery.dim);
+        let r: Vec<usize> = sims[..rows * n]
+            .par_chunks(n)
+            .enumerate()
+            .map(|(qi, s)| {
+                let q = start + qi;
+                let own = s[q];
+                1 + s.iter().enumerate().filter(|(g, v)| **v > own || (**v == own && *g < q)).count()
+            })
+            .collect();
+        ranks.extend(r);
+    }
+    ranks
 }
 
 /// The share of queries whose own pair is within the top K, for each K in `ks`.
@@ -241,8 +272,10 @@ mod tests {
 
     #[test]
     fn parallel_top_k_and_ranks_equal_a_full_sort_for_any_thread_count() {
-        // 97 pseudo-random 8-d rows; the reference sorts every similarity (ties by index).
-        let v: Vec<f32> = (0..97 * 8).map(|i| ((i as f32 * 0.731).sin() * 10.0).round() / 10.0).collect();
+        // 97 pseudo-random 8-d rows of small integers (every similarity exact, whatever the
+        // order of summation, and many ties); the reference sorts every similarity (ties by
+        // index).
+        let v: Vec<f32> = (0..97 * 8).map(|i| ((i as f32 * 0.731).sin() * 3.0).round()).collect();
         let rows = Rows { data: &v, dim: 8 };
         let dot = |a: usize, b: usize| rows.row(a).iter().zip(rows.row(b)).map(|(x, y)| x * y).sum::<f32>();
         let want: Vec<Vec<usize>> = (0..97)
