@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -53,19 +54,33 @@ pub struct RunOptions {
 /// gets `cores / min(jobs, heavy stages ready or running)` (at least 1), waiting for that
 /// many tokens. One run's encode thus gets every core (the graph stage beside it is light),
 /// and a sweep's trainings split them (`--jobs 2` on 2 cores: 1 thread each).
+///
+/// A job counts as ready from the moment its last upstream job succeeds: that job counts
+/// its dependants before it tells them (and the jobs without upstreams are counted before
+/// any starts), so stages that become ready together are all counted before any of them
+/// works out its share.
 pub struct Cores {
     total: usize,
     jobs: usize,
     fixed: Option<usize>,
     tokens: Arc<Semaphore>,
     ready: std::sync::atomic::AtomicUsize,
+    /// Per job: counted in `ready` now.
+    counted: Vec<AtomicBool>,
 }
 
 impl Cores {
-    /// `total` cores for at most `jobs` stages at a time; `fixed` threads each if given.
-    pub fn new(total: usize, jobs: usize, fixed: Option<usize>) -> Cores {
+    /// `total` cores for at most `jobs` stages at a time (of `n_jobs` jobs); `fixed` threads each if given.
+    pub fn new(total: usize, jobs: usize, fixed: Option<usize>, n_jobs: usize) -> Cores {
         let total = total.max(1);
-        Cores { total, jobs: jobs.max(1), fixed, tokens: Arc::new(Semaphore::new(total)), ready: Default::default() }
+        Cores {
+            total,
+            jobs: jobs.max(1),
+            fixed,
+            tokens: Arc::new(Semaphore::new(total)),
+            ready: Default::default(),
+            counted: (0..n_jobs).map(|_| AtomicBool::new(false)).collect(),
+        }
     }
 
     /// The CPU count this process may use (affinity and cgroup limits included).
@@ -73,12 +88,16 @@ impl Cores {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     }
 
-    /// Marks a heavy stage ready (its inputs are there and it must compute) until the guard drops.
-    fn ready(&self, light: bool) -> ReadyGuard<'_> {
-        if !light {
+    /// Counts job `ji` as ready (once; light stages are not counted).
+    fn count(&self, ji: usize, light: bool) {
+        if !light && !self.counted[ji].swap(true, std::sync::atomic::Ordering::SeqCst) {
             self.ready.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
-        ReadyGuard(self, !light)
+    }
+
+    /// Uncounts job `ji` when the guard drops (it ended, found its output cached, or was skipped).
+    fn guard(&self, ji: usize) -> ReadyGuard<'_> {
+        ReadyGuard(self, ji)
     }
 
     /// The budget of a stage about to start, with the core tokens it holds while it runs.
@@ -86,8 +105,6 @@ impl Cores {
         if let Some(n) = self.fixed {
             return Some((n.max(1), None));
         }
-        // Let the stages woken by the same upstream stage count themselves first.
-        tokio::task::yield_now().await;
         let n = if light { 1 } else { self.share(self.ready.load(std::sync::atomic::Ordering::SeqCst)) };
         let permit = self.tokens.clone().acquire_many_owned(n as u32).await.ok()?;
         Some((n, Some(permit)))
@@ -99,10 +116,10 @@ impl Cores {
     }
 }
 
-struct ReadyGuard<'a>(&'a Cores, bool);
+struct ReadyGuard<'a>(&'a Cores, usize);
 impl Drop for ReadyGuard<'_> {
     fn drop(&mut self) {
-        if self.1 {
+        if self.0.counted[self.1].swap(false, std::sync::atomic::Ordering::SeqCst) {
             self.0.ready.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
@@ -451,7 +468,20 @@ pub async fn execute(
     let (mtx, mrx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(metric_writer(store.clone(), mrx));
     let sem = Arc::new(Semaphore::new(opts.jobs.max(1)));
-    let cores = Arc::new(Cores::new(Cores::available(), opts.jobs, opts.threads_per_job));
+    let cores = Arc::new(Cores::new(Cores::available(), opts.jobs, opts.threads_per_job, jobs.len()));
+    // Jobs without upstream jobs are ready from the start: counted before any task runs.
+    for (ji, job) in jobs.iter().enumerate() {
+        if job.needs.is_empty() {
+            cores.count(ji, job.entry.stage.light());
+        }
+    }
+    let mut dependants: Vec<Vec<usize>> = vec![Vec::new(); jobs.len()];
+    for (ji, job) in jobs.iter().enumerate() {
+        for (_, d) in &job.needs {
+            dependants[*d].push(ji);
+        }
+    }
+    let dependants = Arc::new(dependants);
     let channels: Vec<(watch::Sender<State>, watch::Receiver<State>)> =
         jobs.iter().map(|_| watch::channel(State::Pending)).collect();
     let receivers: Vec<watch::Receiver<State>> = channels.iter().map(|(_, r)| r.clone()).collect();
@@ -460,6 +490,7 @@ pub async fn execute(
     let verified: Arc<Mutex<HashSet<PathBuf>>> = Arc::default();
 
     let mut tasks = tokio::task::JoinSet::new();
+    let (shared_jobs, shared_rx) = (Arc::new(jobs.clone()), Arc::new(receivers.clone()));
     for (ji, (tx, _)) in channels.into_iter().enumerate() {
         let job = jobs[ji].clone();
         let deps: Vec<(String, watch::Receiver<State>)> = job.needs.iter().map(|(n, d)| (n.clone(), receivers[*d].clone())).collect();
@@ -470,9 +501,19 @@ pub async fn execute(
         };
         let (store, cache, sem, cores, cancel, display, mtx, verify, verified) =
             (store.clone(), cache.clone(), sem.clone(), cores.clone(), cancel.clone(), display.clone(), mtx.clone(), opts.verify, verified.clone());
+        let (all_jobs, receivers, dependants) = (shared_jobs.clone(), shared_rx.clone(), dependants.clone());
         tasks.spawn(async move {
-            let state = run_job(&job, deps, &users, &label, &cache, &sem, &cores, &cancel, &display, mtx, verify, &verified).await;
+            let state = run_job(ji, &job, deps, &users, &label, &cache, &sem, &cores, &cancel, &display, mtx, verify, &verified).await;
             let lost = record(&store, &job, &users, &state).await;
+            if matches!(state, State::Done { .. }) {
+                // Count the dependants this success makes ready before telling them.
+                for &d in &dependants[ji] {
+                    let others_done = all_jobs[d].needs.iter().all(|(_, n)| *n == ji || matches!(*receivers[*n].borrow(), State::Done { .. }));
+                    if others_done {
+                        cores.count(d, all_jobs[d].entry.stage.light());
+                    }
+                }
+            }
             let _ = tx.send(state);
             lost
         });
@@ -540,6 +581,7 @@ pub async fn execute(
 
 #[allow(clippy::too_many_arguments)]
 async fn run_job(
+    ji: usize,
     job: &Job,
     deps: Vec<(String, watch::Receiver<State>)>,
     users: &[(i64, String)],
@@ -553,6 +595,7 @@ async fn run_job(
     verify: bool,
     verified: &Mutex<HashSet<PathBuf>>,
 ) -> State {
+    let _ready = cores.guard(ji);
     let mut ups: HashMap<String, Output> = HashMap::new();
     for (need, mut rx) in deps {
         let state = match rx.wait_for(State::is_final).await {
@@ -567,10 +610,10 @@ async fn run_job(
             State::Interrupted | State::Pending => return State::Interrupted,
         }
     }
-    // Ready from here on (until it ends, or finds its output cached): stages that become
-    // ready together (a sweep's trainings after their shared encode) share the cores.
+    // Ready from here on, until it ends or finds its output cached (normally counted
+    // already by the upstream job that finished last).
     let light = job.entry.stage.light();
-    let _ready = cores.ready(light);
+    cores.count(ji, light);
     // The cache key hashes the content of the inputs, as their entries recorded it.
     let mut inputs = Inputs::default();
     let mut input_hashes = Vec::new();
