@@ -724,7 +724,7 @@ async fn run(g: &Global, a: RunArgs, display: &Display) -> Result<i32> {
             return Ok(2);
         }
     }
-    let jobs = a.jobs.map(|j| j as usize).unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let jobs = a.jobs.map(|j| j as usize).unwrap_or_else(huse_exec::Cores::available);
     let opts = RunOptions { jobs, force: a.force.clone(), no_cache: a.no_cache, verify: a.verify, run_log: None, threads_per_job: a.threads_per_job.map(|t| t as usize) };
     run_compiled(g, &g.db, &exp, &registry, &opts, display).await
 }

@@ -35,20 +35,22 @@ pub struct Views {
     pub slot: Vec<Option<usize>>,
 }
 
-/// Whether `path` holds the tensor `name` (reads the header only).
-fn has_tensor(path: &Path, name: &str) -> Result<bool> {
+/// The tensor `name` of `path` as flat rows, or None when the file has no such tensor
+/// (only that tensor is read).
+fn matrix_if(path: &Path, name: &str) -> Result<Option<(Vec<f32>, usize, usize)>> {
     // SAFETY: the file is a finished cache output that nothing writes while it is read.
     let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.with_context(|| format!("reading {}", path.display()))?;
-    Ok(st.tensors().iter().any(|(n, _)| n == name))
+    if !st.tensors().iter().any(|(n, _)| n == name) {
+        return Ok(None);
+    }
+    let m = st.load(name, &Device::Cpu).with_context(|| format!("reading `{name}` of {}", path.display()))?;
+    let (r, c) = m.dims2()?;
+    Ok(Some((m.flatten_all()?.to_vec1()?, r, c)))
 }
 
-/// The tensor `name` of `path` as flat rows (only that tensor is read).
+/// The tensor `name` of `path` as flat rows; an error when it is missing.
 fn matrix(path: &Path, name: &str) -> Result<(Vec<f32>, usize, usize)> {
-    // SAFETY: as in `has_tensor`.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.with_context(|| format!("reading {}", path.display()))?;
-    let m = st.load(name, &Device::Cpu).with_context(|| format!("{} has no tensor `{name}`", path.display()))?;
-    let (r, c) = m.dims2()?;
-    Ok((m.flatten_all()?.to_vec1()?, r, c))
+    matrix_if(path, name)?.with_context(|| format!("{} has no tensor `{name}`", path.display()))
 }
 
 impl Dataset {
@@ -78,12 +80,9 @@ impl Dataset {
     /// Reads the augmented views (tensor `views`) of the encode stage's image file; an error
     /// names the file when it has none or when their rows do not fit the training items.
     pub fn load_views(&mut self, encode_image: &Path) -> Result<usize> {
-        ensure!(
-            has_tensor(encode_image, "views")?,
-            "{} holds no augmented views: set `views: {{count: K, ...}}` in the encode stage",
-            encode_image.display()
-        );
-        let (rows, r, c) = matrix(encode_image, "views")?;
+        let (rows, r, c) = matrix_if(encode_image, "views")?.with_context(|| {
+            format!("{} holds no augmented views: set `views: {{count: K, ...}}` in the encode stage", encode_image.display())
+        })?;
         let mut slot = Vec::with_capacity(self.items.len());
         let mut t = 0;
         for it in &self.items {
@@ -127,11 +126,14 @@ impl Dataset {
         let mut img = Vec::with_capacity(b * self.image_dim);
         let mut txt = Vec::with_capacity(b * self.bert_dim);
         let d = self.image_dim;
+        let picks = match picks {
+            Some(p) => Some((p, self.views.as_ref().context("no augmented views are loaded")?)),
+            None => None,
+        };
         for (r, &i) in idx.iter().enumerate() {
             match picks {
                 None => img.extend_from_slice(&self.image[i * d..(i + 1) * d]),
-                Some(p) => {
-                    let v = self.views.as_ref().context("no augmented views are loaded")?;
+                Some((p, v)) => {
                     let t = v.slot[i].with_context(|| format!("item {} is not a training item: it has no views", self.items[i].id))?;
                     ensure!(p[r] < v.count, "view {} of {}", p[r], v.count);
                     let row = t * v.count + p[r];
