@@ -353,7 +353,7 @@ fn budgets(sb: &Sandbox) -> Vec<(String, f64, f64, usize, usize)> {
 fn every_stage_runs_in_a_pool_of_its_thread_budget_and_the_running_ones_never_exceed_the_cpus() {
     let cpus = std::thread::available_parallelism().unwrap().get();
     // Six runs whose `scale` stages (0.3 s each) all become ready when the shared source ends.
-    let yaml = "name: share\nseed: 1\nstages:\n  source: { uses: toy-source, with: { count: 5 } }\n  scale: { uses: toy-scale, needs: [source], with: { seconds: 0.3 } }\nsweep:\n  scale.factor: [1, 2, 3, 4, 5, 6]\n";
+    let yaml = "name: share\nseed: 1\ndevice: cpu\nstages:\n  source: { uses: toy-source, with: { count: 5 } }\n  scale: { uses: toy-scale, needs: [source], with: { seconds: 0.3 } }\nsweep:\n  scale.factor: [1, 2, 3, 4, 5, 6]\n";
     let sb = Sandbox::new();
     let f = sb.write("share.yaml", yaml);
     let out = sb.run(&[f.to_str().unwrap()]).expect(0);
@@ -387,4 +387,53 @@ fn every_stage_runs_in_a_pool_of_its_thread_budget_and_the_running_ones_never_ex
     let n = (cpus + 1).to_string();
     sb.run(&[f.to_str().unwrap(), "--threads-per-job", &n, "--jobs", "2"]).expect(0);
     assert!(budgets(&sb).iter().all(|s| s.3 == cpus + 1 && s.4 == cpus + 1));
+}
+
+/// The largest number of `stage` intervals (start, end) open at one instant.
+fn most_at_once(b: &[(String, f64, f64, usize, usize)], stage: &str) -> usize {
+    let runs: Vec<_> = b.iter().filter(|s| s.0 == stage).collect();
+    runs.iter().map(|a| runs.iter().filter(|s| s.1 <= a.1 && a.1 < s.2).count()).max().unwrap_or(0)
+}
+
+#[test]
+fn a_gpu_runs_as_many_device_stages_at_once_as_it_has_slots_and_they_share_the_cores() {
+    // toy-scale says it computes on the device (it only sleeps, so this needs no GPU): on
+    // `cuda:0` each holds a slot of GPU 0; toy-source does not use the device and holds none.
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let yaml = "name: slots\nseed: 1\ndevice: cuda:0\nstages:\n  source: { uses: toy-source, with: { count: 5 } }\n  scale: { uses: toy-scale, needs: [source], with: { seconds: 0.4 } }\nsweep:\n  scale.factor: [1, 2, 3, 4, 5, 6]\n";
+    for slots in [1usize, 2, 3] {
+        let sb = Sandbox::new();
+        let f = sb.write("slots.yaml", yaml);
+        let out = sb.run(&[f.to_str().unwrap(), "--jobs", "6", "--gpu-slots", &slots.to_string()]).expect(0);
+        let b = budgets(&sb);
+        assert_eq!(b.len(), 7, "{b:?}");
+        // The cores go to the stages that hold a slot, not to the six waiting for one.
+        let share = (cpus / 6.min(slots)).max(1);
+        // Never more than the slots at once; and the slots are used (six ready stages), as
+        // far as the cores go (three slots on two CPUs: two at a time, a thread each).
+        assert_eq!(most_at_once(&b, "scale"), slots.min(cpus / share), "{slots} slot(s): {b:?}");
+        assert!(b.iter().filter(|s| s.0 == "scale").all(|s| s.3 == share && s.4 == share), "{share} threads each with {slots} slot(s): {b:?}");
+        assert!(out.stderr().contains("a slot of GPU 0"), "{}", out.stderr());
+    }
+    // On the CPU the same sweep is not limited by slots: `--jobs 6` runs them together.
+    let sb = Sandbox::new();
+    let f = sb.write("slots.yaml", &yaml.replace("cuda:0", "cpu"));
+    let out = sb.run(&[f.to_str().unwrap(), "--jobs", "6", "--gpu-slots", "1"]).expect(0);
+    assert!(most_at_once(&budgets(&sb), "scale") > 1, "CPU stages hold no GPU slot");
+    assert!(!out.stderr().contains("a slot of GPU"), "{}", out.stderr());
+}
+
+#[test]
+fn list_and_help_say_which_devices_this_build_supports() {
+    let sb = Sandbox::new();
+    let list = sb.run(&["list"]).expect(0);
+    let help = sb.run(&["--help"]).expect(0);
+    for out in [list.stdout(), help.stdout()] {
+        assert!(out.contains("cpu"), "{out}");
+        if cfg!(feature = "cuda") {
+            assert!(out.contains("cuda:"), "{out}");
+        } else {
+            assert!(out.contains("no CUDA support") && out.contains("--features cuda"), "{out}");
+        }
+    }
 }

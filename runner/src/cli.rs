@@ -67,6 +67,10 @@ struct RunArgs {
     /// Threads of every stage (default: the CPUs shared among the stages ready to run, never more in all than the CPUs)
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     threads_per_job: Option<u32>,
+    /// Stages that may compute on one GPU at the same time (trainings of a sweep share it;
+    /// the CPU cores are shared out among all the stages running).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    gpu_slots: u32,
     /// Check the content hash of every cached output before using it (sizes are always checked).
     #[arg(long)]
     verify: bool,
@@ -298,7 +302,12 @@ enum DbCmd {
 
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
-    let cli = match Cli::try_parse() {
+    use clap::{CommandFactory, FromArgMatches};
+    let parsed = Cli::command()
+        .after_help(format!("Devices (`device:`, `--device`) in this build: {}.", huse_stage_kit::devices()))
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
@@ -386,6 +395,7 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
                 );
             }
             print!("{}", t.render(Format::Table));
+            println!("devices: {}", huse_stage_kit::devices());
             Ok(0)
         }
         Some(Cmd::Runs { filter, metrics, sort, desc, limit, group, format }) => {
@@ -725,7 +735,16 @@ async fn run(g: &Global, a: RunArgs, display: &Display) -> Result<i32> {
         }
     }
     let jobs = a.jobs.map(|j| j as usize).unwrap_or_else(huse_exec::Cores::available);
-    let opts = RunOptions { jobs, force: a.force.clone(), no_cache: a.no_cache, verify: a.verify, run_log: None, threads_per_job: a.threads_per_job.map(|t| t as usize) };
+    let opts = RunOptions {
+        jobs,
+        force: a.force.clone(),
+        no_cache: a.no_cache,
+        verify: a.verify,
+        threads_per_job: a.threads_per_job.map(|t| t as usize),
+        gpu_slots: a.gpu_slots as usize,
+        auto_gpu: huse_stage_kit::auto_gpu(),
+        ..RunOptions::default()
+    };
     run_compiled(g, &g.db, &exp, &registry, &opts, display).await
 }
 

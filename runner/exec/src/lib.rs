@@ -45,15 +45,54 @@ pub struct RunOptions {
     pub run_log: Option<String>,
     /// Threads of every stage (`--threads-per-job`); None: shared out of the CPU count (see [`Cores`]).
     pub threads_per_job: Option<usize>,
+    /// Stages that may compute on one GPU at the same time (`--gpu-slots`, at least 1).
+    pub gpu_slots: usize,
+    /// The GPU that `device: auto` means in this build on this machine (None: the CPU).
+    pub auto_gpu: Option<usize>,
 }
 
-/// The machine's cores, shared among the stages that run at the same time. Every stage runs
-/// in a rayon pool of its budget ([`Context::threads`]). Without `--threads-per-job`, a stage
-/// holds as many core tokens as threads, so the running stages never have more threads than
-/// the machine has cores: a light stage ([`huse_stage_api::Stage::light`]) gets 1; another
-/// gets `cores / min(jobs, heavy stages ready or running)` (at least 1), waiting for that
-/// many tokens. One run's encode thus gets every core (the graph stage beside it is light),
-/// and a sweep's trainings split them (`--jobs 2` on 2 cores: 1 thread each).
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions { jobs: 1, force: Vec::new(), no_cache: false, verify: false, run_log: None, threads_per_job: None, gpu_slots: 1, auto_gpu: None }
+    }
+}
+
+impl RunOptions {
+    /// What job `entry` with `device` competes for (see [`Cores`]).
+    fn class(&self, entry: &Entry, device: DeviceSpec) -> Class {
+        if entry.stage.light() {
+            return Class::Light;
+        }
+        match (entry.stage.uses_device(), device) {
+            (true, DeviceSpec::Cuda(n)) => Class::Gpu(n),
+            (true, DeviceSpec::Auto) => self.auto_gpu.map_or(Class::Cpu, Class::Gpu),
+            _ => Class::Cpu,
+        }
+    }
+}
+
+/// What a job competes for while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// A light stage ([`huse_stage_api::Stage::light`]): one thread, never counted.
+    Light,
+    /// A stage computing on the CPU: a share of the cores.
+    Cpu,
+    /// A stage computing on GPU N ([`huse_stage_api::Stage::uses_device`] with a CUDA
+    /// device): one of that GPU's slots, and a share of the cores for its host-side work.
+    Gpu(usize),
+}
+
+/// The machine's cores and GPU slots, shared among the stages that run at the same time.
+/// Every stage runs in a rayon pool of its budget ([`Context::threads`]). Without
+/// `--threads-per-job`, a stage holds as many core tokens as threads, so the running stages
+/// never have more threads than the machine has cores: a light stage gets 1; another gets
+/// `cores / min(jobs, stages competing)` (at least 1), waiting for that many tokens, where the
+/// stages competing are the CPU stages ready or running plus, per GPU, the GPU stages ready or
+/// running up to its slot count (the others wait for a slot, not for cores). One run's
+/// encode thus gets every core (the graph stage beside it is light), a sweep's trainings
+/// split them (`--jobs 2` on 2 cores: 1 thread each), and 12 trainings on one GPU with 4
+/// slots run 4 at a time with a quarter of the cores each.
 ///
 /// A job counts as ready from the moment its last upstream job succeeds: that job counts
 /// its dependants before it tells them (and the jobs without upstreams are counted before
@@ -64,22 +103,41 @@ pub struct Cores {
     jobs: usize,
     fixed: Option<usize>,
     tokens: Arc<Semaphore>,
+    /// CPU stages ready or running.
     ready: std::sync::atomic::AtomicUsize,
-    /// Per job: counted in `ready` now.
+    /// Slots per GPU, and per GPU index: its slots, its stages ready or running.
+    slots: usize,
+    gpus: Vec<(Arc<Semaphore>, std::sync::atomic::AtomicUsize)>,
+    /// Per job: what it competes for, and whether it is counted as ready now.
+    class: Vec<Class>,
     counted: Vec<AtomicBool>,
 }
 
+/// What a running stage holds: its threads, and the core tokens and GPU slot it keeps
+/// until it ends.
+pub struct Budget {
+    pub threads: usize,
+    _cores: Option<tokio::sync::OwnedSemaphorePermit>,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
 impl Cores {
-    /// `total` cores for at most `jobs` stages at a time (of `n_jobs` jobs); `fixed` threads each if given.
-    pub fn new(total: usize, jobs: usize, fixed: Option<usize>, n_jobs: usize) -> Cores {
+    /// `total` cores for at most `jobs` stages at a time, `slots` stages at a time per GPU,
+    /// for jobs of the given classes; `fixed` threads each if given.
+    pub fn new(total: usize, jobs: usize, fixed: Option<usize>, slots: usize, class: Vec<Class>) -> Cores {
         let total = total.max(1);
+        let slots = slots.max(1);
+        let n_gpus = class.iter().filter_map(|c| if let Class::Gpu(g) = c { Some(g + 1) } else { None }).max().unwrap_or(0);
         Cores {
             total,
             jobs: jobs.max(1),
             fixed,
             tokens: Arc::new(Semaphore::new(total)),
             ready: Default::default(),
-            counted: (0..n_jobs).map(|_| AtomicBool::new(false)).collect(),
+            slots,
+            gpus: (0..n_gpus).map(|_| (Arc::new(Semaphore::new(slots)), Default::default())).collect(),
+            counted: class.iter().map(|_| AtomicBool::new(false)).collect(),
+            class,
         }
     }
 
@@ -88,10 +146,21 @@ impl Cores {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     }
 
+    /// The ready counter of job `ji`, if it has one (light stages have none).
+    fn counter(&self, ji: usize) -> Option<&std::sync::atomic::AtomicUsize> {
+        match self.class[ji] {
+            Class::Light => None,
+            Class::Cpu => Some(&self.ready),
+            Class::Gpu(g) => Some(&self.gpus[g].1),
+        }
+    }
+
     /// Counts job `ji` as ready (once; light stages are not counted).
-    fn count(&self, ji: usize, light: bool) {
-        if !light && !self.counted[ji].swap(true, std::sync::atomic::Ordering::SeqCst) {
-            self.ready.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    fn count(&self, ji: usize) {
+        if let Some(c) = self.counter(ji) {
+            if !self.counted[ji].swap(true, std::sync::atomic::Ordering::SeqCst) {
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
         }
     }
 
@@ -100,14 +169,29 @@ impl Cores {
         ReadyGuard(self, ji)
     }
 
-    /// The budget of a stage about to start, with the core tokens it holds while it runs.
-    async fn budget(&self, light: bool) -> Option<(usize, Option<tokio::sync::OwnedSemaphorePermit>)> {
-        if let Some(n) = self.fixed {
-            return Some((n.max(1), None));
+    /// The stages competing for the cores now (see [`Cores`]).
+    fn competing(&self) -> usize {
+        let load = |a: &std::sync::atomic::AtomicUsize| a.load(std::sync::atomic::Ordering::SeqCst);
+        load(&self.ready) + self.gpus.iter().map(|(_, r)| load(r).min(self.slots)).sum::<usize>()
+    }
+
+    /// A GPU slot for job `ji` if it computes on a GPU (waits for one); None for the others.
+    async fn slot(&self, ji: usize) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ()> {
+        match self.class[ji] {
+            Class::Gpu(g) => self.gpus[g].0.clone().acquire_owned().await.map(Some).map_err(|_| ()),
+            _ => Ok(None),
         }
-        let n = if light { 1 } else { self.share(self.ready.load(std::sync::atomic::Ordering::SeqCst)) };
+    }
+
+    /// The budget of job `ji` about to start, with the core tokens it holds while it runs
+    /// (its GPU slot, if any, is taken before: see [`Cores::slot`]).
+    async fn budget(&self, ji: usize, slot: Option<tokio::sync::OwnedSemaphorePermit>) -> Option<Budget> {
+        if let Some(n) = self.fixed {
+            return Some(Budget { threads: n.max(1), _cores: None, _slot: slot });
+        }
+        let n = if self.class[ji] == Class::Light { 1 } else { self.share(self.competing()) };
         let permit = self.tokens.clone().acquire_many_owned(n as u32).await.ok()?;
-        Some((n, Some(permit)))
+        Some(Budget { threads: n, _cores: Some(permit), _slot: slot })
     }
 
     /// Threads for a heavy stage when `ready` heavy stages compete.
@@ -120,7 +204,9 @@ struct ReadyGuard<'a>(&'a Cores, usize);
 impl Drop for ReadyGuard<'_> {
     fn drop(&mut self) {
         if self.0.counted[self.1].swap(false, std::sync::atomic::Ordering::SeqCst) {
-            self.0.ready.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            if let Some(c) = self.0.counter(self.1) {
+                c.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            }
         }
     }
 }
@@ -294,7 +380,7 @@ pub fn cache_keys(
     identity: &dyn Fn(&Path) -> Result<String>,
     output_hash: &dyn Fn(&str, &str) -> String,
 ) -> Result<Vec<(String, String, String)>> {
-    let opts = RunOptions { jobs: 1, force: Vec::new(), no_cache: false, verify: false, run_log: None, threads_per_job: None };
+    let opts = RunOptions::default();
     let (jobs, run_jobs) = plan(exp, registry, &opts, identity)?;
     // Jobs come in dependency order: every need has a lower index.
     let mut keys: Vec<String> = Vec::with_capacity(jobs.len());
@@ -468,11 +554,12 @@ pub async fn execute(
     let (mtx, mrx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(metric_writer(store.clone(), mrx));
     let sem = Arc::new(Semaphore::new(opts.jobs.max(1)));
-    let cores = Arc::new(Cores::new(Cores::available(), opts.jobs, opts.threads_per_job, jobs.len()));
+    let classes = jobs.iter().map(|j| opts.class(&j.entry, j.device)).collect();
+    let cores = Arc::new(Cores::new(Cores::available(), opts.jobs, opts.threads_per_job, opts.gpu_slots, classes));
     // Jobs without upstream jobs are ready from the start: counted before any task runs.
     for (ji, job) in jobs.iter().enumerate() {
         if job.needs.is_empty() {
-            cores.count(ji, job.entry.stage.light());
+            cores.count(ji);
         }
     }
     let mut dependants: Vec<Vec<usize>> = vec![Vec::new(); jobs.len()];
@@ -510,7 +597,7 @@ pub async fn execute(
                 for &d in &dependants[ji] {
                     let others_done = all_jobs[d].needs.iter().all(|(_, n)| *n == ji || matches!(*receivers[*n].borrow(), State::Done { .. }));
                     if others_done {
-                        cores.count(d, all_jobs[d].entry.stage.light());
+                        cores.count(d);
                     }
                 }
             }
@@ -612,8 +699,7 @@ async fn run_job(
     }
     // Ready from here on, until it ends or finds its output cached (normally counted
     // already by the upstream job that finished last).
-    let light = job.entry.stage.light();
-    cores.count(ji, light);
+    cores.count(ji);
     // The cache key hashes the content of the inputs, as their entries recorded it.
     let mut inputs = Inputs::default();
     let mut input_hashes = Vec::new();
@@ -676,16 +762,24 @@ async fn run_job(
             Err(err) => return State::Failed(format!("hashing input `{}`: {err}", e.artifact)),
         }
     }
+    // A GPU slot first (a job waiting for its GPU holds no job permit a CPU stage could
+    // use), then a job permit, then the cores.
+    let Ok(slot) = cores.slot(ji).await else { return State::Interrupted };
     let _permit = match sem.clone().acquire_owned().await {
         Ok(p) => p,
         Err(_) => return State::Interrupted,
     };
-    let Some((threads, _cores)) = cores.budget(light).await else { return State::Interrupted };
+    let Some(budget) = cores.budget(ji, slot).await else { return State::Interrupted };
+    let threads = budget.threads;
     if cancel.is_cancelled() {
         return State::Interrupted;
     }
     let why = if job.force { "forced".to_string() } else { cache.why_miss(&parts) };
-    info!("{label}: running {} (key {key}, {threads} thread{}): {why}", job.kind, if threads == 1 { "" } else { "s" });
+    let on_gpu = match cores.class[ji] {
+        Class::Gpu(g) => format!(", a slot of GPU {g}"),
+        _ => String::new(),
+    };
+    info!("{label}: running {} (key {key}, {threads} thread{}{on_gpu}): {why}", job.kind, if threads == 1 { "" } else { "s" });
     let tmp = match cache.temp_dir(&job.key) {
         Ok(t) => t,
         Err(e) => return State::Failed(format!("{e:#}")),

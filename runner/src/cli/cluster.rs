@@ -84,7 +84,7 @@ fn all_job_ids(launches: &[Launch]) -> Vec<String> {
 pub(super) async fn launch(g: &Global, a: &RunArgs, exp: &Experiment, registry: &Registry, cfg: &LauncherConfig, display: &Display) -> Result<i32> {
     let cache_dir = std::path::absolute(&g.cache)?;
     let cache = Cache::open(&cache_dir)?;
-    let opts = RunOptions { jobs: 1, force: Vec::new(), no_cache: false, verify: false, run_log: None, threads_per_job: None };
+    let opts = RunOptions::default();
     let survey = huse_exec::survey(exp, registry, &cache, &opts)?;
     let root = log_root(cfg);
     let earlier = Launch::all(&root, &exp.name)?;
@@ -299,7 +299,7 @@ pub(super) async fn task(g: &Global, launch_file: &Path, shared: Option<usize>, 
             // Not a run: computed into the cache only; a scratch database takes the rows.
             let scratch = tempfile::tempdir()?;
             let db = Location::Sqlite(scratch.path().join("shared.sqlite"));
-            let opts = RunOptions { jobs, force: Vec::new(), no_cache: false, verify: false, run_log: None, threads_per_job: None };
+            let opts = RunOptions { jobs, auto_gpu: huse_stage_kit::auto_gpu(), ..RunOptions::default() };
             run_compiled(g, &db, &trimmed, &registry, &opts, display).await
         }
         None => {
@@ -313,7 +313,7 @@ pub(super) async fn task(g: &Global, launch_file: &Path, shared: Option<usize>, 
             let trimmed = huse_slurm::trim(&exp, find(name)?, None)?;
             let log = launch.task_log(&job_id, task).display().to_string();
             info!("run {name} (task {task} of array {job_id}; log {log})");
-            let opts = RunOptions { jobs, force: Vec::new(), no_cache: false, verify: false, run_log: Some(log), threads_per_job: None };
+            let opts = RunOptions { jobs, run_log: Some(log), auto_gpu: huse_stage_kit::auto_gpu(), ..RunOptions::default() };
             run_compiled(g, &g.db, &trimmed, &registry, &opts, display).await
         }
     }

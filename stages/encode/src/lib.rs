@@ -183,6 +183,11 @@ impl EncodeCfg {
 
 
 impl Stage for Encode {
+    fn uses_device(&self) -> bool {
+        // MobileNetV2 and BERT run on the device.
+        true
+    }
+
     fn kind(&self) -> &str {
         "encode"
     }

@@ -62,6 +62,11 @@ const GALLERY_QUERIES: usize = 8;
 pub const DIRECTIONS: [(&str, bool, bool); 4] = [("i2i", true, true), ("i2t", true, false), ("t2i", false, true), ("t2t", false, false)];
 
 impl Stage for Evaluate {
+    fn uses_device(&self) -> bool {
+        // the towers and the similarity blocks run on the device.
+        true
+    }
+
     fn kind(&self) -> &str {
         "evaluate"
     }

@@ -135,6 +135,11 @@ fn one() -> f64 {
 }
 
 impl Stage for Scale {
+    fn uses_device(&self) -> bool {
+        // stands for a device stage in the scheduler tests (it ignores the device).
+        true
+    }
+
     fn kind(&self) -> &str {
         "toy-scale"
     }

@@ -196,6 +196,11 @@ struct State {
 
 
 impl Stage for Train {
+    fn uses_device(&self) -> bool {
+        // the towers train on the device.
+        true
+    }
+
     fn kind(&self) -> &str {
         "train"
     }

@@ -83,6 +83,12 @@ pub trait Stage: Send + Sync {
     fn light(&self) -> bool {
         false
     }
+    /// Whether the stage computes on `ctx.device` (encoders, towers, similarity blocks). When
+    /// that device is a GPU, the scheduler has the stage hold one of the GPU's slots
+    /// (`--gpu-slots`) while it runs; stages that only read and write files hold none.
+    fn uses_device(&self) -> bool {
+        false
+    }
     /// Checks the config without running anything. Called for every run before any stage starts.
     fn validate(&self, config: &Config) -> Result<(), ConfigError>;
     /// Files and directories outside the cache that the stage reads for this config.

@@ -26,6 +26,22 @@ pub fn auto_device() -> candle_core::Device {
     if cuda_is_available() { Device::new_cuda(0).unwrap_or(Device::Cpu) } else { Device::Cpu }
 }
 
+/// Whether this build can compute on CUDA GPUs (`--features cuda`).
+pub const CUDA_BUILD: bool = cfg!(feature = "cuda");
+
+/// The CUDA GPUs this process can use, as (index, name); empty without CUDA support, a
+/// driver or a GPU.
+pub fn cuda_gpus() -> Vec<(usize, String)> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::CudaContext;
+        let n = CudaContext::device_count().unwrap_or(0).max(0) as usize;
+        (0..n).map(|i| (i, CudaContext::new(i).ok().and_then(|c| c.name().ok()).unwrap_or_else(|| "?".into()))).collect()
+    }
+    #[cfg(not(feature = "cuda"))]
+    Vec::new()
+}
+
 /// CUDA device `n`; an error when this build has no CUDA support.
 pub fn cuda_device(n: usize) -> anyhow::Result<candle_core::Device> {
     if !candle_core::utils::cuda_is_available() {

@@ -22,6 +22,26 @@ pub fn device_of(spec: DeviceSpec) -> Result<Device, StageError> {
     }
 }
 
+/// What `device:` can name in this build on this machine, in words: `cpu`, and with a CUDA
+/// build the GPUs found (for `huse-run list` and `--help`).
+pub fn devices() -> String {
+    if !huse_encoders::CUDA_BUILD {
+        return "cpu (this build has no CUDA support: build with `--features cuda` for cuda:N)".into();
+    }
+    let gpus = huse_encoders::cuda_gpus();
+    if gpus.is_empty() {
+        return "cpu, cuda:N (this build has CUDA support; no GPU found now)".into();
+    }
+    let names: Vec<String> = gpus.iter().map(|(i, n)| format!("cuda:{i} ({n})")).collect();
+    format!("cpu, {}", names.join(", "))
+}
+
+/// The GPU `device: auto` picks in this build on this machine: 0 when the build has CUDA
+/// support and a GPU is present (as [`device_of`] does), else None (the CPU).
+pub fn auto_gpu() -> Option<usize> {
+    (huse_encoders::CUDA_BUILD && !huse_encoders::cuda_gpus().is_empty()).then_some(0)
+}
+
 /// Reads the dataset artifacts (items, classes, encode features) among a stage's inputs;
 /// the TF-IDF artifacts only when `use_tfidf`.
 pub fn load_dataset(inputs: &Inputs, use_tfidf: bool) -> Result<(Dataset, ClassTree), StageError> {
