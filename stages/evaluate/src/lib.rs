@@ -127,6 +127,8 @@ impl Stage for Evaluate {
         let labels: Vec<u32> = idx.iter().map(|&i| ds.labels[i]).collect();
         let d = meta.network.shape.dim;
         let (img, txt) = (Rows { data: &ei, dim: d }, Rows { data: &et, dim: d });
+        // The similarity blocks on the stage's device (a GPU's cuBLAS there), the selection on the CPU.
+        let gemm = metrics::Gemm::for_device(&device);
         let kmax = cfg.ks.iter().chain(&cfg.hp_ks).copied().max().unwrap_or(10);
         let p = cfg.split.clone();
         let mut out: Vec<(String, f64)> = Vec::new();
@@ -135,7 +137,7 @@ impl Stage for Evaluate {
             ctx.cancel.check()?;
             let (q, g) = (if qi { &img } else { &txt }, if gi { &img } else { &txt });
             // The query's own item is excluded in every direction (itself, or its paired modality).
-            let res = metrics::top_k(q, g, kmax, &|i| Some(i), cfg.block);
+            let res = metrics::top_k_with(&gemm, q, g, kmax, &|i| Some(i), cfg.block).map_err(StageError::of)?;
             for (k, r) in cfg.ks.iter().zip(metrics::recall_at_k(&res, &labels, &labels, &cfg.ks)) {
                 out.push((format!("{p}.{name}.r{k}"), r));
             }
@@ -147,7 +149,7 @@ impl Stage for Evaluate {
         // Instance level: does an item's image retrieve its own text, and its text its own image?
         for (name, q, g) in [("i2t", &img, &txt), ("t2i", &txt, &img)] {
             ctx.cancel.check()?;
-            let ranks = metrics::instance_ranks(q, g);
+            let ranks = metrics::instance_ranks_with(&gemm, q, g).map_err(StageError::of)?;
             for (k, r) in cfg.ks.iter().zip(metrics::instance_recall(&ranks, &cfg.ks)) {
                 out.push((format!("{p}.inst.{name}.r{k}"), r));
             }
@@ -174,7 +176,7 @@ impl Stage for Evaluate {
         // item's text (its own image included: this is what a search for the title shows).
         let picks: Vec<usize> = (0..GALLERY_QUERIES.min(idx.len())).map(|j| j * idx.len() / GALLERY_QUERIES.min(idx.len())).collect();
         let q: Vec<f32> = picks.iter().flat_map(|&j| txt.row(j).iter().copied()).collect();
-        let found = metrics::top_k(&Rows { data: &q, dim: d }, &img, 5, &|_| None, cfg.block);
+        let found = metrics::top_k_with(&gemm, &Rows { data: &q, dim: d }, &img, 5, &|_| None, cfg.block).map_err(StageError::of)?;
         let gallery: Vec<serde_json::Value> = picks
             .iter()
             .zip(found)

@@ -51,25 +51,83 @@ fn similarities(s: &mut [f32], q: &[f32], g: &[f32], rows: usize, n: usize, d: u
     unsafe { crate::fused::gemm(s, n, rows, n, d, (q.as_ptr(), 1, d), (g.as_ptr(), d, 1), false, 1.0) };
 }
 
+/// Where the similarity GEMMs of [`top_k_with`] and [`instance_ranks_with`] run. The
+/// selection after each block (top K, rank counting) runs on the CPU's rayon pool either way.
+#[derive(Debug, Clone)]
+pub enum Gemm {
+    /// The gemm crate on the current rayon pool.
+    Cpu,
+    /// candle's matmul on this device (a GPU: cuBLAS): the gallery is uploaded once, each
+    /// block of queries goes up and its similarities come back.
+    Candle(candle_core::Device),
+}
+
+impl Gemm {
+    /// The CPU GEMM for the CPU, candle's matmul on any other device.
+    pub fn for_device(device: &candle_core::Device) -> Gemm {
+        if device.is_cpu() { Gemm::Cpu } else { Gemm::Candle(device.clone()) }
+    }
+
+    /// The gallery as this engine needs it: for candle, `g`^T (d x n) on its device.
+    fn prepare<'a>(&self, gallery: &'a Rows<'a>) -> candle_core::Result<Prepared<'a>> {
+        Ok(match self {
+            Gemm::Cpu => Prepared { rows: gallery, on_device: None },
+            Gemm::Candle(dev) => {
+                let g = candle_core::Tensor::from_slice(gallery.data, (gallery.len(), gallery.dim), dev)?;
+                Prepared { rows: gallery, on_device: Some(g.t()?.contiguous()?) }
+            }
+        })
+    }
+}
+
+/// A gallery ready for similarity blocks (see [`Gemm`]).
+struct Prepared<'a> {
+    rows: &'a Rows<'a>,
+    on_device: Option<candle_core::Tensor>,
+}
+
+impl Prepared<'_> {
+    /// `s[..rows * n]` = the similarities of `q` (rows x d) to the whole gallery.
+    fn fill(&self, s: &mut [f32], q: &[f32], rows: usize) -> candle_core::Result<()> {
+        let (n, d) = (self.rows.len(), self.rows.dim);
+        match &self.on_device {
+            None => similarities(s, q, self.rows.data, rows, n, d),
+            Some(gt) if rows > 0 && n > 0 => {
+                let q = candle_core::Tensor::from_slice(&q[..rows * d], (rows, d), gt.device())?;
+                let block = q.matmul(gt)?.flatten_all()?.to_vec1::<f32>()?;
+                s[..rows * n].copy_from_slice(&block);
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+}
+
 /// For each query, the gallery indices of its `k` most similar items (by dot product of
 /// unit vectors = smallest cosine distance), skipping gallery index `skip[q]`.
 /// Computed `block` queries at a time — their similarities to the whole gallery by one GEMM,
 /// then each query's selection, in parallel on the current rayon pool: memory is
 /// O(block x gallery), never O(N^2).
 pub fn top_k(queries: &Rows, gallery: &Rows, k: usize, skip: &(dyn Fn(usize) -> Option<usize> + Sync), block: usize) -> Vec<Vec<usize>> {
+    top_k_with(&Gemm::Cpu, queries, gallery, k, skip, block).expect("the CPU GEMM does not fail")
+}
+
+/// [`top_k`] with the similarity GEMMs on `gemm` (a GPU's for a stage on one).
+pub fn top_k_with(gemm: &Gemm, queries: &Rows, gallery: &Rows, k: usize, skip: &(dyn Fn(usize) -> Option<usize> + Sync), block: usize) -> candle_core::Result<Vec<Vec<usize>>> {
     use rayon::prelude::*;
     let n = gallery.len();
     if n == 0 {
-        return vec![Vec::new(); queries.len()];
+        return Ok(vec![Vec::new(); queries.len()]);
     }
     assert_eq!(queries.dim, gallery.dim, "queries and gallery differ in width");
     let block = block.max(1);
+    let prepared = gemm.prepare(gallery)?;
     let mut out = Vec::with_capacity(queries.len());
     let mut sims = vec![0f32; block.min(queries.len()) * n];
     for start in (0..queries.len()).step_by(block) {
         let end = (start + block).min(queries.len());
         let rows = end - start;
-        similarities(&mut sims, &queries.data[start * queries.dim..end * queries.dim], gallery.data, rows, n, gallery.dim);
+        prepared.fill(&mut sims, &queries.data[start * queries.dim..end * queries.dim], rows)?;
         let found: Vec<Vec<usize>> = sims[..rows * n]
             .par_chunks(n)
             .enumerate()
@@ -90,7 +148,7 @@ pub fn top_k(queries: &Rows, gallery: &Rows, k: usize, skip: &(dyn Fn(usize) -> 
             .collect();
         out.extend(found);
     }
-    out
+    Ok(out)
 }
 
 /// Queries per similarity GEMM of [`instance_ranks`].
@@ -101,16 +159,22 @@ const RANK_BLOCK: usize = 256;
 /// lower index (ties broken by index, as in [`top_k`]). Blocks of queries by one GEMM, the
 /// counting in parallel: memory O(block x N).
 pub fn instance_ranks(queries: &Rows, gallery: &Rows) -> Vec<usize> {
+    instance_ranks_with(&Gemm::Cpu, queries, gallery).expect("the CPU GEMM does not fail")
+}
+
+/// [`instance_ranks`] with the similarity GEMMs on `gemm`.
+pub fn instance_ranks_with(gemm: &Gemm, queries: &Rows, gallery: &Rows) -> candle_core::Result<Vec<usize>> {
     use rayon::prelude::*;
     assert_eq!(queries.len(), gallery.len(), "instance retrieval pairs query i with gallery item i");
     assert_eq!(queries.dim, gallery.dim, "queries and gallery differ in width");
     let n = gallery.len();
+    let prepared = gemm.prepare(gallery)?;
     let mut ranks = Vec::with_capacity(n);
     let mut sims = vec![0f32; RANK_BLOCK.min(n.max(1)) * n];
     for start in (0..n).step_by(RANK_BLOCK) {
         let end = (start + RANK_BLOCK).min(n);
         let rows = end - start;
-        similarities(&mut sims, &queries.data[start * queries.dim..end * queries.dim], gallery.data, rows, n, gallery.dim);
+        prepared.fill(&mut sims, &queries.data[start * queries.dim..end * queries.dim], rows)?;
         let r: Vec<usize> = sims[..rows * n]
             .par_chunks(n)
             .enumerate()
@@ -122,7 +186,7 @@ pub fn instance_ranks(queries: &Rows, gallery: &Rows) -> Vec<usize> {
             .collect();
         ranks.extend(r);
     }
-    ranks
+    Ok(ranks)
 }
 
 /// The share of queries whose own pair is within the top K, for each K in `ks`.
@@ -286,6 +350,19 @@ mod tests {
                 idx
             })
             .collect();
+        // The candle engine (what a GPU stage uses; here on the CPU device, and on a GPU when
+        // this build has CUDA and one is present) gives the same lists and ranks.
+        let mut engines = vec![Gemm::Candle(candle_core::Device::Cpu)];
+        if let Ok(gpu) = candle_core::Device::new_cuda(0) {
+            engines.push(Gemm::Candle(gpu));
+        } else {
+            eprintln!("no CUDA device in this build or on this machine: the GPU similarity blocks are not checked here");
+        }
+        for gemm in &engines {
+            assert_eq!(top_k_with(gemm, &rows, &rows, 5, &|q| Some(q), 4).unwrap(), want, "{gemm:?}");
+            let ranks = instance_ranks_with(gemm, &rows, &rows).unwrap();
+            assert_eq!(ranks, instance_ranks(&rows, &rows), "{gemm:?}");
+        }
         for threads in [1, 3] {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let (got, ranks) = pool.install(|| (top_k(&rows, &rows, 5, &|q| Some(q), 4), instance_ranks(&rows, &rows)));
