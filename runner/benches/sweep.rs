@@ -8,6 +8,10 @@
 //! evaluate stages are forced every time (`--force`), so each setting computes all of them.
 //! `BENCH_SWEEP_EXPERIMENT` (default `experiments/ablation.yaml`: 4 points x 3 seeds),
 //! `BENCH_SWEEP_EPOCHS` (default 2).
+//!
+//! `BENCH_SWEEP_GPU=cuda:N` (a `--features cuda` build on a GPU machine) times the same sweep
+//! on that GPU with `--gpu-slots 1` and `--gpu-slots 4` instead (`--jobs` = CPUs, so the slots
+//! are the limit), and prints the speed-up of 4 slots over 1.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -22,8 +26,16 @@ fn main() -> anyhow::Result<()> {
     let db = tempfile::tempdir()?;
     let bin = env!("CARGO_BIN_EXE_huse-run");
     println!("sweep benchmark: {} at {epochs} epoch(s), {cpus} CPUs, cache {cache}", exp.display());
+    let gpu = std::env::var("BENCH_SWEEP_GPU").ok();
+    let settings: Vec<(&str, Vec<String>)> = match &gpu {
+        None => vec![("--jobs 1", vec!["--jobs".into(), "1".into()]), ("--jobs 2", vec!["--jobs".into(), "2".into()]), ("automatic", vec![])],
+        Some(d) => {
+            let on = |slots: &str| vec!["--set".into(), format!("device={d}"), "--gpu-slots".into(), slots.into(), "--jobs".into(), cpus.to_string()];
+            vec![("1 slot", on("1")), ("4 slots", on("4"))]
+        }
+    };
     let mut results = Vec::new();
-    for (name, extra) in [("--jobs 1", vec!["--jobs", "1"]), ("--jobs 2", vec!["--jobs", "2"]), ("automatic", vec![])] {
+    for (name, extra) in settings {
         let dbf = db.path().join(format!("{}.sqlite", results.len()));
         let t = Instant::now();
         let out = Command::new(bin)
@@ -42,6 +54,10 @@ fn main() -> anyhow::Result<()> {
         let runs = 3600.0 * trained as f64 / secs;
         println!("{name:>10}: {trained} trainings (+ evaluations) in {secs:7.1} s = {runs:6.1} runs/hour; train budgets: {}", threads.first().copied().unwrap_or("?"));
         results.push((name, runs));
+    }
+    if gpu.is_some() {
+        println!("4 slots / 1 slot: {:.2}x", results[1].1 / results[0].1);
+        return Ok(());
     }
     let best = results[..2].iter().map(|r| r.1).fold(0.0, f64::max);
     let auto = results[2].1;

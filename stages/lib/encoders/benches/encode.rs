@@ -5,7 +5,11 @@
 //! `$HUSE_TORCH_PYTHON` (default `python3`; it needs torch, torchvision and transformers)
 //! and is skipped, with a note, when that fails. `BENCH_IMAGES` / `BENCH_TEXTS` set the
 //! sample sizes (default 512 / 4096), `BENCH_THREADS` the threads (default: all CPUs), `BENCH_TEXT_BATCH` the text batch (default 256,
-//! the encode stage's default; the same batch is given to PyTorch).
+//! the encode stage's default; the same batch is given to PyTorch). `BENCH_DEVICE=cuda:N` (a
+//! `--features cuda` build) runs both models on that GPU, PyTorch's on the same one: JPEG
+//! decode + resize stay on `BENCH_THREADS` CPU threads on both sides (ours: the rayon pool,
+//! one batch ahead of the GPU, as the encode stage does; PyTorch: a DataLoader with as many
+//! workers), and each batch's pooled features come back to the host.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -36,6 +40,12 @@ fn main() -> anyhow::Result<()> {
     let ckpt = assets.join("torch/hub/checkpoints/mobilenet_v2-b0353104.pth");
     let model_dir = assets.join("models/all-MiniLM-L6-v2");
 
+    let spec = std::env::var("BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let dev = match spec.as_str() {
+        "cpu" => Device::Cpu,
+        d => Device::new_cuda(d.strip_prefix("cuda:").and_then(|n| n.parse().ok()).ok_or_else(|| anyhow::anyhow!("BENCH_DEVICE: cpu or cuda:N, not {d}"))?)?,
+    };
+
     // Ours: the encode stage's path (parallel decode + resize, fast CPU MobileNetV2).
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
     let model = MobileNetV2::load(&torch_pth::load(&ckpt)?)?;
@@ -44,13 +54,36 @@ fn main() -> anyhow::Result<()> {
         let v: Vec<Vec<f32>> = chunk.par_iter().map(|p| image_prep::preprocess_file(p, size)).collect::<anyhow::Result<_>>()?;
         image_prep::batch(&v, size, &Device::Cpu)
     };
-    model.forward_cpu(&prep(&images[..batch.min(images.len())])?)?; // warm-up
-    let t = Instant::now();
-    for chunk in images.chunks(batch) {
-        model.forward_cpu(&prep(chunk)?)?;
-    }
-    let ours_img = images.len() as f64 / t.elapsed().as_secs_f64();
-    let enc = TextEncoder::load(&model_dir, &Device::Cpu, Some(256))?;
+    let ours_img = if dev.is_cpu() {
+        model.forward_cpu(&prep(&images[..batch.min(images.len())])?)?; // warm-up
+        let t = Instant::now();
+        for chunk in images.chunks(batch) {
+            model.forward_cpu(&prep(chunk)?)?;
+        }
+        images.len() as f64 / t.elapsed().as_secs_f64()
+    } else {
+        let model = model.to_device(&dev)?;
+        let run = |x: candle_core::Tensor| -> anyhow::Result<Vec<f32>> { Ok(model.forward(&x.to_device(&dev)?)?.pooled.flatten_all()?.to_vec1::<f32>()?) };
+        run(prep(&images[..batch.min(images.len())])?)?; // warm-up (loads the kernels)
+        let t = Instant::now();
+        std::thread::scope(|s| -> anyhow::Result<()> {
+            let (tx, rx) = std::sync::mpsc::sync_channel(2);
+            let (prep, images) = (&prep, &images);
+            s.spawn(move || {
+                for chunk in images.chunks(batch) {
+                    if tx.send(prep(chunk)).is_err() {
+                        break;
+                    }
+                }
+            });
+            for x in rx {
+                run(x?)?;
+            }
+            Ok(())
+        })?;
+        images.len() as f64 / t.elapsed().as_secs_f64()
+    };
+    let enc = TextEncoder::load(&model_dir, &dev, Some(256))?;
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     enc.last4_mean(&refs[..text_batch.min(refs.len())], None)?;
     // As the encode stage does: windows of 16 batches, batched by token length inside.
@@ -62,8 +95,9 @@ fn main() -> anyhow::Result<()> {
 
     // PyTorch, same inputs.
     let python = std::env::var("HUSE_TORCH_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/torch_encode.py");
-    let args = serde_json::json!({"threads": threads, "checkpoint": ckpt, "size": size, "batch": batch, "images": images,
+    // Where it was built, else (a binary carried to another machine, run from a checkout's root) here.
+    let script = [PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/torch_encode.py"), PathBuf::from("stages/lib/encoders/benches/torch_encode.py")].into_iter().find(|p| p.exists()).unwrap_or_else(|| PathBuf::from("stages/lib/encoders/benches/torch_encode.py"));
+    let args = serde_json::json!({"device": spec, "threads": threads, "checkpoint": ckpt, "size": size, "batch": batch, "images": images,
         "text_model": model_dir, "texts": texts, "text_batch": text_batch});
     let torch = Command::new(&python).arg(&script).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().and_then(|mut c| {
         c.stdin.take().unwrap().write_all(args.to_string().as_bytes())?;
@@ -81,7 +115,7 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let tv = |k: &str| torch.as_ref().and_then(|j| j[k].as_f64());
-    println!("encode throughput, {threads} threads, MobileNetV2 at {size} px (batch {batch}), MiniLM last-4 (batch {text_batch})");
+    println!("encode throughput on {spec}, {threads} threads, MobileNetV2 at {size} px (batch {batch}), MiniLM last-4 (batch {text_batch})");
     println!("{:<10} {:>14} {:>14} {:>8}", "", "huse-run", "PyTorch", "ratio");
     for (name, ours, theirs) in [("images/s", ours_img, tv("images_per_s")), ("texts/s", ours_txt, tv("texts_per_s"))] {
         match theirs {

@@ -127,7 +127,8 @@ fn bench(threads: usize) -> anyhow::Result<()> {
     }
     std::fs::write(&ft, dense)?;
     let python = std::env::var("HUSE_TORCH_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/torch_train.py");
+    // Where it was built, else (a binary carried to another machine, run from a checkout's root) here.
+    let script = [PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/torch_train.py"), PathBuf::from("stages/lib/model/benches/torch_train.py")].into_iter().find(|p| p.exists()).unwrap_or_else(|| PathBuf::from("stages/lib/model/benches/torch_train.py"));
     let args = serde_json::json!({"device": if dev.is_cpu() { "cpu".to_string() } else { spec.to_string() }, "threads": threads, "rows": n, "image_dim": di, "text_dim": dt + v, "classes": classes,
         "image_file": fi, "text_file": ft, "batch": batch, "steps": steps});
     let out = Command::new(&python).arg(&script).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().and_then(|mut c| {

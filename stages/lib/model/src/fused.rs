@@ -7,8 +7,9 @@
 //! a column sum. With plain tensor ops the same layer is a matmul, a transpose, a broadcast
 //! add and a ReLU forward, and about ten whole-tensor passes backward, each allocating.
 //! Dropout rides along: the op multiplies by the mask after the ReLU and its backward
-//! reuses the same pass. Used on the CPU for contiguous f32 inputs; other devices use the tensor ops
-//! ([`crate::model::Dense::forward`]).
+//! reuses the same pass. Used on the CPU for contiguous f32 inputs. On a GPU (a `--features
+//! cuda` build) the same ops run their CUDA halves (`crate::cuda`, kernels in `cuda/huse.cu`)
+//! for contiguous f32 inputs, unless `HUSE_CUDA_FUSED=0` asks for candle's tensor ops there.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, bail};
 use rayon::prelude::*;
@@ -129,11 +130,41 @@ pub fn usable(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
 }
 
+/// Whether the fused GPU ops apply: a `--features cuda` build, CUDA tensors, f32, contiguous,
+/// and `HUSE_CUDA_FUSED` not `0` (which falls back to candle's tensor ops on the GPU).
+pub fn gpu_usable(ts: &[&Tensor]) -> bool {
+    cfg!(feature = "cuda")
+        && std::env::var("HUSE_CUDA_FUSED").map_or(true, |v| v != "0")
+        && ts.iter().all(|t| t.device().is_cuda() && t.dtype() == DType::F32 && t.is_contiguous())
+}
+
+/// Dropout drawn on a GPU: uniform numbers `u` from the device's generator (curand), a unit
+/// kept iff `u >= p`, then scaled by 1/(1-p). The fused layer's forward and backward kernels
+/// read the same `u`, so no mask tensor is built. The draws are those of the tensor-op path
+/// ([`crate::model::dropout`]), so both give the same masks.
+#[derive(Clone)]
+pub struct DeviceDropout {
+    pub u: Tensor,
+    pub p: f32,
+}
+
+impl DeviceDropout {
+    /// Fresh uniform numbers of `shape` on `device`.
+    pub fn draw(p: f64, shape: impl Into<Shape>, device: &candle_core::Device) -> Result<Self> {
+        Ok(DeviceDropout { u: Tensor::rand(0f32, 1f32, shape, device)?, p: p as f32 })
+    }
+    /// The factor of a kept unit, 1/(1-p).
+    pub fn scale(&self) -> f32 {
+        1.0 / (1.0 - self.p)
+    }
+}
+
 /// The layer op; `relu` applies max(0, .) to the output, then `mask` (dropout: 0 or
-/// 1/(1-p) per output element) multiplies it.
+/// 1/(1-p) per output element; on a GPU `device_mask`) multiplies it.
 pub struct DenseOp {
     pub relu: bool,
     pub mask: Option<Vec<f32>>,
+    pub device_mask: Option<DeviceDropout>,
 }
 
 /// ReLU and the dropout mask, in place.
@@ -213,7 +244,28 @@ impl CustomOp3 for DenseOp {
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::dense_fwd(xs, xl, ws, wl, bs, bl, self.relu, self.device_mask.as_ref())
+    }
+
     fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if res.device().is_cuda() {
+            // One kernel for dL/dz, then cuBLAS (candle's matmul) and a column sum.
+            let gz = crate::cuda::grad_through(grad, res, self.relu, self.device_mask.as_ref())?;
+            let dx = if x.track_op() { Some(gz.matmul(w)?) } else { None };
+            let dw = gz.t()?.matmul(x)?;
+            return Ok((dx, Some(dw), Some(gz.sum(0)?)));
+        }
         let gz = grad_through(grad, res, self.relu, self.mask.as_deref())?;
         let db = Tensor::from_vec(column_sums(&gz, w.dim(0)?), w.dim(0)?, w.device())?;
         let gz = Tensor::from_vec(gz, res.shape(), res.device())?;
@@ -397,7 +449,16 @@ impl candle_core::CustomOp1 for L2NormaliseOp {
         Ok((out, l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda::l2_fwd(s, l, L2_EPS as f32)?, l.shape().clone()))
+    }
+
     fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return Ok(Some(crate::cuda::l2_bwd(x, y, g, L2_EPS as f32)?));
+        }
         let (_, d) = x.dims2()?;
         let g = g.contiguous()?;
         let dx = match x.dtype() {

@@ -7,6 +7,8 @@
 //! Plain library code: it takes a candle `Device`, paths and slices, and knows nothing of
 //! stages; the train and evaluate stages are thin layers over it.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
 pub mod fused;
 pub mod loss;

@@ -101,6 +101,15 @@ pub fn class_loss(logits_image: &Tensor, logits_text: &Tensor, labels: &Tensor) 
 
 /// Eq. 12: mean cosine distance between each item's image and text embedding.
 pub fn gap_loss(phi_image: &Tensor, phi_text: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::fused::gpu_usable(&[phi_image, phi_text]) {
+        return Ok(phi_image.apply_op2(phi_text, crate::cuda::GapLossOp)?);
+    }
+    gap_loss_ops(phi_image, phi_text)
+}
+
+/// [`gap_loss`] from tensor ops (any device).
+pub fn gap_loss_ops(phi_image: &Tensor, phi_text: &Tensor) -> Result<Tensor> {
     Ok((phi_image * phi_text)?.sum(1)?.affine(-1.0, 1.0)?.mean_all()?)
 }
 
@@ -110,9 +119,22 @@ fn pair_targets(a: &Tensor, y1: &Tensor, y2: &Tensor) -> Result<Tensor> {
 }
 
 /// One block of Eqs. 9-11 (plus the hinge term): pairs (m, n), m != n, of `e1` x `e2`.
-/// On the CPU (f32, f64) one fused op ([`GraphLossOp`]); elsewhere composed from tensor ops
-/// ([`graph_loss_block_ops`]). Both are tested equal.
+/// On the CPU (f32, f64) one fused op ([`GraphLossOp`]); on a GPU (f32, a `--features cuda`
+/// build) the similarities by cuBLAS and one kernel for every pair's value and derivative;
+/// elsewhere composed from tensor ops ([`graph_loss_block_ops`]). All are tested equal.
 pub fn graph_loss_block(e1: &Tensor, e2: &Tensor, y1: &Tensor, y2: &Tensor, a: &Tensor, zeta: f64, variant: GraphVariant) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::fused::gpu_usable(&[e1, e2]) && y1.dtype() == DType::U32 && y2.dtype() == DType::U32 {
+        let s = e1.matmul(&e2.t()?)?;
+        let terms = crate::cuda::GraphTerms {
+            a: a.to_dtype(DType::F32)?.contiguous()?,
+            y1: y1.contiguous()?,
+            y2: y2.contiguous()?,
+            zeta: zeta as f32,
+            hinge: variant == GraphVariant::Hinge,
+        };
+        return Ok(s.apply_op1(crate::cuda::GraphTermsOp(terms))?);
+    }
     if !e1.device().is_cpu() || !matches!(e1.dtype(), DType::F32 | DType::F64) {
         return graph_loss_block_ops(e1, e2, y1, y2, a, zeta, variant);
     }

@@ -83,7 +83,15 @@ impl Dense {
         let (w, b) = (self.weight.as_tensor(), self.bias.as_tensor());
         if x.rank() == 2 && crate::fused::usable(&[x, w, b]) {
             let mask = drop.and_then(|(p, rng)| dropout_mask(x.dim(0).ok()? * w.dim(0).ok()?, p, rng));
-            return Ok(x.apply_op3(w, b, crate::fused::DenseOp { relu, mask })?);
+            return Ok(x.apply_op3(w, b, crate::fused::DenseOp { relu, mask, device_mask: None })?);
+        }
+        if x.rank() == 2 && crate::fused::gpu_usable(&[x, w, b]) {
+            // On a GPU: the same op's CUDA half; dropout from the device's generator.
+            let device_mask = match drop {
+                Some((p, _)) if p > 0.0 => Some(crate::fused::DeviceDropout::draw(p, (x.dim(0)?, w.dim(0)?), x.device())?),
+                _ => None,
+            };
+            return Ok(x.apply_op3(w, b, crate::fused::DenseOp { relu, mask: None, device_mask })?);
         }
         activate(&x.matmul(&w.t()?)?.broadcast_add(b)?, relu, drop)
     }
@@ -106,6 +114,9 @@ pub struct Huse {
 /// Rows scaled to unit L2 norm.
 pub fn l2_normalise(x: &Tensor) -> Result<Tensor> {
     if x.rank() == 2 && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        return Ok(x.contiguous()?.apply_op1(crate::fused::L2NormaliseOp)?);
+    }
+    if x.rank() == 2 && crate::fused::gpu_usable(&[&x.contiguous()?]) {
         return Ok(x.contiguous()?.apply_op1(crate::fused::L2NormaliseOp)?);
     }
     l2_normalise_ops(x)

@@ -123,6 +123,14 @@ impl Optimizer {
             {
                 continue;
             }
+            #[cfg(feature = "cuda")]
+            if let Some(update) = fused::Update::new(&self.config, lr, self.step)
+                && crate::fused::gpu_usable(&[var.as_tensor(), g, s1, s2])
+                && g.shape() == var.shape()
+            {
+                crate::cuda::optimizer_step(var.as_tensor(), g, s1, s2, &update.for_cuda())?;
+                continue;
+            }
             match self.config {
                 OptimizerConfig::Rmsprop { momentum, rho, eps, .. } => {
                     let v = ((&*s1 * rho)? + (g.sqr()? * (1.0 - rho))?)?;
@@ -239,6 +247,15 @@ mod fused {
                     }
                 }
             })
+        }
+
+        /// The same constants for the GPU kernels.
+        #[cfg(feature = "cuda")]
+        pub fn for_cuda(&self) -> crate::cuda::Step {
+            match *self {
+                Update::Rmsprop { lr, rho, eps, momentum } => crate::cuda::Step::Rmsprop { lr, rho, eps, momentum },
+                Update::Adamw { lr, decay, b1, b2, c1, c2, eps } => crate::cuda::Step::Adamw { lr, decay, b1, b2, c1, c2, eps },
+            }
         }
 
         /// Updates one element: parameter `p`, state `a`, `b`, gradient `g`.

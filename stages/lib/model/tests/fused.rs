@@ -26,7 +26,7 @@ fn fused_dense_equals_tensor_ops() {
             let c = Tensor::from_vec(values(m * n, 0.23), (m, n), &dev).unwrap();
             // A dropout mask with p = 0.3 (every third unit dropped, kept ones scaled by 1/0.7).
             let mask: Option<Vec<f32>> = dropout.then(|| (0..m * n).map(|i| if i % 3 == 1 { 0.0 } else { 1.0 / 0.7 }).collect());
-            let fused = x.as_tensor().apply_op3(w.as_tensor(), b.as_tensor(), DenseOp { relu, mask: mask.clone() }).unwrap();
+            let fused = x.as_tensor().apply_op3(w.as_tensor(), b.as_tensor(), DenseOp { relu, mask: mask.clone(), device_mask: None }).unwrap();
             let plain = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(b.as_tensor()).unwrap();
             let plain = if relu { plain.relu().unwrap() } else { plain };
             let plain = match mask {
@@ -56,7 +56,7 @@ fn fused_dense_skips_the_input_gradient_of_constants() {
     let x = Tensor::from_vec(values(6, 0.5), (2, 3), &dev).unwrap();
     let w = Var::from_tensor(&Tensor::from_vec(values(12, 0.3), (4, 3), &dev).unwrap()).unwrap();
     let b = Var::from_tensor(&Tensor::zeros(4, candle_core::DType::F32, &dev).unwrap()).unwrap();
-    let g = x.apply_op3(w.as_tensor(), b.as_tensor(), DenseOp { relu: true, mask: None }).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = x.apply_op3(w.as_tensor(), b.as_tensor(), DenseOp { relu: true, mask: None, device_mask: None }).unwrap().sum_all().unwrap().backward().unwrap();
     assert!(g.get(&x).is_none() && g.get(&w).is_some());
 }
 
