@@ -157,10 +157,10 @@ impl Cores {
 
     /// Counts job `ji` as ready (once; light stages are not counted).
     fn count(&self, ji: usize) {
-        if let Some(c) = self.counter(ji) {
-            if !self.counted[ji].swap(true, std::sync::atomic::Ordering::SeqCst) {
-                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }
+        if let Some(c) = self.counter(ji)
+            && !self.counted[ji].swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
@@ -203,10 +203,10 @@ impl Cores {
 struct ReadyGuard<'a>(&'a Cores, usize);
 impl Drop for ReadyGuard<'_> {
     fn drop(&mut self) {
-        if self.0.counted[self.1].swap(false, std::sync::atomic::Ordering::SeqCst) {
-            if let Some(c) = self.0.counter(self.1) {
-                c.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            }
+        if self.0.counted[self.1].swap(false, std::sync::atomic::Ordering::SeqCst)
+            && let Some(c) = self.0.counter(self.1)
+        {
+            c.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
 }
