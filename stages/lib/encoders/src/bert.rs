@@ -93,8 +93,21 @@ impl Bert {
     }
 
     /// All hidden states: `[embeddings, layer 1, ..., layer N]`, each (B, L, hidden).
-    /// `ids` and `mask` are (B, L) u32 / u32 (1 = token, 0 = padding).
+    /// `ids` and `mask` are (B, L) u32 / u32 (1 = token, 0 = padding). On the CPU (f32) the
+    /// linear layers, their bias and what follows them (GELU, the residual) and the
+    /// attention's scale + mask + softmax run as fused ops on the current rayon pool
+    /// ([`LinearOp`], [`MaskedSoftmaxOp`]); elsewhere candle's ops ([`Bert::hidden_states_ops`]).
     pub fn hidden_states(&self, ids: &Tensor, mask: &Tensor) -> Result<Vec<Tensor>> {
+        let fused = ids.device().is_cpu() && self.embeddings.word_embeddings.embeddings().dtype() == DType::F32;
+        self.forward(ids, mask, fused)
+    }
+
+    /// [`Bert::hidden_states`] from candle's ops only (any device): the reference of the fused path.
+    pub fn hidden_states_ops(&self, ids: &Tensor, mask: &Tensor) -> Result<Vec<Tensor>> {
+        self.forward(ids, mask, false)
+    }
+
+    fn forward(&self, ids: &Tensor, mask: &Tensor, fused: bool) -> Result<Vec<Tensor>> {
         let (b, l) = ids.dims2()?;
         let dev = ids.device();
         let positions = Tensor::arange(0u32, l as u32, dev)?.unsqueeze(0)?.expand((b, l))?;
@@ -108,20 +121,180 @@ impl Bert {
         let additive = ((m.ones_like()? - m)? * f64::from(f32::MIN))?;
         let (hs, dh) = (self.heads, self.config.hidden_size / self.heads);
         let mut out = vec![x.clone()];
+        let scale = 1.0 / (dh as f64).sqrt();
         for layer in &self.layers {
             let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((b, l, hs, dh))?.transpose(1, 2)?.contiguous()?) };
-            let q = split(layer.query.forward(&x)?)?;
-            let k = split(layer.key.forward(&x)?)?;
-            let v = split(layer.value.forward(&x)?)?;
-            let scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?.broadcast_add(&additive)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, hs * dh))?;
-            let attn = layer.attention_norm.forward(&(layer.attention_output.forward(&ctx)? + &x)?)?;
-            let inter = gelu(&layer.intermediate.forward(&attn)?)?;
-            x = layer.output_norm.forward(&(layer.output.forward(&inter)? + attn)?)?;
+            if fused {
+                let q = split(linear_cpu(&layer.query, &x, Epilogue::None)?)?;
+                let k = split(linear_cpu(&layer.key, &x, Epilogue::None)?)?;
+                let v = split(linear_cpu(&layer.value, &x, Epilogue::None)?)?;
+                let scores = q.matmul(&k.t()?)?;
+                let probs = scores.apply_op2_no_bwd(&additive, &MaskedSoftmaxOp { scale: scale as f32 })?;
+                let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, hs * dh))?;
+                let attn = layer.attention_norm.forward(&linear_cpu(&layer.attention_output, &ctx, Epilogue::Residual(&x))?)?;
+                let inter = linear_cpu(&layer.intermediate, &attn, Epilogue::Gelu)?;
+                x = layer.output_norm.forward(&linear_cpu(&layer.output, &inter, Epilogue::Residual(&attn))?)?;
+            } else {
+                let q = split(layer.query.forward(&x)?)?;
+                let k = split(layer.key.forward(&x)?)?;
+                let v = split(layer.value.forward(&x)?)?;
+                let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&additive)?;
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, hs * dh))?;
+                let attn = layer.attention_norm.forward(&(layer.attention_output.forward(&ctx)? + &x)?)?;
+                let inter = gelu(&layer.intermediate.forward(&attn)?)?;
+                x = layer.output_norm.forward(&(layer.output.forward(&inter)? + attn)?)?;
+            }
             out.push(x.clone());
         }
         Ok(out)
+    }
+}
+
+/// What follows a fused linear layer's `x W^T + b`.
+enum Epilogue<'a> {
+    None,
+    /// GELU (exact form, fast erf).
+    Gelu,
+    /// `+ residual` (same shape as the output).
+    Residual(&'a Tensor),
+}
+
+/// Elements per parallel chunk of the epilogues (64 KiB of f32).
+const CHUNK: usize = 16 * 1024;
+
+/// `x W^T + b` (then the epilogue) over the last dimension of `x`, as one op on the CPU: the
+/// output starts as the bias rows, one GEMM (the gemm crate on the current rayon pool)
+/// accumulates `x W^T` into it, the epilogue runs over it in parallel chunks. With candle's
+/// ops the same is a matmul, a broadcast add and a GELU or add pass, each single-threaded
+/// under `CANDLE_NUM_THREADS=1` and each a fresh buffer.
+fn linear_cpu(layer: &Linear, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&0);
+    let m = x.elem_count() / k.max(1);
+    let x2 = x.contiguous()?.reshape((m, k))?;
+    let bias = layer.bias().ok_or_else(|| anyhow::anyhow!("BERT linear layer without bias"))?;
+    let residual = match epilogue {
+        Epilogue::Residual(r) => Some(r.contiguous()?.flatten_all()?),
+        _ => None,
+    };
+    let op = LinearOp { gelu: matches!(epilogue, Epilogue::Gelu), residual };
+    let y = x2.apply_op3_no_bwd(layer.weight(), bias, &op)?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().unwrap() = layer.weight().dim(0)?;
+    Ok(y.reshape(out_dims)?)
+}
+
+/// The op of [`linear_cpu`].
+struct LinearOp {
+    gelu: bool,
+    residual: Option<Tensor>,
+}
+
+fn f32_slice<'a>(s: &'a candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("fused BERT op: contiguous f32 data expected"),
+    }
+}
+
+impl candle_core::CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "bert-linear"
+    }
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        ws: &candle_core::CpuStorage,
+        wl: &candle_core::Layout,
+        bs: &candle_core::CpuStorage,
+        bl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (m, k) = xl.shape().dims2()?;
+        let (n, k2) = wl.shape().dims2()?;
+        if k != k2 || bl.shape().dims1()? != n {
+            candle_core::bail!("bert-linear: x {:?}, W {:?}, b {:?} do not fit", xl.shape(), wl.shape(), bl.shape());
+        }
+        let (x, w, b) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?, f32_slice(bs, bl)?);
+        let mut out = vec![0f32; m * n];
+        let rows = (CHUNK / n.max(1)).max(1);
+        out.par_chunks_mut(rows * n).for_each(|block| block.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(b)));
+        if m > 0 && n > 0 && k > 0 {
+            let threads = rayon::current_num_threads();
+            let par = if threads > 1 && m * n * k > 1 << 15 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+            // out (m x n) += x (m x k) . W^T: rhs(kk, j) = w[j*k + kk].
+            // SAFETY: x is m*k, w is n*k and out is m*n elements, as the strides describe.
+            unsafe {
+                gemm::gemm(
+                    m, n, k,
+                    out.as_mut_ptr(), 1, n as isize, true,
+                    x.as_ptr(), 1, k as isize,
+                    w.as_ptr(), k as isize, 1,
+                    1.0f32, 1.0f32, false, false, false, par,
+                )
+            };
+        }
+        if self.gelu {
+            out.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = gelu_one(*v)));
+        }
+        if let Some(r) = &self.residual {
+            let (rs, rl) = r.storage_and_layout();
+            let candle_core::Storage::Cpu(rs) = &*rs else { candle_core::bail!("bert-linear: CPU residual expected") };
+            let r = f32_slice(rs, rl)?;
+            if r.len() != out.len() {
+                candle_core::bail!("bert-linear: residual of {} values for {} outputs", r.len(), out.len());
+            }
+            out.par_chunks_mut(CHUNK).zip(r.par_chunks(CHUNK)).for_each(|(o, r)| o.iter_mut().zip(r).for_each(|(o, r)| *o += r));
+        }
+        Ok((candle_core::CpuStorage::F32(out), candle_core::Shape::from((m, n))))
+    }
+}
+
+/// `softmax(scores * scale + mask)` over the last dimension, as one op on the CPU, rows in
+/// parallel: scores (B, H, L, L), mask (B, 1, 1, L) additive (0 or the most negative float).
+/// The same arithmetic as candle's affine, broadcast add and `softmax_last_dim`.
+struct MaskedSoftmaxOp {
+    scale: f32,
+}
+
+impl candle_core::CustomOp2 for MaskedSoftmaxOp {
+    fn name(&self) -> &'static str {
+        "bert-masked-softmax"
+    }
+    fn cpu_fwd(
+        &self,
+        ss: &candle_core::CpuStorage,
+        sl: &candle_core::Layout,
+        ms: &candle_core::CpuStorage,
+        ml: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (b, h, l, l2) = sl.shape().dims4()?;
+        if ml.shape().dims4()? != (b, 1, 1, l2) {
+            candle_core::bail!("bert-masked-softmax: scores {:?}, mask {:?}", sl.shape(), ml.shape());
+        }
+        let (s, mask) = (f32_slice(ss, sl)?, f32_slice(ms, ml)?);
+        let mut out = vec![0f32; s.len()];
+        let per_batch = h * l * l2;
+        out.par_chunks_mut(l2.max(1)).zip(s.par_chunks(l2.max(1))).enumerate().for_each(|(row, (o, s))| {
+            let m = &mask[(row * l2 / per_batch.max(1)) * l2..][..l2];
+            let mut max = f32::NEG_INFINITY;
+            for ((o, &v), &mv) in o.iter_mut().zip(s).zip(m) {
+                *o = v * self.scale + mv;
+                max = max.max(*o);
+            }
+            let mut sum = 0f32;
+            for o in o.iter_mut() {
+                *o = (*o - max).exp();
+                sum += *o;
+            }
+            for o in o.iter_mut() {
+                *o /= sum;
+            }
+        });
+        Ok((candle_core::CpuStorage::F32(out), sl.shape().clone()))
     }
 }
 
@@ -146,6 +319,12 @@ pub fn erf_fast(x: f32) -> f32 {
     s * y
 }
 
+/// GELU of one value with the fast erf.
+#[inline]
+fn gelu_one(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf_fast(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
 struct FastGelu;
 
 impl candle_core::CustomOp1 for FastGelu {
@@ -155,7 +334,7 @@ impl candle_core::CustomOp1 for FastGelu {
     fn cpu_fwd(&self, s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let candle_core::CpuStorage::F32(v) = s else { candle_core::bail!("fast-gelu: f32 only") };
         let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("fast-gelu: contiguous input only".into()))?;
-        let out: Vec<f32> = v[a..b].iter().map(|&x| 0.5 * x * (1.0 + erf_fast(x * std::f32::consts::FRAC_1_SQRT_2))).collect();
+        let out: Vec<f32> = v[a..b].iter().map(|&x| gelu_one(x)).collect();
         Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
     }
 }

@@ -151,6 +151,11 @@ impl TextEncoder {
         Ok(Tensor::cat(&means, 1)?)
     }
 
+    /// The BERT model.
+    pub fn bert(&self) -> &Bert {
+        &self.bert
+    }
+
     /// HUSE text features of `texts`.
     pub fn last4_mean(&self, texts: &[&str], idf: Option<&TokenIdf>) -> Result<Tensor> {
         let (ids, mask) = self.batch_ids(texts, idf)?;

@@ -166,6 +166,26 @@ fn tokenizer_matches_the_fixture_ids() {
 }
 
 #[test]
+fn the_fused_cpu_bert_equals_candle_ops_at_any_thread_count() {
+    // The fused linear layers (bias, GELU, residual) and masked softmax against candle's ops,
+    // on the real model and texts of different lengths (padding inside the batch).
+    let enc = text_encoder();
+    let t = texts();
+    let refs: Vec<&str> = t.iter().map(String::as_str).collect();
+    let (ids, mask) = enc.batch_ids(&refs, None).unwrap();
+    let reference = enc.bert().hidden_states_ops(&ids, &mask).unwrap();
+    for threads in [1, 3] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let fused = pool.install(|| enc.bert().hidden_states(&ids, &mask).unwrap());
+        assert_eq!(fused.len(), reference.len());
+        for (i, (a, b)) in fused.iter().zip(&reference).enumerate() {
+            let e = max_abs(a, b);
+            assert!(e < 2e-5 * scale(b).max(1.0), "{threads} threads, hidden state {i}: {e:.2e}");
+        }
+    }
+}
+
+#[test]
 fn text_features_match_sentence_transformers() {
     let f = fixtures();
     let enc = text_encoder();
