@@ -27,6 +27,14 @@ fn env_usize(k: &str, d: usize) -> usize {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As huse-run's main does: freed memory stays in the process (see runner/src/main.rs).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
     let assets = PathBuf::from(std::env::var("HUSE_ASSETS").map_err(|_| anyhow::anyhow!("set HUSE_ASSETS"))?);
     let data = assets.join("data/fashion-product-images-small");
     let (n_img, n_txt) = (env_usize("BENCH_IMAGES", 512), env_usize("BENCH_TEXTS", 4096));

@@ -27,6 +27,14 @@ fn env_usize(k: &str, d: usize) -> usize {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As huse-run's main does: freed memory stays in the process (see runner/src/main.rs).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
     let threads = env_usize("BENCH_THREADS", std::thread::available_parallelism()?.get());
     // Our side runs in a pool of that many threads, as a stage runs in its thread budget.
     rayon::ThreadPoolBuilder::new().num_threads(threads).build()?.install(|| bench(threads))

@@ -247,6 +247,7 @@ const SYM_BLOCK: usize = 256;
 /// `s = e e^T` (n x n) for `e` (n x d), computing only the blocks on and below the diagonal
 /// (block rows of [`SYM_BLOCK`]) and mirroring the rest: for n = 1024, 10 of 16 block GEMMs.
 fn symmetric_self_product<T: Element>(s: &mut [T], e: &[T], n: usize, d: usize) {
+    assert!(s.len() >= n * n && e.len() >= n * d, "symmetric product operands too short");
     let nb = n.div_ceil(SYM_BLOCK);
     for bi in 0..nb {
         let (i0, i1) = (bi * SYM_BLOCK, ((bi + 1) * SYM_BLOCK).min(n));
@@ -256,12 +257,27 @@ fn symmetric_self_product<T: Element>(s: &mut [T], e: &[T], n: usize, d: usize) 
         // lhs is rows i0..i1 of e, rhs(kk, j) = e[j*d + kk] for j < i1.
         unsafe { gemm(&mut s[i0 * n..], n, i1 - i0, i1, d, (e[i0 * d..].as_ptr(), 1, d), (e.as_ptr(), d, 1), false, T::from_f64(1.0)) };
     }
-    // Mirror: s[i][j] = s[j][i] for j > i.
-    for i in 0..n {
-        for j in i + 1..n {
-            s[i * n + j] = s[j * n + i];
+    // Mirror: s[i][j] = s[j][i] for j > i, blocks of rows in parallel, by 64 x 64 tiles. A
+    // block writes only its rows' upper-triangle part and reads only the lower triangle
+    // (column i < j of row j), which nobody writes: the blocks never touch the same element.
+    struct Shared<T>(*mut T);
+    // SAFETY: see above: concurrent writes go to disjoint elements, reads to unwritten ones.
+    unsafe impl<T> Sync for Shared<T> {}
+    let base = Shared(s.as_mut_ptr());
+    let base = &base;
+    const TILE: usize = 64;
+    use rayon::prelude::*;
+    (0..n.div_ceil(TILE)).into_par_iter().for_each(|bi| {
+        let (i0, i1) = (bi * TILE, ((bi + 1) * TILE).min(n));
+        for j0 in (i0..n).step_by(TILE) {
+            for i in i0..i1 {
+                for j in (j0.max(i + 1))..(j0 + TILE).min(n) {
+                    // SAFETY: i, j < n and s holds at least n * n elements (asserted above).
+                    unsafe { *base.0.add(i * n + j) = *base.0.add(j * n + i) };
+                }
+            }
         }
-    }
+    });
 }
 
 /// One graph-loss block on the CPU as a single op on the two embedding matrices: the

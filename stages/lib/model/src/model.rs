@@ -130,13 +130,39 @@ pub fn l2_normalise_ops(x: &Tensor) -> Result<Tensor> {
 
 /// A dropout mask of `len` values: 0 with probability `p`, else 1/(1-p) (inverted dropout),
 /// drawn from `rng` (two draws per 64-bit word, each a 32-bit uniform compared with p).
-/// None when p is 0.
+/// None when p is 0. Value i is the generator's 32-bit word i from its current position, so
+/// blocks of the mask are drawn in parallel (each from a copy of the generator moved to its
+/// first word: ChaCha is seekable) and the mask is the same, bit for bit, as drawing the
+/// words one after another ([`dropout_mask_sequential`]); `rng` ends where that would leave it.
 pub fn dropout_mask(len: usize, p: f64, rng: &mut ChaCha8Rng) -> Option<Vec<f32>> {
+    use rayon::prelude::*;
     if p <= 0.0 {
         return None;
     }
     let scale = (1.0 / (1.0 - p)) as f32;
     let cut = (p * 4_294_967_296.0) as u64; // a draw u (0..2^32) is dropped iff u < p 2^32
+    let start = rng.get_word_pos();
+    const BLOCK: usize = 16 * 1024;
+    let mut mask = vec![0f32; len];
+    mask.par_chunks_mut(BLOCK).enumerate().for_each(|(bi, block)| {
+        let mut r = rng.clone();
+        r.set_word_pos(start + (bi * BLOCK) as u128);
+        for m in block.iter_mut() {
+            *m = if u64::from(r.next_u32()) < cut { 0.0 } else { scale };
+        }
+    });
+    // The sequential form draws whole 64-bit words: an odd length uses one word more.
+    rng.set_word_pos(start + 2 * len.div_ceil(2) as u128);
+    Some(mask)
+}
+
+/// [`dropout_mask`] drawn one 64-bit word after another: the reference it is tested against.
+pub fn dropout_mask_sequential(len: usize, p: f64, rng: &mut ChaCha8Rng) -> Option<Vec<f32>> {
+    if p <= 0.0 {
+        return None;
+    }
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let cut = (p * 4_294_967_296.0) as u64;
     let mut mask = Vec::with_capacity(len + 1);
     while mask.len() < len {
         let r = rng.next_u64();

@@ -107,6 +107,27 @@ fn sparse_first_layer_equals_the_dense_layer_on_the_concatenated_input() {
 }
 
 #[test]
+fn parallel_dropout_masks_equal_the_sequential_draws_and_leave_the_generator_where_they_would() {
+    use huse_model::model::{dropout_mask, dropout_mask_sequential};
+    use rand::{RngCore, SeedableRng};
+    for threads in [1, 3] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        // Lengths around the block size, odd and even; generators at odd and even positions.
+        for (len, skip) in [(1, 0), (7, 1), (16 * 1024, 0), (16 * 1024 + 1, 3), (100_001, 2), (524_288, 1)] {
+            let mut a = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+            for _ in 0..skip {
+                a.next_u32();
+            }
+            let mut b = a.clone();
+            let fast = pool.install(|| dropout_mask(len, 0.15, &mut a)).unwrap();
+            let slow = dropout_mask_sequential(len, 0.15, &mut b).unwrap();
+            assert!(fast == slow, "{len} values after {skip} words, {threads} threads");
+            assert_eq!(a.next_u64(), b.next_u64(), "the generator continues from the same word");
+        }
+    }
+}
+
+#[test]
 fn dropout_masks_drop_p_and_scale_the_rest() {
     use huse_model::model::dropout_mask;
     use rand::SeedableRng;
