@@ -304,7 +304,7 @@ enum DbCmd {
 pub fn main() -> i32 {
     use clap::{CommandFactory, FromArgMatches};
     let parsed = Cli::command()
-        .after_help(format!("Devices (`device:`, `--device`) in this build: {}.", huse_stage_kit::devices()))
+        .after_help(format!("Devices (`device:`, `--device`) in this build: {}.", huse_stage_kit::devices_built()))
         .try_get_matches()
         .and_then(|m| Cli::from_arg_matches(&m));
     let cli = match parsed {

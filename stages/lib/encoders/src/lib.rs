@@ -29,8 +29,19 @@ pub fn auto_device() -> candle_core::Device {
 /// Whether this build can compute on CUDA GPUs (`--features cuda`).
 pub const CUDA_BUILD: bool = cfg!(feature = "cuda");
 
+/// How many CUDA GPUs this process can use (0 without CUDA support, a driver or a GPU); asks
+/// the driver only, without creating a context on any.
+pub fn cuda_gpu_count() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        candle_core::cuda_backend::cudarc::driver::CudaContext::device_count().unwrap_or(0).max(0) as usize
+    }
+    #[cfg(not(feature = "cuda"))]
+    0
+}
+
 /// The CUDA GPUs this process can use, as (index, name); empty without CUDA support, a
-/// driver or a GPU.
+/// driver or a GPU. Creates a context on each (slow): for listings, not for every run.
 pub fn cuda_gpus() -> Vec<(usize, String)> {
     #[cfg(feature = "cuda")]
     {

@@ -22,8 +22,17 @@ pub fn device_of(spec: DeviceSpec) -> Result<Device, StageError> {
     }
 }
 
+/// What `device:` can name in this build, in words, without asking the driver (for `--help`).
+pub fn devices_built() -> &'static str {
+    if huse_encoders::CUDA_BUILD {
+        "cpu, cuda:N (this build has CUDA support; `huse-run list` names the GPUs found)"
+    } else {
+        "cpu (this build has no CUDA support: build with `--features cuda` for cuda:N)"
+    }
+}
+
 /// What `device:` can name in this build on this machine, in words: `cpu`, and with a CUDA
-/// build the GPUs found (for `huse-run list` and `--help`).
+/// build the GPUs found, by name (for `huse-run list`).
 pub fn devices() -> String {
     if !huse_encoders::CUDA_BUILD {
         return "cpu (this build has no CUDA support: build with `--features cuda` for cuda:N)".into();
@@ -39,7 +48,7 @@ pub fn devices() -> String {
 /// The GPU `device: auto` picks in this build on this machine: 0 when the build has CUDA
 /// support and a GPU is present (as [`device_of`] does), else None (the CPU).
 pub fn auto_gpu() -> Option<usize> {
-    (huse_encoders::CUDA_BUILD && !huse_encoders::cuda_gpus().is_empty()).then_some(0)
+    (huse_encoders::CUDA_BUILD && huse_encoders::cuda_gpu_count() > 0).then_some(0)
 }
 
 /// Reads the dataset artifacts (items, classes, encode features) among a stage's inputs;
