@@ -115,8 +115,8 @@ pub struct Cores {
 
 /// What a running stage holds: its threads, and the core tokens and GPU slot it keeps
 /// until it ends.
-pub struct Budget {
-    pub threads: usize,
+struct Budget {
+    threads: usize,
     _cores: Option<tokio::sync::OwnedSemaphorePermit>,
     _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }

@@ -122,29 +122,25 @@ impl Bert {
         let (hs, dh) = (self.heads, self.config.hidden_size / self.heads);
         let mut out = vec![x.clone()];
         let scale = 1.0 / (dh as f64).sqrt();
+        // Each piece fused on the CPU, or from candle's ops (the reference, and other devices).
+        let linear = |l: &Linear, x: &Tensor, e: Epilogue| if fused { linear_cpu(l, x, e) } else { linear_ops(l, x, e) };
+        let softmax = |scores: &Tensor| -> Result<Tensor> {
+            Ok(if fused {
+                scores.apply_op2_no_bwd(&additive, &MaskedSoftmaxOp { scale: scale as f32 })?
+            } else {
+                candle_nn::ops::softmax_last_dim(&(scores * scale)?.broadcast_add(&additive)?)?
+            })
+        };
         for layer in &self.layers {
             let split = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((b, l, hs, dh))?.transpose(1, 2)?.contiguous()?) };
-            if fused {
-                let q = split(linear_cpu(&layer.query, &x, Epilogue::None)?)?;
-                let k = split(linear_cpu(&layer.key, &x, Epilogue::None)?)?;
-                let v = split(linear_cpu(&layer.value, &x, Epilogue::None)?)?;
-                let scores = q.matmul(&k.t()?)?;
-                let probs = scores.apply_op2_no_bwd(&additive, &MaskedSoftmaxOp { scale: scale as f32 })?;
-                let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, hs * dh))?;
-                let attn = layer.attention_norm.forward(&linear_cpu(&layer.attention_output, &ctx, Epilogue::Residual(&x))?)?;
-                let inter = linear_cpu(&layer.intermediate, &attn, Epilogue::Gelu)?;
-                x = layer.output_norm.forward(&linear_cpu(&layer.output, &inter, Epilogue::Residual(&attn))?)?;
-            } else {
-                let q = split(layer.query.forward(&x)?)?;
-                let k = split(layer.key.forward(&x)?)?;
-                let v = split(layer.value.forward(&x)?)?;
-                let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&additive)?;
-                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-                let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, hs * dh))?;
-                let attn = layer.attention_norm.forward(&(layer.attention_output.forward(&ctx)? + &x)?)?;
-                let inter = gelu(&layer.intermediate.forward(&attn)?)?;
-                x = layer.output_norm.forward(&(layer.output.forward(&inter)? + attn)?)?;
-            }
+            let q = split(linear(&layer.query, &x, Epilogue::None)?)?;
+            let k = split(linear(&layer.key, &x, Epilogue::None)?)?;
+            let v = split(linear(&layer.value, &x, Epilogue::None)?)?;
+            let probs = softmax(&q.matmul(&k.t()?)?)?;
+            let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, hs * dh))?;
+            let attn = layer.attention_norm.forward(&linear(&layer.attention_output, &ctx, Epilogue::Residual(&x))?)?;
+            let inter = linear(&layer.intermediate, &attn, Epilogue::Gelu)?;
+            x = layer.output_norm.forward(&linear(&layer.output, &inter, Epilogue::Residual(&attn))?)?;
             out.push(x.clone());
         }
         Ok(out)
@@ -183,6 +179,16 @@ fn linear_cpu(layer: &Linear, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> 
     let mut out_dims = dims;
     *out_dims.last_mut().unwrap() = layer.weight().dim(0)?;
     Ok(y.reshape(out_dims)?)
+}
+
+/// [`linear_cpu`] from candle's ops: a matmul, a broadcast add, then GELU or the residual add.
+fn linear_ops(layer: &Linear, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
+    let y = layer.forward(x)?;
+    Ok(match epilogue {
+        Epilogue::None => y,
+        Epilogue::Gelu => gelu(&y)?,
+        Epilogue::Residual(r) => (y + r)?,
+    })
 }
 
 /// The op of [`linear_cpu`].

@@ -35,7 +35,7 @@ pub fn devices_built() -> &'static str {
 /// build the GPUs found, by name (for `huse-run list`).
 pub fn devices() -> String {
     if !huse_encoders::CUDA_BUILD {
-        return "cpu (this build has no CUDA support: build with `--features cuda` for cuda:N)".into();
+        return devices_built().into();
     }
     let gpus = huse_encoders::cuda_gpus();
     if gpus.is_empty() {

@@ -380,8 +380,3 @@ pub fn optimizer_step(param: &Tensor, grad: &Tensor, s1: &Tensor, s2: &Tensor, s
         })
     })
 }
-
-/// Whether `t` is a contiguous f32 tensor on a CUDA device (what the fused GPU ops take).
-pub fn usable(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| t.device().is_cuda() && t.dtype() == candle_core::DType::F32 && t.is_contiguous())
-}

@@ -113,11 +113,12 @@ pub struct Huse {
 
 /// Rows scaled to unit L2 norm.
 pub fn l2_normalise(x: &Tensor) -> Result<Tensor> {
-    if x.rank() == 2 && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        return Ok(x.contiguous()?.apply_op1(crate::fused::L2NormaliseOp)?);
-    }
-    if x.rank() == 2 && crate::fused::gpu_usable(&[&x.contiguous()?]) {
-        return Ok(x.contiguous()?.apply_op1(crate::fused::L2NormaliseOp)?);
+    if x.rank() == 2 {
+        // The fused op: on the CPU (f32, f64), or on a GPU where its CUDA half applies.
+        let x = x.contiguous()?;
+        if (x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)) || crate::fused::gpu_usable(&[&x]) {
+            return Ok(x.apply_op1(crate::fused::L2NormaliseOp)?);
+        }
     }
     l2_normalise_ops(x)
 }
