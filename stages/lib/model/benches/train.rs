@@ -112,11 +112,20 @@ fn bench(threads: usize) -> anyhow::Result<()> {
         step(s, &mut rng)?;
     }
     let t = Instant::now();
+    // Each step's time too: the median step is what a busy neighbour disturbs least.
+    let mut step_s = Vec::with_capacity(steps);
     for s in 3..3 + steps {
+        let ts = Instant::now();
         step(s, &mut rng)?;
+        if !dev.is_cpu() {
+            dev.synchronize()?;
+        }
+        step_s.push(ts.elapsed().as_secs_f64());
     }
     dev.synchronize()?;
     let ours = (steps * batch) as f64 / t.elapsed().as_secs_f64();
+    step_s.sort_by(f64::total_cmp);
+    let (ours_median, ours_best) = (batch as f64 / step_s[steps / 2], batch as f64 / step_s[0]);
 
     // PyTorch on the same features.
     let dir = tempfile::tempdir()?;
@@ -156,6 +165,7 @@ fn bench(threads: usize) -> anyhow::Result<()> {
     };
     println!("HUSE train step, batch {batch}, image {di} -> 5x512 -> 512, text {dt}+{v} (BERT + TF-IDF) -> 2x512 -> 512, {classes} classes, AdamW, 3 losses, {}", if dev.is_cpu() { format!("{threads} threads") } else { spec.to_string() });
     println!("features: {source}");
+    println!("huse-run median step: {ours_median:.0} samples/s, fastest step: {ours_best:.0} samples/s");
     match torch.as_ref().and_then(|j| j["samples_per_s"].as_f64()) {
         Some(t) => println!("samples/s  huse-run {ours:.0}   PyTorch {t:.0}   ratio {:.2}x", ours / t),
         None => println!("samples/s  huse-run {ours:.0}   PyTorch -"),

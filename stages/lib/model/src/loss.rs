@@ -189,13 +189,13 @@ pub struct GraphBlock {
 const GRAPH_ROWS: usize = 32;
 
 impl GraphBlock {
-    /// (value, d value / d d) of pair (i, j) at distance `d`.
-    #[inline]
-    fn term(&self, i: usize, j: usize, a_row: &[f64], d: f64) -> (f64, f64) {
+    /// (value, d value / d d) of pair (i, j) at distance `d`, with target distance
+    /// `t` = A[y_i][y_j]; the reference form of what [`GraphBlock::row`] computes for a row.
+    #[cfg(test)]
+    fn term(&self, i: usize, j: usize, t: f64, d: f64) -> (f64, f64) {
         if i == j {
             return (0.0, 0.0);
         }
-        let t = a_row[self.cols[j] as usize];
         if t < self.zeta {
             if d < self.zeta { ((d - t) * (d - t), 2.0 * (d - t)) } else { (0.0, 0.0) }
         } else if self.hinge && d < self.zeta {
@@ -205,18 +205,71 @@ impl GraphBlock {
         }
     }
 
-    fn a_row(&self, i: usize) -> &[f64] {
-        let r = self.rows[i] as usize * self.classes;
-        &self.a[r..r + self.classes]
+    /// One stretch of a row without its diagonal pair: `coef[j]` = -scale * d value / d s
+    /// of pair j, returns the stretch's value. Branch-free (a pair is active when d < zeta
+    /// and either its target t < zeta, pulled to t, or the variant is the hinge, pushed out
+    /// to zeta; `(zeta - d)^2 = (d - zeta)^2`), with eight running sums in a fixed order, so
+    /// the compiler vectorises it and the sum does not depend on the thread count.
+    #[inline]
+    fn stretch<T: Element>(&self, s: &[T], t: &[f64], coef: &mut [T], scale: f64) -> f64 {
+        let (zeta, hinge) = (self.zeta, self.hinge);
+        let mut acc = [0f64; 8];
+        let term = |sv: T, t: f64, cv: &mut T| -> f64 {
+            let d = 1.0 - sv.to_f64();
+            let target = if t < zeta { t } else { zeta };
+            let active = d < zeta && (t < zeta || hinge);
+            let diff = if active { d - target } else { 0.0 };
+            // d = 1 - s, so d/ds = -d/dd.
+            *cv = T::from_f64(-2.0 * diff * scale);
+            diff * diff
+        };
+        let (mut sc, mut tc, mut cc) = (s.chunks_exact(8), t.chunks_exact(8), coef.chunks_exact_mut(8));
+        for ((sb, tb), cb) in (&mut sc).zip(&mut tc).zip(&mut cc) {
+            for k in 0..8 {
+                acc[k] += term(sb[k], tb[k], &mut cb[k]);
+            }
+        }
+        for (k, ((&sv, &tv), cv)) in sc.remainder().iter().zip(tc.remainder()).zip(cc.into_remainder()).enumerate() {
+            acc[k] += term(sv, tv, cv);
+        }
+        ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+    }
+
+    /// Row `i` of the block (similarities `s`, targets `t` = A[y_i][y_j] for every column j)
+    /// into `coef`; the diagonal pair (i, i) — an item with itself — counts for nothing.
+    fn row<T: Element>(&self, i: usize, s: &[T], t: &[f64], coef: &mut [T], scale: f64) -> f64 {
+        if i >= s.len() {
+            return self.stretch(s, t, coef, scale);
+        }
+        coef[i] = T::default();
+        let left = self.stretch(&s[..i], &t[..i], &mut coef[..i], scale);
+        left + self.stretch(&s[i + 1..], &t[i + 1..], &mut coef[i + 1..], scale)
     }
 
     /// From the similarities `s` = e1 e2^T (row-major, `m` columns): the block's value and
     /// d value / d s for every pair. Rows run in parallel; the value sums rows in order, so it
-    /// does not depend on the thread count.
+    /// does not depend on the thread count. The targets A[y_i][y_j] are gathered once per
+    /// class present among the rows (not once per pair), so a row reads them contiguously.
     fn value_and_coef<T: Element>(&self, s: &[T], m: usize) -> (f64, Vec<T>) {
         use rayon::prelude::*;
         let n = self.rows.len();
         let scale = 1.0 / (n * n) as f64;
+        // targets[slot[c]] = A[c][y_j] for j < m, for each class c among the rows.
+        let mut slot = vec![usize::MAX; self.classes];
+        let mut present = Vec::new();
+        for &c in &self.rows {
+            if slot[c as usize] == usize::MAX {
+                slot[c as usize] = present.len();
+                present.push(c as usize);
+            }
+        }
+        let targets: Vec<Vec<f64>> = present
+            .par_iter()
+            .map(|&c| {
+                let a_row = &self.a[c * self.classes..(c + 1) * self.classes];
+                self.cols.iter().map(|&y| a_row[y as usize]).collect()
+            })
+            .collect();
         let mut coef = vec![T::default(); s.len()];
         let partial: Vec<f64> = coef
             .par_chunks_mut(GRAPH_ROWS * m)
@@ -226,13 +279,7 @@ impl GraphBlock {
                 let mut total = 0.0;
                 for (r, (cr, sr)) in cb.chunks_mut(m).zip(sb.chunks(m)).enumerate() {
                     let i = c * GRAPH_ROWS + r;
-                    let a_row = self.a_row(i);
-                    for (j, (cv, &sv)) in cr.iter_mut().zip(sr).enumerate() {
-                        // d = 1 - s, so d/ds = -d/dd.
-                        let (v, g) = self.term(i, j, a_row, 1.0 - sv.to_f64());
-                        total += v;
-                        *cv = T::from_f64(-g * scale);
-                    }
+                    total += self.row(i, sr, &targets[slot[self.rows[i] as usize]], cr, scale);
                 }
                 total
             })
@@ -399,4 +446,44 @@ pub fn total(
     let gap = if cfg.gamma != 0.0 { gap_loss(phi_image, phi_text)? } else { zero()? };
     let total = ((class.affine(cfg.alpha, 0.0)? + graph.affine(cfg.beta, 0.0)?)? + gap.affine(cfg.gamma, 0.0)?)?;
     Ok(Losses { class, graph, gap, total })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The vectorised rows equal the per-pair definition ([`GraphBlock::term`]) for both
+    /// variants, square and non-square blocks, every row length's remainder, and pairs on
+    /// the edges (d = zeta, t = zeta).
+    #[test]
+    fn the_vectorised_graph_block_equals_the_per_pair_terms() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let classes = 9;
+        let zeta = 0.5;
+        let mut a: Vec<f64> = (0..classes * classes).map(|_| rng.random::<f64>()).collect();
+        a[1] = zeta; // a target exactly at zeta
+        for hinge in [false, true] {
+            for (n, m) in [(37, 37), (16, 23), (64, 5), (1, 1)] {
+                let rows: Vec<u32> = (0..n).map(|_| rng.random_range(0..classes as u32)).collect();
+                let cols: Vec<u32> = (0..m).map(|_| rng.random_range(0..classes as u32)).collect();
+                let block = GraphBlock { a: a.clone(), classes, rows: rows.clone(), cols: cols.clone(), zeta, hinge };
+                let mut s: Vec<f32> = (0..n * m).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                s[0] = 1.0 - zeta as f32; // d exactly at zeta
+                let (value, coef) = block.value_and_coef(&s, m);
+                let scale = 1.0 / (n * n) as f64;
+                let mut want = 0.0;
+                for i in 0..n {
+                    for j in 0..m {
+                        let t = a[rows[i] as usize * classes + cols[j] as usize];
+                        let (v, g) = block.term(i, j, t, 1.0 - s[i * m + j] as f64);
+                        want += v;
+                        assert_eq!(coef[i * m + j], (-g * scale) as f32, "pair ({i}, {j}), hinge {hinge}, {n} x {m}");
+                    }
+                }
+                let want = want * scale;
+                assert!((value - want).abs() <= 1e-12 * want.abs().max(1e-300), "value {value} vs {want}, hinge {hinge}, {n} x {m}");
+            }
+        }
+    }
 }
