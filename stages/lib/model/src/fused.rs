@@ -57,6 +57,25 @@ element!(f64, F64);
 /// The pointers and strides must describe matrices inside their buffers.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm<T: Element>(dst: &mut [T], ldc: usize, r: usize, cols: usize, k: usize, lhs: (*const T, usize, usize), rhs: (*const T, usize, usize), accumulate: bool, beta: T) {
+    // SAFETY: forwarded from the caller.
+    unsafe { gemm_raw(dst.as_mut_ptr(), ldc, r, cols, k, lhs, rhs, accumulate, beta) }
+}
+
+/// [`gemm`] without accumulation into a buffer not yet initialised: the product writes every
+/// element of the `r` x `cols` block (it never reads the destination when not accumulating),
+/// so the buffer needs no zero-fill first — which `vec![0; n]` does on one thread.
+///
+/// # Safety
+/// As [`gemm`]; and `k > 0` (an empty product might leave the destination unwritten).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_into<T: Element>(dst: &mut [std::mem::MaybeUninit<T>], ldc: usize, r: usize, cols: usize, k: usize, lhs: (*const T, usize, usize), rhs: (*const T, usize, usize), beta: T) {
+    assert!(k > 0, "gemm_into: an empty inner dimension writes nothing");
+    // SAFETY: forwarded from the caller; MaybeUninit<T> has T's layout.
+    unsafe { gemm_raw(dst.as_mut_ptr().cast::<T>(), ldc, r, cols, k, lhs, rhs, false, beta) }
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw<T: Element>(dst: *mut T, ldc: usize, r: usize, cols: usize, k: usize, lhs: (*const T, usize, usize), rhs: (*const T, usize, usize), accumulate: bool, beta: T) {
     // The current rayon pool is the stage's (its thread budget).
     let threads = rayon::current_num_threads();
     let par = if threads > 1 && r * cols * k > 1 << 15 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
@@ -65,12 +84,24 @@ pub(crate) unsafe fn gemm<T: Element>(dst: &mut [T], ldc: usize, r: usize, cols:
     unsafe {
         gemm::gemm(
             r, cols, k,
-            dst.as_mut_ptr(), 1, ldc as isize, accumulate,
+            dst, 1, ldc as isize, accumulate,
             lhs.0, lhs.1 as isize, lhs.2 as isize,
             rhs.0, rhs.1 as isize, rhs.2 as isize,
             alpha, beta, false, false, false, par,
         )
     }
+}
+
+/// A vector of `len` elements that `fill` writes, without zero-filling it first.
+///
+/// # Safety
+/// `fill` must write every element of the slice it is given.
+pub(crate) unsafe fn written<T>(len: usize, fill: impl FnOnce(&mut [std::mem::MaybeUninit<T>])) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    fill(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: every element was written (the caller's promise).
+    unsafe { v.set_len(len) };
+    v
 }
 
 /// Runs `f` on the data of a contiguous f32 CPU tensor.
@@ -110,12 +141,18 @@ fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
 /// `b + x W[:, ..k]^T` (m x n, row-major): every row starts as the bias, one GEMM adds
 /// `x` (m x k) times the first `k` columns of the row-major W (n rows of `ldw`).
 fn bias_plus_x_wt(x: &[f32], w: &[f32], b: &[f32], m: usize, n: usize, k: usize, ldw: usize) -> Vec<f32> {
-    let mut out = vec![0f32; m * n];
-    out.par_chunks_mut(rows_per_chunk(n) * n).for_each(|block| {
-        for row in block.chunks_exact_mut(n) {
-            row.copy_from_slice(b);
-        }
-    });
+    // SAFETY: the chunks cover the buffer and every row of n gets the n bias values.
+    let mut out = unsafe {
+        written(m * n, |out| {
+            out.par_chunks_mut(rows_per_chunk(n) * n).for_each(|block| {
+                for row in block.chunks_exact_mut(n) {
+                    for (o, &v) in row.iter_mut().zip(b) {
+                        o.write(v);
+                    }
+                }
+            })
+        })
+    };
     if k > 0 && m > 0 && n > 0 {
         assert!(x.len() >= m * k && w.len() >= (n - 1) * ldw + k && k <= ldw, "GEMM operands too short");
         // rhs(kk, j) = w[j*ldw + kk].
@@ -202,29 +239,51 @@ fn grad_through(grad: &Tensor, res: &Tensor, relu: bool, mask: Option<&[f32]>) -
     let grad = grad.contiguous()?;
     with_slice(&grad, |g| {
         with_slice(res, |r| {
-            let mut out = vec![0f32; g.len()];
-            let chunks = out.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).zip(r.par_chunks(CHUNK));
-            match (relu, mask) {
-                (true, Some(k)) => chunks.zip(k.par_chunks(CHUNK)).for_each(|(((o, g), r), k)| {
-                    for (((o, &g), &r), &k) in o.iter_mut().zip(g).zip(r).zip(k) {
-                        *o = if r > 0.0 { g * k } else { 0.0 };
-                    }
-                }),
-                (true, None) => chunks.for_each(|((o, g), r)| {
-                    for ((o, &g), &r) in o.iter_mut().zip(g).zip(r) {
-                        *o = if r > 0.0 { g } else { 0.0 };
-                    }
-                }),
-                (false, Some(k)) => chunks.zip(k.par_chunks(CHUNK)).for_each(|(((o, g), _), k)| {
-                    for ((o, &g), &k) in o.iter_mut().zip(g).zip(k) {
-                        *o = g * k;
-                    }
-                }),
-                (false, None) => out.copy_from_slice(g),
+            if r.len() != g.len() || mask.is_some_and(|k| k.len() != g.len()) {
+                bail!("fused layer backward: gradient of {} for {} outputs", g.len(), r.len());
             }
-            out
-        })
+            // SAFETY: the chunks of out, g, r (and k) line up one to one (equal lengths,
+            // checked above), and every branch writes each element of its chunk.
+            Ok(unsafe {
+                written(g.len(), |out| {
+                    let chunks = out.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).zip(r.par_chunks(CHUNK));
+                    match (relu, mask) {
+                        (true, Some(k)) => chunks.zip(k.par_chunks(CHUNK)).for_each(|(((o, g), r), k)| {
+                            for (((o, &g), &r), &k) in o.iter_mut().zip(g).zip(r).zip(k) {
+                                o.write(if r > 0.0 { g * k } else { 0.0 });
+                            }
+                        }),
+                        (true, None) => chunks.for_each(|((o, g), r)| {
+                            for ((o, &g), &r) in o.iter_mut().zip(g).zip(r) {
+                                o.write(if r > 0.0 { g } else { 0.0 });
+                            }
+                        }),
+                        (false, Some(k)) => chunks.zip(k.par_chunks(CHUNK)).for_each(|(((o, g), _), k)| {
+                            for ((o, &g), &k) in o.iter_mut().zip(g).zip(k) {
+                                o.write(g * k);
+                            }
+                        }),
+                        (false, None) => chunks.for_each(|((o, g), _)| {
+                            for (o, &g) in o.iter_mut().zip(g) {
+                                o.write(g);
+                            }
+                        }),
+                    }
+                })
+            })
+        })?
     })?
+}
+
+/// `lhs . rhs` (`r` x `cols`, row-major) by [`gemm_into`]; zeros for an empty inner
+/// dimension. Operands as in [`gemm`].
+fn product(r: usize, cols: usize, k: usize, lhs: (*const f32, usize, usize), rhs: (*const f32, usize, usize)) -> Vec<f32> {
+    if k == 0 || r == 0 || cols == 0 {
+        return vec![0f32; r * cols];
+    }
+    // SAFETY: gemm_into writes the whole r x cols block (k > 0); the callers pass operands
+    // whose strides stay inside their slices.
+    unsafe { written(r * cols, |dst| gemm_into(dst, cols, r, cols, k, lhs, rhs, 1.0)) }
 }
 
 impl CustomOp3 for DenseOp {
@@ -267,11 +326,18 @@ impl CustomOp3 for DenseOp {
             return Ok((dx, Some(dw), Some(gz.sum(0)?)));
         }
         let gz = grad_through(grad, res, self.relu, self.mask.as_deref())?;
-        let db = Tensor::from_vec(column_sums(&gz, w.dim(0)?), w.dim(0)?, w.device())?;
-        let gz = Tensor::from_vec(gz, res.shape(), res.device())?;
-        let dx = if x.track_op() { Some(gz.matmul(w)?) } else { None };
-        let dw = gz.t()?.matmul(x)?;
-        Ok((dx, Some(dw), Some(db)))
+        let ((m, k), n) = (x.dims2()?, w.dim(0)?);
+        if gz.len() != m * n {
+            bail!("fused dense layer backward: gradient of {} for {m} x {n} outputs", gz.len());
+        }
+        let db = Tensor::from_vec(column_sums(&gz, n), n, w.device())?;
+        let x = x.contiguous()?;
+        let w_c = w.contiguous()?;
+        // dx (m x k) = gz (m x n) . W (n x k); dW (n x k) = gz^T . x, lhs(j, r) = gz[r*n + j].
+        let dx = if x.track_op() { Some(with_slice(&w_c, |wv| product(m, k, n, (gz.as_ptr(), 1, n), (wv.as_ptr(), 1, k)))?) } else { None };
+        let dw = with_slice(&x, |xv| product(n, k, m, (gz.as_ptr(), n, 1), (xv.as_ptr(), 1, k)))?;
+        let dx = dx.map(|v| Tensor::from_vec(v, (m, k), x.device())).transpose()?;
+        Ok((dx, Some(Tensor::from_vec(dw, (n, k), w.device())?), Some(db)))
     }
 }
 
@@ -352,31 +418,52 @@ impl CustomOp3 for SparseDenseOp {
         let (m, d) = x.dims2()?;
         let (n, kw) = w.dims2()?;
         let gz = grad_through(grad, res, self.relu, self.mask.as_deref())?;
+        if gz.len() != m * n {
+            bail!("sparse first layer backward: gradient of {} for {m} x {n} outputs", gz.len());
+        }
         let x = x.contiguous()?;
-        let mut dw = vec![0f32; n * kw];
-        if d > 0 && m > 0 {
+        let dense = d > 0 && m > 0;
+        let runs: Vec<&[(u32, u32, f32)]> = self.by_column().collect();
+        // In parallel over blocks of dW's rows (output units): a block zeroes its rows'
+        // sparse columns (and the dense ones when there is no GEMM), then writes each sparse
+        // column's gradient for its rows — sum over the column's non-zeros in order, as
+        // before, so the result does not depend on the blocks. The writes stay inside the
+        // block's rows (in cache), not strided across all of dW on one thread.
+        const UNITS: usize = 16;
+        // SAFETY: the blocks cover dW; each writes its rows' columns d..kw (zero, then the
+        // runs' columns), and columns ..d either here (no GEMM) or by the GEMM below.
+        let mut dw = unsafe {
+            written(n * kw, |dw| {
+                dw.par_chunks_mut(UNITS * kw).enumerate().for_each(|(bi, block)| {
+                    let j0 = bi * UNITS;
+                    let units = block.len() / kw;
+                    for row in block.chunks_exact_mut(kw) {
+                        let from = if dense { d } else { 0 };
+                        for v in &mut row[from..] {
+                            v.write(0.0);
+                        }
+                    }
+                    let mut acc = [0f32; UNITS];
+                    for run in &runs {
+                        let c = run[0].1 as usize;
+                        acc.fill(0.0);
+                        for &(r, _, v) in run.iter() {
+                            let g = &gz[r as usize * n + j0..r as usize * n + j0 + units];
+                            for (a, &g) in acc.iter_mut().zip(g) {
+                                *a += v * g;
+                            }
+                        }
+                        for (u, &a) in acc[..units].iter().enumerate() {
+                            block[u * kw + c].write(a);
+                        }
+                    }
+                })
+            })
+        };
+        if dense {
             // dW[:, ..d] (n, d) = gz^T (n, m) . x (m, d); lhs(j, r) = gz[r*n + j].
             // SAFETY: the slices have exactly the sizes the strides describe.
             with_slice(&x, |xv| unsafe { gemm(&mut dw, kw, n, d, m, (gz.as_ptr(), n, 1), (xv.as_ptr(), 1, d), false, 1.0) })?;
-        }
-        // The gradient of each sparse column, columns in parallel, then scattered into dW.
-        let runs: Vec<&[(u32, u32, f32)]> = self.by_column().collect();
-        let cols: Vec<(usize, Vec<f32>)> = runs
-            .par_iter()
-            .map(|run| {
-                let mut acc = vec![0f32; n];
-                for &(r, _, v) in run.iter() {
-                    for (a, &g) in acc.iter_mut().zip(&gz[r as usize * n..(r as usize + 1) * n]) {
-                        *a += v * g;
-                    }
-                }
-                (run[0].1 as usize, acc)
-            })
-            .collect();
-        for (c, acc) in cols {
-            for (j, &a) in acc.iter().enumerate() {
-                dw[j * kw + c] += a;
-            }
         }
         let db = column_sums(&gz, n);
         let gz = Tensor::from_vec(gz, (m, n), res.device())?;
