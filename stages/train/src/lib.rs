@@ -396,7 +396,7 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
                     vals[3]
                 )));
             }
-            let grads = l.total.backward().map_err(StageError::of)?;
+            let grads = huse_model::fused::backward(&l.total).map_err(StageError::of)?;
             opt.step(&grads).map_err(StageError::of)?;
             state.steps += 1;
             let n = b.len() as f64;

@@ -105,7 +105,7 @@ fn bench(threads: usize) -> anyhow::Result<()> {
         let pi = model.image.embed(&xi, Some((0.15, rng)))?;
         let pt = model.text.embed_sparse(&xt, Some(&sp), Some((0.15, rng)))?;
         let l = loss::total(&pi, &pt, &model.logits(&pi)?, &model.logits(&pt)?, &y, &a, &lcfg)?;
-        opt.step(&l.total.backward()?)?;
+        opt.step(&huse_model::fused::backward(&l.total)?)?;
         Ok(())
     };
     for s in 0..3 {

@@ -106,6 +106,51 @@ fn sparse_first_layer_equals_the_dense_layer_on_the_concatenated_input() {
     assert!(x.apply_op3(w.as_tensor(), b.as_tensor(), bad).is_err());
 }
 
+/// `fused::backward` (the fused layers hand their parameter gradients over directly) gives the
+/// same gradients as candle's `backward`: for variables used only by fused layers, a variable
+/// also used by a tensor op (the two gradients summed), and a weight that is not a variable
+/// but computed from one (its gradient must flow on through candle).
+#[test]
+fn fused_backward_equals_candles_backward() {
+    use huse_model::fused::SparseDenseOp;
+    let dev = Device::Cpu;
+    let (m, d, v, n) = (33, 20, 40, 18);
+    let (mut rows, mut cols, mut vals) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..m {
+        for e in 0..(r % 4) {
+            rows.push(r as u32);
+            cols.push((d + (r * 5 + e * 11) % v) as u32);
+            vals.push(0.2 + 0.1 * e as f32);
+        }
+    }
+    let x = Tensor::from_vec(values(m * d, 0.41), (m, d), &dev).unwrap();
+    let w1 = Var::from_tensor(&Tensor::from_vec(values(n * (d + v), 0.63), (n, d + v), &dev).unwrap()).unwrap();
+    let b1 = Var::from_tensor(&Tensor::from_vec(values(n, 1.1), n, &dev).unwrap()).unwrap();
+    let w2 = Var::from_tensor(&Tensor::from_vec(values(n * n, 0.77), (n, n), &dev).unwrap()).unwrap();
+    let b2 = Var::from_tensor(&Tensor::from_vec(values(n, 0.9), n, &dev).unwrap()).unwrap();
+    let w3 = Var::from_tensor(&Tensor::from_vec(values(n * n, 0.53), (n, n), &dev).unwrap()).unwrap();
+    let b3 = Var::from_tensor(&Tensor::from_vec(values(n, 0.3), n, &dev).unwrap()).unwrap();
+    let c = Tensor::from_vec(values(m * n, 0.19), (m, n), &dev).unwrap();
+    let loss = || {
+        let h = x.apply_op3(w1.as_tensor(), b1.as_tensor(), SparseDenseOp::new(true, None, &rows, &cols, &vals)).unwrap();
+        let h = h.apply_op3(w2.as_tensor(), b2.as_tensor(), DenseOp { relu: true, mask: None, device_mask: None }).unwrap();
+        // A weight computed from a variable: not a leaf, its gradient must reach w3.
+        let w3_scaled = w3.as_tensor().affine(0.5, 0.0).unwrap();
+        let h = h.apply_op3(&w3_scaled, b3.as_tensor(), DenseOp { relu: false, mask: None, device_mask: None }).unwrap();
+        // w2 also in a tensor op (an L2 penalty): its gradient is the sum of both uses.
+        let penalty = (w2.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.01).unwrap();
+        ((h * &c).unwrap().sum_all().unwrap() + penalty).unwrap()
+    };
+    let plain = loss().backward().unwrap();
+    let fused = huse_model::fused::backward(&loss()).unwrap();
+    for (name, var) in [("W1", &w1), ("b1", &b1), ("W2", &w2), ("b2", &b2), ("W3", &w3), ("b3", &b3)] {
+        let (a, e) = (fused.get(var).unwrap_or_else(|| panic!("no d{name}")), plain.get(var).unwrap());
+        assert_eq!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), e.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "d{name}");
+    }
+    // Outside fused::backward the layers give candle their gradients as before.
+    assert!(loss().backward().unwrap().get(&w1).is_some());
+}
+
 #[test]
 fn parallel_dropout_masks_equal_the_sequential_draws_and_leave_the_generator_where_they_would() {
     use huse_model::model::{dropout_mask, dropout_mask_sequential};
