@@ -9,6 +9,10 @@
 //!   convolutions as one GEMM each, depthwise 3x3 convolutions as a direct kernel over
 //!   contiguous channels, bias, ReLU6 and the residual add fused into those passes, the
 //!   work split over rows with rayon. This is the path the encode stage uses on the CPU.
+//!   Its activation buffers are kept between layers and batches ([`Buffers`]): a 224 px
+//!   batch of 32 has activations of up to 154 MB, which glibc maps and unmaps per
+//!   allocation (above its mmap threshold), so fresh buffers cost page faults and the
+//!   kernel's page zeroing on every layer of every batch, plus a zero-fill on one thread.
 //!
 //! Tensor names follow torchvision: `features.0.0.weight` (stem conv), `features.0.1.*`
 //! (its BatchNorm), `features.N.conv.*` (inverted residual blocks 1..=17),
@@ -86,6 +90,34 @@ pub struct MobileNetV2 {
     last: ConvBn,
     classifier_w: Tensor,
     classifier_b: Tensor,
+    /// The CPU path's activation buffers, reused by the next batch.
+    buffers: std::sync::Mutex<Buffers>,
+}
+
+/// Free activation buffers of the CPU path. Their contents are stale: every layer writes
+/// each value of its output before reading it (GEMMs without accumulation, bias-first
+/// depthwise sums, a zeroed im2col).
+#[derive(Default)]
+struct Buffers(Vec<Vec<f32>>);
+
+impl Buffers {
+    /// A buffer of `len` values, contents unspecified: the smallest free one that holds
+    /// `len`, else the largest grown (so the set stays at the few sizes a forward needs).
+    fn take(&mut self, len: usize) -> Vec<f32> {
+        let fits = self.0.iter().enumerate().filter(|(_, b)| b.capacity() >= len).min_by_key(|(_, b)| b.capacity());
+        let pick = fits.or_else(|| self.0.iter().enumerate().max_by_key(|(_, b)| b.capacity())).map(|(i, _)| i);
+        let mut v = pick.map(|i| self.0.swap_remove(i)).unwrap_or_default();
+        if v.len() >= len {
+            v.truncate(len);
+        } else {
+            v.resize(len, 0.0);
+        }
+        v
+    }
+
+    fn give(&mut self, v: Vec<f32>) {
+        self.0.push(v);
+    }
 }
 
 /// Pooled features (B, 1280) and ImageNet logits (B, 1000).
@@ -123,7 +155,7 @@ impl MobileNetV2 {
         let last = ConvBn::load(w, "features.18.0", "features.18.1", 1, 1, true)?;
         let classifier_w = w.get("classifier.1.weight").cloned().context("checkpoint has no `classifier.1.weight`")?;
         let classifier_b = w.get("classifier.1.bias").cloned().context("checkpoint has no `classifier.1.bias`")?;
-        Ok(MobileNetV2 { stem, blocks, last, classifier_w, classifier_b })
+        Ok(MobileNetV2 { stem, blocks, last, classifier_w, classifier_b, buffers: Default::default() })
     }
 
     /// Moves the weights used by [`MobileNetV2::forward`] to `device`.
@@ -168,44 +200,70 @@ impl MobileNetV2 {
     pub fn forward_cpu(&self, x: &Tensor) -> Result<Output> {
         let (b, c, h, w) = x.dims4()?;
         ensure!(c == 3, "expected 3 input channels, got {c}");
-        let nhwc: Vec<f32> = x.to_dtype(DType::F32)?.permute((0, 2, 3, 1))?.contiguous()?.flatten_all()?.to_vec1()?;
+        // The buffers leave the lock for the whole pass (a concurrent pass starts its own).
+        let mut bufs = std::mem::take(&mut *self.buffers.lock().unwrap_or_else(|e| e.into_inner()));
+        // NCHW -> NHWC, image rows in parallel, read straight from the tensor's storage.
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((from, to))) = (&*storage, layout.contiguous_offsets()) else {
+            anyhow::bail!("forward_cpu: the input must be a CPU tensor")
+        };
+        let nchw = &data[from..to];
+        let mut nhwc = bufs.take(nchw.len());
+        nhwc.par_chunks_mut(w * 3).enumerate().for_each(|(row, out)| {
+            let (bi, y) = (row / h, row % h);
+            for ch in 0..3 {
+                let plane = &nchw[((bi * 3 + ch) * h + y) * w..((bi * 3 + ch) * h + y + 1) * w];
+                for (px, &v) in plane.iter().enumerate() {
+                    out[px * 3 + ch] = v;
+                }
+            }
+        });
         // On the current rayon pool: the stage's, sized by its thread budget.
         let threads = rayon::current_num_threads();
         let (feat, fh, fw) = {
-            let (mut x, mut h, mut w) = stem(&self.stem, &nhwc, b, h, w, threads);
+            let (mut x, mut h, mut w) = stem(&self.stem, &nhwc, b, h, w, threads, &mut bufs);
+            bufs.give(nhwc);
             for blk in &self.blocks {
-                let mut y = std::borrow::Cow::Borrowed(&x);
+                // The block's latest output (None: still its input x).
+                let mut y: Option<Vec<f32>> = None;
                 let (mut yh, mut yw) = (h, w);
                 let n = blk.layers.len();
                 for (i, l) in blk.layers.iter().enumerate() {
+                    let input = y.as_deref().unwrap_or(&x);
                     let residual = (blk.residual && i == n - 1).then_some(x.as_slice());
                     let out = if l.groups > 1 {
-                        let (o, oh, ow) = depthwise(l, &y, b, yh, yw);
+                        let (o, oh, ow) = depthwise(l, input, b, yh, yw, &mut bufs);
                         (yh, yw) = (oh, ow);
                         o
                     } else {
-                        pointwise(l, &y, b * yh * yw, residual, threads)
+                        pointwise(l, input, b * yh * yw, residual, threads, &mut bufs)
                     };
-                    y = std::borrow::Cow::Owned(out);
+                    if let Some(old) = y.replace(out) {
+                        bufs.give(old);
+                    }
                 }
-                x = y.into_owned();
+                let out = y.ok_or_else(|| anyhow!("an inverted residual block without layers"))?;
+                bufs.give(std::mem::replace(&mut x, out));
                 (h, w) = (yh, yw);
             }
-            let x = pointwise(&self.last, &x, b * h * w, None, threads);
-            (x, h, w)
+            let last = pointwise(&self.last, &x, b * h * w, None, threads, &mut bufs);
+            bufs.give(x);
+            (last, h, w)
         };
-        // Global average pool over (h, w).
+        // Global average pool over (h, w), images in parallel.
         let cl = self.last.cout;
         let hw = fh * fw;
         let mut pooled = vec![0f32; b * cl];
-        for bi in 0..b {
-            let out = &mut pooled[bi * cl..(bi + 1) * cl];
+        pooled.par_chunks_mut(cl).enumerate().for_each(|(bi, out)| {
             for p in 0..hw {
                 let row = &feat[(bi * hw + p) * cl..(bi * hw + p + 1) * cl];
                 out.iter_mut().zip(row).for_each(|(o, v)| *o += v);
             }
             out.iter_mut().for_each(|o| *o /= hw as f32);
-        }
+        });
+        bufs.give(feat);
+        *self.buffers.lock().unwrap_or_else(|e| e.into_inner()) = bufs;
         self.head(Tensor::from_vec(pooled, (b, cl), &Device::Cpu)?)
     }
 }
@@ -215,11 +273,12 @@ fn act(v: f32, relu6: bool) -> f32 {
     if relu6 { v.clamp(0.0, 6.0) } else { v }
 }
 
-/// C = A (m, k) @ B (k, n), row-major, with all CPUs.
-fn matmul(a: &[f32], bm: &[f32], m: usize, k: usize, n: usize, threads: usize) -> Vec<f32> {
-    let mut c = vec![0f32; m * n];
+/// C = A (m, k) @ B (k, n), row-major, with all CPUs, into `c` (m x n; its old contents
+/// are neither read nor kept).
+fn matmul(c: &mut [f32], a: &[f32], bm: &[f32], m: usize, k: usize, n: usize, threads: usize) {
+    assert!(c.len() == m * n && a.len() == m * k && bm.len() == k * n && k > 0, "matmul operands do not fit");
     let par = if threads > 1 && m * n * k > 1 << 16 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the slices have exactly the sizes the strides describe.
+    // SAFETY: the slices have exactly the sizes the strides describe (asserted above).
     unsafe {
         gemm::gemm(
             m, n, k,
@@ -229,13 +288,13 @@ fn matmul(a: &[f32], bm: &[f32], m: usize, k: usize, n: usize, threads: usize) -
             0.0f32, 1.0f32, false, false, false, par,
         );
     }
-    c
 }
 
 /// 1x1 convolution: (m, cin) @ (cin, cout) + bias (+ residual) (+ ReLU6), fused after the GEMM.
-fn pointwise(l: &ConvBn, x: &[f32], m: usize, residual: Option<&[f32]>, threads: usize) -> Vec<f32> {
+fn pointwise(l: &ConvBn, x: &[f32], m: usize, residual: Option<&[f32]>, threads: usize, bufs: &mut Buffers) -> Vec<f32> {
     let kd = l.w_cpu.len() / l.cout;
-    let mut y = matmul(x, &l.w_cpu, m, kd, l.cout, threads);
+    let mut y = bufs.take(m * l.cout);
+    matmul(&mut y, &x[..m * kd], &l.w_cpu, m, kd, l.cout, threads);
     let co = l.cout;
     y.par_chunks_mut(co * 64).enumerate().for_each(|(ci, chunk)| {
         for (r, row) in chunk.chunks_mut(co).enumerate() {
@@ -250,11 +309,12 @@ fn pointwise(l: &ConvBn, x: &[f32], m: usize, residual: Option<&[f32]>, threads:
 }
 
 /// Depthwise 3x3 convolution, padding 1, stride 1 or 2, + bias + ReLU6, NHWC.
-fn depthwise(l: &ConvBn, x: &[f32], b: usize, h: usize, w: usize) -> (Vec<f32>, usize, usize) {
+fn depthwise(l: &ConvBn, x: &[f32], b: usize, h: usize, w: usize, bufs: &mut Buffers) -> (Vec<f32>, usize, usize) {
     let c = l.cout;
     let s = l.stride;
     let (oh, ow) = ((h + 2 - 3) / s + 1, (w + 2 - 3) / s + 1);
-    let mut y = vec![0f32; b * oh * ow * c];
+    // Every output starts as the bias (below): the buffer's old values are never read.
+    let mut y = bufs.take(b * oh * ow * c);
     y.par_chunks_mut(ow * c).enumerate().for_each(|(row_idx, out_row)| {
         let (bi, oy) = (row_idx / oh, row_idx % oh);
         for ox in 0..ow {
@@ -283,12 +343,14 @@ fn depthwise(l: &ConvBn, x: &[f32], b: usize, h: usize, w: usize) -> (Vec<f32>, 
 }
 
 /// The stem: 3x3 stride-2 convolution of 3 channels as im2col + GEMM, + bias + ReLU6.
-fn stem(l: &ConvBn, x: &[f32], b: usize, h: usize, w: usize, threads: usize) -> (Vec<f32>, usize, usize) {
+fn stem(l: &ConvBn, x: &[f32], b: usize, h: usize, w: usize, threads: usize, bufs: &mut Buffers) -> (Vec<f32>, usize, usize) {
     let (oh, ow) = ((h + 2 - 3) / 2 + 1, (w + 2 - 3) / 2 + 1);
     let kk = 27;
-    let mut cols = vec![0f32; b * oh * ow * kk];
+    let mut cols = bufs.take(b * oh * ow * kk);
     cols.par_chunks_mut(ow * kk).enumerate().for_each(|(row_idx, crow)| {
         let (bi, oy) = (row_idx / oh, row_idx % oh);
+        // Zero first: the padding taps are skipped below.
+        crow.fill(0.0);
         for ox in 0..ow {
             let col = &mut crow[ox * kk..(ox + 1) * kk];
             for ky in 0..3 {
@@ -304,6 +366,7 @@ fn stem(l: &ConvBn, x: &[f32], b: usize, h: usize, w: usize, threads: usize) -> 
             }
         }
     });
-    let y = pointwise(l, &cols, b * oh * ow, None, threads);
+    let y = pointwise(l, &cols, b * oh * ow, None, threads, bufs);
+    bufs.give(cols);
     (y, oh, ow)
 }

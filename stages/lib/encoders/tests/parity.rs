@@ -119,6 +119,34 @@ fn mobilenet_v2_matches_torchvision_on_the_fixture_inputs() {
     assert_eq!(top1_ref, [841, 399, 610, 584, 774, 502]);
 }
 
+/// The CPU path keeps its activation buffers between batches: a batch gives the same bits
+/// after batches of other sizes (smaller, larger, another resolution) as on a fresh model,
+/// so no stale value of an earlier batch leaks into a later one.
+#[test]
+fn mobilenet_v2_cpu_buffers_carry_nothing_between_batches() {
+    let f = fixtures();
+    let weights = torch_pth::load(&checkpoint()).unwrap();
+    let model = MobileNetV2::load(&weights).unwrap();
+    let x = &f["image_input"]; // 6 x 3 x 224 x 224
+    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let first = bits(&model.forward_cpu(x).unwrap().pooled);
+    // A smaller batch, a lower resolution (the input rows cropped), and a larger batch.
+    let two = x.narrow(0, 1, 2).unwrap();
+    let small = x.narrow(2, 16, 160).unwrap().narrow(3, 32, 160).unwrap().contiguous().unwrap();
+    let big = Tensor::cat(&[x, x], 0).unwrap();
+    let after: Vec<Vec<f32>> = [&two, &small, &big, x].iter().map(|t| bits(&model.forward_cpu(t).unwrap().pooled)).collect();
+    let fresh = |t: &Tensor| bits(&MobileNetV2::load(&weights).unwrap().forward_cpu(t).unwrap().pooled);
+    assert_eq!(after[0], fresh(&two), "2-image batch after a 6-image one");
+    assert_eq!(after[1], fresh(&small), "160 px batch after 224 px ones");
+    // Another batch size may block the GEMMs differently (rounding), so this one is close,
+    // not equal: a stale value would be off by far more.
+    for (half, part) in after[2].chunks(first.len()).enumerate() {
+        let worst = part.iter().zip(&first).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-4 * first.iter().fold(0f32, |m, v| m.max(v.abs())), "12-image batch, half {half}: {worst}");
+    }
+    assert_eq!(after[3], first, "the first batch again");
+}
+
 #[test]
 fn jpeg_to_pooled_matches_torchvision_pipeline() {
     let f = fixtures();
