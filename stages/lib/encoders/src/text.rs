@@ -164,19 +164,33 @@ impl TextEncoder {
 
     /// HUSE text features of many texts, as row-major rows in input order: the texts are
     /// batched by token length (`batch` at a time) so little padding is computed.
+    ///
+    /// On the CPU, as many batches as the pool has threads run at once (each batch's own ops
+    /// still split over idle threads): part of a BERT forward — attention's many small
+    /// per-head products, the strided copies between heads, layer norms, the pooling — runs
+    /// on one thread, and another batch fills the other threads meanwhile. Each batch's
+    /// features do not depend on what runs beside it.
     pub fn last4_mean_rows(&self, texts: &[&str], idf: Option<&TokenIdf>, batch: usize, mut done: impl FnMut(usize)) -> Result<Vec<f32>> {
+        use rayon::prelude::*;
         let dim = 4 * self.hidden_size();
         let lens: Vec<usize> = self.tokenize(texts)?.iter().map(Vec::len).collect();
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| (lens[i], i));
         let mut rows = vec![0f32; texts.len() * dim];
-        for chunk in order.chunks(batch.max(1)) {
+        let features = |chunk: &[usize]| -> Result<Vec<f32>> {
             let b: Vec<&str> = chunk.iter().map(|&i| texts[i]).collect();
-            let f: Vec<f32> = self.last4_mean(&b, idf)?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?;
-            for (r, &i) in chunk.iter().enumerate() {
-                rows[i * dim..(i + 1) * dim].copy_from_slice(&f[r * dim..(r + 1) * dim]);
+            Ok(self.last4_mean(&b, idf)?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1()?)
+        };
+        let chunks: Vec<&[usize]> = order.chunks(batch.max(1)).collect();
+        let at_once = if self.device.is_cpu() { rayon::current_num_threads().max(1) } else { 1 };
+        for group in chunks.chunks(at_once) {
+            let feats: Vec<Vec<f32>> = if group.len() > 1 { group.par_iter().map(|c| features(c)).collect::<Result<_>>()? } else { vec![features(group[0])?] };
+            for (chunk, f) in group.iter().zip(&feats) {
+                for (r, &i) in chunk.iter().enumerate() {
+                    rows[i * dim..(i + 1) * dim].copy_from_slice(&f[r * dim..(r + 1) * dim]);
+                }
+                done(chunk.len());
             }
-            done(chunk.len());
         }
         Ok(rows)
     }

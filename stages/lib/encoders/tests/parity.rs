@@ -213,6 +213,31 @@ fn the_fused_cpu_bert_equals_candle_ops_at_any_thread_count() {
     }
 }
 
+/// Many texts through `last4_mean_rows`: batches by token length, several batches at once on
+/// a multi-thread pool — each row equals that text's batch run alone, in input order, and the
+/// result is the same bits with one thread or three.
+#[test]
+fn text_rows_in_concurrent_batches_equal_one_batch_at_a_time() {
+    let enc = text_encoder();
+    let t = texts();
+    // 3 x the fixture texts, batches of 4: several batches, a short last one.
+    let refs: Vec<&str> = t.iter().chain(&t).chain(&t).map(String::as_str).collect();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let mut done = 0;
+        let rows = pool.install(|| enc.last4_mean_rows(&refs, None, 4, |k| done += k).unwrap());
+        assert_eq!(done, refs.len(), "progress counts every text once");
+        rows
+    };
+    let (one, three) = (run(1), run(3));
+    assert_eq!(one, three, "1 vs 3 threads");
+    let alone = enc.last4_mean(&refs, None).unwrap();
+    let dim = alone.dim(1).unwrap();
+    let alone: Vec<f32> = alone.flatten_all().unwrap().to_vec1().unwrap();
+    let worst = one.iter().zip(&alone).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-4, "rows vs one padded batch: {worst:.2e} ({dim} features)");
+}
+
 #[test]
 fn text_features_match_sentence_transformers() {
     let f = fixtures();
