@@ -224,9 +224,20 @@ impl candle_core::CustomOp3 for LinearOp {
             candle_core::bail!("bert-linear: x {:?}, W {:?}, b {:?} do not fit", xl.shape(), wl.shape(), bl.shape());
         }
         let (x, w, b) = (f32_slice(xs, xl)?, f32_slice(ws, wl)?, f32_slice(bs, bl)?);
-        let mut out = vec![0f32; m * n];
+        // The output starts as the bias rows, written in parallel straight into fresh memory
+        // (no zero-fill on one thread first).
         let rows = (CHUNK / n.max(1)).max(1);
-        out.par_chunks_mut(rows * n).for_each(|block| block.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(b)));
+        let mut out: Vec<f32> = Vec::with_capacity(m * n);
+        out.spare_capacity_mut()[..m * n].par_chunks_mut(rows * n.max(1)).for_each(|block| {
+            for row in block.chunks_exact_mut(n.max(1)) {
+                for (o, &v) in row.iter_mut().zip(b) {
+                    o.write(v);
+                }
+            }
+        });
+        // SAFETY: the chunks cover all m * n elements and every row of n got its n bias values
+        // (n = 0: no elements).
+        unsafe { out.set_len(m * n) };
         if m > 0 && n > 0 && k > 0 {
             let threads = rayon::current_num_threads();
             let par = if threads > 1 && m * n * k > 1 << 15 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
