@@ -528,37 +528,45 @@ pub const L2_EPS: f64 = 1e-12;
 macro_rules! l2_rows {
     ($fwd:ident, $bwd:ident, $t:ty) => {
         fn $fwd(x: &[$t], d: usize) -> Vec<$t> {
-            let mut y = x.to_vec();
-            y.par_chunks_mut(rows_per_chunk(d) * d).for_each(|block| {
-                for row in block.chunks_exact_mut(d) {
-                    let norm = row.iter().map(|v| v * v).sum::<$t>().sqrt().max(L2_EPS as $t);
-                    for v in row {
-                        *v /= norm;
-                    }
-                }
-            });
-            y
+            let c = rows_per_chunk(d) * d.max(1);
+            // SAFETY: the chunks of y and x line up (equal lengths) and each row of y gets
+            // all d values (x.len() is a multiple of d, the tensor being rows x d).
+            unsafe {
+                written(x.len(), |y| {
+                    y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(yb, xb)| {
+                        for (yr, xr) in yb.chunks_exact_mut(d.max(1)).zip(xb.chunks_exact(d.max(1))) {
+                            let norm = xr.iter().map(|v| v * v).sum::<$t>().sqrt().max(L2_EPS as $t);
+                            for (o, &v) in yr.iter_mut().zip(xr) {
+                                o.write(v / norm);
+                            }
+                        }
+                    })
+                })
+            }
         }
 
         fn $bwd(x: &[$t], y: &[$t], g: &[$t], d: usize) -> Vec<$t> {
-            let mut dx = vec![0.0 as $t; x.len()];
-            let c = rows_per_chunk(d) * d;
-            dx.par_chunks_mut(c).zip(x.par_chunks(c)).zip(y.par_chunks(c)).zip(g.par_chunks(c)).for_each(|(((dx, x), y), g)| {
-            for (((dxr, xr), yr), gr) in dx.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(y.chunks_exact(d)).zip(g.chunks_exact(d)) {
-                let norm = xr.iter().map(|v| v * v).sum::<$t>().sqrt();
-                if norm > L2_EPS as $t {
-                    let gy: $t = gr.iter().zip(yr).map(|(a, b)| a * b).sum();
-                    for ((o, &gv), &yv) in dxr.iter_mut().zip(gr).zip(yr) {
-                        *o = (gv - yv * gy) / norm;
-                    }
-                } else {
-                    for (o, &gv) in dxr.iter_mut().zip(gr) {
-                        *o = gv / L2_EPS as $t;
-                    }
-                }
+            let c = rows_per_chunk(d) * d.max(1);
+            // SAFETY: as in the forward pass; both branches write every value of the row.
+            unsafe {
+                written(x.len(), |dx| {
+                    dx.par_chunks_mut(c).zip(x.par_chunks(c)).zip(y.par_chunks(c)).zip(g.par_chunks(c)).for_each(|(((dx, x), y), g)| {
+                        for (((dxr, xr), yr), gr) in dx.chunks_exact_mut(d.max(1)).zip(x.chunks_exact(d.max(1))).zip(y.chunks_exact(d.max(1))).zip(g.chunks_exact(d.max(1))) {
+                            let norm = xr.iter().map(|v| v * v).sum::<$t>().sqrt();
+                            if norm > L2_EPS as $t {
+                                let gy: $t = gr.iter().zip(yr).map(|(a, b)| a * b).sum();
+                                for ((o, &gv), &yv) in dxr.iter_mut().zip(gr).zip(yr) {
+                                    o.write((gv - yv * gy) / norm);
+                                }
+                            } else {
+                                for (o, &gv) in dxr.iter_mut().zip(gr) {
+                                    o.write(gv / L2_EPS as $t);
+                                }
+                            }
+                        }
+                    })
+                })
             }
-            });
-            dx
         }
     };
 }
@@ -594,6 +602,11 @@ impl candle_core::CustomOp1 for L2NormaliseOp {
         let (_, d) = x.dims2()?;
         let g = g.contiguous()?;
         let dx = match x.dtype() {
+            // Straight from the tensors' storage (no copies on one thread first).
+            DType::F32 if x.is_contiguous() && y.is_contiguous() && x.shape() == g.shape() && x.shape() == y.shape() => {
+                let dx = with_slice(x, |xv| with_slice(y, |yv| with_slice(&g, |gv| l2_bwd_f32(xv, yv, gv, d))))???;
+                Tensor::from_vec(dx, x.shape(), x.device())?
+            }
             DType::F32 => Tensor::from_vec(l2_bwd_f32(&x.flatten_all()?.to_vec1()?, &y.flatten_all()?.to_vec1()?, &g.flatten_all()?.to_vec1()?, d), x.shape(), x.device())?,
             _ => {
                 let v = |t: &Tensor| t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>();
