@@ -18,8 +18,9 @@ fn main() {
 /// every train step, BERT layer and image batch page-faulted and zeroed its buffers afresh
 /// (5-15% of a stage's time in the kernel's page-fault and clear-page code). Buffers up to
 /// 32 MiB now come from the heap and freed memory stays for the next step; the resident size
-/// is then the heap's high-water mark (the full-data encode: 0.56 -> 1.10 GiB). Measured: the
-/// train step +7% at 1 and 2 threads (README, Benchmarks). The benches do the same.
+/// is then the heap's high-water mark (the full-data encode peaked at 1.10 GiB with it, 0.56
+/// without; 0.80 once MobileNetV2 kept its own buffers). Measured: the train step +7% at 1
+/// and 2 threads (README, Benchmarks). The benches do the same.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.

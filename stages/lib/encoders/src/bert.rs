@@ -238,21 +238,8 @@ impl candle_core::CustomOp3 for LinearOp {
         // SAFETY: the chunks cover all m * n elements and every row of n got its n bias values
         // (n = 0: no elements).
         unsafe { out.set_len(m * n) };
-        if m > 0 && n > 0 && k > 0 {
-            let threads = rayon::current_num_threads();
-            let par = if threads > 1 && m * n * k > 1 << 15 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-            // out (m x n) += x (m x k) . W^T: rhs(kk, j) = w[j*k + kk].
-            // SAFETY: x is m*k, w is n*k and out is m*n elements, as the strides describe.
-            unsafe {
-                gemm::gemm(
-                    m, n, k,
-                    out.as_mut_ptr(), 1, n as isize, true,
-                    x.as_ptr(), 1, k as isize,
-                    w.as_ptr(), k as isize, 1,
-                    1.0f32, 1.0f32, false, false, false, par,
-                )
-            };
-        }
+        // out (m x n) += x (m x k) . W^T: rhs(kk, j) = w[j*k + kk].
+        crate::cpu_gemm::sgemm(&mut out, m, n, k, (x, 1, k), (w, k, 1), true);
         if self.gelu {
             out.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = gelu_one(*v)));
         }

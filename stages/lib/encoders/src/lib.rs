@@ -12,6 +12,7 @@
 
 pub mod augment;
 pub mod bert;
+mod cpu_gemm;
 pub mod image_prep;
 pub mod mobilenet_v2;
 pub mod model_ref;

@@ -219,10 +219,8 @@ impl MobileNetV2 {
                 }
             }
         });
-        // On the current rayon pool: the stage's, sized by its thread budget.
-        let threads = rayon::current_num_threads();
         let (feat, fh, fw) = {
-            let (mut x, mut h, mut w) = stem(&self.stem, &nhwc, b, h, w, threads, &mut bufs);
+            let (mut x, mut h, mut w) = stem(&self.stem, &nhwc, b, h, w, &mut bufs);
             bufs.give(nhwc);
             for blk in &self.blocks {
                 // The block's latest output (None: still its input x).
@@ -237,7 +235,7 @@ impl MobileNetV2 {
                         (yh, yw) = (oh, ow);
                         o
                     } else {
-                        pointwise(l, input, b * yh * yw, residual, threads, &mut bufs)
+                        pointwise(l, input, b * yh * yw, residual, &mut bufs)
                     };
                     if let Some(old) = y.replace(out) {
                         bufs.give(old);
@@ -247,7 +245,7 @@ impl MobileNetV2 {
                 bufs.give(std::mem::replace(&mut x, out));
                 (h, w) = (yh, yw);
             }
-            let last = pointwise(&self.last, &x, b * h * w, None, threads, &mut bufs);
+            let last = pointwise(&self.last, &x, b * h * w, None, &mut bufs);
             bufs.give(x);
             (last, h, w)
         };
@@ -273,28 +271,12 @@ fn act(v: f32, relu6: bool) -> f32 {
     if relu6 { v.clamp(0.0, 6.0) } else { v }
 }
 
-/// C = A (m, k) @ B (k, n), row-major, with all CPUs, into `c` (m x n; its old contents
-/// are neither read nor kept).
-fn matmul(c: &mut [f32], a: &[f32], bm: &[f32], m: usize, k: usize, n: usize, threads: usize) {
-    assert!(c.len() == m * n && a.len() == m * k && bm.len() == k * n && k > 0, "matmul operands do not fit");
-    let par = if threads > 1 && m * n * k > 1 << 16 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the slices have exactly the sizes the strides describe (asserted above).
-    unsafe {
-        gemm::gemm(
-            m, n, k,
-            c.as_mut_ptr(), 1, n as isize, false,
-            a.as_ptr(), 1, k as isize,
-            bm.as_ptr(), 1, n as isize,
-            0.0f32, 1.0f32, false, false, false, par,
-        );
-    }
-}
-
 /// 1x1 convolution: (m, cin) @ (cin, cout) + bias (+ residual) (+ ReLU6), fused after the GEMM.
-fn pointwise(l: &ConvBn, x: &[f32], m: usize, residual: Option<&[f32]>, threads: usize, bufs: &mut Buffers) -> Vec<f32> {
+fn pointwise(l: &ConvBn, x: &[f32], m: usize, residual: Option<&[f32]>, bufs: &mut Buffers) -> Vec<f32> {
     let kd = l.w_cpu.len() / l.cout;
+    // The GEMM writes every output without reading the buffer's old contents.
     let mut y = bufs.take(m * l.cout);
-    matmul(&mut y, &x[..m * kd], &l.w_cpu, m, kd, l.cout, threads);
+    crate::cpu_gemm::sgemm(&mut y, m, l.cout, kd, (&x[..m * kd], 1, kd), (&l.w_cpu, 1, l.cout), false);
     let co = l.cout;
     y.par_chunks_mut(co * 64).enumerate().for_each(|(ci, chunk)| {
         for (r, row) in chunk.chunks_mut(co).enumerate() {
@@ -343,7 +325,7 @@ fn depthwise(l: &ConvBn, x: &[f32], b: usize, h: usize, w: usize, bufs: &mut Buf
 }
 
 /// The stem: 3x3 stride-2 convolution of 3 channels as im2col + GEMM, + bias + ReLU6.
-fn stem(l: &ConvBn, x: &[f32], b: usize, h: usize, w: usize, threads: usize, bufs: &mut Buffers) -> (Vec<f32>, usize, usize) {
+fn stem(l: &ConvBn, x: &[f32], b: usize, h: usize, w: usize, bufs: &mut Buffers) -> (Vec<f32>, usize, usize) {
     let (oh, ow) = ((h + 2 - 3) / 2 + 1, (w + 2 - 3) / 2 + 1);
     let kk = 27;
     let mut cols = bufs.take(b * oh * ow * kk);
@@ -366,7 +348,7 @@ fn stem(l: &ConvBn, x: &[f32], b: usize, h: usize, w: usize, threads: usize, buf
             }
         }
     });
-    let y = pointwise(l, &cols, b * oh * ow, None, threads, bufs);
+    let y = pointwise(l, &cols, b * oh * ow, None, bufs);
     bufs.give(cols);
     (y, oh, ow)
 }

@@ -184,7 +184,7 @@ impl TextEncoder {
         let chunks: Vec<&[usize]> = order.chunks(batch.max(1)).collect();
         let at_once = if self.device.is_cpu() { rayon::current_num_threads().max(1) } else { 1 };
         for group in chunks.chunks(at_once) {
-            let feats: Vec<Vec<f32>> = if group.len() > 1 { group.par_iter().map(|c| features(c)).collect::<Result<_>>()? } else { vec![features(group[0])?] };
+            let feats: Vec<Vec<f32>> = group.par_iter().map(|c| features(c)).collect::<Result<_>>()?;
             for (chunk, f) in group.iter().zip(&feats) {
                 for (r, &i) in chunk.iter().enumerate() {
                     rows[i * dim..(i + 1) * dim].copy_from_slice(&f[r * dim..(r + 1) * dim]);

@@ -379,9 +379,8 @@ impl CustomOp3 for DenseOp {
         let x = x.contiguous()?;
         let w_c = w.contiguous()?;
         // dx (m x k) = gz (m x n) . W (n x k); dW (n x k) = gz^T . x, lhs(j, r) = gz[r*n + j].
-        let dx = if x.track_op() { Some(with_slice(&w_c, |wv| product(m, k, n, (gz.as_ptr(), 1, n), (wv.as_ptr(), 1, k)))?) } else { None };
+        let dx = if x.track_op() { Some(Tensor::from_vec(with_slice(&w_c, |wv| product(m, k, n, (gz.as_ptr(), 1, n), (wv.as_ptr(), 1, k)))?, (m, k), x.device())?) } else { None };
         let dw = with_slice(&x, |xv| product(n, k, m, (gz.as_ptr(), n, 1), (xv.as_ptr(), 1, k)))?;
-        let dx = dx.map(|v| Tensor::from_vec(v, (m, k), x.device())).transpose()?;
         Ok((dx, sink(w, Tensor::from_vec(dw, (n, k), w.device())?)?, sink(b, db)?))
     }
 }
@@ -475,6 +474,7 @@ impl CustomOp3 for SparseDenseOp {
         // before, so the result does not depend on the blocks. The writes stay inside the
         // block's rows (in cache), not strided across all of dW on one thread.
         const UNITS: usize = 16;
+        let from = if dense { d } else { 0 };
         // SAFETY: the blocks cover dW; each writes its rows' columns d..kw (zero, then the
         // runs' columns), and columns ..d either here (no GEMM) or by the GEMM below.
         let mut dw = unsafe {
@@ -483,7 +483,6 @@ impl CustomOp3 for SparseDenseOp {
                     let j0 = bi * UNITS;
                     let units = block.len() / kw;
                     for row in block.chunks_exact_mut(kw) {
-                        let from = if dense { d } else { 0 };
                         for v in &mut row[from..] {
                             v.write(0.0);
                         }
@@ -511,8 +510,8 @@ impl CustomOp3 for SparseDenseOp {
             with_slice(&x, |xv| unsafe { gemm(&mut dw, kw, n, d, m, (gz.as_ptr(), n, 1), (xv.as_ptr(), 1, d), false, 1.0) })?;
         }
         let db = column_sums(&gz, n);
-        let gz = Tensor::from_vec(gz, (m, n), res.device())?;
-        let dx = if x.track_op() { Some(gz.matmul(&w.narrow(1, 0, d)?)?) } else { None };
+        // dx (m x d) = gz (m x n) . W[:, ..d], rhs(j, kk) = w[j*kw + kk].
+        let dx = if x.track_op() { Some(Tensor::from_vec(with_slice(w, |wv| product(m, d, n, (gz.as_ptr(), 1, n), (wv.as_ptr(), 1, kw)))?, (m, d), x.device())?) } else { None };
         Ok((dx, sink(w, Tensor::from_vec(dw, (n, kw), w.device())?)?, sink(b, Tensor::from_vec(db, n, w.device())?)?))
     }
 }
@@ -528,13 +527,14 @@ pub const L2_EPS: f64 = 1e-12;
 macro_rules! l2_rows {
     ($fwd:ident, $bwd:ident, $t:ty) => {
         fn $fwd(x: &[$t], d: usize) -> Vec<$t> {
-            let c = rows_per_chunk(d) * d.max(1);
+            let d = d.max(1); // no rows to walk when d = 0 (x is empty)
+            let c = rows_per_chunk(d) * d;
             // SAFETY: the chunks of y and x line up (equal lengths) and each row of y gets
             // all d values (x.len() is a multiple of d, the tensor being rows x d).
             unsafe {
                 written(x.len(), |y| {
                     y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(yb, xb)| {
-                        for (yr, xr) in yb.chunks_exact_mut(d.max(1)).zip(xb.chunks_exact(d.max(1))) {
+                        for (yr, xr) in yb.chunks_exact_mut(d).zip(xb.chunks_exact(d)) {
                             let norm = xr.iter().map(|v| v * v).sum::<$t>().sqrt().max(L2_EPS as $t);
                             for (o, &v) in yr.iter_mut().zip(xr) {
                                 o.write(v / norm);
@@ -546,12 +546,13 @@ macro_rules! l2_rows {
         }
 
         fn $bwd(x: &[$t], y: &[$t], g: &[$t], d: usize) -> Vec<$t> {
-            let c = rows_per_chunk(d) * d.max(1);
+            let d = d.max(1);
+            let c = rows_per_chunk(d) * d;
             // SAFETY: as in the forward pass; both branches write every value of the row.
             unsafe {
                 written(x.len(), |dx| {
                     dx.par_chunks_mut(c).zip(x.par_chunks(c)).zip(y.par_chunks(c)).zip(g.par_chunks(c)).for_each(|(((dx, x), y), g)| {
-                        for (((dxr, xr), yr), gr) in dx.chunks_exact_mut(d.max(1)).zip(x.chunks_exact(d.max(1))).zip(y.chunks_exact(d.max(1))).zip(g.chunks_exact(d.max(1))) {
+                        for (((dxr, xr), yr), gr) in dx.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(y.chunks_exact(d)).zip(g.chunks_exact(d)) {
                             let norm = xr.iter().map(|v| v * v).sum::<$t>().sqrt();
                             if norm > L2_EPS as $t {
                                 let gy: $t = gr.iter().zip(yr).map(|(a, b)| a * b).sum();
@@ -603,11 +604,11 @@ impl candle_core::CustomOp1 for L2NormaliseOp {
         let g = g.contiguous()?;
         let dx = match x.dtype() {
             // Straight from the tensors' storage (no copies on one thread first).
-            DType::F32 if x.is_contiguous() && y.is_contiguous() && x.shape() == g.shape() && x.shape() == y.shape() => {
-                let dx = with_slice(x, |xv| with_slice(y, |yv| with_slice(&g, |gv| l2_bwd_f32(xv, yv, gv, d))))???;
+            DType::F32 => {
+                let (xc, yc) = (x.contiguous()?, y.contiguous()?);
+                let dx = with_slice(&xc, |xv| with_slice(&yc, |yv| with_slice(&g, |gv| l2_bwd_f32(xv, yv, gv, d))))???;
                 Tensor::from_vec(dx, x.shape(), x.device())?
             }
-            DType::F32 => Tensor::from_vec(l2_bwd_f32(&x.flatten_all()?.to_vec1()?, &y.flatten_all()?.to_vec1()?, &g.flatten_all()?.to_vec1()?, d), x.shape(), x.device())?,
             _ => {
                 let v = |t: &Tensor| t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>();
                 Tensor::from_vec(l2_bwd_f64(&v(x)?, &v(y)?, &v(&g)?, d), x.shape(), x.device())?.to_dtype(x.dtype())?

@@ -144,14 +144,18 @@ pub fn dropout_mask(len: usize, p: f64, rng: &mut ChaCha8Rng) -> Option<Vec<f32>
     let cut = (p * 4_294_967_296.0) as u64; // a draw u (0..2^32) is dropped iff u < p 2^32
     let start = rng.get_word_pos();
     const BLOCK: usize = 16 * 1024;
-    let mut mask = vec![0f32; len];
-    mask.par_chunks_mut(BLOCK).enumerate().for_each(|(bi, block)| {
-        let mut r = rng.clone();
-        r.set_word_pos(start + (bi * BLOCK) as u128);
-        for m in block.iter_mut() {
-            *m = if u64::from(r.next_u32()) < cut { 0.0 } else { scale };
-        }
-    });
+    // SAFETY: the blocks cover the mask and each writes every value of its block.
+    let mask = unsafe {
+        crate::fused::written(len, |mask| {
+            mask.par_chunks_mut(BLOCK).enumerate().for_each(|(bi, block)| {
+                let mut r = rng.clone();
+                r.set_word_pos(start + (bi * BLOCK) as u128);
+                for m in block.iter_mut() {
+                    m.write(if u64::from(r.next_u32()) < cut { 0.0 } else { scale });
+                }
+            })
+        })
+    };
     // The sequential form draws whole 64-bit words: an odd length uses one word more.
     rng.set_word_pos(start + 2 * len.div_ceil(2) as u128);
     Some(mask)
