@@ -427,6 +427,33 @@ mod tests {
         assert!(Output::summary("t.md", "tables").summary && !Output::new("t.md", "tables").summary);
     }
 
+    /// Writes scratch into its work directory, then fails when `fail` is set.
+    struct Scratch;
+    impl Stage for Scratch {
+        fn kind(&self) -> &str { "scratch" }
+        fn version(&self) -> &str { "1" }
+        fn outputs(&self) -> Vec<Output> { vec![] }
+        fn validate(&self, _config: &Config) -> Result<(), ConfigError> { Ok(()) }
+        fn run(&self, ctx: &Context, config: &Config, _inputs: &Inputs) -> Result<(), StageError> {
+            std::fs::write(ctx.work_dir.join("partial"), b"x")?;
+            if config["fail"].as_bool() == Some(true) { return Err(StageError::of("asked to fail")) }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_testing_runner_leaves_no_work_directory_behind() {
+        let root = std::env::temp_dir().join(format!("huse-api-scratch-{}", std::process::id()));
+        for fail in [false, true] {
+            let out = root.join(format!("out-{fail}"));
+            let r = testing::run(&Scratch, &serde_json::json!({"fail": fail}), &Inputs::default(), &out, 0);
+            assert_eq!(r.is_err(), fail);
+            assert!(out.is_dir());
+            assert!(!out.with_extension("work").exists(), "{} left behind", out.with_extension("work").display());
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
     #[test]
     fn inputs_get_rejects_ambiguity() {
         let mut i = Inputs::default();
@@ -473,11 +500,16 @@ pub mod testing {
         std::fs::create_dir_all(out_dir)?;
         let metrics = Recorded::default();
         let cancel = CancelToken::new();
+        // Scratch beside `out_dir` (outputs only go in `out_dir`); removed however the stage
+        // returns, as the runner removes its cache's work directories, so that tests writing
+        // into temporary directories leave nothing behind.
         let work_dir = out_dir.with_extension("work");
         std::fs::create_dir_all(&work_dir)?;
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let ctx = Context { name: stage.kind(), device: DeviceSpec::Cpu, seed, out_dir, work_dir: &work_dir, progress: &NoProgress, metrics: &metrics, cancel: &cancel, threads };
-        super::with_threads(threads, || stage.run(&ctx, config, inputs))??;
+        let result = super::with_threads(threads, || stage.run(&ctx, config, inputs));
+        let _ = std::fs::remove_dir_all(&work_dir);
+        result??;
         Ok(metrics)
     }
 }
