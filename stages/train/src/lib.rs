@@ -377,6 +377,8 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
             }
             .map_err(StageError::of)?;
             let y = &bt.labels;
+            // Each tower one op on the CPU, its gradients handed over by fused::backward below.
+            let _chain = huse_model::fused::chain_towers();
             let phi_i = model.image.embed(&bt.image, Some((cfg.model.dropout, &mut drop_rng))).map_err(StageError::of)?;
             let phi_t = model.text.embed_sparse(&bt.text, bt.tfidf.as_ref(), Some((cfg.model.dropout, &mut drop_rng))).map_err(StageError::of)?;
             let li = model.logits(&phi_i).map_err(StageError::of)?;

@@ -102,6 +102,8 @@ fn bench(threads: usize) -> anyhow::Result<()> {
         let (xi, xt) = (image_all.narrow(0, start, batch)?, text_all.narrow(0, start, batch)?);
         let sp = sparse(start)?;
         let y = Tensor::from_slice(&labels[start..start + batch], batch, &dev)?;
+        // Each tower one op (CPU), as in the train stage.
+        let _chain = huse_model::fused::chain_towers();
         let pi = model.image.embed(&xi, Some((0.15, rng)))?;
         let pt = model.text.embed_sparse(&xt, Some(&sp), Some((0.15, rng)))?;
         let l = loss::total(&pi, &pt, &model.logits(&pi)?, &model.logits(&pt)?, &y, &a, &lcfg)?;

@@ -370,6 +370,14 @@ impl CustomOp3 for DenseOp {
             let dw = gz.t()?.matmul(x)?;
             return Ok((dx, Some(dw), Some(gz.sum(0)?)));
         }
+        self.backward(x, w, b, res, grad, x.track_op())
+    }
+}
+
+impl DenseOp {
+    /// The CPU backward: (dx when `want_dx`, dW, db), the parameter gradients through [`sink`].
+    #[allow(clippy::type_complexity)]
+    fn backward(&self, x: &Tensor, w: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor, want_dx: bool) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let gz = grad_through(grad, res, self.relu, self.mask.as_deref())?;
         let ((m, k), n) = (x.dims2()?, w.dim(0)?);
         if gz.len() != m * n {
@@ -379,7 +387,7 @@ impl CustomOp3 for DenseOp {
         let x = x.contiguous()?;
         let w_c = w.contiguous()?;
         // dx (m x k) = gz (m x n) . W (n x k); dW (n x k) = gz^T . x, lhs(j, r) = gz[r*n + j].
-        let dx = if x.track_op() { Some(Tensor::from_vec(with_slice(&w_c, |wv| product(m, k, n, (gz.as_ptr(), 1, n), (wv.as_ptr(), 1, k)))?, (m, k), x.device())?) } else { None };
+        let dx = if want_dx { Some(Tensor::from_vec(with_slice(&w_c, |wv| product(m, k, n, (gz.as_ptr(), 1, n), (wv.as_ptr(), 1, k)))?, (m, k), x.device())?) } else { None };
         let dw = with_slice(&x, |xv| product(n, k, m, (gz.as_ptr(), n, 1), (xv.as_ptr(), 1, k)))?;
         Ok((dx, sink(w, Tensor::from_vec(dw, (n, k), w.device())?)?, sink(b, db)?))
     }
@@ -615,5 +623,123 @@ impl candle_core::CustomOp1 for L2NormaliseOp {
             }
         };
         Ok(Some(dx))
+    }
+}
+
+thread_local! {
+    /// Set while a [`ChainGuard`] lives on this thread.
+    static CHAIN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While the returned guard lives, the towers built on this thread (on the CPU) run all their
+/// layers and the L2 normalisation as one candle op, [`TowerOp`]: candle then keeps one node
+/// per tower instead of one per layer, and the gradient between two layers passes straight
+/// from one layer's backward to the next, not through candle's gradient store (there every
+/// gradient starts as a zero tensor and is then added to, two passes on one thread). The
+/// parameter gradients of such a tower reach only [`backward`]'s store: a plain
+/// `Tensor::backward` under the guard fails with an error that says so. For training steps
+/// (the train stage, the train benchmark); outside a guard every layer is its own op.
+pub fn chain_towers() -> ChainGuard {
+    ChainGuard(CHAIN.with(|c| c.replace(true)))
+}
+
+/// Ends [`chain_towers`] when dropped (restoring what was set before).
+pub struct ChainGuard(bool);
+
+impl Drop for ChainGuard {
+    fn drop(&mut self) {
+        CHAIN.with(|c| c.set(self.0));
+    }
+}
+
+/// Whether towers on this thread run as one op ([`chain_towers`]).
+pub fn chaining() -> bool {
+    CHAIN.with(|c| c.get())
+}
+
+/// The first layer of a [`TowerOp`]: the op's own three inputs (x, W, b) go through it.
+pub enum FirstLayer {
+    Dense(DenseOp),
+    Sparse(SparseDenseOp),
+}
+
+/// A whole tower as one op on the CPU: the first layer on the op's inputs `(x, W0, b0)`, then
+/// the `rest` of the layers (each a [`DenseOp`] with its weight and bias, which must be
+/// variables), then L2 normalisation. The same kernels as the per-layer ops, so the same
+/// results; see [`chain_towers`] for why and when.
+pub struct TowerOp {
+    first: FirstLayer,
+    rest: Vec<(DenseOp, Tensor, Tensor)>,
+    /// Every layer's output from the forward pass (the last one before normalisation), which
+    /// the backward pass reads.
+    saved: std::sync::Mutex<Vec<Tensor>>,
+}
+
+impl TowerOp {
+    pub fn new(first: FirstLayer, rest: Vec<(DenseOp, Tensor, Tensor)>) -> Self {
+        TowerOp { first, rest, saved: std::sync::Mutex::new(Vec::new()) }
+    }
+}
+
+/// An f32 CPU tensor owning `s`.
+fn cpu_tensor(s: CpuStorage, shape: Shape) -> Result<Tensor> {
+    match s {
+        CpuStorage::F32(v) => Tensor::from_vec(v, shape, &candle_core::Device::Cpu),
+        _ => bail!("chained tower: f32 data expected"),
+    }
+}
+
+/// `op`'s CPU forward pass on three tensors, as a tensor (no graph node).
+fn cpu_apply3(op: &impl CustomOp3, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Tensor> {
+    let ((sa, la), (sb, lb), (sc, lc)) = (a.storage_and_layout(), b.storage_and_layout(), c.storage_and_layout());
+    let (Storage::Cpu(a), Storage::Cpu(b), Storage::Cpu(c)) = (&*sa, &*sb, &*sc) else { bail!("chained tower: CPU tensors only") };
+    let (s, shape) = op.cpu_fwd(a, la, b, lb, c, lc)?;
+    cpu_tensor(s, shape)
+}
+
+impl CustomOp3 for TowerOp {
+    fn name(&self) -> &'static str {
+        "huse-tower"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (s, shape) = match &self.first {
+            FirstLayer::Dense(op) => op.cpu_fwd(xs, xl, ws, wl, bs, bl)?,
+            FirstLayer::Sparse(op) => op.cpu_fwd(xs, xl, ws, wl, bs, bl)?,
+        };
+        let mut h = cpu_tensor(s, shape)?;
+        let mut saved = Vec::with_capacity(self.rest.len() + 1);
+        saved.push(h.clone());
+        for (op, w, b) in &self.rest {
+            h = cpu_apply3(op, &h, w, b)?;
+            saved.push(h.clone());
+        }
+        let d = h.dim(1)?;
+        let y = with_slice(&h, |v| l2_fwd_f32(v, d))?;
+        let shape = h.shape().clone();
+        *self.saved.lock().map_err(|_| candle_core::Error::Msg("chained tower: poisoned lock".into()))? = saved;
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if !SINK.with(|s| s.borrow().is_some()) {
+            bail!("a chained tower's parameter gradients go only to huse_model::fused::backward's store: call it rather than Tensor::backward, or build the towers outside huse_model::fused::chain_towers");
+        }
+        let saved = self.saved.lock().map_err(|_| candle_core::Error::Msg("chained tower: poisoned lock".into()))?.clone();
+        if saved.len() != self.rest.len() + 1 {
+            bail!("chained tower backward before its forward pass");
+        }
+        let mut g = candle_core::CustomOp1::bwd(&L2NormaliseOp, &saved[self.rest.len()], res, grad)?.expect("the L2 backward always returns a gradient");
+        for (i, (op, w, b)) in self.rest.iter().enumerate().rev() {
+            let (dx, dw, db) = op.backward(&saved[i], w, b, &saved[i + 1], &g, true)?;
+            if dw.is_some() || db.is_some() {
+                bail!("chained tower: its layers' weights and biases must be variables");
+            }
+            g = dx.expect("asked for dx");
+        }
+        match &self.first {
+            FirstLayer::Dense(op) => op.backward(x, w, b, &saved[0], &g, x.track_op()),
+            FirstLayer::Sparse(op) => op.bwd(x, w, b, &saved[0], &g),
+        }
     }
 }

@@ -255,11 +255,44 @@ impl Tower {
         fn drop_at<'a>(last: bool, d: &'a mut Option<(f64, &mut ChaCha8Rng)>) -> Option<(f64, &'a mut ChaCha8Rng)> {
             if last { None } else { d.as_mut().map(|(p, rng)| (*p, &mut **rng)) }
         }
+        if crate::fused::chaining() && dense.rank() == 2 && self.all_usable(dense) && sparse.is_none_or(|sp| sp.vals.device().is_cpu()) {
+            return self.chained(dense, sparse, dropout_rng);
+        }
         let mut h = first_layer(first, dense, sparse, true, drop_at(n == 1, &mut dropout_rng))?;
         for i in 1..n {
             h = self.hidden[i].apply(&h, true, drop_at(i + 1 == n, &mut dropout_rng))?;
         }
         l2_normalise(&self.out.forward(&h)?)
+    }
+
+    /// Whether every layer and the input fit the fused CPU ops.
+    fn all_usable(&self, x: &Tensor) -> bool {
+        self.hidden.iter().chain([&self.out]).all(|l| crate::fused::usable(&[x, l.weight.as_tensor(), l.bias.as_tensor()]))
+    }
+
+    /// [`Tower::embed_sparse`] as one [`crate::fused::TowerOp`] (under
+    /// [`crate::fused::chain_towers`]); at least one hidden layer. The dropout masks are drawn
+    /// in the order of the per-layer path, so both give the same numbers.
+    fn chained(&self, dense: &Tensor, sparse: Option<&Sparse>, mut dropout_rng: Option<(f64, &mut ChaCha8Rng)>) -> Result<Tensor> {
+        use crate::fused::{DenseOp, FirstLayer, TowerOp};
+        let (rows, n) = (dense.dim(0)?, self.hidden.len());
+        let mut mask = |layer: &Dense, last: bool| -> Result<Option<Vec<f32>>> {
+            let units = layer.weight.dim(0)?;
+            Ok(if last { None } else { dropout_rng.as_mut().and_then(|(p, rng)| dropout_mask(rows * units, *p, rng)) })
+        };
+        let first = &self.hidden[0];
+        let first_mask = mask(first, n == 1)?;
+        let first_op = match sparse {
+            Some(sp) => FirstLayer::Sparse(crate::fused::SparseDenseOp::new(true, first_mask, &sp.rows.to_vec1()?, &sp.cols.to_vec1()?, &sp.vals.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)),
+            None => FirstLayer::Dense(DenseOp { relu: true, mask: first_mask, device_mask: None }),
+        };
+        let mut rest = Vec::with_capacity(n);
+        for i in 1..n {
+            let l = &self.hidden[i];
+            rest.push((DenseOp { relu: true, mask: mask(l, i + 1 == n)?, device_mask: None }, l.weight.as_tensor().clone(), l.bias.as_tensor().clone()));
+        }
+        rest.push((DenseOp { relu: false, mask: None, device_mask: None }, self.out.weight.as_tensor().clone(), self.out.bias.as_tensor().clone()));
+        Ok(dense.apply_op3(first.weight.as_tensor(), first.bias.as_tensor(), TowerOp::new(first_op, rest))?)
     }
 
     fn named<'a>(&'a self, prefix: &str, out: &mut Vec<(String, &'a Var)>) {

@@ -258,3 +258,56 @@ fn a_train_step_gives_the_same_parameters_bit_for_bit_with_one_or_three_threads(
         assert_eq!(differ, 0, "parameter {k}: {differ} of {} values differ", a.len());
     }
 }
+
+/// Towers chained into one op each (`fused::chain_towers`) give the same embeddings, the same
+/// dropout draws and the same parameter gradients as one op per layer, bit for bit: a dense
+/// image tower of three hidden layers and a text tower with the sparse first layer, both with
+/// dropout, under a loss that reads both embeddings and the shared layer. Under the guard a
+/// plain `Tensor::backward` fails with an error that names the way out, rather than leaving
+/// the chained layers' weights without gradients.
+#[test]
+fn chained_towers_equal_one_op_per_layer() {
+    use huse_model::data::Sparse;
+    use huse_model::model::{Huse, HuseConfig, Shape};
+    use rand::{RngCore, SeedableRng};
+    let dev = Device::Cpu;
+    let (m, di, d, v) = (70, 40, 24, 30);
+    let cfg = HuseConfig { image_input: di, text_input: d + v, classes: 5, shape: Shape { dim: 16, hidden: 32, image_layers: 3, text_layers: 2, dropout: 0.2 } };
+    let model = Huse::new(&cfg, &mut rand_chacha::ChaCha8Rng::seed_from_u64(5), &dev).unwrap();
+    let image = Tensor::from_vec(values(m * di, 0.29), (m, di), &dev).unwrap();
+    let text = Tensor::from_vec(values(m * d, 0.47), (m, d), &dev).unwrap();
+    let (mut rows, mut cols, mut vals) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..m {
+        for e in 0..(r % 4) {
+            rows.push(r as u32);
+            cols.push((d + (r * 7 + e * 13) % v) as u32);
+            vals.push(0.3 + 0.1 * e as f32);
+        }
+    }
+    let n = rows.len();
+    let sp = Sparse { rows: Tensor::from_vec(rows, n, &dev).unwrap(), cols: Tensor::from_vec(cols, n, &dev).unwrap(), vals: Tensor::from_vec(vals, (n, 1), &dev).unwrap(), width: v };
+    let c = Tensor::from_vec(values(m * 5, 0.13), (m, 5), &dev).unwrap();
+    let step = |chain: bool| {
+        let _guard = chain.then(huse_model::fused::chain_towers);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let pi = model.image.embed(&image, Some((0.2, &mut rng))).unwrap();
+        let pt = model.text.embed_sparse(&text, Some(&sp), Some((0.2, &mut rng))).unwrap();
+        let class = (model.logits(&pi).unwrap() * &c).unwrap().sum_all().unwrap();
+        let gap = (&pi * &pt).unwrap().sum_all().unwrap();
+        let loss = (class + gap.affine(-0.5, 0.0).unwrap()).unwrap();
+        let grads = huse_model::fused::backward(&loss).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let g: Vec<(String, Vec<f32>)> = model.named_vars().into_iter().map(|(name, var)| (name.clone(), flat(grads.get(var).unwrap_or_else(|| panic!("no gradient for {name}"))))).collect();
+        (flat(&pi), flat(&pt), g, rng.next_u64())
+    };
+    let (one_op, per_layer) = (step(true), step(false));
+    assert!(one_op.0 == per_layer.0 && one_op.1 == per_layer.1, "embeddings differ");
+    assert_eq!(one_op.3, per_layer.3, "the dropout generator ends elsewhere");
+    for ((name, a), (_, b)) in one_op.2.iter().zip(&per_layer.2) {
+        assert!(a == b, "gradient of {name} differs");
+    }
+    let _guard = huse_model::fused::chain_towers();
+    let pi = model.image.embed(&image, None).unwrap();
+    let err = pi.sum_all().unwrap().backward().unwrap_err().to_string();
+    assert!(err.contains("huse_model::fused::backward"), "{err}");
+}
