@@ -379,8 +379,7 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
             let y = &bt.labels;
             // Each tower one op on the CPU, its gradients handed over by fused::backward below.
             let _chain = huse_model::fused::chain_towers();
-            let phi_i = model.image.embed(&bt.image, Some((cfg.model.dropout, &mut drop_rng))).map_err(StageError::of)?;
-            let phi_t = model.text.embed_sparse(&bt.text, bt.tfidf.as_ref(), Some((cfg.model.dropout, &mut drop_rng))).map_err(StageError::of)?;
+            let (phi_i, phi_t) = model.embed_pair(&bt.image, &bt.text, bt.tfidf.as_ref(), Some((cfg.model.dropout, &mut drop_rng))).map_err(StageError::of)?;
             let li = model.logits(&phi_i).map_err(StageError::of)?;
             let lt = model.logits(&phi_t).map_err(StageError::of)?;
             let l = loss::total(&phi_i, &phi_t, &li, &lt, y, &a, &loss_cfg).map_err(StageError::of)?;

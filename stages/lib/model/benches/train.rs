@@ -104,8 +104,7 @@ fn bench(threads: usize) -> anyhow::Result<()> {
         let y = Tensor::from_slice(&labels[start..start + batch], batch, &dev)?;
         // Each tower one op (CPU), as in the train stage.
         let _chain = huse_model::fused::chain_towers();
-        let pi = model.image.embed(&xi, Some((0.15, rng)))?;
-        let pt = model.text.embed_sparse(&xt, Some(&sp), Some((0.15, rng)))?;
+        let (pi, pt) = model.embed_pair(&xi, &xt, Some(&sp), Some((0.15, rng)))?;
         let l = loss::total(&pi, &pt, &model.logits(&pi)?, &model.logits(&pt)?, &y, &a, &lcfg)?;
         opt.step(&huse_model::fused::backward(&l.total)?)?;
         Ok(())

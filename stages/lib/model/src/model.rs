@@ -103,6 +103,20 @@ pub struct Tower {
     pub out: Dense,
 }
 
+/// A tower's [`crate::fused::TowerOp`] with its input, masks drawn: [`Chained::apply`] runs it.
+struct Chained<'a> {
+    tower: &'a Tower,
+    input: &'a Tensor,
+    op: crate::fused::TowerOp,
+}
+
+impl Chained<'_> {
+    fn apply(self) -> Result<Tensor> {
+        let first = &self.tower.hidden[0];
+        Ok(self.input.apply_op3(first.weight.as_tensor(), first.bias.as_tensor(), self.op)?)
+    }
+}
+
 /// The HUSE model.
 pub struct Huse {
     pub config: HuseConfig,
@@ -255,8 +269,8 @@ impl Tower {
         fn drop_at<'a>(last: bool, d: &'a mut Option<(f64, &mut ChaCha8Rng)>) -> Option<(f64, &'a mut ChaCha8Rng)> {
             if last { None } else { d.as_mut().map(|(p, rng)| (*p, &mut **rng)) }
         }
-        if crate::fused::chaining() && dense.rank() == 2 && self.all_usable(dense) && sparse.is_none_or(|sp| sp.vals.device().is_cpu()) {
-            return self.chained(dense, sparse, dropout_rng);
+        if self.chainable(dense, sparse) {
+            return self.chained(dense, sparse, dropout_rng)?.apply();
         }
         let mut h = first_layer(first, dense, sparse, true, drop_at(n == 1, &mut dropout_rng))?;
         for i in 1..n {
@@ -265,15 +279,19 @@ impl Tower {
         l2_normalise(&self.out.forward(&h)?)
     }
 
-    /// Whether every layer and the input fit the fused CPU ops.
-    fn all_usable(&self, x: &Tensor) -> bool {
-        self.hidden.iter().chain([&self.out]).all(|l| crate::fused::usable(&[x, l.weight.as_tensor(), l.bias.as_tensor()]))
+    /// Whether [`Tower::embed_sparse`] runs as one op: under [`crate::fused::chain_towers`],
+    /// at least one hidden layer, and the input and every layer fit the fused CPU ops.
+    fn chainable(&self, dense: &Tensor, sparse: Option<&Sparse>) -> bool {
+        crate::fused::chaining()
+            && !self.hidden.is_empty()
+            && dense.rank() == 2
+            && self.hidden.iter().chain([&self.out]).all(|l| crate::fused::usable(&[dense, l.weight.as_tensor(), l.bias.as_tensor()]))
+            && sparse.is_none_or(|sp| sp.vals.device().is_cpu())
     }
 
-    /// [`Tower::embed_sparse`] as one [`crate::fused::TowerOp`] (under
-    /// [`crate::fused::chain_towers`]); at least one hidden layer. The dropout masks are drawn
-    /// in the order of the per-layer path, so both give the same numbers.
-    fn chained(&self, dense: &Tensor, sparse: Option<&Sparse>, mut dropout_rng: Option<(f64, &mut ChaCha8Rng)>) -> Result<Tensor> {
+    /// [`Tower::embed_sparse`] as one [`crate::fused::TowerOp`], ready to apply; the dropout
+    /// masks are drawn here, in the order of the per-layer path, so both give the same numbers.
+    fn chained<'a>(&'a self, dense: &'a Tensor, sparse: Option<&Sparse>, mut dropout_rng: Option<(f64, &mut ChaCha8Rng)>) -> Result<Chained<'a>> {
         use crate::fused::{DenseOp, FirstLayer, TowerOp};
         let (rows, n) = (dense.dim(0)?, self.hidden.len());
         let mut mask = |layer: &Dense, last: bool| -> Result<Option<Vec<f32>>> {
@@ -292,7 +310,7 @@ impl Tower {
             rest.push((DenseOp { relu: true, mask: mask(l, i + 1 == n)?, device_mask: None }, l.weight.as_tensor().clone(), l.bias.as_tensor().clone()));
         }
         rest.push((DenseOp { relu: false, mask: None, device_mask: None }, self.out.weight.as_tensor().clone(), self.out.bias.as_tensor().clone()));
-        Ok(dense.apply_op3(first.weight.as_tensor(), first.bias.as_tensor(), TowerOp::new(first_op, rest))?)
+        Ok(Chained { tower: self, input: dense, op: TowerOp::new(first_op, rest) })
     }
 
     fn named<'a>(&'a self, prefix: &str, out: &mut Vec<(String, &'a Var)>) {
@@ -314,6 +332,26 @@ impl Huse {
         let text = Tower::new(rng, config.text_input, config.shape.hidden, config.shape.text_layers, config.shape.dim, device)?;
         let shared = Dense::new(rng, config.shape.dim, config.classes, device)?;
         Ok(Huse { config: config.clone(), image, text, shared })
+    }
+
+    /// The embeddings of a batch, `(phi_I, phi_T)`: [`Tower::embed`] of the image features
+    /// and [`Tower::embed_sparse`] of the text features, the dropout masks drawn in that order.
+    /// Under [`crate::fused::chain_towers`] the two towers run at the same time (each one op,
+    /// masks drawn first), so one tower's serial parts (the GEMM's packing of W) overlap
+    /// the other's parallel work; otherwise one after the other.
+    pub fn embed_pair(&self, image: &Tensor, text: &Tensor, sparse: Option<&Sparse>, mut dropout_rng: Option<(f64, &mut ChaCha8Rng)>) -> Result<(Tensor, Tensor)> {
+        fn reborrow<'a>(d: &'a mut Option<(f64, &mut ChaCha8Rng)>) -> Option<(f64, &'a mut ChaCha8Rng)> {
+            d.as_mut().map(|(p, rng)| (*p, &mut **rng))
+        }
+        if self.image.chainable(image, None) && self.text.chainable(text, sparse) {
+            let image_op = self.image.chained(image, None, reborrow(&mut dropout_rng))?;
+            let text_op = self.text.chained(text, sparse, reborrow(&mut dropout_rng))?;
+            let (phi_i, phi_t) = rayon::join(|| image_op.apply(), || text_op.apply());
+            return Ok((phi_i?, phi_t?));
+        }
+        let phi_i = self.image.embed(image, reborrow(&mut dropout_rng))?;
+        let phi_t = self.text.embed_sparse(text, sparse, reborrow(&mut dropout_rng))?;
+        Ok((phi_i, phi_t))
     }
 
     /// Class logits `W phi + b` of embeddings.

@@ -259,8 +259,9 @@ fn a_train_step_gives_the_same_parameters_bit_for_bit_with_one_or_three_threads(
     }
 }
 
-/// Towers chained into one op each (`fused::chain_towers`) give the same embeddings, the same
-/// dropout draws and the same parameter gradients as one op per layer, bit for bit: a dense
+/// Towers chained into one op each (`fused::chain_towers`), alone or both at once
+/// (`Huse::embed_pair`), give the same embeddings, the same dropout draws and the same
+/// parameter gradients as one op per layer, bit for bit: a dense
 /// image tower of three hidden layers and a text tower with the sparse first layer, both with
 /// dropout, under a loss that reads both embeddings and the shared layer. Under the guard a
 /// plain `Tensor::backward` fails with an error that names the way out, rather than leaving
@@ -287,11 +288,17 @@ fn chained_towers_equal_one_op_per_layer() {
     let n = rows.len();
     let sp = Sparse { rows: Tensor::from_vec(rows, n, &dev).unwrap(), cols: Tensor::from_vec(cols, n, &dev).unwrap(), vals: Tensor::from_vec(vals, (n, 1), &dev).unwrap(), width: v };
     let c = Tensor::from_vec(values(m * 5, 0.13), (m, 5), &dev).unwrap();
-    let step = |chain: bool| {
+    // Chained or not; both towers through `embed_pair` (at the same time when chained) or one
+    // after the other.
+    let step = |chain: bool, pair: bool| {
         let _guard = chain.then(huse_model::fused::chain_towers);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-        let pi = model.image.embed(&image, Some((0.2, &mut rng))).unwrap();
-        let pt = model.text.embed_sparse(&text, Some(&sp), Some((0.2, &mut rng))).unwrap();
+        let (pi, pt) = if pair {
+            model.embed_pair(&image, &text, Some(&sp), Some((0.2, &mut rng))).unwrap()
+        } else {
+            let pi = model.image.embed(&image, Some((0.2, &mut rng))).unwrap();
+            (pi, model.text.embed_sparse(&text, Some(&sp), Some((0.2, &mut rng))).unwrap())
+        };
         let class = (model.logits(&pi).unwrap() * &c).unwrap().sum_all().unwrap();
         let gap = (&pi * &pt).unwrap().sum_all().unwrap();
         let loss = (class + gap.affine(-0.5, 0.0).unwrap()).unwrap();
@@ -300,11 +307,15 @@ fn chained_towers_equal_one_op_per_layer() {
         let g: Vec<(String, Vec<f32>)> = model.named_vars().into_iter().map(|(name, var)| (name.clone(), flat(grads.get(var).unwrap_or_else(|| panic!("no gradient for {name}"))))).collect();
         (flat(&pi), flat(&pt), g, rng.next_u64())
     };
-    let (one_op, per_layer) = (step(true), step(false));
-    assert!(one_op.0 == per_layer.0 && one_op.1 == per_layer.1, "embeddings differ");
-    assert_eq!(one_op.3, per_layer.3, "the dropout generator ends elsewhere");
-    for ((name, a), (_, b)) in one_op.2.iter().zip(&per_layer.2) {
-        assert!(a == b, "gradient of {name} differs");
+    let per_layer = step(false, false);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+    for (chain, pair) in [(true, false), (true, true), (false, true)] {
+        let other = pool.install(|| step(chain, pair));
+        assert!(other.0 == per_layer.0 && other.1 == per_layer.1, "embeddings differ (chained {chain}, pair {pair})");
+        assert_eq!(other.3, per_layer.3, "the dropout generator ends elsewhere (chained {chain}, pair {pair})");
+        for ((name, a), (_, b)) in other.2.iter().zip(&per_layer.2) {
+            assert!(a == b, "gradient of {name} differs (chained {chain}, pair {pair})");
+        }
     }
     let _guard = huse_model::fused::chain_towers();
     let pi = model.image.embed(&image, None).unwrap();
