@@ -74,10 +74,28 @@ pub(crate) unsafe fn gemm_into<T: Element>(dst: &mut [std::mem::MaybeUninit<T>],
     unsafe { gemm_raw(dst.as_mut_ptr().cast::<T>(), ldc, r, cols, k, lhs, rhs, false, beta) }
 }
 
+/// `dst = lhs . rhs` on at most `threads` threads, into a raw destination (operands as in
+/// [`gemm`]): for callers that run several disjoint products in parallel themselves. The
+/// result does not depend on `threads` (the GEMM splits rows and columns, never the sum).
+///
+/// # Safety
+/// As [`gemm`]; `dst` with row stride `ldc` must hold the `r` x `cols` block, and no other
+/// thread may touch that block meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_on<T: Element>(dst: *mut T, ldc: usize, r: usize, cols: usize, k: usize, lhs: (*const T, usize, usize), rhs: (*const T, usize, usize), threads: usize) {
+    // SAFETY: forwarded from the caller.
+    unsafe { gemm_raw_on(dst, ldc, r, cols, k, lhs, rhs, false, T::from_f64(1.0), threads) }
+}
+
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_raw<T: Element>(dst: *mut T, ldc: usize, r: usize, cols: usize, k: usize, lhs: (*const T, usize, usize), rhs: (*const T, usize, usize), accumulate: bool, beta: T) {
     // The current rayon pool is the stage's (its thread budget).
-    let threads = rayon::current_num_threads();
+    // SAFETY: forwarded from the caller.
+    unsafe { gemm_raw_on(dst, ldc, r, cols, k, lhs, rhs, accumulate, beta, rayon::current_num_threads()) }
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw_on<T: Element>(dst: *mut T, ldc: usize, r: usize, cols: usize, k: usize, lhs: (*const T, usize, usize), rhs: (*const T, usize, usize), accumulate: bool, beta: T, threads: usize) {
     let par = if threads > 1 && r * cols * k > 1 << 15 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     let alpha = if accumulate { T::from_f64(1.0) } else { T::default() };
     // SAFETY: forwarded from the caller.

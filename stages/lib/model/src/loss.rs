@@ -288,32 +288,46 @@ impl GraphBlock {
     }
 }
 
-/// Rows per block of [`symmetric_self_product`].
+/// Rows and columns per tile of [`symmetric_self_product`].
 const SYM_BLOCK: usize = 256;
 
-/// `s = e e^T` (n x n) for `e` (n x d), computing only the blocks on and below the diagonal
-/// (block rows of [`SYM_BLOCK`]) and mirroring the rest: for n = 1024, 10 of 16 block GEMMs.
-fn symmetric_self_product<T: Element>(s: &mut [T], e: &[T], n: usize, d: usize) {
+/// `s = e e^T` (n x n) for `e` (n x d), computing only the tiles on and below the diagonal
+/// ([`SYM_BLOCK`] square) and mirroring the rest: for n = 1024, 10 of 16 tile GEMMs. The
+/// tiles run in parallel, each a GEMM on one thread, or on a few where threads outnumber
+/// tiles (each packs its own operands, so no thread waits while one packs for all); the
+/// tiles are fixed, so the result does not depend on the number of threads.
+/// Writes every element of `s`, which need not be initialised (the tiles cover the lower
+/// triangle, the mirror the rest).
+fn symmetric_self_product<T: Element>(s: &mut [std::mem::MaybeUninit<T>], e: &[T], n: usize, d: usize) {
+    use rayon::prelude::*;
     assert!(s.len() >= n * n && e.len() >= n * d, "symmetric product operands too short");
+    struct Shared<T>(*mut T);
+    // SAFETY: the tasks below write disjoint elements (tiles, then mirror blocks); the
+    // mirror reads only elements the tiles wrote.
+    unsafe impl<T> Sync for Shared<T> {}
+    let base = Shared(s.as_mut_ptr().cast::<T>());
+    let base = &base;
     let nb = n.div_ceil(SYM_BLOCK);
-    for bi in 0..nb {
-        let (i0, i1) = (bi * SYM_BLOCK, ((bi + 1) * SYM_BLOCK).min(n));
-        // Block row bi, columns 0..i1 (every block left of and on the diagonal) in one GEMM:
-        // s[i0..i1, 0..i1] = e[i0..i1] . e[0..i1]^T.
-        // SAFETY: the destination starts at row i0 with row stride n and i1 <= n columns;
-        // lhs is rows i0..i1 of e, rhs(kk, j) = e[j*d + kk] for j < i1.
-        unsafe { gemm(&mut s[i0 * n..], n, i1 - i0, i1, d, (e[i0 * d..].as_ptr(), 1, d), (e.as_ptr(), d, 1), false, T::from_f64(1.0)) };
+    let span = |b: usize| (b * SYM_BLOCK, ((b + 1) * SYM_BLOCK).min(n));
+    let tiles: Vec<(usize, usize)> = (0..nb).flat_map(|bi| (0..=bi).map(move |bj| (bi, bj))).collect();
+    let per_tile = rayon::current_num_threads().div_ceil(tiles.len().max(1));
+    if d > 0 {
+        tiles.into_par_iter().for_each(|(bi, bj)| {
+            let ((i0, i1), (j0, j1)) = (span(bi), span(bj));
+            // s[i0..i1, j0..j1] = e[i0..i1] . e[j0..j1]^T; rhs(kk, j) = e[(j0 + j)*d + kk].
+            // SAFETY: the tile lies inside s (i1, j1 <= n, row stride n) and is this task's
+            // alone; the operands are rows of e (asserted long enough above).
+            unsafe { crate::fused::gemm_on(base.0.add(i0 * n + j0), n, i1 - i0, j1 - j0, d, (e[i0 * d..].as_ptr(), 1, d), (e[j0 * d..].as_ptr(), d, 1), per_tile) };
+        });
+    } else {
+        for v in &mut s[..n * n] {
+            v.write(T::default());
+        }
     }
     // Mirror: s[i][j] = s[j][i] for j > i, blocks of rows in parallel, by 64 x 64 tiles. A
     // block writes only its rows' upper-triangle part and reads only the lower triangle
     // (column i < j of row j), which nobody writes: the blocks never touch the same element.
-    struct Shared<T>(*mut T);
-    // SAFETY: see above: concurrent writes go to disjoint elements, reads to unwritten ones.
-    unsafe impl<T> Sync for Shared<T> {}
-    let base = Shared(s.as_mut_ptr());
-    let base = &base;
     const TILE: usize = 64;
-    use rayon::prelude::*;
     (0..n.div_ceil(TILE)).into_par_iter().for_each(|bi| {
         let (i0, i1) = (bi * TILE, ((bi + 1) * TILE).min(n));
         for j0 in (i0..n).step_by(TILE) {
@@ -396,14 +410,16 @@ impl<T: Element> candle_core::CustomOp2 for GraphLossOp<T> {
             candle_core::bail!("graph loss: embeddings {:?} and {:?} do not fit the labels", l1.shape(), l2.shape());
         }
         let (e1, e2) = (T::slice(s1, l1)?, T::slice(s2, l2)?);
-        let mut s = vec![T::default(); n * m];
-        if self.same {
-            symmetric_self_product(&mut s, e1, n, d);
+        let s: Vec<T> = if self.same {
+            // SAFETY: symmetric_self_product writes all n x n (= n x m) elements.
+            unsafe { crate::fused::written(n * m, |s| symmetric_self_product(s, e1, n, d)) }
         } else {
+            let mut s = vec![T::default(); n * m];
             // S = e1 . e2^T: rhs(kk, j) = e2[j*d + kk].
             // SAFETY: the slices have exactly the sizes the strides describe.
             unsafe { gemm(&mut s, m, n, m, d, (e1.as_ptr(), 1, d), (e2.as_ptr(), d, 1), false, T::from_f64(1.0)) };
-        }
+            s
+        };
         let (value, coef) = self.terms.value_and_coef(&s, m);
         *self.coef.lock().unwrap() = Some(coef);
         Ok((T::storage(vec![T::from_f64(value)]), candle_core::Shape::from(())))
