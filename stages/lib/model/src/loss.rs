@@ -15,6 +15,8 @@
 //!   and text embeddings together.
 //! * [`total`] — Eq. 5: `alpha * L_class + beta * L_graph + gamma * L_gap`.
 
+use std::mem::MaybeUninit;
+
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
@@ -211,16 +213,16 @@ impl GraphBlock {
     /// to zeta; `(zeta - d)^2 = (d - zeta)^2`), with eight running sums in a fixed order, so
     /// the compiler vectorises it and the sum does not depend on the thread count.
     #[inline]
-    fn stretch<T: Element>(&self, s: &[T], t: &[f64], coef: &mut [T], scale: f64) -> f64 {
+    fn stretch<T: Element>(&self, s: &[T], t: &[f64], coef: &mut [MaybeUninit<T>], scale: f64) -> f64 {
         let (zeta, hinge) = (self.zeta, self.hinge);
         let mut acc = [0f64; 8];
-        let term = |sv: T, t: f64, cv: &mut T| -> f64 {
+        let term = |sv: T, t: f64, cv: &mut MaybeUninit<T>| -> f64 {
             let d = 1.0 - sv.to_f64();
             let target = if t < zeta { t } else { zeta };
             let active = d < zeta && (t < zeta || hinge);
             let diff = if active { d - target } else { 0.0 };
             // d = 1 - s, so d/ds = -d/dd.
-            *cv = T::from_f64(-2.0 * diff * scale);
+            cv.write(T::from_f64(-2.0 * diff * scale));
             diff * diff
         };
         let (mut sc, mut tc, mut cc) = (s.chunks_exact(8), t.chunks_exact(8), coef.chunks_exact_mut(8));
@@ -237,11 +239,11 @@ impl GraphBlock {
 
     /// Row `i` of the block (similarities `s`, targets `t` = A[y_i][y_j] for every column j)
     /// into `coef`; the diagonal pair (i, i) — an item with itself — counts for nothing.
-    fn row<T: Element>(&self, i: usize, s: &[T], t: &[f64], coef: &mut [T], scale: f64) -> f64 {
+    fn row<T: Element>(&self, i: usize, s: &[T], t: &[f64], coef: &mut [MaybeUninit<T>], scale: f64) -> f64 {
         if i >= s.len() {
             return self.stretch(s, t, coef, scale);
         }
-        coef[i] = T::default();
+        coef[i].write(T::default());
         let left = self.stretch(&s[..i], &t[..i], &mut coef[..i], scale);
         left + self.stretch(&s[i + 1..], &t[i + 1..], &mut coef[i + 1..], scale)
     }
@@ -270,20 +272,26 @@ impl GraphBlock {
                 self.cols.iter().map(|&y| a_row[y as usize]).collect()
             })
             .collect();
-        let mut coef = vec![T::default(); s.len()];
-        let partial: Vec<f64> = coef
-            .par_chunks_mut(GRAPH_ROWS * m)
-            .zip(s.par_chunks(GRAPH_ROWS * m))
-            .enumerate()
-            .map(|(c, (cb, sb))| {
-                let mut total = 0.0;
-                for (r, (cr, sr)) in cb.chunks_mut(m).zip(sb.chunks(m)).enumerate() {
-                    let i = c * GRAPH_ROWS + r;
-                    total += self.row(i, sr, &targets[slot[self.rows[i] as usize]], cr, scale);
-                }
-                total
+        let mut partial: Vec<f64> = Vec::new();
+        // SAFETY: every row of coef is written whole ([`GraphBlock::row`]: `stretch` writes
+        // each value it is given, `row` the diagonal), so no zero-fill first.
+        let coef = unsafe {
+            crate::fused::written(s.len(), |coef| {
+                partial = coef
+                    .par_chunks_mut(GRAPH_ROWS * m)
+                    .zip(s.par_chunks(GRAPH_ROWS * m))
+                    .enumerate()
+                    .map(|(c, (cb, sb))| {
+                        let mut total = 0.0;
+                        for (r, (cr, sr)) in cb.chunks_mut(m).zip(sb.chunks(m)).enumerate() {
+                            let i = c * GRAPH_ROWS + r;
+                            total += self.row(i, sr, &targets[slot[self.rows[i] as usize]], cr, scale);
+                        }
+                        total
+                    })
+                    .collect();
             })
-            .collect();
+        };
         (partial.iter().sum::<f64>() * scale, coef)
     }
 }
