@@ -107,7 +107,90 @@ pub fn gap_loss(phi_image: &Tensor, phi_text: &Tensor) -> Result<Tensor> {
     if crate::fused::gpu_usable(&[phi_image, phi_text]) {
         return Ok(phi_image.apply_op2(phi_text, crate::cuda::GapLossOp)?);
     }
+    if phi_image.device().is_cpu() && phi_image.dtype() == phi_text.dtype() && phi_image.rank() == 2 {
+        let (a, b) = (phi_image.contiguous()?, phi_text.contiguous()?);
+        match a.dtype() {
+            DType::F32 => return Ok(a.apply_op2(&b, GapLossOp::<f32>(std::marker::PhantomData))?),
+            DType::F64 => return Ok(a.apply_op2(&b, GapLossOp::<f64>(std::marker::PhantomData))?),
+            _ => {}
+        }
+    }
     gap_loss_ops(phi_image, phi_text)
+}
+
+/// [`gap_loss`] on the CPU as one op: `1 - mean_n <phi_I(n), phi_T(n)>` (unit rows: the
+/// cosine distance), the row products in parallel and summed in a fixed order; backward
+/// `-g/N` times the other embedding, in parallel. The tensor-op version makes a product
+/// matrix, a row sum and, backward, a broadcast and two products, each a pass on one thread.
+pub struct GapLossOp<T>(pub std::marker::PhantomData<T>);
+
+/// Rows per parallel block of [`GapLossOp`] (fixed: the value does not depend on the threads).
+const GAP_ROWS: usize = 64;
+
+impl<T: Element> candle_core::CustomOp2 for GapLossOp<T> {
+    fn name(&self) -> &'static str {
+        "huse-gap-loss-cpu"
+    }
+
+    fn cpu_fwd(&self, s1: &candle_core::CpuStorage, l1: &candle_core::Layout, s2: &candle_core::CpuStorage, l2: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (n, d) = l1.shape().dims2()?;
+        if l2.shape().dims2()? != (n, d) {
+            candle_core::bail!("gap loss: embeddings {:?} and {:?} differ", l1.shape(), l2.shape());
+        }
+        let (a, b) = (T::slice(s1, l1)?, T::slice(s2, l2)?);
+        let block = GAP_ROWS * d.max(1);
+        let partial: Vec<f64> = a
+            .par_chunks(block)
+            .zip(b.par_chunks(block))
+            .map(|(ab, bb)| ab.chunks(d.max(1)).zip(bb.chunks(d.max(1))).map(|(x, y)| dot(x, y).to_f64()).sum::<f64>())
+            .collect();
+        // 1 - the mean (NaN for no rows, as the tensor-op mean).
+        let value = 1.0 - partial.iter().sum::<f64>() / n as f64;
+        Ok((T::storage(vec![T::from_f64(value)]), candle_core::Shape::from(())))
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let c = T::from_f64(-grad.to_dtype(DType::F64)?.to_scalar::<f64>()? / a.dim(0)? as f64);
+        // d/da = c b, d/db = c a, for the arguments that need one.
+        let scaled = |t: &Tensor, other: &Tensor| -> candle_core::Result<Option<Tensor>> {
+            if !t.track_op() {
+                return Ok(None);
+            }
+            let (s, l) = other.storage_and_layout();
+            let candle_core::Storage::Cpu(s) = &*s else { candle_core::bail!("gap loss: CPU tensors expected") };
+            let o = T::slice(s, l)?;
+            // SAFETY: the chunks of g and o line up (equal lengths) and each writes its values.
+            let g = unsafe {
+                crate::fused::written(o.len(), |g| {
+                    use rayon::prelude::*;
+                    g.par_chunks_mut(16 * 1024).zip(o.par_chunks(16 * 1024)).for_each(|(g, o)| {
+                        for (g, &o) in g.iter_mut().zip(o) {
+                            g.write(c * o);
+                        }
+                    })
+                })
+            };
+            Ok(Some(Tensor::from_vec(g, other.shape(), other.device())?))
+        };
+        Ok((scaled(a, b)?, scaled(b, a)?))
+    }
+}
+
+/// `<x, y>` in eight running sums (vectorises; a fixed order).
+fn dot<T: Element>(x: &[T], y: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
+    let (xr, yr) = (xc.remainder(), yc.remainder());
+    for (xb, yb) in xc.zip(yc) {
+        for k in 0..8 {
+            acc[k] += xb[k] * yb[k];
+        }
+    }
+    for (k, (&a, &b)) in xr.iter().zip(yr).enumerate() {
+        acc[k] += a * b;
+    }
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 }
 
 /// [`gap_loss`] from tensor ops (any device).

@@ -286,3 +286,39 @@ fn fused_graph_block_equals_the_tensor_op_version() {
         }
     }
 }
+
+/// The CPU gap-loss op equals the tensor-op version, value and both gradients, in f32 (as in
+/// training) and f64, for batches of one row, of several parallel row blocks with a ragged
+/// last one, and with row widths off the eight-lane sums; a constant argument gets no gradient.
+#[test]
+fn fused_gap_loss_equals_the_tensor_op_version() {
+    for (n, dim) in [(1, 3), (70, 13), (300, 64)] {
+        let v = |s: f64| (0..n * dim).map(|i| ((i as f64 + 1.0) * s).sin()).collect::<Vec<f64>>();
+        for dtype in [DType::F32, DType::F64] {
+            let vi = Var::from_tensor(&t(&v(0.37), n, dim).to_dtype(dtype).unwrap()).unwrap();
+            let vt = Var::from_tensor(&t(&v(0.91), n, dim).to_dtype(dtype).unwrap()).unwrap();
+            let (pi, pt) = (l2_normalise(vi.as_tensor()).unwrap(), l2_normalise(vt.as_tensor()).unwrap());
+            let fused = loss::gap_loss(&pi, &pt).unwrap();
+            let ops = loss::gap_loss_ops(&pi, &pt).unwrap();
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+            assert!((scalar(&fused) - scalar(&ops)).abs() < tol, "{n} x {dim} {dtype:?}: {} vs {}", scalar(&fused), scalar(&ops));
+            let (gf, go) = (fused.backward().unwrap(), ops.backward().unwrap());
+            for var in [&vi, &vt] {
+                let flat = |g: &candle_core::backprop::GradStore| g.get(var).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                let (a, b) = (flat(&gf), flat(&go));
+                let scale = b.iter().fold(0f64, |m, x| m.max(x.abs()));
+                assert!(scale > 0.0);
+                for (x, y) in a.iter().zip(&b) {
+                    assert!((x - y).abs() < tol * scale, "{n} x {dim} {dtype:?}: {x} vs {y}");
+                }
+            }
+        }
+    }
+    // Against a constant text embedding: only the image side gets a gradient.
+    let vi = Var::from_tensor(&t(&[0.6, 0.8, 1.0, 0.0], 2, 2)).unwrap();
+    let pt = t(&[1.0, 0.0, 0.0, 1.0], 2, 2);
+    let g = loss::gap_loss(vi.as_tensor(), &pt).unwrap().backward().unwrap();
+    // d/dphi_I = -phi_T / N.
+    assert_eq!(g.get(&vi).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap(), vec![-0.5, 0.0, 0.0, -0.5]);
+    assert!(g.get_id(pt.id()).is_none());
+}
