@@ -236,10 +236,11 @@ fn three_steps(threads: usize) -> Vec<Vec<f32>> {
             let rows: Vec<usize> = (0..b).collect();
             let sp = Sparse::from_csr_rows((&indptr, &idx, &val), v, &rows, dt, &dev).unwrap();
             let y = Tensor::from_vec((0..b as u32).map(|i| i % classes as u32).collect::<Vec<u32>>(), b, &dev).unwrap();
-            let pi = model.image.embed(&xi, Some((0.15, &mut rng))).unwrap();
-            let pt = model.text.embed_sparse(&xt, Some(&sp), Some((0.15, &mut rng))).unwrap();
+            // As the train stage does it: towers chained and side by side, fused::backward.
+            let _chain = huse_model::fused::chain_towers();
+            let (pi, pt) = model.embed_pair(&xi, &xt, Some(&sp), Some((0.15, &mut rng))).unwrap();
             let l = loss::total(&pi, &pt, &model.logits(&pi).unwrap(), &model.logits(&pt).unwrap(), &y, &a, &LossConfig::default()).unwrap();
-            opt.step(&l.total.backward().unwrap()).unwrap();
+            opt.step(&huse_model::fused::backward(&l.total).unwrap()).unwrap();
         }
         model.vars().iter().map(|v| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
     })
