@@ -1,5 +1,7 @@
 //! Fused CPU kernels for the towers: dense layers ([`DenseOp`]), the sparse-input first
-//! layer ([`SparseDenseOp`]) and L2 normalisation ([`L2NormaliseOp`]).
+//! layer ([`SparseDenseOp`]), L2 normalisation ([`L2NormaliseOp`]), and in training steps a
+//! whole tower as one op built from them ([`TowerOp`], under [`chain_towers`], its parameter
+//! gradients collected by [`backward`]).
 //!
 //! `relu?(x W^T + b)` as one candle op: the output buffer starts as the bias, one GEMM
 //! (the `gemm` crate, as candle's own matmul) accumulates into it, and the ReLU runs over it
