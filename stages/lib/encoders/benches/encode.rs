@@ -27,6 +27,12 @@ fn env_usize(k: &str, d: usize) -> usize {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As huse-run's main does: candle's own element-wise thread pool stays at one thread
+    // unless CANDLE_NUM_THREADS is set, so the figures are the tool's without that variable.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
     // As huse-run's main does: freed memory stays in the process (see runner/src/main.rs).
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; no other thread exists yet.
