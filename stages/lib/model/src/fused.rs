@@ -19,7 +19,7 @@ use rayon::prelude::*;
 /// Elements per parallel chunk of the element-wise passes (64 KiB of f32: stays in L2).
 /// Fixed, not derived from the thread count, so every pass (the column sums included)
 /// adds in the same order whatever the number of threads.
-const CHUNK: usize = 16 * 1024;
+pub(crate) const CHUNK: usize = 16 * 1024;
 
 /// Rows per parallel chunk of a row-wise pass over rows of `n` values (at least 1).
 fn rows_per_chunk(n: usize) -> usize {

@@ -164,7 +164,7 @@ impl<T: Element> candle_core::CustomOp2 for GapLossOp<T> {
             let g = unsafe {
                 crate::fused::written(o.len(), |g| {
                     use rayon::prelude::*;
-                    g.par_chunks_mut(16 * 1024).zip(o.par_chunks(16 * 1024)).for_each(|(g, o)| {
+                    g.par_chunks_mut(crate::fused::CHUNK).zip(o.par_chunks(crate::fused::CHUNK)).for_each(|(g, o)| {
                         for (g, &o) in g.iter_mut().zip(o) {
                             g.write(c * o);
                         }
