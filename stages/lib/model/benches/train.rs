@@ -7,6 +7,12 @@
 //! side runs `benches/torch_train.py` with `$HUSE_TORCH_PYTHON` (default `python3`).
 //! `BENCH_STEPS` (default 20), `BENCH_THREADS` (default: all CPUs), `BENCH_DEVICE` (`cpu`,
 //! default, or `cuda:N` for a `--features cuda` build; PyTorch then runs on the same GPU).
+//!
+//! `BENCH_SCALING=1,2` (any list of thread counts) measures our side only, at each count in
+//! turn step after step (one pool per count, the same model and batches), and prints each
+//! count's median and fastest step and its speed-up over the first count. Interleaved, every
+//! count sees the same neighbours: a burst on a shared machine slows the steps of all counts
+//! alike instead of one whole run, so the ratio is steadier than from separate runs.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -42,11 +48,24 @@ fn main() -> anyhow::Result<()> {
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
     }
     let threads = env_usize("BENCH_THREADS", std::thread::available_parallelism()?.get());
+    let scaling = match std::env::var("BENCH_SCALING") {
+        Ok(list) => list.split(',').map(|c| c.trim().parse::<usize>().ok().filter(|&c| c > 0)).collect::<Option<Vec<_>>>().filter(|c| !c.is_empty()).ok_or_else(|| anyhow::anyhow!("BENCH_SCALING: thread counts like `1,2`, not `{list}`"))?,
+        Err(_) => Vec::new(),
+    };
+    if !scaling.is_empty() {
+        return bench(threads, &scaling);
+    }
     // Our side runs in a pool of that many threads, as a stage runs in its thread budget.
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build()?.install(|| bench(threads))
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build()?.install(|| bench(threads, &[]))
 }
 
-fn bench(threads: usize) -> anyhow::Result<()> {
+/// The step timings of one thread count: (median, fastest) in samples/s.
+fn rates(batch: usize, step_s: &mut [f64]) -> (f64, f64) {
+    step_s.sort_by(f64::total_cmp);
+    (batch as f64 / step_s[step_s.len() / 2], batch as f64 / step_s[0])
+}
+
+fn bench(threads: usize, scaling: &[usize]) -> anyhow::Result<()> {
     let steps = env_usize("BENCH_STEPS", 20);
     let (batch, classes) = (1024usize, 86usize);
     // Features: real ones from an encode output, or pseudo-random of the same shape.
@@ -115,6 +134,40 @@ fn bench(threads: usize) -> anyhow::Result<()> {
         opt.step(&huse_model::fused::backward(&l.total)?)?;
         Ok(())
     };
+    if !scaling.is_empty() {
+        // One pool per thread count, each warmed up; then step by step in turn.
+        let pools = scaling.iter().map(|&c| rayon::ThreadPoolBuilder::new().num_threads(c).build()).collect::<Result<Vec<_>, _>>()?;
+        let mut times = vec![Vec::with_capacity(steps); pools.len()];
+        for s in 0..3 + steps {
+            for (pool, t) in pools.iter().zip(&mut times) {
+                let ts = Instant::now();
+                pool.install(|| step(s, &mut rng))?;
+                if !dev.is_cpu() {
+                    dev.synchronize()?;
+                }
+                if s >= 3 {
+                    t.push(ts.elapsed().as_secs_f64());
+                }
+            }
+        }
+        println!("HUSE train step, batch {batch}, {di}/{dt}+{v} inputs, {classes} classes, ours only, thread counts {scaling:?} step after step ({steps} steps each)");
+        // Paired: each round's step at the first count over the same round's step at this one
+        // (adjacent in time, so the same neighbours), the median of those ratios.
+        let paired: Vec<f64> = times
+            .iter()
+            .map(|t| {
+                let mut r: Vec<f64> = times[0].iter().zip(t).map(|(a, b)| a / b).collect();
+                r.sort_by(f64::total_cmp);
+                r[r.len() / 2]
+            })
+            .collect();
+        let (first_median, first_best) = rates(batch, &mut times[0].clone());
+        for ((c, t), paired) in scaling.iter().zip(&mut times).zip(paired) {
+            let (median, best) = rates(batch, t);
+            println!("{c:>3} threads: median step {median:.0} samples/s, fastest {best:.0}; speed-up over {} thread(s): {paired:.2}x paired (median of the rounds' ratios), {:.2}x median, {:.2}x fastest", scaling[0], median / first_median, best / first_best);
+        }
+        return Ok(());
+    }
     for s in 0..3 {
         step(s, &mut rng)?;
     }
@@ -131,8 +184,7 @@ fn bench(threads: usize) -> anyhow::Result<()> {
     }
     dev.synchronize()?;
     let ours = (steps * batch) as f64 / t.elapsed().as_secs_f64();
-    step_s.sort_by(f64::total_cmp);
-    let (ours_median, ours_best) = (batch as f64 / step_s[steps / 2], batch as f64 / step_s[0]);
+    let (ours_median, ours_best) = rates(batch, &mut step_s);
 
     // PyTorch on the same features.
     let dir = tempfile::tempdir()?;
