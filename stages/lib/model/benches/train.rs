@@ -12,7 +12,11 @@
 //! turn step after step (one pool per count, the same model and batches), and prints each
 //! count's median and fastest step and its speed-up over the first count. Interleaved, every
 //! count sees the same neighbours: a burst on a shared machine slows the steps of all counts
-//! alike instead of one whole run, so the ratio is steadier than from separate runs.
+//! alike instead of one whole run, so the ratio is steadier than from separate runs. Each
+//! round also times a compute-only loop (as long as a 1-thread step, split evenly) at each
+//! count: the speed-up this machine gives perfectly parallel arithmetic at that moment, the
+//! ceiling the step's speed-up is printed against (a shared VM's second core is often not a
+//! whole one).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -26,6 +30,7 @@ use huse_model::loss::{self, LossConfig};
 use huse_model::model::{Huse, HuseConfig, Shape};
 use huse_model::optim::{Optimizer, OptimizerConfig};
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 use rand_chacha::ChaCha8Rng;
 
 fn env_usize(k: &str, d: usize) -> usize {
@@ -57,6 +62,25 @@ fn main() -> anyhow::Result<()> {
     }
     // Our side runs in a pool of that many threads, as a stage runs in its thread budget.
     rayon::ThreadPoolBuilder::new().num_threads(threads).build()?.install(|| bench(threads, &[]))
+}
+
+/// The median over rounds of `first[i] / other[i]`.
+fn paired_ratio(first: &[f64], other: &[f64]) -> f64 {
+    let mut r: Vec<f64> = first.iter().zip(other).map(|(a, b)| a / b).collect();
+    r.sort_by(f64::total_cmp);
+    r[r.len() / 2]
+}
+
+/// `n` rounds of a multiply-add on 64 independent lanes: arithmetic only.
+#[inline(never)]
+fn compute_only(n: usize, seed: f32) -> f32 {
+    let mut acc = [seed; 64];
+    for _ in 0..n {
+        for a in acc.iter_mut() {
+            *a = *a * 0.999_999 + 1e-7;
+        }
+    }
+    acc.iter().sum()
 }
 
 /// The step timings of one thread count: (median, fastest) in samples/s.
@@ -135,9 +159,13 @@ fn bench(threads: usize, scaling: &[usize]) -> anyhow::Result<()> {
         Ok(())
     };
     if !scaling.is_empty() {
-        // One pool per thread count, each warmed up; then step by step in turn.
+        // One pool per thread count, each warmed up; then step by step in turn. After each
+        // round's steps, the machine's own ceiling measured the same way: a compute-only loop
+        // (no memory traffic, no synchronisation inside) of about one 1-thread step, split
+        // evenly over each count's pool, the counts taking turns.
         let pools = scaling.iter().map(|&c| rayon::ThreadPoolBuilder::new().num_threads(c).build()).collect::<Result<Vec<_>, _>>()?;
-        let mut times = vec![Vec::with_capacity(steps); pools.len()];
+        let (mut times, mut turns) = (vec![Vec::with_capacity(steps); pools.len()], vec![Vec::with_capacity(steps); pools.len()]);
+        let mut loop_len = 0;
         for s in 0..3 + steps {
             for (pool, t) in pools.iter().zip(&mut times) {
                 let ts = Instant::now();
@@ -145,26 +173,35 @@ fn bench(threads: usize, scaling: &[usize]) -> anyhow::Result<()> {
                 if !dev.is_cpu() {
                     dev.synchronize()?;
                 }
-                if s >= 3 {
-                    t.push(ts.elapsed().as_secs_f64());
+                t.push(ts.elapsed().as_secs_f64());
+            }
+            if s < 3 {
+                if s == 2 {
+                    let ts = Instant::now();
+                    std::hint::black_box(compute_only(1_000_000, 1.0));
+                    loop_len = (1e6 * times[0][2] / ts.elapsed().as_secs_f64().max(1e-9)) as usize;
+                    times.iter_mut().for_each(Vec::clear);
                 }
+                continue;
+            }
+            for ((pool, &c), t) in pools.iter().zip(scaling).zip(&mut turns) {
+                let ts = Instant::now();
+                std::hint::black_box(pool.install(|| (0..c).into_par_iter().map(|j| compute_only(loop_len / c, j as f32)).sum::<f32>()));
+                t.push(ts.elapsed().as_secs_f64());
             }
         }
         println!("HUSE train step, batch {batch}, {di}/{dt}+{v} inputs, {classes} classes, ours only, thread counts {scaling:?} step after step ({steps} steps each)");
         // Paired: each round's step at the first count over the same round's step at this one
         // (adjacent in time, so the same neighbours), the median of those ratios.
-        let paired: Vec<f64> = times
-            .iter()
-            .map(|t| {
-                let mut r: Vec<f64> = times[0].iter().zip(t).map(|(a, b)| a / b).collect();
-                r.sort_by(f64::total_cmp);
-                r[r.len() / 2]
-            })
-            .collect();
+        let paired: Vec<f64> = times.iter().map(|t| paired_ratio(&times[0], t)).collect();
         let (first_median, first_best) = rates(batch, &mut times[0].clone());
-        for ((c, t), paired) in scaling.iter().zip(&mut times).zip(paired) {
+        for ((c, t), &paired) in scaling.iter().zip(&mut times).zip(&paired) {
             let (median, best) = rates(batch, t);
             println!("{c:>3} threads: median step {median:.0} samples/s, fastest {best:.0}; speed-up over {} thread(s): {paired:.2}x paired (median of the rounds' ratios), {:.2}x median, {:.2}x fastest", scaling[0], median / first_median, best / first_best);
+        }
+        for ((c, t), step) in scaling.iter().zip(&turns).zip(&paired).skip(1) {
+            let ceiling = paired_ratio(&turns[0], t);
+            println!("{c:>3} threads: a compute-only loop as long as a step, in the same rounds: {ceiling:.2}x paired (this machine's ceiling); the step's speed-up is {:.0}% of it", 100.0 * step / ceiling);
         }
         return Ok(());
     }
