@@ -91,6 +91,7 @@ fn rates(batch: usize, step_s: &mut [f64]) -> (f64, f64) {
 
 fn bench(threads: usize, scaling: &[usize]) -> anyhow::Result<()> {
     let steps = env_usize("BENCH_STEPS", 20);
+    anyhow::ensure!(steps > 0, "BENCH_STEPS: at least 1 step to time");
     let (batch, classes) = (1024usize, 86usize);
     // Features: real ones from an encode output, or pseudo-random of the same shape.
     let n_max = env_usize("BENCH_ROWS", 8192);
