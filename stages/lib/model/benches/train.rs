@@ -13,7 +13,7 @@
 //! count's median and fastest step and its speed-up over the first count. Interleaved, every
 //! count sees the same neighbours: a burst on a shared machine slows the steps of all counts
 //! alike instead of one whole run, so the ratio is steadier than from separate runs. Each
-//! round also times a compute-only loop (as long as a 1-thread step, split evenly) at each
+//! round also times a compute-only loop (as long as a step at the first count, split evenly) at each
 //! count: the speed-up this machine gives perfectly parallel arithmetic at that moment, the
 //! ceiling the step's speed-up is printed against (a shared VM's second core is often not a
 //! whole one).
@@ -162,29 +162,29 @@ fn bench(threads: usize, scaling: &[usize]) -> anyhow::Result<()> {
     if !scaling.is_empty() {
         // One pool per thread count, each warmed up; then step by step in turn. After each
         // round's steps, the machine's own ceiling measured the same way: a compute-only loop
-        // (no memory traffic, no synchronisation inside) of about one 1-thread step, split
-        // evenly over each count's pool, the counts taking turns.
+        // (no memory traffic, no synchronisation inside) about as long as one step at the first
+        // count (1 thread in `1,2`), split evenly over each count's pool, the counts taking turns.
         let pools = scaling.iter().map(|&c| rayon::ThreadPoolBuilder::new().num_threads(c).build()).collect::<Result<Vec<_>, _>>()?;
         let (mut times, mut turns) = (vec![Vec::with_capacity(steps); pools.len()], vec![Vec::with_capacity(steps); pools.len()]);
         let mut loop_len = 0;
         for s in 0..3 + steps {
-            for (pool, t) in pools.iter().zip(&mut times) {
+            let mut round = Vec::with_capacity(pools.len());
+            for pool in &pools {
                 let ts = Instant::now();
                 pool.install(|| step(s, &mut rng))?;
                 if !dev.is_cpu() {
                     dev.synchronize()?;
                 }
-                t.push(ts.elapsed().as_secs_f64());
+                round.push(ts.elapsed().as_secs_f64());
             }
             if s < 3 {
-                if s == 2 {
-                    let ts = Instant::now();
-                    std::hint::black_box(compute_only(1_000_000, 1.0));
-                    loop_len = (1e6 * times[0][2] / ts.elapsed().as_secs_f64().max(1e-9)) as usize;
-                    times.iter_mut().for_each(Vec::clear);
-                }
+                // Warm-up: the loop's length is sized to the first count's (last warm-up) step.
+                let ts = Instant::now();
+                std::hint::black_box(compute_only(1_000_000, 1.0));
+                loop_len = (1e6 * round[0] / ts.elapsed().as_secs_f64().max(1e-9)) as usize;
                 continue;
             }
+            times.iter_mut().zip(round).for_each(|(t, r)| t.push(r));
             for ((pool, &c), t) in pools.iter().zip(scaling).zip(&mut turns) {
                 let ts = Instant::now();
                 std::hint::black_box(pool.install(|| (0..c).into_par_iter().map(|j| compute_only(loop_len / c, j as f32)).sum::<f32>()));
