@@ -337,6 +337,20 @@ fn queries_without_a_database_say_so() {
     assert!(!sb.db().exists());
 }
 
+#[test]
+fn a_run_argument_that_is_not_an_id_says_what_a_run_is() {
+    let sb = Sandbox::new();
+    // A query typed where the run goes, a zero, a name: each a usage error naming the argument.
+    for args in [&["search", "red running shoes"][..], &["show", "0"], &["compare", "1", "two"], &["embed", "3.5"], &["serve", "quick"]] {
+        let err = sb.run(args).expect(2).stderr();
+        assert!(err.contains("a run is named by its id, a number (`huse-run runs` lists them)") && err.contains("<RUN"), "{args:?}: {err}");
+    }
+    // The query as a positional argument or as --text, not both.
+    let err = sb.run(&["search", "1", "red", "--text", "blue"]).expect(2).stderr();
+    assert!(err.contains("cannot be used with"), "{err}");
+    assert!(!sb.db().exists());
+}
+
 /// (start, end, threads, pool) of every computed stage of the invocation's runs.
 fn budgets(sb: &Sandbox) -> Vec<(String, f64, f64, usize, usize)> {
     sb.sql("SELECT DISTINCT stage, output_dir FROM stage_runs WHERE cached = 0")

@@ -164,6 +164,9 @@ fn huse_learns_is_deterministic_and_resumes() {
     // real item with a distance in [0, 2].
     let csv = sb.run(&["search", "1", "--text", tests[0]["text"].as_str().unwrap(), "-k", "3", "-f", "csv"]).expect(0).stdout();
     assert_eq!(csv.lines().count(), 4, "{csv}");
+    // The query may also be the argument after the run: the same results.
+    let positional = sb.run(&["search", "1", tests[0]["text"].as_str().unwrap(), "-k", "3", "-f", "csv"]).expect(0).stdout();
+    assert_eq!(positional, csv);
     // By photo, in the text embeddings: the item's class again.
     let it = tests[0];
     let json = sb.run(&["search", "1", "--image", it["image"].as_str().unwrap(), "--modality", "text", "-k", "5", "-f", "json"]).expect(0).stdout();

@@ -146,6 +146,7 @@ enum Cmd {
     },
     /// Everything about one run.
     Show {
+        #[arg(value_parser = run_id)]
         run: i64,
         /// table, csv, json or markdown.
         #[arg(long, short = 'f', default_value = "table")]
@@ -153,7 +154,7 @@ enum Cmd {
     },
     /// Differing params and metrics of several runs, side by side.
     Compare {
-        #[arg(required = true, num_args = 2..)]
+        #[arg(required = true, num_args = 2.., value_parser = run_id)]
         runs: Vec<i64>,
         #[arg(long = "metric", short = 'm', value_name = "GLOB")]
         metrics: Vec<String>,
@@ -184,9 +185,13 @@ enum Cmd {
     /// Find items of a trained run by a sentence or a photo (nearest by cosine distance).
     Search {
         /// The run (its id in the database).
+        #[arg(value_parser = run_id)]
         run: i64,
+        /// A text query, e.g. "red floral summer dress" (the same as --text).
+        #[arg(value_name = "TEXT", conflicts_with_all = ["text", "image"])]
+        query: Option<String>,
         /// A text query, e.g. "red floral summer dress".
-        #[arg(long, conflicts_with = "image", required_unless_present = "image")]
+        #[arg(long, conflicts_with = "image", required_unless_present_any = ["image", "query"])]
         text: Option<String>,
         /// An image query (JPEG or PNG).
         #[arg(long)]
@@ -207,7 +212,7 @@ enum Cmd {
     /// A local web page: search trained runs by text or photo, side by side; item pages.
     Serve {
         /// The runs (ids in the database); their results are shown side by side.
-        #[arg(required = true)]
+        #[arg(required = true, value_parser = run_id)]
         runs: Vec<i64>,
         /// Port (0: any free one; the address is printed).
         #[arg(long, default_value_t = 8080)]
@@ -222,6 +227,7 @@ enum Cmd {
     /// Write a trained run's image and text embeddings of its items (safetensors + ids.json).
     Embed {
         /// The run (its id in the database).
+        #[arg(value_parser = run_id)]
         run: i64,
         /// Which items: all, train, val or test.
         #[arg(long, default_value = "all")]
@@ -467,7 +473,8 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
             }
             Ok(0)
         }
-        Some(Cmd::Search { run, text, image, k, modality, device, format }) => {
+        Some(Cmd::Search { run, query, text, image, k, modality, device, format }) => {
+            let text = text.or(query);
             let store = open_for_queries(&g.db).await?;
             let files = run_files(&store, run).await?;
             store.close().await;
@@ -649,6 +656,15 @@ fn embed_new_table(searcher: &huse_search::Searcher, files: &huse_search::RunFil
 }
 
 /// The candle device for `--device` (auto: a GPU when this build and machine have one).
+/// A run's id on the command line: a positive number, as `huse-run runs` lists them; anything
+/// else (a query typed where the id goes, an experiment's name) gets an error that says so.
+fn run_id(s: &str) -> std::result::Result<i64, String> {
+    match s.trim().parse::<i64>() {
+        Ok(id) if id > 0 => Ok(id),
+        _ => Err(format!("a run is named by its id, a number (`huse-run runs` lists them), not '{s}'")),
+    }
+}
+
 fn device_arg(spec: &str) -> Result<candle_core::Device> {
     let spec: huse_stage_api::DeviceSpec = spec.parse().map_err(anyhow::Error::msg)?;
     huse_stage_kit::device_of(spec).map_err(|e| anyhow::anyhow!("{e}"))
