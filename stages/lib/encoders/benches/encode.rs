@@ -28,19 +28,10 @@ fn env_usize(k: &str, d: usize) -> usize {
 
 fn main() -> anyhow::Result<()> {
     // As huse-run's main does: candle's own element-wise thread pool stays at one thread
-    // unless CANDLE_NUM_THREADS is set, so the figures are the tool's without that variable.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // SAFETY: no other thread exists yet.
-        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
-    }
-    // As huse-run's main does: freed memory stays in the process (see runner/src/main.rs).
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; no other thread exists yet.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
-    }
+    // unless CANDLE_NUM_THREADS is set, and freed memory stays in the process, so the figures
+    // are the tool's.
+    // SAFETY: no other thread exists yet.
+    unsafe { huse_cpu::setup_process() };
     let assets = PathBuf::from(std::env::var("HUSE_ASSETS").map_err(|_| anyhow::anyhow!("set HUSE_ASSETS"))?);
     let data = assets.join("data/fashion-product-images-small");
     let (n_img, n_txt) = (env_usize("BENCH_IMAGES", 512), env_usize("BENCH_TEXTS", 4096));

@@ -27,7 +27,7 @@ fn rows_per_chunk(n: usize) -> usize {
 }
 
 /// Element types of the fused CPU ops: their data in a `CpuStorage`, and back.
-pub trait Element: candle_core::WithDType + Default {
+pub trait Element: candle_core::WithDType + Default + huse_cpu::Scalar {
     /// The contiguous data of `s` under `l`; an error for another type or a strided layout.
     fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [Self]>;
     fn storage(v: Vec<Self>) -> CpuStorage;
@@ -53,7 +53,8 @@ element!(f64, F64);
 
 /// `dst = beta * lhs . rhs`, or `dst += beta * lhs . rhs` when `accumulate`: dst is `r` x
 /// `cols` with row stride `ldc`, lhs `r` x `k`, rhs `k` x `cols`, each operand given as
-/// (pointer, column stride, row stride). Threaded like candle's matmul for big products.
+/// (pointer, column stride, row stride). On the current rayon pool (the stage's) for big
+/// products, through [`huse_cpu::gemm`].
 ///
 /// # Safety
 /// The pointers and strides must describe matrices inside their buffers.
@@ -86,30 +87,14 @@ pub(crate) unsafe fn gemm_into<T: Element>(dst: &mut [std::mem::MaybeUninit<T>],
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_on<T: Element>(dst: *mut T, ldc: usize, r: usize, cols: usize, k: usize, lhs: (*const T, usize, usize), rhs: (*const T, usize, usize), threads: usize) {
     // SAFETY: forwarded from the caller.
-    unsafe { gemm_raw_on(dst, ldc, r, cols, k, lhs, rhs, false, T::from_f64(1.0), threads) }
+    unsafe { huse_cpu::gemm(dst, ldc, r, cols, k, lhs, rhs, false, T::ONE, Some(threads)) }
 }
 
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_raw<T: Element>(dst: *mut T, ldc: usize, r: usize, cols: usize, k: usize, lhs: (*const T, usize, usize), rhs: (*const T, usize, usize), accumulate: bool, beta: T) {
     // The current rayon pool is the stage's (its thread budget).
     // SAFETY: forwarded from the caller.
-    unsafe { gemm_raw_on(dst, ldc, r, cols, k, lhs, rhs, accumulate, beta, rayon::current_num_threads()) }
-}
-
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_raw_on<T: Element>(dst: *mut T, ldc: usize, r: usize, cols: usize, k: usize, lhs: (*const T, usize, usize), rhs: (*const T, usize, usize), accumulate: bool, beta: T, threads: usize) {
-    let par = if threads > 1 && r * cols * k > 1 << 15 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    let alpha = if accumulate { T::from_f64(1.0) } else { T::default() };
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        gemm::gemm(
-            r, cols, k,
-            dst, 1, ldc as isize, accumulate,
-            lhs.0, lhs.1 as isize, lhs.2 as isize,
-            rhs.0, rhs.1 as isize, rhs.2 as isize,
-            alpha, beta, false, false, false, par,
-        )
-    }
+    unsafe { huse_cpu::gemm(dst, ldc, r, cols, k, lhs, rhs, accumulate, beta, None) }
 }
 
 /// A vector of `len` elements that `fill` writes, without zero-filling it first.
