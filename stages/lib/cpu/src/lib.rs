@@ -113,8 +113,8 @@ mod tests {
         // rhs stored transposed: element (p, j) at j * k + p, column stride k, row stride 1.
         let b: Vec<T> = (0..k * n).map(|i| T::from(((i * 5 % 11) as f32 - 5.0) / 4.0)).collect();
         let want = |i: usize, j: usize| (0..k).map(|p| a[i * k + p].into() * b[j * k + p].into()).sum::<f64>();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         for threads in [Some(1), Some(3), None] {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
             let mut d = vec![T::from(1.0); m * n];
             // SAFETY: the strides stay inside the three vectors.
             pool.install(|| unsafe { gemm(d.as_mut_ptr(), n, m, n, k, (a.as_ptr(), 1, k), (b.as_ptr(), k, 1), false, T::from(2.0), threads) });

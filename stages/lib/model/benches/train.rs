@@ -186,9 +186,9 @@ fn bench(threads: usize, scaling: &[usize]) -> anyhow::Result<()> {
         // Paired: each round's step at the first count over the same round's step at this one
         // (adjacent in time, so the same neighbours), the median of those ratios.
         let paired: Vec<f64> = times.iter().map(|t| paired_ratio(&times[0], t)).collect();
-        let (first_median, first_best) = rates(batch, &mut times[0].clone());
-        for ((c, t), &paired) in scaling.iter().zip(&mut times).zip(&paired) {
-            let (median, best) = rates(batch, t);
+        let rate: Vec<(f64, f64)> = times.iter_mut().map(|t| rates(batch, t)).collect();
+        let (first_median, first_best) = rate[0];
+        for ((c, &(median, best)), &paired) in scaling.iter().zip(&rate).zip(&paired) {
             println!("{c:>3} threads: median step {median:.0} samples/s, fastest {best:.0}; speed-up over {} thread(s): {paired:.2}x paired (median of the rounds' ratios), {:.2}x median, {:.2}x fastest", scaling[0], median / first_median, best / first_best);
         }
         for ((c, t), step) in scaling.iter().zip(&turns).zip(&paired).skip(1) {

@@ -60,8 +60,9 @@ element!(f64, F64);
 /// The pointers and strides must describe matrices inside their buffers.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm<T: Element>(dst: &mut [T], ldc: usize, r: usize, cols: usize, k: usize, lhs: (*const T, usize, usize), rhs: (*const T, usize, usize), accumulate: bool, beta: T) {
+    // On the current rayon pool: the stage's (its thread budget).
     // SAFETY: forwarded from the caller.
-    unsafe { gemm_raw(dst.as_mut_ptr(), ldc, r, cols, k, lhs, rhs, accumulate, beta) }
+    unsafe { huse_cpu::gemm(dst.as_mut_ptr(), ldc, r, cols, k, lhs, rhs, accumulate, beta, None) }
 }
 
 /// [`gemm`] without accumulation into a buffer not yet initialised: the product writes every
@@ -74,7 +75,7 @@ pub(crate) unsafe fn gemm<T: Element>(dst: &mut [T], ldc: usize, r: usize, cols:
 pub(crate) unsafe fn gemm_into<T: Element>(dst: &mut [std::mem::MaybeUninit<T>], ldc: usize, r: usize, cols: usize, k: usize, lhs: (*const T, usize, usize), rhs: (*const T, usize, usize), beta: T) {
     assert!(k > 0, "gemm_into: an empty inner dimension writes nothing");
     // SAFETY: forwarded from the caller; MaybeUninit<T> has T's layout.
-    unsafe { gemm_raw(dst.as_mut_ptr().cast::<T>(), ldc, r, cols, k, lhs, rhs, false, beta) }
+    unsafe { huse_cpu::gemm(dst.as_mut_ptr().cast::<T>(), ldc, r, cols, k, lhs, rhs, false, beta, None) }
 }
 
 /// `dst = lhs . rhs` on at most `threads` threads, into a raw destination (operands as in
@@ -88,13 +89,6 @@ pub(crate) unsafe fn gemm_into<T: Element>(dst: &mut [std::mem::MaybeUninit<T>],
 pub(crate) unsafe fn gemm_on<T: Element>(dst: *mut T, ldc: usize, r: usize, cols: usize, k: usize, lhs: (*const T, usize, usize), rhs: (*const T, usize, usize), threads: usize) {
     // SAFETY: forwarded from the caller.
     unsafe { huse_cpu::gemm(dst, ldc, r, cols, k, lhs, rhs, false, T::ONE, Some(threads)) }
-}
-
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_raw<T: Element>(dst: *mut T, ldc: usize, r: usize, cols: usize, k: usize, lhs: (*const T, usize, usize), rhs: (*const T, usize, usize), accumulate: bool, beta: T) {
-    // The current rayon pool is the stage's (its thread budget).
-    // SAFETY: forwarded from the caller.
-    unsafe { huse_cpu::gemm(dst, ldc, r, cols, k, lhs, rhs, accumulate, beta, None) }
 }
 
 /// A vector of `len` elements that `fill` writes, without zero-filling it first.
