@@ -655,7 +655,6 @@ fn embed_new_table(searcher: &huse_search::Searcher, files: &huse_search::RunFil
     huse_search::write_embedding_files(image, text, &ids, searcher.dim(), out)
 }
 
-/// The candle device for `--device` (auto: a GPU when this build and machine have one).
 /// A run's id on the command line: a positive number, as `huse-run runs` lists them; anything
 /// else (a query typed where the id goes, an experiment's name) gets an error that says so.
 fn run_id(s: &str) -> std::result::Result<i64, String> {
@@ -665,6 +664,7 @@ fn run_id(s: &str) -> std::result::Result<i64, String> {
     }
 }
 
+/// The candle device for `--device` (auto: a GPU when this build and machine have one).
 fn device_arg(spec: &str) -> Result<candle_core::Device> {
     let spec: huse_stage_api::DeviceSpec = spec.parse().map_err(anyhow::Error::msg)?;
     huse_stage_kit::device_of(spec).map_err(|e| anyhow::anyhow!("{e}"))
