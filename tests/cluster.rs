@@ -325,3 +325,106 @@ fn db_copy_moves_runs_into_postgres_once_and_every_query_reads_both() {
     let err = sb.run(&["--db", "postgres://u:secret@127.0.0.1:1/x", "runs"]).expect(1).stderr();
     assert!(!err.contains("secret") && err.contains("u:***@"), "{err}");
 }
+
+/// A TCP proxy on 127.0.0.1 in front of `target` that can be cut: then every connection
+/// through it is dropped and new ones are refused, as when the server goes away.
+struct Proxy {
+    port: u16,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    fn start(target: std::net::SocketAddr) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let flag = up.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if !flag.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(target) else { continue };
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                    let flag = flag.clone();
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        from.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+                        let mut buf = [0u8; 16384];
+                        loop {
+                            if !flag.load(Ordering::SeqCst) {
+                                let _ = from.shutdown(std::net::Shutdown::Both);
+                                let _ = to.shutdown(std::net::Shutdown::Both);
+                                return;
+                            }
+                            match from.read(&mut buf) {
+                                Ok(0) => {
+                                    let _ = to.shutdown(std::net::Shutdown::Write);
+                                    return;
+                                }
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                                Err(_) => return,
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Proxy { port, up }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_postgres_outage_spools_at_once_and_the_pipeline_goes_on() {
+    let Some(pg) = services("pg_outage") else { return };
+    let url = fresh_pg(&pg, "outage");
+    let target: std::net::SocketAddr = {
+        let hostport = url.split('@').nth(1).unwrap().split('/').next().unwrap();
+        std::net::ToSocketAddrs::to_socket_addrs(hostport).unwrap().next().unwrap()
+    };
+    let proxy = Proxy::start(target);
+    let via = url.replacen(&format!(":{}/", target.port()), &format!(":{}/", proxy.port), 1);
+    let sb = Sandbox::new();
+    // 4 stages, ~4 s of work in all; the server goes away once the run is recorded.
+    let f = sb.write(
+        "o.yaml",
+        "name: o\nstages:\n  source: { uses: toy-source, with: { count: 4 } }\n  \
+         a: { uses: toy-scale, needs: [source], with: { seconds: 1.5, metrics: 50 } }\n  \
+         b: { uses: toy-scale, needs: [a], with: { seconds: 1.5, metrics: 50 } }\n  total: { uses: toy-sum, needs: [b] }\n",
+    );
+    let t0 = std::time::Instant::now();
+    let child = sb.cmd(&[f.to_str().unwrap()]).env("HUSE_DB", &via).env("HUSE_DB_RETRY", "2").stderr(std::process::Stdio::piped()).spawn().unwrap();
+    while pg_count(&url, "SELECT count(*) FROM runs") == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the run was never recorded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    proxy.cut();
+    let out = common::Out(child.wait_with_output().unwrap());
+    let took = t0.elapsed();
+    assert_eq!(out.code(), 1, "results not written fail the invocation:\n{}", out.stderr());
+    assert!(out.stderr().contains("huse-run db replay"), "{}", out.stderr());
+    // Seconds, not a minute per write: every stage ran while the server was away.
+    assert!(took < Duration::from_secs(40), "the run took {took:?} with the server down");
+    // Back up: the replay writes every row, once.
+    proxy.restore();
+    sb.run(&["--db", &via, "db", "replay"]).expect(0);
+    assert_eq!(pg_count(&url, "SELECT count(*) FROM stage_runs"), 4);
+    assert_eq!(pg_count(&url, "SELECT count(*) FROM metrics WHERE stage IN ('a', 'b') AND key = 'loss'"), 100);
+    assert_eq!(pg_count(&url, "SELECT count(*) FROM runs WHERE status = 'succeeded'"), 1);
+}

@@ -98,7 +98,15 @@ fn plugin_failures_are_clear_and_leave_the_database_consistent() {
         "struct T { unsigned abi; const char *v; unsigned long n; const void *s; void *f; };\n\
          static struct T t = { 999, \"9.9\", 0, 0, 0 };\nconst struct T *huse_plugin_entry(void) { return &t; }\n",
     );
+    // A library whose own dependency is missing: the loader's message names it.
+    let dep = c_library(&sb, "libhusedep", "int dep(void) { return 1; }\n");
+    let needs_c = sb.write("needsdep.c", "int dep(void);\nint f(void) { return dep(); }\n");
+    let needs_dep = sb.path().join("needsdep.so");
+    let st = Command::new("cc").args(["-shared", "-fPIC", "-o"]).arg(&needs_dep).arg(&needs_c).arg(format!("-L{}", sb.path().display())).arg("-lhusedep").status().unwrap();
+    assert!(st.success());
+    std::fs::remove_file(&dep).unwrap();
     for (lib_path, expected) in [
+        (needs_dep, "libhusedep.so: cannot open shared object file"),
         (text.clone(), "is not a loadable shared library"),
         (no_entry, "has no `huse_plugin_entry` symbol"),
         (bad_abi, "was built for plugin ABI version 999, this huse-run speaks version 2"),

@@ -254,9 +254,10 @@ fn stale_temp_cleanup_never_follows_a_tmp_symlink() {
     // A link inside the temp folder is removed itself, never followed.
     std::fs::remove_file(sb.cache().join(".tmp")).unwrap();
     std::fs::create_dir_all(sb.cache().join(".tmp")).unwrap();
-    std::os::unix::fs::symlink(&precious, sb.cache().join(".tmp/x-999999999-0")).unwrap();
+    let dead = format!(".tmp/x-999999999-0@{}", huse_exec::cache::host_tag());
+    std::os::unix::fs::symlink(&precious, sb.cache().join(&dead)).unwrap();
     sb.run(&[f.to_str().unwrap()]).expect(0);
-    assert!(!sb.cache().join(".tmp/x-999999999-0").exists());
+    assert!(!sb.cache().join(&dead).exists());
     assert!(precious.join("c-999999999-0/keep.txt").exists());
 }
 
@@ -403,4 +404,244 @@ fn quiet_means_quiet_names_are_interpolated_and_outputs_share_permissions() {
         }
     }
     assert_eq!(modes.len(), 1, "every output file has the same mode: {modes:?}");
+}
+
+// ---- Round 3: the metric spool, the shared cache, data, locations, queries. ----
+
+/// Runs `c.yaml` (chain of 7 metrics) while another connection holds the write lock, so
+/// every record of the run is spooled beside the database; returns the spool file.
+fn spool_a_busy_run(sb: &Sandbox) -> PathBuf {
+    let f = sb.write("c.yaml", &chain(1.0, 5));
+    let child = sb.cmd(&[f.to_str().unwrap()]).env("HUSE_DB_BUSY_TIMEOUT", "0.3").env("HUSE_DB_RETRY", "1").stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let rt = rt();
+    let url = format!("sqlite://{}", sb.db().display());
+    let mut locker = rt.block_on(async {
+        use sqlx::Connection;
+        let t0 = Instant::now();
+        loop {
+            assert!(t0.elapsed() < Duration::from_secs(30), "the run never appeared");
+            if let Ok(mut c) = sqlx::SqliteConnection::connect(&url).await
+                && sqlx::query_scalar::<_, i64>("SELECT count(*) FROM runs").fetch_one(&mut c).await.unwrap_or(0) >= 1
+            {
+                sqlx::query("BEGIN IMMEDIATE").execute(&mut c).await.unwrap();
+                break c;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let out = common::Out(child.wait_with_output().unwrap());
+    assert_eq!(out.code(), 1, "{}", out.stderr());
+    rt.block_on(async { sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap() });
+    drop(locker);
+    let spooled = spool_files(&sb.path().join("results.sqlite.spool")).into_iter().filter(|p| p.is_file()).collect::<Vec<_>>();
+    assert_eq!(spooled.len(), 1, "{spooled:?}");
+    spooled[0].clone()
+}
+
+#[test]
+fn spooled_records_never_replay_into_a_database_that_replaced_theirs() {
+    let sb = Sandbox::new();
+    let spool = spool_a_busy_run(&sb);
+    // The database is replaced at the same path before anything replays the spool.
+    for ext in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{ext}", sb.db().display()));
+    }
+    let other = sb.write("n2.yaml", "name: n2\nstages:\n  s: { uses: toy-source, with: { count: 2 } }\n");
+    sb.run(&[other.to_str().unwrap()]).expect(0);
+    sb.run(&[other.to_str().unwrap()]).expect(0);
+    let n2_rows = sb.count("SELECT count(*) FROM metrics");
+    let out = sb.run(&["db", "replay"]).expect(1);
+    let err = out.stderr();
+    assert!(err.contains("set aside") && err.contains("another database"), "{err}");
+    assert_eq!(sb.count("SELECT count(*) FROM metrics"), n2_rows, "no row of the old database's run entered the new one");
+    assert_eq!(sb.count("SELECT count(*) FROM metrics WHERE key = 'loss'"), 0);
+    assert!(!spool.exists(), "the spool moved aside");
+    let aside = sb.path().join("results.sqlite.spool/rejected").join(spool.file_name().unwrap());
+    assert!(aside.is_file(), "kept, not deleted: {}", aside.display());
+    let reason = std::fs::read_to_string(format!("{}.reason.txt", aside.display())).unwrap();
+    assert!(reason.contains("another database"), "{reason}");
+    // Queries say so too.
+    assert!(sb.run(&["runs"]).expect(0).stderr().contains("set aside"));
+}
+
+#[test]
+fn a_poisoned_spool_is_set_aside_and_the_others_are_replayed() {
+    let sb = Sandbox::new();
+    let good = spool_a_busy_run(&sb);
+    // A second spool of the same database whose run does not exist, older than the good one.
+    let text = std::fs::read_to_string(&good).unwrap();
+    let id = text.split("\"id\":\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    let bad_text = text.replace(&id, &format!("{id}-poisoned")).replace("\"run_id\":1,", "\"run_id\":999,").replace("\"run_id\":1}", "\"run_id\":999}");
+    let bad = good.with_file_name(format!("{id}-poisoned.jsonl"));
+    std::fs::write(&bad, bad_text).unwrap();
+    assert!(Command::new("touch").args(["-d", "1 hour ago"]).arg(&bad).status().unwrap().success());
+    let out = sb.run(&["db", "replay"]).expect(1);
+    let err = out.stderr();
+    assert!(err.contains("poisoned") && err.contains("set aside") && err.contains("run 999"), "{err}");
+    assert!(err.contains("remain unwritten"), "{err}");
+    // The good spool was written whole, once.
+    assert_eq!(sb.count("SELECT count(*) FROM metrics WHERE run_id = 1"), 7);
+    assert_eq!(sb.sql("SELECT status FROM runs WHERE id = 1")[0][0], "succeeded");
+    assert!(!good.exists() && !bad.exists());
+    // It stays named (and the exit status says so) until someone deletes it.
+    assert!(sb.run(&["db", "replay"]).expect(1).stderr().contains("poisoned"));
+    std::fs::remove_dir_all(sb.path().join("results.sqlite.spool/rejected")).unwrap();
+    assert!(sb.run(&["db", "replay"]).expect(0).stdout().contains("up to date"));
+}
+
+#[test]
+fn another_machines_live_temporary_output_survives_a_sweep_of_the_shared_cache() {
+    let sb = Sandbox::new();
+    let tmp = sb.cache().join(".tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    // Node B's stage at work (its PID means nothing here), ours dead, and an abandoned one.
+    let live_elsewhere = tmp.join("k1-999999999-0@0123456789ab");
+    let dead_here = tmp.join(format!("k2-999999999-0@{}", huse_exec::cache::host_tag()));
+    let abandoned = tmp.join("k3-999999999-0@0123456789ab");
+    for d in [&live_elsewhere, &dead_here, &abandoned] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("part.bin"), "x").unwrap();
+    }
+    for p in [abandoned.join("part.bin"), abandoned.clone()] {
+        assert!(Command::new("touch").args(["-d", "8 days ago"]).arg(&p).status().unwrap().success());
+    }
+    let f = sb.write("c.yaml", &chain(0.0, 0));
+    sb.run(&[f.to_str().unwrap()]).expect(0);
+    assert!(live_elsewhere.join("part.bin").exists(), "another machine's work in progress is left alone");
+    assert!(!dead_here.exists(), "this machine's dead writer's folder is swept");
+    assert!(!abandoned.exists(), "a folder untouched for longer than the stale age is swept");
+}
+
+#[test]
+fn concurrent_no_cache_runs_sharing_a_cache_all_succeed() {
+    let sb = Sandbox::new();
+    let f = sb.write("c.yaml", &chain(0.2, 2));
+    let f = f.to_str().unwrap();
+    sb.run(&[f]).expect(0);
+    let children: Vec<_> = (0..8).map(|_| sb.cmd(&[f, "--no-cache"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap()).collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(sb.count("SELECT count(*) FROM runs WHERE status = 'succeeded'"), 9);
+}
+
+#[test]
+fn sqlite_uris_and_odd_schemes_are_refused_and_passwords_never_printed() {
+    let sb = Sandbox::new();
+    let f = sb.write("c.yaml", &chain(0.0, 0));
+    let f = f.to_str().unwrap();
+    let err = sb.run(&["--db", "file:mem.db?mode=memory&cache=shared", f]).expect(2).stderr();
+    assert!(err.contains("`file:` URIs are not accepted"), "{err}");
+    assert_eq!(std::fs::read_dir(sb.path()).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("file:")).count(), 0);
+    // A file whose name starts with `file:` is still a file, named verbatim.
+    sb.run(&["--db", "./file:foo.db", f]).expect(0);
+    assert!(sb.path().join("file:foo.db").is_file() && !sb.path().join("foo.db").exists());
+    for db in ["POSTGRES://u:sekrit@127.0.0.1:1/x", "Postgresql://u:sekrit@127.0.0.1:1/x", "postgres://u@127.0.0.1:1/db?password=sekrit", "MySQL://u:sekrit@h/db"] {
+        let out = sb.cmd(&["--db", db, "runs"]).output().unwrap();
+        let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!out.status.success(), "{db}: {all}");
+        assert!(!all.contains("sekrit"), "{db}: the password is printed: {all}");
+        assert!(!all.contains("unknown database scheme `postgres"), "{db}: schemes are case-insensitive: {all}");
+    }
+}
+
+#[test]
+fn replay_says_records_remain_while_the_disk_is_full_and_queries_see_the_fallback_spool() {
+    let sb = Sandbox::new();
+    let fs = match Tmpfs::mount(&sb.path().join("small"), "2m") {
+        Ok(fs) => fs,
+        Err(e) => {
+            eprintln!("NOT RUN: replay_says_records_remain_while_the_disk_is_full needs to mount a tmpfs: {e}");
+            return;
+        }
+    };
+    let db = fs.0.join("r.sqlite");
+    let run = |args: &[&str]| common::Out(sb.cmd(args).env("HUSE_DB", &db).env("HUSE_DB_RETRY", "1").output().unwrap());
+    let tiny = sb.write("t.yaml", "name: t\nstages:\n  s: { uses: toy-source }\n");
+    run(&[tiny.to_str().unwrap()]).expect(0);
+    let mut chunk = 0;
+    while std::fs::write(fs.0.join(format!("filler{chunk}")), vec![1u8; 16 << 10]).is_ok() {
+        chunk += 1;
+    }
+    for i in 0..chunk.min(12) {
+        std::fs::remove_file(fs.0.join(format!("filler{i}"))).unwrap();
+    }
+    let f = sb.write("c.yaml", &chain(0.0, 20000));
+    run(&[f.to_str().unwrap()]).expect(1);
+    assert_eq!(spool_files(&sb.cache().join(".spool")).len(), 1);
+    // The query warns of the cache's spool; replay with the disk still full is not success.
+    assert!(run(&["runs"]).expect(0).stderr().contains("spooled and not yet in"));
+    let out = run(&["db", "replay"]).expect(1);
+    assert!(out.stderr().contains("remain unwritten") && out.stderr().contains("kept for the next replay"), "{}", out.stderr());
+    assert!(!out.stdout().contains("up to date"), "{}", out.stdout());
+    assert_eq!(spool_files(&sb.cache().join(".spool")).len(), 1, "the spool is kept");
+    for i in 12..chunk {
+        let _ = std::fs::remove_file(fs.0.join(format!("filler{i}")));
+    }
+    run(&["db", "replay"]).expect(0);
+}
+
+#[test]
+fn exporting_an_unknown_experiment_is_an_error_that_leaves_the_file_alone() {
+    let sb = common::known_runs();
+    let keep = sb.write("keep.csv", "precious\n");
+    let err = sb.run(&["export", "-e", "nosuchexp", "--out", keep.to_str().unwrap()]).expect(1).stderr();
+    assert!(err.contains("no experiment `nosuchexp`") && err.contains("experiments: q"), "{err}");
+    assert_eq!(std::fs::read_to_string(&keep).unwrap(), "precious\n");
+    assert!(sb.run(&["export", "-e", "nosuchexp"]).expect(1).stdout().is_empty());
+}
+
+#[test]
+fn an_experiment_name_cannot_climb_out_of_a_folder() {
+    let sb = Sandbox::new();
+    for name in ["..", ".", ".hidden"] {
+        let f = sb.write("d.yaml", &chain(0.0, 0).replacen("name: c", &format!("name: \"{name}\""), 1));
+        let err = sb.run(&["validate", f.to_str().unwrap()]).expect(2).stderr();
+        assert!(err.contains("not starting with `.`"), "{name}: {err}");
+    }
+}
+
+#[test]
+fn a_results_file_on_a_read_only_mount_can_be_queried() {
+    let sb = Sandbox::new();
+    let fs = match Tmpfs::mount(&sb.path().join("ro"), "8m") {
+        Ok(fs) => fs,
+        Err(e) => {
+            eprintln!("NOT RUN: a_results_file_on_a_read_only_mount_can_be_queried needs to mount a tmpfs: {e}");
+            return;
+        }
+    };
+    let db = fs.0.join("r.sqlite");
+    let f = sb.write("c.yaml", &chain(0.0, 2));
+    assert!(sb.cmd(&[f.to_str().unwrap()]).env("HUSE_DB", &db).status().unwrap().success());
+    assert!(Command::new("mount").args(["-o", "remount,ro"]).arg(&fs.0).status().unwrap().success());
+    let out = common::Out(sb.cmd(&["runs", "-f", "csv"]).env("HUSE_DB", &db).output().unwrap()).expect(0);
+    assert!(out.stdout().lines().nth(1).is_some_and(|l| l.starts_with("1,c,c,succeeded")), "{}", out.stdout());
+    common::Out(sb.cmd(&["show", "1"]).env("HUSE_DB", &db).output().unwrap()).expect(0);
+}
+
+#[test]
+fn query_paper_cuts_name_what_exists() {
+    let sb = Sandbox::new();
+    // --max-runs holds without a sweep too.
+    let f = sb.write("c.yaml", &chain(0.0, 0));
+    let err = sb.run(&["validate", f.to_str().unwrap(), "--repeat", "3", "--max-runs", "2"]).expect(2).stderr();
+    assert!(err.contains("more than the limit of 2"), "{err}");
+    let m = sb.write(
+        "m.yaml",
+        "name: m\nstages:\n  source: { uses: toy-source, with: { count: 4 } }\n  \
+         left: { uses: toy-scale, needs: [source] }\n  right: { uses: toy-scale, needs: [source], with: { factor: 3.0 } }\n  \
+         total: { uses: toy-sum, needs: [left] }\n",
+    );
+    sb.run(&[m.to_str().unwrap()]).expect(0);
+    // A misspelt condition key is named with the closest real one.
+    let out = sb.run(&["runs", "-w", "sun>1"]).expect(0);
+    assert!(out.stderr().contains("no run has a param or metric `sun`") && out.stderr().contains("did you mean `sum`"), "{}", out.stderr());
+    // A key two stages log: `best` names the qualified names that exist.
+    let err = sb.run(&["best", "--metric", "mean"]).expect(1).stderr();
+    assert!(err.contains("left.mean") && err.contains("right.mean"), "{err}");
+    // An unknown experiment is said to be unknown.
+    let err = sb.run(&["runs", "-e", "nosuch"]).expect(1).stderr();
+    assert!(err.contains("no experiment `nosuch`"), "{err}");
 }

@@ -38,7 +38,10 @@ struct Cli {
 struct Global {
     /// Results database: a SQLite file path (taken verbatim), sqlite://PATH, or a PostgreSQL
     /// URL (postgres://USER[:PASSWORD]@HOST[:PORT]/DB).
-    #[arg(long, global = true, env = "HUSE_DB", default_value = ".huse/runs.sqlite")]
+    #[arg(long = "db", id = "db", global = true, env = "HUSE_DB", default_value = ".huse/runs.sqlite", value_name = "DB")]
+    db_arg: String,
+    /// `db_arg` parsed (in `main`, so that a refused location is never echoed with its password).
+    #[arg(skip = Location::Sqlite(PathBuf::new()))]
     db: Location,
     /// Stage cache directory.
     #[arg(long, global = true, env = "HUSE_CACHE", default_value = ".huse/cache")]
@@ -297,9 +300,9 @@ enum DbCmd {
     /// into the group's PostgreSQL); runs the destination already has are skipped.
     Copy {
         /// Source database (path or URL).
-        src: Location,
+        src: String,
         /// Destination database (path or URL; created/migrated if needed).
-        dst: Location,
+        dst: String,
         /// Only runs of this experiment.
         #[arg(long, short = 'e')]
         experiment: Option<String>,
@@ -313,11 +316,19 @@ pub fn main() -> i32 {
         .after_help(format!("Devices (`device:`, `--device`) in this build: {}.", huse_stage_kit::devices_built()))
         .try_get_matches()
         .and_then(|m| Cli::from_arg_matches(&m));
-    let cli = match parsed {
+    let mut cli = match parsed {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
             return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    // Parsed here, not by clap: clap would echo the raw value, password and all.
+    cli.global.db = match cli.global.db_arg.parse() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: --db / HUSE_DB: {e}");
+            return 2;
         }
     };
     let display = if cli.global.quiet { Display::quiet() } else { Display::new() };
@@ -405,7 +416,8 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
             Ok(0)
         }
         Some(Cmd::Runs { filter, metrics, sort, desc, limit, group, format }) => {
-            let store = open_for_queries(&g.db).await?;
+            let store = open_for_queries(&g).await?;
+            warn_unknown_conds(&store, &filter).await?;
             let runs = store.load_runs(&to_filter(filter)).await?;
             let mut t = table::runs_table(&runs, &table::patterns(&metrics)?, group);
             if let Some(s) = sort {
@@ -420,7 +432,7 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
             Ok(0)
         }
         Some(Cmd::Show { run, format }) => {
-            let store = open_for_queries(&g.db).await?;
+            let store = open_for_queries(&g).await?;
             print!("{}", table::render_sections(&table::show(&store, run).await?, format));
             if matches!(format, Format::Table | Format::Markdown) {
                 print!("{}", table::summaries_text(&store, run).await?);
@@ -428,7 +440,7 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
             Ok(0)
         }
         Some(Cmd::Compare { runs, metrics, format }) => {
-            let store = open_for_queries(&g.db).await?;
+            let store = open_for_queries(&g).await?;
             let all = store.load_runs(&Filter::default()).await?;
             let mut chosen = Vec::new();
             for id in &runs {
@@ -438,7 +450,7 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
             Ok(0)
         }
         Some(Cmd::Report { experiment, out, metrics }) => {
-            let store = open_for_queries(&g.db).await?;
+            let store = open_for_queries(&g).await?;
             let out = out.unwrap_or_else(|| huse_report::default_out(&experiment));
             let figs = huse_report::report(&store, &experiment, &out, &metrics).await?;
             println!("{} ({} figures)", out.join("index.html").display(), figs.len());
@@ -451,7 +463,7 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
                 eprintln!("error: unknown export format `{format}` (csv or json)");
                 return Ok(2);
             }
-            let store = open_for_queries(&g.db).await?;
+            let store = open_for_queries(&g).await?;
             match out {
                 Some(p) => {
                     let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
@@ -475,7 +487,7 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
         }
         Some(Cmd::Search { run, query, text, image, k, modality, device, format }) => {
             let text = text.or(query);
-            let store = open_for_queries(&g.db).await?;
+            let store = open_for_queries(&g).await?;
             let files = run_files(&store, run).await?;
             store.close().await;
             let searcher = huse_search::Searcher::open(&files, &g.cache.join(".index"), &device_arg(&device)?)?;
@@ -499,7 +511,7 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
             Ok(0)
         }
         Some(Cmd::Serve { runs, port, host, device }) => {
-            let store = open_for_queries(&g.db).await?;
+            let store = open_for_queries(&g).await?;
             let mut views = Vec::new();
             for run in &runs {
                 let files = run_files(&store, *run).await?;
@@ -527,7 +539,7 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
                     return Ok(2);
                 }
             };
-            let store = open_for_queries(&g.db).await?;
+            let store = open_for_queries(&g).await?;
             let files = run_files(&store, run).await?;
             store.close().await;
             let searcher = huse_search::Searcher::open(&files, &g.cache.join(".index"), &device_arg(&device)?)?;
@@ -556,19 +568,38 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
             Ok(if bad > 0 { 1 } else { 0 })
         }
         Some(Cmd::Db { cmd: DbCmd::Replay }) => {
-            let store = Store::open(&g.db, store_options(&g)?).await?;
-            let bad = store.unreadable_spools().await;
-            for (f, why) in &bad {
-                eprintln!("error: spool {} could not be replayed (left in place): {why}", f.display());
+            let mut opts = store_options(&g)?;
+            opts.replay_on_open = false;
+            let store = Store::open(&g.db, opts).await?;
+            let r = store.replay_spools().await?;
+            let mut remain = 0usize;
+            for (f, why) in &r.left {
+                remain += 1;
+                eprintln!("error: spool {} was not written (kept for the next replay): {why}", f.display());
             }
-            if !bad.is_empty() {
+            for (f, why) in store.unreadable_spools().await {
+                remain += 1;
+                eprintln!("error: spool {} could not be read (left in place): {why}", f.display());
+            }
+            for (f, why, n) in store.set_aside_spools().await {
+                remain += 1;
+                eprintln!("error: spool {} ({n} record(s)) was set aside and will not be written: {why}; inspect it, then delete it", f.display());
+            }
+            if remain > 0 {
+                eprintln!("{} record(s) written; {remain} spool(s) remain unwritten in {}", r.written, g.db);
                 return Ok(1);
             }
-            let left = store.spooled().await;
-            println!("results database {} is up to date{}", g.db, if left > 0 { format!(" ({left} spooled record(s) of running processes wait)") } else { String::new() });
+            println!("results database {} is up to date ({} spooled record(s) written)", g.db, r.written);
             Ok(0)
         }
         Some(Cmd::Db { cmd: DbCmd::Copy { src, dst, experiment } }) => {
+            let (src, dst): (Location, Location) = match (src.parse(), dst.parse()) {
+                (Ok(s), Ok(d)) => (s, d),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("error: db copy: {e}");
+                    return Ok(2);
+                }
+            };
             if src == dst {
                 eprintln!("error: db copy: source and destination are the same database ({src})");
                 return Ok(2);
@@ -589,7 +620,8 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
         Some(Cmd::Wait(a)) => cluster::status(&g, &a, true).await,
         Some(Cmd::SlurmTask { launch, shared }) => cluster::task(&g, &launch, shared, &display).await,
         Some(Cmd::Best { metric, min, filter, format }) => {
-            let store = open_for_queries(&g.db).await?;
+            let store = open_for_queries(&g).await?;
+            warn_unknown_conds(&store, &filter).await?;
             let runs = store.load_runs(&to_filter(filter)).await?;
             print!("{}", table::best_table(&runs, &metric, min)?.render(format));
             Ok(0)
@@ -684,14 +716,37 @@ fn store_options(g: &Global) -> Result<huse_store::Options> {
     Ok(o)
 }
 
-/// Opens the database read-only for a query, warning about records still spooled.
-async fn open_for_queries(db: &Location) -> Result<Store> {
-    let store = Store::open_read_only(db).await?;
+/// Opens the database read-only for a query, warning about records still spooled (beside
+/// the database or in the cache's fallback spool) or set aside.
+async fn open_for_queries(g: &Global) -> Result<Store> {
+    let db = &g.db;
+    let store = Store::open_read_only_with(db, Some(g.cache.join(".spool"))).await?;
     let n = store.spooled().await;
     if n > 0 {
         warn!("{n} record(s) are spooled and not yet in {db}; `huse-run db replay` writes them");
     }
+    let aside = store.set_aside_spools().await;
+    if !aside.is_empty() {
+        warn!("{} spool(s) of records that cannot be written to {db} were set aside; `huse-run db replay` names them", aside.len());
+    }
     Ok(store)
+}
+
+/// Warns about `-w` keys that no run (of the `-e` experiment, when given) has as a param
+/// or metric: a misspelt key would otherwise just match nothing. An unknown `-e` is an error.
+async fn warn_unknown_conds(store: &Store, f: &FilterArgs) -> Result<()> {
+    if let Some(e) = &f.experiment {
+        store.check_experiment(e).await?;
+    }
+    if f.conds.is_empty() {
+        return Ok(());
+    }
+    let all = store.load_runs(&Filter { experiment: f.experiment.clone(), ..Default::default() }).await?;
+    let keys: Vec<&str> = f.conds.iter().map(|c| c.key.as_str()).collect();
+    for (k, near) in table::unknown_keys(&all, &keys) {
+        warn!("no run has a param or metric `{k}`{}", near.map(|n| format!(" (did you mean `{n}`?)")).unwrap_or_default());
+    }
+    Ok(())
 }
 
 fn to_filter(f: FilterArgs) -> Filter {
@@ -778,8 +833,9 @@ async fn run_compiled(g: &Global, db: &Location, exp: &huse_config::Experiment, 
     }
     let outcome = exec::execute(exp, registry, &store, &cache, opts, display, &cancel).await?;
     let outcomes = &outcome.runs;
-    // Stage summaries (e.g. the evaluation tables) of each finished run.
-    for o in outcomes {
+    // Stage summaries (e.g. the evaluation tables) of each finished run (from the database:
+    // not when it could not take the results).
+    for o in outcomes.iter().filter(|_| outcome.results_incomplete.is_none()) {
         let text = table::summaries_text(&store, o.id).await.unwrap_or_default();
         if !text.is_empty() {
             display.suspend(|| println!("run {} ({}):\n{text}", o.id, o.name));

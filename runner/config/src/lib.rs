@@ -475,7 +475,7 @@ fn experiment_name(cx: &mut Ctx, root: &Node, env: &dyn Fn(&str) -> Option<Strin
     match node.as_ref() {
         Some(Node { value: Value::Str(s), .. }) if valid_name(s) => s.clone(),
         Some(n) => {
-            cx.err(&n.origin, "name", format!("expected a name of letters, digits, `-`, `_` or `.`, found {n}"));
+            cx.err(&n.origin, "name", format!("expected a name of letters, digits, `-`, `_` or `.` (not starting with `.`), found {n}"));
             String::new()
         }
         None => {
@@ -485,8 +485,10 @@ fn experiment_name(cx: &mut Ctx, root: &Node, env: &dyn Fn(&str) -> Option<Strin
     }
 }
 
+/// Letters, digits, `-`, `_` and `.`, not starting with `.`: a name is used as a folder
+/// name (logs, reports, launches), so `.` and `..` must never pass.
 pub(crate) fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    !s.is_empty() && !s.starts_with('.') && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 #[cfg(test)]

@@ -9,7 +9,14 @@ use crate::{Ctx, did_you_mean, settable_path};
 
 /// The sweep's points as (label, assignments). Without a sweep: one empty point.
 pub(crate) fn points(cx: &mut Ctx, root: &Node, stage_names: &BTreeSet<String>, repeat: u32, max_runs: usize) -> Vec<(String, Vec<(Vec<String>, Node)>)> {
-    let Some(sweep) = root.get("sweep") else { return vec![(String::new(), Vec::new())] };
+    let Some(sweep) = root.get("sweep") else {
+        if repeat as usize > max_runs {
+            let origin = root.get("repeat").map(|n| n.origin.clone()).unwrap_or_else(|| root.origin.clone());
+            cx.err(&origin, "repeat", format!("{repeat} seeds make {repeat} runs, more than the limit of {max_runs} (raise it with --max-runs)"));
+            return Vec::new();
+        }
+        return vec![(String::new(), Vec::new())];
+    };
     let Some(map) = sweep.as_map() else {
         cx.err(&sweep.origin, "sweep", format!("expected a mapping, found {}", sweep.value.type_name()));
         return Vec::new();

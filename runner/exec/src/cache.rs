@@ -4,9 +4,11 @@
 //! the stage kind, its version (and plugin version), its resolved config, the **content
 //! hashes of the inputs it reads** (as recorded by the upstream entries' manifests), the
 //! seed when the stage uses it, and the identity of the files it reads.
-//! Outputs are written into `<root>/.tmp/<key>-<pid>-<n>/` and renamed into place when
-//! complete ([`Cache::finish`]), so a directory under `<kind>/` is always a finished
-//! output. Beside the outputs go the stage's metrics (`.huse-metrics.jsonl`), so that a
+//! Outputs are written into `<root>/.tmp/<key>-<pid>-<n>@<host>/` and renamed into place
+//! when complete ([`Cache::finish`]), so a directory under `<kind>/` is always a finished
+//! output. `<host>` tags the machine (host name, boot and PID namespace) of the writer: a
+//! cache shared by cluster nodes is swept only of the temporary folders whose writer is
+//! seen dead by a process on the same machine, or that nothing touched for [`STALE_AGE`]. Beside the outputs go the stage's metrics (`.huse-metrics.jsonl`), so that a
 //! cache hit can give a new run the same metrics, and a [`Manifest`] (`.huse-stage.json`,
 //! with a schema version) recording what made the entry, including its key parts, so
 //! that a later miss can say which part changed ([`Cache::why_miss`]), and the size and
@@ -113,16 +115,59 @@ impl std::fmt::Display for BadEntry {
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// How long a temporary folder of another machine (or of a writer that did not say which)
+/// must be untouched before a sweep removes it: a writer there cannot be checked for life.
+pub const STALE_AGE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// When this process started using the cache (an entry made after it was made by a
+/// concurrent process, and `--no-cache` keeps it rather than replace it under its readers).
+static STARTED: std::sync::LazyLock<std::time::SystemTime> = std::sync::LazyLock::new(std::time::SystemTime::now);
+
+/// This machine as a short tag: a hash of the host name, the boot id and the PID namespace,
+/// so that only a process that sees the same processes judges whether a PID is alive.
+pub fn host_tag() -> &'static str {
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| {
+        let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default();
+        let ns = std::fs::read_link("/proc/self/ns/pid").map(|p| p.display().to_string()).unwrap_or_default();
+        let id = format!("{}\n{}\n{ns}", read("/proc/sys/kernel/hostname"), read("/proc/sys/kernel/random/boot_id"));
+        blake3::hash(id.as_bytes()).to_hex()[..12].to_string()
+    })
+}
+
+/// (PID, host tag) of a temporary folder's name `<key>-<pid>-<n>[@<tag>]`.
+fn temp_owner(name: &str) -> (Option<u32>, Option<&str>) {
+    let (base, tag) = match name.rsplit_once('@') {
+        Some((b, t)) => (b, Some(t)),
+        None => (name, None),
+    };
+    (base.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok()), tag)
+}
+
+/// The newest modification time of a folder and its direct entries (never following links).
+fn last_touched(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut t = std::fs::symlink_metadata(dir).and_then(|m| m.modified()).ok()?;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if let Ok(m) = e.path().symlink_metadata().and_then(|m| m.modified()) {
+                t = t.max(m);
+            }
+        }
+    }
+    Some(t)
+}
+
 impl Cache {
     /// The cache at `root` (created on first write), without checks (tests, reading).
     pub fn new(root: impl Into<PathBuf>) -> Self {
+        std::sync::LazyLock::force(&STARTED);
         Cache { root: root.into() }
     }
 
     /// The cache at `root`, refusing one whose `.tmp`, `.work`, `.spool` or kind folders
     /// are symbolic links that lead outside it (cleaning them would touch other data).
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
-        let cache = Cache { root: root.into() };
+        let cache = Cache::new(root);
         let Ok(rd) = std::fs::read_dir(&cache.root) else { return Ok(cache) };
         let real_root = std::fs::canonicalize(&cache.root).with_context(|| format!("resolving {}", cache.root.display()))?;
         for e in rd.flatten() {
@@ -231,7 +276,7 @@ impl Cache {
     /// A fresh, empty temporary output directory.
     pub fn temp_dir(&self, key: &str) -> Result<PathBuf> {
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir = self.root.join(".tmp").join(format!("{key}-{}-{n}", std::process::id()));
+        let dir = self.root.join(".tmp").join(format!("{key}-{}-{n}@{}", std::process::id(), host_tag()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(dir)
     }
@@ -260,6 +305,13 @@ impl Cache {
         let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
         std::fs::write(tmp.join(MANIFEST_FILE), json).with_context(|| format!("writing {}", tmp.join(MANIFEST_FILE).display()))?;
         if replace {
+            // An entry a concurrent process made after this one started is as fresh as ours:
+            // keep it (its readers may be using it) and drop ours.
+            let theirs = self.entry(&manifest.kind, &manifest.key).join(MANIFEST_FILE);
+            if std::fs::metadata(&theirs).and_then(|m| m.modified()).is_ok_and(|t| t >= *STARTED) {
+                let _ = std::fs::remove_dir_all(tmp);
+                return Ok(self.entry(&manifest.kind, &manifest.key));
+            }
             self.remove(&manifest.kind, &manifest.key)?;
         }
         self.commit(tmp, &manifest.kind, &manifest.key)
@@ -311,8 +363,10 @@ impl Cache {
         }
     }
 
-    /// Removes temporary directories left by processes that no longer exist. Never
-    /// follows a symbolic link: a link found there is removed itself, not what it points to.
+    /// Removes temporary directories left by processes that no longer exist: of this
+    /// machine ([`host_tag`]) when their PID is gone; of another machine, or untagged, only
+    /// once untouched for [`STALE_AGE`]. Never follows a symbolic link: a link found there
+    /// is removed itself, not what it points to.
     pub fn sweep_stale_temps(&self) {
         let tmp = self.root.join(".tmp");
         if std::fs::symlink_metadata(&tmp).is_ok_and(|m| m.file_type().is_symlink()) {
@@ -321,11 +375,14 @@ impl Cache {
         let Ok(rd) = std::fs::read_dir(&tmp) else { return };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            let pid = name.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
-            if let Some(pid) = pid
-                && pid != std::process::id()
-                && !Path::new(&format!("/proc/{pid}")).exists()
-            {
+            let (pid, tag) = temp_owner(&name);
+            let Some(pid) = pid else { continue };
+            let stale = if tag == Some(host_tag()) {
+                pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+            } else {
+                last_touched(&e.path()).and_then(|t| t.elapsed().ok()).is_some_and(|age| age >= STALE_AGE)
+            };
+            if stale {
                 match e.file_type() {
                     Ok(t) if t.is_dir() => {
                         let _ = std::fs::remove_dir_all(e.path());
@@ -345,8 +402,12 @@ impl Cache {
             // Rename first so that a reader never sees a half-deleted entry.
             let trash = self.temp_dir(&format!("{key}-trash"))?;
             std::fs::remove_dir(&trash)?;
-            std::fs::rename(&dest, &trash)?;
-            std::fs::remove_dir_all(&trash)?;
+            match std::fs::rename(&dest, &trash) {
+                Ok(()) => std::fs::remove_dir_all(&trash)?,
+                // A concurrent process removed it first.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", dest.display())),
+            }
         }
         Ok(())
     }

@@ -155,7 +155,17 @@ pub fn load(path: &Path) -> Result<(Vec<Arc<dyn Stage>>, String), String> {
         return Err(format!("plugin {shown} does not exist"));
     }
     // SAFETY: loading a library runs its initialisers; plugins are trusted code named by the user.
-    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| format!("plugin {shown} is not a loadable shared library: {e}"))?;
+    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
+        // libloading's own text is only "dlopen failed"; the loader's message (a missing
+        // dependency, a wrong architecture) is its source.
+        let mut why = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            why = format!("{why}: {c}");
+            cause = c.source();
+        }
+        format!("plugin {shown} is not a loadable shared library: {why}")
+    })?;
     let lib: &'static libloading::Library = Box::leak(Box::new(lib));
     let entry = unsafe { lib.get::<extern "C" fn() -> *const PluginTable>(ENTRY_SYMBOL) }.map_err(|_| {
         format!("plugin {shown} has no `{}` symbol: it is not a huse-run plugin (export one with huse_plugin::export_stages!)", String::from_utf8_lossy(ENTRY_SYMBOL))

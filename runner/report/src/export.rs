@@ -5,7 +5,11 @@ use anyhow::{Result, bail};
 use huse_store::{Filter, Store};
 
 /// Writes runs, params and metrics in long form: one row per (run, kind, key, step).
+/// An experiment that is not in the database is an error (nothing is written).
 pub async fn export(store: &Store, experiment: Option<&str>, format: &str, out: &mut dyn std::io::Write) -> Result<()> {
+    if let Some(e) = experiment {
+        store.check_experiment(e).await?;
+    }
     let runs = store.load_runs(&Filter { experiment: experiment.map(String::from), ..Default::default() }).await?;
     let mut rows: Vec<(i64, String, String, String, &'static str, String, Option<i64>, String)> = Vec::new();
     for r in &runs {

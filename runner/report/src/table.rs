@@ -109,9 +109,11 @@ impl Table {
                 } else {
                     comfy_table::presets::ASCII_MARKDOWN
                 });
-                t.set_header(self.headers.clone());
+                // What reaches a terminal never carries the data's control characters (an
+                // escape sequence in a title could retitle the window or hide text).
+                t.set_header(self.headers.iter().map(|h| printable(h)).collect::<Vec<_>>());
                 for r in &self.rows {
-                    t.add_row(r.iter().map(Cell::text).collect::<Vec<_>>());
+                    t.add_row(r.iter().map(|c| printable(&c.text())).collect::<Vec<_>>());
                 }
                 format!("{t}\n")
             }
@@ -386,7 +388,19 @@ pub fn best_table(runs: &[RunRow], metric: &str, minimize: bool) -> Result<Table
     let with: Vec<(&RunRow, f64)> =
         runs.iter().filter_map(|r| r.metrics.get(metric).copied().flatten().map(|v| (r, v))).collect();
     let Some(&(best, value)) = with.iter().max_by(|a, b| if minimize { b.1.total_cmp(&a.1) } else { a.1.total_cmp(&b.1) }) else {
-        bail!("no run has a value for metric `{metric}`");
+        // A key two stages log is stored under its qualified name (`stage.key`): name those.
+        let mut similar: Vec<&str> = runs
+            .iter()
+            .flat_map(|r| r.metrics.keys())
+            .filter(|k| k.ends_with(&format!(".{metric}")) || k.starts_with(&format!("{metric}.")))
+            .map(String::as_str)
+            .collect();
+        similar.sort_unstable();
+        similar.dedup();
+        if similar.is_empty() {
+            bail!("no run has a value for metric `{metric}`");
+        }
+        bail!("no run has a value for metric `{metric}`; metrics with that name: {}", similar.join(", "));
     };
     let params = varying_params(runs);
     let mut t = Table { headers: vec!["id".into(), "experiment".into(), "name".into(), metric.to_string()], rows: Vec::new() };
@@ -397,9 +411,82 @@ pub fn best_table(runs: &[RunRow], metric: &str, minimize: bool) -> Result<Table
     Ok(t)
 }
 
+/// `s` with every control character (C0 but line breaks and tabs, DEL, C1) and bidirectional override written as a
+/// visible escape (`\x1b`, `\u{202e}`), so text from data cannot drive a terminal.
+pub fn printable(s: &str) -> String {
+    if !s.chars().any(is_unsafe) {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if is_unsafe(c) {
+            let n = c as u32;
+            if n < 0x100 { out.push_str(&format!("\\x{n:02x}")) } else { out.push_str(&format!("\\u{{{n:x}}}")) }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Line breaks and tabs stay (a multi-line cell, e.g. an error); every other control
+/// character is escaped.
+fn is_unsafe(c: char) -> bool {
+    (c.is_control() && c != '\n' && c != '\t') || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}')
+}
+
+/// The keys of `conds` that no run in `runs` has as a param or a metric, each with the
+/// closest existing key when one is near (a misspelt `-w` key matches nothing silently).
+pub fn unknown_keys(runs: &[RunRow], keys: &[&str]) -> Vec<(String, Option<String>)> {
+    let known: std::collections::BTreeSet<&str> =
+        runs.iter().flat_map(|r| r.params.keys().chain(r.metrics.keys())).map(String::as_str).chain(["id", "name", "status", "seed"]).collect();
+    keys.iter()
+        // A key two stages log is known by its qualified names (`left.mean`): the query says so itself.
+        .filter(|k| !known.contains(**k) && !known.iter().any(|c| c.ends_with(&format!(".{k}"))))
+        .map(|k| {
+            let near = known.iter().map(|c| (strsim::levenshtein(k, c), *c)).filter(|(d, _)| *d <= 2.max(k.len() / 4)).min().map(|(_, c)| c.to_string());
+            (k.to_string(), near)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_never_reach_the_terminal() {
+        let t = Table { headers: vec!["title".into()], rows: vec![vec![Cell::Text("a\x1b]0;pwned\x07b\x1b[31mred\u{202e}x".into())]] };
+        for f in [Format::Table, Format::Markdown] {
+            let out = t.render(f);
+            assert!(!out.chars().any(|c| c == '\x1b' || c == '\x07' || c == '\u{202e}'), "{out:?}");
+            assert!(out.contains("a\\x1b]0;pwned\\x07b\\x1b[31mred\\u{202e}x"), "{out}");
+        }
+        assert_eq!(printable("plain ✓"), "plain ✓");
+    }
+
+    #[test]
+    fn unknown_condition_keys_are_named_with_the_nearest() {
+        let mut r = RunRow {
+            id: 1,
+            experiment: "e".into(),
+            name: "e".into(),
+            status: huse_store::RunStatus::Succeeded,
+            started_at: String::new(),
+            duration_s: None,
+            seed: 0,
+            point: String::new(),
+            git_commit: None,
+            error: None,
+            log: None,
+            params: Default::default(),
+            metrics: Default::default(),
+        };
+        r.params.insert("train.beta".into(), "0.5".into());
+        r.metrics.insert("sum".into(), Some(1.0));
+        let u = unknown_keys(&[r], &["sun", "train.beta", "zzzzzz"]);
+        assert_eq!(u, vec![("sun".to_string(), Some("sum".to_string())), ("zzzzzz".to_string(), None)]);
+    }
 
     #[test]
     fn mean_std_is_sample_std() {

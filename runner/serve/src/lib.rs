@@ -4,7 +4,10 @@
 //! neighbours in both modalities.
 //!
 //! Safe by default: [`serve`] binds where it is told (the binary's default is 127.0.0.1);
-//! uploads are limited in size ([`MAX_UPLOAD`]) and must be JPEG or PNG by their bytes;
+//! uploads are limited in size ([`MAX_UPLOAD`]) and must be JPEG or PNG by their bytes, and
+//! their decoded size is bounded before decoding (the encoders' image limits) with at most
+//! [`MAX_DECODES`] photo searches at once; a client has [`HEADER_TIMEOUT`] to send a
+//! request's headers and at most [`MAX_CONNECTIONS`] connections are open at once;
 //! images are served by item number only, and only files inside the dataset's image
 //! folder; every bad request gets a 4xx with a one-line reason. Pages are rendered on the
 //! server (no script), from [`huse_search::Searcher`]s.
@@ -25,6 +28,13 @@ use serde::Deserialize;
 
 /// The largest accepted upload, in bytes.
 pub const MAX_UPLOAD: usize = 5 << 20;
+/// Photo searches decoded at the same time (the others wait their turn).
+pub const MAX_DECODES: usize = 2;
+/// How long a client may take to send a request's headers (a slow or stalled client is
+/// disconnected instead of holding a connection open).
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Connections open at once; one more is closed at once.
+pub const MAX_CONNECTIONS: usize = 256;
 /// Results per run.
 const K: usize = 12;
 
@@ -55,7 +65,20 @@ impl RunView {
     }
 }
 
-type Runs = Arc<Vec<RunView>>;
+/// The app's state: the runs, and the turns for decoding uploads.
+struct AppState {
+    runs: Vec<RunView>,
+    decodes: tokio::sync::Semaphore,
+}
+
+type Runs = Arc<AppState>;
+
+impl std::ops::Deref for AppState {
+    type Target = Vec<RunView>;
+    fn deref(&self) -> &Vec<RunView> {
+        &self.runs
+    }
+}
 
 /// The web app over `runs` (for tests and embedding); [`serve`] runs it.
 pub fn app(runs: Vec<RunView>) -> Router {
@@ -65,16 +88,61 @@ pub fn app(runs: Vec<RunView>) -> Router {
         .route("/item/{run}/{item}", get(item_page))
         .route("/img/{run}/{item}", get(image))
         .layer(DefaultBodyLimit::max(MAX_UPLOAD))
-        .with_state(Arc::new(runs))
+        .with_state(Arc::new(AppState { runs, decodes: tokio::sync::Semaphore::new(MAX_DECODES) }))
+}
+
+/// How patient the server is with its clients.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Time to send a request's headers.
+    pub header_timeout: std::time::Duration,
+    /// Connections open at once.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { header_timeout: HEADER_TIMEOUT, max_connections: MAX_CONNECTIONS }
+    }
 }
 
 /// Serves `runs` on `addr` until the process ends; `ready` gets the bound address (a port
-/// of 0 picks a free one).
+/// of 0 picks a free one). Each connection must send its headers within
+/// [`HEADER_TIMEOUT`]; beyond [`MAX_CONNECTIONS`] open at once, new ones are closed.
 pub async fn serve(runs: Vec<RunView>, addr: SocketAddr, ready: impl FnOnce(SocketAddr)) -> Result<()> {
+    serve_with(runs, addr, Limits::default(), ready).await
+}
+
+/// [`serve`] with other [`Limits`].
+pub async fn serve_with(runs: Vec<RunView>, addr: SocketAddr, limits: Limits, ready: impl FnOnce(SocketAddr)) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     ready(listener.local_addr()?);
-    axum::serve(listener, app(runs)).await?;
-    Ok(())
+    let app = app(runs);
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors and the like: wait a little rather than spin.
+                tracing::warn!("accepting a connection: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
 }
 
 /// A 4xx (or 500) with a one-line reason, as a small page.
@@ -216,6 +284,8 @@ async fn search_image(State(runs): State<Runs>, mut form_data: Multipart) -> Res
     let ext = image_kind(&bytes).ok_or_else(|| Problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, "the upload is not a JPEG or PNG image".into()))?;
     let file = tempfile::Builder::new().suffix(&format!(".{ext}")).tempfile().map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     std::fs::write(file.path(), &bytes).map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    // A few decodes at a time: each may take up to the encoders' decode limit in memory.
+    let _turn = runs.decodes.acquire().await.map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let body = {
         let (runs, path) = (runs.clone(), file.path().to_path_buf());
         tokio::task::spawn_blocking(move || side_by_side(&runs, &|s| s.embed_image(&path), modality))

@@ -56,7 +56,7 @@ pub mod query;
 pub mod spool;
 
 pub use query::{Cond, Filter, Op, RunRow, StageRunInfo};
-pub use spool::Record;
+pub use spool::{Record, RunIdent};
 
 /// The state of a run, as stored in `runs.status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -222,6 +222,23 @@ pub struct Store {
     read_only: bool,
     options: Options,
     spool: std::sync::Arc<tokio::sync::Mutex<spool::Spool>>,
+    /// The database's `meta.database_id`.
+    db_id: Option<String>,
+    /// The identities of the runs this process recorded, for the spool.
+    idents: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<i64, RunIdent>>>,
+}
+
+/// What [`Store::replay_spools`] did.
+#[derive(Debug, Default)]
+pub struct Replay {
+    /// Records written.
+    pub written: usize,
+    /// Spools set aside for good (another database's, or their runs are gone): where they
+    /// went and why.
+    pub set_aside: Vec<(PathBuf, String)>,
+    /// Spools left in place because the database could not take them now (busy, full),
+    /// with why; the next replay tries again.
+    pub left: Vec<(PathBuf, String)>,
 }
 
 /// How patient the store is with a database that cannot take a write.
@@ -233,11 +250,14 @@ pub struct Options {
     pub retry_window: Duration,
     /// Where to spool when the folder beside the database cannot be written (e.g. the cache).
     pub fallback_spool_dir: Option<PathBuf>,
+    /// Whether [`Store::open`] replays what earlier processes left spooled (off for a caller
+    /// that replays itself and reports the outcome, as `huse-run db replay` does).
+    pub replay_on_open: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { busy_timeout: Duration::from_secs(60), retry_window: Duration::from_secs(300), fallback_spool_dir: None }
+        Options { busy_timeout: Duration::from_secs(60), retry_window: Duration::from_secs(300), fallback_spool_dir: None, replay_on_open: true }
     }
 }
 
@@ -280,29 +300,46 @@ impl FromStr for Location {
     type Err = String;
     /// A plain argument is a file path, taken verbatim (`x?mode=rwc` is a file of that
     /// name, `%41` is not decoded); `sqlite://PATH` (or `sqlite:PATH`) names a SQLite file
-    /// explicitly; `postgres://` and `postgresql://` URLs name a PostgreSQL database; any
-    /// other `scheme://` is an error.
+    /// explicitly; `postgres://` and `postgresql://` URLs name a PostgreSQL database
+    /// (schemes in any case); any other `scheme://`, and SQLite's own `file:` URIs (which
+    /// could name an in-memory database that keeps nothing), are errors. Messages never
+    /// show a password.
     fn from_str(s: &str) -> Result<Location, String> {
         if s.is_empty() {
             return Err("empty database path".into());
         }
-        if let Some(rest) = s.strip_prefix("sqlite://").or_else(|| s.strip_prefix("sqlite:")) {
-            if rest.is_empty() {
-                return Err(format!("`{s}`: no file after `sqlite://`"));
+        let lower = s.to_ascii_lowercase();
+        for prefix in ["sqlite://", "sqlite:"] {
+            if lower.starts_with(prefix) {
+                let rest = &s[prefix.len()..];
+                if rest.is_empty() {
+                    return Err(format!("`{s}`: no file after `sqlite://`"));
+                }
+                return Ok(Location::Sqlite(PathBuf::from(rest)));
             }
-            return Ok(Location::Sqlite(PathBuf::from(rest)));
+        }
+        if lower.starts_with("file:") {
+            return Err(format!(
+                "`{}`: SQLite `file:` URIs are not accepted (one can name an in-memory database that keeps nothing); give a file path (`./{}` for a file whose name starts with `file:`) or sqlite://PATH",
+                redact(s),
+                redact(s)
+            ));
         }
         if let Some(i) = s.find("://") {
-            let scheme = &s[..i];
+            let scheme = &lower[..i];
             if scheme == "postgres" || scheme == "postgresql" {
                 let rest = &s[i + 3..];
                 if rest.is_empty() || rest.starts_with('/') && rest.len() == 1 {
                     return Err(format!("`{}`: no host or database after `{scheme}://`", redact(s)));
                 }
-                return Ok(Location::Postgres(s.to_string()));
+                // The driver matches the scheme in lower case.
+                return Ok(Location::Postgres(format!("{scheme}://{rest}")));
             }
             if !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) {
-                return Err(format!("`{s}`: unknown database scheme `{scheme}://`; give a file path, sqlite://PATH or postgres://USER@HOST/DB"));
+                return Err(format!(
+                    "`{}`: unknown database scheme `{scheme}://`; give a file path, sqlite://PATH or postgres://USER@HOST/DB",
+                    redact(s)
+                ));
             }
         }
         Ok(Location::Sqlite(PathBuf::from(s)))
@@ -334,6 +371,8 @@ impl Location {
 /// `[A-Za-z0-9/._~-]` percent-encoded (sqlx decodes the path; `%`, `?` and `#` in a file
 /// name stay literal).
 fn sqlite_url(path: &Path, mode: &str) -> Result<url::Url> {
+    // Absolute, so that SQLite never reads the name as a `file:` URI of its own.
+    let path = std::path::absolute(path).with_context(|| format!("{}: cannot make the path absolute", path.display()))?;
     let bytes = path.as_os_str().as_encoded_bytes();
     let mut enc = String::with_capacity(bytes.len() + 16);
     for b in bytes {
@@ -343,7 +382,7 @@ fn sqlite_url(path: &Path, mode: &str) -> Result<url::Url> {
             enc.push_str(&format!("%{b:02X}"));
         }
     }
-    url::Url::parse(&format!("sqlite://{enc}?mode={mode}")).with_context(|| format!("{}: cannot make a database URL of this path", path.display()))
+    url::Url::parse(&format!("sqlite://{enc}?{mode}")).with_context(|| format!("{}: cannot make a database URL of this path", path.display()))
 }
 
 /// Where a PostgreSQL database's spools go under `dir` (a server has no folder beside it):
@@ -352,18 +391,31 @@ fn pg_spool_key(dir: &Path, url: &str) -> PathBuf {
     dir.join(format!("postgres-{}", &blake3::hash(redact(url).as_bytes()).to_hex()[..16]))
 }
 
-/// `postgres://user:secret@host/db` -> `postgres://user:***@host/db`.
-fn redact(url: &str) -> String {
+/// `postgres://user:secret@host/db?password=x` -> `postgres://user:***@host/db?password=***`:
+/// the password of the authority and of any `password=` query parameter hidden.
+pub fn redact(url: &str) -> String {
     let Some(i) = url.find("://") else { return url.to_string() };
     let (scheme, rest) = url.split_at(i + 3);
-    let auth_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..auth_end].rfind('@') {
+    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let mut out = match rest[..auth_end].rfind('@') {
         Some(at) => match rest[..at].find(':') {
             Some(colon) => format!("{scheme}{}:***{}", &rest[..colon], &rest[at..]),
             None => url.to_string(),
         },
         None => url.to_string(),
+    };
+    if let Some(q) = out.find('?') {
+        let (head, query) = out.split_at(q + 1);
+        let hidden: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword") => format!("{k}=***"),
+                _ => kv.to_string(),
+            })
+            .collect();
+        out = format!("{head}{}", hidden.join("&"));
     }
+    out
 }
 
 /// The SQL dialect of the database behind a [`Store`].
@@ -424,6 +476,22 @@ fn host() -> String {
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
+/// Whether a failed write will fail again however often it is retried (a constraint the
+/// record breaks), as opposed to a busy, full or unreachable database.
+fn is_permanent(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<sqlx::Error>().is_some_and(|e| match e {
+            sqlx::Error::Database(d) => !matches!(d.kind(), sqlx::error::ErrorKind::Other),
+            _ => false,
+        })
+    })
+}
+
+/// The database's identity (`meta.database_id`, written by migration 6).
+async fn database_id(pool: &AnyPool, backend: Backend) -> Option<String> {
+    q(backend, "SELECT value FROM meta WHERE key = 'database_id'").fetch_optional(pool).await.ok().flatten().map(|r| r.get::<String, _>(0))
+}
+
 /// The newest schema version this build knows (the last migration's number).
 fn latest_schema() -> i64 {
     let v = |m: &sqlx::migrate::Migrator| m.iter().map(|m| m.version).max().unwrap_or(0);
@@ -471,7 +539,7 @@ impl Store {
                     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
                 }
                 let busy_ms = options.busy_timeout.as_millis();
-                let url = sqlite_url(path, "rwc")?;
+                let url = sqlite_url(path, "mode=rwc")?;
                 let pool = AnyPoolOptions::new()
                     .max_connections(4)
                     .after_connect(move |conn, _| {
@@ -498,7 +566,7 @@ impl Store {
                 (pool, Backend::Sqlite, path.clone())
             }
             Location::Postgres(url) => {
-                let pool = Self::connect_postgres(url, 16).await?;
+                let pool = Self::connect_postgres(url, 16, options.busy_timeout.clamp(Duration::from_secs(1), Duration::from_secs(10))).await?;
                 POSTGRES_MIGRATIONS.run(&pool).await.with_context(|| format!("migrating results database {location}"))?;
                 // A server has no folder beside it: spool in the fallback folder (the cache),
                 // one sub-folder per database.
@@ -506,16 +574,36 @@ impl Store {
                 (pool, Backend::Postgres, pg_spool_key(&dir, url))
             }
         };
-        let spool = spool::Spool::new(&spool_key, options.fallback_spool_dir.clone().filter(|_| backend == Backend::Sqlite));
-        let store = Store { pool, backend, location: location.clone(), read_only: false, options, spool: std::sync::Arc::new(tokio::sync::Mutex::new(spool)) };
+        let db_id = database_id(&pool, backend).await;
+        let spool = spool::Spool::new(&spool_key, options.fallback_spool_dir.clone().filter(|_| backend == Backend::Sqlite), db_id.clone());
+        let store = Store {
+            pool,
+            backend,
+            location: location.clone(),
+            read_only: false,
+            options,
+            spool: std::sync::Arc::new(tokio::sync::Mutex::new(spool)),
+            db_id,
+            idents: Default::default(),
+        };
         // What is still spooled stays spooled when this fails; the next process tries again.
-        if let Err(e) = store.replay_spools().await {
-            tracing::warn!("{e:#}");
+        if !store.options.replay_on_open {
+            return Ok(store);
+        }
+        match store.replay_spools().await {
+            Ok(r) => {
+                for (f, why) in r.set_aside.iter().chain(&r.left) {
+                    tracing::warn!("spool {}: {why}", f.display());
+                }
+            }
+            Err(e) => tracing::warn!("{e:#}"),
         }
         Ok(store)
     }
 
-    async fn connect_postgres(url: &str, max: u32) -> Result<AnyPool> {
+    /// A pool on the PostgreSQL server at `url`; a write waits at most `acquire_timeout` for a
+    /// connection (a server that went away spools records instead of stalling the run).
+    async fn connect_postgres(url: &str, max: u32, acquire_timeout: Duration) -> Result<AnyPool> {
         let shown = redact(url);
         let opts = AnyConnectOptions::from_url(&url.parse().map_err(|e| anyhow::anyhow!("`{shown}`: not a valid URL ({e})"))?)
             .with_context(|| format!("`{shown}`: not a PostgreSQL URL"))?;
@@ -530,7 +618,7 @@ impl Store {
         }
         AnyPoolOptions::new()
             .max_connections(max)
-            .acquire_timeout(Duration::from_secs(60))
+            .acquire_timeout(acquire_timeout)
             .connect_with(opts)
             .await
             .with_context(|| format!("connecting to the results database {shown}"))
@@ -540,24 +628,58 @@ impl Store {
     /// written (a read-only file works). A database that is not a huse-run database, or one
     /// whose schema is older or newer than this build's, is refused with what to do.
     pub async fn open_read_only(location: &Location) -> Result<Store> {
+        Self::open_read_only_with(location, None).await
+    }
+
+    /// [`Store::open_read_only`], also counting the records spooled in `fallback_spool_dir`
+    /// (the cache's `.spool/`, where writers spool when the folder beside the database, or
+    /// a PostgreSQL server, cannot take them) when it warns of records not yet written.
+    pub async fn open_read_only_with(location: &Location, fallback_spool_dir: Option<PathBuf>) -> Result<Store> {
         sqlx::any::install_default_drivers();
         let (pool, backend, spool_key) = match location {
             Location::Sqlite(path) => {
                 if !path.exists() {
                     bail!("no results database at {} (run an experiment first, or pass --db)", path.display());
                 }
-                let url = sqlite_url(path, "ro")?;
-                let pool = AnyPoolOptions::new()
-                    .max_connections(2)
-                    .after_connect(|conn, _| Box::pin(async move { conn.execute("PRAGMA busy_timeout = 60000").await.map(|_| ()) }))
-                    .connect_with(AnyConnectOptions::from_url(&url)?)
-                    .await
-                    .with_context(|| format!("opening results database {}", path.display()))?;
+                let connect = |mode: &'static str| {
+                    let url = sqlite_url(path, mode);
+                    async move {
+                        let pool = AnyPoolOptions::new()
+                            .max_connections(2)
+                            .after_connect(|conn, _| Box::pin(async move { conn.execute("PRAGMA busy_timeout = 60000").await.map(|_| ()) }))
+                            .connect_with(AnyConnectOptions::from_url(&url?)?)
+                            .await?;
+                        // Reading the schema is what fails on a read-only folder (no `-shm` can be made).
+                        q(Backend::Sqlite, "SELECT count(*) FROM sqlite_master").fetch_one(&pool).await?;
+                        anyhow::Ok(pool)
+                    }
+                };
+                let pool = match connect("mode=ro").await {
+                    Ok(p) => p,
+                    // A read-only mount or folder: SQLite cannot make the WAL index beside the
+                    // file, so read it as immutable (no other process can be writing there).
+                    Err(first) => match connect("mode=ro&immutable=1").await {
+                        Ok(p) => {
+                            let mut wal = path.as_os_str().to_owned();
+                            wal.push("-wal");
+                            if std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+                                tracing::warn!(
+                                    "{} is on a read-only file system and its write-ahead log {} was not checkpointed: the newest results may be missing from what is shown",
+                                    path.display(),
+                                    Path::new(&wal).display()
+                                );
+                            }
+                            p
+                        }
+                        Err(_) if format!("{first:#}").contains("file is not a database") => bail!("{location} is not a huse-run database"),
+                        Err(_) => return Err(first).with_context(|| format!("opening results database {}", path.display())),
+                    },
+                };
                 (pool, Backend::Sqlite, path.clone())
             }
             Location::Postgres(url) => {
-                let pool = Self::connect_postgres(url, 4).await?;
-                (pool, Backend::Postgres, pg_spool_key(&std::env::temp_dir(), url))
+                let pool = Self::connect_postgres(url, 4, Duration::from_secs(60)).await?;
+                (pool, Backend::Postgres, pg_spool_key(&fallback_spool_dir.clone().unwrap_or_else(std::env::temp_dir), url))
             }
         };
         let not_ours = || anyhow::anyhow!("{location} is not a huse-run database");
@@ -585,8 +707,18 @@ impl Store {
             Some(v) if v > latest => bail!("{location} has a newer schema (version {v}) than this huse-run knows ({latest}): use a newer huse-run"),
             _ => {}
         }
-        let spool = spool::Spool::new(&spool_key, None);
-        Ok(Store { pool, backend, location: location.clone(), read_only: true, options: Options::default(), spool: std::sync::Arc::new(tokio::sync::Mutex::new(spool)) })
+        let db_id = database_id(&pool, backend).await;
+        let spool = spool::Spool::new(&spool_key, fallback_spool_dir.filter(|_| backend == Backend::Sqlite), db_id.clone());
+        Ok(Store {
+            pool,
+            backend,
+            location: location.clone(),
+            read_only: true,
+            options: Options::default(),
+            spool: std::sync::Arc::new(tokio::sync::Mutex::new(spool)),
+            db_id,
+            idents: Default::default(),
+        })
     }
 
     /// Where the database lives.
@@ -612,6 +744,12 @@ impl Store {
     /// Spool files for this database that replay cannot read (left in place), with why.
     pub async fn unreadable_spools(&self) -> Vec<(PathBuf, String)> {
         self.spool.lock().await.unreadable()
+    }
+
+    /// Spool files set aside because they cannot be replayed into this database (another
+    /// database's, or their runs are gone): (file, reason, records).
+    pub async fn set_aside_spools(&self) -> Vec<(PathBuf, String, usize)> {
+        self.spool.lock().await.set_aside_files()
     }
 
     /// Marks runs of this host whose process is gone (killed, crashed) as interrupted.
@@ -657,7 +795,8 @@ impl Store {
 
     /// Records a new run (status `running`) with its params; returns its id.
     pub async fn insert_run(&self, experiment_id: i64, run: &NewRun) -> Result<i64> {
-        transaction!(self, |conn| {
+        let started_at = now();
+        let id = transaction!(self, |conn| {
             let id: i64 = self.q(
                 "INSERT INTO runs (experiment_id, name, status, started_at, config_yaml, sweep_point, seed, device, git_commit, host, pid, log)
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
@@ -665,7 +804,7 @@ impl Store {
             .bind(experiment_id)
             .bind(&run.name)
             .bind(RunStatus::Running.as_str())
-            .bind(now())
+            .bind(&started_at)
             .bind(&run.config_yaml)
             .bind(&run.point)
             .bind(i64::try_from(run.seed).context("seed out of range")?)
@@ -693,7 +832,52 @@ impl Store {
                     .await?;
             }
             id
-        })
+        })?;
+        self.idents.lock().expect("not poisoned").insert(id, RunIdent { id, name: run.name.clone(), started_at });
+        Ok(id)
+    }
+
+    /// The identities of the runs `rec` writes, for its spool line: from this process's
+    /// own runs, else (a run recorded by another process, e.g. a cluster launcher) from the
+    /// database when it answers at once.
+    async fn idents_of(&self, rec: &Record) -> Vec<RunIdent> {
+        let mut ids = rec.run_ids();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut out = Vec::new();
+        for id in ids {
+            let known = self.idents.lock().expect("not poisoned").get(&id).cloned();
+            let ident = match known {
+                Some(i) => Some(i),
+                None => {
+                    let row = tokio::time::timeout(
+                        Duration::from_millis(500),
+                        self.q("SELECT name, started_at FROM runs WHERE id = ?").bind(id).fetch_optional(&self.pool),
+                    )
+                    .await;
+                    match row {
+                        Ok(Ok(Some(r))) => {
+                            let i = RunIdent { id, name: r.get(0), started_at: r.get(1) };
+                            self.idents.lock().expect("not poisoned").insert(id, i.clone());
+                            Some(i)
+                        }
+                        _ => None,
+                    }
+                }
+            };
+            out.extend(ident);
+        }
+        out
+    }
+
+    /// Whether a connection can be had within a second: a database server that went away
+    /// makes writes spool at once instead of holding up the run for the pool's timeout.
+    async fn answers_quickly(&self) -> bool {
+        match self.backend {
+            // A local file: a busy lock is waited for in the statement (the busy timeout).
+            Backend::Sqlite => true,
+            Backend::Postgres => matches!(tokio::time::timeout(Duration::from_secs(1), self.pool.acquire()).await, Ok(Ok(_))),
+        }
     }
 
     /// Writes one record in one transaction; with `marker` = (spool id, sequence number)
@@ -809,14 +993,19 @@ impl Store {
     pub async fn record(&self, rec: Record) -> Result<bool> {
         let mut spool = self.spool.lock().await;
         if spool.is_empty() {
-            match self.apply(&rec, None).await {
-                Ok(()) => return Ok(true),
-                Err(e) => {
-                    tracing::warn!("results database {}: {e:#}; spooling and retrying", self.location);
+            if !self.answers_quickly().await {
+                tracing::warn!("results database {}: no connection within a second; spooling and retrying", self.location);
+            } else {
+                match self.apply(&rec, None).await {
+                    Ok(()) => return Ok(true),
+                    Err(e) => {
+                        tracing::warn!("results database {}: {e:#}; spooling and retrying", self.location);
+                    }
                 }
             }
         }
-        spool.push(rec)?;
+        let idents = self.idents_of(&rec).await;
+        spool.push(rec, idents)?;
         if spool.due_for_retry() {
             self.drain_locked(&mut spool).await;
         }
@@ -827,6 +1016,9 @@ impl Store {
     /// are left.
     async fn drain_locked(&self, spool: &mut spool::Spool) -> usize {
         spool.tried();
+        if !spool.is_empty() && !self.answers_quickly().await {
+            return spool.len();
+        }
         while let Some((id, seq, rec)) = spool.front() {
             match self.apply(&rec, Some((&id, seq))).await {
                 Ok(()) => {
@@ -872,6 +1064,9 @@ impl Store {
     /// database does not show them `running`; replaying the spool later sets their real
     /// status once their results are complete.
     pub async fn mark_incomplete(&self, runs: &[i64], reason: &str) -> Result<()> {
+        if !self.answers_quickly().await {
+            bail!("the results database {} does not answer", self.location);
+        }
         for id in runs {
             self.q("UPDATE runs SET status = ?, error = ?, ended_at = ? WHERE id = ?")
                 .bind(RunStatus::Failed.as_str())
@@ -885,34 +1080,110 @@ impl Store {
     }
 
     /// Writes every record that processes which have ended left spooled for this database
-    /// (each exactly once), in order, and removes their spool files. Returns how many
-    /// records were written.
-    pub async fn replay_spools(&self) -> Result<usize> {
+    /// (each exactly once), in order, and removes their spool files. Each spool is replayed
+    /// on its own: one that belongs to another database (its database id differs) or whose
+    /// runs are not this database's (gone, or another run under the same id) is set aside
+    /// in `rejected/` with its reason and the others go on; one the database cannot take
+    /// now (busy, full) stays where it is for the next replay.
+    pub async fn replay_spools(&self) -> Result<Replay> {
         let files = self.spool.lock().await.foreign_files();
-        let mut written = 0;
+        let mut report = Replay::default();
         for file in files {
-            let (id, records) = match spool::read_file(&file) {
+            let sf = match spool::read_file(&file) {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::warn!("skipping spool {}: {e:#}", file.display());
                     continue;
                 }
             };
-            for (seq, rec) in records.iter().enumerate() {
-                self.apply(rec, Some((&id, seq as u64)))
-                    .await
-                    .with_context(|| format!("replaying spool {} into {}", file.display(), self.location))?;
+            let verdict = match self.belongs_here(&sf).await {
+                Ok(v) => v,
+                Err(e) => {
+                    report.left.push((file.clone(), format!("cannot check it against {}: {e:#}", self.location)));
+                    continue;
+                }
+            };
+            if let Some(why) = verdict {
+                match spool::Spool::set_aside(&file, &why) {
+                    Ok(dest) => report.set_aside.push((dest, why)),
+                    Err(e) => report.left.push((file.clone(), format!("{why}; and it could not be set aside: {e:#}"))),
+                }
+                continue;
             }
-            written += records.len();
+            let mut failed = None;
+            for (seq, (rec, _)) in sf.records.iter().enumerate() {
+                if let Err(e) = self.apply(rec, Some((&sf.id, seq as u64))).await {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            if let Some(e) = failed {
+                let why = format!("replaying into {} failed: {e:#}", self.location);
+                if is_permanent(&e) {
+                    match spool::Spool::set_aside(&file, &why) {
+                        Ok(dest) => report.set_aside.push((dest, why)),
+                        Err(e2) => report.left.push((file.clone(), format!("{why}; and it could not be set aside: {e2:#}"))),
+                    }
+                } else {
+                    report.left.push((file.clone(), why));
+                }
+                continue;
+            }
+            report.written += sf.records.len();
             match std::fs::remove_file(&file) {
                 Ok(()) => {}
                 // Another process replayed (and removed) it at the same time.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("removing replayed spool {}", file.display())),
+                Err(e) => report.left.push((file.clone(), format!("written, but the file could not be removed: {e}"))),
             }
-            tracing::info!("wrote {} spooled record(s) from {} into the results database", records.len(), file.display());
+            tracing::info!("wrote {} spooled record(s) from {} into the results database", sf.records.len(), file.display());
         }
-        Ok(written)
+        Ok(report)
+    }
+
+    /// Whether a spool belongs to this database: its database id (when it has one) is this
+    /// database's, and every run it writes exists here under the same name and start.
+    /// `Some(why)` when it does not; an error when the database cannot be asked now.
+    async fn belongs_here(&self, sf: &spool::SpoolFile) -> Result<Option<String>> {
+        if let (Some(theirs), Some(ours)) = (&sf.db_id, &self.db_id)
+            && theirs != ours
+        {
+            return Ok(Some(format!(
+                "it was written for another database (id {theirs}; {} is {ours}): the database at this location was replaced after the records were spooled",
+                self.location
+            )));
+        }
+        let mut checked = std::collections::HashSet::new();
+        for (rec, idents) in &sf.records {
+            for ident in idents {
+                if !checked.insert(ident.id) {
+                    continue;
+                }
+                let row = self.q("SELECT name, started_at FROM runs WHERE id = ?").bind(ident.id).fetch_optional(&self.pool).await?;
+                match row {
+                    None => return Ok(Some(format!("its run {} ({}) is not in {}", ident.id, ident.name, self.location))),
+                    Some(r) => {
+                        let (name, started): (String, String) = (r.get(0), r.get(1));
+                        if name != ident.name || started != ident.started_at {
+                            return Ok(Some(format!(
+                                "its run {} is `{}` started {}, but run {} of {} is `{name}` started {started}",
+                                ident.id, ident.name, ident.started_at, ident.id, self.location
+                            )));
+                        }
+                    }
+                }
+            }
+            for id in rec.run_ids() {
+                if !checked.insert(id) {
+                    continue;
+                }
+                let n: i64 = self.q("SELECT count(*) FROM runs WHERE id = ?").bind(id).fetch_one(&self.pool).await?.get(0);
+                if n == 0 {
+                    return Ok(Some(format!("its run {id} is not in {}", self.location)));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Sets a run's final status (or spools it; see [`Store::record`]).
@@ -952,6 +1223,22 @@ mod tests {
             assert_eq!(s.to_string().parse::<StageStatus>().unwrap(), *s);
         }
         assert!("done".parse::<RunStatus>().unwrap_err().contains("running, succeeded"));
+    }
+
+    #[test]
+    fn locations_parse_case_insensitively_and_never_show_a_password() {
+        assert_eq!("POSTGRES://u:pw@h/db".parse::<Location>().unwrap(), Location::Postgres("postgres://u:pw@h/db".into()));
+        assert_eq!("Postgresql://h/db".parse::<Location>().unwrap(), Location::Postgres("postgresql://h/db".into()));
+        assert_eq!("SQLite://x.db".parse::<Location>().unwrap(), Location::Sqlite("x.db".into()));
+        assert_eq!("./file:x.db".parse::<Location>().unwrap(), Location::Sqlite("./file:x.db".into()));
+        for bad in ["file:mem.db?mode=memory&cache=shared", "FILE:x.db", "mysql://u:pw@h/db"] {
+            let e = bad.parse::<Location>().unwrap_err();
+            assert!(!e.contains(":pw@"), "{e}");
+        }
+        assert_eq!(redact("postgres://u:pw@h:5/db?sslmode=x&password=pw2"), "postgres://u:***@h:5/db?sslmode=x&password=***");
+        assert_eq!(redact("postgres://u@h/db?password=pw"), "postgres://u@h/db?password=***");
+        assert_eq!(Location::Postgres("postgres://u@h/db?password=pw".into()).to_string(), "postgres://u@h/db?password=***");
+        assert_eq!(redact("postgres://h/db"), "postgres://h/db");
     }
 
     #[tokio::test]

@@ -187,6 +187,25 @@ pub fn qualified<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)> + Clone) ->
 }
 
 impl Store {
+    /// The names of the experiments in the database, sorted.
+    pub async fn experiments(&self) -> Result<Vec<String>> {
+        let rows = self.q("SELECT name FROM experiments ORDER BY name").fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(|r| r.get::<String, _>(0)).collect())
+    }
+
+    /// An error naming the experiments there are, unless `name` is one of them.
+    pub async fn check_experiment(&self, name: &str) -> Result<()> {
+        let all = self.experiments().await?;
+        if all.iter().any(|e| e == name) {
+            return Ok(());
+        }
+        anyhow::bail!(
+            "no experiment `{name}` in {} (experiments: {})",
+            self.location,
+            if all.is_empty() { "none yet".to_string() } else { all.join(", ") }
+        )
+    }
+
     /// Loads the runs that pass `filter`, oldest first.
     pub async fn load_runs(&self, filter: &Filter) -> Result<Vec<RunRow>> {
         let mut text = String::from(

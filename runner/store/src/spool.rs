@@ -10,6 +10,13 @@
 //! that opens the same database for writing. Every record written from a spool is noted
 //! in the `replayed` table in the same transaction, so a replay that stops half-way and
 //! runs again writes nothing twice.
+//!
+//! A spool belongs to one database and its runs, not to a path: the header carries the
+//! database's id (its `meta.database_id`) and each line the identity (id, name, start) of
+//! the runs it writes, so a database replaced at the same path never receives another
+//! database's records. A spool that cannot be replayed for good (another database, a run
+//! that is gone) is set aside in `rejected/` beside it with a `.reason.txt`, and the
+//! others are replayed regardless.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::io::{BufRead, Write};
@@ -43,7 +50,8 @@ pub enum Record {
 }
 
 impl Record {
-    fn run_ids(&self) -> Vec<i64> {
+    /// The runs the record writes.
+    pub fn run_ids(&self) -> Vec<i64> {
         match self {
             Record::Metrics(rows) => rows.iter().map(|r| r.run_id).collect(),
             Record::StageRun(r) => vec![r.run_id],
@@ -58,18 +66,47 @@ struct Header {
     id: String,
     host: String,
     pid: u32,
+    /// The database's `meta.database_id` (absent in spools of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    db_id: Option<String>,
+}
+
+/// Which run a spooled record belongs to: enough to tell it from another database's run
+/// that happens to have the same numeric id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunIdent {
+    /// The run's id in its database.
+    pub id: i64,
+    /// Its name (`EXPERIMENT@point/seed=N`).
+    pub name: String,
+    /// Its recorded start (RFC 3339).
+    pub started_at: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Line {
     seq: u64,
     record: Record,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    runs: Vec<RunIdent>,
+}
+
+/// A spool file as read back.
+#[derive(Debug)]
+pub struct SpoolFile {
+    /// The writer's spool id.
+    pub id: String,
+    /// The database it was written for (`None`: an older spool that did not say).
+    pub db_id: Option<String>,
+    /// The records in order, each with the identities of its runs (when the writer knew them).
+    pub records: Vec<(Record, Vec<RunIdent>)>,
 }
 
 /// This process's spool for one database.
 #[derive(Debug)]
 pub struct Spool {
     db: PathBuf,
+    db_id: Option<String>,
     dirs: Vec<PathBuf>,
     id: String,
     file: Option<PathBuf>,
@@ -99,12 +136,14 @@ fn spool_dirs(db: &Path, fallback: Option<PathBuf>) -> Vec<PathBuf> {
 }
 
 impl Spool {
-    /// The (empty) spool of this process for the database at `db`.
-    pub fn new(db: &Path, fallback: Option<PathBuf>) -> Spool {
+    /// The (empty) spool of this process for the database at `db` whose
+    /// `meta.database_id` is `db_id`.
+    pub fn new(db: &Path, fallback: Option<PathBuf>, db_id: Option<String>) -> Spool {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "host".into());
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         Spool {
             db: canonical(db),
+            db_id,
             dirs: spool_dirs(db, fallback),
             id: format!("{host}-{}-{nanos}", std::process::id()),
             file: None,
@@ -129,10 +168,11 @@ impl Spool {
         self.file.as_deref()
     }
 
-    /// Appends a record (to the file first, so it survives this process).
-    pub fn push(&mut self, rec: Record) -> Result<()> {
+    /// Appends a record with the identities of its runs (to the file first, so it
+    /// survives this process).
+    pub fn push(&mut self, rec: Record, runs: Vec<RunIdent>) -> Result<()> {
         let seq = self.next_seq;
-        let line = serde_json::to_string(&Line { seq, record: rec.clone() })?;
+        let line = serde_json::to_string(&Line { seq, record: rec.clone(), runs })?;
         let written = self.append(&line);
         self.pending.push_back((seq, rec));
         self.next_seq += 1;
@@ -149,6 +189,7 @@ impl Spool {
                     id: self.id.clone(),
                     host: self.id.rsplitn(3, '-').nth(2).unwrap_or("").to_string(),
                     pid: std::process::id(),
+                    db_id: self.db_id.clone(),
                 })?;
                 let made = std::fs::create_dir_all(&dir).and_then(|()| {
                     let mut f = std::fs::OpenOptions::new().create_new(true).append(true).open(&path)?;
@@ -256,13 +297,49 @@ impl Spool {
         out.into_iter().map(|(_, p)| p).collect()
     }
 
-    /// Records (of any process) in spool files for this database, counting each line.
+    /// Records (of any process) in spool files for this database, counting each line;
+    /// set-aside spools not included (see [`Spool::set_aside_files`]).
     pub fn pending_on_disk(&self) -> usize {
         let mut n = self.pending.len();
         for f in self.foreign_files() {
-            n += read_file(&f).map(|(_, r)| r.len()).unwrap_or(0);
+            n += read_file(&f).map(|f| f.records.len()).unwrap_or(0);
         }
         n
+    }
+
+    /// Moves another process's spool file into `rejected/` beside it, with its reason in
+    /// `<name>.reason.txt`; returns where it went.
+    pub fn set_aside(file: &Path, reason: &str) -> Result<PathBuf> {
+        let dir = file.parent().unwrap_or(Path::new(".")).join(REJECTED);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let dest = dir.join(file.file_name().unwrap_or_default());
+        let mut why = dest.clone().into_os_string();
+        why.push(".reason.txt");
+        std::fs::write(&why, format!("{reason}\n")).with_context(|| format!("writing {}", Path::new(&why).display()))?;
+        std::fs::rename(file, &dest).with_context(|| format!("moving {} to {}", file.display(), dest.display()))?;
+        Ok(dest)
+    }
+
+    /// Spool files set aside for this database's path (never replayed by themselves), with
+    /// their reasons and record counts.
+    pub fn set_aside_files(&self) -> Vec<(PathBuf, String, usize)> {
+        let mut out = Vec::new();
+        for dir in &self.dirs {
+            let Ok(rd) = std::fs::read_dir(dir.join(REJECTED)) else { continue };
+            for e in rd.flatten() {
+                let path = e.path();
+                if path.extension().is_none_or(|x| x != "jsonl") || read_header(&path).is_ok_and(|h| h.db != self.db) {
+                    continue;
+                }
+                let mut why = path.clone().into_os_string();
+                why.push(".reason.txt");
+                let reason = std::fs::read_to_string(&why).map(|s| s.trim().to_string()).unwrap_or_else(|_| "no reason recorded".into());
+                let n = read_file(&path).map(|f| f.records.len()).unwrap_or(0);
+                out.push((path, reason, n));
+            }
+        }
+        out.sort();
+        out
     }
 
     /// Other processes' spool files for this database that cannot be read, with why: they
@@ -273,9 +350,12 @@ impl Spool {
 
     /// Runs named by records in other processes' spools for this database.
     pub fn spooled_runs(&self) -> BTreeSet<i64> {
-        self.foreign_files().iter().filter_map(|f| read_file(f).ok()).flat_map(|(_, recs)| recs.into_iter().flat_map(|r| r.run_ids())).collect()
+        self.foreign_files().iter().filter_map(|f| read_file(f).ok()).flat_map(|f| f.records.into_iter().flat_map(|(r, _)| r.run_ids())).collect()
     }
 }
+
+/// The sub-folder of a spool folder where spools that cannot be replayed are set aside.
+pub const REJECTED: &str = "rejected";
 
 fn read_header(path: &Path) -> Result<Header> {
     let f = std::fs::File::open(path)?;
@@ -298,9 +378,9 @@ fn complete_lines<'a>(journal: &'a str, line: &str) -> (&'a str, bool) {
     (whole, there)
 }
 
-/// A spool file's id and its records, in order. A last line cut short (the process died
-/// while appending) is ignored: its record was never acknowledged as spooled.
-pub fn read_file(path: &Path) -> Result<(String, Vec<Record>)> {
+/// A spool file's id, database and records, in order. A last line cut short (the process
+/// died while appending) is ignored: its record was never acknowledged as spooled.
+pub fn read_file(path: &Path) -> Result<SpoolFile> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading spool {}", path.display()))?;
     let mut lines = text.lines();
     let header: Header = serde_json::from_str(lines.next().unwrap_or("")).with_context(|| format!("{}: bad header", path.display()))?;
@@ -312,13 +392,13 @@ pub fn read_file(path: &Path) -> Result<(String, Vec<Record>)> {
                 if line.seq != out.len() as u64 {
                     bail!("{}: line {} has sequence {} (expected {})", path.display(), i + 2, line.seq, out.len());
                 }
-                out.push(line.record);
+                out.push((line.record, line.runs));
             }
             Err(_) if i + 1 == all.len() && !text.ends_with('\n') => break,
             Err(e) => bail!("{}: line {}: {e}", path.display(), i + 2),
         }
     }
-    Ok((header.id, out))
+    Ok(SpoolFile { id: header.id, db_id: header.db_id, records: out })
 }
 
 #[cfg(test)]
@@ -334,20 +414,21 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let db = d.path().join("r.sqlite");
         std::fs::write(&db, "").unwrap();
-        let mut s = Spool::new(&db, None);
-        s.push(metric(1.0)).unwrap();
-        s.push(metric(f64::NAN)).unwrap();
+        let mut s = Spool::new(&db, None, None);
+        s.push(metric(1.0), vec![]).unwrap();
+        s.push(metric(f64::NAN), vec![]).unwrap();
         let file = s.file().unwrap().to_path_buf();
         assert!(file.starts_with(d.path().join("r.sqlite.spool")));
-        let (id, recs) = read_file(&file).unwrap();
-        assert_eq!(id, s.front().unwrap().0);
+        let f = read_file(&file).unwrap();
+        assert_eq!(f.id, s.front().unwrap().0);
+        let recs: Vec<Record> = f.records.into_iter().map(|(r, _)| r).collect();
         assert_eq!(recs.len(), 2);
         match &recs[1] {
             Record::Metrics(rows) => assert!(rows[0].value.is_nan()),
             other => panic!("{other:?}"),
         }
         // Another process sees the file only once its writer has ended (here: never).
-        assert!(Spool::new(&db, None).foreign_files().is_empty());
+        assert!(Spool::new(&db, None, None).foreign_files().is_empty());
         s.pop().unwrap();
         assert!(file.exists());
         s.pop().unwrap();
@@ -387,21 +468,21 @@ mod tests {
         let _unmount = Unmount(small.clone());
         let db = small.join("r.sqlite");
         std::fs::write(&db, "").unwrap();
-        let mut s = Spool::new(&db, Some(d.path().join("fallback")));
-        s.push(metric(0.0)).unwrap();
+        let mut s = Spool::new(&db, Some(d.path().join("fallback")), None);
+        s.push(metric(0.0), vec![]).unwrap();
         assert!(s.file().unwrap().starts_with(&small));
         let mut i = 0;
         while std::fs::write(small.join(format!("filler{i}")), vec![0u8; 4096]).is_ok() {
             i += 1;
         }
         for k in 1..60 {
-            s.push(metric(k as f64)).unwrap();
+            s.push(metric(k as f64), vec![]).unwrap();
         }
         let file = s.file().unwrap().to_path_buf();
         assert!(file.starts_with(d.path().join("fallback")), "the journal moved: {}", file.display());
         assert!(std::fs::read_dir(small.join("r.sqlite.spool")).unwrap().next().is_none(), "nothing left beside the database");
-        let (_, recs) = read_file(&file).unwrap();
-        let values: Vec<f64> = recs.iter().map(|r| match r { Record::Metrics(m) => m[0].value, other => panic!("{other:?}") }).collect();
+        let recs = read_file(&file).unwrap().records;
+        let values: Vec<f64> = recs.iter().map(|(r, _)| match r { Record::Metrics(m) => m[0].value, other => panic!("{other:?}") }).collect();
         assert_eq!(values, (0..60).map(f64::from).collect::<Vec<_>>());
     }
 
@@ -411,13 +492,13 @@ mod tests {
         let db = d.path().join("r.sqlite");
         std::fs::write(&db, "").unwrap();
         std::fs::write(d.path().join("r.sqlite.spool"), "a file where the folder should be").unwrap();
-        let mut s = Spool::new(&db, Some(d.path().join("fallback")));
-        s.push(metric(2.0)).unwrap();
+        let mut s = Spool::new(&db, Some(d.path().join("fallback")), None);
+        s.push(metric(2.0), vec![]).unwrap();
         let file = s.file().unwrap().to_path_buf();
         assert!(file.starts_with(d.path().join("fallback")), "{}", file.display());
         let mut text = std::fs::read_to_string(&file).unwrap();
         text.push_str("{\"seq\": 1, \"rec");
         std::fs::write(&file, text).unwrap();
-        assert_eq!(read_file(&file).unwrap().1.len(), 1);
+        assert_eq!(read_file(&file).unwrap().records.len(), 1);
     }
 }

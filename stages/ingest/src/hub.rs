@@ -36,15 +36,46 @@ pub struct HubCfg {
     /// The dataset configuration (subset), when it has several.
     #[serde(default)]
     pub config: Option<String>,
+    /// Seconds a Hub request may go without an answer or a byte before it is abandoned and
+    /// tried again (default: `HUSE_HUB_TIMEOUT`, else 30).
+    #[serde(default)]
+    pub timeout_s: Option<f64>,
+    /// Tries after the first when a request stalls.
+    #[serde(default = "d_retries")]
+    pub retries: u32,
 }
 
 fn d_split() -> String {
     "train".into()
 }
 
+fn d_retries() -> u32 {
+    huse_hub::DEFAULT_RETRIES
+}
+
 impl Default for HubCfg {
     fn default() -> Self {
-        HubCfg { split: d_split(), config: None }
+        HubCfg { split: d_split(), config: None, timeout_s: None, retries: d_retries() }
+    }
+}
+
+impl HubCfg {
+    /// The request timeout.
+    pub fn timeout(&self) -> std::time::Duration {
+        self.timeout_s.map(std::time::Duration::from_secs_f64).unwrap_or_else(huse_hub::timeout_from_env)
+    }
+
+    /// Checks the values; an error names the key under `hub.`.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        if let Some(t) = self.timeout_s
+            && !(t.is_finite() && t > 0.0 && t <= 86_400.0)
+        {
+            return Err(("timeout_s", format!("expected more than 0 and at most 86400 seconds, found {t}")));
+        }
+        if self.retries > 10 {
+            return Err(("retries", format!("expected at most 10, found {}", self.retries)));
+        }
+        Ok(())
     }
 }
 
@@ -94,7 +125,8 @@ fn list_snapshot(dir: &Path) -> Vec<String> {
 
 /// The commit and local paths of the Parquet files of `hub.split` of the dataset,
 /// downloaded into the hub cache when missing.
-pub fn parquet_files(r: &HubRef, hub: &HubCfg) -> Result<(String, Vec<PathBuf>), String> {
+pub fn parquet_files(r: &HubRef, hub: &HubCfg, stop: &dyn Fn() -> bool) -> Result<(String, Vec<PathBuf>), huse_hub::Failure> {
+    use huse_hub::Failure;
     let (repo, revision) = (r.repo.as_str(), r.revision.as_str());
     let how = format!(
         "fetch it where the hub is reachable (`huggingface-cli download {repo} --repo-type dataset --revision {revision}` with HF_HOME pointing at the same cache), or point `root` at a local copy"
@@ -115,30 +147,32 @@ pub fn parquet_files(r: &HubRef, hub: &HubCfg) -> Result<(String, Vec<PathBuf>),
         Ok(chosen)
     };
     if huse_hub::offline() {
-        let (commit, snap) = cached_snapshot().ok_or_else(|| format!("{what} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: {how}"))?;
-        let files = pick(&list_snapshot(&snap))?;
+        let (commit, snap) = cached_snapshot().ok_or_else(|| Failure::Failed(format!("{what} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: {how}")))?;
+        let files = pick(&list_snapshot(&snap)).map_err(Failure::Failed)?;
         return Ok((commit, files.iter().map(|f| snap.join(f)).collect()));
     }
-    let api = r.api(Kind::Dataset)?;
-    let info = match api.info() {
+    let (sha, names) = match r.info(Kind::Dataset, hub.timeout(), hub.retries, stop) {
         Ok(i) => i,
-        Err(e) => {
+        Err(Failure::Cancelled) => return Err(Failure::Cancelled),
+        Err(Failure::Failed(e)) => {
             // Unreachable hub: a cached snapshot still works.
             return match cached_snapshot() {
                 Some((commit, snap)) => {
-                    let files = pick(&list_snapshot(&snap))?;
+                    let files = pick(&list_snapshot(&snap)).map_err(Failure::Failed)?;
                     Ok((commit, files.iter().map(|f| snap.join(f)).collect()))
                 }
-                None => Err(format!("{what}: listing its files failed ({e}) and it is not in the Hugging Face cache: {how}")),
+                None => Err(Failure::Failed(format!("{what}: listing its files failed ({e}) and it is not in the Hugging Face cache: {how}"))),
             };
         }
     };
-    let names: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
     let mut paths = Vec::new();
-    for f in pick(&names)? {
-        paths.push(api.get(&f).map_err(|e| format!("{what}: downloading {} failed ({e}): {how}", api.url(&f)))?);
+    for f in pick(&names).map_err(Failure::Failed)? {
+        paths.push(r.fetch(Kind::Dataset, &f, hub.timeout(), hub.retries, stop).map_err(|e| match e {
+            Failure::Cancelled => Failure::Cancelled,
+            Failure::Failed(e) => Failure::Failed(format!("{what}: {e}: {how}")),
+        })?);
     }
-    Ok((info.sha, paths))
+    Ok((sha, paths))
 }
 
 fn write_blob(images: &Path, bytes: &[u8]) -> Result<String, String> {
@@ -263,7 +297,10 @@ pub fn materialize(files: &[PathBuf], dest: &Path, ctx: &Context) -> Result<(), 
 
 /// For an `hf:` root: the folder holding the dataset's split as `table.csv` + `images/`.
 pub fn prepare(r: &HubRef, hub: &HubCfg, download_dir: &Path, ctx: &Context) -> Result<PathBuf, StageError> {
-    let (commit, files) = parquet_files(r, hub).map_err(StageError::msg)?;
+    let (commit, files) = parquet_files(r, hub, &|| ctx.cancel.is_cancelled()).map_err(|e| match e {
+        huse_hub::Failure::Cancelled => StageError::Cancelled,
+        huse_hub::Failure::Failed(why) => StageError::msg(why),
+    })?;
     let dest = download_dir
         .join("hf")
         .join(format!("datasets--{}", r.repo.replace('/', "--")))
@@ -300,8 +337,8 @@ mod tests {
             select(&files, &train),
             ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet", "small/train/0000.parquet", "train.parquet"]
         );
-        assert_eq!(select(&files, &HubCfg { split: "test".into(), config: None }), ["data/test-00000-of-00001.parquet"]);
-        assert_eq!(select(&files, &HubCfg { split: "train".into(), config: Some("small".into()) }), ["small/train/0000.parquet"]);
-        assert!(select(&files, &HubCfg { split: "validation".into(), config: None }).is_empty());
+        assert_eq!(select(&files, &HubCfg { split: "test".into(), config: None, ..HubCfg::default() }), ["data/test-00000-of-00001.parquet"]);
+        assert_eq!(select(&files, &HubCfg { split: "train".into(), config: Some("small".into()), ..HubCfg::default() }), ["small/train/0000.parquet"]);
+        assert!(select(&files, &HubCfg { split: "validation".into(), config: None, ..HubCfg::default() }).is_empty());
     }
 }

@@ -19,7 +19,7 @@
 //! `classes.json` (leaf classes with counts, every level's nodes with parent links).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use huse_data::{Artifact, ClassTree, Item, Split};
 
@@ -142,6 +142,11 @@ pub struct IngestCfg {
     /// With `root: hf:ORG/NAME[@REVISION]`: which split (and config) of the Hub dataset.
     #[serde(default)]
     pub hub: hub::HubCfg,
+    /// Accept image paths that lead outside `root` (absolute, or through `..`). Off by
+    /// default: such a row is a bad row, so a table cannot make the tool read (or `serve`
+    /// show) files elsewhere on the machine.
+    #[serde(default)]
+    pub allow_outside_root: bool,
 }
 /// What to do with a class path shorter than `class_levels`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -180,6 +185,9 @@ impl IngestCfg {
         }
         if let Err((k, m)) = self.download.check() {
             return Err(ConfigError::at(&format!("download.{k}"), m));
+        }
+        if let Err((k, m)) = self.hub.check() {
+            return Err(ConfigError::at(&format!("hub.{k}"), m));
         }
         match (&self.classes, &self.class_column) {
             (Some(_), Some(_)) => return Err(ConfigError::at("class_column", "give either `classes` (columns) or `class_column`, not both")),
@@ -476,7 +484,8 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
         if cfg.limit.is_some_and(|l| rows.len() >= l) {
             break;
         }
-        let line = i + 2; // 1-based, after the header
+        // 1-based line where the record starts (a quoted field may span lines).
+        let line = rec.position().map(|p| p.line() as usize).unwrap_or(i + 2);
         let id = rec.get(id_col).unwrap_or("").trim().to_string();
         let bad = |reason: &'static str, column: &str, what: String| -> Result<Option<&'static str>, StageError> {
             match cfg.bad_rows {
@@ -489,26 +498,51 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
         };
         let get = |c: &str| headers.iter().position(|h| h == c).and_then(|p| rec.get(p)).map(str::to_string);
         let mut problem: Option<&'static str> = None;
+        // A quote left open swallows the rows after it into one field: refuse, naming the
+        // line where the quote opened, instead of keeping a title that holds other rows.
+        if let Some((c, n)) = swallowed_rows(rec, headers.len(), b',') {
+            problem = bad(
+                "unterminated_quote",
+                headers.get(c).unwrap_or("?"),
+                format!("a quote opened on line {line} runs over {n} line(s) that look like rows of their own (is a closing `\"` missing?)"),
+            )?;
+        }
+        if problem.is_none() && id.chars().any(char::is_control) {
+            problem = bad("control_character", &cfg.id_column, format!("the id {id:?} holds a control character"))?;
+        }
         let text = match (&cfg.text, text_col) {
             (Some(t), _) => text_from_template(t, &get),
             (None, c) => c.and_then(|c| rec.get(c)).unwrap_or("").trim().to_string(),
         };
+        // Control characters (NUL, escapes, line breaks) in text are cleaned like whitespace.
+        let text = if text.chars().any(char::is_control) { text.split(char::is_control).flat_map(str::split_whitespace).collect::<Vec<_>>().join(" ") } else { text };
         let text = if cleaner.is_identity() { text } else { cleaner.clean(&text) };
         let mut path: Vec<String> = Vec::new();
         if class_cols.len() == 1 && cfg.classes.is_none() {
             let (c, name) = &class_cols[0];
             let raw = rec.get(*c).unwrap_or("");
-            match class_path(raw, &cfg.class_separator, cfg.class_drop_last, cfg.class_levels, cfg.class_pad) {
-                Ok(p) => path = p,
-                Err(why) => {
-                    let reason = if why == EMPTY_LEVEL { "missing_class" } else { "bad_class_path" };
-                    problem = bad(reason, name, format!("class path {raw:?}: {why}"))?;
+            if raw.chars().any(char::is_control) {
+                if problem.is_none() {
+                    problem = bad("control_character", name, format!("class path {raw:?} holds a control character"))?;
+                }
+            } else {
+                match class_path(raw, &cfg.class_separator, cfg.class_drop_last, cfg.class_levels, cfg.class_pad) {
+                    Ok(p) => path = p,
+                    Err(why) => {
+                        let reason = if why == EMPTY_LEVEL { "missing_class" } else { "bad_class_path" };
+                        if problem.is_none() {
+                            problem = bad(reason, name, format!("class path {raw:?}: {why}"))?;
+                        }
+                    }
                 }
             }
         } else {
             for (c, name) in &class_cols {
                 let v = rec.get(*c).unwrap_or("").trim();
                 path.push(v.to_string());
+                if v.chars().any(char::is_control) && problem.is_none() {
+                    problem = bad("control_character", name, format!("class {v:?} holds a control character"))?;
+                }
                 if path.iter().any(String::is_empty) && problem.is_none() {
                     problem = bad("missing_class", name, format!("missing class level (path `{}`)", path.join(&cfg.class_separator)))?;
                 }
@@ -532,7 +566,16 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
                 }
                 None => return Err(StageError::msg(format!("internal: image URL {p} was not fetched"))),
             },
-            Ok(p) => root.join(p),
+            Ok(p) => {
+                if !cfg.allow_outside_root && problem.is_none() && leaves_root(Path::new(p.trim())) {
+                    problem = bad(
+                        "image_outside_root",
+                        col_name,
+                        format!("image path {p:?} leads outside the dataset root {} (set `allow_outside_root: true` to allow it)", root.display()),
+                    )?;
+                }
+                root.join(p)
+            }
             Err(e) => return Err(StageError::Config(ConfigError::at("image", e))),
         };
         if problem.is_none() {
@@ -604,6 +647,43 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
         ctx.metrics.log(&format!("data.skipped.{reason}"), 0, *n as f64);
     }
     Ok(Ingested { items, tree, skipped })
+}
+
+/// Whether a path from the table leads outside the folder it is relative to: absolute, or
+/// climbing with `..` (lexically; links inside the dataset are the dataset's own business).
+pub fn leaves_root(p: &Path) -> bool {
+    use std::path::Component;
+    let mut depth = 0i64;
+    for c in p.components() {
+        match c {
+            Component::RootDir | Component::Prefix(_) => return true,
+            Component::ParentDir => {
+                depth -= 1;
+                if depth < 0 {
+                    return true;
+                }
+            }
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+        }
+    }
+    false
+}
+
+/// A field of `rec` that holds whole rows after a line break — the mark of a quote left
+/// open: (its column, how many such lines). A line counts as a row when it has at least as
+/// many delimiters as a row between its columns (`columns - 1`).
+pub fn swallowed_rows(rec: &csv::StringRecord, columns: usize, delimiter: u8) -> Option<(usize, usize)> {
+    if columns < 2 {
+        return None;
+    }
+    rec.iter().enumerate().find_map(|(c, field)| {
+        if !field.contains(['\n', '\r']) {
+            return None;
+        }
+        let n = field.lines().skip(1).filter(|l| l.bytes().filter(|b| *b == delimiter).count() >= columns - 1).count();
+        (n > 0).then_some((c, n))
+    })
 }
 
 /// (test, val) sizes of a class of `n` items: rounded shares, at least one training item.

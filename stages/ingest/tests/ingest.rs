@@ -332,3 +332,73 @@ fn image_urls_are_downloaded_once_and_failures_follow_bad_rows() {
     let err = run(bad, tempfile::tempdir().unwrap().path()).unwrap_err();
     assert!(err.contains("download.concurrency"), "{err}");
 }
+
+#[test]
+fn an_unterminated_quote_is_an_error_naming_the_line_where_it_opened() {
+    let d = tempfile::tempdir().unwrap();
+    // Row 3's title opens a quote that is never closed: rows 4 and 5 would become part of it.
+    small_dataset(
+        d.path(),
+        "id,a,b,title\n1525,Bags,Backpack,bag one\n1163,Apparel,Topwear,\"shirt one\n1164,Apparel,Topwear,shirt two\n1165,Apparel,Topwear,shirt three\n",
+    );
+    let base = json!({"root": d.path(), "table": "table.csv", "text_column": "title", "classes": ["a", "b"], "min_items_per_class": 1});
+    let out = tempfile::tempdir().unwrap();
+    let err = run(base.clone(), out.path()).unwrap_err();
+    for part in ["row 3", "id 1163", "column `title`", "quote opened on line 3", "2 line(s)"] {
+        assert!(err.contains(part), "expected `{part}` in: {err}");
+    }
+    let mut skip = base;
+    skip["bad_rows"] = json!("skip");
+    let out = tempfile::tempdir().unwrap();
+    let (items, _, m) = run(skip, out.path()).unwrap();
+    assert_eq!(items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["1525"]);
+    assert_eq!(m.last("data.skipped.unterminated_quote"), Some(1.0));
+}
+
+#[test]
+fn control_characters_are_errors_in_classes_and_ids_and_whitespace_in_text() {
+    let d = tempfile::tempdir().unwrap();
+    small_dataset(d.path(), "id,a,b,title\n1163,Apparel\0,Topwear,shirt\n1164,Apparel,Topwear,two\n");
+    let base = json!({"root": d.path(), "table": "table.csv", "text_column": "title", "classes": ["a", "b"], "min_items_per_class": 1});
+    let out = tempfile::tempdir().unwrap();
+    let err = run(base.clone(), out.path()).unwrap_err();
+    assert!(err.contains("row 2") && err.contains("column `a`") && err.contains("control character"), "{err}");
+    // One column class paths too, and ids.
+    std::fs::write(d.path().join("table.csv"), "id,cls,title\n1163,Apparel<Top\u{1b}wear,shirt\n").unwrap();
+    let one = json!({"root": d.path(), "table": "table.csv", "text_column": "title", "class_column": "cls", "min_items_per_class": 1});
+    let err = run(one, out.path()).unwrap_err();
+    assert!(err.contains("column `cls`") && err.contains("control character"), "{err}");
+    std::fs::write(d.path().join("table.csv"), "id,a,b,title\n11\u{7}63,Apparel,Topwear,shirt\n").unwrap();
+    let err = run(base.clone(), out.path()).unwrap_err();
+    assert!(err.contains("column `id`") && err.contains("control character"), "{err}");
+    // In text they are whitespace: cleaned like it.
+    std::fs::write(d.path().join("table.csv"), "id,a,b,title\n1163,Apparel,Topwear,\"red\0shirt\u{1b}[31m  with\ttabs\"\n").unwrap();
+    let (items, tree, _) = run(base, out.path()).unwrap();
+    assert_eq!(items[0].text, "red shirt [31m with tabs");
+    assert_eq!(tree.classes.len(), 1);
+}
+
+#[test]
+fn image_paths_stay_inside_the_dataset_root_unless_allowed() {
+    let d = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::copy(fashion().join("images/1525.jpg"), outside.path().join("x.jpg")).unwrap();
+    let abs = outside.path().join("x.jpg");
+    let climb = format!("../{}/x.jpg", outside.path().file_name().unwrap().to_string_lossy());
+    small_dataset(d.path(), &format!("img,a,b,title\nimages/1163.jpg,Apparel,Topwear,shirt\n{climb},Bags,Backpack,bag\n{},Bags,Backpack,other bag\n", abs.display()));
+    // Both temp folders share a parent, so the climbing path names a real file: it is refused for where it leads.
+    assert!(d.path().join(&climb).is_file());
+    let base = json!({"root": d.path(), "table": "table.csv", "image": "{img}", "id_column": "img", "text_column": "title", "classes": ["a", "b"], "min_items_per_class": 1});
+    let out = tempfile::tempdir().unwrap();
+    let err = run(base.clone(), out.path()).unwrap_err();
+    assert!(err.contains("row 3") && err.contains("leads outside the dataset root") && err.contains("allow_outside_root"), "{err}");
+    let mut skip = base.clone();
+    skip["bad_rows"] = json!("skip");
+    let (items, _, m) = run(skip, out.path()).unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(m.last("data.skipped.image_outside_root"), Some(2.0));
+    let mut allow = base;
+    allow["allow_outside_root"] = json!(true);
+    let (items, _, _) = run(allow, out.path()).unwrap();
+    assert_eq!(items.len(), 3);
+}

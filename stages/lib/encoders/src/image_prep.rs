@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use candle_core::{Device, Tensor};
 
 /// ImageNet mean and standard deviation (torchvision).
@@ -97,14 +97,29 @@ pub fn resize_bilinear_pil(src: &[u8], w: usize, h: usize, ow: usize, oh: usize)
     out
 }
 
-/// Decodes an image file to RGB8 (width, height, pixels).
+/// The largest image side decoded, in pixels: a bigger image (a decompression bomb: a
+/// small file that decodes to gigabytes) is refused from its header, before decoding.
+pub const MAX_SIDE: u32 = 8192;
+/// The most memory one decode may allocate.
+pub const MAX_DECODE_BYTES: u64 = 256 << 20;
+
+/// Decodes an image file to RGB8 (width, height, pixels); refuses images larger than
+/// [`MAX_SIDE`] on a side or needing more than [`MAX_DECODE_BYTES`].
 pub fn decode_rgb(path: &Path) -> Result<(usize, usize, Vec<u8>)> {
-    let img = image::ImageReader::open(path)
-        .with_context(|| format!("opening image {}", path.display()))?
-        .with_guessed_format()?
-        .decode()
-        .with_context(|| format!("decoding image {}", path.display()))?
-        .to_rgb8();
+    let mut reader = image::ImageReader::open(path).with_context(|| format!("opening image {}", path.display()))?.with_guessed_format()?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    reader.limits(limits);
+    let img = match reader.decode() {
+        Ok(i) => i,
+        Err(image::ImageError::Limits(e)) => {
+            bail!("image {} is larger than huse-run decodes (at most {MAX_SIDE} x {MAX_SIDE} pixels, {} MiB): {e}", path.display(), MAX_DECODE_BYTES >> 20)
+        }
+        Err(e) => return Err(e).with_context(|| format!("decoding image {}", path.display())),
+    }
+    .to_rgb8();
     let (w, h) = (img.width() as usize, img.height() as usize);
     Ok((w, h, img.into_raw()))
 }

@@ -97,10 +97,10 @@ fn download(repo: &str, revision: &str, file: &str) -> Result<PathBuf> {
     if huse_hub::offline() {
         bail!("{file} of hf:{repo}@{revision} is not in the Hugging Face cache at {cache} and HF_HUB_OFFLINE is set: {how}");
     }
-    let r = hub_ref(repo, revision).api(Kind::Model).map_err(|e| anyhow!(e))?;
-    r.download(file).map_err(|e| {
-        anyhow!("{file} of hf:{repo}@{revision} is not in the Hugging Face cache at {cache} and downloading {} failed ({e}): {how}", r.url(file))
-    })
+    // Without a stage's cancel token here: a stalled download gives up after the timeout.
+    hub_ref(repo, revision)
+        .fetch(Kind::Model, file, huse_hub::timeout_from_env(), huse_hub::DEFAULT_RETRIES, &|| false)
+        .map_err(|e| anyhow!("{file} of hf:{repo}@{revision} is not in the Hugging Face cache at {cache} and {e}: {how}"))
 }
 
 #[cfg(test)]
