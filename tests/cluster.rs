@@ -406,11 +406,22 @@ fn a_postgres_outage_spools_at_once_and_the_pipeline_goes_on() {
         "o.yaml",
         "name: o\nstages:\n  source: { uses: toy-source, with: { count: 4 } }\n  \
          a: { uses: toy-scale, needs: [source], with: { seconds: 1.5, metrics: 50 } }\n  \
-         b: { uses: toy-scale, needs: [a], with: { seconds: 1.5, metrics: 50 } }\n  total: { uses: toy-sum, needs: [b] }\n",
+         b: { uses: toy-scale, needs: [source], with: { seconds: 1.5, metrics: 50, factor: 2.0 } }\n  total: { uses: toy-sum, needs: [b] }\n",
     );
     let t0 = std::time::Instant::now();
-    let child = sb.cmd(&[f.to_str().unwrap()]).env("HUSE_DB", &via).env("HUSE_DB_RETRY", "2").stderr(std::process::Stdio::piped()).spawn().unwrap();
-    while pg_count(&url, "SELECT count(*) FROM runs") == 0 {
+    let mut child = sb.cmd(&[f.to_str().unwrap(), "-j", "1"]).env("HUSE_DB", &via).env("HUSE_DB_RETRY", "2").stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let recorded = || {
+        use sqlx::{Connection, Row};
+        rt().block_on(async {
+            let mut c = sqlx::PgConnection::connect(&url).await.ok()?;
+            sqlx::query("SELECT count(*) FROM runs").fetch_one(&mut c).await.ok().map(|r| r.get::<i64, _>(0))
+        })
+        .unwrap_or(0)
+    };
+    while recorded() == 0 {
+        if let Ok(Some(_)) = child.try_wait() {
+            panic!("the run ended before it was recorded:\n{}", common::Out(child.wait_with_output().unwrap()).stderr());
+        }
         assert!(t0.elapsed() < Duration::from_secs(60), "the run was never recorded");
         std::thread::sleep(Duration::from_millis(50));
     }
