@@ -6,7 +6,8 @@
 //! `huse-registry`; `huse-exec` schedules its stages with a content-addressed cache;
 //! `huse-store` records runs, params, stage runs and metrics and answers queries;
 //! `huse-report` renders tables, the HTML report and exports. This crate parses the
-//! command line ([`cli`]) and registers the built-in stages ([`builtin_registry`]). The
+//! command line ([`cli`]), runs each command from its own module ([`cmd`]) and registers
+//! the built-in stages ([`builtin_registry`]). The
 //! runner knows nothing of HUSE itself: stages are crates behind the `huse-stage-api`
 //! trait.
 
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use huse_registry::Registry;
 
 pub mod cli;
+pub mod cmd;
 
 /// The registry with every built-in stage kind: the five HUSE stages, `graph-tree`, and the
 /// toy stages that exercise the runner without a model.

@@ -7,7 +7,9 @@
 //! blocked search: a text is encoded like an item's title (BERT last-4 features and the
 //! run's own TF-IDF vocabulary, then the text tower), an image like an item's photo
 //! (PIL-exact resize, MobileNetV2, then the image tower). [`RunFiles`] says where a run's
-//! artifacts are; the binary fills it from the results database.
+//! artifacts are: [`RunFiles::locate`] finds them by the artifacts its stages wrote (the
+//! dataset, the features, the model), whatever those stages are called or of which kind,
+//! from what the results database records.
 //!
 //! ```no_run
 //! # fn f(files: huse_search::RunFiles) -> anyhow::Result<()> {
@@ -50,6 +52,76 @@ pub struct RunFiles {
     pub ingest_config: serde_json::Value,
     /// Names the cached index: the train and encode cache keys.
     pub index_key: String,
+}
+
+/// A succeeded stage of a run, as the results database records it.
+#[derive(Debug, Clone)]
+pub struct StageOutput {
+    /// The stage's name in the experiment.
+    pub stage: String,
+    /// Its output folder in the cache.
+    pub output_dir: PathBuf,
+    /// Its cache key.
+    pub cache_key: String,
+}
+
+impl RunFiles {
+    /// Where `run`'s (named in messages) dataset, features and model are: the stage whose
+    /// output holds the items ([`Artifact::Items`]), the one with the image features
+    /// ([`Artifact::ImageFeatures`]) and the one with the trained towers ([`Artifact::Model`]
+    /// and [`Artifact::ModelMeta`]). Any stage kind that writes those artifacts serves
+    /// (a distillation stage, a plugin). `config` is the run's resolved config (its
+    /// `stages.NAME.with` are the stages' configs).
+    pub fn locate(run: &str, stages: &[StageOutput], config: &serde_json::Value) -> Result<RunFiles> {
+        let find = |what: &str, arts: &[Artifact]| -> Result<&StageOutput> {
+            let found: Vec<&StageOutput> = stages.iter().filter(|s| arts.iter().all(|a| s.output_dir.join(a.as_str()).exists())).collect();
+            match found.as_slice() {
+                [one] => Ok(one),
+                [] => {
+                    let names = arts.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(" and ");
+                    if stages.iter().any(|s| !s.output_dir.is_dir()) {
+                        bail!("{run}: no stage output holds {names} (the {what}); some of its outputs are no longer in the cache: run the experiment again to recreate them")
+                    }
+                    bail!("{run}: no stage wrote {names} (the {what}); search needs a run with a dataset, features and a trained model")
+                }
+                many => bail!(
+                    "{run}: several stages wrote the {what} ({}); search cannot tell which to use",
+                    many.iter().map(|s| s.stage.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            }
+        };
+        let ingest = find("dataset", &[Artifact::Items, Artifact::Classes])?;
+        let encode = find("features", &[Artifact::ImageFeatures, Artifact::TextFeatures])?;
+        let train = find("model", &[Artifact::Model, Artifact::ModelMeta])?;
+        let with = |s: &StageOutput| config["stages"][&s.stage]["with"].clone();
+        Ok(RunFiles {
+            ingest_dir: ingest.output_dir.clone(),
+            encode_dir: encode.output_dir.clone(),
+            train_dir: train.output_dir.clone(),
+            encode_config: with(encode),
+            ingest_config: with(ingest),
+            index_key: format!("{}-{}", train.cache_key, encode.cache_key),
+        })
+    }
+}
+
+/// The items of a new table in a run's ingest layout: the run's ingest stage, with `root`
+/// set to `dir` and every usable row kept (no limit, cap or small-class filter).
+pub fn read_new_table(files: &RunFiles, dir: &Path) -> Result<Vec<Item>> {
+    let mut cfg = files.ingest_config.clone();
+    if !cfg.is_object() {
+        cfg = serde_json::json!({});
+    }
+    let root = std::path::absolute(dir).with_context(|| format!("{}", dir.display()))?;
+    cfg["root"] = serde_json::json!(root);
+    cfg["min_items_per_class"] = serde_json::json!(1);
+    cfg["limit"] = serde_json::Value::Null;
+    cfg["per_class_cap"] = serde_json::Value::Null;
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("items");
+    huse_stage_api::testing::run(&huse_stage_ingest::Ingest, &cfg, &Default::default(), &out, 0)
+        .map_err(|e| anyhow::anyhow!("reading {} as the run's ingest stage would: {e}", dir.display()))?;
+    huse_data::read_items(&out.join(Artifact::Items))
 }
 
 /// Which embeddings to search.
@@ -367,4 +439,42 @@ pub fn write_embedding_files(image: Vec<f32>, text: Vec<f32>, ids: &[String], di
     candle_core::safetensors::save(&tensors, out.join("embeddings.safetensors"))?;
     std::fs::write(out.join("ids.json"), serde_json::to_vec(ids)?)?;
     Ok(n)
+}
+
+#[cfg(test)]
+mod locate_tests {
+    use super::*;
+
+    #[test]
+    fn a_run_is_found_by_its_artifacts_whatever_its_stages_are_called() {
+        let d = tempfile::tempdir().unwrap();
+        let stage = |name: &str, arts: &[Artifact]| {
+            let dir = d.path().join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            for a in arts {
+                std::fs::write(dir.join(a.as_str()), "").unwrap();
+            }
+            StageOutput { stage: name.into(), output_dir: dir, cache_key: format!("key-{name}") }
+        };
+        let mut stages = vec![
+            stage("catalog", &[Artifact::Items, Artifact::Classes]),
+            stage("features", &[Artifact::ImageFeatures, Artifact::TextFeatures, Artifact::Tfidf]),
+            stage("distill", &[Artifact::Model, Artifact::ModelMeta, Artifact::History]),
+            stage("scores", &[Artifact::Metrics, Artifact::Tables]),
+        ];
+        let config = serde_json::json!({"stages": {"features": {"with": {"image_size": 96}}, "catalog": {"with": {"root": "/data"}}}});
+        let f = RunFiles::locate("run 7", &stages, &config).unwrap();
+        assert_eq!(f.train_dir, d.path().join("distill"));
+        assert_eq!(f.ingest_dir, d.path().join("catalog"));
+        assert_eq!(f.encode_config["image_size"], 96);
+        assert_eq!(f.ingest_config["root"], "/data");
+        assert_eq!(f.index_key, "key-distill-key-features");
+        // Two models: said, not guessed; none: said.
+        stages.push(stage("train2", &[Artifact::Model, Artifact::ModelMeta]));
+        let e = RunFiles::locate("run 7", &stages, &config).unwrap_err().to_string();
+        assert!(e.contains("several stages wrote the model (distill, train2)"), "{e}");
+        stages.retain(|s| s.stage != "distill" && s.stage != "train2");
+        let e = RunFiles::locate("run 7", &stages, &config).unwrap_err().to_string();
+        assert!(e.contains("no stage wrote model.safetensors and model.json"), "{e}");
+    }
 }

@@ -33,6 +33,14 @@ pub enum Split {
     Test,
 }
 
+impl std::str::FromStr for Split {
+    type Err = String;
+    /// `train`, `val` or `test`.
+    fn from_str(s: &str) -> Result<Split, String> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| format!("unknown split `{s}` (train, val or test)"))
+    }
+}
+
 /// One product.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Item {

@@ -1,5 +1,6 @@
-//! The SLURM side of the command line: `--launcher slurm` (submit, then follow or
-//! detach), `status`, `wait` and the jobs' own entry point (`slurm-task`). The planning,
+//! `status`, `wait` and `slurm-task`: the SLURM side of the command line — `--launcher
+//! slurm` (submit, then follow or detach), `status`, `wait` and the jobs' own entry point
+//! (`slurm-task`). The planning,
 //! the scripts and the queue queries are in `huse-slurm`; this module wires them to the
 //! compiler, the cache, the scheduler and the store.
 
@@ -19,7 +20,8 @@ use huse_stage_api::{CancelToken, Progress as _};
 use huse_store::{Filter, Location, Store};
 use tracing::{info, warn};
 
-use super::{Global, RunArgs, compile, run_compiled};
+use super::run::{RunArgs, run_compiled, spawn_signal_handler};
+use super::{Global, compile};
 
 /// The file's `launcher:` block, checked; errors name the file, line and key.
 fn launcher_block(source: &Source) -> Result<Option<LauncherConfig>, String> {
@@ -31,7 +33,7 @@ fn launcher_block(source: &Source) -> Result<Option<LauncherConfig>, String> {
 
 /// The launcher a run command asks for: `None` runs here; `Some` submits to SLURM with
 /// these settings. Errors name the file, line and key (or the flag).
-pub(super) fn launcher_of(source: &Source, a: &RunArgs) -> Result<Option<LauncherConfig>, String> {
+pub fn launcher_of(source: &Source, a: &RunArgs) -> Result<Option<LauncherConfig>, String> {
     let block = launcher_block(source)?;
     let slurm = match a.launcher.as_deref() {
         Some("local") => false,
@@ -81,7 +83,7 @@ fn all_job_ids(launches: &[Launch]) -> Vec<String> {
 
 /// Submits the runs of `exp` that still have work; then follows them until they end
 /// (Ctrl-C cancels them), or returns at once with `--detach`.
-pub(super) async fn launch(g: &Global, a: &RunArgs, exp: &Experiment, registry: &Registry, cfg: &LauncherConfig, display: &Display) -> Result<i32> {
+pub async fn launch(g: &Global, a: &RunArgs, exp: &Experiment, registry: &Registry, cfg: &LauncherConfig, display: &Display) -> Result<i32> {
     let cache_dir = std::path::absolute(&g.cache)?;
     let cache = Cache::open(&cache_dir)?;
     let opts = RunOptions::default();
@@ -144,7 +146,7 @@ pub(super) async fn launch(g: &Global, a: &RunArgs, exp: &Experiment, registry: 
     }
     // Attached: follow the jobs; Ctrl-C cancels them.
     let cancel = CancelToken::new();
-    super::spawn_signal_handler(cancel.clone());
+    spawn_signal_handler(cancel.clone());
     let ids = launched.job_ids();
     let bar = display.stage(&format!("slurm {}", array.job_id));
     bar.start("runs finished", Some(array.runs.len() as u64), "run");
@@ -230,7 +232,7 @@ async fn print_status(g: &Global, exp: &Experiment, root: &Path) -> Result<Vec<h
 
 /// `status` (and `wait`, which first blocks until no job of the experiment's launches is
 /// queued or running).
-pub(super) async fn status(g: &Global, a: &RunArgs, wait: bool) -> Result<i32> {
+pub async fn status(g: &Global, a: &RunArgs, wait: bool) -> Result<i32> {
     let file = a.experiment.clone().context("status needs the experiment file")?;
     let (exp, _, source) = match compile(&file, a) {
         Ok(x) => x,
@@ -250,7 +252,7 @@ pub(super) async fn status(g: &Global, a: &RunArgs, wait: bool) -> Result<i32> {
     let root = log_root(&cfg);
     if wait {
         let cancel = CancelToken::new();
-        super::spawn_signal_handler(cancel.clone());
+        spawn_signal_handler(cancel.clone());
         loop {
             let launches = Launch::all(&root, &exp.name)?;
             let states = huse_slurm::states(&all_job_ids(&launches))?;
@@ -270,7 +272,7 @@ pub(super) async fn status(g: &Global, a: &RunArgs, wait: bool) -> Result<i32> {
 /// The entry point of a SLURM job: compiles the experiment as the submitting host did, and
 /// runs one shared stage (no run recorded: its runs record it when they find it cached)
 /// or one run (the array task), against the shared cache and database.
-pub(super) async fn task(g: &Global, launch_file: &Path, shared: Option<usize>, display: &Display) -> Result<i32> {
+pub async fn task(g: &Global, launch_file: &Path, shared: Option<usize>, display: &Display) -> Result<i32> {
     let launch = Launch::read(launch_file)?;
     let c = &launch.compile;
     let args = RunArgs {

@@ -1,0 +1,31 @@
+//! `huse-run best --metric KEY`: the run with the best final value of a metric.
+
+use anyhow::Result;
+use clap::Args;
+use huse_report::table::{self, Format};
+
+use super::{FilterArgs, Global, open_for_queries};
+
+/// `best`'s arguments.
+#[derive(Args, Debug)]
+pub struct BestArgs {
+    #[arg(long, short = 'm')]
+    pub metric: String,
+    /// Lower is better.
+    #[arg(long)]
+    pub min: bool,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// table, csv, json or markdown.
+    #[arg(long, short = 'f', default_value = "table")]
+    pub format: Format,
+}
+
+/// Prints the best run.
+pub async fn run(g: &Global, a: BestArgs) -> Result<i32> {
+    let store = open_for_queries(g).await?;
+    a.filter.check(&store).await?;
+    let runs = store.load_runs(&a.filter.filter()).await?;
+    print!("{}", table::best_table(&runs, &a.metric, a.min)?.render(a.format));
+    Ok(0)
+}

@@ -1,0 +1,32 @@
+//! `huse-run compare RUN RUN...`: the params and metrics that differ, side by side.
+
+use anyhow::{Context as _, Result};
+use clap::Args;
+use huse_report::table::{self, Format};
+use huse_store::Filter;
+
+use super::{Global, open_for_queries, run_id};
+
+/// `compare`'s arguments.
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    #[arg(required = true, num_args = 2.., value_parser = run_id)]
+    pub runs: Vec<i64>,
+    #[arg(long = "metric", short = 'm', value_name = "GLOB")]
+    pub metrics: Vec<String>,
+    /// table, csv, json or markdown.
+    #[arg(long, short = 'f', default_value = "table")]
+    pub format: Format,
+}
+
+/// Prints the comparison table.
+pub async fn run(g: &Global, a: CompareArgs) -> Result<i32> {
+    let store = open_for_queries(g).await?;
+    let all = store.load_runs(&Filter::default()).await?;
+    let mut chosen = Vec::new();
+    for id in &a.runs {
+        chosen.push(all.iter().find(|r| r.id == *id).cloned().with_context(|| format!("no run with id {id}"))?);
+    }
+    print!("{}", table::compare_table(&chosen, &table::patterns(&a.metrics)?).render(a.format));
+    Ok(0)
+}

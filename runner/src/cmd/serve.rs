@@ -1,0 +1,44 @@
+//! `huse-run serve RUN [RUN...]`: the local search page over trained runs.
+
+use anyhow::Result;
+use clap::Args;
+
+use super::{Global, device_arg, open_for_queries, run_files, run_id};
+
+/// `serve`'s arguments.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The runs (ids in the database); their results are shown side by side.
+    #[arg(required = true, value_parser = run_id)]
+    pub runs: Vec<i64>,
+    /// Port (0: any free one; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Address to bind; the default serves this machine only.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: std::net::IpAddr,
+    /// Where the encoders and towers run: auto, cpu or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+/// Loads the runs and serves them until the process ends.
+pub async fn run(g: &Global, a: ServeArgs) -> Result<i32> {
+    let store = open_for_queries(g).await?;
+    let mut views = Vec::new();
+    for run in &a.runs {
+        let files = run_files(&store, *run).await?;
+        let name = store.run(*run).await?.name;
+        let index = g.cache.join(".index");
+        let dev = device_arg(&a.device)?;
+        let searcher = tokio::task::spawn_blocking(move || huse_search::Searcher::open(&files, &index, &dev)).await??;
+        views.push(huse_serve::RunView::new(format!("#{run} {name}"), searcher)?);
+    }
+    store.close().await;
+    let n = a.runs.len();
+    huse_serve::serve(views, std::net::SocketAddr::new(a.host, a.port), |addr| {
+        println!("serving {n} run(s) on http://{addr}/ (Ctrl-C to stop)");
+    })
+    .await?;
+    Ok(0)
+}
