@@ -451,3 +451,156 @@ fn list_and_help_say_which_devices_this_build_supports() {
         }
     }
 }
+
+/// The documents hold: every relative link (and `#anchor`) of README.md and docs/ leads
+/// somewhere, every `huse-run` command they show names a real subcommand (its `--help`
+/// answers) or validates (an experiment file with its flags), and every complete experiment
+/// they show as YAML validates.
+#[test]
+fn the_docs_links_commands_and_experiments_hold() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let mut docs = vec![root.join("README.md")];
+    let mut stack = vec![root.join("docs")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "md") {
+                docs.push(p);
+            }
+        }
+    }
+    assert!(docs.len() >= 6, "README and the docs: {docs:?}");
+    let sb = Sandbox::new();
+    let mut problems = Vec::new();
+    let mut checked = (0, 0, 0);
+    let mut helped = std::collections::BTreeSet::new();
+    for doc in &docs {
+        let text = std::fs::read_to_string(doc).unwrap();
+        let shown = doc.strip_prefix(&root).unwrap().display().to_string();
+        // Links.
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find("](") {
+            rest = &rest[i + 2..];
+            let Some(end) = rest.find(')') else { break };
+            let target = &rest[..end];
+            if target.starts_with("http://") || target.starts_with("https://") || target.contains(' ') || target.is_empty() {
+                continue;
+            }
+            checked.0 += 1;
+            let (file, anchor) = target.split_once('#').unwrap_or((target, ""));
+            let path = if file.is_empty() { doc.clone() } else { doc.parent().unwrap().join(file) };
+            if !path.exists() {
+                problems.push(format!("{shown}: link to {target}: no such file"));
+                continue;
+            }
+            if !anchor.is_empty() && path.extension().is_some_and(|x| x == "md") {
+                let slugs: Vec<String> = std::fs::read_to_string(&path).unwrap().lines().filter(|l| l.starts_with('#')).map(|l| slug(l.trim_start_matches('#'))).collect();
+                if !slugs.iter().any(|s| s == anchor) {
+                    problems.push(format!("{shown}: link to {target}: no heading with that anchor"));
+                }
+            }
+        }
+        // Fenced blocks: commands and experiments.
+        let mut in_block: Option<String> = None;
+        let mut block = String::new();
+        for line in text.lines() {
+            let t = line.trim_start();
+            if let Some(lang) = t.strip_prefix("```") {
+                match in_block.take() {
+                    None => {
+                        in_block = Some(lang.trim().to_string());
+                        block.clear();
+                    }
+                    Some(lang) => {
+                        if lang == "yaml" && block.lines().any(|l| l.starts_with("name:")) && block.lines().any(|l| l.starts_with("stages:")) {
+                            checked.2 += 1;
+                            let f = sb.write("doc.yaml", &block);
+                            let out = sb.cmd(&["validate", f.to_str().unwrap()]).env("HUSE_ASSETS", root.join("../shared/assets")).output().unwrap();
+                            if !out.status.success() {
+                                problems.push(format!("{shown}: experiment does not validate:\n{block}\n{}", String::from_utf8_lossy(&out.stderr)));
+                            }
+                        }
+                    }
+                }
+                continue;
+            }
+            if in_block.is_some() {
+                block.push_str(line);
+                block.push('\n');
+                let words = shell_words(line.split(" # ").next().unwrap());
+                let Some(at) = words.iter().position(|w| w == "huse-run") else { continue };
+                if words[..at].iter().any(|w| !w.contains('=')) {
+                    continue; // part of another command (cargo ... -- huse-run args)
+                }
+                let args: Vec<&str> = words[at + 1..].iter().map(String::as_str).collect();
+                // Global options first (`--db URL`), then the command.
+                let mut k = 0;
+                while k < args.len() && ["--db", "--cache"].contains(&args[k]) {
+                    k += 2;
+                }
+                let Some(first) = args.get(k) else { continue };
+                if first.ends_with(".yaml") {
+                    let file = root.join(first);
+                    if !file.exists() || !args[k + 1..].iter().all(|a| !a.contains("FILE") && !a.contains("...")) {
+                        continue; // a placeholder (EXPERIMENT.yaml)
+                    }
+                    checked.1 += 1;
+                    let mut v = vec!["validate", file.to_str().unwrap()];
+                    v.extend(args[k + 1..].iter().filter(|a| !["--detach"].contains(a)).copied());
+                    // Flags of a run that validate does not need to check.
+                    let v: Vec<&str> = v.into_iter().collect();
+                    let out = sb.cmd(&v).env("HUSE_ASSETS", root.join("../shared/assets")).output().unwrap();
+                    if !out.status.success() {
+                        problems.push(format!("{shown}: `{}` does not validate: {}", line.trim(), String::from_utf8_lossy(&out.stderr)));
+                    }
+                } else if first.chars().all(|c| c.is_ascii_lowercase() || c == '-') && !first.is_empty() {
+                    let sub = if ["db", "cache"].contains(first) { format!("{first} {}", args.get(k + 1).unwrap_or(&"")) } else { first.to_string() };
+                    if helped.insert(sub.clone()) {
+                        checked.1 += 1;
+                        let mut v: Vec<&str> = sub.split(' ').filter(|s| !s.is_empty()).collect();
+                        v.push("--help");
+                        let out = sb.cmd(&v).output().unwrap();
+                        if !out.status.success() {
+                            problems.push(format!("{shown}: `huse-run {sub}` is not a command: {}", String::from_utf8_lossy(&out.stderr)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{} problem(s):\n{}", problems.len(), problems.join("\n"));
+    assert!(checked.0 >= 15 && checked.1 >= 15 && checked.2 >= 1, "checked links, commands, experiments: {checked:?}");
+}
+
+/// GitHub's anchor of a heading: lower case, spaces to `-`, punctuation but `-` and `_` dropped.
+fn slug(heading: &str) -> String {
+    heading.trim().to_lowercase().chars().filter_map(|c| if c == ' ' { Some('-') } else if c.is_alphanumeric() || c == '-' || c == '_' { Some(c) } else { None }).collect()
+}
+
+/// A command line split as a shell would (quotes grouped; no expansion).
+fn shell_words(line: &str) -> Vec<String> {
+    let (mut out, mut cur, mut quote, mut any) = (Vec::new(), String::new(), None::<char>, false);
+    for c in line.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), c) => cur.push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                any = true;
+            }
+            (None, c) if c.is_whitespace() => {
+                if any || !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                    any = false;
+                }
+            }
+            (None, c) => cur.push(c),
+        }
+    }
+    if any || !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
