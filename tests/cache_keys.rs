@@ -14,7 +14,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-
 fn experiments_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments")
 }
@@ -24,7 +23,8 @@ fn keys_of(file: &str) -> Vec<(String, String, String)> {
     let text = std::fs::read_to_string(&path).unwrap();
     let registry = huse_run::builtin_registry();
     let env = |k: &str| (k == "HUSE_ASSETS").then(|| "/assets".to_string());
-    let exp = huse_config::compile_str(&text, file, &Default::default(), &registry, &env).unwrap_or_else(|d| panic!("{d}"));
+    let exp =
+        huse_config::compile_str(&text, file, &Default::default(), &registry, &env).unwrap_or_else(|d| panic!("{d}"));
     let identity = |p: &Path| Ok(format!("stand-in identity of {}", p.display()));
     let output_hash = |key: &str, artifact: &str| format!("stand-in hash of {artifact} in {key}");
     huse_exec::cache_keys(&exp, &registry, &identity, &output_hash).unwrap()

@@ -26,7 +26,8 @@ fn dag_runs_in_dependency_order_and_independent_stages_overlap() {
     let sb = Sandbox::new();
     let f = sb.write("d.yaml", DIAMOND);
     sb.run(&[f.to_str().unwrap(), "--jobs", "2"]).expect(0);
-    let (s, l, r, t) = (timing(&sb, 1, "source"), timing(&sb, 1, "left"), timing(&sb, 1, "right"), timing(&sb, 1, "total"));
+    let (s, l, r, t) =
+        (timing(&sb, 1, "source"), timing(&sb, 1, "left"), timing(&sb, 1, "right"), timing(&sb, 1, "total"));
     assert!(s.1 <= l.0 && s.1 <= r.0, "source must end before its dependants start");
     assert!(l.0 < r.1 && r.0 < l.1, "left {l:?} and right {r:?} must overlap");
     assert!(t.0 >= l.1 && t.0 >= r.1, "total must start after both inputs");
@@ -55,10 +56,7 @@ fn a_second_run_is_all_cache_hits_and_force_recomputes() {
     // Cached metrics are replayed into the new run.
     assert_eq!(sb.sql("SELECT value FROM final_metrics WHERE run_id = 2 AND key = 'sum'")[0][0], "225");
     // Same keys: the cache entries are shared.
-    assert_eq!(
-        sb.count("SELECT count(DISTINCT cache_key) FROM stage_runs"),
-        4,
-    );
+    assert_eq!(sb.count("SELECT count(DISTINCT cache_key) FROM stage_runs"), 4,);
     sb.run(&[f, "--force", "left"]).expect(0);
     let recomputed = sb.sql("SELECT stage FROM stage_runs WHERE run_id = 3 AND cached = 0");
     assert_eq!(recomputed, vec![vec!["left".to_string()]]);
@@ -66,8 +64,11 @@ fn a_second_run_is_all_cache_hits_and_force_recomputes() {
     assert_eq!(sb.count("SELECT count(*) FROM stage_runs WHERE run_id = 4 AND cached = 0"), 4);
     // A changed config changes the key of that stage and of everything downstream only.
     sb.run(&[f, "--set", "right.factor=4"]).expect(0);
-    let recomputed: Vec<String> =
-        sb.sql("SELECT stage FROM stage_runs WHERE run_id = 5 AND cached = 0 ORDER BY stage").into_iter().map(|r| r[0].clone()).collect();
+    let recomputed: Vec<String> = sb
+        .sql("SELECT stage FROM stage_runs WHERE run_id = 5 AND cached = 0 ORDER BY stage")
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect();
     assert_eq!(recomputed, ["right", "total"]);
     assert_eq!(sb.sql("SELECT value FROM final_metrics WHERE run_id = 5 AND key = 'sum'")[0][0], "270");
 }
@@ -130,22 +131,97 @@ fn explicit_points_and_seed_repetition() {
 fn config_errors_are_positioned_and_write_nothing() {
     let good = "name: bad\nstages:\n  source: { uses: toy-source }\n  mid:\n    uses: toy-scale\n    needs: [source]\n    with:\n      factor: 2.0\n";
     let cases: &[(&str, String, &[&str], &str)] = &[
-        ("unknown top key", good.replace("stages:", "stagse:"), &[], "b.yaml:2:1: stagse: unknown key `stagse`; did you mean `stages`?"),
-        ("unknown stage key", good.replace("    needs:", "    need:"), &[], "b.yaml:6:5: stages.mid.need: unknown key `need`; did you mean `needs`?"),
-        ("unknown config key", good.replace("factor: 2.0", "factr: 2.0"), &[], "b.yaml:8:7: stages.mid.with.factr: unknown field `factr`"),
+        (
+            "unknown top key",
+            good.replace("stages:", "stagse:"),
+            &[],
+            "b.yaml:2:1: stagse: unknown key `stagse`; did you mean `stages`?",
+        ),
+        (
+            "unknown stage key",
+            good.replace("    needs:", "    need:"),
+            &[],
+            "b.yaml:6:5: stages.mid.need: unknown key `need`; did you mean `needs`?",
+        ),
+        (
+            "unknown config key",
+            good.replace("factor: 2.0", "factr: 2.0"),
+            &[],
+            "b.yaml:8:7: stages.mid.with.factr: unknown field `factr`",
+        ),
         ("did you mean for config key", good.replace("factor: 2.0", "factr: 2.0"), &[], "did you mean `factor`?"),
-        ("unknown kind", good.replace("uses: toy-scale", "uses: toy-scal"), &[], "b.yaml:5:11: stages.mid.uses: unknown stage kind `toy-scal`; did you mean `toy-scale`?"),
-        ("unknown needs", good.replace("needs: [source]", "needs: [sorce]"), &[], "b.yaml:6:13: stages.mid.needs.0: unknown stage `sorce` in needs; did you mean `source`?"),
-        ("cycle", good.replace("source: { uses: toy-source }", "source: { uses: toy-scale, needs: [mid] }"), &[], "dependency cycle: source -> mid -> source"),
-        ("wrong type", good.replace("factor: 2.0", "factor: abc"), &[], "b.yaml:8:15: stages.mid.with.factor: invalid type: string \"abc\", expected f64"),
-        ("stage's own validation", good.replace("factor: 2.0", "seconds: -1"), &[], "b.yaml:8:16: stages.mid.with.seconds: must be >= 0"),
-        ("wrong top-level type", good.replace("name: bad", "name: bad\nseed: -4"), &[], "b.yaml:2:7: seed: expected a non-negative integer"),
-        ("bad override", good.to_string(), &["--set", "mid.factor=abc"], "(command line `--set mid.factor=abc`): stages.mid.with.factor: invalid type: string \"abc\", expected f64"),
-        ("unset variable", good.replace("factor: 2.0", "fail: ${HUSE_TEST_SURELY_UNSET}"), &[], "b.yaml:8:13: stages.mid.with.fail: environment variable `HUSE_TEST_SURELY_UNSET` is not set"),
-        ("missing input artifact", good.replace("needs: [source]", "needs: []"), &[], "stages.mid.needs: stage `mid` (toy-scale) takes artifact `numbers.json`, but none of its needs [] gives it (kinds that give it: toy-source)"),
-        ("syntax", good.replace("needs: [source]", "needs: [source"), &[], "b.yaml:7:9: invalid YAML: illegal placement of ':' indicator"),
-        ("bad sweep key", format!("{good}sweep:\n  mdi.factor: [1, 2]\n"), &[], "b.yaml:10:3: sweep.mdi.factor: sweep key `mdi.factor` names no stage or settable top-level key; did you mean `mid`?"),
-        ("bad sweep value", format!("{good}sweep:\n  mid.factor: [1, x]\n"), &[], "b.yaml:10:19: stages.mid.with.factor: invalid type: string \"x\", expected f64"),
+        (
+            "unknown kind",
+            good.replace("uses: toy-scale", "uses: toy-scal"),
+            &[],
+            "b.yaml:5:11: stages.mid.uses: unknown stage kind `toy-scal`; did you mean `toy-scale`?",
+        ),
+        (
+            "unknown needs",
+            good.replace("needs: [source]", "needs: [sorce]"),
+            &[],
+            "b.yaml:6:13: stages.mid.needs.0: unknown stage `sorce` in needs; did you mean `source`?",
+        ),
+        (
+            "cycle",
+            good.replace("source: { uses: toy-source }", "source: { uses: toy-scale, needs: [mid] }"),
+            &[],
+            "dependency cycle: source -> mid -> source",
+        ),
+        (
+            "wrong type",
+            good.replace("factor: 2.0", "factor: abc"),
+            &[],
+            "b.yaml:8:15: stages.mid.with.factor: invalid type: string \"abc\", expected f64",
+        ),
+        (
+            "stage's own validation",
+            good.replace("factor: 2.0", "seconds: -1"),
+            &[],
+            "b.yaml:8:16: stages.mid.with.seconds: must be >= 0",
+        ),
+        (
+            "wrong top-level type",
+            good.replace("name: bad", "name: bad\nseed: -4"),
+            &[],
+            "b.yaml:2:7: seed: expected a non-negative integer",
+        ),
+        (
+            "bad override",
+            good.to_string(),
+            &["--set", "mid.factor=abc"],
+            "(command line `--set mid.factor=abc`): stages.mid.with.factor: invalid type: string \"abc\", expected f64",
+        ),
+        (
+            "unset variable",
+            good.replace("factor: 2.0", "fail: ${HUSE_TEST_SURELY_UNSET}"),
+            &[],
+            "b.yaml:8:13: stages.mid.with.fail: environment variable `HUSE_TEST_SURELY_UNSET` is not set",
+        ),
+        (
+            "missing input artifact",
+            good.replace("needs: [source]", "needs: []"),
+            &[],
+            "stages.mid.needs: stage `mid` (toy-scale) takes artifact `numbers.json`, but none of its needs [] gives it (kinds that give it: toy-source)",
+        ),
+        (
+            "syntax",
+            good.replace("needs: [source]", "needs: [source"),
+            &[],
+            "b.yaml:7:9: invalid YAML: illegal placement of ':' indicator",
+        ),
+        (
+            "bad sweep key",
+            format!("{good}sweep:\n  mdi.factor: [1, 2]\n"),
+            &[],
+            "b.yaml:10:3: sweep.mdi.factor: sweep key `mdi.factor` names no stage or settable top-level key; did you mean `mid`?",
+        ),
+        (
+            "bad sweep value",
+            format!("{good}sweep:\n  mid.factor: [1, x]\n"),
+            &[],
+            "b.yaml:10:19: stages.mid.with.factor: invalid type: string \"x\", expected f64",
+        ),
     ];
     for (what, yaml, extra, expected) in cases {
         let sb = Sandbox::new();
@@ -261,12 +337,14 @@ fn runs_filters_sorts_and_prints_all_formats() {
          4,q,\"q@mid.factor=2,mid.offset=1\",succeeded,2,1,16\n"
     );
     let json: serde_json::Value =
-        serde_json::from_str(&sb.run(&["runs", "-f", "json", "-w", "mid.factor=2", "-w", "sum>12"]).expect(0).stdout()).unwrap();
+        serde_json::from_str(&sb.run(&["runs", "-f", "json", "-w", "mid.factor=2", "-w", "sum>12"]).expect(0).stdout())
+            .unwrap();
     assert_eq!(json.as_array().unwrap().len(), 1);
     assert_eq!(json[0]["id"], 4);
     assert_eq!(json[0]["sum"], 16.0);
     assert_eq!(json[0]["loss"], 2.0 / 3.0);
-    let md = sb.run(&["runs", "-f", "markdown", "-m", "sum", "--sort", "sum", "--desc", "--limit", "2"]).expect(0).stdout();
+    let md =
+        sb.run(&["runs", "-f", "markdown", "-m", "sum", "--sort", "sum", "--desc", "--limit", "2"]).expect(0).stdout();
     let lines: Vec<&str> = md.lines().collect();
     assert_eq!(lines.len(), 4, "{md}");
     assert!(lines[0].starts_with("| id "), "{md}");
@@ -287,7 +365,8 @@ fn runs_filters_sorts_and_prints_all_formats() {
 #[test]
 fn show_compare_and_best_in_all_formats() {
     let sb = known_runs();
-    let show: serde_json::Value = serde_json::from_str(&sb.run(&["show", "3", "-f", "json"]).expect(0).stdout()).unwrap();
+    let show: serde_json::Value =
+        serde_json::from_str(&sb.run(&["show", "3", "-f", "json"]).expect(0).stdout()).unwrap();
     let fields: Vec<(&str, &serde_json::Value)> =
         show["run"].as_array().unwrap().iter().map(|r| (r["field"].as_str().unwrap(), &r["value"])).collect();
     assert!(fields.contains(&("status", &serde_json::json!("succeeded"))));
@@ -341,9 +420,18 @@ fn queries_without_a_database_say_so() {
 fn a_run_argument_that_is_not_an_id_says_what_a_run_is() {
     let sb = Sandbox::new();
     // A query typed where the run goes, a zero, a name: each a usage error naming the argument.
-    for args in [&["search", "red running shoes"][..], &["show", "0"], &["compare", "1", "two"], &["embed", "3.5"], &["serve", "quick"]] {
+    for args in [
+        &["search", "red running shoes"][..],
+        &["show", "0"],
+        &["compare", "1", "two"],
+        &["embed", "3.5"],
+        &["serve", "quick"],
+    ] {
         let err = sb.run(args).expect(2).stderr();
-        assert!(err.contains("a run is named by its id, a number (`huse-run runs` lists them)") && err.contains("<RUN"), "{args:?}: {err}");
+        assert!(
+            err.contains("a run is named by its id, a number (`huse-run runs` lists them)") && err.contains("<RUN"),
+            "{args:?}: {err}"
+        );
     }
     // The query as a positional argument or as --text, not both.
     let err = sb.run(&["search", "1", "red", "--text", "blue"]).expect(2).stderr();
@@ -356,7 +444,8 @@ fn budgets(sb: &Sandbox) -> Vec<(String, f64, f64, usize, usize)> {
     sb.sql("SELECT DISTINCT stage, output_dir FROM stage_runs WHERE cached = 0")
         .into_iter()
         .map(|r| {
-            let t: serde_json::Value = serde_json::from_slice(&std::fs::read(format!("{}/timing.json", r[1])).unwrap()).unwrap();
+            let t: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(format!("{}/timing.json", r[1])).unwrap()).unwrap();
             let n = |k: &str| t[k].as_u64().unwrap() as usize;
             (r[0].clone(), t["start"].as_f64().unwrap(), t["end"].as_f64().unwrap(), n("threads"), n("pool"))
         })
@@ -387,7 +476,12 @@ fn every_stage_runs_in_a_pool_of_its_thread_budget_and_the_running_ones_never_ex
         let busy: usize = b.iter().filter(|s| s.1 <= *t && *t < s.2).map(|s| s.3).sum();
         assert!(busy <= cpus, "{busy} threads at once on {cpus} CPUs: {b:?}");
     }
-    assert!(out.stderr().contains(&format!("running toy-source (key ")) && out.stderr().contains(&format!("{cpus} thread")), "{}", out.stderr());
+    assert!(
+        out.stderr().contains(&"running toy-source (key ".to_string())
+            && out.stderr().contains(&format!("{cpus} thread")),
+        "{}",
+        out.stderr()
+    );
 
     // One job at a time: each gets every core.
     let sb = Sandbox::new();
@@ -426,7 +520,10 @@ fn a_gpu_runs_as_many_device_stages_at_once_as_it_has_slots_and_they_share_the_c
         // Never more than the slots at once; and the slots are used (six ready stages), as
         // far as the cores go (three slots on two CPUs: two at a time, a thread each).
         assert_eq!(most_at_once(&b, "scale"), slots.min(cpus / share), "{slots} slot(s): {b:?}");
-        assert!(b.iter().filter(|s| s.0 == "scale").all(|s| s.3 == share && s.4 == share), "{share} threads each with {slots} slot(s): {b:?}");
+        assert!(
+            b.iter().filter(|s| s.0 == "scale").all(|s| s.3 == share && s.4 == share),
+            "{share} threads each with {slots} slot(s): {b:?}"
+        );
         assert!(out.stderr().contains("a slot of GPU 0"), "{}", out.stderr());
     }
     // On the CPU the same sweep is not limited by slots: `--jobs 6` runs them together.
@@ -485,7 +582,11 @@ fn the_docs_links_commands_and_experiments_hold() {
             rest = &rest[i + 2..];
             let Some(end) = rest.find(')') else { break };
             let target = &rest[..end];
-            if target.starts_with("http://") || target.starts_with("https://") || target.contains(' ') || target.is_empty() {
+            if target.starts_with("http://")
+                || target.starts_with("https://")
+                || target.contains(' ')
+                || target.is_empty()
+            {
                 continue;
             }
             checked.0 += 1;
@@ -496,7 +597,12 @@ fn the_docs_links_commands_and_experiments_hold() {
                 continue;
             }
             if !anchor.is_empty() && path.extension().is_some_and(|x| x == "md") {
-                let slugs: Vec<String> = std::fs::read_to_string(&path).unwrap().lines().filter(|l| l.starts_with('#')).map(|l| slug(l.trim_start_matches('#'))).collect();
+                let slugs: Vec<String> = std::fs::read_to_string(&path)
+                    .unwrap()
+                    .lines()
+                    .filter(|l| l.starts_with('#'))
+                    .map(|l| slug(l.trim_start_matches('#')))
+                    .collect();
                 if !slugs.iter().any(|s| s == anchor) {
                     problems.push(format!("{shown}: link to {target}: no heading with that anchor"));
                 }
@@ -514,12 +620,22 @@ fn the_docs_links_commands_and_experiments_hold() {
                         block.clear();
                     }
                     Some(lang) => {
-                        if lang == "yaml" && block.lines().any(|l| l.starts_with("name:")) && block.lines().any(|l| l.starts_with("stages:")) {
+                        if lang == "yaml"
+                            && block.lines().any(|l| l.starts_with("name:"))
+                            && block.lines().any(|l| l.starts_with("stages:"))
+                        {
                             checked.2 += 1;
                             let f = sb.write("doc.yaml", &block);
-                            let out = sb.cmd(&["validate", f.to_str().unwrap()]).env("HUSE_ASSETS", root.join("../shared/assets")).output().unwrap();
+                            let out = sb
+                                .cmd(&["validate", f.to_str().unwrap()])
+                                .env("HUSE_ASSETS", root.join("../shared/assets"))
+                                .output()
+                                .unwrap();
                             if !out.status.success() {
-                                problems.push(format!("{shown}: experiment does not validate:\n{block}\n{}", String::from_utf8_lossy(&out.stderr)));
+                                problems.push(format!(
+                                    "{shown}: experiment does not validate:\n{block}\n{}",
+                                    String::from_utf8_lossy(&out.stderr)
+                                ));
                             }
                         }
                     }
@@ -553,17 +669,28 @@ fn the_docs_links_commands_and_experiments_hold() {
                     let v: Vec<&str> = v.into_iter().collect();
                     let out = sb.cmd(&v).env("HUSE_ASSETS", root.join("../shared/assets")).output().unwrap();
                     if !out.status.success() {
-                        problems.push(format!("{shown}: `{}` does not validate: {}", line.trim(), String::from_utf8_lossy(&out.stderr)));
+                        problems.push(format!(
+                            "{shown}: `{}` does not validate: {}",
+                            line.trim(),
+                            String::from_utf8_lossy(&out.stderr)
+                        ));
                     }
                 } else if first.chars().all(|c| c.is_ascii_lowercase() || c == '-') && !first.is_empty() {
-                    let sub = if ["db", "cache"].contains(first) { format!("{first} {}", args.get(k + 1).unwrap_or(&"")) } else { first.to_string() };
+                    let sub = if ["db", "cache"].contains(first) {
+                        format!("{first} {}", args.get(k + 1).unwrap_or(&""))
+                    } else {
+                        first.to_string()
+                    };
                     if helped.insert(sub.clone()) {
                         checked.1 += 1;
                         let mut v: Vec<&str> = sub.split(' ').filter(|s| !s.is_empty()).collect();
                         v.push("--help");
                         let out = sb.cmd(&v).output().unwrap();
                         if !out.status.success() {
-                            problems.push(format!("{shown}: `huse-run {sub}` is not a command: {}", String::from_utf8_lossy(&out.stderr)));
+                            problems.push(format!(
+                                "{shown}: `huse-run {sub}` is not a command: {}",
+                                String::from_utf8_lossy(&out.stderr)
+                            ));
                         }
                     }
                 }
@@ -576,7 +703,20 @@ fn the_docs_links_commands_and_experiments_hold() {
 
 /// GitHub's anchor of a heading: lower case, spaces to `-`, punctuation but `-` and `_` dropped.
 fn slug(heading: &str) -> String {
-    heading.trim().to_lowercase().chars().filter_map(|c| if c == ' ' { Some('-') } else if c.is_alphanumeric() || c == '-' || c == '_' { Some(c) } else { None }).collect()
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| {
+            if c == ' ' {
+                Some('-')
+            } else if c.is_alphanumeric() || c == '-' || c == '_' {
+                Some(c)
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 /// A command line split as a shell would (quotes grouped; no expansion).

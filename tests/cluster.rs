@@ -21,7 +21,10 @@ use huse_store::{Location, Store};
 fn services(test: &str) -> Option<String> {
     let why = match (std::env::var("HUSE_TEST_PG"), Command::new("sinfo").arg("-h").output()) {
         (Ok(pg), Ok(o)) if o.status.success() && !o.stdout.is_empty() => return Some(pg),
-        (Err(_), _) => "HUSE_TEST_PG is not set (start the services: `.ci/services start`, then source /tmp/huse-services/env)".to_string(),
+        (Err(_), _) => {
+            "HUSE_TEST_PG is not set (start the services: `.ci/services start`, then source /tmp/huse-services/env)"
+                .to_string()
+        }
         (_, Ok(o)) => format!("SLURM does not answer (`sinfo`: {})", String::from_utf8_lossy(&o.stderr).trim()),
         (_, Err(e)) => format!("SLURM is not installed (`sinfo`: {e})"),
     };
@@ -118,7 +121,8 @@ fn sweep_yaml(name: &str, extra: &str) -> String {
 /// The launch folders of an experiment in the sandbox.
 fn launches(sb: &Sandbox, experiment: &str) -> Vec<PathBuf> {
     let dir = sb.path().join(".huse/slurm").join(experiment);
-    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    let mut v: Vec<PathBuf> =
+        std::fs::read_dir(&dir).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     v.sort();
     v
 }
@@ -171,7 +175,10 @@ fn a_sweep_on_slurm_writes_postgres_exactly_what_a_local_run_writes_sqlite() {
     for (name, l) in &local {
         let r = &remote[name];
         for (field, lv) in l.as_object().unwrap() {
-            assert_eq!(lv, &r[field], "run {name}: `{field}` differs between the local SQLite and the SLURM PostgreSQL rows");
+            assert_eq!(
+                lv, &r[field],
+                "run {name}: `{field}` differs between the local SQLite and the SLURM PostgreSQL rows"
+            );
         }
     }
     // The same counts through a connection of the test's own.
@@ -208,11 +215,13 @@ fn a_failed_point_is_failed_with_its_log_and_resubmitting_runs_only_it() {
     let waited = sb.cmd(&["wait", f]).env("HUSE_DB", &url).output().map(common::Out).unwrap().expect(1).stdout();
     assert!(waited.contains("1 failed, 2 succeeded"), "{waited}");
     let failed_line = waited.lines().find(|l| l.contains(" failed ")).unwrap();
-    let log = failed_line.split('┆').map(str::trim).find(|c| c.ends_with(".out")).expect("the failed run's log is named");
+    let log =
+        failed_line.split('┆').map(str::trim).find(|c| c.ends_with(".out")).expect("the failed run's log is named");
     assert!(std::fs::read_to_string(log).unwrap().contains("failing while"), "the log tells why");
     assert_eq!(pg_count(&url, "SELECT count(*) FROM runs WHERE status = 'failed' AND log IS NOT NULL"), 1);
     let id = pg_count(&url, "SELECT id FROM runs WHERE status = 'failed'");
-    let show = sb.cmd(&["show", &id.to_string()]).env("HUSE_DB", &url).output().map(common::Out).unwrap().expect(0).stdout();
+    let show =
+        sb.cmd(&["show", &id.to_string()]).env("HUSE_DB", &url).output().map(common::Out).unwrap().expect(0).stdout();
     assert!(show.contains(log), "show names the log: {show}");
     // The fault goes away; the same command submits only the failed point.
     std::fs::remove_file(&flag).unwrap();
@@ -235,7 +244,8 @@ fn an_invalid_point_is_rejected_before_anything_is_submitted() {
     assert!(err.contains("seconds") && err.contains("must be >= 0"), "{err}");
     assert!(launches(&sb, "invalid").is_empty() && !sb.path().join(".huse/slurm").exists(), "nothing submitted");
     // A misspelt launcher key is an error at its line, before anything is submitted.
-    let f = sb.write("k.yaml", "name: k\nlauncher: { kind: slurm, partitoin: x }\nstages:\n  s: { uses: toy-source }\n");
+    let f =
+        sb.write("k.yaml", "name: k\nlauncher: { kind: slurm, partitoin: x }\nstages:\n  s: { uses: toy-source }\n");
     let err = sb.run(&[f.to_str().unwrap()]).expect(2).stderr();
     assert!(err.contains("k.yaml:2:") && err.contains("partitoin"), "{err}");
     assert!(!sb.path().join(".huse/slurm").exists());
@@ -252,7 +262,13 @@ fn ctrl_c_of_an_attached_launch_cancels_its_jobs() {
          mid: { uses: toy-scale, needs: [source], with: { seconds: 30 } }\nsweep:\n  mid.factor: [1, 2, 3]\n",
     );
     let f = f.to_str().unwrap();
-    let child = sb.cmd(&[f]).env("HUSE_DB", &url).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child = sb
+        .cmd(&[f])
+        .env("HUSE_DB", &url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     // Wait until the first task's run is in the database (it sleeps 30 s), then Ctrl-C.
     let t0 = Instant::now();
     while pg_count(&url, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'runs'") == 0
@@ -269,10 +285,15 @@ fn ctrl_c_of_an_attached_launch_cancels_its_jobs() {
     assert!(st.contains("3 cancelled") || st.contains("cancelled"), "{st}");
     // The task that was running stops (SLURM signals it) and nothing is left in the queue.
     let dirs = launches(&sb, "cancel");
-    let launch: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dirs[0].join("launch.json")).unwrap()).unwrap();
+    let launch: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dirs[0].join("launch.json")).unwrap()).unwrap();
     let array = launch["array"]["job_id"].as_str().unwrap().to_string();
     let q = Command::new("squeue").args(["-h", "-j", &array]).output().unwrap();
-    assert!(String::from_utf8_lossy(&q.stdout).trim().is_empty(), "still queued: {}", String::from_utf8_lossy(&q.stdout));
+    assert!(
+        String::from_utf8_lossy(&q.stdout).trim().is_empty(),
+        "still queued: {}",
+        String::from_utf8_lossy(&q.stdout)
+    );
 }
 
 #[test]
@@ -348,7 +369,8 @@ impl Proxy {
                     continue;
                 }
                 let Ok(server) = std::net::TcpStream::connect(target) else { continue };
-                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
                     let flag = flag.clone();
                     std::thread::spawn(move || {
                         use std::io::{Read, Write};
@@ -370,7 +392,11 @@ impl Proxy {
                                         return;
                                     }
                                 }
-                                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                    ) => {}
                                 Err(_) => return,
                             }
                         }
@@ -409,7 +435,13 @@ fn a_postgres_outage_spools_at_once_and_the_pipeline_goes_on() {
          b: { uses: toy-scale, needs: [source], with: { seconds: 1.5, metrics: 50, factor: 2.0 } }\n  total: { uses: toy-sum, needs: [b] }\n",
     );
     let t0 = std::time::Instant::now();
-    let mut child = sb.cmd(&[f.to_str().unwrap(), "-j", "1"]).env("HUSE_DB", &via).env("HUSE_DB_RETRY", "2").stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child = sb
+        .cmd(&[f.to_str().unwrap(), "-j", "1"])
+        .env("HUSE_DB", &via)
+        .env("HUSE_DB_RETRY", "2")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let recorded = || {
         use sqlx::{Connection, Row};
         rt().block_on(async {
@@ -420,7 +452,10 @@ fn a_postgres_outage_spools_at_once_and_the_pipeline_goes_on() {
     };
     while recorded() == 0 {
         if let Ok(Some(_)) = child.try_wait() {
-            panic!("the run ended before it was recorded:\n{}", common::Out(child.wait_with_output().unwrap()).stderr());
+            panic!(
+                "the run ended before it was recorded:\n{}",
+                common::Out(child.wait_with_output().unwrap()).stderr()
+            );
         }
         assert!(t0.elapsed() < Duration::from_secs(60), "the run was never recorded");
         std::thread::sleep(Duration::from_millis(50));

@@ -65,7 +65,8 @@ fn huse_learns_is_deterministic_and_resumes() {
     let out = sb.run(&[&f]).expect(0);
     assert!(out.stdout().contains("succeeded"), "{}", out.stdout());
     // The run ends by printing the paper's three tables; `show` prints them again.
-    for table in ["Table 1 — Recall@1/5/10 (test split)", "Table 2 — HP@2/5/10", "Table 3 — classification accuracy"] {
+    for table in ["Table 1 — Recall@1/5/10 (test split)", "Table 2 — HP@2/5/10", "Table 3 — classification accuracy"]
+    {
         assert!(out.stdout().contains(table), "{table} missing from:\n{}", out.stdout());
         assert!(sb.run(&["show", "1"]).expect(0).stdout().contains(table));
     }
@@ -84,7 +85,15 @@ fn huse_learns_is_deterministic_and_resumes() {
     let gap: Vec<f64> = curve(&sb, 1, "train.loss_gap").iter().map(|v| v.parse().unwrap()).collect();
     assert!(gap.iter().all(|g| *g < 0.3), "{gap:?}");
     // Evaluate wrote the three tables' metrics.
-    for key in ["test.i2i.r1", "test.t2i.r10", "test.hp5.i2t", "test.acc.both", "test.acc.image.l0", "test.inst.i2t.r1", "test.inst.t2i.r10"] {
+    for key in [
+        "test.i2i.r1",
+        "test.t2i.r10",
+        "test.hp5.i2t",
+        "test.acc.both",
+        "test.acc.image.l0",
+        "test.inst.i2t.r1",
+        "test.inst.t2i.r10",
+    ] {
         let v = value(&sb, 1, key);
         assert!((0.0..=1.0).contains(&v), "{key} = {v}");
     }
@@ -102,7 +111,10 @@ fn huse_learns_is_deterministic_and_resumes() {
         for row in sb.sql("SELECT stage, output_dir FROM stage_runs WHERE run_id = 1") {
             for e in std::fs::read_dir(&row[1]).unwrap() {
                 let e = e.unwrap();
-                modes.insert(format!("{}/{}", row[0], e.file_name().to_string_lossy()), e.metadata().unwrap().permissions().mode() & 0o777);
+                modes.insert(
+                    format!("{}/{}", row[0], e.file_name().to_string_lossy()),
+                    e.metadata().unwrap().permissions().mode() & 0o777,
+                );
             }
         }
         let distinct: std::collections::BTreeSet<_> = modes.values().collect();
@@ -118,7 +130,12 @@ fn huse_learns_is_deterministic_and_resumes() {
     assert_ne!(curve(&sb, 3, "train.loss"), curve(&sb, 1, "train.loss"));
 
     // Interrupt training after its first epoch, then resume: the same curve as run 1.
-    let mut child = sb.cmd(&[&f, "--force", "train"]).stderr(std::process::Stdio::null()).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = sb
+        .cmd(&[&f, "--force", "train"])
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let t0 = std::time::Instant::now();
     loop {
         let rows = sb.sql("SELECT count(*) FROM metrics WHERE run_id = 4 AND key = 'train.loss'");
@@ -143,36 +160,75 @@ fn huse_learns_is_deterministic_and_resumes() {
 
     // What a trained run is for: find products by a sentence or a photo.
     let ingest = sb.sql("SELECT output_dir FROM stage_runs WHERE run_id = 1 AND stage = 'ingest'")[0][0].clone();
-    let items: Vec<serde_json::Value> =
-        std::fs::read_to_string(format!("{ingest}/items.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let classes: serde_json::Value = serde_json::from_slice(&std::fs::read(format!("{ingest}/classes.json")).unwrap()).unwrap();
-    let class_of = |it: &serde_json::Value| classes["classes"][it["class"].as_u64().unwrap() as usize]["name"].as_str().unwrap().to_string();
+    let items: Vec<serde_json::Value> = std::fs::read_to_string(format!("{ingest}/items.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let classes: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(format!("{ingest}/classes.json")).unwrap()).unwrap();
+    let class_of = |it: &serde_json::Value| {
+        classes["classes"][it["class"].as_u64().unwrap() as usize]["name"].as_str().unwrap().to_string()
+    };
     let tests: Vec<&serde_json::Value> = items.iter().filter(|i| i["split"] == "test").take(5).collect();
     for it in &tests {
         // In the text embeddings, a query built from an item's own title finds that very item
         // first, at distance 0: the query is encoded exactly as the encode stage encoded it.
-        let csv = sb.run(&["search", "1", "--text", it["text"].as_str().unwrap(), "--modality", "text", "-k", "10", "-f", "csv"]).expect(0).stdout();
+        let csv = sb
+            .run(&[
+                "search",
+                "1",
+                "--text",
+                it["text"].as_str().unwrap(),
+                "--modality",
+                "text",
+                "-k",
+                "10",
+                "-f",
+                "csv",
+            ])
+            .expect(0)
+            .stdout();
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines[0], "rank,id,title,class,split,distance");
         assert_eq!(lines.len(), 11, "{csv}");
         let first: Vec<&str> = lines[1].rsplitn(2, ',').collect();
         assert!(first[0].parse::<f64>().unwrap().abs() < 1e-4, "{csv}");
-        assert!(lines[1..].iter().any(|l| l.contains(&format!(",{},", class_of(it)))), "the item's class is in the results: {csv}");
-        assert!(lines[1..].iter().any(|l| l.starts_with(&format!("1,{},", it["id"].as_str().unwrap())) || l.contains(&format!(",{},", it["id"].as_str().unwrap()))), "{csv}");
+        assert!(
+            lines[1..].iter().any(|l| l.contains(&format!(",{},", class_of(it)))),
+            "the item's class is in the results: {csv}"
+        );
+        assert!(
+            lines[1..].iter().any(|l| l.starts_with(&format!("1,{},", it["id"].as_str().unwrap()))
+                || l.contains(&format!(",{},", it["id"].as_str().unwrap()))),
+            "{csv}"
+        );
     }
     // Across modalities (the default: a text query against the item images) every result is a
     // real item with a distance in [0, 2].
-    let csv = sb.run(&["search", "1", "--text", tests[0]["text"].as_str().unwrap(), "-k", "3", "-f", "csv"]).expect(0).stdout();
+    let csv = sb
+        .run(&["search", "1", "--text", tests[0]["text"].as_str().unwrap(), "-k", "3", "-f", "csv"])
+        .expect(0)
+        .stdout();
     assert_eq!(csv.lines().count(), 4, "{csv}");
     // The query may also be the argument after the run: the same results.
-    let positional = sb.run(&["search", "1", tests[0]["text"].as_str().unwrap(), "-k", "3", "-f", "csv"]).expect(0).stdout();
+    let positional =
+        sb.run(&["search", "1", tests[0]["text"].as_str().unwrap(), "-k", "3", "-f", "csv"]).expect(0).stdout();
     assert_eq!(positional, csv);
     // By photo, in the text embeddings: the item's class again.
     let it = tests[0];
-    let json = sb.run(&["search", "1", "--image", it["image"].as_str().unwrap(), "--modality", "text", "-k", "5", "-f", "json"]).expect(0).stdout();
+    let json = sb
+        .run(&["search", "1", "--image", it["image"].as_str().unwrap(), "--modality", "text", "-k", "5", "-f", "json"])
+        .expect(0)
+        .stdout();
     let hits: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(hits.as_array().unwrap().len(), 5);
-    assert!(hits.as_array().unwrap().iter().all(|h| h["distance"].as_f64().unwrap() >= -1e-4 && h["distance"].as_f64().unwrap() <= 2.0001));
+    assert!(
+        hits.as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["distance"].as_f64().unwrap() >= -1e-4 && h["distance"].as_f64().unwrap() <= 2.0001)
+    );
     let err = sb.run(&["search", "1", "--text", "   "]).expect(1).stderr();
     assert!(err.contains("the query text is empty"), "{err}");
     // Embeddings of the test split, with ids, from the cached index.
@@ -186,7 +242,8 @@ fn huse_learns_is_deterministic_and_resumes() {
     assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-3), "unit embeddings");
     // A new table in the run's ingest layout (three of the test items, copied): embedded with
     // the run, its rows match the run's own embeddings of the same items.
-    let assets = std::path::PathBuf::from(std::env::var("HUSE_ASSETS").unwrap()).join("data/fashion-product-images-small");
+    let assets =
+        std::path::PathBuf::from(std::env::var("HUSE_ASSETS").unwrap()).join("data/fashion-product-images-small");
     let new = sb.path().join("new");
     std::fs::create_dir_all(new.join("images")).unwrap();
     let table = std::fs::read_to_string(assets.join("styles.csv")).unwrap();
@@ -228,7 +285,16 @@ fn huse_learns_is_deterministic_and_resumes() {
     assert!(html.contains("curve-train_loss.svg"), "overlaid training curves");
     let shot = sb.path().join("report.png");
     let ok = std::process::Command::new("chromium")
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1200,4000"])
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=1200,4000",
+        ])
         .arg(format!("--user-data-dir={}", sb.path().join("chromium-report").display()))
         .arg(format!("--screenshot={}", shot.display()))
         .arg(format!("file://{}", rep.join("index.html").display()))
@@ -287,17 +353,30 @@ impl Drop for KillOnDrop {
 /// turns away bad requests with a clear 4xx.
 fn serve_answers_as_search_does(sb: &Sandbox, item: &serde_json::Value) {
     use std::io::BufRead;
-    let mut child = sb.cmd(&["serve", "1", "--port", "0"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = sb
+        .cmd(&["serve", "1", "--port", "0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let _guard = KillOnDrop(child);
-    let addr = line.split("http://").nth(1).and_then(|r| r.split('/').next()).unwrap_or_else(|| panic!("no address in {line:?}")).to_string();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
     assert!(addr.starts_with("127.0.0.1:"), "localhost by default: {addr}");
 
     let title = item["text"].as_str().unwrap();
     let cli = sb.run(&["search", "1", "--text", title, "-k", "12", "-f", "csv"]).expect(0).stdout();
     let cli_ids: Vec<String> = cli.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().to_string()).collect();
-    let q: String = title.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect();
+    let q: String = title
+        .bytes()
+        .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect();
     let path = format!("/search?q={q}&modality=image");
     let (status, html) = get(&addr, &path);
     assert_eq!(status, 200, "{html}");
@@ -306,7 +385,17 @@ fn serve_answers_as_search_does(sb: &Sandbox, item: &serde_json::Value) {
     // In Chromium: the DOM has the same tiles, and the page renders with its thumbnails.
     let chromium = |extra: &[String]| {
         std::process::Command::new("chromium")
-            .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1200,900"])
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--window-size=1200,900",
+            ])
             .arg(format!("--user-data-dir={}", sb.path().join("chromium").display()))
             .args(extra)
             .arg(format!("http://{addr}{path}"))
@@ -326,7 +415,12 @@ fn serve_answers_as_search_does(sb: &Sandbox, item: &serde_json::Value) {
     // The item page shows neighbours in both modalities.
     let (status, page) = get(&addr, "/item/0/0");
     assert_eq!(status, 200);
-    assert!(page.contains("nearest images to its image") && page.contains("nearest texts to its text") && tile_ids(&page).len() == 48, "{page}");
+    assert!(
+        page.contains("nearest images to its image")
+            && page.contains("nearest texts to its text")
+            && tile_ids(&page).len() == 48,
+        "{page}"
+    );
     // A photo upload works; bad requests get a clear 4xx and nothing else.
     let photo = std::fs::read(item["image"].as_str().unwrap()).unwrap();
     let (status, html) = upload(&addr, "p.jpg", &photo);
@@ -413,14 +507,23 @@ fn training_on_augmented_views() {
     // Asking train for views the encode stage did not make is a clear error.
     sb.run(&[&f, "--set", "train.augment=true", "--set", "train.epochs=2"]).expect(1);
     let err = sb.sql("SELECT error FROM runs WHERE id = 1")[0][0].clone();
-    assert!(err.contains("augment: true") && err.contains("holds no augmented views: set `views: {count: K, ...}` in the encode stage"), "{err}");
+    assert!(
+        err.contains("augment: true")
+            && err.contains("holds no augmented views: set `views: {count: K, ...}` in the encode stage"),
+        "{err}"
+    );
     // Two views per training image; train draws one per item per epoch.
-    let views = "encode.views={count: 2, seed: 3, brightness: 0.4, contrast: 0.4, saturation: 0.4, hue: 0.1, hflip: 0.5}";
+    let views =
+        "encode.views={count: 2, seed: 3, brightness: 0.4, contrast: 0.4, saturation: 0.4, hue: 0.1, hflip: 0.5}";
     let aug = [f.as_str(), "--set", views, "--set", "train.augment=true", "--set", "train.epochs=3"];
     sb.run(&aug).expect(0);
     assert_eq!(value(&sb, 2, "train.augment_views"), 2.0);
     let ingest = sb.sql("SELECT output_dir FROM stage_runs WHERE run_id = 2 AND stage = 'ingest'")[0][0].clone();
-    let n_train = std::fs::read_to_string(format!("{ingest}/items.jsonl")).unwrap().lines().filter(|l| l.contains("\"split\":\"train\"")).count();
+    let n_train = std::fs::read_to_string(format!("{ingest}/items.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"split\":\"train\""))
+        .count();
     assert!(n_train > 100, "{n_train} training items");
     assert_eq!(value(&sb, 2, "encode.views"), 2.0 * n_train as f64);
     assert!(value(&sb, 2, "test.acc.both") > 0.0);

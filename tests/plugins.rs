@@ -12,7 +12,10 @@ use common::Sandbox;
 fn example_plugin() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     // A target directory of its own: the outer `cargo test` holds the lock on the main one.
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target")).join("example-plugin");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("example-plugin");
     let out = Command::new(env!("CARGO"))
         .args(["build", "-p", "huse-example-plugin", "--message-format=json-render-diagnostics"])
         .env("CARGO_TARGET_DIR", &target)
@@ -68,17 +71,25 @@ fn the_example_plugin_runs_in_an_experiment_and_is_recorded() {
     assert!(row[0].starts_with("plugin:") && row[0].ends_with("libhuse_example_plugin.so@0.2.0"), "{}", row[0]);
     assert_eq!(row[3], "0");
     // Its output is a real graph: K x K with 0.8 off the diagonal.
-    let a = candle_core::safetensors::load(Path::new(&row[2]).join("graph.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let a = candle_core::safetensors::load(Path::new(&row[2]).join("graph.safetensors"), &candle_core::Device::Cpu)
+        .unwrap();
     let a: Vec<Vec<f32>> = a["A"].to_vec2().unwrap();
     let k = sb.count("SELECT CAST(value AS INTEGER) FROM final_metrics WHERE key = 'graph.classes'") as usize;
     assert_eq!(a.len(), k);
     assert!(a[0][0] == 0.0 && a[0][1] == 0.8);
     // The host's thread budget crosses the ABI: the plugin ran in a pool of that size.
-    let threads = sb.count("SELECT CAST(value AS INTEGER) FROM final_metrics WHERE run_id = 1 AND key = 'plugin.threads'");
+    let threads =
+        sb.count("SELECT CAST(value AS INTEGER) FROM final_metrics WHERE run_id = 1 AND key = 'plugin.threads'");
     assert!(threads >= 1 && threads as usize <= std::thread::available_parallelism().unwrap().get());
-    assert_eq!(sb.count("SELECT CAST(value AS INTEGER) FROM final_metrics WHERE run_id = 1 AND key = 'plugin.pool'"), threads);
+    assert_eq!(
+        sb.count("SELECT CAST(value AS INTEGER) FROM final_metrics WHERE run_id = 1 AND key = 'plugin.pool'"),
+        threads
+    );
     sb.run(&[f.to_str().unwrap(), "--threads-per-job", "3", "--force", "graph"]).expect(0);
-    assert_eq!(sb.count("SELECT CAST(value AS INTEGER) FROM final_metrics WHERE run_id = 2 AND key = 'plugin.pool'"), 3);
+    assert_eq!(
+        sb.count("SELECT CAST(value AS INTEGER) FROM final_metrics WHERE run_id = 2 AND key = 'plugin.pool'"),
+        3
+    );
     // Cached on the second run, under the same key.
     sb.run(&[f.to_str().unwrap()]).expect(0);
     let again = &sb.sql("SELECT cache_key, cached FROM stage_runs WHERE stage = 'graph' AND run_id = 3")[0];
@@ -102,7 +113,14 @@ fn plugin_failures_are_clear_and_leave_the_database_consistent() {
     let dep = c_library(&sb, "libhusedep", "int dep(void) { return 1; }\n");
     let needs_c = sb.write("needsdep.c", "int dep(void);\nint f(void) { return dep(); }\n");
     let needs_dep = sb.path().join("needsdep.so");
-    let st = Command::new("cc").args(["-shared", "-fPIC", "-o"]).arg(&needs_dep).arg(&needs_c).arg(format!("-L{}", sb.path().display())).arg("-lhusedep").status().unwrap();
+    let st = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&needs_dep)
+        .arg(&needs_c)
+        .arg(format!("-L{}", sb.path().display()))
+        .arg("-lhusedep")
+        .status()
+        .unwrap();
     assert!(st.success());
     std::fs::remove_file(&dep).unwrap();
     for (lib_path, expected) in [
@@ -114,25 +132,38 @@ fn plugin_failures_are_clear_and_leave_the_database_consistent() {
     ] {
         let f = experiment(&sb, &lib_path, "{}");
         let out = sb.run(&[f.to_str().unwrap()]).expect(2);
-        assert!(out.stderr().contains(expected) && out.stderr().contains("p.yaml:2:11: plugins.0:"), "{expected}: {}", out.stderr());
+        assert!(
+            out.stderr().contains(expected) && out.stderr().contains("p.yaml:2:11: plugins.0:"),
+            "{expected}: {}",
+            out.stderr()
+        );
         assert!(!sb.db().exists(), "nothing may be written");
         // The same through --plugin.
         let out = sb.run(&["validate", f.to_str().unwrap(), "--plugin", lib_path.to_str().unwrap()]).expect(2);
-        assert!(out.stderr().contains(&format!("(command line `--plugin {}`)", lib_path.display())), "{}", out.stderr());
+        assert!(
+            out.stderr().contains(&format!("(command line `--plugin {}`)", lib_path.display())),
+            "{}",
+            out.stderr()
+        );
     }
     // A plugin stage's own config errors are positioned like a built-in's.
     let f = experiment(&sb, &lib, "{ distance: 5 }");
     let out = sb.run(&[f.to_str().unwrap()]).expect(2);
     assert!(out.stderr().contains("stages.graph.with.distance: must be in [0, 2]"), "{}", out.stderr());
     // Run-time failures: an error and a panic inside the plugin fail the stage, not the process.
-    for (mode, expected) in [("error", "graph-flat failed on purpose"), ("panic", "plugin panicked: graph-flat panicked on purpose")] {
+    for (mode, expected) in
+        [("error", "graph-flat failed on purpose"), ("panic", "plugin panicked: graph-flat panicked on purpose")]
+    {
         let f = experiment(&sb, &lib, &format!("{{ fail: {mode} }}"));
         let out = sb.run(&[f.to_str().unwrap()]).expect(1);
         let run = sb.count("SELECT max(id) FROM runs");
         let r = &sb.sql(&format!("SELECT status, error FROM runs WHERE id = {run}"))[0];
         assert_eq!(r[0], "failed", "{}", out.stderr());
         assert!(r[1].contains(expected), "{mode}: {}", r[1]);
-        assert_eq!(sb.sql(&format!("SELECT status FROM stage_runs WHERE run_id = {run} AND stage = 'after'"))[0][0], "skipped");
+        assert_eq!(
+            sb.sql(&format!("SELECT status FROM stage_runs WHERE run_id = {run} AND stage = 'after'"))[0][0],
+            "skipped"
+        );
     }
     assert_eq!(sb.count("SELECT count(*) FROM runs WHERE status = 'running'"), 0);
     assert_eq!(std::fs::read_dir(sb.cache().join(".tmp")).unwrap().count(), 0);
@@ -150,7 +181,10 @@ fn a_sweep_swaps_implementations_of_one_role() {
     assert_eq!(rows.len(), 2);
     assert_eq!((rows[0][0].as_str(), rows[0][1].as_str()), ("graph-flat", "graph-flat"));
     assert!(rows[0][2].starts_with("plugin:"));
-    assert_eq!((rows[1][0].as_str(), rows[1][1].as_str(), rows[1][2].as_str()), ("graph-tree", "graph-tree", "builtin"));
+    assert_eq!(
+        (rows[1][0].as_str(), rows[1][1].as_str(), rows[1][2].as_str()),
+        ("graph-tree", "graph-tree", "builtin")
+    );
     // The shared ingest ran once.
     assert_eq!(sb.count("SELECT count(*) FROM stage_runs WHERE stage = 'ingest' AND cached = 0"), 1);
 }

@@ -13,8 +13,13 @@ fn report_references_every_figure_and_shows_the_database_numbers() {
     let printed = sb.run(&["report", "q", "--out", out.to_str().unwrap(), "-m", "sum"]).expect(0).stdout();
     assert!(printed.contains("index.html"), "{printed}");
     let html = std::fs::read_to_string(out.join("index.html")).unwrap();
-    let files: BTreeSet<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).filter(|n| n.ends_with(".svg")).collect();
-    let referenced: BTreeSet<String> = html.split("src=\"").skip(1).map(|s| s.split('"').next().unwrap().to_string()).collect();
+    let files: BTreeSet<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".svg"))
+        .collect();
+    let referenced: BTreeSet<String> =
+        html.split("src=\"").skip(1).map(|s| s.split('"').next().unwrap().to_string()).collect();
     assert_eq!(files, referenced, "every figure is on the page and every image exists");
     // 1 sweep heatmap (sum over factor x offset) + one chart per multi-step metric (loss,
     // 3 steps) with the four runs overlaid — not one chart per run and metric.
@@ -25,11 +30,19 @@ fn report_references_every_figure_and_shows_the_database_numbers() {
     }
     for f in &files {
         let svg = std::fs::read_to_string(out.join(f)).unwrap();
-        assert!(svg.trim_start().starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{f} is not an SVG document");
-        assert!(svg.matches("<path").count() + svg.matches("<rect").count() + svg.matches("<polyline").count() > 3, "{f} draws something");
+        assert!(
+            svg.trim_start().starts_with("<svg") && svg.trim_end().ends_with("</svg>"),
+            "{f} is not an SVG document"
+        );
+        assert!(
+            svg.matches("<path").count() + svg.matches("<rect").count() + svg.matches("<polyline").count() > 3,
+            "{f} draws something"
+        );
     }
     // The numbers equal the database's, and the best one is marked.
-    let rows = sb.sql("SELECT r.id, f.value FROM runs r JOIN final_metrics f ON f.run_id = r.id AND f.key = 'sum' ORDER BY r.id");
+    let rows = sb.sql(
+        "SELECT r.id, f.value FROM runs r JOIN final_metrics f ON f.run_id = r.id AND f.key = 'sum' ORDER BY r.id",
+    );
     for r in &rows {
         let v: f64 = r[1].parse().unwrap();
         let cell = format!(">{v:.0}</td>");
@@ -39,7 +52,11 @@ fn report_references_every_figure_and_shows_the_database_numbers() {
     assert_eq!(html.matches("class=\"best\"").count(), 1);
     // The heatmap shows the cell means (here single runs).
     let heat = std::fs::read_to_string(out.join("sweep-0.svg")).unwrap();
-    let texts: Vec<String> = heat.split("<text").skip(1).filter_map(|t| t.split_once('>').map(|(_, r)| r.split("</text>").next().unwrap().trim().to_string())).collect();
+    let texts: Vec<String> = heat
+        .split("<text")
+        .skip(1)
+        .filter_map(|t| t.split_once('>').map(|(_, r)| r.split("</text>").next().unwrap().trim().to_string()))
+        .collect();
     for v in ["6", "10", "12", "16"] {
         assert!(texts.iter().any(|t| t == v), "heatmap lacks {v}: {texts:?}");
     }
@@ -78,7 +95,17 @@ fn the_page_renders_in_headless_chromium() {
     sb.run(&["report", "q", "--out", out.to_str().unwrap(), "-m", "sum"]).expect(0);
     let shot = sb.path().join("shot.png");
     let status = std::process::Command::new("chromium")
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1200,900"])
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=1200,900",
+        ])
         .arg(format!("--user-data-dir={}", sb.path().join("chromium").display()))
         .arg(format!("--screenshot={}", shot.display()))
         .arg(format!("file://{}", out.join("index.html").display()))

@@ -83,8 +83,16 @@ struct Tmpfs(PathBuf);
 impl Tmpfs {
     fn mount(dir: &Path, size: &str) -> Result<Tmpfs, String> {
         std::fs::create_dir_all(dir).unwrap();
-        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir).output().map_err(|e| e.to_string())?;
-        if out.status.success() { Ok(Tmpfs(dir.to_path_buf())) } else { Err(String::from_utf8_lossy(&out.stderr).into_owned()) }
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(Tmpfs(dir.to_path_buf()))
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
     }
 }
 
@@ -101,7 +109,9 @@ fn a_full_disk_while_writing_the_database_rolls_back_and_keeps_the_rows() {
         Ok(fs) => fs,
         Err(e) => {
             // CI runs as root and can mount; elsewhere say why instead of passing silently.
-            eprintln!("NOT RUN: a_full_disk_while_writing_the_database_rolls_back_and_keeps_the_rows needs to mount a tmpfs: {e}");
+            eprintln!(
+                "NOT RUN: a_full_disk_while_writing_the_database_rolls_back_and_keeps_the_rows needs to mount a tmpfs: {e}"
+            );
             return;
         }
     };
@@ -127,7 +137,10 @@ fn a_full_disk_while_writing_the_database_rolls_back_and_keeps_the_rows() {
     let spool = spool_files(&sb.cache().join(".spool"));
     assert_eq!(spool.len(), 1, "{err}");
     let listed = String::from_utf8_lossy(&run(&["runs", "-f", "csv"]).stdout).into_owned();
-    assert!(listed.lines().any(|l| l.starts_with("2,c,c,failed,")), "the run is marked failed, not left running:\n{listed}");
+    assert!(
+        listed.lines().any(|l| l.starts_with("2,c,c,failed,")),
+        "the run is marked failed, not left running:\n{listed}"
+    );
     let shown = String::from_utf8_lossy(&run(&["show", "2"]).stdout).into_owned();
     assert!(shown.contains("results incomplete"), "{shown}");
     // Room again: the next start writes the spooled rows and the run's real status.
@@ -145,7 +158,9 @@ fn a_full_disk_while_writing_the_database_rolls_back_and_keeps_the_rows() {
 
 /// The output directory of `stage` in run `run`.
 fn out_dir(sb: &Sandbox, run: i64, stage: &str) -> PathBuf {
-    PathBuf::from(&sb.sql(&format!("SELECT output_dir FROM stage_runs WHERE run_id = {run} AND stage = '{stage}'"))[0][0])
+    PathBuf::from(
+        &sb.sql(&format!("SELECT output_dir FROM stage_runs WHERE run_id = {run} AND stage = '{stage}'"))[0][0],
+    )
 }
 
 #[test]
@@ -162,14 +177,19 @@ fn a_repaired_upstream_never_leaves_downstream_entries_computed_from_bad_content
     std::fs::remove_dir_all(out_dir(&sb, 1, "mid")).unwrap();
     // mid must be recomputed, and refuses to compute from damaged input.
     let out = sb.run(&[f]).expect(1);
-    assert!(out.stderr().contains("input `numbers.json` from stage `source` does not match its recorded hash"), "{}", out.stderr());
+    assert!(
+        out.stderr().contains("input `numbers.json` from stage `source` does not match its recorded hash"),
+        "{}",
+        out.stderr()
+    );
     assert!(out.stdout().contains("no longer matches the hash recorded when it was written"), "{}", out.stdout());
     // Repaired with --force: downstream keys follow the content, so the good entries are found again.
     sb.run(&[f, "--force", "source"]).expect(0);
     assert_eq!(out_dir(&sb, 3, "total"), good_total);
     assert_eq!(sb.sql("SELECT value FROM final_metrics WHERE run_id = 3 AND key = 'sum'")[0][0], "6");
     // The manifest records the inputs by content.
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(good_total.join(".huse-stage.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(good_total.join(".huse-stage.json")).unwrap()).unwrap();
     assert_eq!(manifest["schema"], 2);
     assert_eq!(manifest["inputs"][0][0], "mid/scaled.json");
     assert_eq!(manifest["inputs"][0][1].as_str().unwrap().len(), 64);
@@ -182,23 +202,39 @@ fn damaged_cache_entries_are_recomputed_not_trusted() {
     let f = f.to_str().unwrap();
     sb.run(&[f]).expect(0);
     let mid = out_dir(&sb, 1, "mid");
-    let damage: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
+    type Hurt = Box<dyn Fn(&Path)>;
+    let damage: Vec<(&str, Hurt)> = vec![
         ("a deleted output", Box::new(|d: &Path| std::fs::remove_file(d.join("scaled.json")).unwrap())),
         ("a truncated output", Box::new(|d: &Path| std::fs::write(d.join("scaled.json"), "[1,").unwrap())),
-        ("an emptied entry", Box::new(|d: &Path| {
-            for e in std::fs::read_dir(d).unwrap() {
-                std::fs::remove_file(e.unwrap().path()).unwrap();
-            }
-        })),
+        (
+            "an emptied entry",
+            Box::new(|d: &Path| {
+                for e in std::fs::read_dir(d).unwrap() {
+                    std::fs::remove_file(e.unwrap().path()).unwrap();
+                }
+            }),
+        ),
         ("a missing metrics file", Box::new(|d: &Path| std::fs::remove_file(d.join(".huse-metrics.jsonl")).unwrap())),
     ];
     for (i, (what, hurt)) in damage.iter().enumerate() {
         hurt(&mid);
         let out = sb.run(&[f]).expect(0);
-        assert!(out.stderr().contains("is damaged") && out.stderr().contains("recomputing"), "{what}: {}", out.stderr());
+        assert!(
+            out.stderr().contains("is damaged") && out.stderr().contains("recomputing"),
+            "{what}: {}",
+            out.stderr()
+        );
         let run = 2 + i as i64;
-        assert_eq!(sb.sql(&format!("SELECT cached FROM stage_runs WHERE run_id = {run} AND stage = 'mid'"))[0][0], "0", "{what}");
-        assert_eq!(sb.count(&format!("SELECT count(*) FROM metrics WHERE run_id = {run} AND stage = 'mid'")), 3, "{what}: no metric lost");
+        assert_eq!(
+            sb.sql(&format!("SELECT cached FROM stage_runs WHERE run_id = {run} AND stage = 'mid'"))[0][0],
+            "0",
+            "{what}"
+        );
+        assert_eq!(
+            sb.count(&format!("SELECT count(*) FROM metrics WHERE run_id = {run} AND stage = 'mid'")),
+            3,
+            "{what}: no metric lost"
+        );
     }
     // A same-size edit passes the size check; --verify and `cache verify` hash the content.
     let scaled = mid.join("scaled.json");
@@ -209,7 +245,12 @@ fn damaged_cache_entries_are_recomputed_not_trusted() {
     assert!(out.stderr().contains("does not match its recorded hash"), "{}", out.stderr());
     std::fs::write(&scaled, std::fs::read_to_string(&scaled).unwrap().replacen('1', "7", 1)).unwrap();
     let out = sb.run(&["cache", "verify"]).expect(1);
-    assert!(out.stdout().contains("does not match its recorded hash; removed") && out.stdout().contains("1 damaged and removed"), "{}", out.stdout());
+    assert!(
+        out.stdout().contains("does not match its recorded hash; removed")
+            && out.stdout().contains("1 damaged and removed"),
+        "{}",
+        out.stdout()
+    );
     assert!(sb.run(&["cache", "verify"]).expect(0).stdout().contains("0 damaged"));
 }
 
@@ -270,7 +311,14 @@ fn a_bad_export_leaves_an_existing_file_alone() {
     assert_eq!(std::fs::read_to_string(&keep).unwrap(), "precious\n");
     sb.run(&["export", "-f", "csv", "--out", keep.to_str().unwrap()]).expect(0);
     assert!(std::fs::read_to_string(&keep).unwrap().starts_with("run_id,experiment,"));
-    assert_eq!(std::fs::read_dir(sb.path()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).count(), 0);
+    assert_eq!(
+        std::fs::read_dir(sb.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .count(),
+        0
+    );
 }
 
 #[test]
@@ -279,10 +327,16 @@ fn set_keys_and_force_stages_that_match_nothing_are_errors() {
     let f = sb.write("c.yaml", &chain(0.0, 0));
     let f = f.to_str().unwrap();
     for (args, want) in [
-        (vec!["--set", "mdi.factor=7"], "--set key `mdi.factor` names no stage or settable top-level key; did you mean `mid`?"),
+        (
+            vec!["--set", "mdi.factor=7"],
+            "--set key `mdi.factor` names no stage or settable top-level key; did you mean `mid`?",
+        ),
         (vec!["--set", "sed=7"], "did you mean `seed`?"),
         (vec!["--set", "name=other"], "--set key `name` names no stage"),
-        (vec!["--force", "nosuchstage"], "(command line `--force nosuchstage`): no stage `nosuchstage` in this experiment"),
+        (
+            vec!["--force", "nosuchstage"],
+            "(command line `--force nosuchstage`): no stage `nosuchstage` in this experiment",
+        ),
     ] {
         let mut a = vec![f];
         a.extend(args);
@@ -298,7 +352,10 @@ fn db_arguments_are_paths_unless_a_known_url() {
     let f = sb.write("c.yaml", &chain(0.0, 0));
     let f = f.to_str().unwrap();
     sb.run(&["--db", "x?mode=rwc", f]).expect(0);
-    assert!(sb.path().join("x?mode=rwc").is_file() && !sb.path().join("x").exists(), "a plain argument is a file name, verbatim");
+    assert!(
+        sb.path().join("x?mode=rwc").is_file() && !sb.path().join("x").exists(),
+        "a plain argument is a file name, verbatim"
+    );
     sb.run(&["--db", "a%41.sqlite", f]).expect(0);
     assert!(sb.path().join("a%41.sqlite").is_file(), "no percent-decoding of paths");
     sb.run(&["--db", "sqlite://explicit.sqlite", f]).expect(0);
@@ -328,13 +385,19 @@ fn integers_out_of_range_are_errors_not_wraps_or_panics() {
 fn a_huge_sweep_is_refused_before_it_is_expanded() {
     let sb = Sandbox::new();
     let values = (0..1000).map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
-    let f = sb.write("h.yaml", &format!("{}sweep:\n  mid.factor: [{values}]\n  mid.offset: [{values}]\n", chain(0.0, 0)));
+    let f =
+        sb.write("h.yaml", &format!("{}sweep:\n  mid.factor: [{values}]\n  mid.offset: [{values}]\n", chain(0.0, 0)));
     let t0 = Instant::now();
     let err = sb.run(&["validate", f.to_str().unwrap()]).expect(2).stderr();
-    assert!(err.contains("the sweep makes 1000000 runs, more than the limit of 100000 (raise it with --max-runs)"), "{err}");
+    assert!(
+        err.contains("the sweep makes 1000000 runs, more than the limit of 100000 (raise it with --max-runs)"),
+        "{err}"
+    );
     assert!(t0.elapsed() < Duration::from_secs(20));
     let small = sb.write("s.yaml", &format!("{}sweep:\n  mid.factor: [1, 2, 3]\n", chain(0.0, 0)));
-    assert!(sb.run(&["validate", small.to_str().unwrap(), "--max-runs", "2"]).expect(2).stderr().contains("makes 3 runs"));
+    assert!(
+        sb.run(&["validate", small.to_str().unwrap(), "--max-runs", "2"]).expect(2).stderr().contains("makes 3 runs")
+    );
 }
 
 #[test]
@@ -371,7 +434,10 @@ fn queries_never_write_the_database() {
     rt().block_on(async {
         use sqlx::Connection;
         let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", sb.db().display())).await.unwrap();
-        sqlx::query("DELETE FROM _sqlx_migrations WHERE version = (SELECT max(version) FROM _sqlx_migrations)").execute(&mut c).await.unwrap();
+        sqlx::query("DELETE FROM _sqlx_migrations WHERE version = (SELECT max(version) FROM _sqlx_migrations)")
+            .execute(&mut c)
+            .await
+            .unwrap();
     });
     let err = sb.run(&["runs"]).expect(1).stderr();
     assert!(err.contains("has an older schema") && err.contains("to upgrade it"), "{err}");
@@ -384,8 +450,14 @@ fn a_bare_plugin_name_is_resolved_in_the_current_folder_not_the_system_path() {
     std::fs::write(sb.path().join("libz.so.1"), "not a shared library").unwrap();
     let err = sb.run(&["list", "--plugin", "libz.so.1"]).expect(2).stderr();
     let here = std::fs::canonicalize(sb.path()).unwrap().join("libz.so.1");
-    assert!(err.contains(&here.display().to_string()) || err.contains(&sb.path().join("libz.so.1").display().to_string()), "{err}");
-    assert!(err.contains("not a loadable shared library") && !err.contains("huse_plugin_entry"), "the system libz must not be loaded: {err}");
+    assert!(
+        err.contains(&here.display().to_string()) || err.contains(&sb.path().join("libz.so.1").display().to_string()),
+        "{err}"
+    );
+    assert!(
+        err.contains("not a loadable shared library") && !err.contains("huse_plugin_entry"),
+        "the system libz must not be loaded: {err}"
+    );
 }
 
 #[test]
@@ -412,7 +484,13 @@ fn quiet_means_quiet_names_are_interpolated_and_outputs_share_permissions() {
 /// every record of the run is spooled beside the database; returns the spool file.
 fn spool_a_busy_run(sb: &Sandbox) -> PathBuf {
     let f = sb.write("c.yaml", &chain(1.0, 5));
-    let child = sb.cmd(&[f.to_str().unwrap()]).env("HUSE_DB_BUSY_TIMEOUT", "0.3").env("HUSE_DB_RETRY", "1").stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child = sb
+        .cmd(&[f.to_str().unwrap()])
+        .env("HUSE_DB_BUSY_TIMEOUT", "0.3")
+        .env("HUSE_DB_RETRY", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let rt = rt();
     let url = format!("sqlite://{}", sb.db().display());
     let mut locker = rt.block_on(async {
@@ -433,7 +511,8 @@ fn spool_a_busy_run(sb: &Sandbox) -> PathBuf {
     assert_eq!(out.code(), 1, "{}", out.stderr());
     rt.block_on(async { sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap() });
     drop(locker);
-    let spooled = spool_files(&sb.path().join("results.sqlite.spool")).into_iter().filter(|p| p.is_file()).collect::<Vec<_>>();
+    let spooled =
+        spool_files(&sb.path().join("results.sqlite.spool")).into_iter().filter(|p| p.is_file()).collect::<Vec<_>>();
     assert_eq!(spooled.len(), 1, "{spooled:?}");
     spooled[0].clone()
 }
@@ -453,7 +532,11 @@ fn spooled_records_never_replay_into_a_database_that_replaced_theirs() {
     let out = sb.run(&["db", "replay"]).expect(1);
     let err = out.stderr();
     assert!(err.contains("set aside") && err.contains("another database"), "{err}");
-    assert_eq!(sb.count("SELECT count(*) FROM metrics"), n2_rows, "no row of the old database's run entered the new one");
+    assert_eq!(
+        sb.count("SELECT count(*) FROM metrics"),
+        n2_rows,
+        "no row of the old database's run entered the new one"
+    );
     assert_eq!(sb.count("SELECT count(*) FROM metrics WHERE key = 'loss'"), 0);
     assert!(!spool.exists(), "the spool moved aside");
     let aside = sb.path().join("results.sqlite.spool/rejected").join(spool.file_name().unwrap());
@@ -471,7 +554,10 @@ fn a_poisoned_spool_is_set_aside_and_the_others_are_replayed() {
     // A second spool of the same database whose run does not exist, older than the good one.
     let text = std::fs::read_to_string(&good).unwrap();
     let id = text.split("\"id\":\"").nth(1).unwrap().split('"').next().unwrap().to_string();
-    let bad_text = text.replace(&id, &format!("{id}-poisoned")).replace("\"run_id\":1,", "\"run_id\":999,").replace("\"run_id\":1}", "\"run_id\":999}");
+    let bad_text = text
+        .replace(&id, &format!("{id}-poisoned"))
+        .replace("\"run_id\":1,", "\"run_id\":999,")
+        .replace("\"run_id\":1}", "\"run_id\":999}");
     let bad = good.with_file_name(format!("{id}-poisoned.jsonl"));
     std::fs::write(&bad, bad_text).unwrap();
     assert!(Command::new("touch").args(["-d", "1 hour ago"]).arg(&bad).status().unwrap().success());
@@ -518,7 +604,15 @@ fn concurrent_no_cache_runs_sharing_a_cache_all_succeed() {
     let f = sb.write("c.yaml", &chain(0.2, 2));
     let f = f.to_str().unwrap();
     sb.run(&[f]).expect(0);
-    let children: Vec<_> = (0..8).map(|_| sb.cmd(&[f, "--no-cache"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap()).collect();
+    let children: Vec<_> = (0..8)
+        .map(|_| {
+            sb.cmd(&[f, "--no-cache"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
     for c in children {
         let out = c.wait_with_output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -533,11 +627,22 @@ fn sqlite_uris_and_odd_schemes_are_refused_and_passwords_never_printed() {
     let f = f.to_str().unwrap();
     let err = sb.run(&["--db", "file:mem.db?mode=memory&cache=shared", f]).expect(2).stderr();
     assert!(err.contains("`file:` URIs are not accepted"), "{err}");
-    assert_eq!(std::fs::read_dir(sb.path()).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("file:")).count(), 0);
+    assert_eq!(
+        std::fs::read_dir(sb.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("file:"))
+            .count(),
+        0
+    );
     // A file whose name starts with `file:` is still a file, named verbatim.
     sb.run(&["--db", "./file:foo.db", f]).expect(0);
     assert!(sb.path().join("file:foo.db").is_file() && !sb.path().join("foo.db").exists());
-    for db in ["POSTGRES://u:sekrit@127.0.0.1:1/x", "Postgresql://u:sekrit@127.0.0.1:1/x", "postgres://u@127.0.0.1:1/db?password=sekrit", "MySQL://u:sekrit@h/db"] {
+    for db in [
+        "POSTGRES://u:sekrit@127.0.0.1:1/x",
+        "Postgresql://u:sekrit@127.0.0.1:1/x",
+        "postgres://u@127.0.0.1:1/db?password=sekrit",
+        "MySQL://u:sekrit@h/db",
+    ] {
         let out = sb.cmd(&["--db", db, "runs"]).output().unwrap();
         let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(!out.status.success(), "{db}: {all}");
@@ -573,7 +678,11 @@ fn replay_says_records_remain_while_the_disk_is_full_and_queries_see_the_fallbac
     // The query warns of the cache's spool; replay with the disk still full is not success.
     assert!(run(&["runs"]).expect(0).stderr().contains("spooled and not yet in"));
     let out = run(&["db", "replay"]).expect(1);
-    assert!(out.stderr().contains("remain unwritten") && out.stderr().contains("kept for the next replay"), "{}", out.stderr());
+    assert!(
+        out.stderr().contains("remain unwritten") && out.stderr().contains("kept for the next replay"),
+        "{}",
+        out.stderr()
+    );
     assert!(!out.stdout().contains("up to date"), "{}", out.stdout());
     assert_eq!(spool_files(&sb.cache().join(".spool")).len(), 1, "the spool is kept");
     for i in 12..chunk {
@@ -637,7 +746,11 @@ fn query_paper_cuts_name_what_exists() {
     sb.run(&[m.to_str().unwrap()]).expect(0);
     // A misspelt condition key is named with the closest real one.
     let out = sb.run(&["runs", "-w", "sun>1"]).expect(0);
-    assert!(out.stderr().contains("no run has a param or metric `sun`") && out.stderr().contains("did you mean `sum`"), "{}", out.stderr());
+    assert!(
+        out.stderr().contains("no run has a param or metric `sun`") && out.stderr().contains("did you mean `sum`"),
+        "{}",
+        out.stderr()
+    );
     // A key two stages log: `best` names the qualified names that exist.
     let err = sb.run(&["best", "--metric", "mean"]).expect(1).stderr();
     assert!(err.contains("left.mean") && err.contains("right.mean"), "{err}");

@@ -19,18 +19,34 @@ use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let exp = std::env::var("BENCH_SWEEP_EXPERIMENT").map(PathBuf::from).unwrap_or_else(|_| root.join("experiments/ablation.yaml"));
+    let exp = std::env::var("BENCH_SWEEP_EXPERIMENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("experiments/ablation.yaml"));
     let epochs = std::env::var("BENCH_SWEEP_EPOCHS").unwrap_or_else(|_| "2".into());
-    let cache = std::env::var("HUSE_CACHE").map_err(|_| anyhow::anyhow!("set HUSE_CACHE to a cache holding the experiment's encode output"))?;
+    let cache = std::env::var("HUSE_CACHE")
+        .map_err(|_| anyhow::anyhow!("set HUSE_CACHE to a cache holding the experiment's encode output"))?;
     let cpus = std::thread::available_parallelism()?.get();
     let db = tempfile::tempdir()?;
     let bin = env!("CARGO_BIN_EXE_huse-run");
     println!("sweep benchmark: {} at {epochs} epoch(s), {cpus} CPUs, cache {cache}", exp.display());
     let gpu = std::env::var("BENCH_SWEEP_GPU").ok();
     let settings: Vec<(&str, Vec<String>)> = match &gpu {
-        None => vec![("--jobs 1", vec!["--jobs".into(), "1".into()]), ("--jobs 2", vec!["--jobs".into(), "2".into()]), ("automatic", vec![])],
+        None => vec![
+            ("--jobs 1", vec!["--jobs".into(), "1".into()]),
+            ("--jobs 2", vec!["--jobs".into(), "2".into()]),
+            ("automatic", vec![]),
+        ],
         Some(d) => {
-            let on = |slots: &str| vec!["--set".into(), format!("device={d}"), "--gpu-slots".into(), slots.into(), "--jobs".into(), cpus.to_string()];
+            let on = |slots: &str| {
+                vec![
+                    "--set".into(),
+                    format!("device={d}"),
+                    "--gpu-slots".into(),
+                    slots.into(),
+                    "--jobs".into(),
+                    cpus.to_string(),
+                ]
+            };
             vec![("1 slot", on("1")), ("4 slots", on("4"))]
         }
     };
@@ -40,7 +56,16 @@ fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         let out = Command::new(bin)
             .arg(&exp)
-            .args(["--set", &format!("train.epochs={epochs}"), "--force", "train", "--force", "evaluate", "--cache", &cache])
+            .args([
+                "--set",
+                &format!("train.epochs={epochs}"),
+                "--force",
+                "train",
+                "--force",
+                "evaluate",
+                "--cache",
+                &cache,
+            ])
             .arg("--db")
             .arg(&dbf)
             .args(&extra)
@@ -49,10 +74,20 @@ fn main() -> anyhow::Result<()> {
         let log = String::from_utf8_lossy(&out.stderr);
         anyhow::ensure!(out.status.success(), "{name}: huse-run failed:\n{log}");
         let trained = log.lines().filter(|l| l.contains(": running train (")).count();
-        anyhow::ensure!(!log.contains("running encode"), "{name}: the encode stage was not cached; run the experiment once first");
-        let threads: Vec<&str> = log.lines().filter(|l| l.contains(": running train (")).filter_map(|l| l.split(", ").nth(1)?.split(')').next()).collect();
+        anyhow::ensure!(
+            !log.contains("running encode"),
+            "{name}: the encode stage was not cached; run the experiment once first"
+        );
+        let threads: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(": running train ("))
+            .filter_map(|l| l.split(", ").nth(1)?.split(')').next())
+            .collect();
         let runs = 3600.0 * trained as f64 / secs;
-        println!("{name:>10}: {trained} trainings (+ evaluations) in {secs:7.1} s = {runs:6.1} runs/hour; train budgets: {}", threads.first().copied().unwrap_or("?"));
+        println!(
+            "{name:>10}: {trained} trainings (+ evaluations) in {secs:7.1} s = {runs:6.1} runs/hour; train budgets: {}",
+            threads.first().copied().unwrap_or("?")
+        );
         results.push((name, runs));
     }
     if gpu.is_some() {
@@ -61,6 +96,10 @@ fn main() -> anyhow::Result<()> {
     }
     let best = results[..2].iter().map(|r| r.1).fold(0.0, f64::max);
     let auto = results[2].1;
-    println!("automatic / best manual: {:.3} ({})", auto / best, if auto >= 0.95 * best { "within 5%" } else { "more than 5% slower" });
+    println!(
+        "automatic / best manual: {:.3} ({})",
+        auto / best,
+        if auto >= 0.95 * best { "within 5%" } else { "more than 5% slower" }
+    );
     Ok(())
 }

@@ -67,8 +67,12 @@ impl Sandbox {
                         .map(|i| {
                             r.try_get::<Option<String>, _>(i)
                                 .map(|v| v.unwrap_or_else(|| "NULL".into()))
-                                .or_else(|_| r.try_get::<Option<i64>, _>(i).map(|v| v.map_or("NULL".into(), |x| x.to_string())))
-                                .or_else(|_| r.try_get::<Option<f64>, _>(i).map(|v| v.map_or("NULL".into(), |x| x.to_string())))
+                                .or_else(|_| {
+                                    r.try_get::<Option<i64>, _>(i).map(|v| v.map_or("NULL".into(), |x| x.to_string()))
+                                })
+                                .or_else(|_| {
+                                    r.try_get::<Option<f64>, _>(i).map(|v| v.map_or("NULL".into(), |x| x.to_string()))
+                                })
                                 .unwrap()
                         })
                         .collect()

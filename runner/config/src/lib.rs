@@ -179,7 +179,8 @@ pub struct Source {
 }
 
 /// Top-level keys of an experiment file.
-pub const TOP_KEYS: &[&str] = &["name", "description", "seed", "device", "repeat", "stages", "sweep", "plugins", "launcher"];
+pub const TOP_KEYS: &[&str] =
+    &["name", "description", "seed", "device", "repeat", "stages", "sweep", "plugins", "launcher"];
 /// Keys of a stage entry.
 pub const STAGE_KEYS: &[&str] = &["uses", "needs", "with"];
 
@@ -196,7 +197,12 @@ pub(crate) struct Ctx<'a> {
 impl Ctx<'_> {
     pub fn err(&mut self, origin: &Origin, path: &str, message: impl Into<String>) {
         self.errors += 1;
-        let d = Diagnostic { file: self.file.clone(), origin: origin.clone(), path: path.to_string(), message: message.into() };
+        let d = Diagnostic {
+            file: self.file.clone(),
+            origin: origin.clone(),
+            path: path.to_string(),
+            message: message.into(),
+        };
         if !self.diags.contains(&d) {
             self.diags.push(d);
         }
@@ -236,7 +242,8 @@ pub(crate) fn settable_path(key: &str, stage_names: &BTreeSet<String>) -> Result
     }
     let first = key.split('.').next().unwrap_or("");
     let hint = did_you_mean(first, stage_names.iter().map(String::as_str).chain(SETTABLE_TOP.iter().copied()));
-    let known = stage_names.iter().map(String::as_str).chain(SETTABLE_TOP.iter().copied()).collect::<Vec<_>>().join(", ");
+    let known =
+        stage_names.iter().map(String::as_str).chain(SETTABLE_TOP.iter().copied()).collect::<Vec<_>>().join(", ");
     Err(format!("`{key}` names no stage or settable top-level key{hint} (stages and keys: {known})"))
 }
 
@@ -264,16 +271,18 @@ impl Source {
     /// Reads an experiment file.
     pub fn read(file: &Path) -> Result<Source, Diagnostics> {
         let display = file.display().to_string();
-        let text = std::fs::read_to_string(file)
-            .map_err(|e| Diagnostics(vec![diag(&display, Origin::Default, format!("cannot read experiment file: {e}"))]))?;
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            Diagnostics(vec![diag(&display, Origin::Default, format!("cannot read experiment file: {e}"))])
+        })?;
         Ok(Source::from_text(&text, &display, file))
     }
 
     /// An experiment given as text; `display` names it in messages, `file` is where its
     /// relative paths (plugins) are resolved from.
     pub fn from_text(text: &str, display: &str, file: &Path) -> Source {
-        let root = Node::parse(text)
-            .map_err(|e| diag(display, Origin::File { line: e.line, column: e.column }, format!("invalid YAML: {}", e.message)));
+        let root = Node::parse(text).map_err(|e| {
+            diag(display, Origin::File { line: e.line, column: e.column }, format!("invalid YAML: {}", e.message))
+        });
         Source { file: file.to_path_buf(), display: display.to_string(), root }
     }
 
@@ -313,7 +322,12 @@ impl Source {
 
 /// Overrides, expands and validates an experiment against the stage kinds of `registry`;
 /// `env` looks up `${VAR}`s.
-pub fn compile(src: &Source, overrides: &Overrides, registry: &Registry, env: &dyn Fn(&str) -> Option<String>) -> Result<Experiment, Diagnostics> {
+pub fn compile(
+    src: &Source,
+    overrides: &Overrides,
+    registry: &Registry,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Experiment, Diagnostics> {
     let mut cx = Ctx { file: src.display.clone(), diags: Vec::new(), registry, errors: 0 };
     let root = src.tree()?;
     let Some(map) = root.as_map() else {
@@ -326,7 +340,7 @@ pub fn compile(src: &Source, overrides: &Overrides, registry: &Registry, env: &d
             cx.err(&k.origin, &k.name, format!("unknown key `{}`{hint} (known keys: {})", k.name, TOP_KEYS.join(", ")));
         }
     }
-    check_plugins_list(&mut cx, &root);
+    check_plugins_list(&mut cx, root);
     let stage_names: BTreeSet<String> = root
         .get("stages")
         .and_then(Node::as_map)
@@ -337,12 +351,16 @@ pub fn compile(src: &Source, overrides: &Overrides, registry: &Registry, env: &d
         if !stage_names.contains(f) {
             let hint = did_you_mean(f, stage_names.iter().map(String::as_str));
             let known = stage_names.iter().map(String::as_str).collect::<Vec<_>>().join(", ");
-            cx.err(&Origin::Arg(format!("--force {f}")), "", format!("no stage `{f}` in this experiment{hint} (stages: {known})"));
+            cx.err(
+                &Origin::Arg(format!("--force {f}")),
+                "",
+                format!("no stage `{f}` in this experiment{hint} (stages: {known})"),
+            );
         }
     }
-    let repeat = repeat_count(&mut cx, &root, overrides.repeat);
-    let points = sweep::points(&mut cx, &root, &stage_names, repeat, overrides.max_runs.unwrap_or(MAX_RUNS));
-    let name = experiment_name(&mut cx, &root, env);
+    let repeat = repeat_count(&mut cx, root, overrides.repeat);
+    let points = sweep::points(&mut cx, root, &stage_names, repeat, overrides.max_runs.unwrap_or(MAX_RUNS));
+    let name = experiment_name(&mut cx, root, env);
 
     let mut runs = Vec::new();
     for (label, assignments) in &points {
@@ -365,7 +383,14 @@ pub fn compile(src: &Source, overrides: &Overrides, registry: &Registry, env: &d
         let Some((base_seed, device, stages)) = stages::compile_tree(&mut cx, &tree) else { continue };
         if base_seed.checked_add(u64::from(repeat) - 1).is_none_or(|last| last > i64::MAX as u64) {
             let origin = tree.get("seed").map(|n| n.origin.clone()).unwrap_or(Origin::Default);
-            cx.err(&origin, "seed", format!("seed {base_seed} with repeat {repeat} gives seeds above {} (the largest the database stores)", i64::MAX));
+            cx.err(
+                &origin,
+                "seed",
+                format!(
+                    "seed {base_seed} with repeat {repeat} gives seeds above {} (the largest the database stores)",
+                    i64::MAX
+                ),
+            );
             continue;
         }
         for r in 0..u64::from(repeat) {
@@ -413,7 +438,11 @@ fn check_plugins_list(cx: &mut Ctx, root: &Node) {
         Value::Seq(items) => {
             for (i, it) in items.iter().enumerate() {
                 if !matches!(it.value, Value::Str(_)) {
-                    cx.err(&it.origin, &format!("plugins.{i}"), format!("expected the path of a plugin library, found {}", it.value.type_name()));
+                    cx.err(
+                        &it.origin,
+                        &format!("plugins.{i}"),
+                        format!("expected the path of a plugin library, found {}", it.value.type_name()),
+                    );
                 }
             }
         }
@@ -475,7 +504,11 @@ fn experiment_name(cx: &mut Ctx, root: &Node, env: &dyn Fn(&str) -> Option<Strin
     match node.as_ref() {
         Some(Node { value: Value::Str(s), .. }) if valid_name(s) => s.clone(),
         Some(n) => {
-            cx.err(&n.origin, "name", format!("expected a name of letters, digits, `-`, `_` or `.` (not starting with `.`), found {n}"));
+            cx.err(
+                &n.origin,
+                "name",
+                format!("expected a name of letters, digits, `-`, `_` or `.` (not starting with `.`), found {n}"),
+            );
             String::new()
         }
         None => {
@@ -505,7 +538,8 @@ pub(crate) mod tests {
 
     pub fn compile_ok(text: &str, set: &[&str]) -> Experiment {
         let o = Overrides { set: set.iter().map(|s| s.to_string()).collect(), ..Default::default() };
-        compile_str(text, "e.yaml", &o, &registry(), &|k| (k == "HOME_OF_DATA").then(|| "/data".to_string())).unwrap_or_else(|d| panic!("{d}"))
+        compile_str(text, "e.yaml", &o, &registry(), &|k| (k == "HOME_OF_DATA").then(|| "/data".to_string()))
+            .unwrap_or_else(|d| panic!("{d}"))
     }
 
     pub fn compile_err(text: &str, set: &[&str]) -> Vec<String> {
@@ -526,7 +560,10 @@ stages:
     #[test]
     fn top_level_keys_name_and_repeat() {
         let e = compile_err("name: x y\nstagez: {}\nrepeat: 0\n", &[]);
-        assert!(e.iter().any(|d| d.starts_with("e.yaml:2:1: stagez: unknown key `stagez`; did you mean `stages`?")), "{e:?}");
+        assert!(
+            e.iter().any(|d| d.starts_with("e.yaml:2:1: stagez: unknown key `stagez`; did you mean `stages`?")),
+            "{e:?}"
+        );
         assert!(e.iter().any(|d| d.contains("e.yaml:1:7: name: expected a name")), "{e:?}");
         assert!(e.iter().any(|d| d.contains("repeat: expected an integer from 1 to 10000, found 0")), "{e:?}");
         let e = compile_err("- a\n", &[]);
@@ -545,7 +582,10 @@ stages:
         let e = compile_err(DIAMOND, &["left.factor"]);
         assert_eq!(e[0], "e.yaml (command line `--set left.factor`): expected KEY=VALUE");
         let e = compile_err(DIAMOND, &["left.factor=abc"]);
-        assert!(e[0].starts_with("e.yaml (command line `--set left.factor=abc`): stages.left.with.factor: invalid type"), "{e:?}");
+        assert!(
+            e[0].starts_with("e.yaml (command line `--set left.factor=abc`): stages.left.with.factor: invalid type"),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -557,18 +597,27 @@ stages:
             ("repeat=3", "`repeat` names no stage"),
         ] {
             let e = compile_err(DIAMOND, &[set]);
-            assert!(e[0].starts_with(&format!("e.yaml (command line `--set {set}`): --set key {want}")), "{set}: {e:?}");
+            assert!(
+                e[0].starts_with(&format!("e.yaml (command line `--set {set}`): --set key {want}")),
+                "{set}: {e:?}"
+            );
         }
         let o = Overrides { force: vec!["lfet".into()], ..Default::default() };
         let e = compile_str(DIAMOND, "e.yaml", &o, &registry(), &|_| None).unwrap_err().to_string();
-        assert!(e.contains("(command line `--force lfet`): no stage `lfet` in this experiment; did you mean `left`?"), "{e}");
+        assert!(
+            e.contains("(command line `--force lfet`): no stage `lfet` in this experiment; did you mean `left`?"),
+            "{e}"
+        );
     }
 
     #[test]
     fn integers_are_range_checked() {
         let e = compile_err(&format!("{DIAMOND}repeat: 4294967296\n"), &[]);
         assert!(e[0].contains("repeat: expected an integer from 1 to 10000, found 4294967296"), "{e:?}");
-        assert_eq!(compile_ok(&DIAMOND.replace("seed: 3", "seed: 9223372036854775807"), &[]).runs[0].seed, i64::MAX as u64);
+        assert_eq!(
+            compile_ok(&DIAMOND.replace("seed: 3", "seed: 9223372036854775807"), &[]).runs[0].seed,
+            i64::MAX as u64
+        );
         let e = compile_err(&format!("{}repeat: 2\n", DIAMOND.replace("seed: 3", "seed: 9223372036854775807")), &[]);
         assert!(e[0].contains("seed 9223372036854775807 with repeat 2 gives seeds above"), "{e:?}");
         let o = Overrides { repeat: Some(0), ..Default::default() };

@@ -27,12 +27,18 @@ pub(crate) fn compile_tree(cx: &mut Ctx, tree: &Node) -> Option<(u64, DeviceSpec
     if cx.errors > before {
         return None;
     }
-    let key_origin = |name: &str| stage_map.iter().find(|(k, _)| k.name == name).map(|(k, _)| k.origin.clone()).unwrap_or(Origin::Default);
+    let key_origin = |name: &str| {
+        stage_map.iter().find(|(k, _)| k.name == name).map(|(k, _)| k.origin.clone()).unwrap_or(Origin::Default)
+    };
     let order = match topo_order(&specs) {
         Ok(o) => o,
         Err(cycle) => {
             let first = &cycle[0];
-            cx.err(&key_origin(first), &format!("stages.{first}.needs"), format!("dependency cycle: {}", cycle.join(" -> ")));
+            cx.err(
+                &key_origin(first),
+                &format!("stages.{first}.needs"),
+                format!("dependency cycle: {}", cycle.join(" -> ")),
+            );
             return None;
         }
     };
@@ -87,7 +93,11 @@ pub(crate) fn entries(cx: &mut Ctx, stage_map: &[(Key, Node)]) -> Vec<StageSpec>
         for (sk, _) in m {
             if !STAGE_KEYS.contains(&sk.name.as_str()) {
                 let hint = did_you_mean(&sk.name, STAGE_KEYS.iter().copied());
-                cx.err(&sk.origin, &format!("{sp}.{}", sk.name), format!("unknown key `{}`{hint} (a stage takes uses, needs, with)", sk.name));
+                cx.err(
+                    &sk.origin,
+                    &format!("{sp}.{}", sk.name),
+                    format!("unknown key `{}`{hint} (a stage takes uses, needs, with)", sk.name),
+                );
             }
         }
         let kind = match body.get("uses") {
@@ -95,12 +105,20 @@ pub(crate) fn entries(cx: &mut Ctx, stage_map: &[(Key, Node)]) -> Vec<StageSpec>
                 if cx.registry.get(s).is_none() {
                     let hint = did_you_mean(s, cx.registry.kinds());
                     let known = cx.registry.kinds().collect::<Vec<_>>().join(", ");
-                    cx.err(origin, &format!("{sp}.uses"), format!("unknown stage kind `{s}`{hint} (known kinds: {known})"));
+                    cx.err(
+                        origin,
+                        &format!("{sp}.uses"),
+                        format!("unknown stage kind `{s}`{hint} (known kinds: {known})"),
+                    );
                 }
                 s.clone()
             }
             Some(n) => {
-                cx.err(&n.origin, &format!("{sp}.uses"), format!("expected a stage kind name, found {}", n.value.type_name()));
+                cx.err(
+                    &n.origin,
+                    &format!("{sp}.uses"),
+                    format!("expected a stage kind name, found {}", n.value.type_name()),
+                );
                 continue;
             }
             None => {
@@ -116,7 +134,13 @@ pub(crate) fn entries(cx: &mut Ctx, stage_map: &[(Key, Node)]) -> Vec<StageSpec>
             cx.err(&w.origin, &format!("{sp}.with"), format!("expected a mapping, found {}", w.value.type_name()));
             continue;
         }
-        specs.push(StageSpec { name: k.name.clone(), kind, needs, inputs: Vec::new(), config: with.map(Node::to_json).unwrap_or(serde_json::Value::Null) });
+        specs.push(StageSpec {
+            name: k.name.clone(),
+            kind,
+            needs,
+            inputs: Vec::new(),
+            config: with.map(Node::to_json).unwrap_or(serde_json::Value::Null),
+        });
     }
     specs
 }
@@ -127,7 +151,11 @@ fn needs_of(cx: &mut Ctx, sp: &str, me: &str, node: Option<&Node>, names: &[&str
         Value::Seq(v) => v.iter().collect(),
         Value::Str(_) => vec![n],
         _ => {
-            cx.err(&n.origin, &format!("{sp}.needs"), format!("expected a list of stage names, found {}", n.value.type_name()));
+            cx.err(
+                &n.origin,
+                &format!("{sp}.needs"),
+                format!("expected a list of stage names, found {}", n.value.type_name()),
+            );
             return Vec::new();
         }
     };
@@ -139,7 +167,11 @@ fn needs_of(cx: &mut Ctx, sp: &str, me: &str, node: Option<&Node>, names: &[&str
             Value::Str(s) if names.contains(&s.as_str()) => needs.push(s.clone()),
             Value::Str(s) => {
                 let hint = did_you_mean(s, names.iter().copied());
-                cx.err(&item.origin, &path, format!("unknown stage `{s}` in needs{hint} (stages: {})", names.join(", ")));
+                cx.err(
+                    &item.origin,
+                    &path,
+                    format!("unknown stage `{s}` in needs{hint} (stages: {})", names.join(", ")),
+                );
             }
             _ => cx.err(&item.origin, &path, format!("expected a stage name, found {}", item.value.type_name())),
         }
@@ -189,8 +221,12 @@ pub(crate) fn wire(cx: &mut Ctx, specs: &mut [StageSpec], key_origin: &dyn Fn(&s
             let providers: Vec<String> = spec.needs.iter().filter(|n| gives(n, &input.name)).cloned().collect();
             let sp = format!("stages.{}.needs", spec.name);
             if providers.is_empty() && input.required {
-                let givers: Vec<&str> =
-                    cx.registry.entries().filter(|(_, e)| e.stage.outputs().iter().any(|o| o.name == input.name)).map(|(k, _)| k).collect();
+                let givers: Vec<&str> = cx
+                    .registry
+                    .entries()
+                    .filter(|(_, e)| e.stage.outputs().iter().any(|o| o.name == input.name))
+                    .map(|(k, _)| k)
+                    .collect();
                 problems.push((
                     key_origin(&spec.name),
                     sp,
@@ -207,7 +243,12 @@ pub(crate) fn wire(cx: &mut Ctx, specs: &mut [StageSpec], key_origin: &dyn Fn(&s
                 problems.push((
                     key_origin(&spec.name),
                     sp,
-                    format!("stage `{}` takes one `{}`, but several of its needs give it: {}", spec.name, input.name, providers.join(", ")),
+                    format!(
+                        "stage `{}` takes one `{}`, but several of its needs give it: {}",
+                        spec.name,
+                        input.name,
+                        providers.join(", ")
+                    ),
                 ));
             }
             spec.inputs.extend(providers.into_iter().map(|from| Edge { artifact: input.name.clone(), from }));
@@ -228,11 +269,18 @@ pub(crate) fn validate_configs(cx: &mut Ctx, specs: &[StageSpec], tree: &Node) {
         let mut message = e.message.clone();
         let mut unknown_key = false;
         // serde reports an unknown field at its parent: point at the field itself.
-        if let Some(field) = message.strip_prefix("unknown field `").and_then(|r| r.split('`').next()).map(String::from) {
+        if let Some(field) = message.strip_prefix("unknown field `").and_then(|r| r.split('`').next()).map(String::from)
+        {
             let expected: Vec<String> = message
                 .split("expected ")
                 .nth(1)
-                .map(|r| r.split(['`', ',']).map(str::trim).filter(|s| !s.is_empty() && *s != "one of" && *s != "or").map(String::from).collect())
+                .map(|r| {
+                    r.split(['`', ','])
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty() && *s != "one of" && *s != "or")
+                        .map(String::from)
+                        .collect()
+                })
                 .unwrap_or_default();
             message = format!("{message}{}", did_you_mean(&field, expected.iter().map(String::as_str)));
             if path.last() != Some(&field) {
@@ -252,14 +300,18 @@ mod tests {
 
     #[test]
     fn stages_come_in_dependency_order_with_their_edges() {
-        let text = DIAMOND.replace("  source: { uses: toy-source, with: { count: 4 } }\n", "") + "  source: { uses: toy-source }\n";
+        let text = DIAMOND.replace("  source: { uses: toy-source, with: { count: 4 } }\n", "")
+            + "  source: { uses: toy-source }\n";
         let e = compile_ok(&text, &[]);
         let order: Vec<&str> = e.runs[0].stages.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(order, ["source", "left", "right", "total"]);
         let total = &e.runs[0].stages[3];
         assert_eq!(
             total.inputs,
-            vec![Edge { artifact: "scaled.json".into(), from: "left".into() }, Edge { artifact: "scaled.json".into(), from: "right".into() }]
+            vec![
+                Edge { artifact: "scaled.json".into(), from: "left".into() },
+                Edge { artifact: "scaled.json".into(), from: "right".into() }
+            ]
         );
         assert_eq!(e.runs[0].stages[1].inputs, vec![Edge { artifact: "numbers.json".into(), from: "source".into() }]);
     }
@@ -308,8 +360,15 @@ mod tests {
     #[test]
     fn a_stage_config_error_points_at_the_key() {
         let e = compile_err(DIAMOND.replace("factor: 2.0", "factr: 2.0").as_str(), &[]);
-        assert!(e[0].starts_with("e.yaml:5:55: stages.left.with.factr: unknown field `factr`") && e[0].ends_with("did you mean `factor`?"), "{e:?}");
+        assert!(
+            e[0].starts_with("e.yaml:5:55: stages.left.with.factr: unknown field `factr`")
+                && e[0].ends_with("did you mean `factor`?"),
+            "{e:?}"
+        );
         let e = compile_err(DIAMOND, &["left.factor=[1]"]);
-        assert!(e[0].starts_with("e.yaml (command line `--set left.factor=[1]`): stages.left.with.factor: invalid type"), "{e:?}");
+        assert!(
+            e[0].starts_with("e.yaml (command line `--set left.factor=[1]`): stages.left.with.factor: invalid type"),
+            "{e:?}"
+        );
     }
 }

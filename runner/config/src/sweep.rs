@@ -8,11 +8,23 @@ use crate::yaml::{Key, Node, Value};
 use crate::{Ctx, did_you_mean, settable_path};
 
 /// The sweep's points as (label, assignments). Without a sweep: one empty point.
-pub(crate) fn points(cx: &mut Ctx, root: &Node, stage_names: &BTreeSet<String>, repeat: u32, max_runs: usize) -> Vec<(String, Vec<(Vec<String>, Node)>)> {
+pub(crate) fn points(
+    cx: &mut Ctx,
+    root: &Node,
+    stage_names: &BTreeSet<String>,
+    repeat: u32,
+    max_runs: usize,
+) -> Vec<(String, Vec<(Vec<String>, Node)>)> {
     let Some(sweep) = root.get("sweep") else {
         if repeat as usize > max_runs {
             let origin = root.get("repeat").map(|n| n.origin.clone()).unwrap_or_else(|| root.origin.clone());
-            cx.err(&origin, "repeat", format!("{repeat} seeds make {repeat} runs, more than the limit of {max_runs} (raise it with --max-runs)"));
+            cx.err(
+                &origin,
+                "repeat",
+                format!(
+                    "{repeat} seeds make {repeat} runs, more than the limit of {max_runs} (raise it with --max-runs)"
+                ),
+            );
             return Vec::new();
         }
         return vec![(String::new(), Vec::new())];
@@ -29,7 +41,11 @@ pub(crate) fn points(cx: &mut Ctx, root: &Node, stage_names: &BTreeSet<String>, 
         for (k, v) in m {
             match &v.value {
                 Value::Seq(items) if !items.is_empty() => out.push((k.clone(), items.clone())),
-                _ => cx.err(&v.origin, &format!("{prefix}{}", k.name), format!("expected a non-empty list of values, found {}", v.value.type_name())),
+                _ => cx.err(
+                    &v.origin,
+                    &format!("{prefix}{}", k.name),
+                    format!("expected a non-empty list of values, found {}", v.value.type_name()),
+                ),
             }
         }
         out
@@ -46,13 +62,22 @@ pub(crate) fn points(cx: &mut Ctx, root: &Node, stage_names: &BTreeSet<String>, 
                         for (i, p) in items.iter().enumerate() {
                             match p.as_map() {
                                 Some(m) => points.push(m.to_vec()),
-                                None => cx.err(&p.origin, &format!("sweep.points.{i}"), "expected a mapping of key: value"),
+                                None => {
+                                    cx.err(&p.origin, &format!("sweep.points.{i}"), "expected a mapping of key: value")
+                                }
                             }
                         }
                     }
                     _ => cx.err(&v.origin, "sweep.points", "expected a list of mappings"),
                 },
-                other => cx.err(&k.origin, &format!("sweep.{other}"), format!("unknown key `{other}`{} (a sweep with `grid:` or `points:` takes only those two)", did_you_mean(other, ["grid", "points"]))),
+                other => cx.err(
+                    &k.origin,
+                    &format!("sweep.{other}"),
+                    format!(
+                        "unknown key `{other}`{} (a sweep with `grid:` or `points:` takes only those two)",
+                        did_you_mean(other, ["grid", "points"])
+                    ),
+                ),
             }
         }
     } else {
@@ -74,7 +99,11 @@ pub(crate) fn points(cx: &mut Ctx, root: &Node, stage_names: &BTreeSet<String>, 
     let n_runs = n_combos.saturating_mul(points.len().max(1)).saturating_mul(repeat as usize);
     if n_runs > max_runs {
         let shown = if n_runs == usize::MAX { "more than 2^64".to_string() } else { n_runs.to_string() };
-        cx.err(&sweep.origin, "sweep", format!("the sweep makes {shown} runs, more than the limit of {max_runs} (raise it with --max-runs)"));
+        cx.err(
+            &sweep.origin,
+            "sweep",
+            format!("the sweep makes {shown} runs, more than the limit of {max_runs} (raise it with --max-runs)"),
+        );
         return Vec::new();
     }
     let mut combos: Vec<Vec<(String, Vec<String>, Node)>> = vec![Vec::new()];
@@ -95,7 +124,8 @@ pub(crate) fn points(cx: &mut Ctx, root: &Node, stage_names: &BTreeSet<String>, 
         pts = combos;
     } else {
         for p in &points {
-            let entries: Vec<_> = p.iter().map(|(k, v)| (k.name.clone(), check(cx, k, "sweep.points."), v.clone())).collect();
+            let entries: Vec<_> =
+                p.iter().map(|(k, v)| (k.name.clone(), check(cx, k, "sweep.points."), v.clone())).collect();
             for c in &combos {
                 let mut e = entries.clone();
                 e.extend(c.iter().cloned());
@@ -110,7 +140,6 @@ pub(crate) fn points(cx: &mut Ctx, root: &Node, stage_names: &BTreeSet<String>, 
         })
         .collect()
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -128,7 +157,9 @@ mod tests {
 
     #[test]
     fn points_combine_with_a_grid_and_repeat_adds_seeds() {
-        let text = format!("{DIAMOND}repeat: 2\nsweep:\n  points:\n    - {{ left.factor: 1 }}\n    - {{ left.factor: 3 }}\n  grid:\n    right.factor: [4, 5]\n");
+        let text = format!(
+            "{DIAMOND}repeat: 2\nsweep:\n  points:\n    - {{ left.factor: 1 }}\n    - {{ left.factor: 3 }}\n  grid:\n    right.factor: [4, 5]\n"
+        );
         let e = compile_ok(&text, &[]);
         assert_eq!(e.runs.len(), 8);
         assert_eq!(e.runs[0].name, "d@left.factor=1,right.factor=4/seed=3");
@@ -139,8 +170,15 @@ mod tests {
     #[test]
     fn bad_sweep_keys_and_values_are_positioned() {
         let e = compile_err(&format!("{DIAMOND}sweep:\n  lefft.factor: [1]\n  right.factor: 2\n"), &[]);
-        assert!(e.iter().any(|d| d.starts_with("e.yaml:9:3: sweep.lefft.factor: sweep key `lefft.factor` names no stage") && d.contains("did you mean `left`")), "{e:?}");
-        assert!(e.iter().any(|d| d.starts_with("e.yaml:10:17: sweep.right.factor: expected a non-empty list")), "{e:?}");
+        assert!(
+            e.iter().any(|d| d.starts_with("e.yaml:9:3: sweep.lefft.factor: sweep key `lefft.factor` names no stage")
+                && d.contains("did you mean `left`")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|d| d.starts_with("e.yaml:10:17: sweep.right.factor: expected a non-empty list")),
+            "{e:?}"
+        );
         let e = compile_err(&format!("{DIAMOND}sweep:\n  grid: {{}}\n  pointz: []\n"), &[]);
         assert!(e.iter().any(|d| d.contains("unknown key `pointz`; did you mean `points`?")), "{e:?}");
         let e = compile_err(&format!("{DIAMOND}sweep:\n  stages: [1]\n"), &[]);
@@ -150,7 +188,9 @@ mod tests {
     #[test]
     fn sweep_size_is_capped_before_expanding() {
         let values = (0..100).map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
-        let text = format!("{DIAMOND}sweep:\n  left.factor: [{values}]\n  left.offset: [{values}]\n  right.factor: [{values}]\n");
+        let text = format!(
+            "{DIAMOND}sweep:\n  left.factor: [{values}]\n  left.offset: [{values}]\n  right.factor: [{values}]\n"
+        );
         let e = compile_err(&text, &[]);
         assert!(e.iter().any(|d| d.contains("the sweep makes 1000000 runs, more than the limit of 100000")), "{e:?}");
         let o = crate::Overrides { max_runs: Some(10), repeat: Some(6), ..Default::default() };

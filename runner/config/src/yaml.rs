@@ -220,7 +220,12 @@ impl Node {
 
     /// Replaces `${VAR}` and `${VAR:-default}` in every string; `$$` is a literal `$`.
     /// Returns the errors (unset variables, bad syntax) with the paths where they occurred.
-    pub fn interpolate(&mut self, env: &dyn Fn(&str) -> Option<String>, path: &mut Vec<String>, errs: &mut Vec<(Vec<String>, Origin, String)>) {
+    pub fn interpolate(
+        &mut self,
+        env: &dyn Fn(&str) -> Option<String>,
+        path: &mut Vec<String>,
+        errs: &mut Vec<(Vec<String>, Origin, String)>,
+    ) {
         match &mut self.value {
             Value::Str(s) => match interpolate_str(s, env) {
                 Ok(new) => *s = new,

@@ -18,9 +18,33 @@ fn registry() -> Registry {
 }
 
 const KEYS: &[&str] = &[
-    "name", "seed", "device", "repeat", "stages", "sweep", "plugins", "description", "uses", "needs", "with", "source", "mid",
-    "total", "factor", "offset", "count", "seconds", "metrics", "fail", "points", "grid", "mid.factor", "source.count", "seed",
-    "stages.mid.with.factor", "x",
+    "name",
+    "seed",
+    "device",
+    "repeat",
+    "stages",
+    "sweep",
+    "plugins",
+    "description",
+    "uses",
+    "needs",
+    "with",
+    "source",
+    "mid",
+    "total",
+    "factor",
+    "offset",
+    "count",
+    "seconds",
+    "metrics",
+    "fail",
+    "points",
+    "grid",
+    "mid.factor",
+    "source.count",
+    "seed",
+    "stages.mid.with.factor",
+    "x",
 ];
 
 fn scalar() -> impl Strategy<Value = Value> {
@@ -31,8 +55,19 @@ fn scalar() -> impl Strategy<Value = Value> {
         prop_oneof![Just(0i64), Just(1), Just(-1), Just(4294967296), Just(i64::MAX)].prop_map(Value::from),
         any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
         prop_oneof![
-            Just("toy-source"), Just("toy-scale"), Just("toy-sum"), Just("source"), Just("mid"), Just("cpu"), Just("cuda:9"),
-            Just("${HUSE_FUZZ_UNSET}"), Just("${X:-d}"), Just("$$"), Just("${"), Just(""), Just("a b")
+            Just("toy-source"),
+            Just("toy-scale"),
+            Just("toy-sum"),
+            Just("source"),
+            Just("mid"),
+            Just("cpu"),
+            Just("cuda:9"),
+            Just("${HUSE_FUZZ_UNSET}"),
+            Just("${X:-d}"),
+            Just("$$"),
+            Just("${"),
+            Just(""),
+            Just("a b")
         ]
         .prop_map(|s| Value::from(s.to_string())),
     ]
@@ -54,7 +89,10 @@ fn experiment() -> impl Strategy<Value = Value> {
         let mut stages = Map::new();
         stages.insert("source".into(), serde_json::json!({"uses": "toy-source", "with": {"count": 3}}));
         stages.insert("mid".into(), serde_json::json!({"uses": "toy-scale", "needs": ["source"], "with": a}));
-        stages.insert("total".into(), if pick % 3 == 0 { b } else { serde_json::json!({"uses": "toy-sum", "needs": ["mid"]}) });
+        stages.insert(
+            "total".into(),
+            if pick % 3 == 0 { b } else { serde_json::json!({"uses": "toy-sum", "needs": ["mid"]}) },
+        );
         let mut top = Map::new();
         top.insert("name".into(), serde_json::json!("f"));
         top.insert("stages".into(), Value::Object(stages));
@@ -81,7 +119,10 @@ fn check(text: &str, set: Vec<String>) {
 
 fn sets() -> impl Strategy<Value = Vec<String>> {
     prop::collection::vec(
-        (prop::sample::select(KEYS), prop_oneof![Just("1"), Just("[1, 2]"), Just("{a: 1}"), Just("x"), Just(""), Just("]")])
+        (
+            prop::sample::select(KEYS),
+            prop_oneof![Just("1"), Just("[1, 2]"), Just("{a: 1}"), Just("x"), Just(""), Just("]")],
+        )
             .prop_map(|(k, v)| format!("{k}={v}")),
         0..3,
     )

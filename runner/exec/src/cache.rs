@@ -169,13 +169,15 @@ impl Cache {
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let cache = Cache::new(root);
         let Ok(rd) = std::fs::read_dir(&cache.root) else { return Ok(cache) };
-        let real_root = std::fs::canonicalize(&cache.root).with_context(|| format!("resolving {}", cache.root.display()))?;
+        let real_root =
+            std::fs::canonicalize(&cache.root).with_context(|| format!("resolving {}", cache.root.display()))?;
         for e in rd.flatten() {
             let meta = std::fs::symlink_metadata(e.path())?;
             if !meta.file_type().is_symlink() {
                 continue;
             }
-            let target = std::fs::canonicalize(e.path()).unwrap_or_else(|_| std::fs::read_link(e.path()).unwrap_or_default());
+            let target =
+                std::fs::canonicalize(e.path()).unwrap_or_else(|_| std::fs::read_link(e.path()).unwrap_or_default());
             if !target.starts_with(&real_root) {
                 bail!(
                     "cache {}: `{}` is a symbolic link to {}, outside the cache; refusing to use it (cleaning it would touch other data). Replace it with a folder",
@@ -197,7 +199,6 @@ impl Cache {
     pub fn entry(&self, kind: &str, key: &str) -> PathBuf {
         self.root.join(kind).join(key)
     }
-
 
     /// The entry of `kind`/`key` if it exists and is whole: its manifest readable, every
     /// recorded output and the metrics file present with their recorded sizes, and, with
@@ -224,14 +225,20 @@ impl Cache {
         if m.schema < 2 {
             // Written before outputs were hashed: record them now (trust on first use).
             let names: Vec<String> = std::fs::read_dir(&dir)
-                .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n != MANIFEST_FILE).collect())
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().to_string())
+                        .filter(|n| n != MANIFEST_FILE)
+                        .collect()
+                })
                 .unwrap_or_default();
             m.outputs = match names.iter().map(|n| output_record(&dir, n)).collect::<Result<Vec<_>>>() {
                 Ok(o) => o,
                 Err(e) => return bad(format!("{e:#}")),
             };
             m.schema = MANIFEST_SCHEMA;
-            let _ = std::fs::write(dir.join(MANIFEST_FILE), serde_json::to_vec_pretty(&m).expect("a manifest serialises"));
+            let _ =
+                std::fs::write(dir.join(MANIFEST_FILE), serde_json::to_vec_pretty(&m).expect("a manifest serialises"));
             tracing::info!("{kind}/{key}: recorded the output hashes of an entry made before they were kept");
             return Ok(Some((dir, m)));
         }
@@ -239,7 +246,9 @@ impl Cache {
             let p = dir.join(&o.name);
             match tree_size(&p) {
                 Err(_) => return bad(format!("output `{}` is missing", o.name)),
-                Ok(n) if n != o.bytes => return bad(format!("output `{}` has {n} bytes, {} were written", o.name, o.bytes)),
+                Ok(n) if n != o.bytes => {
+                    return bad(format!("output `{}` has {n} bytes, {} were written", o.name, o.bytes));
+                }
                 Ok(_) => {}
             }
             if verify {
@@ -296,14 +305,27 @@ impl Cache {
     /// Completes a temporary output directory: writes the stage's metrics and manifest
     /// into it, replaces an existing entry when `replace` (for `--force`), and moves it into
     /// place. Returns the entry's directory.
-    pub fn finish(&self, tmp: &Path, manifest: &Manifest, outputs: &[String], metrics: &[MetricRecord], replace: bool) -> Result<PathBuf> {
+    pub fn finish(
+        &self,
+        tmp: &Path,
+        manifest: &Manifest,
+        outputs: &[String],
+        metrics: &[MetricRecord],
+        replace: bool,
+    ) -> Result<PathBuf> {
         write_metrics(tmp, metrics)?;
         normalise_permissions(tmp)?;
         let mut manifest = manifest.clone();
         manifest.schema = MANIFEST_SCHEMA;
-        manifest.outputs = outputs.iter().map(String::as_str).chain([METRICS_FILE]).map(|n| output_record(tmp, n)).collect::<Result<_>>()?;
+        manifest.outputs = outputs
+            .iter()
+            .map(String::as_str)
+            .chain([METRICS_FILE])
+            .map(|n| output_record(tmp, n))
+            .collect::<Result<_>>()?;
         let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
-        std::fs::write(tmp.join(MANIFEST_FILE), json).with_context(|| format!("writing {}", tmp.join(MANIFEST_FILE).display()))?;
+        std::fs::write(tmp.join(MANIFEST_FILE), json)
+            .with_context(|| format!("writing {}", tmp.join(MANIFEST_FILE).display()))?;
         if replace {
             // An entry a concurrent process made after this one started is as fresh as ours:
             // keep it (its readers may be using it) and drop ours.
@@ -501,7 +523,12 @@ fn key_diffs(m: &Manifest, p: &KeyParts) -> Vec<String> {
 
 /// For (name, value) lists: a line for each name whose value changed, was added (`then` is
 /// None) or went away (`now` is None), in the order of `now`, then the removed ones.
-fn diff_pairs(then: &[(String, String)], now: &[(String, String)], out: &mut Vec<String>, say: impl Fn(&str, Option<&str>, Option<&str>) -> String) {
+fn diff_pairs(
+    then: &[(String, String)],
+    now: &[(String, String)],
+    out: &mut Vec<String>,
+    say: impl Fn(&str, Option<&str>, Option<&str>) -> String,
+) {
     let find = |list: &[(String, String)], name: &str| list.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
     for (name, v) in now {
         match find(then, name) {
@@ -572,7 +599,11 @@ pub fn content_hash(p: &Path) -> Result<String> {
 
 fn output_record(dir: &Path, name: &str) -> Result<OutputRecord> {
     let p = dir.join(name);
-    Ok(OutputRecord { name: name.to_string(), bytes: tree_size(&p).with_context(|| format!("output `{name}`"))?, blake3: content_hash(&p)? })
+    Ok(OutputRecord {
+        name: name.to_string(),
+        bytes: tree_size(&p).with_context(|| format!("output `{name}`"))?,
+        blake3: content_hash(&p)?,
+    })
 }
 
 /// Gives every file and folder of a finished output the permissions a new file or folder
@@ -646,16 +677,48 @@ mod tests {
     #[test]
     fn key_changes_with_every_part() {
         let cfg = serde_json::json!({"a": 1});
-        let base = KeyParts { kind: "k", version: "1", source: "builtin", config: &cfg, inputs: vec![], seed: None, files: vec![] };
+        let base = KeyParts {
+            kind: "k",
+            version: "1",
+            source: "builtin",
+            config: &cfg,
+            inputs: vec![],
+            seed: None,
+            files: vec![],
+        };
         let k0 = base.key();
         assert_eq!(k0.len(), 32);
         let cfg2 = serde_json::json!({"a": 2});
         assert_ne!(KeyParts { config: &cfg2, ..base }.key(), k0);
-        let base = KeyParts { kind: "k", version: "1", source: "builtin", config: &cfg, inputs: vec![], seed: None, files: vec![] };
+        let base = KeyParts {
+            kind: "k",
+            version: "1",
+            source: "builtin",
+            config: &cfg,
+            inputs: vec![],
+            seed: None,
+            files: vec![],
+        };
         assert_ne!(KeyParts { version: "2", ..base }.key(), k0);
-        let base = KeyParts { kind: "k", version: "1", source: "builtin", config: &cfg, inputs: vec![], seed: None, files: vec![] };
+        let base = KeyParts {
+            kind: "k",
+            version: "1",
+            source: "builtin",
+            config: &cfg,
+            inputs: vec![],
+            seed: None,
+            files: vec![],
+        };
         assert_ne!(KeyParts { seed: Some(1), ..base }.key(), k0);
-        let base = KeyParts { kind: "k", version: "1", source: "builtin", config: &cfg, inputs: vec![], seed: None, files: vec![] };
+        let base = KeyParts {
+            kind: "k",
+            version: "1",
+            source: "builtin",
+            config: &cfg,
+            inputs: vec![],
+            seed: None,
+            files: vec![],
+        };
         assert_ne!(KeyParts { source: "plugin:/x.so@0.2.0", ..base }.key(), k0);
     }
 
@@ -709,7 +772,10 @@ mod tests {
         let cfg2 = serde_json::json!({"beta": 1.0, "model": {"dim": 8}});
         let changed = KeyParts { config: &cfg2, seed: Some(2), inputs: vec![("encode".into(), "k2".into())], ..parts };
         let why = c.why_miss(&changed);
-        assert!(why.starts_with("config `beta` 0.5 -> 1.0; seed 1 -> 2; input from `encode` changed (its key k1 -> k2)"), "{why}");
+        assert!(
+            why.starts_with("config `beta` 0.5 -> 1.0; seed 1 -> 2; input from `encode` changed (its key k1 -> k2)"),
+            "{why}"
+        );
         assert!(why.ends_with(&format!("(than the closest cached entry, {})", m.key)), "{why}");
     }
 

@@ -53,7 +53,16 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { jobs: 1, force: Vec::new(), no_cache: false, verify: false, run_log: None, threads_per_job: None, gpu_slots: 1, auto_gpu: None }
+        RunOptions {
+            jobs: 1,
+            force: Vec::new(),
+            no_cache: false,
+            verify: false,
+            run_log: None,
+            threads_per_job: None,
+            gpu_slots: 1,
+            auto_gpu: None,
+        }
     }
 }
 
@@ -127,7 +136,8 @@ impl Cores {
     pub fn new(total: usize, jobs: usize, fixed: Option<usize>, slots: usize, class: Vec<Class>) -> Cores {
         let total = total.max(1);
         let slots = slots.max(1);
-        let n_gpus = class.iter().filter_map(|c| if let Class::Gpu(g) = c { Some(g + 1) } else { None }).max().unwrap_or(0);
+        let n_gpus =
+            class.iter().filter_map(|c| if let Class::Gpu(g) = c { Some(g + 1) } else { None }).max().unwrap_or(0);
         Cores {
             total,
             jobs: jobs.max(1),
@@ -305,7 +315,12 @@ impl State {
 }
 
 /// Plans the jobs of every run (cache keys, sharing). No side effects beyond reading inputs.
-fn plan(exp: &Experiment, registry: &Registry, opts: &RunOptions, identity: &dyn Fn(&Path) -> Result<String>) -> Result<(Vec<Job>, Vec<Vec<usize>>)> {
+fn plan(
+    exp: &Experiment,
+    registry: &Registry,
+    opts: &RunOptions,
+    identity: &dyn Fn(&Path) -> Result<String>,
+) -> Result<(Vec<Job>, Vec<Vec<usize>>)> {
     let mut jobs: Vec<Job> = Vec::new();
     let mut by_key: HashMap<String, usize> = HashMap::new();
     let mut identities: HashMap<PathBuf, String> = HashMap::new();
@@ -328,7 +343,8 @@ fn plan(exp: &Experiment, registry: &Registry, opts: &RunOptions, identity: &dyn
                 };
                 files.push((p.display().to_string(), id));
             }
-            let plan_inputs: Vec<(String, String)> = needs.iter().map(|(n, j)| (n.clone(), jobs[*j].key.clone())).collect();
+            let plan_inputs: Vec<(String, String)> =
+                needs.iter().map(|(n, j)| (n.clone(), jobs[*j].key.clone())).collect();
             let key = KeyParts {
                 kind: &s.kind,
                 version: entry.stage.version(),
@@ -385,11 +401,7 @@ pub fn cache_keys(
     // Jobs come in dependency order: every need has a lower index.
     let mut keys: Vec<String> = Vec::with_capacity(jobs.len());
     for job in &jobs {
-        let inputs = job
-            .inputs
-            .iter()
-            .map(|e| (input_label(e), output_hash(&keys[job.dep(e)], &e.artifact)))
-            .collect();
+        let inputs = job.inputs.iter().map(|e| (input_label(e), output_hash(&keys[job.dep(e)], &e.artifact))).collect();
         keys.push(job.parts(inputs).key());
     }
     let mut out = Vec::new();
@@ -439,8 +451,11 @@ pub fn survey(exp: &Experiment, registry: &Registry, cache: &Cache, opts: &RunOp
     let mut out = Vec::with_capacity(jobs.len());
     for job in &jobs {
         // The input hashes, known when every upstream output is cached.
-        let inputs: Option<Vec<(String, String)>> =
-            job.inputs.iter().map(|e| outputs[job.dep(e)].as_ref()?.get(&e.artifact).map(|r| (input_label(e), r.blake3.clone()))).collect();
+        let inputs: Option<Vec<(String, String)>> = job
+            .inputs
+            .iter()
+            .map(|e| outputs[job.dep(e)].as_ref()?.get(&e.artifact).map(|r| (input_label(e), r.blake3.clone())))
+            .collect();
         let hit = match inputs {
             Some(inputs) if !job.force && job.needs.iter().all(|(_, d)| outputs[*d].is_some()) => {
                 let key = job.parts(inputs).key();
@@ -451,7 +466,11 @@ pub fn survey(exp: &Experiment, registry: &Registry, cache: &Cache, opts: &RunOp
             }
             _ => None,
         };
-        out.push(SurveyJob { users: job.users.clone(), needs: job.needs.iter().map(|(_, d)| *d).collect(), cached: hit.is_some() });
+        out.push(SurveyJob {
+            users: job.users.clone(),
+            needs: job.needs.iter().map(|(_, d)| *d).collect(),
+            cached: hit.is_some(),
+        });
         outputs.push(hit);
     }
     Ok(Survey { jobs: out, run_jobs })
@@ -469,7 +488,13 @@ impl MetricLogger for Metrics {
         let rows = self
             .users
             .iter()
-            .map(|(run_id, stage)| MetricRow { run_id: *run_id, stage: stage.clone(), key: key.to_string(), step, value })
+            .map(|(run_id, stage)| MetricRow {
+                run_id: *run_id,
+                stage: stage.clone(),
+                key: key.to_string(),
+                step,
+                value,
+            })
             .collect();
         let _ = self.tx.send(rows);
     }
@@ -489,7 +514,9 @@ async fn metric_writer(store: Store, mut rx: mpsc::UnboundedReceiver<Vec<MetricR
         }
         if let Err(e) = store.insert_metrics(&batch).await {
             warn!("could not store or spool {} metric rows: {e:#}", batch.len());
-            lost.get_or_insert_with(|| format!("{} metric rows could be neither written nor spooled: {e:#}", batch.len()));
+            lost.get_or_insert_with(|| {
+                format!("{} metric rows could be neither written nor spooled: {e:#}", batch.len())
+            });
         }
     }
     lost
@@ -580,22 +607,38 @@ pub async fn execute(
     let (shared_jobs, shared_rx) = (Arc::new(jobs.clone()), Arc::new(receivers.clone()));
     for (ji, (tx, _)) in channels.into_iter().enumerate() {
         let job = jobs[ji].clone();
-        let deps: Vec<(String, watch::Receiver<State>)> = job.needs.iter().map(|(n, d)| (n.clone(), receivers[*d].clone())).collect();
+        let deps: Vec<(String, watch::Receiver<State>)> =
+            job.needs.iter().map(|(n, d)| (n.clone(), receivers[*d].clone())).collect();
         let users: Vec<(i64, String)> = job.users.iter().map(|(ri, s)| (run_ids[*ri], s.clone())).collect();
         let label = {
             let (ri, stage) = &job.users[0];
             if many_runs { format!("{}:{stage}", exp.runs[*ri].name) } else { stage.clone() }
         };
-        let (store, cache, sem, cores, cancel, display, mtx, verify, verified) =
-            (store.clone(), cache.clone(), sem.clone(), cores.clone(), cancel.clone(), display.clone(), mtx.clone(), opts.verify, verified.clone());
+        let (store, cache, sem, cores, cancel, display, mtx, verify, verified) = (
+            store.clone(),
+            cache.clone(),
+            sem.clone(),
+            cores.clone(),
+            cancel.clone(),
+            display.clone(),
+            mtx.clone(),
+            opts.verify,
+            verified.clone(),
+        );
         let (all_jobs, receivers, dependants) = (shared_jobs.clone(), shared_rx.clone(), dependants.clone());
         tasks.spawn(async move {
-            let state = run_job(ji, &job, deps, &users, &label, &cache, &sem, &cores, &cancel, &display, mtx, verify, &verified).await;
+            let state = run_job(
+                ji, &job, deps, &users, &label, &cache, &sem, &cores, &cancel, &display, mtx, verify, &verified,
+            )
+            .await;
             let lost = record(&store, &job, &users, &state).await;
             if matches!(state, State::Done { .. }) {
                 // Count the dependants this success makes ready before telling them.
                 for &d in &dependants[ji] {
-                    let others_done = all_jobs[d].needs.iter().all(|(_, n)| *n == ji || matches!(*receivers[*n].borrow(), State::Done { .. }));
+                    let others_done = all_jobs[d]
+                        .needs
+                        .iter()
+                        .all(|(_, n)| *n == ji || matches!(*receivers[*n].borrow(), State::Done { .. }));
                     if others_done {
                         cores.count(d);
                     }
@@ -649,7 +692,10 @@ pub async fn execute(
             }
         }
         if let Err(e) = store.finish_run(run_ids[ri], status, error.as_deref()).await {
-            lost.get_or_insert(format!("the final status of run {} could be neither written nor spooled: {e:#}", run_ids[ri]));
+            lost.get_or_insert(format!(
+                "the final status of run {} could be neither written nor spooled: {e:#}",
+                run_ids[ri]
+            ));
         }
         outcomes.push(RunOutcome { id: run_ids[ri], name: run.name.clone(), status, error, computed, cached });
     }
@@ -693,7 +739,9 @@ async fn run_job(
             State::Done { out, .. } => {
                 ups.insert(need, out);
             }
-            State::Failed(_) | State::Skipped(_) => return State::Skipped(format!("upstream stage `{need}` did not succeed")),
+            State::Failed(_) | State::Skipped(_) => {
+                return State::Skipped(format!("upstream stage `{need}` did not succeed"));
+            }
             State::Interrupted | State::Pending => return State::Interrupted,
         }
     }
@@ -720,7 +768,13 @@ async fn run_job(
         match cache.check(&job.kind, &key, verify) {
             Ok(Some((dir, m))) => {
                 info!("{label}: cache hit ({}/{key})", job.kind);
-                return State::Done { out: Output { dir, key, records: records_of(m) }, cached: true, started: None, ended: None, secs: None };
+                return State::Done {
+                    out: Output { dir, key, records: records_of(m) },
+                    cached: true,
+                    started: None,
+                    ended: None,
+                    secs: None,
+                };
             }
             Ok(None) => {}
             Err(bad) => {
@@ -750,7 +804,10 @@ async fn run_job(
         match got {
             Ok(Ok(h)) if &h == want => {}
             Ok(Ok(_)) => {
-                warn!("{label}: input `{}` from stage `{}` does not match its recorded hash; not computing from it", e.artifact, e.from);
+                warn!(
+                    "{label}: input `{}` from stage `{}` does not match its recorded hash; not computing from it",
+                    e.artifact, e.from
+                );
                 return State::Failed(format!(
                     "input `{}` from stage `{}` ({}) no longer matches the hash recorded when it was written: the cached entry was changed or damaged. `huse-run cache verify` removes damaged entries; then run again",
                     e.artifact,
@@ -779,7 +836,11 @@ async fn run_job(
         Class::Gpu(g) => format!(", a slot of GPU {g}"),
         _ => String::new(),
     };
-    info!("{label}: running {} (key {key}, {threads} thread{}{on_gpu}): {why}", job.kind, if threads == 1 { "" } else { "s" });
+    info!(
+        "{label}: running {} (key {key}, {threads} thread{}{on_gpu}): {why}",
+        job.kind,
+        if threads == 1 { "" } else { "s" }
+    );
     let tmp = match cache.temp_dir(&job.key) {
         Ok(t) => t,
         Err(e) => return State::Failed(format!("{e:#}")),
@@ -793,8 +854,15 @@ async fn run_job(
     let metrics = Arc::new(Metrics { tx: mtx, users: users.to_vec(), records: Mutex::new(Vec::new()) });
     let progress = Arc::new(display.stage(label));
     let result = {
-        let (stage, config, tmp, work, cancel, metrics, progress) =
-            (job.entry.stage.clone(), job.config.clone(), tmp.clone(), work.clone(), cancel.clone(), metrics.clone(), progress.clone());
+        let (stage, config, tmp, work, cancel, metrics, progress) = (
+            job.entry.stage.clone(),
+            job.config.clone(),
+            tmp.clone(),
+            work.clone(),
+            cancel.clone(),
+            metrics.clone(),
+            progress.clone(),
+        );
         let (seed, device, name) = (job.seed, job.device, users[0].1.clone());
         tokio::task::spawn_blocking(move || {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -826,7 +894,11 @@ async fn run_job(
         Ok(Ok(Err(e))) => Err(e.to_string()),
         Ok(Err(panic)) => Err(format!(
             "stage panicked: {}",
-            panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+            panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default()
         )),
         Err(e) => Err(format!("stage task failed: {e}")),
     };
@@ -863,7 +935,13 @@ async fn run_job(
         Ok((dir, m)) => {
             cache.remove_work_dir(&job.key);
             info!("{label}: done in {secs:.2}s");
-            State::Done { out: Output { dir, key, records: records_of(m) }, cached: false, started: Some(started), ended: Some(store::now()), secs: Some(secs) }
+            State::Done {
+                out: Output { dir, key, records: records_of(m) },
+                cached: false,
+                started: Some(started),
+                ended: Some(store::now()),
+                secs: Some(secs),
+            }
         }
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);
@@ -918,7 +996,11 @@ async fn record(store: &Store, job: &Job, users: &[(i64, String)], state: &State
                     if (out.summary || out.attachment)
                         && let Ok(text) = std::fs::read_to_string(&p)
                     {
-                        if out.summary { row.summaries.push((out.name.clone(), text)) } else { row.attachments.push((out.name.clone(), text)) }
+                        if out.summary {
+                            row.summaries.push((out.name.clone(), text))
+                        } else {
+                            row.attachments.push((out.name.clone(), text))
+                        }
                     }
                 }
                 if *cached {

@@ -40,7 +40,13 @@ impl Display {
         bar.set_prefix(label.to_string());
         bar.set_style(spinner_style());
         bar.enable_steady_tick(Duration::from_millis(200));
-        StageProgress { bar, fancy: self.fancy, quiet: self.quiet, label: label.to_string(), state: Mutex::new(Plain::default()) }
+        StageProgress {
+            bar,
+            fancy: self.fancy,
+            quiet: self.quiet,
+            label: label.to_string(),
+            state: Mutex::new(Plain::default()),
+        }
     }
 
     /// Runs `f` with the bars hidden (for printing).

@@ -56,7 +56,13 @@ impl Registry {
             let kind = s.kind().to_string();
             match self.entries.get(&kind) {
                 Some(e) if e.source == source => {}
-                Some(e) => return Err(format!("plugin {} offers stage kind `{kind}`, which {} already provides", path.display(), e.source)),
+                Some(e) => {
+                    return Err(format!(
+                        "plugin {} offers stage kind `{kind}`, which {} already provides",
+                        path.display(),
+                        e.source
+                    ));
+                }
                 None => self.add(s, &source),
             }
             kinds.push(kind);

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use huse_plugin::{ABI_VERSION, CANCELLED, ENTRY_SYMBOL, PluginTable, RunContext, StageVTable, read_str};
-use huse_stage_api::{CancelToken, Config, ConfigError, Context, Input, Inputs, MetricLogger, Output, Progress, Stage, StageError};
+use huse_stage_api::{
+    CancelToken, Config, ConfigError, Context, Input, Inputs, MetricLogger, Output, Progress, Stage, StageError,
+};
 
 /// One stage kind of a loaded plugin.
 pub struct PluginStage {
@@ -177,7 +179,10 @@ pub fn load(path: &Path) -> Result<(Vec<Arc<dyn Stage>>, String), String> {
     // SAFETY: non-null pointer to a static table; only the first field is read before the version check.
     let abi = unsafe { std::ptr::read(table as *const u32) };
     if abi != ABI_VERSION {
-        return Err(format!("plugin {shown} was built for plugin ABI version {abi}, this huse-run speaks version {ABI_VERSION}: rebuild it against huse-plugin {}", env!("CARGO_PKG_VERSION")));
+        return Err(format!(
+            "plugin {shown} was built for plugin ABI version {abi}, this huse-run speaks version {ABI_VERSION}: rebuild it against huse-plugin {}",
+            env!("CARGO_PKG_VERSION")
+        ));
     }
     let table: &'static PluginTable = unsafe { &*table };
     let version = unsafe { read_str(table.plugin_version) };
@@ -186,8 +191,10 @@ pub fn load(path: &Path) -> Result<(Vec<Arc<dyn Stage>>, String), String> {
     for index in 0..table.n_stages {
         let vt = unsafe { &*table.stages.add(index) };
         let s = |p| unsafe { read_str(p) };
-        let inputs: Vec<serde_json::Value> = serde_json::from_str(&s(vt.inputs_json)).map_err(|e| format!("plugin {shown}: bad inputs of stage {index}: {e}"))?;
-        let outputs: Vec<serde_json::Value> = serde_json::from_str(&s(vt.outputs_json)).map_err(|e| format!("plugin {shown}: bad outputs of stage {index}: {e}"))?;
+        let inputs: Vec<serde_json::Value> = serde_json::from_str(&s(vt.inputs_json))
+            .map_err(|e| format!("plugin {shown}: bad inputs of stage {index}: {e}"))?;
+        let outputs: Vec<serde_json::Value> = serde_json::from_str(&s(vt.outputs_json))
+            .map_err(|e| format!("plugin {shown}: bad outputs of stage {index}: {e}"))?;
         stages.push(Arc::new(PluginStage {
             table,
             index,
@@ -196,7 +203,11 @@ pub fn load(path: &Path) -> Result<(Vec<Arc<dyn Stage>>, String), String> {
             describe: s(vt.describe),
             inputs: inputs
                 .iter()
-                .map(|v| Input { name: v["name"].as_str().unwrap_or("").into(), required: v["required"].as_bool().unwrap_or(true), many: v["many"].as_bool().unwrap_or(false) })
+                .map(|v| Input {
+                    name: v["name"].as_str().unwrap_or("").into(),
+                    required: v["required"].as_bool().unwrap_or(true),
+                    many: v["many"].as_bool().unwrap_or(false),
+                })
                 .collect(),
             outputs: outputs
                 .iter()

@@ -14,10 +14,28 @@ pub async fn export(store: &Store, experiment: Option<&str>, format: &str, out: 
     let mut rows: Vec<(i64, String, String, String, &'static str, String, Option<i64>, String)> = Vec::new();
     for r in &runs {
         for (k, v) in &r.params {
-            rows.push((r.id, r.experiment.clone(), r.name.clone(), r.status.to_string(), "param", k.clone(), None, v.clone()));
+            rows.push((
+                r.id,
+                r.experiment.clone(),
+                r.name.clone(),
+                r.status.to_string(),
+                "param",
+                k.clone(),
+                None,
+                v.clone(),
+            ));
         }
         for (key, step, v) in store.metric_series(r.id).await? {
-            rows.push((r.id, r.experiment.clone(), r.name.clone(), r.status.to_string(), "metric", key, Some(step), v.map(|x| x.to_string()).unwrap_or_else(|| "NaN".into())));
+            rows.push((
+                r.id,
+                r.experiment.clone(),
+                r.name.clone(),
+                r.status.to_string(),
+                "metric",
+                key,
+                Some(step),
+                v.map(|x| x.to_string()).unwrap_or_else(|| "NaN".into()),
+            ));
         }
     }
     match format {
@@ -25,7 +43,16 @@ pub async fn export(store: &Store, experiment: Option<&str>, format: &str, out: 
             let mut w = csv::Writer::from_writer(out);
             w.write_record(["run_id", "experiment", "run", "status", "kind", "key", "step", "value"])?;
             for (id, e, n, s, kind, k, step, v) in rows {
-                w.write_record([id.to_string(), e, n, s, kind.to_string(), k, step.map(|x| x.to_string()).unwrap_or_default(), v])?;
+                w.write_record([
+                    id.to_string(),
+                    e,
+                    n,
+                    s,
+                    kind.to_string(),
+                    k,
+                    step.map(|x| x.to_string()).unwrap_or_default(),
+                    v,
+                ])?;
             }
             w.flush()?;
         }
@@ -44,4 +71,3 @@ pub async fn export(store: &Store, experiment: Option<&str>, format: &str, out: 
     }
     Ok(())
 }
-

@@ -81,7 +81,11 @@ pub async fn report(store: &Store, experiment: &str, out: &Path, metric_globs: &
         html.push_str("<h2>Metrics against the swept parameters</h2><div>");
         for (i, m) in selected.iter().enumerate() {
             let name = format!("sweep-{i}.svg");
-            let ok = if swept.len() == 1 { sweep_line(&out.join(&name), &runs, &swept[0], m)? } else { sweep_heatmap(&out.join(&name), &runs, &swept[0], &swept[1], m)? };
+            let ok = if swept.len() == 1 {
+                sweep_line(&out.join(&name), &runs, &swept[0], m)?
+            } else {
+                sweep_heatmap(&out.join(&name), &runs, &swept[0], &swept[1], m)?
+            };
             if ok {
                 write!(html, "<img src=\"{name}\" alt=\"{}\" width=\"420\">", esc(m))?;
                 figures.push(name);
@@ -101,10 +105,18 @@ pub async fn report(store: &Store, experiment: &str, out: &Path, metric_globs: &
     html.push_str("</tr>");
     let best: BTreeMap<&String, f64> = selected
         .iter()
-        .filter_map(|m| runs.iter().filter_map(|r| r.metrics.get(m).copied().flatten()).reduce(f64::max).map(|b| (m, b)))
+        .filter_map(|m| {
+            runs.iter().filter_map(|r| r.metrics.get(m).copied().flatten()).reduce(f64::max).map(|b| (m, b))
+        })
         .collect();
     for r in &runs {
-        write!(html, "<tr><td>{}</td><td style=\"text-align:left\">{}</td><td>{}</td>", r.id, esc(&r.name), esc(r.status.as_str()))?;
+        write!(
+            html,
+            "<tr><td>{}</td><td style=\"text-align:left\">{}</td><td>{}</td>",
+            r.id,
+            esc(&r.name),
+            esc(r.status.as_str())
+        )?;
         for p in &swept {
             write!(html, "<td>{}</td>", esc(r.params.get(p).map(String::as_str).unwrap_or("")))?;
         }
@@ -188,7 +200,12 @@ async fn gallery(store: &Store, runs: &[RunRow], out: &Path, html: &mut String) 
     html.push_str("</tr>");
     for (qi, q) in queries.iter().enumerate() {
         let qclass = q["class"].as_str().unwrap_or("");
-        write!(html, "<tr><td style=\"text-align:left;max-width:220px\">{}<br><small>{}</small></td>", esc(q["text"].as_str().unwrap_or("")), esc(qclass))?;
+        write!(
+            html,
+            "<tr><td style=\"text-align:left;max-width:220px\">{}<br><small>{}</small></td>",
+            esc(q["text"].as_str().unwrap_or("")),
+            esc(qclass)
+        )?;
         for (_, g) in &shown {
             html.push_str("<td style=\"white-space:nowrap\">");
             for h in g[qi]["hits"].as_array().into_iter().flatten() {
@@ -200,7 +217,11 @@ async fn gallery(store: &Store, runs: &[RunRow], out: &Path, html: &mut String) 
                     continue; // the dataset is gone: the row shows what is left
                 }
                 let frame = if h["class"].as_str() == Some(qclass) { "#2a2" } else { "#ddd" };
-                write!(html, "<img src=\"{name}\" title=\"{}\" style=\"height:80px;border:3px solid {frame};margin:1px\">", esc(h["class"].as_str().unwrap_or("")))?;
+                write!(
+                    html,
+                    "<img src=\"{name}\" title=\"{}\" style=\"height:80px;border:3px solid {frame};margin:1px\">",
+                    esc(h["class"].as_str().unwrap_or(""))
+                )?;
             }
             html.push_str("</td>");
         }
@@ -267,7 +288,12 @@ fn overlay(path: &Path, key: &str, groups: &BTreeMap<String, Vec<Vec<(f64, f64)>
     root.fill(&WHITE)?;
     let (x0, x1) = range(bands.iter().flat_map(|(_, b)| b.iter().map(|p| p.0)));
     let (y0, y1) = range(bands.iter().flat_map(|(_, b)| b.iter().flat_map(|p| [p.2, p.3])));
-    let mut chart = ChartBuilder::on(&root).caption(key, ("sans-serif", 14)).margin(6).x_label_area_size(24).y_label_area_size(48).build_cartesian_2d(x0..x1, y0..y1)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(key, ("sans-serif", 14))
+        .margin(6)
+        .x_label_area_size(24)
+        .y_label_area_size(48)
+        .build_cartesian_2d(x0..x1, y0..y1)?;
     chart.configure_mesh().x_desc("step").label_style(("sans-serif", 10)).draw()?;
     for (i, (label, b)) in bands.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
@@ -282,13 +308,16 @@ fn overlay(path: &Path, key: &str, groups: &BTreeMap<String, Vec<Vec<(f64, f64)>
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2)));
     }
     if bands.len() > 1 {
-        chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK.mix(0.3)).label_font(("sans-serif", 9)).draw()?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK.mix(0.3))
+            .label_font(("sans-serif", 9))
+            .draw()?;
     }
     root.present()?;
     Ok(())
 }
-
-
 
 fn num(s: &str) -> Option<f64> {
     s.parse().ok()
@@ -306,19 +335,33 @@ fn sweep_line(path: &Path, runs: &[RunRow], param: &str, metric: &str) -> Result
         return Ok(false);
     }
     let numeric = by.keys().all(|k| num(k).is_some());
-    let xs: Vec<(f64, String)> = if numeric { by.keys().map(|k| (num(k).unwrap(), k.clone())).collect() } else { by.keys().enumerate().map(|(i, k)| (i as f64, k.clone())).collect() };
+    let xs: Vec<(f64, String)> = if numeric {
+        by.keys().map(|k| (num(k).unwrap(), k.clone())).collect()
+    } else {
+        by.keys().enumerate().map(|(i, k)| (i as f64, k.clone())).collect()
+    };
     let pts: Vec<(f64, f64, f64, f64)> = xs
         .iter()
         .map(|(x, k)| {
             let v = &by[k];
-            (*x, mean_std(v).0, v.iter().copied().fold(f64::INFINITY, f64::min), v.iter().copied().fold(f64::NEG_INFINITY, f64::max))
+            (
+                *x,
+                mean_std(v).0,
+                v.iter().copied().fold(f64::INFINITY, f64::min),
+                v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            )
         })
         .collect();
     let root = SVGBackend::new(path, (420, 280)).into_drawing_area();
     root.fill(&WHITE)?;
     let (x0, x1) = range(pts.iter().map(|p| p.0));
     let (y0, y1) = range(pts.iter().flat_map(|p| [p.2, p.3]));
-    let mut chart = ChartBuilder::on(&root).caption(metric, ("sans-serif", 15)).margin(8).x_label_area_size(30).y_label_area_size(50).build_cartesian_2d(x0..x1, y0..y1)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(metric, ("sans-serif", 15))
+        .margin(8)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d(x0..x1, y0..y1)?;
     chart.configure_mesh().x_desc(param).label_style(("sans-serif", 11)).draw()?;
     chart.draw_series(LineSeries::new(pts.iter().map(|p| (p.0, p.1)), &BLUE))?;
     chart.draw_series(pts.iter().map(|p| PathElement::new(vec![(p.0, p.2), (p.0, p.3)], BLACK)))?;
@@ -366,8 +409,20 @@ fn sweep_heatmap(path: &Path, runs: &[RunRow], pa: &str, pb: &str, metric: &str)
         .y_desc(pb)
         .x_labels(xa.len() * 2 + 1)
         .y_labels(yb.len() * 2 + 1)
-        .x_label_formatter(&|v| if (v.fract() - 0.5).abs() < 1e-6 { xl.get(*v as usize).cloned().unwrap_or_default() } else { String::new() })
-        .y_label_formatter(&|v| if (v.fract() - 0.5).abs() < 1e-6 { yl.get(*v as usize).cloned().unwrap_or_default() } else { String::new() })
+        .x_label_formatter(&|v| {
+            if (v.fract() - 0.5).abs() < 1e-6 {
+                xl.get(*v as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_label_formatter(&|v| {
+            if (v.fract() - 0.5).abs() < 1e-6 {
+                yl.get(*v as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
         .label_style(("sans-serif", 11))
         .draw()?;
     for (i, a) in xa.iter().enumerate() {
@@ -377,9 +432,16 @@ fn sweep_heatmap(path: &Path, runs: &[RunRow], pa: &str, pb: &str, metric: &str)
             // Light (worst) to dark blue (best); the value written in the cell.
             let lerp = |a: f64, b: f64| (a + (b - a) * t) as u8;
             let color = RGBColor(lerp(239.0, 8.0), lerp(243.0, 69.0), lerp(255.0, 148.0));
-            chart.draw_series(std::iter::once(Rectangle::new([(i as f64, j as f64), (i as f64 + 1.0, j as f64 + 1.0)], color.filled())))?;
+            chart.draw_series(std::iter::once(Rectangle::new(
+                [(i as f64, j as f64), (i as f64 + 1.0, j as f64 + 1.0)],
+                color.filled(),
+            )))?;
             let ink = if t > 0.55 { WHITE } else { BLACK };
-            chart.draw_series(std::iter::once(Text::new(fmt(*v), (i as f64 + 0.3, j as f64 + 0.5), ("sans-serif", 12).into_font().color(&ink))))?;
+            chart.draw_series(std::iter::once(Text::new(
+                fmt(*v),
+                (i as f64 + 0.3, j as f64 + 0.5),
+                ("sans-serif", 12).into_font().color(&ink),
+            )))?;
         }
     }
     root.present()?;

@@ -218,7 +218,10 @@ fn varying_params(runs: &[RunRow]) -> Vec<String> {
 
 /// Compiles `--metric` globs.
 pub fn patterns(globs: &[String]) -> Result<Vec<glob::Pattern>> {
-    globs.iter().map(|g| glob::Pattern::new(g).map_err(|e| anyhow::anyhow!("bad --metric pattern `{g}`: {e}"))).collect()
+    globs
+        .iter()
+        .map(|g| glob::Pattern::new(g).map_err(|e| anyhow::anyhow!("bad --metric pattern `{g}`: {e}")))
+        .collect()
 }
 
 /// The `runs` table: one row per run, or one per param group with mean ± std when `group`.
@@ -232,7 +235,12 @@ pub fn runs_table(runs: &[RunRow], metric_globs: &[glob::Pattern], group: bool) 
         t.headers.extend(params.iter().cloned());
         t.headers.extend(metrics.iter().map(|s| s.to_string()));
         for r in runs {
-            let mut row = vec![Cell::Int(r.id), Cell::Text(r.experiment.clone()), Cell::Text(r.name.clone()), Cell::Text(r.status.to_string())];
+            let mut row = vec![
+                Cell::Int(r.id),
+                Cell::Text(r.experiment.clone()),
+                Cell::Text(r.name.clone()),
+                Cell::Text(r.status.to_string()),
+            ];
             row.extend(params.iter().map(|p| r.params.get(p).map(|v| Cell::Text(v.clone())).unwrap_or(Cell::Empty)));
             row.extend(metrics.iter().map(|m| r.metrics.get(*m).map(|v| Cell::Num(*v)).unwrap_or(Cell::Empty)));
             t.rows.push(row);
@@ -255,7 +263,12 @@ pub fn runs_table(runs: &[RunRow], metric_globs: &[glob::Pattern], group: bool) 
         row.push(Cell::Int(members.len() as i64));
         for m in &metrics {
             let xs: Vec<f64> = members.iter().filter_map(|r| r.metrics.get(*m).copied().flatten()).collect();
-            row.push(if xs.is_empty() { Cell::Empty } else { let (mean, sd) = mean_std(&xs); Cell::MeanStd(mean, sd, xs.len()) });
+            row.push(if xs.is_empty() {
+                Cell::Empty
+            } else {
+                let (mean, sd) = mean_std(&xs);
+                Cell::MeanStd(mean, sd, xs.len())
+            });
         }
         t.rows.push(row);
     }
@@ -285,7 +298,8 @@ pub fn compare_table(runs: &[RunRow], metric_globs: &[glob::Pattern]) -> Table {
     let mut status = vec![Cell::Text("run".into()), Cell::Text("status".into())];
     status.extend(runs.iter().map(|r| Cell::Text(r.status.to_string())));
     t.rows.push(status);
-    let metrics: BTreeSet<&String> = runs.iter().flat_map(|r| r.metrics.keys()).filter(|k| selected(k, metric_globs)).collect();
+    let metrics: BTreeSet<&String> =
+        runs.iter().flat_map(|r| r.metrics.keys()).filter(|k| selected(k, metric_globs)).collect();
     for m in metrics {
         let mut row = vec![Cell::Text("metric".into()), Cell::Text(m.clone())];
         row.extend(runs.iter().map(|r| r.metrics.get(m).map(|v| Cell::Num(*v)).unwrap_or(Cell::Empty)));
@@ -325,7 +339,10 @@ pub async fn show(store: &Store, id: i64) -> Result<Vec<(String, Table)>> {
     }
     sections.push(("params".to_string(), params));
     let mut stages = Table {
-        headers: ["stage", "kind", "status", "cached", "seconds", "cache key", "error"].iter().map(|s| s.to_string()).collect(),
+        headers: ["stage", "kind", "status", "cached", "seconds", "cache key", "error"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         rows: Vec::new(),
     };
     for s in store.stage_runs(id).await? {
@@ -340,7 +357,8 @@ pub async fn show(store: &Store, id: i64) -> Result<Vec<(String, Table)>> {
         ]);
     }
     sections.push(("stages".to_string(), stages));
-    let mut metrics = Table { headers: vec!["stage".into(), "metric".into(), "step".into(), "value".into()], rows: Vec::new() };
+    let mut metrics =
+        Table { headers: vec!["stage".into(), "metric".into(), "step".into(), "value".into()], rows: Vec::new() };
     for (stage, key, step, value) in store.final_metrics(id).await? {
         metrics.rows.push(vec![Cell::Text(stage), Cell::Text(key), Cell::Int(step), Cell::Num(value)]);
     }
@@ -387,7 +405,9 @@ pub fn render_sections(sections: &[(String, Table)], format: Format) -> String {
 pub fn best_table(runs: &[RunRow], metric: &str, minimize: bool) -> Result<Table> {
     let with: Vec<(&RunRow, f64)> =
         runs.iter().filter_map(|r| r.metrics.get(metric).copied().flatten().map(|v| (r, v))).collect();
-    let Some(&(best, value)) = with.iter().max_by(|a, b| if minimize { b.1.total_cmp(&a.1) } else { a.1.total_cmp(&b.1) }) else {
+    let Some(&(best, value)) =
+        with.iter().max_by(|a, b| if minimize { b.1.total_cmp(&a.1) } else { a.1.total_cmp(&b.1) })
+    else {
         // A key two stages log is stored under its qualified name (`stage.key`): name those.
         let mut similar: Vec<&str> = runs
             .iter()
@@ -403,9 +423,15 @@ pub fn best_table(runs: &[RunRow], metric: &str, minimize: bool) -> Result<Table
         bail!("no run has a value for metric `{metric}`; metrics with that name: {}", similar.join(", "));
     };
     let params = varying_params(runs);
-    let mut t = Table { headers: vec!["id".into(), "experiment".into(), "name".into(), metric.to_string()], rows: Vec::new() };
+    let mut t =
+        Table { headers: vec!["id".into(), "experiment".into(), "name".into(), metric.to_string()], rows: Vec::new() };
     t.headers.extend(params.iter().cloned());
-    let mut row = vec![Cell::Int(best.id), Cell::Text(best.experiment.clone()), Cell::Text(best.name.clone()), Cell::Num(Some(value))];
+    let mut row = vec![
+        Cell::Int(best.id),
+        Cell::Text(best.experiment.clone()),
+        Cell::Text(best.name.clone()),
+        Cell::Num(Some(value)),
+    ];
     row.extend(params.iter().map(|p| best.params.get(p).map(|v| Cell::Text(v.clone())).unwrap_or(Cell::Empty)));
     t.rows.push(row);
     Ok(t)
@@ -432,19 +458,29 @@ pub fn printable(s: &str) -> String {
 /// Line breaks and tabs stay (a multi-line cell, e.g. an error); every other control
 /// character is escaped.
 fn is_unsafe(c: char) -> bool {
-    (c.is_control() && c != '\n' && c != '\t') || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}')
+    (c.is_control() && c != '\n' && c != '\t')
+        || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}')
 }
 
 /// The keys of `conds` that no run in `runs` has as a param or a metric, each with the
 /// closest existing key when one is near (a misspelt `-w` key matches nothing silently).
 pub fn unknown_keys(runs: &[RunRow], keys: &[&str]) -> Vec<(String, Option<String>)> {
-    let known: std::collections::BTreeSet<&str> =
-        runs.iter().flat_map(|r| r.params.keys().chain(r.metrics.keys())).map(String::as_str).chain(["id", "name", "status", "seed"]).collect();
+    let known: std::collections::BTreeSet<&str> = runs
+        .iter()
+        .flat_map(|r| r.params.keys().chain(r.metrics.keys()))
+        .map(String::as_str)
+        .chain(["id", "name", "status", "seed"])
+        .collect();
     keys.iter()
         // A key two stages log is known by its qualified names (`left.mean`): the query says so itself.
         .filter(|k| !known.contains(**k) && !known.iter().any(|c| c.ends_with(&format!(".{k}"))))
         .map(|k| {
-            let near = known.iter().map(|c| (strsim::levenshtein(k, c), *c)).filter(|(d, _)| *d <= 2.max(k.len() / 4)).min().map(|(_, c)| c.to_string());
+            let near = known
+                .iter()
+                .map(|c| (strsim::levenshtein(k, c), *c))
+                .filter(|(d, _)| *d <= 2.max(k.len() / 4))
+                .min()
+                .map(|(_, c)| c.to_string());
             (k.to_string(), near)
         })
         .collect()
@@ -456,7 +492,10 @@ mod tests {
 
     #[test]
     fn control_characters_never_reach_the_terminal() {
-        let t = Table { headers: vec!["title".into()], rows: vec![vec![Cell::Text("a\x1b]0;pwned\x07b\x1b[31mred\u{202e}x".into())]] };
+        let t = Table {
+            headers: vec!["title".into()],
+            rows: vec![vec![Cell::Text("a\x1b]0;pwned\x07b\x1b[31mred\u{202e}x".into())]],
+        };
         for f in [Format::Table, Format::Markdown] {
             let out = t.render(f);
             assert!(!out.chars().any(|c| c == '\x1b' || c == '\x07' || c == '\u{202e}'), "{out:?}");

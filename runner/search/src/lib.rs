@@ -27,11 +27,11 @@ use std::sync::OnceLock;
 use anyhow::{Context as _, Result, bail};
 use candle_core::{Device, Tensor};
 use huse_data::{Artifact, ClassTree, Item, Split};
+use huse_encoders::image_prep;
 use huse_encoders::mobilenet_v2::MobileNetV2;
 use huse_encoders::model_ref::{ModelRef, TEXT_MODEL_FILES};
 use huse_encoders::text::TextEncoder;
 use huse_encoders::tfidf::Tfidf;
-use huse_encoders::image_prep;
 use huse_model::data::{Dataset, Sparse};
 use huse_model::metrics::{Rows, top_k};
 use huse_model::model::{Huse, ModelMeta, predict};
@@ -74,15 +74,20 @@ impl RunFiles {
     /// `stages.NAME.with` are the stages' configs).
     pub fn locate(run: &str, stages: &[StageOutput], config: &serde_json::Value) -> Result<RunFiles> {
         let find = |what: &str, arts: &[Artifact]| -> Result<&StageOutput> {
-            let found: Vec<&StageOutput> = stages.iter().filter(|s| arts.iter().all(|a| s.output_dir.join(a.as_str()).exists())).collect();
+            let found: Vec<&StageOutput> =
+                stages.iter().filter(|s| arts.iter().all(|a| s.output_dir.join(a.as_str()).exists())).collect();
             match found.as_slice() {
                 [one] => Ok(one),
                 [] => {
                     let names = arts.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(" and ");
                     if stages.iter().any(|s| !s.output_dir.is_dir()) {
-                        bail!("{run}: no stage output holds {names} (the {what}); some of its outputs are no longer in the cache: run the experiment again to recreate them")
+                        bail!(
+                            "{run}: no stage output holds {names} (the {what}); some of its outputs are no longer in the cache: run the experiment again to recreate them"
+                        )
                     }
-                    bail!("{run}: no stage wrote {names} (the {what}); search needs a run with a dataset, features and a trained model")
+                    bail!(
+                        "{run}: no stage wrote {names} (the {what}); search needs a run with a dataset, features and a trained model"
+                    )
                 }
                 many => bail!(
                     "{run}: several stages wrote the {what} ({}); search cannot tell which to use",
@@ -190,8 +195,12 @@ impl Searcher {
     /// encoders and towers run on `device` (nearest-neighbour search itself on the CPU).
     pub fn open(files: &RunFiles, index_dir: &Path, device: &Device) -> Result<Searcher> {
         let meta = ModelMeta::read(&files.train_dir.join(Artifact::ModelMeta))?;
-        let encode: EncodeCfg = serde_json::from_value(if files.encode_config.is_null() { serde_json::json!({}) } else { files.encode_config.clone() })
-            .context("the run's encode config")?;
+        let encode: EncodeCfg = serde_json::from_value(if files.encode_config.is_null() {
+            serde_json::json!({})
+        } else {
+            files.encode_config.clone()
+        })
+        .context("the run's encode config")?;
         let tree = ClassTree::read(&files.ingest_dir.join(Artifact::Classes))?;
         let tfidf_files = (files.encode_dir.join(Artifact::Tfidf), files.encode_dir.join(Artifact::TfidfVocab));
         let ds = Dataset::load(
@@ -204,15 +213,18 @@ impl Searcher {
         let device = device.clone();
         let model = Huse::load(&meta.network, &files.train_dir.join(Artifact::Model), &device)?;
         let vocab = if meta.use_tfidf {
-            let t: Tfidf = serde_json::from_slice(&std::fs::read(&tfidf_files.1)?).with_context(|| format!("reading {}", tfidf_files.1.display()))?;
+            let t: Tfidf = serde_json::from_slice(&std::fs::read(&tfidf_files.1)?)
+                .with_context(|| format!("reading {}", tfidf_files.1.display()))?;
             Some(Tfidf::new(t.terms, t.idf))
         } else {
             None
         };
-        let clean_cfg: huse_stage_ingest::clean::CleanCfg = serde_json::from_value(files.ingest_config.get("clean").cloned().unwrap_or(serde_json::Value::Null))
-            .or_else(|_| serde_json::from_value(serde_json::json!({})))
-            .context("the run's text cleaning config")?;
-        let cleaner = huse_stage_ingest::clean::Cleaner::new(&clean_cfg).map_err(|(k, m)| anyhow::anyhow!("clean.{k}: {m}"))?;
+        let clean_cfg: huse_stage_ingest::clean::CleanCfg =
+            serde_json::from_value(files.ingest_config.get("clean").cloned().unwrap_or(serde_json::Value::Null))
+                .or_else(|_| serde_json::from_value(serde_json::json!({})))
+                .context("the run's text cleaning config")?;
+        let cleaner =
+            huse_stage_ingest::clean::Cleaner::new(&clean_cfg).map_err(|(k, m)| anyhow::anyhow!("clean.{k}: {m}"))?;
         let dim = meta.network.shape.dim;
         let n = ds.items.len();
         let index_path = index_dir.join(format!("{}.safetensors", files.index_key));
@@ -230,8 +242,14 @@ impl Searcher {
                 let (_, _, ei, et) = predict(&model, &ds, &all, meta.use_tfidf, &device, 4096)?;
                 std::fs::create_dir_all(index_dir).with_context(|| format!("creating {}", index_dir.display()))?;
                 let tmp = index_dir.join(format!(".{}.{}.tmp", files.index_key, std::process::id()));
-                let tensors = [("image", Tensor::from_slice(&ei, (n, dim), &Device::Cpu)?), ("text", Tensor::from_slice(&et, (n, dim), &Device::Cpu)?)];
-                candle_core::safetensors::save(&tensors.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(), &tmp)?;
+                let tensors = [
+                    ("image", Tensor::from_slice(&ei, (n, dim), &Device::Cpu)?),
+                    ("text", Tensor::from_slice(&et, (n, dim), &Device::Cpu)?),
+                ];
+                candle_core::safetensors::save(
+                    &tensors.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+                    &tmp,
+                )?;
                 std::fs::rename(&tmp, &index_path).with_context(|| format!("writing {}", index_path.display()))?;
                 (ei, et)
             }
@@ -318,7 +336,11 @@ impl Searcher {
         for chunk in texts.chunks(batch.max(1)) {
             let bert = self.text_encoder()?.last4_mean_rows(chunk, None, batch.max(1), |_| {})?;
             if bert.len() != chunk.len() * self.bert_dim {
-                bail!("the text model gives {} features, the run was trained on {}", bert.len() / chunk.len().max(1), self.bert_dim);
+                bail!(
+                    "the text model gives {} features, the run was trained on {}",
+                    bert.len() / chunk.len().max(1),
+                    self.bert_dim
+                );
             }
             let dense = Tensor::from_vec(bert, (chunk.len(), self.bert_dim), &self.device)?;
             let phi = match &self.vocab {
@@ -334,7 +356,8 @@ impl Searcher {
                         indptr.push(idx.len() as i64);
                     }
                     let rows: Vec<usize> = (0..chunk.len()).collect();
-                    let sparse = Sparse::from_csr_rows((&indptr, &idx, &vals), v.len(), &rows, self.bert_dim, &self.device)?;
+                    let sparse =
+                        Sparse::from_csr_rows((&indptr, &idx, &vals), v.len(), &rows, self.bert_dim, &self.device)?;
                     self.model.text.embed_sparse(&dense, Some(&sparse), None)?
                 }
                 None => self.model.text.embed(&dense, None)?,
@@ -367,12 +390,22 @@ impl Searcher {
     fn image_features(&self, xs: &[Vec<f32>]) -> Result<Tensor> {
         let x = image_prep::batch(xs, self.encode.image_size, &Device::Cpu)?;
         let m = self.image_encoder()?;
-        Ok(if self.device.is_cpu() { m.forward_cpu(&x)?.pooled } else { m.forward(&x.to_device(&self.device)?)?.pooled })
+        Ok(if self.device.is_cpu() {
+            m.forward_cpu(&x)?.pooled
+        } else {
+            m.forward(&x.to_device(&self.device)?)?.pooled
+        })
     }
 
     /// The `k` items nearest to each query (unit vectors, row-major), in `modality`;
     /// `skip` excludes one item per query (e.g. the query item itself).
-    pub fn search_many(&self, queries: &[f32], modality: Modality, k: usize, skip: &(dyn Fn(usize) -> Option<usize> + Sync)) -> Vec<Vec<Hit>> {
+    pub fn search_many(
+        &self,
+        queries: &[f32],
+        modality: Modality,
+        k: usize,
+        skip: &(dyn Fn(usize) -> Option<usize> + Sync),
+    ) -> Vec<Vec<Hit>> {
         let q = Rows { data: queries, dim: self.dim };
         let g = Rows { data: self.embeddings(modality), dim: self.dim };
         top_k(&q, &g, k, skip, BLOCK)

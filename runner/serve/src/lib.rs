@@ -60,7 +60,8 @@ impl RunView {
             });
         }
         let root = root.context("the run has no items")?;
-        let image_root = std::fs::canonicalize(&root).with_context(|| format!("the image folder {}", root.display()))?;
+        let image_root =
+            std::fs::canonicalize(&root).with_context(|| format!("the image folder {}", root.display()))?;
         Ok(RunView { label, searcher, image_root })
     }
 }
@@ -114,7 +115,12 @@ pub async fn serve(runs: Vec<RunView>, addr: SocketAddr, ready: impl FnOnce(Sock
 }
 
 /// [`serve`] with other [`Limits`].
-pub async fn serve_with(runs: Vec<RunView>, addr: SocketAddr, limits: Limits, ready: impl FnOnce(SocketAddr)) -> Result<()> {
+pub async fn serve_with(
+    runs: Vec<RunView>,
+    addr: SocketAddr,
+    limits: Limits,
+    ready: impl FnOnce(SocketAddr),
+) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     ready(listener.local_addr()?);
     let app = app(runs);
@@ -150,7 +156,10 @@ struct Problem(StatusCode, String);
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        let body = page("error", &format!("<p class=\"err\">{} — {}</p><p><a href=\"/\">back</a></p>", self.0.as_u16(), esc(&self.1)));
+        let body = page(
+            "error",
+            &format!("<p class=\"err\">{} — {}</p><p><a href=\"/\">back</a></p>", self.0.as_u16(), esc(&self.1)),
+        );
         (self.0, body).into_response()
     }
 }
@@ -161,7 +170,13 @@ fn esc(s: &str) -> String {
 
 fn url_enc(s: &str) -> String {
     s.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
@@ -211,7 +226,11 @@ fn grid(run: usize, hits: &[Hit]) -> String {
     s
 }
 
-fn side_by_side(runs: &Runs, query: &dyn Fn(&Searcher) -> Result<Vec<f32>>, modality: Modality) -> Result<String, Problem> {
+fn side_by_side(
+    runs: &Runs,
+    query: &dyn Fn(&Searcher) -> Result<Vec<f32>>,
+    modality: Modality,
+) -> Result<String, Problem> {
     let mut s = String::from("<div class=\"runs\">");
     for (i, r) in runs.iter().enumerate() {
         let q = query(&r.searcher).map_err(|e| Problem(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
@@ -224,7 +243,14 @@ fn side_by_side(runs: &Runs, query: &dyn Fn(&Searcher) -> Result<Vec<f32>>, moda
 
 async fn home(State(runs): State<Runs>) -> Html<String> {
     let labels: Vec<String> = runs.iter().map(|r| esc(&r.label)).collect();
-    page("search", &format!("{}<p>Runs: {}. Results appear side by side, one column per run.</p>", form("", Modality::Image), labels.join(", ")))
+    page(
+        "search",
+        &format!(
+            "{}<p>Runs: {}. Results appear side by side, one column per run.</p>",
+            form("", Modality::Image),
+            labels.join(", ")
+        ),
+    )
 }
 
 #[derive(Deserialize)]
@@ -267,12 +293,27 @@ fn image_kind(b: &[u8]) -> Option<&'static str> {
 }
 
 async fn search_image(State(runs): State<Runs>, mut form_data: Multipart) -> Result<Html<String>, Problem> {
-    let too_big = || Problem(StatusCode::PAYLOAD_TOO_LARGE, format!("the upload is larger than {} MB", MAX_UPLOAD >> 20));
+    let too_big =
+        || Problem(StatusCode::PAYLOAD_TOO_LARGE, format!("the upload is larger than {} MB", MAX_UPLOAD >> 20));
     let mut bytes: Option<Bytes> = None;
     let mut modality = Modality::Image;
-    while let Some(field) = form_data.next_field().await.map_err(|e| if e.status() == StatusCode::PAYLOAD_TOO_LARGE { too_big() } else { Problem(StatusCode::BAD_REQUEST, e.body_text()) })? {
+    while let Some(field) = form_data.next_field().await.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            too_big()
+        } else {
+            Problem(StatusCode::BAD_REQUEST, e.body_text())
+        }
+    })? {
         match field.name() {
-            Some("image") => bytes = Some(field.bytes().await.map_err(|e| if e.status() == StatusCode::PAYLOAD_TOO_LARGE { too_big() } else { Problem(StatusCode::BAD_REQUEST, e.body_text()) })?),
+            Some("image") => {
+                bytes = Some(field.bytes().await.map_err(|e| {
+                    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                        too_big()
+                    } else {
+                        Problem(StatusCode::BAD_REQUEST, e.body_text())
+                    }
+                })?)
+            }
             Some("modality") => modality = modality_of(Some(&field.text().await.unwrap_or_default()))?,
             _ => {}
         }
@@ -281,8 +322,12 @@ async fn search_image(State(runs): State<Runs>, mut form_data: Multipart) -> Res
     if bytes.len() > MAX_UPLOAD {
         return Err(too_big());
     }
-    let ext = image_kind(&bytes).ok_or_else(|| Problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, "the upload is not a JPEG or PNG image".into()))?;
-    let file = tempfile::Builder::new().suffix(&format!(".{ext}")).tempfile().map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let ext = image_kind(&bytes)
+        .ok_or_else(|| Problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, "the upload is not a JPEG or PNG image".into()))?;
+    let file = tempfile::Builder::new()
+        .suffix(&format!(".{ext}"))
+        .tempfile()
+        .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     std::fs::write(file.path(), &bytes).map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     // A few decodes at a time: each may take up to the encoders' decode limit in memory.
     let _turn = runs.decodes.acquire().await.map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
@@ -306,7 +351,10 @@ fn locate(runs: &Runs, run: &str, item: &str) -> Result<(usize, usize), Problem>
     Ok((r, i))
 }
 
-async fn item_page(State(runs): State<Runs>, UrlPath((run, item)): UrlPath<(String, String)>) -> Result<Html<String>, Problem> {
+async fn item_page(
+    State(runs): State<Runs>,
+    UrlPath((run, item)): UrlPath<(String, String)>,
+) -> Result<Html<String>, Problem> {
     let (r, i) = locate(&runs, &run, &item)?;
     let view = &runs[r];
     let s = &view.searcher;
@@ -335,15 +383,23 @@ async fn item_page(State(runs): State<Runs>, UrlPath((run, item)): UrlPath<(Stri
 async fn image(State(runs): State<Runs>, UrlPath((run, item)): UrlPath<(String, String)>) -> Result<Response, Problem> {
     let (r, i) = locate(&runs, &run, &item)?;
     let view = &runs[r];
-    let path = std::fs::canonicalize(&view.searcher.items()[i].image).map_err(|_| Problem(StatusCode::NOT_FOUND, "the image file is missing".into()))?;
+    let path = std::fs::canonicalize(&view.searcher.items()[i].image)
+        .map_err(|_| Problem(StatusCode::NOT_FOUND, "the image file is missing".into()))?;
     if !path.starts_with(&view.image_root) {
         return Err(Problem(StatusCode::FORBIDDEN, "the image is outside the dataset's image folder".into()));
     }
-    let bytes = tokio::fs::read(&path).await.map_err(|_| Problem(StatusCode::NOT_FOUND, "the image file cannot be read".into()))?;
+    let bytes = tokio::fs::read(&path)
+        .await
+        .map_err(|_| Problem(StatusCode::NOT_FOUND, "the image file cannot be read".into()))?;
     let mime = match image_kind(&bytes) {
         Some("jpg") => "image/jpeg",
         Some("png") => "image/png",
-        _ => return Err(Problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, "the item's file is not a JPEG or PNG image".into())),
+        _ => {
+            return Err(Problem(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "the item's file is not a JPEG or PNG image".into(),
+            ));
+        }
     };
     Ok(([(header::CONTENT_TYPE, mime), (header::CACHE_CONTROL, "max-age=3600")], bytes).into_response())
 }

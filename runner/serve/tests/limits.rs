@@ -10,7 +10,8 @@ fn start(limits: huse_serve::Limits) -> String {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        rt.block_on(huse_serve::serve_with(vec![], "127.0.0.1:0".parse().unwrap(), limits, |a| tx.send(a).unwrap())).unwrap();
+        rt.block_on(huse_serve::serve_with(vec![], "127.0.0.1:0".parse().unwrap(), limits, |a| tx.send(a).unwrap()))
+            .unwrap();
     });
     rx.recv_timeout(Duration::from_secs(10)).unwrap().to_string()
 }
@@ -32,7 +33,9 @@ fn closed(c: &mut TcpStream) -> bool {
         match c.read(&mut b) {
             Ok(0) => return true,
             Ok(_) => continue, // an error response before closing
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                return false;
+            }
             Err(_) => return true,
         }
     }

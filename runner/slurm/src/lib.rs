@@ -189,7 +189,11 @@ pub fn trim(exp: &Experiment, ri: usize, stage: Option<&str>) -> Result<Experime
         let mut stack = vec![stage.to_string()];
         while let Some(s) = stack.pop() {
             if keep.insert(s.clone()) {
-                let spec = run.stages.iter().find(|x| x.name == s).with_context(|| format!("run {} has no stage `{s}`", run.name))?;
+                let spec = run
+                    .stages
+                    .iter()
+                    .find(|x| x.name == s)
+                    .with_context(|| format!("run {} has no stage `{s}`", run.name))?;
                 stack.extend(spec.needs.iter().cloned());
             }
         }
@@ -269,7 +273,8 @@ impl Launch {
 
     /// Reads a launch manifest.
     pub fn read(path: &Path) -> Result<Launch> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading launch manifest {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading launch manifest {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("{}: not a launch manifest", path.display()))
     }
 
@@ -277,7 +282,8 @@ impl Launch {
     pub fn write(&self) -> Result<()> {
         let path = Self::file_in(&self.dir);
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(self)?).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::write(&tmp, serde_json::to_string_pretty(self)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
     }
 
@@ -412,12 +418,23 @@ pub fn submit(plan: &Plan, s: &Submission) -> Result<Launch> {
             let mut script = header(&format!("huse-{}-{}", s.exp.name, job.stage), &log);
             let after: Vec<&str> = job.after.iter().map(|a| launch.shared[*a].job_id.as_str()).collect();
             if !after.is_empty() {
-                script.push_str(&format!("#SBATCH --dependency=afterok:{}\n#SBATCH --kill-on-invalid-dep=yes\n", after.join(":")));
+                script.push_str(&format!(
+                    "#SBATCH --dependency=afterok:{}\n#SBATCH --kill-on-invalid-dep=yes\n",
+                    after.join(":")
+                ));
             }
-            script.push_str(&format!("exec {exe} slurm-task {} --shared {i}\n", shell_quote(&manifest.display().to_string())));
+            script.push_str(&format!(
+                "exec {exe} slurm-task {} --shared {i}\n",
+                shell_quote(&manifest.display().to_string())
+            ));
             let job_id = sbatch(&script, &env).with_context(|| format!("submitting shared stage `{}`", job.stage))?;
             let log = dir.join(format!("shared-{}-{job_id}.out", safe_name(&job.stage)));
-            launch.shared.push(LaunchedShared { run: s.exp.runs[job.run].name.clone(), stage: job.stage.clone(), job_id, log });
+            launch.shared.push(LaunchedShared {
+                run: s.exp.runs[job.run].name.clone(),
+                stage: job.stage.clone(),
+                job_id,
+                log,
+            });
             launch.write()?;
         }
         if !plan.array.is_empty() {
@@ -428,7 +445,10 @@ pub fn submit(plan: &Plan, s: &Submission) -> Result<Launch> {
             script.push_str(&format!("#SBATCH --array=0-{}{par}\n", n - 1));
             let after: Vec<&str> = launch.shared.iter().map(|j| j.job_id.as_str()).collect();
             if !after.is_empty() {
-                script.push_str(&format!("#SBATCH --dependency=afterok:{}\n#SBATCH --kill-on-invalid-dep=yes\n", after.join(":")));
+                script.push_str(&format!(
+                    "#SBATCH --dependency=afterok:{}\n#SBATCH --kill-on-invalid-dep=yes\n",
+                    after.join(":")
+                ));
             }
             script.push_str(&format!("exec {exe} slurm-task {}\n", shell_quote(&manifest.display().to_string())));
             // Written before submitting, so that no task can start without its run list.
@@ -469,7 +489,18 @@ pub type JobState = String;
 
 /// Whether a state is still in the queue (not finished).
 pub fn is_active(state: &str) -> bool {
-    matches!(state, "PENDING" | "RUNNING" | "CONFIGURING" | "COMPLETING" | "SUSPENDED" | "REQUEUED" | "RESIZING" | "SIGNALING" | "STAGE_OUT")
+    matches!(
+        state,
+        "PENDING"
+            | "RUNNING"
+            | "CONFIGURING"
+            | "COMPLETING"
+            | "SUSPENDED"
+            | "REQUEUED"
+            | "RESIZING"
+            | "SIGNALING"
+            | "STAGE_OUT"
+    )
 }
 
 /// The state of each job and array task of `job_ids`, keyed `JOBID` for plain jobs and
@@ -506,7 +537,9 @@ pub fn states(job_ids: &[String]) -> Result<BTreeMap<String, JobState>> {
         }
         if let Ok(text) = command_output(Command::new("scontrol").args(["-o", "show", "job", id]), "scontrol") {
             for line in text.lines() {
-                let field = |name: &str| line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{name}=")[..]).map(str::to_string));
+                let field = |name: &str| {
+                    line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{name}=")[..]).map(str::to_string))
+                };
                 let (Some(state), Some(job)) = (field("JobState"), field("JobId")) else { continue };
                 let key = match (field("ArrayJobId"), field("ArrayTaskId")) {
                     // 4294967294 (NO_VAL) is the record of the tasks not yet split off a
@@ -521,11 +554,18 @@ pub fn states(job_ids: &[String]) -> Result<BTreeMap<String, JobState>> {
     }
     // Finished jobs SLURM has forgotten: accounting, when the cluster keeps it (asked only
     // about the jobs neither the queue nor scontrol knew).
-    let unknown: Vec<&str> = ids.iter().map(|s| s.as_str()).filter(|id| !out.keys().any(|k| k == id || k.starts_with(&format!("{id}_")))).collect();
+    let unknown: Vec<&str> = ids
+        .iter()
+        .map(|s| s.as_str())
+        .filter(|id| !out.keys().any(|k| k == id || k.starts_with(&format!("{id}_"))))
+        .collect();
     if unknown.is_empty() {
         return Ok(out);
     }
-    if let Ok(text) = command_output(Command::new("sacct").args(["-n", "-P", "-X", "-o", "JobID,State", "-j", &unknown.join(",")]), "sacct") {
+    if let Ok(text) = command_output(
+        Command::new("sacct").args(["-n", "-P", "-X", "-o", "JobID,State", "-j", &unknown.join(",")]),
+        "sacct",
+    ) {
         for line in text.lines() {
             if let Some((id, state)) = line.split_once('|') {
                 let state = state.split_whitespace().next().unwrap_or(state).to_string();
@@ -572,13 +612,20 @@ pub struct DbRun {
 /// launches that submitted them (the newest launch of each run counts), the job states,
 /// and the database rows. A run that was never launched and is not in the database is
 /// `missing`.
-pub fn run_states(run_names: &[String], launches: &[Launch], jobs: &BTreeMap<String, JobState>, db: &[DbRun]) -> Vec<RunState> {
+pub fn run_states(
+    run_names: &[String],
+    launches: &[Launch],
+    jobs: &BTreeMap<String, JobState>,
+    db: &[DbRun],
+) -> Vec<RunState> {
     let mut launched: HashMap<&str, (&Launch, String, PathBuf, Option<String>)> = HashMap::new();
     for l in launches {
         if let Some(a) = &l.array {
             // A shared job that failed or was cancelled keeps its dependants from starting.
             let shared_problem = l.shared.iter().find_map(|s| match jobs.get(&s.job_id).map(String::as_str) {
-                Some(st) if !is_active(st) && st != "COMPLETED" => Some(format!("shared stage `{}` {} (log {})", s.stage, st.to_lowercase(), s.log.display())),
+                Some(st) if !is_active(st) && st != "COMPLETED" => {
+                    Some(format!("shared stage `{}` {} (log {})", s.stage, st.to_lowercase(), s.log.display()))
+                }
                 _ => None,
             });
             for (t, name) in a.runs.iter().enumerate() {
@@ -608,21 +655,39 @@ pub fn run_states(run_names: &[String], launches: &[Launch], jobs: &BTreeMap<Str
         let log_text = log.display().to_string();
         let this_row = row.filter(|r| r.log.as_deref() == Some(log_text.as_str()));
         let (status, error) = match (state.as_deref(), this_row) {
-            (Some(st), None) if !is_active(st) && shared_problem.is_some() => ("failed".to_string(), shared_problem.clone()),
-            (Some("CANCELLED"), r) if r.is_none_or(|r| r.status != "succeeded") => ("cancelled".to_string(), Some("cancelled (scancel)".to_string())),
-            (Some(st), None) if is_active(st) => (if st == "PENDING" { "pending" } else { "running" }.to_string(), None),
+            (Some(st), None) if !is_active(st) && shared_problem.is_some() => {
+                ("failed".to_string(), shared_problem.clone())
+            }
+            (Some("CANCELLED"), r) if r.is_none_or(|r| r.status != "succeeded") => {
+                ("cancelled".to_string(), Some("cancelled (scancel)".to_string()))
+            }
+            (Some(st), None) if is_active(st) => {
+                (if st == "PENDING" { "pending" } else { "running" }.to_string(), None)
+            }
             (_, Some(r)) => (r.status.clone(), r.error.clone()),
             (Some(st), None) => {
-                let why = shared_problem.clone().unwrap_or_else(|| format!("job {key} ended {} before its run was recorded; see its log", st.to_lowercase()));
+                let why = shared_problem.clone().unwrap_or_else(|| {
+                    format!("job {key} ended {} before its run was recorded; see its log", st.to_lowercase())
+                });
                 ("failed".to_string(), Some(why))
             }
             (None, None) => match row {
                 // The job is forgotten by SLURM; an older row is all there is.
                 Some(r) => (r.status.clone(), r.error.clone()),
-                None => ("unknown".to_string(), Some(format!("SLURM no longer knows job {key} and the run never reached the database"))),
+                None => (
+                    "unknown".to_string(),
+                    Some(format!("SLURM no longer knows job {key} and the run never reached the database")),
+                ),
             },
         };
-        out.push(RunState { run: name.clone(), status, job: Some(key.clone()), log: Some(log.clone()), run_id: this_row.map(|r| r.id), error });
+        out.push(RunState {
+            run: name.clone(),
+            status,
+            job: Some(key.clone()),
+            log: Some(log.clone()),
+            run_id: this_row.map(|r| r.id),
+            error,
+        });
     }
     out
 }
@@ -633,14 +698,21 @@ mod tests {
 
     #[test]
     fn launcher_block_is_checked_key_by_key() {
-        let ok = LauncherConfig::from_json(&serde_json::json!({"kind": "slurm", "cpus": 2, "parallelism": 4, "extra": ["--qos=short"]})).unwrap();
+        let ok = LauncherConfig::from_json(
+            &serde_json::json!({"kind": "slurm", "cpus": 2, "parallelism": 4, "extra": ["--qos=short"]}),
+        )
+        .unwrap();
         assert!(ok.is_slurm());
         assert_eq!(ok.sbatch_lines(), vec!["--cpus-per-task=2", "--qos=short"]);
         let e = LauncherConfig::from_json(&serde_json::json!({"kind": "slurm", "partitoin": "gpu"})).unwrap_err();
         assert!(e.contains("unknown field `partitoin`") && e.contains("partition"), "{e}");
         assert!(LauncherConfig::from_json(&serde_json::json!({"kind": "pbs"})).unwrap_err().contains("launcher.kind"));
         assert!(LauncherConfig::from_json(&serde_json::json!({"cpus": 0})).unwrap_err().contains("launcher.cpus"));
-        assert!(LauncherConfig::from_json(&serde_json::json!({"extra": ["a\nb"]})).unwrap_err().contains("launcher.extra.0"));
+        assert!(
+            LauncherConfig::from_json(&serde_json::json!({"extra": ["a\nb"]}))
+                .unwrap_err()
+                .contains("launcher.extra.0")
+        );
     }
 
     #[test]
@@ -658,8 +730,19 @@ mod tests {
             cwd: "/".into(),
             dir: "/logs".into(),
             jobs_per_task: 1,
-            shared: shared.iter().map(|(s, id)| LaunchedShared { run: "r".into(), stage: s.to_string(), job_id: id.to_string(), log: format!("/logs/shared-{s}-{id}.out").into() }).collect(),
-            array: Some(LaunchedArray { job_id: array.0.into(), runs: array.1.iter().map(|s| s.to_string()).collect() }),
+            shared: shared
+                .iter()
+                .map(|(s, id)| LaunchedShared {
+                    run: "r".into(),
+                    stage: s.to_string(),
+                    job_id: id.to_string(),
+                    log: format!("/logs/shared-{s}-{id}.out").into(),
+                })
+                .collect(),
+            array: Some(LaunchedArray {
+                job_id: array.0.into(),
+                runs: array.1.iter().map(|s| s.to_string()).collect(),
+            }),
             submitted_at: "t".into(),
         }
     }
@@ -667,13 +750,32 @@ mod tests {
     #[test]
     fn states_merge_the_queue_and_the_database() {
         let l = launch(&[("source", "10")], ("11", &["a", "b", "c", "d", "e"]));
-        let jobs: BTreeMap<String, String> = [("10", "COMPLETED"), ("11_0", "COMPLETED"), ("11_1", "FAILED"), ("11_2", "RUNNING"), ("11_3", "CANCELLED"), ("11_4", "PENDING")]
-            .iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect();
+        let jobs: BTreeMap<String, String> = [
+            ("10", "COMPLETED"),
+            ("11_0", "COMPLETED"),
+            ("11_1", "FAILED"),
+            ("11_2", "RUNNING"),
+            ("11_3", "CANCELLED"),
+            ("11_4", "PENDING"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
         let db = vec![
-            DbRun { id: 1, name: "a".into(), status: "succeeded".into(), log: Some("/logs/run-11_0.out".into()), error: None },
-            DbRun { id: 2, name: "b".into(), status: "failed".into(), log: Some("/logs/run-11_1.out".into()), error: Some("stage `x` failed".into()) },
+            DbRun {
+                id: 1,
+                name: "a".into(),
+                status: "succeeded".into(),
+                log: Some("/logs/run-11_0.out".into()),
+                error: None,
+            },
+            DbRun {
+                id: 2,
+                name: "b".into(),
+                status: "failed".into(),
+                log: Some("/logs/run-11_1.out".into()),
+                error: Some("stage `x` failed".into()),
+            },
         ];
         let names: Vec<String> = ["a", "b", "c", "d", "e", "f"].iter().map(|s| s.to_string()).collect();
         let s = run_states(&names, &[l], &jobs, &db);
@@ -686,12 +788,18 @@ mod tests {
     #[test]
     fn a_failed_shared_job_fails_its_runs_with_its_log() {
         let l = launch(&[("source", "10")], ("11", &["a"]));
-        let jobs: BTreeMap<String, String> = [("10", "FAILED"), ("11_*", "CANCELLED")].iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        let jobs: BTreeMap<String, String> =
+            [("10", "FAILED"), ("11_*", "CANCELLED")].iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
         let s = run_states(&["a".to_string()], std::slice::from_ref(&l), &jobs, &[]);
         assert_eq!(s[0].status, "failed", "SLURM cancels the dependants of a failed job; the cause is the shared job");
-        let jobs: BTreeMap<String, String> = [("10", "FAILED"), ("11_0", "FAILED")].iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        let jobs: BTreeMap<String, String> =
+            [("10", "FAILED"), ("11_0", "FAILED")].iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
         let s = run_states(&["a".to_string()], &[l], &jobs, &[]);
         assert_eq!(s[0].status, "failed");
-        assert!(s[0].error.as_deref().unwrap().contains("shared stage `source` failed (log /logs/shared-source-10.out)"), "{:?}", s[0].error);
+        assert!(
+            s[0].error.as_deref().unwrap().contains("shared stage `source` failed (log /logs/shared-source-10.out)"),
+            "{:?}",
+            s[0].error
+        );
     }
 }

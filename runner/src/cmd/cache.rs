@@ -28,6 +28,10 @@ pub fn run(g: &Global, cmd: CacheCmd) -> Result<i32> {
             }
         }
     }
-    println!("{good} entr{} whole, {bad} damaged and removed ({})", if good == 1 { "y" } else { "ies" }, g.cache.display());
+    println!(
+        "{good} entr{} whole, {bad} damaged and removed ({})",
+        if good == 1 { "y" } else { "ies" },
+        g.cache.display()
+    );
     Ok(if bad > 0 { 1 } else { 0 })
 }

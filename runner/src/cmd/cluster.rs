@@ -27,7 +27,9 @@ use super::{Global, compile};
 fn launcher_block(source: &Source) -> Result<Option<LauncherConfig>, String> {
     source
         .launcher()
-        .map(|(v, origin)| LauncherConfig::from_json(&v).map_err(|e| format!("{}:{}: {e}", source.display, origin_text(&origin))))
+        .map(|(v, origin)| {
+            LauncherConfig::from_json(&v).map_err(|e| format!("{}:{}: {e}", source.display, origin_text(&origin)))
+        })
         .transpose()
 }
 
@@ -83,7 +85,14 @@ fn all_job_ids(launches: &[Launch]) -> Vec<String> {
 
 /// Submits the runs of `exp` that still have work; then follows them until they end
 /// (Ctrl-C cancels them), or returns at once with `--detach`.
-pub async fn launch(g: &Global, a: &RunArgs, exp: &Experiment, registry: &Registry, cfg: &LauncherConfig, display: &Display) -> Result<i32> {
+pub async fn launch(
+    g: &Global,
+    a: &RunArgs,
+    exp: &Experiment,
+    registry: &Registry,
+    cfg: &LauncherConfig,
+    display: &Display,
+) -> Result<i32> {
     let cache_dir = std::path::absolute(&g.cache)?;
     let cache = Cache::open(&cache_dir)?;
     let opts = RunOptions::default();
@@ -103,7 +112,10 @@ pub async fn launch(g: &Global, a: &RunArgs, exp: &Experiment, registry: &Regist
         plan.shared.len()
     );
     if plan.array.is_empty() {
-        println!("nothing to submit: every run of `{}` is cached or already queued; `huse-run status` shows them", exp.name);
+        println!(
+            "nothing to submit: every run of `{}` is cached or already queued; `huse-run status` shows them",
+            exp.name
+        );
         return Ok(0);
     }
     if let Location::Sqlite(p) = &g.db {
@@ -141,7 +153,11 @@ pub async fn launch(g: &Global, a: &RunArgs, exp: &Experiment, registry: &Regist
         array.job_id
     );
     if a.detach {
-        println!("detached; follow with `huse-run status {}` or `huse-run wait {}`", a.experiment.as_ref().unwrap().display(), a.experiment.as_ref().unwrap().display());
+        println!(
+            "detached; follow with `huse-run status {}` or `huse-run wait {}`",
+            a.experiment.as_ref().unwrap().display(),
+            a.experiment.as_ref().unwrap().display()
+        );
         return Ok(0);
     }
     // Attached: follow the jobs; Ctrl-C cancels them.
@@ -193,7 +209,10 @@ async fn db_runs(db: &Location, experiment: &str) -> Result<Vec<DbRun>> {
     let store = Store::open_read_only(db).await?;
     let runs = store.load_runs(&Filter { experiment: Some(experiment.to_string()), ..Default::default() }).await?;
     store.close().await;
-    Ok(runs.into_iter().map(|r| DbRun { id: r.id, name: r.name, status: r.status.to_string(), log: r.log, error: r.error }).collect())
+    Ok(runs
+        .into_iter()
+        .map(|r| DbRun { id: r.id, name: r.name, status: r.status.to_string(), log: r.log, error: r.error })
+        .collect())
 }
 
 async fn print_status(g: &Global, exp: &Experiment, root: &Path) -> Result<Vec<huse_slurm::RunState>> {
@@ -209,7 +228,10 @@ async fn print_status(g: &Global, exp: &Experiment, root: &Path) -> Result<Vec<h
         }
     }
     let rows = huse_slurm::run_states(&names, &launches, &states, &db);
-    let mut t = Table { headers: ["run", "name", "status", "job", "log", "error"].iter().map(|s| s.to_string()).collect(), rows: vec![] };
+    let mut t = Table {
+        headers: ["run", "name", "status", "job", "log", "error"].iter().map(|s| s.to_string()).collect(),
+        rows: vec![],
+    };
     for r in &rows {
         let show_log = !matches!(r.status.as_str(), "succeeded" | "pending");
         t.rows.push(vec![
@@ -217,7 +239,11 @@ async fn print_status(g: &Global, exp: &Experiment, root: &Path) -> Result<Vec<h
             Cell::Text(r.run.clone()),
             Cell::Text(r.status.clone()),
             Cell::Text(r.job.clone().unwrap_or_default()),
-            Cell::Text(if show_log { r.log.as_ref().map(|p| p.display().to_string()).unwrap_or_default() } else { String::new() }),
+            Cell::Text(if show_log {
+                r.log.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+            } else {
+                String::new()
+            }),
             Cell::Text(r.error.clone().unwrap_or_default()),
         ]);
     }
@@ -292,7 +318,11 @@ pub async fn task(g: &Global, launch_file: &Path, shared: Option<usize>, display
         }
     };
     let jobs = launch.jobs_per_task.max(1) as usize;
-    let find = |name: &str| exp.runs.iter().position(|r| r.name == name).with_context(|| format!("the experiment no longer has run `{name}` (was the file changed after the launch?)"));
+    let find = |name: &str| {
+        exp.runs.iter().position(|r| r.name == name).with_context(|| {
+            format!("the experiment no longer has run `{name}` (was the file changed after the launch?)")
+        })
+    };
     match shared {
         Some(i) => {
             let job = launch.shared.get(i).with_context(|| format!("the launch has no shared job {i}"))?;
@@ -315,7 +345,8 @@ pub async fn task(g: &Global, launch_file: &Path, shared: Option<usize>, display
             let trimmed = huse_slurm::trim(&exp, find(name)?, None)?;
             let log = launch.task_log(&job_id, task).display().to_string();
             info!("run {name} (task {task} of array {job_id}; log {log})");
-            let opts = RunOptions { jobs, run_log: Some(log), auto_gpu: huse_stage_kit::auto_gpu(), ..RunOptions::default() };
+            let opts =
+                RunOptions { jobs, run_log: Some(log), auto_gpu: huse_stage_kit::auto_gpu(), ..RunOptions::default() };
             run_compiled(g, &g.db, &trimmed, &registry, &opts, display).await
         }
     }

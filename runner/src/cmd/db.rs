@@ -49,7 +49,10 @@ async fn replay(g: &Global) -> Result<i32> {
     }
     for (f, why, n) in store.set_aside_spools().await {
         remain += 1;
-        eprintln!("error: spool {} ({n} record(s)) was set aside and will not be written: {why}; inspect it, then delete it", f.display());
+        eprintln!(
+            "error: spool {} ({n} record(s)) was set aside and will not be written: {why}; inspect it, then delete it",
+            f.display()
+        );
     }
     if remain > 0 {
         eprintln!("{} record(s) written; {remain} spool(s) remain unwritten in {}", r.written, g.db);
@@ -79,7 +82,11 @@ async fn copy(g: &Global, src: &str, dst: &str, experiment: Option<&str>) -> Res
         "copied {} run(s) from {src} into {dst}; {} already there{}",
         done.copied,
         done.skipped,
-        if done.running > 0 { format!("; {} still running, left out (copy again later)", done.running) } else { String::new() }
+        if done.running > 0 {
+            format!("; {} still running, left out (copy again later)", done.running)
+        } else {
+            String::new()
+        }
     );
     Ok(0)
 }

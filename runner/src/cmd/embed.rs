@@ -64,6 +64,10 @@ pub async fn run(g: &Global, a: EmbedArgs, display: &Display) -> Result<i32> {
             huse_search::write_embedding_files(image, text, &ids, searcher.dim(), &out)?
         }
     };
-    println!("{} ({n} items: embeddings.safetensors with `image` and `text` ({n} x {}), ids.json)", out.display(), searcher.dim());
+    println!(
+        "{} ({n} items: embeddings.safetensors with `image` and `text` ({n} x {}), ids.json)",
+        out.display(),
+        searcher.dim()
+    );
     Ok(0)
 }

@@ -36,7 +36,9 @@ pub async fn run(g: &Global, a: ExportArgs) -> Result<i32> {
     let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "export".into());
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let written = async {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?);
+        let mut f = std::io::BufWriter::new(
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
+        );
         huse_report::export(&store, a.experiment.as_deref(), &a.format, &mut f).await?;
         std::io::Write::flush(&mut f)?;
         f.into_inner().map_err(|e| e.into_error())?.sync_all()?;

@@ -26,12 +26,20 @@ pub fn run(a: ListArgs) -> Result<i32> {
             return Ok(2);
         }
     }
-    let mut t = Table { headers: vec!["kind".into(), "version".into(), "takes".into(), "gives".into(), "source".into(), "about".into()], rows: vec![] };
+    let mut t = Table {
+        headers: vec!["kind".into(), "version".into(), "takes".into(), "gives".into(), "source".into(), "about".into()],
+        rows: vec![],
+    };
     for (kind, e) in registry.entries() {
         let s = &e.stage;
         let takes = s.inputs().iter().map(|i| i.name.clone()).collect::<Vec<_>>().join(", ");
         let gives = s.outputs().iter().map(|o| o.name.clone()).collect::<Vec<_>>().join(", ");
-        t.rows.push([kind, s.version(), &takes, &gives, &e.source, s.describe()].iter().map(|x| Cell::Text(x.to_string())).collect());
+        t.rows.push(
+            [kind, s.version(), &takes, &gives, &e.source, s.describe()]
+                .iter()
+                .map(|x| Cell::Text(x.to_string()))
+                .collect(),
+        );
     }
     print!("{}", t.render(Format::Table));
     println!("devices: {}", huse_stage_kit::devices());

@@ -34,7 +34,14 @@ pub mod show;
 pub struct Global {
     /// Results database: a SQLite file path (taken verbatim), sqlite://PATH, or a PostgreSQL
     /// URL (postgres://USER[:PASSWORD]@HOST[:PORT]/DB).
-    #[arg(long = "db", id = "db", global = true, env = "HUSE_DB", default_value = ".huse/runs.sqlite", value_name = "DB")]
+    #[arg(
+        long = "db",
+        id = "db",
+        global = true,
+        env = "HUSE_DB",
+        default_value = ".huse/runs.sqlite",
+        value_name = "DB"
+    )]
     pub db_arg: String,
     /// `db_arg` parsed (by the dispatcher, so that a refused location is never echoed with its password).
     #[arg(skip = Location::Sqlite(PathBuf::new()))]
@@ -82,7 +89,10 @@ impl FilterArgs {
         let all = store.load_runs(&Filter { experiment: self.experiment.clone(), ..Default::default() }).await?;
         let keys: Vec<&str> = self.conds.iter().map(|c| c.key.as_str()).collect();
         for (k, near) in huse_report::table::unknown_keys(&all, &keys) {
-            warn!("no run has a param or metric `{k}`{}", near.map(|n| format!(" (did you mean `{n}`?)")).unwrap_or_default());
+            warn!(
+                "no run has a param or metric `{k}`{}",
+                near.map(|n| format!(" (did you mean `{n}`?)")).unwrap_or_default()
+            );
         }
         Ok(())
     }
@@ -122,7 +132,10 @@ pub async fn open_for_queries(g: &Global) -> Result<Store> {
     }
     let aside = store.set_aside_spools().await;
     if !aside.is_empty() {
-        warn!("{} spool(s) of records that cannot be written to {db} were set aside; `huse-run db replay` names them", aside.len());
+        warn!(
+            "{} spool(s) of records that cannot be written to {db} were set aside; `huse-run db replay` names them",
+            aside.len()
+        );
     }
     Ok(store)
 }
@@ -135,14 +148,20 @@ pub fn compile(file: &Path, a: &run::RunArgs) -> Result<(huse_config::Experiment
     let env = |k: &str| std::env::var(k).ok();
     let mut registry = builtin_registry();
     load_plugins(&source, &a.plugins, &mut registry, &env)?;
-    let overrides = Overrides { set: a.set.clone(), repeat: a.repeat, force: a.force.clone(), max_runs: Some(a.max_runs) };
+    let overrides =
+        Overrides { set: a.set.clone(), repeat: a.repeat, force: a.force.clone(), max_runs: Some(a.max_runs) };
     let exp = huse_config::compile(&source, &overrides, &registry, &env)?;
     Ok((exp, registry, source))
 }
 
 /// Loads the plugins of the file's `plugins:` list and of `--plugin` flags into `registry`;
 /// errors point at the list entry or the flag.
-fn load_plugins(source: &Source, cli: &[PathBuf], registry: &mut Registry, env: &dyn Fn(&str) -> Option<String>) -> Result<(), Diagnostics> {
+fn load_plugins(
+    source: &Source,
+    cli: &[PathBuf],
+    registry: &mut Registry,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), Diagnostics> {
     let mut diags = Vec::new();
     for p in source.plugins(env) {
         if let Err(e) = registry.load_plugin(&p.path) {
@@ -167,9 +186,16 @@ pub async fn run_files(store: &Store, run: i64) -> Result<huse_search::RunFiles>
         .await?
         .into_iter()
         .filter(|s| s.status == huse_store::StageStatus::Succeeded)
-        .filter_map(|s| Some(huse_search::StageOutput { stage: s.stage, output_dir: PathBuf::from(s.output_dir?), cache_key: s.cache_key }))
+        .filter_map(|s| {
+            Some(huse_search::StageOutput {
+                stage: s.stage,
+                output_dir: PathBuf::from(s.output_dir?),
+                cache_key: s.cache_key,
+            })
+        })
         .collect();
     let (yaml, _) = store.run_config(run).await?;
-    let config: serde_json::Value = serde_saphyr::from_str(&yaml).map_err(|e| anyhow::anyhow!("run {run}: its resolved config: {e}"))?;
+    let config: serde_json::Value =
+        serde_saphyr::from_str(&yaml).map_err(|e| anyhow::anyhow!("run {run}: its resolved config: {e}"))?;
     huse_search::RunFiles::locate(&format!("run {run} ({})", info.name), &stages, &config)
 }

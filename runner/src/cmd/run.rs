@@ -113,7 +113,14 @@ pub async fn run(g: &Global, a: RunArgs, display: &Display) -> Result<i32> {
 
 /// Runs a compiled experiment on this machine against the database at `db`, prints the
 /// summaries and the outcome table; returns the exit code.
-pub async fn run_compiled(g: &Global, db: &Location, exp: &huse_config::Experiment, registry: &Registry, opts: &RunOptions, display: &Display) -> Result<i32> {
+pub async fn run_compiled(
+    g: &Global,
+    db: &Location,
+    exp: &huse_config::Experiment,
+    registry: &Registry,
+    opts: &RunOptions,
+    display: &Display,
+) -> Result<i32> {
     let cancel = CancelToken::new();
     spawn_signal_handler(cancel.clone());
     let cache = Cache::open(&g.cache)?;
@@ -134,7 +141,10 @@ pub async fn run_compiled(g: &Global, db: &Location, exp: &huse_config::Experime
     }
     store.close().await;
 
-    let mut t = Table { headers: vec!["run".into(), "name".into(), "status".into(), "computed".into(), "cached".into(), "error".into()], rows: vec![] };
+    let mut t = Table {
+        headers: vec!["run".into(), "name".into(), "status".into(), "computed".into(), "cached".into(), "error".into()],
+        rows: vec![],
+    };
     for o in outcomes {
         t.rows.push(vec![
             Cell::Int(o.id),

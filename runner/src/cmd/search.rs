@@ -50,7 +50,10 @@ pub async fn run(g: &Global, a: SearchArgs) -> Result<i32> {
         (None, Some(p)) => searcher.embed_image(p)?,
         (None, None) => unreachable!("clap requires one"),
     };
-    let mut t = Table { headers: ["rank", "id", "title", "class", "split", "distance"].iter().map(|s| s.to_string()).collect(), rows: vec![] };
+    let mut t = Table {
+        headers: ["rank", "id", "title", "class", "split", "distance"].iter().map(|s| s.to_string()).collect(),
+        rows: vec![],
+    };
     for (i, h) in searcher.search(&q, a.modality, a.k as usize).into_iter().enumerate() {
         t.rows.push(vec![
             Cell::Int(i as i64 + 1),

@@ -119,7 +119,12 @@ impl Store {
                 });
             }
             // Artifacts and texts go with the (first) row of their stage, as they were recorded.
-            for a in self.q("SELECT stage, name, path, bytes FROM artifacts WHERE run_id = ? ORDER BY stage, name").bind(id).fetch_all(&self.pool).await? {
+            for a in self
+                .q("SELECT stage, name, path, bytes FROM artifacts WHERE run_id = ? ORDER BY stage, name")
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await?
+            {
                 if let Some(r) = of_stage(&mut stage_runs, &a.get::<String, _>(0)) {
                     r.artifacts.push((a.get(1), a.get(2), a.get(3)));
                 }
@@ -195,7 +200,11 @@ impl Store {
                     .bind(crate::now())
                     .execute(&mut *conn)
                     .await?;
-                let exp: i64 = q(b, "SELECT id FROM experiments WHERE name = ?").bind(&run.experiment).fetch_one(&mut *conn).await?.get(0);
+                let exp: i64 = q(b, "SELECT id FROM experiments WHERE name = ?")
+                    .bind(&run.experiment)
+                    .fetch_one(&mut *conn)
+                    .await?
+                    .get(0);
                 let id: i64 = q(
                     b,
                     "INSERT INTO runs (experiment_id, name, status, started_at, ended_at, duration_s, config_yaml, sweep_point, seed, device, git_commit, error, host, pid, log)
@@ -220,16 +229,33 @@ impl Store {
                 .await?
                 .get(0);
                 for (k, v, n) in &run.params {
-                    q(b, "INSERT INTO params (run_id, key, value, value_num) VALUES (?, ?, ?, ?)").bind(id).bind(k).bind(v).bind(*n).execute(&mut *conn).await?;
+                    q(b, "INSERT INTO params (run_id, key, value, value_num) VALUES (?, ?, ?, ?)")
+                        .bind(id)
+                        .bind(k)
+                        .bind(v)
+                        .bind(*n)
+                        .execute(&mut *conn)
+                        .await?;
                 }
                 // The same writer as a run being recorded.
                 for st in &run.stage_runs {
-                    Store::write_record(b, &mut *conn, &Record::StageRun(StageRunRow { run_id: id, ..st.clone() })).await?;
+                    Store::write_record(
+                        b,
+                        &mut *conn,
+                        &Record::StageRun(Box::new(StageRunRow { run_id: id, ..st.clone() })),
+                    )
+                    .await?;
                 }
                 let metrics = run
                     .metrics
                     .iter()
-                    .map(|(stage, key, step, value)| MetricRow { run_id: id, stage: stage.clone(), key: key.clone(), step: *step, value: value.unwrap_or(f64::NAN) })
+                    .map(|(stage, key, step, value)| MetricRow {
+                        run_id: id,
+                        stage: stage.clone(),
+                        key: key.clone(),
+                        step: *step,
+                        value: value.unwrap_or(f64::NAN),
+                    })
                     .collect();
                 Store::write_record(b, &mut *conn, &Record::Metrics(metrics)).await?;
                 true
@@ -252,7 +278,8 @@ pub async fn copy(src: &Store, dst: &Store, experiment: Option<&str>) -> Result<
             done.running += 1;
             continue;
         }
-        let written = dst.import_run(&run).await.with_context(|| format!("copying run {} into {}", run.name, dst.location()))?;
+        let written =
+            dst.import_run(&run).await.with_context(|| format!("copying run {} into {}", run.name, dst.location()))?;
         if written {
             done.copied += 1;
         } else {

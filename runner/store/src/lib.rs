@@ -257,7 +257,12 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { busy_timeout: Duration::from_secs(60), retry_window: Duration::from_secs(300), fallback_spool_dir: None, replay_on_open: true }
+        Options {
+            busy_timeout: Duration::from_secs(60),
+            retry_window: Duration::from_secs(300),
+            fallback_spool_dir: None,
+            replay_on_open: true,
+        }
     }
 }
 
@@ -268,7 +273,8 @@ impl Options {
         let secs = |name: &str| -> Result<Option<Duration>> {
             match std::env::var(name) {
                 Ok(v) => {
-                    let s: f64 = v.trim().parse().map_err(|_| anyhow::anyhow!("{name}={v}: expected a number of seconds"))?;
+                    let s: f64 =
+                        v.trim().parse().map_err(|_| anyhow::anyhow!("{name}={v}: expected a number of seconds"))?;
                     if !(s.is_finite() && (0.0..=86_400.0).contains(&s)) {
                         bail!("{name}={v}: expected 0 to 86400 seconds");
                     }
@@ -372,7 +378,8 @@ impl Location {
 /// name stay literal).
 fn sqlite_url(path: &Path, mode: &str) -> Result<url::Url> {
     // Absolute, so that SQLite never reads the name as a `file:` URI of its own.
-    let path = std::path::absolute(path).with_context(|| format!("{}: cannot make the path absolute", path.display()))?;
+    let path =
+        std::path::absolute(path).with_context(|| format!("{}: cannot make the path absolute", path.display()))?;
     let bytes = path.as_os_str().as_encoded_bytes();
     let mut enc = String::with_capacity(bytes.len() + 16);
     for b in bytes {
@@ -382,7 +389,8 @@ fn sqlite_url(path: &Path, mode: &str) -> Result<url::Url> {
             enc.push_str(&format!("%{b:02X}"));
         }
     }
-    url::Url::parse(&format!("sqlite://{enc}?{mode}")).with_context(|| format!("{}: cannot make a database URL of this path", path.display()))
+    url::Url::parse(&format!("sqlite://{enc}?{mode}"))
+        .with_context(|| format!("{}: cannot make a database URL of this path", path.display()))
 }
 
 /// Where a PostgreSQL database's spools go under `dir` (a server has no folder beside it):
@@ -409,7 +417,9 @@ pub fn redact(url: &str) -> String {
         let hidden: Vec<String> = query
             .split('&')
             .map(|kv| match kv.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword") => format!("{k}=***"),
+                Some((k, _)) if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword") => {
+                    format!("{k}=***")
+                }
                 _ => kv.to_string(),
             })
             .collect();
@@ -434,7 +444,10 @@ pub enum Backend {
 /// sends a NULL `f64` as a `float4` parameter, and a statement prepared with that type
 /// then refuses a non-NULL `float8` ("incorrect binary data format"); an unnamed
 /// statement takes each execution's parameter types afresh.
-pub(crate) fn q(backend: Backend, text: &'static str) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
+pub(crate) fn q(
+    backend: Backend,
+    text: &'static str,
+) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
     match backend {
         Backend::Sqlite => sqlx::query(text),
         Backend::Postgres => sqlx::query(AssertSqlSafe(numbered(text))).persistent(false),
@@ -442,7 +455,10 @@ pub(crate) fn q(backend: Backend, text: &'static str) -> sqlx::query::Query<'sta
 }
 
 /// Like [`q`], for a statement built at run time.
-pub(crate) fn q_owned(backend: Backend, text: String) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
+pub(crate) fn q_owned(
+    backend: Backend,
+    text: String,
+) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
     match backend {
         Backend::Sqlite => sqlx::query(AssertSqlSafe(text)),
         Backend::Postgres => sqlx::query(AssertSqlSafe(numbered(&text))).persistent(false),
@@ -489,7 +505,12 @@ fn is_permanent(e: &anyhow::Error) -> bool {
 
 /// The database's identity (`meta.database_id`, written by migration 6).
 async fn database_id(pool: &AnyPool, backend: Backend) -> Option<String> {
-    q(backend, "SELECT value FROM meta WHERE key = 'database_id'").fetch_optional(pool).await.ok().flatten().map(|r| r.get::<String, _>(0))
+    q(backend, "SELECT value FROM meta WHERE key = 'database_id'")
+        .fetch_optional(pool)
+        .await
+        .ok()
+        .flatten()
+        .map(|r| r.get::<String, _>(0))
 }
 
 /// The newest schema version this build knows (the last migration's number).
@@ -566,8 +587,16 @@ impl Store {
                 (pool, Backend::Sqlite, path.clone())
             }
             Location::Postgres(url) => {
-                let pool = Self::connect_postgres(url, 16, options.busy_timeout.clamp(Duration::from_secs(1), Duration::from_secs(10))).await?;
-                POSTGRES_MIGRATIONS.run(&pool).await.with_context(|| format!("migrating results database {location}"))?;
+                let pool = Self::connect_postgres(
+                    url,
+                    16,
+                    options.busy_timeout.clamp(Duration::from_secs(1), Duration::from_secs(10)),
+                )
+                .await?;
+                POSTGRES_MIGRATIONS
+                    .run(&pool)
+                    .await
+                    .with_context(|| format!("migrating results database {location}"))?;
                 // A server has no folder beside it: spool in the fallback folder (the cache),
                 // one sub-folder per database.
                 let dir = options.fallback_spool_dir.clone().unwrap_or_else(std::env::temp_dir);
@@ -575,7 +604,11 @@ impl Store {
             }
         };
         let db_id = database_id(&pool, backend).await;
-        let spool = spool::Spool::new(&spool_key, options.fallback_spool_dir.clone().filter(|_| backend == Backend::Sqlite), db_id.clone());
+        let spool = spool::Spool::new(
+            &spool_key,
+            options.fallback_spool_dir.clone().filter(|_| backend == Backend::Sqlite),
+            db_id.clone(),
+        );
         let store = Store {
             pool,
             backend,
@@ -605,11 +638,17 @@ impl Store {
     /// connection (a server that went away spools records instead of stalling the run).
     async fn connect_postgres(url: &str, max: u32, acquire_timeout: Duration) -> Result<AnyPool> {
         let shown = redact(url);
-        let opts = AnyConnectOptions::from_url(&url.parse().map_err(|e| anyhow::anyhow!("`{shown}`: not a valid URL ({e})"))?)
-            .with_context(|| format!("`{shown}`: not a PostgreSQL URL"))?;
+        let opts =
+            AnyConnectOptions::from_url(&url.parse().map_err(|e| anyhow::anyhow!("`{shown}`: not a valid URL ({e})"))?)
+                .with_context(|| format!("`{shown}`: not a PostgreSQL URL"))?;
         // One direct attempt first: a wrong host, port or password fails at once instead of
         // being retried for the pool's whole acquire timeout.
-        match tokio::time::timeout(Duration::from_secs(30), <sqlx::AnyConnection as sqlx::Connection>::connect_with(&opts)).await {
+        match tokio::time::timeout(
+            Duration::from_secs(30),
+            <sqlx::AnyConnection as sqlx::Connection>::connect_with(&opts),
+        )
+        .await
+        {
             Ok(Ok(c)) => {
                 let _ = sqlx::Connection::close(c).await;
             }
@@ -646,7 +685,9 @@ impl Store {
                     async move {
                         let pool = AnyPoolOptions::new()
                             .max_connections(2)
-                            .after_connect(|conn, _| Box::pin(async move { conn.execute("PRAGMA busy_timeout = 60000").await.map(|_| ()) }))
+                            .after_connect(|conn, _| {
+                                Box::pin(async move { conn.execute("PRAGMA busy_timeout = 60000").await.map(|_| ()) })
+                            })
                             .connect_with(AnyConnectOptions::from_url(&url?)?)
                             .await?;
                         // Reading the schema is what fails on a read-only folder (no `-shm` can be made).
@@ -671,15 +712,23 @@ impl Store {
                             }
                             p
                         }
-                        Err(_) if format!("{first:#}").contains("file is not a database") => bail!("{location} is not a huse-run database"),
-                        Err(_) => return Err(first).with_context(|| format!("opening results database {}", path.display())),
+                        Err(_) if format!("{first:#}").contains("file is not a database") => {
+                            bail!("{location} is not a huse-run database")
+                        }
+                        Err(_) => {
+                            return Err(first).with_context(|| format!("opening results database {}", path.display()));
+                        }
                     },
                 };
                 (pool, Backend::Sqlite, path.clone())
             }
             Location::Postgres(url) => {
                 let pool = Self::connect_postgres(url, 4, Duration::from_secs(60)).await?;
-                (pool, Backend::Postgres, pg_spool_key(&fallback_spool_dir.clone().unwrap_or_else(std::env::temp_dir), url))
+                (
+                    pool,
+                    Backend::Postgres,
+                    pg_spool_key(&fallback_spool_dir.clone().unwrap_or_else(std::env::temp_dir), url),
+                )
             }
         };
         let not_ours = || anyhow::anyhow!("{location} is not a huse-run database");
@@ -697,18 +746,22 @@ impl Store {
         if has_table == 0 {
             return Err(not_ours());
         }
-        let version: Option<i64> = q(backend, "SELECT max(version) FROM _sqlx_migrations WHERE success").fetch_one(&pool).await?.get(0);
+        let version: Option<i64> =
+            q(backend, "SELECT max(version) FROM _sqlx_migrations WHERE success").fetch_one(&pool).await?.get(0);
         let latest = latest_schema();
         match version {
             None => return Err(not_ours()),
             Some(v) if v < latest => bail!(
                 "{location} has an older schema (version {v}, this huse-run writes {latest}): run an experiment with this huse-run to upgrade it"
             ),
-            Some(v) if v > latest => bail!("{location} has a newer schema (version {v}) than this huse-run knows ({latest}): use a newer huse-run"),
+            Some(v) if v > latest => bail!(
+                "{location} has a newer schema (version {v}) than this huse-run knows ({latest}): use a newer huse-run"
+            ),
             _ => {}
         }
         let db_id = database_id(&pool, backend).await;
-        let spool = spool::Spool::new(&spool_key, fallback_spool_dir.filter(|_| backend == Backend::Sqlite), db_id.clone());
+        let spool =
+            spool::Spool::new(&spool_key, fallback_spool_dir.filter(|_| backend == Backend::Sqlite), db_id.clone());
         Ok(Store {
             pool,
             backend,
@@ -755,7 +808,8 @@ impl Store {
     /// Marks runs of this host whose process is gone (killed, crashed) as interrupted.
     /// Runs whose results are still spooled are left alone: replaying sets their status.
     pub async fn reap_dead_runs(&self) -> Result<u64> {
-        let rows = self.q("SELECT id, pid FROM runs WHERE status = ? AND host = ?")
+        let rows = self
+            .q("SELECT id, pid FROM runs WHERE status = ? AND host = ?")
             .bind(RunStatus::Running.as_str())
             .bind(host())
             .fetch_all(&self.pool)
@@ -765,7 +819,8 @@ impl Store {
         for r in rows {
             let pid: Option<i64> = r.get("pid");
             let id: i64 = r.get("id");
-            let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists() && p as u32 != std::process::id());
+            let alive =
+                pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists() && p as u32 != std::process::id());
             if !alive && !spooled.contains(&id) {
                 n += self.q("UPDATE runs SET status = ?, ended_at = ?, error = 'the process ended without finishing (killed or crashed)' WHERE id = ? AND status = ?")
                     .bind(RunStatus::Interrupted.as_str())
@@ -876,7 +931,9 @@ impl Store {
         match self.backend {
             // A local file: a busy lock is waited for in the statement (the busy timeout).
             Backend::Sqlite => true,
-            Backend::Postgres => matches!(tokio::time::timeout(Duration::from_secs(1), self.pool.acquire()).await, Ok(Ok(_))),
+            Backend::Postgres => {
+                matches!(tokio::time::timeout(Duration::from_secs(1), self.pool.acquire()).await, Ok(Ok(_)))
+            }
         }
     }
 
@@ -965,8 +1022,11 @@ impl Store {
                 Record::Finish { run_id, status, error, ended_at } => {
                     // The duration from the recorded start (no date functions in SQL: the
                     // two dialects differ).
-                    let started: Option<String> =
-                        sql("SELECT started_at FROM runs WHERE id = ?").bind(run_id).fetch_optional(&mut *conn).await?.map(|r| r.get(0));
+                    let started: Option<String> = sql("SELECT started_at FROM runs WHERE id = ?")
+                        .bind(run_id)
+                        .fetch_optional(&mut *conn)
+                        .await?
+                        .map(|r| r.get(0));
                     let duration = started.and_then(|s| {
                         let a = chrono::DateTime::parse_from_rfc3339(&s).ok()?;
                         let b = chrono::DateTime::parse_from_rfc3339(ended_at).ok()?;
@@ -994,7 +1054,10 @@ impl Store {
         let mut spool = self.spool.lock().await;
         if spool.is_empty() {
             if !self.answers_quickly().await {
-                tracing::warn!("results database {}: no connection within a second; spooling and retrying", self.location);
+                tracing::warn!(
+                    "results database {}: no connection within a second; spooling and retrying",
+                    self.location
+                );
             } else {
                 match self.apply(&rec, None).await {
                     Ok(()) => return Ok(true),
@@ -1052,7 +1115,10 @@ impl Store {
                     "the results database {} could not take {} record(s) of this run; they are kept in {} and written the next time huse-run opens the database for writing (`huse-run db replay`)",
                     self.location,
                     spool.len(),
-                    spool.file().map(|f| f.display().to_string()).unwrap_or_else(|| "memory only (the spool could not be written either)".into())
+                    spool
+                        .file()
+                        .map(|f| f.display().to_string())
+                        .unwrap_or_else(|| "memory only (the spool could not be written either)".into())
                 );
             }
             tokio::time::sleep(pause.min(deadline.saturating_duration_since(std::time::Instant::now()))).await;
@@ -1122,7 +1188,9 @@ impl Store {
                 if is_permanent(&e) {
                     match spool::Spool::set_aside(&file, &why) {
                         Ok(dest) => report.set_aside.push((dest, why)),
-                        Err(e2) => report.left.push((file.clone(), format!("{why}; and it could not be set aside: {e2:#}"))),
+                        Err(e2) => {
+                            report.left.push((file.clone(), format!("{why}; and it could not be set aside: {e2:#}")))
+                        }
                     }
                 } else {
                     report.left.push((file.clone(), why));
@@ -1136,7 +1204,11 @@ impl Store {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => report.left.push((file.clone(), format!("written, but the file could not be removed: {e}"))),
             }
-            tracing::info!("wrote {} spooled record(s) from {} into the results database", sf.records.len(), file.display());
+            tracing::info!(
+                "wrote {} spooled record(s) from {} into the results database",
+                sf.records.len(),
+                file.display()
+            );
         }
         Ok(report)
     }
@@ -1159,9 +1231,15 @@ impl Store {
                 if !checked.insert(ident.id) {
                     continue;
                 }
-                let row = self.q("SELECT name, started_at FROM runs WHERE id = ?").bind(ident.id).fetch_optional(&self.pool).await?;
+                let row = self
+                    .q("SELECT name, started_at FROM runs WHERE id = ?")
+                    .bind(ident.id)
+                    .fetch_optional(&self.pool)
+                    .await?;
                 match row {
-                    None => return Ok(Some(format!("its run {} ({}) is not in {}", ident.id, ident.name, self.location))),
+                    None => {
+                        return Ok(Some(format!("its run {} ({}) is not in {}", ident.id, ident.name, self.location)));
+                    }
                     Some(r) => {
                         let (name, started): (String, String) = (r.get(0), r.get(1));
                         if name != ident.name || started != ident.started_at {
@@ -1177,7 +1255,8 @@ impl Store {
                 if !checked.insert(id) {
                     continue;
                 }
-                let n: i64 = self.q("SELECT count(*) FROM runs WHERE id = ?").bind(id).fetch_one(&self.pool).await?.get(0);
+                let n: i64 =
+                    self.q("SELECT count(*) FROM runs WHERE id = ?").bind(id).fetch_one(&self.pool).await?.get(0);
                 if n == 0 {
                     return Ok(Some(format!("its run {id} is not in {}", self.location)));
                 }
@@ -1193,7 +1272,7 @@ impl Store {
 
     /// Records one stage run, its artifacts and its summaries (or spools them).
     pub async fn insert_stage_run(&self, r: &StageRunRow) -> Result<bool> {
-        self.record(Record::StageRun(r.clone())).await
+        self.record(Record::StageRun(Box::new(r.clone()))).await
     }
 
     /// Inserts metric rows in one transaction (or spools them).
@@ -1227,7 +1306,10 @@ mod tests {
 
     #[test]
     fn locations_parse_case_insensitively_and_never_show_a_password() {
-        assert_eq!("POSTGRES://u:pw@h/db".parse::<Location>().unwrap(), Location::Postgres("postgres://u:pw@h/db".into()));
+        assert_eq!(
+            "POSTGRES://u:pw@h/db".parse::<Location>().unwrap(),
+            Location::Postgres("postgres://u:pw@h/db".into())
+        );
         assert_eq!("Postgresql://h/db".parse::<Location>().unwrap(), Location::Postgres("postgresql://h/db".into()));
         assert_eq!("SQLite://x.db".parse::<Location>().unwrap(), Location::Sqlite("x.db".into()));
         assert_eq!("./file:x.db".parse::<Location>().unwrap(), Location::Sqlite("./file:x.db".into()));
@@ -1235,9 +1317,15 @@ mod tests {
             let e = bad.parse::<Location>().unwrap_err();
             assert!(!e.contains(":pw@"), "{e}");
         }
-        assert_eq!(redact("postgres://u:pw@h:5/db?sslmode=x&password=pw2"), "postgres://u:***@h:5/db?sslmode=x&password=***");
+        assert_eq!(
+            redact("postgres://u:pw@h:5/db?sslmode=x&password=pw2"),
+            "postgres://u:***@h:5/db?sslmode=x&password=***"
+        );
         assert_eq!(redact("postgres://u@h/db?password=pw"), "postgres://u@h/db?password=***");
-        assert_eq!(Location::Postgres("postgres://u@h/db?password=pw".into()).to_string(), "postgres://u@h/db?password=***");
+        assert_eq!(
+            Location::Postgres("postgres://u@h/db?password=pw".into()).to_string(),
+            "postgres://u@h/db?password=***"
+        );
         assert_eq!(redact("postgres://h/db"), "postgres://h/db");
     }
 
@@ -1289,9 +1377,11 @@ mod tests {
         assert_eq!(r.params["a"], "1");
         assert_eq!(r.metrics["loss"], Some(1.0), "the final value is the highest step's");
         assert_eq!(r.metrics["acc"], None, "NaN is stored as NULL");
-        let filtered = store.load_runs(&Filter { conds: vec!["a>=1".parse().unwrap()], ..Default::default() }).await.unwrap();
+        let filtered =
+            store.load_runs(&Filter { conds: vec!["a>=1".parse().unwrap()], ..Default::default() }).await.unwrap();
         assert_eq!(filtered.len(), 1);
-        let none = store.load_runs(&Filter { conds: vec!["loss<0.5".parse().unwrap()], ..Default::default() }).await.unwrap();
+        let none =
+            store.load_runs(&Filter { conds: vec!["loss<0.5".parse().unwrap()], ..Default::default() }).await.unwrap();
         assert!(none.is_empty());
         assert_eq!(store.metric_series(id).await.unwrap().len(), 3);
         assert_eq!(store.stage_runs(id).await.unwrap()[0].status, StageStatus::Succeeded);

@@ -63,7 +63,9 @@ pub struct Cond {
 impl std::str::FromStr for Cond {
     type Err = String;
     fn from_str(s: &str) -> Result<Cond, String> {
-        let i = s.find(['<', '>', '=', '!']).ok_or_else(|| format!("`{s}`: expected KEY OP VALUE with OP one of = != < <= > >="))?;
+        let i = s
+            .find(['<', '>', '=', '!'])
+            .ok_or_else(|| format!("`{s}`: expected KEY OP VALUE with OP one of = != < <= > >="))?;
         let (key, rest) = s.split_at(i);
         let (op, value) = if let Some(v) = rest.strip_prefix(">=") {
             (Op::Ge, v)
@@ -227,7 +229,11 @@ impl Store {
             let op = c.op.sql();
             if param_keys.contains(&c.key) {
                 let col = if num.is_some() { "p.value_num" } else { "p.value" };
-                write!(text, " AND EXISTS (SELECT 1 FROM params p WHERE p.run_id = r.id AND p.key = ? AND {col} {op} ?)").unwrap();
+                write!(
+                    text,
+                    " AND EXISTS (SELECT 1 FROM params p WHERE p.run_id = r.id AND p.key = ? AND {col} {op} ?)"
+                )
+                .unwrap();
                 binds.push(Bind::Text(c.key.clone()));
                 binds.push(match num {
                     Some(n) => Bind::Num(n),
@@ -235,7 +241,13 @@ impl Store {
                 });
             } else {
                 let Some(n) = num else {
-                    bail!("`--where {}{}{}`: `{}` is no param of any run, and metrics compare with numbers only", c.key, op, c.value, c.key);
+                    bail!(
+                        "`--where {}{}{}`: `{}` is no param of any run, and metrics compare with numbers only",
+                        c.key,
+                        op,
+                        c.value,
+                        c.key
+                    );
                 };
                 metric_conds.push((c, n));
             }
@@ -258,35 +270,45 @@ impl Store {
         let mut out = Vec::new();
         for r in rows {
             let id: i64 = r.get("id");
-            let params = self.q("SELECT key, value FROM params WHERE run_id = ? ORDER BY key")
+            let params = self
+                .q("SELECT key, value FROM params WHERE run_id = ? ORDER BY key")
                 .bind(id)
                 .fetch_all(&self.pool)
                 .await?
                 .iter()
                 .map(|p| (p.get::<String, _>(0), p.get::<String, _>(1)))
                 .collect();
-            let finals: Vec<(String, String, Option<f64>)> = self.q("SELECT stage, key, value FROM final_metrics WHERE run_id = ? ORDER BY key, stage")
+            let finals: Vec<(String, String, Option<f64>)> = self
+                .q("SELECT stage, key, value FROM final_metrics WHERE run_id = ? ORDER BY key, stage")
                 .bind(id)
                 .fetch_all(&self.pool)
                 .await?
                 .iter()
                 .map(|m| (m.get(0), m.get(1), m.get(2)))
                 .collect();
-            let metrics: BTreeMap<String, Option<f64>> = qualified(finals.iter().map(|(s, k, _)| (s.as_str(), k.as_str())))
-                .into_iter()
-                .zip(&finals)
-                .map(|(name, (_, _, v))| (name, *v))
-                .collect();
+            let metrics: BTreeMap<String, Option<f64>> =
+                qualified(finals.iter().map(|(s, k, _)| (s.as_str(), k.as_str())))
+                    .into_iter()
+                    .zip(&finals)
+                    .map(|(name, (_, _, v))| (name, *v))
+                    .collect();
             let mut keep = true;
             for (c, n) in &metric_conds {
                 let value = match metrics.get(&c.key) {
                     Some(v) => *v,
                     None => {
-                        let stages: Vec<&str> = finals.iter().filter(|(_, k, _)| *k == c.key).map(|(s, _, _)| s.as_str()).collect();
+                        let stages: Vec<&str> =
+                            finals.iter().filter(|(_, k, _)| *k == c.key).map(|(s, _, _)| s.as_str()).collect();
                         if stages.len() > 1 {
                             bail!(
                                 "`--where {}{}{}`: metric `{}` is logged by several stages of run {id} ({}); name one, e.g. `{}.{}`",
-                                c.key, c.op.sql(), c.value, c.key, stages.join(", "), stages[0], c.key
+                                c.key,
+                                c.op.sql(),
+                                c.value,
+                                c.key,
+                                stages.join(", "),
+                                stages[0],
+                                c.key
                             );
                         }
                         None
@@ -350,7 +372,8 @@ impl Store {
 
     /// The last step of every metric of a run: (stage, key, step, value), by stage and key.
     pub async fn final_metrics(&self, run_id: i64) -> Result<Vec<(String, String, i64, Option<f64>)>> {
-        Ok(self.q("SELECT stage, key, step, value FROM final_metrics WHERE run_id = ? ORDER BY stage, key")
+        Ok(self
+            .q("SELECT stage, key, step, value FROM final_metrics WHERE run_id = ? ORDER BY stage, key")
             .bind(run_id)
             .fetch_all(&self.pool)
             .await?
@@ -363,7 +386,8 @@ impl Store {
     /// and logging order; the key qualified by its stage where several stages log it; None
     /// for NaN/inf.
     pub async fn metric_series(&self, run_id: i64) -> Result<Vec<(String, i64, Option<f64>)>> {
-        let rows: Vec<(String, String, i64, Option<f64>)> = self.q("SELECT stage, key, step, value FROM metrics WHERE run_id = ? ORDER BY key, stage, step, id")
+        let rows: Vec<(String, String, i64, Option<f64>)> = self
+            .q("SELECT stage, key, step, value FROM metrics WHERE run_id = ? ORDER BY key, stage, step, id")
             .bind(run_id)
             .fetch_all(&self.pool)
             .await?
@@ -377,10 +401,15 @@ impl Store {
     /// The summaries of a run, in the order they were recorded.
     pub async fn summaries(&self, run_id: i64) -> Result<Vec<Summary>> {
         let text = match self.backend {
-            crate::Backend::Sqlite => "SELECT stage, name, text FROM summaries WHERE run_id = ? AND printed <> 0 ORDER BY rowid",
-            crate::Backend::Postgres => "SELECT stage, name, text FROM summaries WHERE run_id = ? AND printed <> 0 ORDER BY seq",
+            crate::Backend::Sqlite => {
+                "SELECT stage, name, text FROM summaries WHERE run_id = ? AND printed <> 0 ORDER BY rowid"
+            }
+            crate::Backend::Postgres => {
+                "SELECT stage, name, text FROM summaries WHERE run_id = ? AND printed <> 0 ORDER BY seq"
+            }
         };
-        Ok(self.q(text)
+        Ok(self
+            .q(text)
             .bind(run_id)
             .fetch_all(&self.pool)
             .await?
@@ -392,20 +421,27 @@ impl Store {
     /// The attachment called `name` of a run (the first stage's, in recording order).
     pub async fn attachment(&self, run_id: i64, name: &str) -> Result<Option<Summary>> {
         let text = match self.backend {
-            crate::Backend::Sqlite => "SELECT stage, name, text FROM summaries WHERE run_id = ? AND name = ? AND printed = 0 ORDER BY rowid LIMIT 1",
-            crate::Backend::Postgres => "SELECT stage, name, text FROM summaries WHERE run_id = ? AND name = ? AND printed = 0 ORDER BY seq LIMIT 1",
+            crate::Backend::Sqlite => {
+                "SELECT stage, name, text FROM summaries WHERE run_id = ? AND name = ? AND printed = 0 ORDER BY rowid LIMIT 1"
+            }
+            crate::Backend::Postgres => {
+                "SELECT stage, name, text FROM summaries WHERE run_id = ? AND name = ? AND printed = 0 ORDER BY seq LIMIT 1"
+            }
         };
-        Ok(self.q(text)
-            .bind(run_id)
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|r| Summary { stage: r.get(0), name: r.get(1), text: r.get(2) }))
+        Ok(self.q(text).bind(run_id).bind(name).fetch_optional(&self.pool).await?.map(|r| Summary {
+            stage: r.get(0),
+            name: r.get(1),
+            text: r.get(2),
+        }))
     }
 
     /// The resolved config (YAML) and git commit of a run.
     pub async fn run_config(&self, run_id: i64) -> Result<(String, Option<String>)> {
-        let row = self.q("SELECT config_yaml, git_commit FROM runs WHERE id = ?").bind(run_id).fetch_optional(&self.pool).await?;
+        let row = self
+            .q("SELECT config_yaml, git_commit FROM runs WHERE id = ?")
+            .bind(run_id)
+            .fetch_optional(&self.pool)
+            .await?;
         match row {
             Some(r) => Ok((r.get(0), r.get(1))),
             None => bail!("no run with id {run_id}"),

@@ -35,7 +35,7 @@ pub enum Record {
     /// Metric rows (one transaction).
     Metrics(Vec<MetricRow>),
     /// A stage run with its artifacts and summaries.
-    StageRun(StageRunRow),
+    StageRun(Box<StageRunRow>),
     /// A run's final status.
     Finish {
         /// The run.
@@ -139,8 +139,11 @@ impl Spool {
     /// The (empty) spool of this process for the database at `db` whose
     /// `meta.database_id` is `db_id`.
     pub fn new(db: &Path, fallback: Option<PathBuf>, db_id: Option<String>) -> Spool {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "host".into());
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "host".into());
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         Spool {
             db: canonical(db),
             db_id,
@@ -211,7 +214,10 @@ impl Spool {
         let Some(path) = &self.file else {
             return Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no folder for a spool")));
         };
-        let appended = std::fs::OpenOptions::new().append(true).open(path).and_then(|mut f| writeln!(f, "{line}").and_then(|()| f.sync_data()));
+        let appended = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .and_then(|mut f| writeln!(f, "{line}").and_then(|()| f.sync_data()));
         let Err(e) = appended else { return Ok(()) };
         // The folder filled up after the file was made: move the whole journal (header and
         // every line so far, sequence numbers intact) to the next folder, then append there.
@@ -315,7 +321,8 @@ impl Spool {
         let dest = dir.join(file.file_name().unwrap_or_default());
         let mut why = dest.clone().into_os_string();
         why.push(".reason.txt");
-        std::fs::write(&why, format!("{reason}\n")).with_context(|| format!("writing {}", Path::new(&why).display()))?;
+        std::fs::write(&why, format!("{reason}\n"))
+            .with_context(|| format!("writing {}", Path::new(&why).display()))?;
         std::fs::rename(file, &dest).with_context(|| format!("moving {} to {}", file.display(), dest.display()))?;
         Ok(dest)
     }
@@ -333,7 +340,9 @@ impl Spool {
                 }
                 let mut why = path.clone().into_os_string();
                 why.push(".reason.txt");
-                let reason = std::fs::read_to_string(&why).map(|s| s.trim().to_string()).unwrap_or_else(|_| "no reason recorded".into());
+                let reason = std::fs::read_to_string(&why)
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_else(|_| "no reason recorded".into());
                 let n = read_file(&path).map(|f| f.records.len()).unwrap_or(0);
                 out.push((path, reason, n));
             }
@@ -350,7 +359,11 @@ impl Spool {
 
     /// Runs named by records in other processes' spools for this database.
     pub fn spooled_runs(&self) -> BTreeSet<i64> {
-        self.foreign_files().iter().filter_map(|f| read_file(f).ok()).flat_map(|f| f.records.into_iter().flat_map(|(r, _)| r.run_ids())).collect()
+        self.foreign_files()
+            .iter()
+            .filter_map(|f| read_file(f).ok())
+            .flat_map(|f| f.records.into_iter().flat_map(|(r, _)| r.run_ids()))
+            .collect()
     }
 }
 
@@ -383,7 +396,8 @@ fn complete_lines<'a>(journal: &'a str, line: &str) -> (&'a str, bool) {
 pub fn read_file(path: &Path) -> Result<SpoolFile> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading spool {}", path.display()))?;
     let mut lines = text.lines();
-    let header: Header = serde_json::from_str(lines.next().unwrap_or("")).with_context(|| format!("{}: bad header", path.display()))?;
+    let header: Header =
+        serde_json::from_str(lines.next().unwrap_or("")).with_context(|| format!("{}: bad header", path.display()))?;
     let mut out = Vec::new();
     let all: Vec<&str> = lines.collect();
     for (i, l) in all.iter().enumerate() {
@@ -454,9 +468,15 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let small = d.path().join("small");
         std::fs::create_dir_all(&small).unwrap();
-        let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"]).arg(&small).stderr(std::process::Stdio::null()).status();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+            .arg(&small)
+            .stderr(std::process::Stdio::null())
+            .status();
         if !mounted.is_ok_and(|s| s.success()) {
-            eprintln!("NOT RUN: a_journal_torn_by_a_full_disk_moves_whole_to_the_next_folder needs to mount a tmpfs (root)");
+            eprintln!(
+                "NOT RUN: a_journal_torn_by_a_full_disk_moves_whole_to_the_next_folder needs to mount a tmpfs (root)"
+            );
             return;
         }
         struct Unmount(PathBuf);
@@ -480,9 +500,18 @@ mod tests {
         }
         let file = s.file().unwrap().to_path_buf();
         assert!(file.starts_with(d.path().join("fallback")), "the journal moved: {}", file.display());
-        assert!(std::fs::read_dir(small.join("r.sqlite.spool")).unwrap().next().is_none(), "nothing left beside the database");
+        assert!(
+            std::fs::read_dir(small.join("r.sqlite.spool")).unwrap().next().is_none(),
+            "nothing left beside the database"
+        );
         let recs = read_file(&file).unwrap().records;
-        let values: Vec<f64> = recs.iter().map(|(r, _)| match r { Record::Metrics(m) => m[0].value, other => panic!("{other:?}") }).collect();
+        let values: Vec<f64> = recs
+            .iter()
+            .map(|(r, _)| match r {
+                Record::Metrics(m) => m[0].value,
+                other => panic!("{other:?}"),
+            })
+            .collect();
         assert_eq!(values, (0..60).map(f64::from).collect::<Vec<_>>());
     }
 

@@ -31,15 +31,18 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use huse_data::{Artifact, Item, Split, safetensors_out};
+use huse_encoders::augment::{Jitter, view_of, view_rng};
 use huse_encoders::mobilenet_v2::MobileNetV2;
 use huse_encoders::model_ref::{ModelRef, TEXT_MODEL_FILES};
 use huse_encoders::text::{TextEncoder, TokenIdf};
 use huse_encoders::tfidf::Tfidf;
-use huse_encoders::augment::{Jitter, view_of, view_rng};
 use huse_encoders::{image_prep, torch_pth};
 use huse_stage_api::{Config, ConfigError, Context, Input, Inputs, Output, Stage, StageError, parse_config};
 use rayon::prelude::*;
 use serde::Deserialize;
+
+/// One image's normalised pixels and those of its augmented views.
+type ImageAndViews = (Vec<f32>, Vec<Vec<f32>>);
 
 /// torchvision's download address of the MobileNetV2 weights (IMAGENET1K_V1).
 pub const MOBILENET_V2_URL: &str = "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth";
@@ -134,7 +137,13 @@ pub struct ViewsCfg {
 impl ViewsCfg {
     /// The jitter strengths.
     pub fn jitter(&self) -> Jitter {
-        Jitter { brightness: self.brightness, contrast: self.contrast, saturation: self.saturation, hue: self.hue, hflip: self.hflip }
+        Jitter {
+            brightness: self.brightness,
+            contrast: self.contrast,
+            saturation: self.saturation,
+            hue: self.hue,
+            hflip: self.hflip,
+        }
     }
 }
 fn d_size() -> usize {
@@ -156,7 +165,10 @@ fn d_text_batch() -> usize {
 impl EncodeCfg {
     fn check(&self) -> Result<(), ConfigError> {
         if self.image_model.arch != "mobilenet_v2" {
-            return Err(ConfigError::at("image_model.arch", format!("unknown architecture `{}` (available: mobilenet_v2)", self.image_model.arch)));
+            return Err(ConfigError::at(
+                "image_model.arch",
+                format!("unknown architecture `{}` (available: mobilenet_v2)", self.image_model.arch),
+            ));
         }
         if !(32..=1024).contains(&self.image_size) {
             return Err(ConfigError::at("image_size", "must be between 32 and 1024"));
@@ -180,7 +192,6 @@ impl EncodeCfg {
         Ok(())
     }
 }
-
 
 impl Stage for Encode {
     fn uses_device(&self) -> bool {
@@ -260,8 +271,13 @@ fn encode_images(ctx: &Context, cfg: &EncodeCfg, items: &[Item], device: &Device
     if views.is_some() {
         shapes.push(("views", n_views, 1280));
     }
-    let mut out = safetensors_out::Writer::create(&ctx.out_dir.join(Artifact::ImageFeatures), &shapes).map_err(StageError::of)?;
-    ctx.progress.start(if views.is_some() { "encode images + views" } else { "encode images" }, Some((n + n_views) as u64), "img");
+    let mut out =
+        safetensors_out::Writer::create(&ctx.out_dir.join(Artifact::ImageFeatures), &shapes).map_err(StageError::of)?;
+    ctx.progress.start(
+        if views.is_some() { "encode images + views" } else { "encode images" },
+        Some((n + n_views) as u64),
+        "img",
+    );
     let size = cfg.image_size;
     let (tx, rx) = sync_channel::<Result<Prepared, StageError>>(2);
     let bs = cfg.batch_size;
@@ -272,7 +288,12 @@ fn encode_images(ctx: &Context, cfg: &EncodeCfg, items: &[Item], device: &Device
         let pooled = if device.is_cpu() {
             model.forward_cpu(&x).map_err(StageError::of)?.pooled
         } else {
-            model.forward(&x.to_device(device).map_err(StageError::of)?).map_err(StageError::of)?.pooled.to_device(&Device::Cpu).map_err(StageError::of)?
+            model
+                .forward(&x.to_device(device).map_err(StageError::of)?)
+                .map_err(StageError::of)?
+                .pooled
+                .to_device(&Device::Cpu)
+                .map_err(StageError::of)?
         };
         pooled.flatten_all().map_err(StageError::of)?.to_vec1::<f32>().map_err(StageError::of)
     };
@@ -288,19 +309,22 @@ fn encode_images(ctx: &Context, cfg: &EncodeCfg, items: &[Item], device: &Device
                 if cancel.is_cancelled() {
                     break;
                 }
-                let batch: Result<Vec<(Vec<f32>, Vec<Vec<f32>>)>, StageError> = pool.install(|| chunk
-                    .par_iter()
-                    .map(|it| {
-                        let resized = image_prep::load_resized(std::path::Path::new(&it.image), size).map_err(StageError::of)?;
-                        let augmented = match views {
-                            Some((k, seed, jitter)) if it.split == Split::Train => {
-                                (0..k).map(|v| view_of(&resized, size, &jitter.sample(&mut view_rng(seed, &it.id, v)))).collect()
-                            }
-                            _ => Vec::new(),
-                        };
-                        Ok((image_prep::normalised(&resized, size), augmented))
-                    })
-                    .collect());
+                let batch: Result<Vec<ImageAndViews>, StageError> = pool.install(|| {
+                    chunk
+                        .par_iter()
+                        .map(|it| {
+                            let resized = image_prep::load_resized(std::path::Path::new(&it.image), size)
+                                .map_err(StageError::of)?;
+                            let augmented = match views {
+                                Some((k, seed, jitter)) if it.split == Split::Train => (0..k)
+                                    .map(|v| view_of(&resized, size, &jitter.sample(&mut view_rng(seed, &it.id, v))))
+                                    .collect(),
+                                _ => Vec::new(),
+                            };
+                            Ok((image_prep::normalised(&resized, size), augmented))
+                        })
+                        .collect()
+                });
                 let prepared = batch.map(|b| {
                     let (clean, views): (Vec<_>, Vec<Vec<_>>) = b.into_iter().unzip();
                     Prepared { clean, views: views.into_iter().flatten().collect() }
@@ -334,14 +358,20 @@ fn encode_images(ctx: &Context, cfg: &EncodeCfg, items: &[Item], device: &Device
 }
 
 fn encode_texts(ctx: &Context, cfg: &EncodeCfg, items: &[Item], device: &Device) -> Result<f64, StageError> {
-    let dir = cfg.text_model.parse::<ModelRef>().map_err(StageError::of)?.resolve(TEXT_MODEL_FILES).map_err(StageError::of)?;
+    let dir = cfg
+        .text_model
+        .parse::<ModelRef>()
+        .map_err(StageError::of)?
+        .resolve(TEXT_MODEL_FILES)
+        .map_err(StageError::of)?;
     let enc = TextEncoder::load(&dir, device, Some(cfg.max_tokens)).map_err(StageError::of)?;
     // Token idf for shortening long texts: fitted on the training split only.
     let train: Vec<&str> = items.iter().filter(|i| i.split == Split::Train).map(|i| i.text.as_str()).collect();
     let idf = TokenIdf::fit(&enc.tokenize(&train).map_err(StageError::of)?);
     let n = items.len();
     let dim = 4 * enc.hidden_size();
-    let mut out = safetensors_out::Writer::create(&ctx.out_dir.join(Artifact::TextFeatures), &[("bert", n, dim)]).map_err(StageError::of)?;
+    let mut out = safetensors_out::Writer::create(&ctx.out_dir.join(Artifact::TextFeatures), &[("bert", n, dim)])
+        .map_err(StageError::of)?;
     ctx.progress.start("encode texts", Some(n as u64), "txt");
     let started = Instant::now();
     // Within a window, texts are batched by token length (less padding), then written back
@@ -350,7 +380,9 @@ fn encode_texts(ctx: &Context, cfg: &EncodeCfg, items: &[Item], device: &Device)
     for win in items.chunks(window) {
         ctx.cancel.check()?;
         let texts: Vec<&str> = win.iter().map(|i| i.text.as_str()).collect();
-        let rows = enc.last4_mean_rows(&texts, Some(&idf), cfg.text_batch_size, |k| ctx.progress.inc(k as u64)).map_err(StageError::of)?;
+        let rows = enc
+            .last4_mean_rows(&texts, Some(&idf), cfg.text_batch_size, |k| ctx.progress.inc(k as u64))
+            .map_err(StageError::of)?;
         out.rows(&rows).map_err(StageError::of)?;
     }
     out.finish().map_err(StageError::of)?;
@@ -359,7 +391,11 @@ fn encode_texts(ctx: &Context, cfg: &EncodeCfg, items: &[Item], device: &Device)
 
 fn encode_tfidf(ctx: &Context, cfg: &EncodeCfg, items: &[Item]) -> Result<(), StageError> {
     let vocab = match &cfg.tfidf {
-        Some(t) => Tfidf::fit(items.iter().filter(|i| i.split == Split::Train).map(|i| i.text.as_str()), t.max_features, t.min_df),
+        Some(t) => Tfidf::fit(
+            items.iter().filter(|i| i.split == Split::Train).map(|i| i.text.as_str()),
+            t.max_features,
+            t.min_df,
+        ),
         None => Tfidf::new(Vec::new(), Vec::new()),
     };
     let (mut indptr, mut indices, mut values) = (vec![0i64], Vec::new(), Vec::new());

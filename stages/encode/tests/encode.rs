@@ -12,7 +12,8 @@ fn var(n: &str) -> PathBuf {
 
 /// Writes the `items.jsonl` of the six fixture items (4 train, 1 val, 1 test) under `dir`.
 fn fixture_items(dir: &std::path::Path) -> Inputs {
-    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(var("HUSE_REFERENCE").join("fixtures/encoders.json")).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(var("HUSE_REFERENCE").join("fixtures/encoders.json")).unwrap()).unwrap();
     let data = var("HUSE_ASSETS").join("data/fashion-product-images-small");
     let ingest = dir.join("ingest");
     std::fs::create_dir_all(&ingest).unwrap();
@@ -53,7 +54,8 @@ fn augmented_views_are_encoded_for_training_items_only_and_leave_the_clean_featu
     };
     let (plain, _) = run("plain", serde_json::Value::Null);
     assert!(!plain.contains_key("views"), "no views unless asked for");
-    let jitter = json!({"count": 2, "seed": 7, "brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1, "hflip": 0.5});
+    let jitter =
+        json!({"count": 2, "seed": 7, "brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1, "hflip": 0.5});
     let (aug, m) = run("aug", jitter.clone());
     // The clean features are the same, bit for bit, with or without views.
     assert_eq!(max_abs_diff(&aug["features"], &plain["features"]), 0.0);
@@ -69,7 +71,8 @@ fn augmented_views_are_encoded_for_training_items_only_and_leave_the_clean_featu
     for (t, k) in [(1usize, 0usize), (3, 1)] {
         let it = &items[t];
         let resized = image_prep::load_resized(std::path::Path::new(&it.image), 224).unwrap();
-        let x = image_prep::batch(&[view_of(&resized, 224, &j.sample(&mut view_rng(7, &it.id, k)))], 224, &Device::Cpu).unwrap();
+        let x = image_prep::batch(&[view_of(&resized, 224, &j.sample(&mut view_rng(7, &it.id, k)))], 224, &Device::Cpu)
+            .unwrap();
         let want = model.forward_cpu(&x).unwrap().pooled;
         let got = views.narrow(0, t * 2 + k, 1).unwrap();
         assert!(max_abs_diff(&got, &want) < 1e-4, "view {k} of training item {t}");
@@ -92,7 +95,8 @@ fn augmented_views_are_encoded_for_training_items_only_and_leave_the_clean_featu
 #[test]
 fn bad_view_settings_are_refused_by_key() {
     use huse_stage_api::Stage;
-    let cfg = |views: serde_json::Value| json!({"text_model": "hf:sentence-transformers/all-MiniLM-L6-v2", "views": views});
+    let cfg =
+        |views: serde_json::Value| json!({"text_model": "hf:sentence-transformers/all-MiniLM-L6-v2", "views": views});
     let err = |views| {
         let e = huse_stage_encode::Encode.validate(&cfg(views)).unwrap_err();
         format!("{} {}", e.path.join("."), e.message)
@@ -107,7 +111,8 @@ fn bad_view_settings_are_refused_by_key() {
 
 #[test]
 fn encode_writes_features_equal_to_the_pytorch_fixtures() {
-    let fx = candle_core::safetensors::load(var("HUSE_REFERENCE").join("fixtures/encoders.safetensors"), &Device::Cpu).unwrap();
+    let fx = candle_core::safetensors::load(var("HUSE_REFERENCE").join("fixtures/encoders.safetensors"), &Device::Cpu)
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let inputs = fixture_items(dir.path());
     let out = dir.path().join("encode");
@@ -122,15 +127,27 @@ fn encode_writes_features_equal_to_the_pytorch_fixtures() {
     assert_eq!(f.dims(), &[6, 1280]);
     let cos = |a: &Tensor, b: &Tensor| -> Vec<f32> {
         let (a, b): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (a.to_vec2().unwrap(), b.to_vec2().unwrap());
-        a.iter().zip(&b).map(|(x, y)| {
-            let d: f32 = x.iter().zip(y).map(|(p, q)| p * q).sum();
-            d / (x.iter().map(|v| v * v).sum::<f32>().sqrt() * y.iter().map(|v| v * v).sum::<f32>().sqrt())
-        }).collect()
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| {
+                let d: f32 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+                d / (x.iter().map(|v| v * v).sum::<f32>().sqrt() * y.iter().map(|v| v * v).sum::<f32>().sqrt())
+            })
+            .collect()
     };
     let c = cos(f, &fx["image_pooled"]);
     assert!(c.iter().all(|v| *v >= 0.999), "{c:?}");
     let txt = candle_core::safetensors::load(out.join("text.safetensors"), &Device::Cpu).unwrap();
-    let e = (&txt["bert"] - &fx["text_last4_mean"]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let e = (&txt["bert"] - &fx["text_last4_mean"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(e < 1e-4, "{e}");
     let ids: Vec<String> = serde_json::from_slice(&std::fs::read(out.join("ids.json")).unwrap()).unwrap();
     assert_eq!(ids[0], "27562");

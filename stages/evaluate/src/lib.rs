@@ -20,8 +20,8 @@ use std::fmt::Write as _;
 use huse_data::{Artifact, Split};
 use huse_model::metrics::{self, Rows};
 use huse_model::model::{Huse, ModelMeta, predict};
-use huse_stage_kit::{device_of, load_dataset};
 use huse_stage_api::{Config, ConfigError, Context, Input, Inputs, Output, Stage, StageError, parse_config};
+use huse_stage_kit::{device_of, load_dataset};
 use serde::Deserialize;
 
 /// The stage.
@@ -54,12 +54,12 @@ fn d_split() -> String {
     "test".into()
 }
 
-
 /// Test queries in the gallery.
 const GALLERY_QUERIES: usize = 8;
 
 /// The four retrieval directions: (name, query is image, gallery is image).
-pub const DIRECTIONS: [(&str, bool, bool); 4] = [("i2i", true, true), ("i2t", true, false), ("t2i", false, true), ("t2t", false, false)];
+pub const DIRECTIONS: [(&str, bool, bool); 4] =
+    [("i2i", true, true), ("i2t", true, false), ("t2i", false, true), ("t2t", false, false)];
 
 impl Stage for Evaluate {
     fn uses_device(&self) -> bool {
@@ -141,7 +141,9 @@ impl Stage for Evaluate {
             for (k, r) in cfg.ks.iter().zip(metrics::recall_at_k(&res, &labels, &labels, &cfg.ks)) {
                 out.push((format!("{p}.{name}.r{k}"), r));
             }
-            for (k, h) in cfg.hp_ks.iter().zip(metrics::hierarchical_precision(&res, &labels, &labels, &tree, &cfg.hp_ks)) {
+            for (k, h) in
+                cfg.hp_ks.iter().zip(metrics::hierarchical_precision(&res, &labels, &labels, &tree, &cfg.hp_ks))
+            {
                 out.push((format!("{p}.hp{k}.{name}"), h));
             }
             ctx.progress.inc(1);
@@ -168,15 +170,18 @@ impl Stage for Evaluate {
         for (key, v) in &out {
             ctx.metrics.log(key, 0, *v);
         }
-        let map: serde_json::Map<String, serde_json::Value> = out.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
+        let map: serde_json::Map<String, serde_json::Value> =
+            out.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
         std::fs::write(ctx.out_dir.join(Artifact::Metrics), serde_json::to_vec_pretty(&map).map_err(StageError::of)?)?;
         std::fs::write(ctx.out_dir.join(Artifact::Tables), tables(&map, &cfg, &p, tree.depth()))?;
         // A gallery for the report: for a fixed set of test items (spread evenly over the
         // split, the same for every run on the same data), the 5 images nearest to the
         // item's text (its own image included: this is what a search for the title shows).
-        let picks: Vec<usize> = (0..GALLERY_QUERIES.min(idx.len())).map(|j| j * idx.len() / GALLERY_QUERIES.min(idx.len())).collect();
+        let picks: Vec<usize> =
+            (0..GALLERY_QUERIES.min(idx.len())).map(|j| j * idx.len() / GALLERY_QUERIES.min(idx.len())).collect();
         let q: Vec<f32> = picks.iter().flat_map(|&j| txt.row(j).iter().copied()).collect();
-        let found = metrics::top_k_with(&gemm, &Rows { data: &q, dim: d }, &img, 5, &|_| None, cfg.block).map_err(StageError::of)?;
+        let found = metrics::top_k_with(&gemm, &Rows { data: &q, dim: d }, &img, 5, &|_| None, cfg.block)
+            .map_err(StageError::of)?;
         let gallery: Vec<serde_json::Value> = picks
             .iter()
             .zip(found)
@@ -191,7 +196,10 @@ impl Stage for Evaluate {
                 })
             })
             .collect();
-        std::fs::write(ctx.out_dir.join(Artifact::Gallery), serde_json::to_vec_pretty(&gallery).map_err(StageError::of)?)?;
+        std::fs::write(
+            ctx.out_dir.join(Artifact::Gallery),
+            serde_json::to_vec_pretty(&gallery).map_err(StageError::of)?,
+        )?;
         Ok(())
     }
 }
@@ -223,11 +231,20 @@ pub fn tables(m: &serde_json::Map<String, serde_json::Value>, cfg: &EvalCfg, pre
         let lv: Vec<String> = (0..depth).map(|l| get(&format!("{prefix}.acc.{name}.l{l}"))).collect();
         writeln!(s, "| {name} | {} | {} |", get(&format!("{prefix}.acc.{name}")), lv.join(" | ")).unwrap();
     }
-    writeln!(s, "\nTable 4 — instance retrieval: an item's own pair, R@{} and median rank ({prefix} split)\n", ks.join("/")).unwrap();
+    writeln!(
+        s,
+        "\nTable 4 — instance retrieval: an item's own pair, R@{} and median rank ({prefix} split)\n",
+        ks.join("/")
+    )
+    .unwrap();
     writeln!(s, "| | R@{} | median rank |\n|---|---|---|", ks.join("/")).unwrap();
     for (name, label) in [("i2t", "image -> own text"), ("t2i", "text -> own image")] {
         let r: Vec<String> = cfg.ks.iter().map(|k| get(&format!("{prefix}.inst.{name}.r{k}"))).collect();
-        let medr = m.get(&format!("{prefix}.inst.{name}.medr")).and_then(|v| v.as_f64()).map(|v| format!("{v}")).unwrap_or_else(|| "-".into());
+        let medr = m
+            .get(&format!("{prefix}.inst.{name}.medr"))
+            .and_then(|v| v.as_f64())
+            .map(|v| format!("{v}"))
+            .unwrap_or_else(|| "-".into());
         writeln!(s, "| {label} | {} | {medr} |", r.join("/")).unwrap();
     }
     s

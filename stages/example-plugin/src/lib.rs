@@ -67,7 +67,8 @@ impl Stage for FlatGraph {
         let tree = ClassTree::read(inputs.get(Artifact::Classes)?).map_err(StageError::of)?;
         let k = tree.classes.len();
         ctx.progress.start("flat graph", Some(k as u64), "classes");
-        let mut w = huse_data::safetensors_out::Writer::create(&ctx.out_dir.join(Artifact::Graph), &[("A", k, k)]).map_err(StageError::of)?;
+        let mut w = huse_data::safetensors_out::Writer::create(&ctx.out_dir.join(Artifact::Graph), &[("A", k, k)])
+            .map_err(StageError::of)?;
         for i in 0..k {
             let row: Vec<f32> = (0..k).map(|j| if i == j { 0.0 } else { c.distance }).collect();
             w.rows(&row).map_err(StageError::of)?;
@@ -75,7 +76,10 @@ impl Stage for FlatGraph {
         }
         w.finish().map_err(StageError::of)?;
         let names: Vec<&str> = tree.classes.iter().map(|c| c.name.as_str()).collect();
-        std::fs::write(ctx.out_dir.join(Artifact::GraphMeta), serde_json::to_vec(&serde_json::json!({"variant": "flat", "classes": names})).unwrap())?;
+        std::fs::write(
+            ctx.out_dir.join(Artifact::GraphMeta),
+            serde_json::to_vec(&serde_json::json!({"variant": "flat", "classes": names})).unwrap(),
+        )?;
         ctx.metrics.log("graph.classes", 0, k as f64);
         // The thread budget the host gave, and the size of the (plugin's own) rayon pool
         // the stage runs in.

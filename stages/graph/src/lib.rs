@@ -19,7 +19,6 @@ use huse_encoders::text::TextEncoder;
 use huse_stage_api::{Config, ConfigError, Context, Input, Inputs, Output, Stage, StageError, parse_config};
 use serde::Deserialize;
 
-
 /// `graph`: A from sentence embeddings of the class-path levels.
 pub struct SentenceGraph;
 
@@ -42,7 +41,10 @@ fn write(ctx: &Context, a: Vec<f32>, tree: &ClassTree, variant: &str) -> Result<
     let t = Tensor::from_vec(a, (k, k), &Device::Cpu).map_err(StageError::of)?;
     t.save_safetensors("A", ctx.out_dir.join(Artifact::Graph)).map_err(StageError::of)?;
     let names: Vec<&str> = tree.classes.iter().map(|c| c.name.as_str()).collect();
-    std::fs::write(ctx.out_dir.join(Artifact::GraphMeta), serde_json::to_vec_pretty(&serde_json::json!({"variant": variant, "classes": names})).unwrap())?;
+    std::fs::write(
+        ctx.out_dir.join(Artifact::GraphMeta),
+        serde_json::to_vec_pretty(&serde_json::json!({"variant": variant, "classes": names})).unwrap(),
+    )?;
     Ok(())
 }
 
@@ -91,19 +93,31 @@ impl Stage for SentenceGraph {
         vec![Input::one(Artifact::Classes)]
     }
     fn outputs(&self) -> Vec<Output> {
-        vec![Output::new(Artifact::Graph, "A (K x K cosine distances)"), Output::new(Artifact::GraphMeta, "class names")]
+        vec![
+            Output::new(Artifact::Graph, "A (K x K cosine distances)"),
+            Output::new(Artifact::GraphMeta, "class names"),
+        ]
     }
     fn validate(&self, config: &Config) -> Result<(), ConfigError> {
         let c: SentenceCfg = parse_config(config)?;
         c.model.parse::<model_ref::ModelRef>().map(|_| ()).map_err(|e| ConfigError::at("model", e))
     }
     fn reads(&self, config: &Config) -> Vec<PathBuf> {
-        parse_config::<SentenceCfg>(config).ok().and_then(|c| c.model.parse::<model_ref::ModelRef>().ok()).map(|m| m.local_paths()).unwrap_or_default()
+        parse_config::<SentenceCfg>(config)
+            .ok()
+            .and_then(|c| c.model.parse::<model_ref::ModelRef>().ok())
+            .map(|m| m.local_paths())
+            .unwrap_or_default()
     }
     fn run(&self, ctx: &Context, config: &Config, inputs: &Inputs) -> Result<(), StageError> {
         let c: SentenceCfg = parse_config(config)?;
         let tree = ClassTree::read(inputs.get(Artifact::Classes)?).map_err(StageError::of)?;
-        let dir = c.model.parse::<model_ref::ModelRef>().map_err(StageError::of)?.resolve(model_ref::TEXT_MODEL_FILES).map_err(StageError::of)?;
+        let dir = c
+            .model
+            .parse::<model_ref::ModelRef>()
+            .map_err(StageError::of)?
+            .resolve(model_ref::TEXT_MODEL_FILES)
+            .map_err(StageError::of)?;
         let enc = TextEncoder::load(&dir, &Device::Cpu, None).map_err(StageError::of)?;
         // Embed every distinct level name once.
         let depth = tree.depth();

@@ -40,7 +40,11 @@ impl Cleaner {
             .replace
             .iter()
             .enumerate()
-            .map(|(i, (p, r))| Regex::new(p).map(|re| (re, r.clone())).map_err(|e| (format!("replace.{i}"), format!("bad pattern `{p}`: {e}"))))
+            .map(|(i, (p, r))| {
+                Regex::new(p)
+                    .map(|re| (re, r.clone()))
+                    .map_err(|e| (format!("replace.{i}"), format!("bad pattern `{p}`: {e}")))
+            })
             .collect::<Result<_, _>>()?;
         Ok(Cleaner {
             cfg: cfg.clone(),
@@ -72,7 +76,12 @@ impl Cleaner {
         if self.cfg.punctuation {
             // The regex crate has no back-references: collapse each mark's runs in turn.
             for mark in ['!', '?', '.', ',', ';', ':', '-', '_', '*', '~', '=', '#'] {
-                let run = Regex::new(&format!(r"{}(?:\s*{})+", regex::escape(&mark.to_string()), regex::escape(&mark.to_string()))).unwrap();
+                let run = Regex::new(&format!(
+                    r"{}(?:\s*{})+",
+                    regex::escape(&mark.to_string()),
+                    regex::escape(&mark.to_string())
+                ))
+                .unwrap();
                 s = run.replace_all(&s, mark.to_string().as_str()).into_owned();
             }
         }
@@ -92,7 +101,13 @@ mod tests {
 
     #[test]
     fn each_switch_by_hand() {
-        let all = CleanCfg { html: true, urls: true, punctuation: true, lowercase: true, replace: vec![(r"(\d+)\s*ml".into(), "$1 ml".into())] };
+        let all = CleanCfg {
+            html: true,
+            urls: true,
+            punctuation: true,
+            lowercase: true,
+            replace: vec![(r"(\d+)\s*ml".into(), "$1 ml".into())],
+        };
         let c = Cleaner::new(&all).unwrap();
         assert_eq!(c.clean("<p>Tom &amp; Jerry&#39;s <b>Tee</b></p>"), "tom & jerry's tee");
         assert_eq!(c.clean("See https://shop.example/x?y=1 or www.example.com now"), "see or now");

@@ -53,7 +53,13 @@ fn d_max_bytes() -> u64 {
 
 impl Default for DownloadCfg {
     fn default() -> Self {
-        DownloadCfg { dir: None, concurrency: d_concurrency(), timeout_s: d_timeout(), retries: d_retries(), max_bytes: d_max_bytes() }
+        DownloadCfg {
+            dir: None,
+            concurrency: d_concurrency(),
+            timeout_s: d_timeout(),
+            retries: d_retries(),
+            max_bytes: d_max_bytes(),
+        }
     }
 }
 
@@ -64,7 +70,10 @@ impl DownloadCfg {
             return Err(("concurrency", format!("expected 1 to 256, found {}", self.concurrency)));
         }
         if !(self.timeout_s.is_finite() && self.timeout_s > 0.0 && self.timeout_s <= 3600.0) {
-            return Err(("timeout_s", format!("expected more than 0 and at most 3600 seconds, found {}", self.timeout_s)));
+            return Err((
+                "timeout_s",
+                format!("expected more than 0 and at most 3600 seconds, found {}", self.timeout_s),
+            ));
         }
         if self.retries > 20 {
             return Err(("retries", format!("expected at most 20, found {}", self.retries)));
@@ -110,7 +119,9 @@ fn hex(h: blake3::Hash) -> String {
 
 /// Writes `bytes` to `path` through a temporary file in the same folder.
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}-{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], ""));
+    let tmp = path.with_extension(
+        format!("tmp-{}-{:?}", std::process::id(), std::thread::current().id()).replace(['(', ')'], ""),
+    );
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
@@ -182,7 +193,8 @@ impl Downloader {
             return Err(Attempt::Final(format!("HTTP {status}")));
         }
         let max = self.cfg.max_bytes;
-        if let Some(len) = resp.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
+        if let Some(len) =
+            resp.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
             && len > max
         {
             return Err(Attempt::Final(format!("{len} bytes, more than max_bytes ({max})")));
@@ -224,7 +236,12 @@ impl Downloader {
 
     /// Fetches every URL, `concurrency` at a time; `done` is called after each. Stops
     /// starting new requests once `stop()` says so (those URLs are then missing from the map).
-    pub fn fetch_all(&self, urls: &[String], done: &(dyn Fn() + Sync), stop: &(dyn Fn() -> bool + Sync)) -> HashMap<String, Result<PathBuf, String>> {
+    pub fn fetch_all(
+        &self,
+        urls: &[String],
+        done: &(dyn Fn() + Sync),
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> HashMap<String, Result<PathBuf, String>> {
         let next = AtomicUsize::new(0);
         let out = Mutex::new(HashMap::with_capacity(urls.len()));
         std::thread::scope(|s| {
@@ -281,7 +298,9 @@ mod tests {
                 let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
                 let (status, body): (&str, Vec<u8>) = match path.as_str() {
                     "/img.png" => ("200 OK", png.clone()),
-                    "/flaky.png" if f.fetch_add(1, Ordering::SeqCst) < 2 => ("503 Service Unavailable", b"busy".to_vec()),
+                    "/flaky.png" if f.fetch_add(1, Ordering::SeqCst) < 2 => {
+                        ("503 Service Unavailable", b"busy".to_vec())
+                    }
                     "/flaky.png" => ("200 OK", png.clone()),
                     "/big.png" => ("200 OK", vec![0u8; 5000]),
                     "/text" => ("200 OK", b"<html>not an image</html>".to_vec()),
@@ -305,18 +324,37 @@ mod tests {
     fn downloads_once_retries_transient_failures_and_refuses_what_will_not_work() {
         let (base, total, _) = server(png());
         let d = tempfile::tempdir().unwrap();
-        let cfg = DownloadCfg { dir: Some(d.path().to_path_buf()), concurrency: 3, max_bytes: 1000, retries: 3, ..Default::default() };
+        let cfg = DownloadCfg {
+            dir: Some(d.path().to_path_buf()),
+            concurrency: 3,
+            max_bytes: 1000,
+            retries: 3,
+            ..Default::default()
+        };
         let dl = Downloader::new(&cfg).unwrap().with_backoff(Duration::from_millis(10));
-        let urls: Vec<String> = ["img.png", "flaky.png", "big.png", "missing", "text"].iter().map(|p| format!("{base}/{p}")).collect();
+        let urls: Vec<String> =
+            ["img.png", "flaky.png", "big.png", "missing", "text"].iter().map(|p| format!("{base}/{p}")).collect();
         let n = AtomicUsize::new(0);
-        let got = dl.fetch_all(&urls, &|| {
-            n.fetch_add(1, Ordering::SeqCst);
-        }, &|| false);
+        let got = dl.fetch_all(
+            &urls,
+            &|| {
+                n.fetch_add(1, Ordering::SeqCst);
+            },
+            &|| false,
+        );
         assert_eq!(n.load(Ordering::SeqCst), 5);
         let ok = got[&urls[0]].as_ref().unwrap();
         assert_eq!(std::fs::read(ok).unwrap(), png(), "the bytes as served");
-        assert_eq!(ok.file_name().unwrap().to_str().unwrap(), format!("{}.png", blake3::hash(&png()).to_hex()), "content-addressed");
-        assert_eq!(got[&urls[1]].as_ref().unwrap(), ok, "the flaky URL succeeded on its third attempt, same content, same blob");
+        assert_eq!(
+            ok.file_name().unwrap().to_str().unwrap(),
+            format!("{}.png", blake3::hash(&png()).to_hex()),
+            "content-addressed"
+        );
+        assert_eq!(
+            got[&urls[1]].as_ref().unwrap(),
+            ok,
+            "the flaky URL succeeded on its third attempt, same content, same blob"
+        );
         assert!(got[&urls[2]].as_ref().unwrap_err().contains("max_bytes (1000)"), "{:?}", got[&urls[2]]);
         assert!(got[&urls[3]].as_ref().unwrap_err().contains("HTTP 404"), "{:?}", got[&urls[3]]);
         assert!(got[&urls[4]].as_ref().unwrap_err().contains("not an image"), "{:?}", got[&urls[4]]);

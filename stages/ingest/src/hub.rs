@@ -18,11 +18,13 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, UInt8Type, UInt16Type, UInt32Type, UInt64Type};
+use arrow_array::types::{
+    Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, UInt8Type, UInt16Type, UInt32Type, UInt64Type,
+};
 use arrow_array::{Array, ArrayRef};
 use arrow_schema::DataType;
-use huse_stage_api::{Context, StageError};
 use huse_hub::{HubRef, Kind};
+use huse_stage_api::{Context, StageError};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::Deserialize;
 
@@ -125,7 +127,11 @@ fn list_snapshot(dir: &Path) -> Vec<String> {
 
 /// The commit and local paths of the Parquet files of `hub.split` of the dataset,
 /// downloaded into the hub cache when missing.
-pub fn parquet_files(r: &HubRef, hub: &HubCfg, stop: &dyn Fn() -> bool) -> Result<(String, Vec<PathBuf>), huse_hub::Failure> {
+pub fn parquet_files(
+    r: &HubRef,
+    hub: &HubCfg,
+    stop: &dyn Fn() -> bool,
+) -> Result<(String, Vec<PathBuf>), huse_hub::Failure> {
     use huse_hub::Failure;
     let (repo, revision) = (r.repo.as_str(), r.revision.as_str());
     let how = format!(
@@ -141,13 +147,19 @@ pub fn parquet_files(r: &HubRef, hub: &HubCfg, stop: &dyn Fn() -> bool) -> Resul
                 "{what} has no Parquet file for split `{}`{} (its Parquet files: {})",
                 hub.split,
                 hub.config.as_ref().map(|c| format!(" of config `{c}`")).unwrap_or_default(),
-                if parquet.is_empty() { "none".to_string() } else { parquet.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ") }
+                if parquet.is_empty() {
+                    "none".to_string()
+                } else {
+                    parquet.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                }
             ));
         }
         Ok(chosen)
     };
     if huse_hub::offline() {
-        let (commit, snap) = cached_snapshot().ok_or_else(|| Failure::Failed(format!("{what} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: {how}")))?;
+        let (commit, snap) = cached_snapshot().ok_or_else(|| {
+            Failure::Failed(format!("{what} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: {how}"))
+        })?;
         let files = pick(&list_snapshot(&snap)).map_err(Failure::Failed)?;
         return Ok((commit, files.iter().map(|f| snap.join(f)).collect()));
     }
@@ -161,7 +173,9 @@ pub fn parquet_files(r: &HubRef, hub: &HubCfg, stop: &dyn Fn() -> bool) -> Resul
                     let files = pick(&list_snapshot(&snap)).map_err(Failure::Failed)?;
                     Ok((commit, files.iter().map(|f| snap.join(f)).collect()))
                 }
-                None => Err(Failure::Failed(format!("{what}: listing its files failed ({e}) and it is not in the Hugging Face cache: {how}"))),
+                None => Err(Failure::Failed(format!(
+                    "{what}: listing its files failed ({e}) and it is not in the Hugging Face cache: {how}"
+                ))),
             };
         }
     };
@@ -224,10 +238,15 @@ fn cell(a: &ArrayRef, row: usize, images: &Path, column: &str) -> Result<String,
                 DataType::List(_) => a.as_list::<i32>().value(row),
                 _ => a.as_list::<i64>().value(row),
             };
-            let items: Vec<String> = (0..values.len()).map(|i| cell(&values, i, images, column)).collect::<Result<_, _>>()?;
+            let items: Vec<String> =
+                (0..values.len()).map(|i| cell(&values, i, images, column)).collect::<Result<_, _>>()?;
             serde_json::to_string(&items).expect("strings serialise")
         }
-        other => return Err(format!("column `{column}` has type {other}, which ingest cannot read (text, numbers, booleans, images and lists are supported)")),
+        other => {
+            return Err(format!(
+                "column `{column}` has type {other}, which ingest cannot read (text, numbers, booleans, images and lists are supported)"
+            ));
+        }
     })
 }
 
@@ -239,7 +258,8 @@ pub fn materialize(files: &[PathBuf], dest: &Path, ctx: &Context) -> Result<(), 
     }
     let parent = dest.parent().expect("a folder under the download dir");
     std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
-    let tmp = parent.join(format!(".tmp-{}-{}", dest.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
+    let tmp =
+        parent.join(format!(".tmp-{}-{}", dest.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let images = tmp.join("images");
     std::fs::create_dir_all(&images).map_err(|e| format!("creating {}: {e}", images.display()))?;
@@ -251,7 +271,9 @@ pub fn materialize(files: &[PathBuf], dest: &Path, ctx: &Context) -> Result<(), 
             .iter()
             .map(|f| {
                 let open = File::open(f).map_err(|e| format!("opening {}: {e}", f.display()))?;
-                ParquetRecordBatchReaderBuilder::try_new(open).map(|b| (f, b)).map_err(|e| format!("{}: not a readable Parquet file ({e})", f.display()))
+                ParquetRecordBatchReaderBuilder::try_new(open)
+                    .map(|b| (f, b))
+                    .map_err(|e| format!("{}: not a readable Parquet file ({e})", f.display()))
             })
             .collect::<Result<Vec<_>, String>>()?;
         let total: i64 = builders.iter().map(|(_, b)| b.metadata().file_metadata().num_rows()).sum();
@@ -263,7 +285,9 @@ pub fn materialize(files: &[PathBuf], dest: &Path, ctx: &Context) -> Result<(), 
                     w.write_record(&names).map_err(|e| e.to_string())?;
                     header = Some(names.clone());
                 }
-                Some(h) if *h != names => return Err(format!("{}: columns {names:?} differ from the first file's {h:?}", f.display())),
+                Some(h) if *h != names => {
+                    return Err(format!("{}: columns {names:?} differ from the first file's {h:?}", f.display()));
+                }
                 Some(_) => {}
             }
             let reader = builder.with_batch_size(1024).build().map_err(|e| format!("{}: {e}", f.display()))?;
@@ -271,7 +295,12 @@ pub fn materialize(files: &[PathBuf], dest: &Path, ctx: &Context) -> Result<(), 
                 ctx.cancel.check().map_err(|e| e.to_string())?;
                 let batch = batch.map_err(|e| format!("{}: {e}", f.display()))?;
                 for row in 0..batch.num_rows() {
-                    let rec: Vec<String> = batch.columns().iter().zip(&names).map(|(c, n)| cell(c, row, &images, n)).collect::<Result<_, _>>()?;
+                    let rec: Vec<String> = batch
+                        .columns()
+                        .iter()
+                        .zip(&names)
+                        .map(|(c, n)| cell(c, row, &images, n))
+                        .collect::<Result<_, _>>()?;
                     w.write_record(&rec).map_err(|e| e.to_string())?;
                 }
                 ctx.progress.inc(batch.num_rows() as u64);
@@ -335,10 +364,21 @@ mod tests {
         let train = HubCfg::default();
         assert_eq!(
             select(&files, &train),
-            ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet", "small/train/0000.parquet", "train.parquet"]
+            [
+                "data/train-00000-of-00002.parquet",
+                "data/train-00001-of-00002.parquet",
+                "small/train/0000.parquet",
+                "train.parquet"
+            ]
         );
-        assert_eq!(select(&files, &HubCfg { split: "test".into(), config: None, ..HubCfg::default() }), ["data/test-00000-of-00001.parquet"]);
-        assert_eq!(select(&files, &HubCfg { split: "train".into(), config: Some("small".into()), ..HubCfg::default() }), ["small/train/0000.parquet"]);
+        assert_eq!(
+            select(&files, &HubCfg { split: "test".into(), config: None, ..HubCfg::default() }),
+            ["data/test-00000-of-00001.parquet"]
+        );
+        assert_eq!(
+            select(&files, &HubCfg { split: "train".into(), config: Some("small".into()), ..HubCfg::default() }),
+            ["small/train/0000.parquet"]
+        );
         assert!(select(&files, &HubCfg { split: "validation".into(), config: None, ..HubCfg::default() }).is_empty());
     }
 }

@@ -190,8 +190,15 @@ impl IngestCfg {
             return Err(ConfigError::at(&format!("hub.{k}"), m));
         }
         match (&self.classes, &self.class_column) {
-            (Some(_), Some(_)) => return Err(ConfigError::at("class_column", "give either `classes` (columns) or `class_column`, not both")),
-            (None, None) => return Err(ConfigError::at("classes", "missing: give `classes: [col, ...]` or `class_column: col`")),
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::at(
+                    "class_column",
+                    "give either `classes` (columns) or `class_column`, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(ConfigError::at("classes", "missing: give `classes: [col, ...]` or `class_column: col`"));
+            }
             (Some(c), None) if c.is_empty() => return Err(ConfigError::at("classes", "needs at least one column")),
             _ => {}
         }
@@ -205,7 +212,10 @@ impl IngestCfg {
         if let Some(t) = &self.text {
             let cols = template_columns(t).map_err(|e| ConfigError::at("text", e))?;
             if cols.is_empty() {
-                return Err(ConfigError::at("text", format!("`{t}` names no column (write e.g. \"{{title}}. {{description}}\")")));
+                return Err(ConfigError::at(
+                    "text",
+                    format!("`{t}` names no column (write e.g. \"{{title}}. {{description}}\")"),
+                ));
             }
             // The table's header is cheap to read: name a missing column before anything runs.
             if let Ok(mut r) = csv::ReaderBuilder::new().flexible(true).from_path(self.root.join(&self.table))
@@ -213,7 +223,10 @@ impl IngestCfg {
             {
                 for c in cols {
                     if !h.iter().any(|x| x == c) {
-                        return Err(ConfigError::at("text", format!("column `{c}` is not in {}{}", self.table, did_you_mean(c, h.iter()))));
+                        return Err(ConfigError::at(
+                            "text",
+                            format!("column `{c}` is not in {}{}", self.table, did_you_mean(c, h.iter())),
+                        ));
                     }
                 }
             }
@@ -225,7 +238,10 @@ impl IngestCfg {
             }
         }
         if (s.train + s.val + s.test - 1.0).abs() > 1e-6 {
-            return Err(ConfigError::at("split", format!("train + val + test must be 1, is {}", s.train + s.val + s.test)));
+            return Err(ConfigError::at(
+                "split",
+                format!("train + val + test must be 1, is {}", s.train + s.val + s.test),
+            ));
         }
         if self.min_items_per_class == 0 {
             return Err(ConfigError::at("min_items_per_class", "must be at least 1"));
@@ -344,7 +360,13 @@ const EMPTY_LEVEL: &str = "missing class level (an empty level)";
 /// A class path from one column's raw value: a JSON list of strings is unwrapped to its
 /// first element, then split at `sep`, the last level dropped when `drop_last`, cut or
 /// padded to `levels`. `Err` says what is wrong with the value.
-pub fn class_path(raw: &str, sep: &str, drop_last: bool, levels: Option<usize>, pad: ClassPad) -> Result<Vec<String>, String> {
+pub fn class_path(
+    raw: &str,
+    sep: &str,
+    drop_last: bool,
+    levels: Option<usize>,
+    pad: ClassPad,
+) -> Result<Vec<String>, String> {
     let mut v = raw.trim().to_string();
     if v.starts_with('[')
         && let Ok(list) = serde_json::from_str::<Vec<serde_json::Value>>(&v)
@@ -414,10 +436,18 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
     let headers = rdr.headers().map_err(|e| StageError::msg(format!("{}: {e}", table.display())))?.clone();
     let col = |name: &str, key: &str| -> Result<usize, StageError> {
         headers.iter().position(|h| h == name).ok_or_else(|| {
-            StageError::Config(ConfigError::at(key, format!("column `{name}` not in {} (columns: {})", table.display(), headers.iter().collect::<Vec<_>>().join(", "))))
+            StageError::Config(ConfigError::at(
+                key,
+                format!(
+                    "column `{name}` not in {} (columns: {})",
+                    table.display(),
+                    headers.iter().collect::<Vec<_>>().join(", ")
+                ),
+            ))
         })
     };
-    let cleaner = clean::Cleaner::new(&cfg.clean).map_err(|(k, m)| StageError::Config(ConfigError::at(&format!("clean.{k}"), m)))?;
+    let cleaner = clean::Cleaner::new(&cfg.clean)
+        .map_err(|(k, m)| StageError::Config(ConfigError::at(&format!("clean.{k}"), m)))?;
     let id_col = col(&cfg.id_column, "id_column")?;
     // With a template, its columns must exist; the text is filled per row.
     let text_col = match &cfg.text {
@@ -430,7 +460,11 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
         None => Some(col(&cfg.text_column, "text_column")?),
     };
     let class_cols: Vec<(usize, String)> = match (&cfg.classes, &cfg.class_column) {
-        (Some(cs), _) => cs.iter().enumerate().map(|(i, c)| col(c, &format!("classes.{i}")).map(|x| (x, c.clone()))).collect::<Result<_, _>>()?,
+        (Some(cs), _) => cs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| col(c, &format!("classes.{i}")).map(|x| (x, c.clone())))
+            .collect::<Result<_, _>>()?,
         (None, Some(c)) => vec![(col(c, "class_column")?, c.clone())],
         _ => unreachable!("checked"),
     };
@@ -468,7 +502,10 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
                 if !urls.is_empty() {
                     if downloader.is_none() {
                         let d = download::Downloader::new(&cfg.download).map_err(|e| {
-                            StageError::msg(format!("download folder {}: {e}", cfg.download.dir.clone().unwrap_or_else(download::default_dir).display()))
+                            StageError::msg(format!(
+                                "download folder {}: {e}",
+                                cfg.download.dir.clone().unwrap_or_else(download::default_dir).display()
+                            ))
                         })?;
                         downloader = Some(d);
                     }
@@ -476,7 +513,8 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
                     let got = d.fetch_all(&urls, &|| {}, &|| ctx.cancel.is_cancelled());
                     ctx.cancel.check()?;
                     downloaded += got.len();
-                    ctx.progress.message(&format!("{downloaded} image URL(s) fetched or found in {}", d.dir().display()));
+                    ctx.progress
+                        .message(&format!("{downloaded} image URL(s) fetched or found in {}", d.dir().display()));
                     fetched.extend(got);
                 }
             }
@@ -504,7 +542,9 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
             problem = bad(
                 "unterminated_quote",
                 headers.get(c).unwrap_or("?"),
-                format!("a quote opened on line {line} runs over {n} line(s) that look like rows of their own (is a closing `\"` missing?)"),
+                format!(
+                    "a quote opened on line {line} runs over {n} line(s) that look like rows of their own (is a closing `\"` missing?)"
+                ),
             )?;
         }
         if problem.is_none() && id.chars().any(char::is_control) {
@@ -515,7 +555,11 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
             (None, c) => c.and_then(|c| rec.get(c)).unwrap_or("").trim().to_string(),
         };
         // Control characters (NUL, escapes, line breaks) in text are cleaned like whitespace.
-        let text = if text.chars().any(char::is_control) { text.split(char::is_control).flat_map(str::split_whitespace).collect::<Vec<_>>().join(" ") } else { text };
+        let text = if text.chars().any(char::is_control) {
+            text.split(char::is_control).flat_map(str::split_whitespace).collect::<Vec<_>>().join(" ")
+        } else {
+            text
+        };
         let text = if cleaner.is_identity() { text } else { cleaner.clean(&text) };
         let mut path: Vec<String> = Vec::new();
         if class_cols.len() == 1 && cfg.classes.is_none() {
@@ -544,7 +588,11 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
                     problem = bad("control_character", name, format!("class {v:?} holds a control character"))?;
                 }
                 if path.iter().any(String::is_empty) && problem.is_none() {
-                    problem = bad("missing_class", name, format!("missing class level (path `{}`)", path.join(&cfg.class_separator)))?;
+                    problem = bad(
+                        "missing_class",
+                        name,
+                        format!("missing class level (path `{}`)", path.join(&cfg.class_separator)),
+                    )?;
                 }
             }
             if let Some(n) = cfg.class_levels {
@@ -571,7 +619,10 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
                     problem = bad(
                         "image_outside_root",
                         col_name,
-                        format!("image path {p:?} leads outside the dataset root {} (set `allow_outside_root: true` to allow it)", root.display()),
+                        format!(
+                            "image path {p:?} leads outside the dataset root {} (set `allow_outside_root: true` to allow it)",
+                            root.display()
+                        ),
                     )?;
                 }
                 root.join(p)
@@ -582,9 +633,13 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
             if !image.is_file() {
                 problem = bad("missing_image", col_name, format!("image {} does not exist", image.display()))?;
             } else if cfg.check_images == CheckImages::Decode
-                && let Err(e) = image::ImageReader::open(&image).and_then(|r| r.with_guessed_format()).map_err(|e| e.to_string()).and_then(|r| r.decode().map_err(|e| e.to_string()))
+                && let Err(e) = image::ImageReader::open(&image)
+                    .and_then(|r| r.with_guessed_format())
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.decode().map_err(|e| e.to_string()))
             {
-                problem = bad("undecodable_image", col_name, format!("image {} cannot be decoded: {e}", image.display()))?;
+                problem =
+                    bad("undecodable_image", col_name, format!("image {} cannot be decoded: {e}", image.display()))?;
             }
         }
         match problem {
@@ -612,7 +667,8 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
         )));
     }
     let tree = ClassTree::from_paths(by_class.iter().map(|(p, v)| (p.clone(), v.len())).collect());
-    let class_index: HashMap<String, usize> = tree.classes.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect();
+    let class_index: HashMap<String, usize> =
+        tree.classes.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect();
     // Stratified split: shuffle each class with the split seed, cut by the ratios.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.split.seed);
     let mut items = Vec::new();
@@ -630,7 +686,10 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
                 Split::Train
             };
             let r = &rows[i];
-            items.push((i, Item { id: r.id.clone(), image: r.image.display().to_string(), text: r.text.clone(), class, split }));
+            items.push((
+                i,
+                Item { id: r.id.clone(), image: r.image.display().to_string(), text: r.text.clone(), class, split },
+            ));
         }
     }
     // Keep the table's order.
@@ -641,7 +700,11 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
     ctx.metrics.log("data.classes", 0, tree.classes.len() as f64);
     ctx.metrics.log("data.dropped_small_class_items", 0, dropped as f64);
     for s in [Split::Train, Split::Val, Split::Test] {
-        ctx.metrics.log(&format!("data.{}", format!("{s:?}").to_lowercase()), 0, items.iter().filter(|i| i.split == s).count() as f64);
+        ctx.metrics.log(
+            &format!("data.{}", format!("{s:?}").to_lowercase()),
+            0,
+            items.iter().filter(|i| i.split == s).count() as f64,
+        );
     }
     for (reason, n) in &skipped {
         ctx.metrics.log(&format!("data.skipped.{reason}"), 0, *n as f64);

@@ -26,7 +26,10 @@ fn fashion() -> PathBuf {
 fn serve(parquet: Vec<u8>) -> (String, Arc<AtomicUsize>) {
     let info = json!({"sha": COMMIT, "siblings": [{"rfilename": ".gitattributes"}, {"rfilename": "README.md"}, {"rfilename": FILE}]}).to_string().into_bytes();
     huse_hub::testing::serve(
-        vec![(format!("/api/datasets/{REPO}/revision/main"), info), (format!("/datasets/{REPO}/resolve/main/{FILE}"), parquet)],
+        vec![
+            (format!("/api/datasets/{REPO}/revision/main"), info),
+            (format!("/datasets/{REPO}/resolve/main/{FILE}"), parquet),
+        ],
         COMMIT,
     )
 }
@@ -41,16 +44,24 @@ fn parquet_bytes() -> (Vec<u8>, Vec<(i64, Vec<u8>)>) {
         (53759, "Apparel", "Topwear", "Tshirts", "Puma Men Grey T-shirt"),
         (1855, "Apparel", "Topwear", "Tshirts", "Inkfruit Mens Chain Reaction T-shirt"),
     ];
-    let images: Vec<(i64, Vec<u8>)> = rows.iter().map(|r| (r.0, std::fs::read(fashion().join(format!("images/{}.jpg", r.0))).unwrap())).collect();
+    let images: Vec<(i64, Vec<u8>)> =
+        rows.iter().map(|r| (r.0, std::fs::read(fashion().join(format!("images/{}.jpg", r.0))).unwrap())).collect();
     let mut bytes = BinaryBuilder::new();
     let mut paths = StringBuilder::new();
     for (_, b) in &images {
         bytes.append_value(b);
         paths.append_null();
     }
-    let image_fields = Fields::from(vec![Field::new("bytes", DataType::Binary, true), Field::new("path", DataType::Utf8, true)]);
-    let image = StructArray::new(image_fields, vec![Arc::new(bytes.finish()) as ArrayRef, Arc::new(paths.finish()) as ArrayRef], None);
-    let col = |i: usize| Arc::new(StringArray::from(rows.iter().map(|r| [r.1, r.2, r.3, r.4][i]).collect::<Vec<_>>())) as ArrayRef;
+    let image_fields =
+        Fields::from(vec![Field::new("bytes", DataType::Binary, true), Field::new("path", DataType::Utf8, true)]);
+    let image = StructArray::new(
+        image_fields,
+        vec![Arc::new(bytes.finish()) as ArrayRef, Arc::new(paths.finish()) as ArrayRef],
+        None,
+    );
+    let col = |i: usize| {
+        Arc::new(StringArray::from(rows.iter().map(|r| [r.1, r.2, r.3, r.4][i]).collect::<Vec<_>>())) as ArrayRef
+    };
     let batch = RecordBatch::try_from_iter(vec![
         ("id", Arc::new(Int64Array::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())) as ArrayRef),
         ("masterCategory", col(0)),
@@ -60,7 +71,9 @@ fn parquet_bytes() -> (Vec<u8>, Vec<(i64, Vec<u8>)>) {
         ("image", Arc::new(image) as ArrayRef),
     ])
     .unwrap();
-    let props = parquet::file::properties::WriterProperties::builder().set_compression(parquet::basic::Compression::SNAPPY).build();
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .build();
     let mut out = Vec::new();
     let mut w = parquet::arrow::ArrowWriter::try_new(&mut out, batch.schema(), Some(props)).unwrap();
     w.write(&batch).unwrap();
@@ -96,10 +109,16 @@ fn a_hub_dataset_is_read_from_its_parquet_files_then_works_offline() {
     }
     let shirt = items.iter().find(|i| i.id == "15970").unwrap();
     assert_eq!(shirt.text, "Turtle Check Men Navy Blue Shirt");
-    let table = downloads.path().join(format!("hf/datasets--ashraq--fashion-product-images-small/{COMMIT}/default/train/table.csv"));
+    let table = downloads
+        .path()
+        .join(format!("hf/datasets--ashraq--fashion-product-images-small/{COMMIT}/default/train/table.csv"));
     assert!(table.is_file(), "written once per commit, config and split");
     let refs = home.path().join("hub/datasets--ashraq--fashion-product-images-small/refs/main");
-    assert_eq!(std::fs::read_to_string(&refs).unwrap().trim(), COMMIT, "the same Hugging Face cache layout as huggingface_hub");
+    assert_eq!(
+        std::fs::read_to_string(&refs).unwrap().trim(),
+        COMMIT,
+        "the same Hugging Face cache layout as huggingface_hub"
+    );
     assert_eq!(huse_stage_api::Stage::reads(&Ingest, &cfg), vec![refs], "the cache key follows the revision's commit");
     let served = hits.load(Ordering::SeqCst);
 
@@ -114,16 +133,22 @@ fn a_hub_dataset_is_read_from_its_parquet_files_then_works_offline() {
     // A split the dataset lacks: the error lists the Parquet files it has.
     let mut val = cfg.clone();
     val["hub"]["split"] = json!("validation");
-    let err = testing::run(&Ingest, &val, &Inputs::default(), tempfile::tempdir().unwrap().path(), 0).unwrap_err().to_string();
+    let err = testing::run(&Ingest, &val, &Inputs::default(), tempfile::tempdir().unwrap().path(), 0)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("no Parquet file for split `validation`") && err.contains(FILE), "{err}");
     // Offline and not cached: the error says how to get it.
     let mut other = cfg.clone();
     other["root"] = json!("hf:someone/else");
-    let err = testing::run(&Ingest, &other, &Inputs::default(), tempfile::tempdir().unwrap().path(), 0).unwrap_err().to_string();
+    let err = testing::run(&Ingest, &other, &Inputs::default(), tempfile::tempdir().unwrap().path(), 0)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("HF_HUB_OFFLINE") && err.contains("--repo-type dataset"), "{err}");
     // A malformed reference is a config error at `root`.
     let mut bad = cfg;
     bad["root"] = json!("hf:a b/c");
-    let err = testing::run(&Ingest, &bad, &Inputs::default(), tempfile::tempdir().unwrap().path(), 0).unwrap_err().to_string();
+    let err = testing::run(&Ingest, &bad, &Inputs::default(), tempfile::tempdir().unwrap().path(), 0)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("root") && err.contains("hf:ORG/NAME"), "{err}");
 }

@@ -14,7 +14,11 @@ fn fashion() -> PathBuf {
 
 fn run(cfg: serde_json::Value, out: &Path) -> Result<(Vec<Item>, ClassTree, testing::Recorded), String> {
     let m = testing::run(&Ingest, &cfg, &Inputs::default(), out, 0).map_err(|e| e.to_string())?;
-    Ok((huse_data::read_items(&out.join("items.jsonl")).unwrap(), ClassTree::read(&out.join("classes.json")).unwrap(), m))
+    Ok((
+        huse_data::read_items(&out.join("items.jsonl")).unwrap(),
+        ClassTree::read(&out.join("classes.json")).unwrap(),
+        m,
+    ))
 }
 
 #[test]
@@ -41,11 +45,18 @@ fn full_fashion_data_with_min_20_gives_86_classes_and_a_stratified_split() {
     let mut per: HashMap<usize, [usize; 3]> = HashMap::new();
     for it in &items {
         let e = per.entry(it.class).or_default();
-        e[match it.split { Split::Train => 0, Split::Val => 1, Split::Test => 2 }] += 1;
+        e[match it.split {
+            Split::Train => 0,
+            Split::Val => 1,
+            Split::Test => 2,
+        }] += 1;
     }
     for (c, [tr, va, te]) in &per {
         let n = (tr + va + te) as f64;
-        assert!((*va as f64 - 0.1 * n).abs() <= 1.0 && (*te as f64 - 0.1 * n).abs() <= 1.0, "class {c}: {tr}/{va}/{te}");
+        assert!(
+            (*va as f64 - 0.1 * n).abs() <= 1.0 && (*te as f64 - 0.1 * n).abs() <= 1.0,
+            "class {c}: {tr}/{va}/{te}"
+        );
         assert_eq!(tree.classes[*c].count, tr + va + te);
     }
     let test_share = items.iter().filter(|i| i.split == Split::Test).count() as f64 / items.len() as f64;
@@ -108,7 +119,8 @@ fn bad_rows_are_named_or_skipped_and_counted() {
         ("7", "id 8888", "column `id`", "cannot be decoded"),
     ];
     // With `error`, the first bad row stops the stage; fix rows one by one to see each message.
-    let mut table: Vec<String> = std::fs::read_to_string(d.path().join("table.csv")).unwrap().lines().map(String::from).collect();
+    let mut table: Vec<String> =
+        std::fs::read_to_string(d.path().join("table.csv")).unwrap().lines().map(String::from).collect();
     let good_rows = table.clone();
     for (row, id, column, what) in cases {
         let out = tempfile::tempdir().unwrap();
@@ -128,7 +140,12 @@ fn bad_rows_are_named_or_skipped_and_counted() {
     let out = tempfile::tempdir().unwrap();
     let (items, _, m) = run(skip, out.path()).unwrap();
     assert_eq!(items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["1163", "1525"]);
-    for k in ["data.skipped.missing_class", "data.skipped.empty_text", "data.skipped.missing_image", "data.skipped.undecodable_image"] {
+    for k in [
+        "data.skipped.missing_class",
+        "data.skipped.empty_text",
+        "data.skipped.missing_image",
+        "data.skipped.undecodable_image",
+    ] {
         assert_eq!(m.last(k), Some(1.0), "{k}");
     }
 }
@@ -149,7 +166,9 @@ fn config_errors_name_the_key() {
     }
     // A column the table lacks is reported with the key that named it.
     let out = tempfile::tempdir().unwrap();
-    let err = run(json!({"root": d.path(), "table": "table.csv", "classes": ["a", "zz"], "text_column": "a"}), out.path()).unwrap_err();
+    let err =
+        run(json!({"root": d.path(), "table": "table.csv", "classes": ["a", "zz"], "text_column": "a"}), out.path())
+            .unwrap_err();
     assert!(err.contains("classes.1") && err.contains("column `zz` not in"), "{err}");
 }
 
@@ -372,7 +391,11 @@ fn control_characters_are_errors_in_classes_and_ids_and_whitespace_in_text() {
     let err = run(base.clone(), out.path()).unwrap_err();
     assert!(err.contains("column `id`") && err.contains("control character"), "{err}");
     // In text they are whitespace: cleaned like it.
-    std::fs::write(d.path().join("table.csv"), "id,a,b,title\n1163,Apparel,Topwear,\"red\0shirt\u{1b}[31m  with\ttabs\"\n").unwrap();
+    std::fs::write(
+        d.path().join("table.csv"),
+        "id,a,b,title\n1163,Apparel,Topwear,\"red\0shirt\u{1b}[31m  with\ttabs\"\n",
+    )
+    .unwrap();
     let (items, tree, _) = run(base, out.path()).unwrap();
     assert_eq!(items[0].text, "red shirt [31m with tabs");
     assert_eq!(tree.classes.len(), 1);
@@ -385,13 +408,22 @@ fn image_paths_stay_inside_the_dataset_root_unless_allowed() {
     std::fs::copy(fashion().join("images/1525.jpg"), outside.path().join("x.jpg")).unwrap();
     let abs = outside.path().join("x.jpg");
     let climb = format!("../{}/x.jpg", outside.path().file_name().unwrap().to_string_lossy());
-    small_dataset(d.path(), &format!("img,a,b,title\nimages/1163.jpg,Apparel,Topwear,shirt\n{climb},Bags,Backpack,bag\n{},Bags,Backpack,other bag\n", abs.display()));
+    small_dataset(
+        d.path(),
+        &format!(
+            "img,a,b,title\nimages/1163.jpg,Apparel,Topwear,shirt\n{climb},Bags,Backpack,bag\n{},Bags,Backpack,other bag\n",
+            abs.display()
+        ),
+    );
     // Both temp folders share a parent, so the climbing path names a real file: it is refused for where it leads.
     assert!(d.path().join(&climb).is_file());
     let base = json!({"root": d.path(), "table": "table.csv", "image": "{img}", "id_column": "img", "text_column": "title", "classes": ["a", "b"], "min_items_per_class": 1});
     let out = tempfile::tempdir().unwrap();
     let err = run(base.clone(), out.path()).unwrap_err();
-    assert!(err.contains("row 3") && err.contains("leads outside the dataset root") && err.contains("allow_outside_root"), "{err}");
+    assert!(
+        err.contains("row 3") && err.contains("leads outside the dataset root") && err.contains("allow_outside_root"),
+        "{err}"
+    );
     let mut skip = base.clone();
     skip["bad_rows"] = json!("skip");
     let (items, _, m) = run(skip, out.path()).unwrap();

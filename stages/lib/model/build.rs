@@ -30,6 +30,11 @@ fn main() {
         .args(["--ptx", "-O3", "-std=c++17", &format!("-arch=compute_{cap}"), "src/cuda/huse.cu", "-o"])
         .arg(&out)
         .status()
-        .unwrap_or_else(|e| panic!("running {} for the `cuda` feature: {e} (install the CUDA toolkit, or set NVCC or CUDA_HOME)", nvcc.display()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "running {} for the `cuda` feature: {e} (install the CUDA toolkit, or set NVCC or CUDA_HOME)",
+                nvcc.display()
+            )
+        });
     assert!(status.success(), "{} failed to compile src/cuda/huse.cu ({status})", nvcc.display());
 }

@@ -57,7 +57,11 @@ fn timed(ctx: &Context, f: impl FnOnce() -> Result<(), StageError>) -> Result<()
     f()?;
     // With the thread budget the stage got and the size of the pool it runs in.
     let pool = rayon::current_num_threads();
-    write_json(ctx.out_dir, "timing.json", &serde_json::json!({"start": start, "end": now_s(), "threads": ctx.threads, "pool": pool}))
+    write_json(
+        ctx.out_dir,
+        "timing.json",
+        &serde_json::json!({"start": start, "end": now_s(), "threads": ctx.threads, "pool": pool}),
+    )
 }
 
 /// `toy-source`: writes the integers `0..count`.

@@ -29,8 +29,8 @@ use huse_model::loss::{self, GraphPairs, GraphVariant, LossConfig};
 use huse_model::metrics;
 use huse_model::model::{EpochVal, Huse, HuseConfig, ModelMeta, Shape, predict};
 use huse_model::optim::{Optimizer, OptimizerConfig, Schedule, lr_at};
-use huse_stage_kit::{device_of, load_dataset};
 use huse_stage_api::{Config, ConfigError, Context, Input, Inputs, Output, Stage, StageError, parse_config};
+use huse_stage_kit::{device_of, load_dataset};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -152,22 +152,33 @@ impl TrainCfg {
         if self.epochs == 0 {
             return Err(ConfigError::at("epochs", "must be at least 1"));
         }
-        if !(self.optimizer.lr() > 0.0) {
+        if self.optimizer.lr().partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
             return Err(ConfigError::at("optimizer.lr", "must be > 0"));
         }
         if !["val.acc.both", "val.acc.image", "val.acc.text"].contains(&self.select_by.as_str()) {
             return Err(ConfigError::at("select_by", "must be val.acc.both, val.acc.image or val.acc.text"));
         }
         match &self.fusion_weight {
-            Fusion::Fixed(w) if !(0.0..=1.0).contains(w) => return Err(ConfigError::at("fusion_weight", "must be in [0, 1] or `auto`")),
-            Fusion::Auto(s) if s != "auto" => return Err(ConfigError::at("fusion_weight", "must be in [0, 1] or `auto`")),
+            Fusion::Fixed(w) if !(0.0..=1.0).contains(w) => {
+                return Err(ConfigError::at("fusion_weight", "must be in [0, 1] or `auto`"));
+            }
+            Fusion::Auto(s) if s != "auto" => {
+                return Err(ConfigError::at("fusion_weight", "must be in [0, 1] or `auto`"));
+            }
             _ => {}
         }
         Ok(())
     }
 
     fn loss(&self) -> LossConfig {
-        LossConfig { alpha: self.alpha, beta: self.beta, gamma: self.gamma, zeta: self.zeta, variant: self.graph_variant, pairs: self.graph_pairs }
+        LossConfig {
+            alpha: self.alpha,
+            beta: self.beta,
+            gamma: self.gamma,
+            zeta: self.zeta,
+            variant: self.graph_variant,
+            pairs: self.graph_pairs,
+        }
     }
 }
 
@@ -193,7 +204,6 @@ struct State {
     history: Vec<EpochLog>,
     best: Option<(usize, f64)>,
 }
-
 
 impl Stage for Train {
     fn uses_device(&self) -> bool {
@@ -241,7 +251,13 @@ impl Stage for Train {
     }
 }
 
-fn validate_epoch(model: &Huse, ds: &Dataset, val: &[usize], cfg: &TrainCfg, device: &Device) -> Result<EpochVal, StageError> {
+fn validate_epoch(
+    model: &Huse,
+    ds: &Dataset,
+    val: &[usize],
+    cfg: &TrainCfg,
+    device: &Device,
+) -> Result<EpochVal, StageError> {
     let (pi, pt, _, _) = predict(model, ds, val, cfg.use_tfidf, device, cfg.eval_batch_size).map_err(StageError::of)?;
     let labels: Vec<u32> = val.iter().map(|&i| ds.labels[i]).collect();
     let k = ds.classes;
@@ -249,7 +265,12 @@ fn validate_epoch(model: &Huse, ds: &Dataset, val: &[usize], cfg: &TrainCfg, dev
         Fusion::Fixed(w) => (*w as f32, metrics::accuracy(&metrics::fuse(&pi, &pt, *w as f32), k, &labels)),
         Fusion::Auto(_) => metrics::best_fusion_weight(&pi, &pt, k, &labels),
     };
-    Ok(EpochVal { acc_image: metrics::accuracy(&pi, k, &labels), acc_text: metrics::accuracy(&pt, k, &labels), acc_both: both, fusion_weight: w })
+    Ok(EpochVal {
+        acc_image: metrics::accuracy(&pi, k, &labels),
+        acc_text: metrics::accuracy(&pt, k, &labels),
+        acc_both: both,
+        fusion_weight: w,
+    })
 }
 
 fn selected(v: &EpochVal, by: &str) -> f64 {
@@ -297,21 +318,31 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
     let device = device_of(ctx.device)?;
     let (mut ds, _tree) = load_dataset(inputs, cfg.use_tfidf)?;
     let views = if cfg.augment {
-        let k = ds.load_views(inputs.get(Artifact::ImageFeatures)?).map_err(|e| StageError::msg(format!("augment: true: {e:#}")))?;
+        let k = ds
+            .load_views(inputs.get(Artifact::ImageFeatures)?)
+            .map_err(|e| StageError::msg(format!("augment: true: {e:#}")))?;
         ctx.metrics.log("train.augment_views", 0, k as f64);
         k
     } else {
         0
     };
     let a = candle_core::safetensors::load(inputs.get(Artifact::Graph)?, &device).map_err(StageError::of)?;
-    let a = a.get("A").ok_or_else(|| StageError::msg("graph.safetensors has no tensor `A`"))?.to_dtype(DType::F32).map_err(StageError::of)?;
+    let a = a
+        .get("A")
+        .ok_or_else(|| StageError::msg("graph.safetensors has no tensor `A`"))?
+        .to_dtype(DType::F32)
+        .map_err(StageError::of)?;
     if a.dims() != [ds.classes, ds.classes] {
         return Err(StageError::msg(format!("the graph is {:?} but there are {} classes", a.dims(), ds.classes)));
     }
     let train_idx = ds.split(Split::Train);
     let val_idx = ds.split(Split::Val);
     if train_idx.len() < 2 || val_idx.is_empty() {
-        return Err(StageError::msg(format!("need training and validation items (have {} and {})", train_idx.len(), val_idx.len())));
+        return Err(StageError::msg(format!(
+            "need training and validation items (have {} and {})",
+            train_idx.len(),
+            val_idx.len()
+        )));
     }
     let net = HuseConfig {
         image_input: ds.image_dim,
@@ -343,14 +374,17 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
         ctx.metrics.log("train.resumed_at_epoch", 0, state.epoch as f64);
     }
 
-    let steps_per_epoch = (train_idx.len() / cfg.batch_size + usize::from(train_idx.len() % cfg.batch_size >= 2)).max(1) as u64;
-    let total_steps = cfg.max_steps.unwrap_or(steps_per_epoch * cfg.epochs as u64).min(steps_per_epoch * cfg.epochs as u64);
+    let steps_per_epoch =
+        (train_idx.len() / cfg.batch_size + usize::from(train_idx.len() % cfg.batch_size >= 2)).max(1) as u64;
+    let total_steps =
+        cfg.max_steps.unwrap_or(steps_per_epoch * cfg.epochs as u64).min(steps_per_epoch * cfg.epochs as u64);
     let mut since_best = state.best.map(|(e, _)| state.epoch.saturating_sub(e)).unwrap_or(0);
     while state.epoch < cfg.epochs && state.steps < total_steps {
         let epoch = state.epoch + 1;
         let started = Instant::now();
         let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch as u64);
-        let mut drop_rng = ChaCha8Rng::seed_from_u64(ctx.seed.wrapping_add(0xD1B5_4A32_D192_ED03) ^ ((epoch as u64) << 20));
+        let mut drop_rng =
+            ChaCha8Rng::seed_from_u64(ctx.seed.wrapping_add(0xD1B5_4A32_D192_ED03) ^ ((epoch as u64) << 20));
         if !device.is_cpu() {
             // GPU dropout masks come from the device's generator: seeded per epoch from the
             // same stream, so a GPU run is repeatable too (up to GPU arithmetic).
@@ -358,7 +392,8 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
         }
         let batches = epoch_batches(cfg, &ds, &train_idx, &mut rng);
         // Which view of each item this epoch (its own stream: runs without views are unchanged).
-        let mut view_rng = ChaCha8Rng::seed_from_u64(ctx.seed.wrapping_mul(0xA076_1D64_78BD_642F) ^ ((epoch as u64) << 32));
+        let mut view_rng =
+            ChaCha8Rng::seed_from_u64(ctx.seed.wrapping_mul(0xA076_1D64_78BD_642F) ^ ((epoch as u64) << 32));
         ctx.progress.start(&format!("epoch {epoch}/{}", cfg.epochs), Some(batches.len() as u64), "batch");
         let (mut sum, mut sc, mut sg, mut sp, mut seen) = (0.0, 0.0, 0.0, 0.0, 0usize);
         let mut lr = opt.learning_rate();
@@ -379,7 +414,9 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
             let y = &bt.labels;
             // Each tower one op on the CPU, its gradients handed over by fused::backward below.
             let _chain = huse_model::fused::chain_towers();
-            let (phi_i, phi_t) = model.embed_pair(&bt.image, &bt.text, bt.tfidf.as_ref(), Some((cfg.model.dropout, &mut drop_rng))).map_err(StageError::of)?;
+            let (phi_i, phi_t) = model
+                .embed_pair(&bt.image, &bt.text, bt.tfidf.as_ref(), Some((cfg.model.dropout, &mut drop_rng)))
+                .map_err(StageError::of)?;
             let li = model.logits(&phi_i).map_err(StageError::of)?;
             let lt = model.logits(&phi_t).map_err(StageError::of)?;
             let l = loss::total(&phi_i, &phi_t, &li, &lt, y, &a, &loss_cfg).map_err(StageError::of)?;
@@ -433,11 +470,25 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
         }
     }
     let (best_epoch, _) = state.best.ok_or_else(|| StageError::msg("no epoch was completed"))?;
-    let best = state.history.iter().find(|e| e.epoch == best_epoch).cloned().ok_or_else(|| StageError::msg("best epoch missing from history"))?;
+    let best = state
+        .history
+        .iter()
+        .find(|e| e.epoch == best_epoch)
+        .cloned()
+        .ok_or_else(|| StageError::msg("best epoch missing from history"))?;
     std::fs::copy(work.join("best.safetensors"), ctx.out_dir.join(Artifact::Model))?;
-    let meta = ModelMeta { network: net, use_tfidf: cfg.use_tfidf, fusion_weight: best.val.fusion_weight, best_epoch, val: best.val.clone() };
+    let meta = ModelMeta {
+        network: net,
+        use_tfidf: cfg.use_tfidf,
+        fusion_weight: best.val.fusion_weight,
+        best_epoch,
+        val: best.val.clone(),
+    };
     std::fs::write(ctx.out_dir.join(Artifact::ModelMeta), serde_json::to_vec_pretty(&meta).map_err(StageError::of)?)?;
-    std::fs::write(ctx.out_dir.join(Artifact::History), serde_json::to_vec_pretty(&state.history).map_err(StageError::of)?)?;
+    std::fs::write(
+        ctx.out_dir.join(Artifact::History),
+        serde_json::to_vec_pretty(&state.history).map_err(StageError::of)?,
+    )?;
     ctx.metrics.log("train.best_epoch", 0, best_epoch as f64);
     ctx.metrics.log("val.best.acc.both", 0, best.val.acc_both);
     ctx.metrics.log("train.steps", 0, state.steps as f64);

@@ -190,9 +190,7 @@ impl Inputs {
     }
     /// Iterates over (artifact, stage, path).
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str, &Path)> {
-        self.map
-            .iter()
-            .flat_map(|(n, v)| v.iter().map(move |(s, p)| (n.as_str(), s.as_str(), p.as_path())))
+        self.map.iter().flat_map(|(n, v)| v.iter().map(move |(s, p)| (n.as_str(), s.as_str(), p.as_path())))
     }
 }
 
@@ -430,13 +428,23 @@ mod tests {
     /// Writes scratch into its work directory, then fails when `fail` is set.
     struct Scratch;
     impl Stage for Scratch {
-        fn kind(&self) -> &str { "scratch" }
-        fn version(&self) -> &str { "1" }
-        fn outputs(&self) -> Vec<Output> { vec![] }
-        fn validate(&self, _config: &Config) -> Result<(), ConfigError> { Ok(()) }
+        fn kind(&self) -> &str {
+            "scratch"
+        }
+        fn version(&self) -> &str {
+            "1"
+        }
+        fn outputs(&self) -> Vec<Output> {
+            vec![]
+        }
+        fn validate(&self, _config: &Config) -> Result<(), ConfigError> {
+            Ok(())
+        }
         fn run(&self, ctx: &Context, config: &Config, _inputs: &Inputs) -> Result<(), StageError> {
             std::fs::write(ctx.work_dir.join("partial"), b"x")?;
-            if config["fail"].as_bool() == Some(true) { return Err(StageError::of("asked to fail")) }
+            if config["fail"].as_bool() == Some(true) {
+                return Err(StageError::of("asked to fail"));
+            }
             Ok(())
         }
     }
@@ -495,7 +503,13 @@ pub mod testing {
     }
 
     /// Validates `config` and runs `stage` into `out_dir` (created if missing) on the CPU.
-    pub fn run(stage: &dyn Stage, config: &Config, inputs: &Inputs, out_dir: &Path, seed: u64) -> Result<Recorded, StageError> {
+    pub fn run(
+        stage: &dyn Stage,
+        config: &Config,
+        inputs: &Inputs,
+        out_dir: &Path,
+        seed: u64,
+    ) -> Result<Recorded, StageError> {
         stage.validate(config)?;
         std::fs::create_dir_all(out_dir)?;
         let metrics = Recorded::default();
@@ -506,7 +520,17 @@ pub mod testing {
         let work_dir = out_dir.with_extension("work");
         std::fs::create_dir_all(&work_dir)?;
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let ctx = Context { name: stage.kind(), device: DeviceSpec::Cpu, seed, out_dir, work_dir: &work_dir, progress: &NoProgress, metrics: &metrics, cancel: &cancel, threads };
+        let ctx = Context {
+            name: stage.kind(),
+            device: DeviceSpec::Cpu,
+            seed,
+            out_dir,
+            work_dir: &work_dir,
+            progress: &NoProgress,
+            metrics: &metrics,
+            cancel: &cancel,
+            threads,
+        };
         let result = super::with_threads(threads, || stage.run(&ctx, config, inputs));
         let _ = std::fs::remove_dir_all(&work_dir);
         result??;

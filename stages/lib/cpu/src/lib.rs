@@ -56,16 +56,34 @@ pub unsafe fn gemm<T: Scalar>(
     threads: Option<usize>,
 ) {
     let threads = threads.unwrap_or_else(rayon::current_num_threads);
-    let par = if threads > 1 && m * n * k > PARALLEL_FROM { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let par = if threads > 1 && m * n * k > PARALLEL_FROM {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
     let alpha = if accumulate { T::ONE } else { T::ZERO };
     // SAFETY: forwarded from the caller.
     unsafe {
         gemm::gemm(
-            m, n, k,
-            dst, 1, ldc as isize, accumulate,
-            lhs.0, lhs.1 as isize, lhs.2 as isize,
-            rhs.0, rhs.1 as isize, rhs.2 as isize,
-            alpha, beta, false, false, false, par,
+            m,
+            n,
+            k,
+            dst,
+            1,
+            ldc as isize,
+            accumulate,
+            lhs.0,
+            lhs.1 as isize,
+            lhs.2 as isize,
+            rhs.0,
+            rhs.1 as isize,
+            rhs.2 as isize,
+            alpha,
+            beta,
+            false,
+            false,
+            false,
+            par,
         )
     }
 }
@@ -117,17 +135,24 @@ mod tests {
         for threads in [Some(1), Some(3), None] {
             let mut d = vec![T::from(1.0); m * n];
             // SAFETY: the strides stay inside the three vectors.
-            pool.install(|| unsafe { gemm(d.as_mut_ptr(), n, m, n, k, (a.as_ptr(), 1, k), (b.as_ptr(), k, 1), false, T::from(2.0), threads) });
+            pool.install(|| unsafe {
+                gemm(d.as_mut_ptr(), n, m, n, k, (a.as_ptr(), 1, k), (b.as_ptr(), k, 1), false, T::from(2.0), threads)
+            });
             for i in 0..m {
                 for j in 0..n {
                     assert!((d[i * n + j].into() - 2.0 * want(i, j)).abs() < 1e-4, "{threads:?} ({i}, {j})");
                 }
             }
             // SAFETY: as above.
-            pool.install(|| unsafe { gemm(d.as_mut_ptr(), n, m, n, k, (a.as_ptr(), 1, k), (b.as_ptr(), k, 1), true, T::ONE, threads) });
+            pool.install(|| unsafe {
+                gemm(d.as_mut_ptr(), n, m, n, k, (a.as_ptr(), 1, k), (b.as_ptr(), k, 1), true, T::ONE, threads)
+            });
             for i in 0..m {
                 for j in 0..n {
-                    assert!((d[i * n + j].into() - 3.0 * want(i, j)).abs() < 1e-4, "{threads:?} ({i}, {j}) accumulated");
+                    assert!(
+                        (d[i * n + j].into() - 3.0 * want(i, j)).abs() < 1e-4,
+                        "{threads:?} ({i}, {j}) accumulated"
+                    );
                 }
             }
         }

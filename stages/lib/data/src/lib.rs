@@ -37,7 +37,8 @@ impl std::str::FromStr for Split {
     type Err = String;
     /// `train`, `val` or `test`.
     fn from_str(s: &str) -> Result<Split, String> {
-        serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| format!("unknown split `{s}` (train, val or test)"))
+        serde_json::from_value(serde_json::Value::String(s.to_string()))
+            .map_err(|_| format!("unknown split `{s}` (train, val or test)"))
     }
 }
 
@@ -86,7 +87,7 @@ pub struct ClassTree {
 impl ClassTree {
     /// Builds the tree from leaf paths (sorted by name; counts given).
     pub fn from_paths(mut leaves: Vec<(Vec<String>, usize)>) -> Self {
-        leaves.sort_by(|a, b| a.0.join("<").cmp(&b.0.join("<")));
+        leaves.sort_by_key(|a| a.0.join("<"));
         let depth = leaves.iter().map(|(p, _)| p.len()).max().unwrap_or(0);
         let mut levels: Vec<Vec<Node>> = vec![Vec::new(); depth];
         let mut classes = Vec::new();
@@ -173,7 +174,10 @@ mod tests {
             (p("Apparel<Bottomwear<Jeans"), 1),
         ]);
         let names: Vec<&str> = t.classes.iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(names, ["Apparel<Bottomwear<Jeans", "Apparel<Topwear<Shirts", "Apparel<Topwear<Tshirts", "Footwear<Shoes<Casual"]);
+        assert_eq!(
+            names,
+            ["Apparel<Bottomwear<Jeans", "Apparel<Topwear<Shirts", "Apparel<Topwear<Tshirts", "Footwear<Shoes<Casual"]
+        );
         assert_eq!(t.levels[0].len(), 2);
         assert_eq!(t.levels[1].len(), 3);
         assert_eq!(t.levels[1][1].name, "Apparel<Topwear");
@@ -225,11 +229,13 @@ pub mod safetensors_out {
             while h.len() % 8 != 0 {
                 h.push(b' ');
             }
-            let mut file = BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?);
+            let mut file =
+                BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?);
             file.write_all(&(h.len() as u64).to_le_bytes())?;
             file.write_all(&h)?;
             let base = 8 + h.len() as u64;
-            let tensors = tensors.iter().zip(starts).map(|((n, r, c), s)| (n.to_string(), *r, *c, 0, base + s)).collect();
+            let tensors =
+                tensors.iter().zip(starts).map(|((n, r, c), s)| (n.to_string(), *r, *c, 0, base + s)).collect();
             Ok(Writer { file, tensors, current: 0, pos: base })
         }
 
@@ -245,7 +251,11 @@ pub mod safetensors_out {
 
         /// Appends rows to the tensor `name`.
         pub fn rows_to(&mut self, name: &str, data: &[f32]) -> Result<()> {
-            let i = self.tensors.iter().position(|t| t.0 == name).with_context(|| format!("no tensor `{name}` was declared"))?;
+            let i = self
+                .tensors
+                .iter()
+                .position(|t| t.0 == name)
+                .with_context(|| format!("no tensor `{name}` was declared"))?;
             self.write(i, data)?;
             while self.tensors.get(self.current).is_some_and(|t| t.3 == t.1) {
                 self.current += 1;
@@ -255,7 +265,11 @@ pub mod safetensors_out {
 
         fn write(&mut self, i: usize, data: &[f32]) -> Result<()> {
             let (name, r, c, done, start) = &mut self.tensors[i];
-            ensure!(data.len() % *c == 0, "{name}: {} values is not a whole number of rows of {c}", data.len());
+            ensure!(
+                data.len().is_multiple_of(*c),
+                "{name}: {} values is not a whole number of rows of {c}",
+                data.len()
+            );
             let n = data.len() / *c;
             ensure!(*done + n <= *r, "{name}: more than {r} rows");
             let at = *start + (*done * *c * 4) as u64;
@@ -291,8 +305,10 @@ pub mod safetensors_out {
             let h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
             let t = &h[name];
             let shape = t["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
-            let (a, b) = (t["data_offsets"][0].as_u64().unwrap() as usize, t["data_offsets"][1].as_u64().unwrap() as usize);
-            let data = bytes[8 + n + a..8 + n + b].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            let (a, b) =
+                (t["data_offsets"][0].as_u64().unwrap() as usize, t["data_offsets"][1].as_u64().unwrap() as usize);
+            let data =
+                bytes[8 + n + a..8 + n + b].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
             (shape, data)
         }
 

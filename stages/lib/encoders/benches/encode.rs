@@ -39,7 +39,11 @@ fn main() -> anyhow::Result<()> {
     let (size, batch) = (224, 32);
     let text_batch = env_usize("BENCH_TEXT_BATCH", 256);
     let mut rdr = csv::Reader::from_path(data.join("styles.csv"))?;
-    let rows: Vec<(String, String)> = rdr.records().take(n_img.max(n_txt)).map(|r| r.map(|r| (r[0].to_string(), r[6].to_string()))).collect::<Result<_, _>>()?;
+    let rows: Vec<(String, String)> = rdr
+        .records()
+        .take(n_img.max(n_txt))
+        .map(|r| r.map(|r| (r[0].to_string(), r[6].to_string())))
+        .collect::<Result<_, _>>()?;
     let images: Vec<PathBuf> = rows.iter().take(n_img).map(|(id, _)| data.join(format!("images/{id}.jpg"))).collect();
     let texts: Vec<String> = rows.iter().take(n_txt).map(|(_, t)| t.clone()).collect();
     let ckpt = assets.join("torch/hub/checkpoints/mobilenet_v2-b0353104.pth");
@@ -48,7 +52,11 @@ fn main() -> anyhow::Result<()> {
     let spec = std::env::var("BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
     let dev = match spec.as_str() {
         "cpu" => Device::Cpu,
-        d => Device::new_cuda(d.strip_prefix("cuda:").and_then(|n| n.parse().ok()).ok_or_else(|| anyhow::anyhow!("BENCH_DEVICE: cpu or cuda:N, not {d}"))?)?,
+        d => Device::new_cuda(
+            d.strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("BENCH_DEVICE: cpu or cuda:N, not {d}"))?,
+        )?,
     };
 
     // Ours: the encode stage's path (parallel decode + resize, fast CPU MobileNetV2).
@@ -56,7 +64,8 @@ fn main() -> anyhow::Result<()> {
     let model = MobileNetV2::load(&torch_pth::load(&ckpt)?)?;
 
     let prep = |chunk: &[PathBuf]| -> anyhow::Result<candle_core::Tensor> {
-        let v: Vec<Vec<f32>> = chunk.par_iter().map(|p| image_prep::preprocess_file(p, size)).collect::<anyhow::Result<_>>()?;
+        let v: Vec<Vec<f32>> =
+            chunk.par_iter().map(|p| image_prep::preprocess_file(p, size)).collect::<anyhow::Result<_>>()?;
         image_prep::batch(&v, size, &Device::Cpu)
     };
     let ours_img = if dev.is_cpu() {
@@ -68,7 +77,9 @@ fn main() -> anyhow::Result<()> {
         images.len() as f64 / t.elapsed().as_secs_f64()
     } else {
         let model = model.to_device(&dev)?;
-        let run = |x: candle_core::Tensor| -> anyhow::Result<Vec<f32>> { Ok(model.forward(&x.to_device(&dev)?)?.pooled.flatten_all()?.to_vec1::<f32>()?) };
+        let run = |x: candle_core::Tensor| -> anyhow::Result<Vec<f32>> {
+            Ok(model.forward(&x.to_device(&dev)?)?.pooled.flatten_all()?.to_vec1::<f32>()?)
+        };
         run(prep(&images[..batch.min(images.len())])?)?; // warm-up (loads the kernels)
         let t = Instant::now();
         std::thread::scope(|s| -> anyhow::Result<()> {
@@ -101,17 +112,32 @@ fn main() -> anyhow::Result<()> {
     // PyTorch, same inputs.
     let python = std::env::var("HUSE_TORCH_PYTHON").unwrap_or_else(|_| "python3".into());
     // Where it was built, else (a binary carried to another machine, run from a checkout's root) here.
-    let script = [PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/torch_encode.py"), PathBuf::from("stages/lib/encoders/benches/torch_encode.py")].into_iter().find(|p| p.exists()).unwrap_or_else(|| PathBuf::from("stages/lib/encoders/benches/torch_encode.py"));
+    let script = [
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/torch_encode.py"),
+        PathBuf::from("stages/lib/encoders/benches/torch_encode.py"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .unwrap_or_else(|| PathBuf::from("stages/lib/encoders/benches/torch_encode.py"));
     let args = serde_json::json!({"device": spec, "threads": threads, "checkpoint": ckpt, "size": size, "batch": batch, "images": images,
         "text_model": model_dir, "texts": texts, "text_batch": text_batch});
-    let torch = Command::new(&python).arg(&script).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().and_then(|mut c| {
-        c.stdin.take().unwrap().write_all(args.to_string().as_bytes())?;
-        c.wait_with_output()
-    });
+    let torch = Command::new(&python)
+        .arg(&script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(args.to_string().as_bytes())?;
+            c.wait_with_output()
+        });
     let torch: Option<serde_json::Value> = match torch {
         Ok(o) if o.status.success() => serde_json::from_slice(o.stdout.trim_ascii()).ok(),
         Ok(o) => {
-            eprintln!("PyTorch side failed ({}); set HUSE_TORCH_PYTHON to a Python with torch, torchvision, transformers", o.status);
+            eprintln!(
+                "PyTorch side failed ({}); set HUSE_TORCH_PYTHON to a Python with torch, torchvision, transformers",
+                o.status
+            );
             None
         }
         Err(e) => {
@@ -120,7 +146,9 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let tv = |k: &str| torch.as_ref().and_then(|j| j[k].as_f64());
-    println!("encode throughput on {spec}, {threads} threads, MobileNetV2 at {size} px (batch {batch}), MiniLM last-4 (batch {text_batch})");
+    println!(
+        "encode throughput on {spec}, {threads} threads, MobileNetV2 at {size} px (batch {batch}), MiniLM last-4 (batch {text_batch})"
+    );
     println!("{:<10} {:>14} {:>14} {:>8}", "", "huse-run", "PyTorch", "ratio");
     for (name, ours, theirs) in [("images/s", ours_img, tv("images_per_s")), ("texts/s", ours_txt, tv("texts_per_s"))] {
         match theirs {

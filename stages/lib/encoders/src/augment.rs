@@ -325,7 +325,14 @@ mod tests {
     fn apply_runs_the_drawn_order() {
         // Brightness 2 then saturation 0 differs from saturation 0 then brightness 2 only
         // through clamping: (0.8, 0.2, 0.1).
-        let p = |order| ViewParams { order, brightness: Some(2.0), contrast: None, saturation: Some(0.0), hue: None, flip: false };
+        let p = |order| ViewParams {
+            order,
+            brightness: Some(2.0),
+            contrast: None,
+            saturation: Some(0.0),
+            hue: None,
+            flip: false,
+        };
         let mut a = vec![0.8, 0.2, 0.1];
         apply(&mut a, 1, &p([0, 2, 1, 3]));
         // (1.0, 0.4, 0.2) -> grey 0.2989 + 0.2348 + 0.0228 = 0.5565

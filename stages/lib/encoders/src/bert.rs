@@ -123,7 +123,8 @@ impl Bert {
         let mut out = vec![x.clone()];
         let scale = 1.0 / (dh as f64).sqrt();
         // Each piece fused on the CPU, or from candle's ops (the reference, and other devices).
-        let linear = |l: &Linear, x: &Tensor, e: Epilogue| if fused { linear_cpu(l, x, e) } else { linear_ops(l, x, e) };
+        let linear =
+            |l: &Linear, x: &Tensor, e: Epilogue| if fused { linear_cpu(l, x, e) } else { linear_ops(l, x, e) };
         let softmax = |scores: &Tensor| -> Result<Tensor> {
             Ok(if fused {
                 scores.apply_op2_no_bwd(&additive, &MaskedSoftmaxOp { scale: scale as f32 })?
@@ -250,7 +251,9 @@ impl candle_core::CustomOp3 for LinearOp {
             if r.len() != out.len() {
                 candle_core::bail!("bert-linear: residual of {} values for {} outputs", r.len(), out.len());
             }
-            out.par_chunks_mut(CHUNK).zip(r.par_chunks(CHUNK)).for_each(|(o, r)| o.iter_mut().zip(r).for_each(|(o, r)| *o += r));
+            out.par_chunks_mut(CHUNK)
+                .zip(r.par_chunks(CHUNK))
+                .for_each(|(o, r)| o.iter_mut().zip(r).for_each(|(o, r)| *o += r));
         }
         Ok((candle_core::CpuStorage::F32(out), candle_core::Shape::from((m, n))))
     }
@@ -306,11 +309,7 @@ impl candle_core::CustomOp2 for MaskedSoftmaxOp {
 /// Stegun 7.1.26, |error| < 1.5e-7) in one pass; libm's erf was 10% of encoding time.
 /// Other devices use candle's `gelu_erf`.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        Ok(x.apply_op1_no_bwd(&FastGelu)?)
-    } else {
-        Ok(x.gelu_erf()?)
-    }
+    if x.device().is_cpu() && x.dtype() == DType::F32 { Ok(x.apply_op1_no_bwd(&FastGelu)?) } else { Ok(x.gelu_erf()?) }
 }
 
 /// erf(x) by Abramowitz & Stegun 7.1.26.
@@ -319,7 +318,10 @@ pub fn erf_fast(x: f32) -> f32 {
     let s = x.signum();
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let y = 1.0 - (((((1.061_405_4 * t - 1.453_152_1) * t) + 1.421_413_8) * t - 0.284_496_74) * t + 0.254_829_6) * t * (-a * a).exp();
+    let y = 1.0
+        - (((((1.061_405_4 * t - 1.453_152_1) * t) + 1.421_413_8) * t - 0.284_496_74) * t + 0.254_829_6)
+            * t
+            * (-a * a).exp();
     s * y
 }
 
@@ -335,9 +337,14 @@ impl candle_core::CustomOp1 for FastGelu {
     fn name(&self) -> &'static str {
         "fast-gelu"
     }
-    fn cpu_fwd(&self, s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let candle_core::CpuStorage::F32(v) = s else { candle_core::bail!("fast-gelu: f32 only") };
-        let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("fast-gelu: contiguous input only".into()))?;
+        let (a, b) =
+            l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("fast-gelu: contiguous input only".into()))?;
         let out: Vec<f32> = v[a..b].iter().map(|&x| gelu_one(x)).collect();
         Ok((candle_core::CpuStorage::F32(out), l.shape().clone()))
     }

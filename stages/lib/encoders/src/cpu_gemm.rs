@@ -4,7 +4,15 @@
 
 /// `dst (m x n, row-major) = lhs (m x k) . rhs (k x n)`, or `+=` when `accumulate`; each
 /// operand as (slice, column stride, row stride).
-pub(crate) fn sgemm(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: (&[f32], usize, usize), rhs: (&[f32], usize, usize), accumulate: bool) {
+pub(crate) fn sgemm(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
+    accumulate: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -15,8 +23,25 @@ pub(crate) fn sgemm(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: (&[f32],
         }
         return;
     }
-    let last = |(s, cs, rs): (&[f32], usize, usize), rows: usize, cols: usize| s.len() > (rows - 1) * rs + (cols - 1) * cs;
-    assert!(dst.len() >= m * n && last(lhs, m, k) && last(rhs, k, n), "sgemm operands do not fit {m} x {k} . {k} x {n}");
+    let last =
+        |(s, cs, rs): (&[f32], usize, usize), rows: usize, cols: usize| s.len() > (rows - 1) * rs + (cols - 1) * cs;
+    assert!(
+        dst.len() >= m * n && last(lhs, m, k) && last(rhs, k, n),
+        "sgemm operands do not fit {m} x {k} . {k} x {n}"
+    );
     // SAFETY: the assertion keeps every strided access inside the slices.
-    unsafe { huse_cpu::gemm(dst.as_mut_ptr(), n, m, n, k, (lhs.0.as_ptr(), lhs.1, lhs.2), (rhs.0.as_ptr(), rhs.1, rhs.2), accumulate, 1.0, None) }
+    unsafe {
+        huse_cpu::gemm(
+            dst.as_mut_ptr(),
+            n,
+            m,
+            n,
+            k,
+            (lhs.0.as_ptr(), lhs.1, lhs.2),
+            (rhs.0.as_ptr(), rhs.1, rhs.2),
+            accumulate,
+            1.0,
+            None,
+        )
+    }
 }

@@ -106,7 +106,9 @@ pub const MAX_DECODE_BYTES: u64 = 256 << 20;
 /// Decodes an image file to RGB8 (width, height, pixels); refuses images larger than
 /// [`MAX_SIDE`] on a side or needing more than [`MAX_DECODE_BYTES`].
 pub fn decode_rgb(path: &Path) -> Result<(usize, usize, Vec<u8>)> {
-    let mut reader = image::ImageReader::open(path).with_context(|| format!("opening image {}", path.display()))?.with_guessed_format()?;
+    let mut reader = image::ImageReader::open(path)
+        .with_context(|| format!("opening image {}", path.display()))?
+        .with_guessed_format()?;
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
@@ -115,7 +117,11 @@ pub fn decode_rgb(path: &Path) -> Result<(usize, usize, Vec<u8>)> {
     let img = match reader.decode() {
         Ok(i) => i,
         Err(image::ImageError::Limits(e)) => {
-            bail!("image {} is larger than huse-run decodes (at most {MAX_SIDE} x {MAX_SIDE} pixels, {} MiB): {e}", path.display(), MAX_DECODE_BYTES >> 20)
+            bail!(
+                "image {} is larger than huse-run decodes (at most {MAX_SIDE} x {MAX_SIDE} pixels, {} MiB): {e}",
+                path.display(),
+                MAX_DECODE_BYTES >> 20
+            )
         }
         Err(e) => return Err(e).with_context(|| format!("decoding image {}", path.display())),
     }

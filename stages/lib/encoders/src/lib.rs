@@ -47,7 +47,9 @@ pub fn cuda_gpus() -> Vec<(usize, String)> {
     #[cfg(feature = "cuda")]
     {
         use candle_core::cuda_backend::cudarc::driver::CudaContext;
-        (0..cuda_gpu_count()).map(|i| (i, CudaContext::new(i).ok().and_then(|c| c.name().ok()).unwrap_or_else(|| "?".into()))).collect()
+        (0..cuda_gpu_count())
+            .map(|i| (i, CudaContext::new(i).ok().and_then(|c| c.name().ok()).unwrap_or_else(|| "?".into())))
+            .collect()
     }
     #[cfg(not(feature = "cuda"))]
     Vec::new()

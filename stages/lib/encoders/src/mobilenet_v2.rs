@@ -46,7 +46,14 @@ struct ConvBn {
 }
 
 impl ConvBn {
-    fn load(w: &HashMap<String, Tensor>, conv: &str, bn: &str, stride: usize, groups: usize, relu6: bool) -> Result<Self> {
+    fn load(
+        w: &HashMap<String, Tensor>,
+        conv: &str,
+        bn: &str,
+        stride: usize,
+        groups: usize,
+        relu6: bool,
+    ) -> Result<Self> {
         let get = |n: &str| w.get(n).cloned().ok_or_else(|| anyhow!("checkpoint has no tensor `{n}`"));
         let weight = get(&format!("{conv}.weight"))?.to_dtype(DType::F32)?;
         let gamma = get(&format!("{bn}.weight"))?.to_dtype(DType::F32)?;
@@ -205,7 +212,9 @@ impl MobileNetV2 {
         // NCHW -> NHWC, image rows in parallel, read straight from the tensor's storage.
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         let (storage, layout) = x.storage_and_layout();
-        let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((from, to))) = (&*storage, layout.contiguous_offsets()) else {
+        let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((from, to))) =
+            (&*storage, layout.contiguous_offsets())
+        else {
             anyhow::bail!("forward_cpu: the input must be a CPU tensor")
         };
         let nchw = &data[from..to];
@@ -282,7 +291,9 @@ fn pointwise(l: &ConvBn, x: &[f32], m: usize, residual: Option<&[f32]>, bufs: &m
         for (r, row) in chunk.chunks_mut(co).enumerate() {
             let res = residual.map(|res| &res[(ci * 64 + r) * co..(ci * 64 + r + 1) * co]);
             match res {
-                Some(res) => row.iter_mut().zip(&l.b_cpu).zip(res).for_each(|((v, b), r)| *v = act(*v + b + r, l.relu6)),
+                Some(res) => {
+                    row.iter_mut().zip(&l.b_cpu).zip(res).for_each(|((v, b), r)| *v = act(*v + b + r, l.relu6))
+                }
                 None => row.iter_mut().zip(&l.b_cpu).for_each(|(v, b)| *v = act(*v + b, l.relu6)),
             }
         }

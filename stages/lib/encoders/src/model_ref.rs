@@ -68,7 +68,8 @@ impl ModelRef {
             ModelRef::Hub { repo, revision } => {
                 let mut dir: Option<PathBuf> = None;
                 for f in files {
-                    let cached = hub_ref(repo, revision).snapshot(Kind::Model).map(|(_, s)| s.join(f)).filter(|p| p.is_file());
+                    let cached =
+                        hub_ref(repo, revision).snapshot(Kind::Model).map(|(_, s)| s.join(f)).filter(|p| p.is_file());
                     let path = match cached {
                         Some(p) => p,
                         None => download(repo, revision, f)?,
@@ -77,7 +78,11 @@ impl ModelRef {
                     match &dir {
                         None => dir = parent,
                         Some(d) if Some(d) != parent.as_ref() => {
-                            bail!("files of hf:{repo}@{revision} resolved to different snapshots ({} and {})", d.display(), path.display())
+                            bail!(
+                                "files of hf:{repo}@{revision} resolved to different snapshots ({} and {})",
+                                d.display(),
+                                path.display()
+                            )
                         }
                         _ => {}
                     }
@@ -95,12 +100,16 @@ fn download(repo: &str, revision: &str, file: &str) -> Result<PathBuf> {
          (with HF_HOME pointing at the same cache), or set the model to a local directory holding the files"
     );
     if huse_hub::offline() {
-        bail!("{file} of hf:{repo}@{revision} is not in the Hugging Face cache at {cache} and HF_HUB_OFFLINE is set: {how}");
+        bail!(
+            "{file} of hf:{repo}@{revision} is not in the Hugging Face cache at {cache} and HF_HUB_OFFLINE is set: {how}"
+        );
     }
     // Without a stage's cancel token here: a stalled download gives up after the timeout.
     hub_ref(repo, revision)
         .fetch(Kind::Model, file, huse_hub::timeout_from_env(), huse_hub::DEFAULT_RETRIES, &|| false)
-        .map_err(|e| anyhow!("{file} of hf:{repo}@{revision} is not in the Hugging Face cache at {cache} and {e}: {how}"))
+        .map_err(|e| {
+            anyhow!("{file} of hf:{repo}@{revision} is not in the Hugging Face cache at {cache} and {e}: {how}")
+        })
 }
 
 #[cfg(test)]
@@ -114,7 +123,10 @@ mod tests {
             "hf:sentence-transformers/all-MiniLM-L6-v2".parse::<ModelRef>().unwrap(),
             ModelRef::Hub { repo: "sentence-transformers/all-MiniLM-L6-v2".into(), revision: "main".into() }
         );
-        assert_eq!("hf:a/b@v1.0".parse::<ModelRef>().unwrap(), ModelRef::Hub { repo: "a/b".into(), revision: "v1.0".into() });
+        assert_eq!(
+            "hf:a/b@v1.0".parse::<ModelRef>().unwrap(),
+            ModelRef::Hub { repo: "a/b".into(), revision: "v1.0".into() }
+        );
         for bad in ["hf:", "hf:/x", "hf:a/b/c", "hf:a/b@", "hf:a b/c", ""] {
             assert!(bad.parse::<ModelRef>().is_err(), "{bad}");
         }

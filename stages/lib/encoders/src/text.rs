@@ -98,7 +98,15 @@ impl TextEncoder {
         let id = |t: &str| tokenizer.token_to_id(t).ok_or_else(|| anyhow!("tokenizer has no {t} token"));
         let (cls, sep, pad) = (id("[CLS]")?, id("[SEP]")?, id("[PAD]").unwrap_or(0));
         let limit = config.max_position_embeddings;
-        Ok(TextEncoder { tokenizer, bert, device: device.clone(), max_len: max_len.unwrap_or(limit).min(limit), cls, sep, pad })
+        Ok(TextEncoder {
+            tokenizer,
+            bert,
+            device: device.clone(),
+            max_len: max_len.unwrap_or(limit).min(limit),
+            cls,
+            sep,
+            pad,
+        })
     }
 
     /// The hidden size of the model.
@@ -170,7 +178,13 @@ impl TextEncoder {
     /// per-head products, the strided copies between heads, layer norms, the pooling — runs
     /// on one thread, and another batch fills the other threads meanwhile. Each batch's
     /// features do not depend on what runs beside it.
-    pub fn last4_mean_rows(&self, texts: &[&str], idf: Option<&TokenIdf>, batch: usize, mut done: impl FnMut(usize)) -> Result<Vec<f32>> {
+    pub fn last4_mean_rows(
+        &self,
+        texts: &[&str],
+        idf: Option<&TokenIdf>,
+        batch: usize,
+        mut done: impl FnMut(usize),
+    ) -> Result<Vec<f32>> {
         use rayon::prelude::*;
         let dim = 4 * self.hidden_size();
         let lens: Vec<usize> = self.tokenize(texts)?.iter().map(Vec::len).collect();

@@ -22,14 +22,16 @@ use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
 /// The magic number pickle that starts a legacy checkpoint (protocol 2, LONG1 of 10 bytes).
-const LEGACY_MAGIC: [u8; 15] = [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, 0x2e];
+const LEGACY_MAGIC: [u8; 15] =
+    [0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, 0x2e];
 
 /// Loads every tensor of a checkpoint's state dict (on the CPU), in either format.
 pub fn load(path: &Path) -> Result<HashMap<String, Tensor>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading checkpoint {}", path.display()))?;
     let what = || format!("checkpoint {}", path.display());
     if bytes.starts_with(b"PK\x03\x04") {
-        let tensors = candle_core::pickle::read_all(path).map_err(|e| anyhow!("{}: zip-format checkpoint: {e}", what()))?;
+        let tensors =
+            candle_core::pickle::read_all(path).map_err(|e| anyhow!("{}: zip-format checkpoint: {e}", what()))?;
         ensure!(!tensors.is_empty(), "{}: zip-format checkpoint holds no tensors", what());
         return Ok(tensors.into_iter().collect());
     }
@@ -76,7 +78,12 @@ struct TensorRef {
 
 fn usizes(o: Object, what: &str) -> Result<Vec<usize>> {
     match o {
-        Object::Tuple(v) => v.into_iter().map(|x| x.int_or_long().map(|i| i as usize).map_err(|o| anyhow!("{what}: expected an integer, found {o:?}"))).collect(),
+        Object::Tuple(v) => v
+            .into_iter()
+            .map(|x| {
+                x.int_or_long().map(|i| i as usize).map_err(|o| anyhow!("{what}: expected an integer, found {o:?}"))
+            })
+            .collect(),
         o => bail!("{what}: expected a tuple, found {o:?}"),
     }
 }
@@ -85,7 +92,9 @@ fn usizes(o: Object, what: &str) -> Result<Vec<usize>> {
 fn tensor_ref(value: Object) -> Result<Option<TensorRef>> {
     let Object::Reduce { callable, args } = value else { return Ok(None) };
     let (callable, args) = match *callable {
-        Object::Class { module_name, class_name } if module_name == "torch._utils" && class_name == "_rebuild_parameter" => {
+        Object::Class { module_name, class_name }
+            if module_name == "torch._utils" && class_name == "_rebuild_parameter" =>
+        {
             let mut a = args.tuple().map_err(|o| anyhow!("bad parameter args {o:?}"))?;
             ensure!(!a.is_empty(), "empty parameter args");
             match a.remove(0) {
@@ -96,7 +105,8 @@ fn tensor_ref(value: Object) -> Result<Option<TensorRef>> {
         c => (c, *args),
     };
     match &callable {
-        Object::Class { module_name, class_name } if module_name == "torch._utils" && class_name == "_rebuild_tensor_v2" => {}
+        Object::Class { module_name, class_name }
+            if module_name == "torch._utils" && class_name == "_rebuild_tensor_v2" => {}
         _ => return Ok(None),
     }
     let mut a = args.tuple().map_err(|o| anyhow!("bad tensor args {o:?}"))?;
@@ -120,7 +130,10 @@ fn load_legacy(bytes: &[u8]) -> Result<HashMap<String, Tensor>> {
     let _sys_info = read_pickle(&mut cur, "system info")?;
     let obj = read_pickle(&mut cur, "state dict")?;
     let keys = match read_pickle(&mut cur, "storage keys")? {
-        Object::List(v) => v.into_iter().map(|k| k.unicode().map_err(|o| anyhow!("bad storage key {o:?}"))).collect::<Result<Vec<_>>>()?,
+        Object::List(v) => v
+            .into_iter()
+            .map(|k| k.unicode().map_err(|o| anyhow!("bad storage key {o:?}")))
+            .collect::<Result<Vec<_>>>()?,
         o => bail!("expected the list of storage keys, found {o:?}"),
     };
     // The state dict: an OrderedDict, possibly wrapped in BUILD (its `_metadata`).
@@ -143,12 +156,13 @@ fn load_legacy(bytes: &[u8]) -> Result<HashMap<String, Tensor>> {
             _ => None,
         })
         .collect::<Result<_>>()?;
-    let elsize: HashMap<&str, usize> = refs.iter().map(|(_, r)| (r.storage.key.as_str(), r.storage.dtype.size_in_bytes())).collect();
+    let elsize: HashMap<&str, usize> =
+        refs.iter().map(|(_, r)| (r.storage.key.as_str(), r.storage.dtype.size_in_bytes())).collect();
     for key in &keys {
         let mut n = [0u8; 8];
-        (&bytes[pos.min(bytes.len())..])
-            .read_exact(&mut n)
-            .map_err(|_| anyhow!("truncated: storage {key} has no size header at byte {pos} (file is {} bytes)", bytes.len()))?;
+        (&bytes[pos.min(bytes.len())..]).read_exact(&mut n).map_err(|_| {
+            anyhow!("truncated: storage {key} has no size header at byte {pos} (file is {} bytes)", bytes.len())
+        })?;
         let numel = u64::from_le_bytes(n) as usize;
         let es = *elsize.get(key.as_str()).unwrap_or(&1);
         let start = pos + 8;
@@ -163,7 +177,8 @@ fn load_legacy(bytes: &[u8]) -> Result<HashMap<String, Tensor>> {
     }
     let mut out = HashMap::new();
     for (name, r) in refs {
-        let (start, numel) = *storages.get(&r.storage.key).ok_or_else(|| anyhow!("{name}: storage {} is missing", r.storage.key))?;
+        let (start, numel) =
+            *storages.get(&r.storage.key).ok_or_else(|| anyhow!("{name}: storage {} is missing", r.storage.key))?;
         let es = r.storage.dtype.size_in_bytes();
         let count: usize = r.size.iter().product();
         let max_index = r.offset + r.size.iter().zip(&r.stride).map(|(s, st)| s.saturating_sub(1) * st).sum::<usize>();
@@ -212,7 +227,8 @@ pub fn verify_hash_prefix(path: &Path) -> Result<bool> {
         return Ok(false);
     }
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    verify_bytes(&bytes, path).map_err(|e| anyhow!("checkpoint {} is corrupt or not the file its name promises: {e}", path.display()))?;
+    verify_bytes(&bytes, path)
+        .map_err(|e| anyhow!("checkpoint {} is corrupt or not the file its name promises: {e}", path.display()))?;
     Ok(true)
 }
 
@@ -235,11 +251,16 @@ pub fn resolve(explicit: Option<&Path>, url: &str) -> Result<PathBuf> {
     if p.is_file() {
         return Ok(p);
     }
-    let how = format!("put {file} into {} (or set TORCH_HOME to a folder holding hub/checkpoints/{file}), or give the path explicitly", p.parent().unwrap().display());
+    let how = format!(
+        "put {file} into {} (or set TORCH_HOME to a folder holding hub/checkpoints/{file}), or give the path explicitly",
+        p.parent().unwrap().display()
+    );
     if std::env::var("HUSE_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0") {
         bail!("checkpoint {file} not found at {} and HUSE_OFFLINE is set: {how}", p.display());
     }
-    download(url, &p).map_err(|e| anyhow!("checkpoint {file} not found at {} and downloading {url} failed: {e:#}. {how}", p.display()))?;
+    download(url, &p).map_err(|e| {
+        anyhow!("checkpoint {file} not found at {} and downloading {url} failed: {e:#}. {how}", p.display())
+    })?;
     Ok(p)
 }
 
@@ -262,9 +283,14 @@ fn download(url: &str, dest: &Path) -> Result<()> {
 fn verify_bytes(bytes: &[u8], named: &Path) -> Result<()> {
     let name = named.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let stem = name.split('.').next().unwrap_or("");
-    if let Some(prefix) = stem.rsplit_once('-').map(|(_, h)| h).filter(|h| h.len() >= 6 && h.chars().all(|c| c.is_ascii_hexdigit())) {
+    if let Some(prefix) =
+        stem.rsplit_once('-').map(|(_, h)| h).filter(|h| h.len() >= 6 && h.chars().all(|c| c.is_ascii_hexdigit()))
+    {
         let digest: String = Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
-        ensure!(digest.starts_with(&prefix.to_lowercase()), "the download's SHA-256 {digest} does not start with `{prefix}`");
+        ensure!(
+            digest.starts_with(&prefix.to_lowercase()),
+            "the download's SHA-256 {digest} does not start with `{prefix}`"
+        );
     }
     Ok(())
 }

@@ -20,7 +20,9 @@ fn hub_references_download_into_the_cache_then_work_offline() {
     let names = ["config.json", "tokenizer.json"];
     let files: Vec<(String, Vec<u8>)> = names
         .iter()
-        .map(|f| (format!("/sentence-transformers/all-MiniLM-L6-v2/resolve/main/{f}"), std::fs::read(model.join(f)).unwrap()))
+        .map(|f| {
+            (format!("/sentence-transformers/all-MiniLM-L6-v2/resolve/main/{f}"), std::fs::read(model.join(f)).unwrap())
+        })
         .collect();
     let (endpoint, hits) = serve(files.clone());
     let home = tempfile::tempdir().unwrap();
@@ -48,7 +50,12 @@ fn hub_references_download_into_the_cache_then_work_offline() {
     assert_eq!(hits.load(Ordering::SeqCst), served);
     // Offline and missing: the error names the file and how to provide it.
     let err = r.resolve(&["model.safetensors"]).unwrap_err().to_string();
-    assert!(err.contains("model.safetensors of hf:sentence-transformers/all-MiniLM-L6-v2@main is not in the Hugging Face cache"), "{err}");
+    assert!(
+        err.contains(
+            "model.safetensors of hf:sentence-transformers/all-MiniLM-L6-v2@main is not in the Hugging Face cache"
+        ),
+        "{err}"
+    );
     assert!(err.contains("HF_HUB_OFFLINE") && err.contains("huggingface-cli download"), "{err}");
     // Online but the server lacks it: the error says the download failed, and where from.
     unsafe { std::env::remove_var("HF_HUB_OFFLINE") };
@@ -56,7 +63,10 @@ fn hub_references_download_into_the_cache_then_work_offline() {
     assert!(err.contains("downloading") && err.contains(&endpoint) && err.contains("model.safetensors"), "{err}");
     // torchvision-style checkpoints download from their URL into $TORCH_HOME/hub/checkpoints,
     // checked against the hash prefix in the name first.
-    let ckpt = std::fs::read(PathBuf::from(std::env::var("HUSE_ASSETS").unwrap()).join("torch/hub/checkpoints/mobilenet_v2-b0353104.pth")).unwrap();
+    let ckpt = std::fs::read(
+        PathBuf::from(std::env::var("HUSE_ASSETS").unwrap()).join("torch/hub/checkpoints/mobilenet_v2-b0353104.pth"),
+    )
+    .unwrap();
     let mut bad = ckpt.clone();
     bad[1000] ^= 1;
     let (torch_url, torch_hits) = serve(vec![
@@ -76,11 +86,18 @@ fn hub_references_download_into_the_cache_then_work_offline() {
     let n = torch_hits.load(Ordering::SeqCst);
     assert_eq!(huse_encoders::torch_pth::resolve(None, &url).unwrap(), p, "the second time it is found locally");
     assert_eq!(torch_hits.load(Ordering::SeqCst), n);
-    let err = huse_encoders::torch_pth::resolve(None, &format!("{torch_url}/models/broken-b0353104.pth")).unwrap_err().to_string();
+    let err = huse_encoders::torch_pth::resolve(None, &format!("{torch_url}/models/broken-b0353104.pth"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("does not start with `b0353104`") && err.contains("downloading"), "{err}");
-    assert!(std::fs::read_dir(torch_home.path().join("hub/checkpoints")).unwrap().count() == 1, "no partial or bad file is left");
+    assert!(
+        std::fs::read_dir(torch_home.path().join("hub/checkpoints")).unwrap().count() == 1,
+        "no partial or bad file is left"
+    );
     unsafe { std::env::set_var("HUSE_OFFLINE", "1") };
-    let err = huse_encoders::torch_pth::resolve(None, &format!("{torch_url}/models/other-12345678.pth")).unwrap_err().to_string();
+    let err = huse_encoders::torch_pth::resolve(None, &format!("{torch_url}/models/other-12345678.pth"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("HUSE_OFFLINE is set") && err.contains("other-12345678.pth"), "{err}");
 
     // A local directory without the files says which one is missing.

@@ -54,7 +54,8 @@ fn legacy_checkpoint_loads_with_torchvision_names_and_hash() {
     assert!(torch_pth::verify_hash_prefix(&p).unwrap());
     let w = torch_pth::load(&p).unwrap();
     assert_eq!(w.len(), 314);
-    let params: usize = w.iter().filter(|(k, _)| !k.ends_with("num_batches_tracked")).map(|(_, t)| t.elem_count()).sum();
+    let params: usize =
+        w.iter().filter(|(k, _)| !k.ends_with("num_batches_tracked")).map(|(_, t)| t.elem_count()).sum();
     assert!(params > 3_500_000 && params < 3_600_000, "{params} parameters");
     assert_eq!(w["features.0.0.weight"].dims(), &[32, 3, 3, 3]);
     assert_eq!(w["classifier.1.weight"].dims(), &[1000, 1280]);
@@ -134,7 +135,8 @@ fn mobilenet_v2_cpu_buffers_carry_nothing_between_batches() {
     let two = x.narrow(0, 1, 2).unwrap();
     let small = x.narrow(2, 16, 160).unwrap().narrow(3, 32, 160).unwrap().contiguous().unwrap();
     let big = Tensor::cat(&[x, x], 0).unwrap();
-    let after: Vec<Vec<f32>> = [&two, &small, &big, x].iter().map(|t| bits(&model.forward_cpu(t).unwrap().pooled)).collect();
+    let after: Vec<Vec<f32>> =
+        [&two, &small, &big, x].iter().map(|t| bits(&model.forward_cpu(t).unwrap().pooled)).collect();
     let fresh = |t: &Tensor| bits(&MobileNetV2::load(&weights).unwrap().forward_cpu(t).unwrap().pooled);
     assert_eq!(after[0], fresh(&two), "2-image batch after a 6-image one");
     assert_eq!(after[1], fresh(&small), "160 px batch after 224 px ones");
@@ -154,8 +156,11 @@ fn jpeg_to_pooled_matches_torchvision_pipeline() {
     let images: Vec<Vec<f32>> = ids
         .iter()
         .map(|id| {
-            image_prep::preprocess_file(&var("HUSE_ASSETS").join(format!("data/fashion-product-images-small/images/{id}.jpg")), 224)
-                .unwrap()
+            image_prep::preprocess_file(
+                &var("HUSE_ASSETS").join(format!("data/fashion-product-images-small/images/{id}.jpg")),
+                224,
+            )
+            .unwrap()
         })
         .collect();
     let x = image_prep::batch(&images, 224, &Device::Cpu).unwrap();

@@ -115,7 +115,9 @@ pub fn guarded<T: Send + 'static>(
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(e)) => return Err(Failure::Failed(e)),
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(Failure::Failed(format!("{what}: the request ended without an answer"))),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(Failure::Failed(format!("{what}: the request ended without an answer")));
+                }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) if beat.quiet_for() < timeout => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
             }
@@ -172,7 +174,9 @@ impl HubRef {
         let s = s.trim();
         let rest = s.strip_prefix("hf:")?;
         let (repo, revision) = rest.split_once('@').unwrap_or((rest, "main"));
-        let ok = |x: &str| !x.is_empty() && x.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c)) && !x.contains("..");
+        let ok = |x: &str| {
+            !x.is_empty() && x.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c)) && !x.contains("..")
+        };
         if !ok(repo) || repo.starts_with('/') || repo.ends_with('/') || repo.matches('/').count() > 1 {
             return Some(Err(format!("`{s}`: expected hf:ORG/NAME[@REVISION]")));
         }
@@ -211,12 +215,21 @@ impl HubRef {
             Kind::Model => hf_hub::RepoType::Model,
             Kind::Dataset => hf_hub::RepoType::Dataset,
         };
-        hf_hub::Cache::new(dir).repo(hf_hub::Repo::with_revision(self.repo.clone(), kind, self.revision.clone())).get(file)
+        hf_hub::Cache::new(dir)
+            .repo(hf_hub::Repo::with_revision(self.repo.clone(), kind, self.revision.clone()))
+            .get(file)
     }
 
     /// `file` of the repository: from the local cache, else downloaded into it through
     /// [`guarded`] (a stalled download is abandoned after `timeout` without bytes).
-    pub fn fetch(&self, kind: Kind, file: &str, timeout: Duration, retries: u32, stop: &dyn Fn() -> bool) -> Result<PathBuf, Failure> {
+    pub fn fetch(
+        &self,
+        kind: Kind,
+        file: &str,
+        timeout: Duration,
+        retries: u32,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<PathBuf, Failure> {
         if let Some(p) = self.cached_file(kind, file) {
             return Ok(p);
         }
@@ -235,7 +248,13 @@ impl HubRef {
     }
 
     /// The repository's file list and commit (`info`) through [`guarded`].
-    pub fn info(&self, kind: Kind, timeout: Duration, retries: u32, stop: &dyn Fn() -> bool) -> Result<(String, Vec<String>), Failure> {
+    pub fn info(
+        &self,
+        kind: Kind,
+        timeout: Duration,
+        retries: u32,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<(String, Vec<String>), Failure> {
         let me = self.clone();
         guarded(
             &format!("listing the files of {me}"),

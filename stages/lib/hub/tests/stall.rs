@@ -34,7 +34,10 @@ fn a_stalled_hub_times_out_retries_and_honours_cancellation() {
     let err = r.info(Kind::Dataset, Duration::from_secs(1), 1, &|| false).unwrap_err();
     let took = t0.elapsed();
     match &err {
-        Failure::Failed(why) => assert!(why.contains("no answer from the hub for 1 s, 2 time(s)") && why.contains("HUSE_HUB_TIMEOUT"), "{why}"),
+        Failure::Failed(why) => assert!(
+            why.contains("no answer from the hub for 1 s, 2 time(s)") && why.contains("HUSE_HUB_TIMEOUT"),
+            "{why}"
+        ),
         other => panic!("{other:?}"),
     }
     assert!(took >= Duration::from_secs(3) && took < Duration::from_secs(10), "{took:?}");
@@ -53,7 +56,9 @@ fn a_stalled_hub_times_out_retries_and_honours_cancellation() {
         s2.store(true, Ordering::SeqCst);
     });
     let t0 = Instant::now();
-    let err = r.fetch(Kind::Model, "model.safetensors", Duration::from_secs(120), 3, &|| stop.load(Ordering::SeqCst)).unwrap_err();
+    let err = r
+        .fetch(Kind::Model, "model.safetensors", Duration::from_secs(120), 3, &|| stop.load(Ordering::SeqCst))
+        .unwrap_err();
     assert_eq!(err, Failure::Cancelled);
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
 

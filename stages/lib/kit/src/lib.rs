@@ -59,7 +59,11 @@ pub fn load_dataset(inputs: &Inputs, use_tfidf: bool) -> Result<(Dataset, ClassT
         (false, _, _) => None,
         (true, Some(a), Some(b)) => Some((a, b)),
         (true, _, _) => {
-            return Err(StageError::msg(format!("use_tfidf is on, but no upstream stage gives {} and {}", Artifact::Tfidf, Artifact::TfidfVocab)));
+            return Err(StageError::msg(format!(
+                "use_tfidf is on, but no upstream stage gives {} and {}",
+                Artifact::Tfidf,
+                Artifact::TfidfVocab
+            )));
         }
     };
     let ds = Dataset::load(

@@ -30,8 +30,8 @@ use huse_model::loss::{self, LossConfig};
 use huse_model::model::{Huse, HuseConfig, Shape};
 use huse_model::optim::{Optimizer, OptimizerConfig};
 use rand::{Rng, SeedableRng};
-use rayon::prelude::*;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 fn env_usize(k: &str, d: usize) -> usize {
     std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
@@ -45,7 +45,12 @@ fn main() -> anyhow::Result<()> {
     unsafe { huse_cpu::setup_process() };
     let threads = env_usize("BENCH_THREADS", std::thread::available_parallelism()?.get());
     let scaling = match std::env::var("BENCH_SCALING") {
-        Ok(list) => list.split(',').map(|c| c.trim().parse::<usize>().ok().filter(|&c| c > 0)).collect::<Option<Vec<_>>>().filter(|c| !c.is_empty()).ok_or_else(|| anyhow::anyhow!("BENCH_SCALING: thread counts like `1,2`, not `{list}`"))?,
+        Ok(list) => list
+            .split(',')
+            .map(|c| c.trim().parse::<usize>().ok().filter(|&c| c > 0))
+            .collect::<Option<Vec<_>>>()
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("BENCH_SCALING: thread counts like `1,2`, not `{list}`"))?,
         Err(_) => Vec::new(),
     };
     if !scaling.is_empty() {
@@ -89,7 +94,8 @@ fn bench(threads: usize, scaling: &[usize]) -> anyhow::Result<()> {
     let (image, text, csr, n, di, dt, v, source) = match std::env::var("BENCH_ENCODE_DIR") {
         Ok(dir) => {
             let dir = PathBuf::from(dir);
-            let im = candle_core::safetensors::load(dir.join(Artifact::ImageFeatures), &Device::Cpu)?["features"].clone();
+            let im =
+                candle_core::safetensors::load(dir.join(Artifact::ImageFeatures), &Device::Cpu)?["features"].clone();
             let tx = candle_core::safetensors::load(dir.join(Artifact::TextFeatures), &Device::Cpu)?["bert"].clone();
             let tf = candle_core::safetensors::load(dir.join(Artifact::Tfidf), &Device::Cpu)?;
             let vocab: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join(Artifact::TfidfVocab))?)?;
@@ -98,7 +104,16 @@ fn bench(threads: usize, scaling: &[usize]) -> anyhow::Result<()> {
             let (im, tx) = (im.narrow(0, 0, n)?, tx.narrow(0, 0, n)?);
             let (di, dt) = (im.dim(1)?, tx.dim(1)?);
             let csr = (tf["indptr"].to_vec1::<i64>()?, tf["indices"].to_vec1::<u32>()?, tf["values"].to_vec1::<f32>()?);
-            (im.flatten_all()?.to_vec1::<f32>()?, tx.flatten_all()?.to_vec1::<f32>()?, csr, n, di, dt, v, format!("real features from {}", dir.display()))
+            (
+                im.flatten_all()?.to_vec1::<f32>()?,
+                tx.flatten_all()?.to_vec1::<f32>()?,
+                csr,
+                n,
+                di,
+                dt,
+                v,
+                format!("real features from {}", dir.display()),
+            )
         }
         Err(_) => {
             let (n, di, dt, v) = (n_max, 1280, 1536, 4096);
@@ -113,14 +128,27 @@ fn bench(threads: usize, scaling: &[usize]) -> anyhow::Result<()> {
                 }
                 indptr.push(idx.len() as i64);
             }
-            (im, tx, (indptr, idx, vals), n, di, dt, v, "pseudo-random features (set BENCH_ENCODE_DIR for real ones)".to_string())
+            (
+                im,
+                tx,
+                (indptr, idx, vals),
+                n,
+                di,
+                dt,
+                v,
+                "pseudo-random features (set BENCH_ENCODE_DIR for real ones)".to_string(),
+            )
         }
     };
     let cfg = HuseConfig { image_input: di, text_input: dt + v, classes, shape: Shape::default() };
     let spec = std::env::var("BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
     let dev = match spec.as_str() {
         "cpu" => Device::Cpu,
-        d => Device::new_cuda(d.strip_prefix("cuda:").and_then(|n| n.parse().ok()).ok_or_else(|| anyhow::anyhow!("BENCH_DEVICE: cpu or cuda:N, not {d}"))?)?,
+        d => Device::new_cuda(
+            d.strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("BENCH_DEVICE: cpu or cuda:N, not {d}"))?,
+        )?,
     };
     if !dev.is_cpu() {
         dev.set_seed(0)?; // dropout masks are drawn on the GPU
@@ -129,9 +157,13 @@ fn bench(threads: usize, scaling: &[usize]) -> anyhow::Result<()> {
     let (image_all, text_all) = (Tensor::from_slice(&image, (n, di), &dev)?, Tensor::from_slice(&text, (n, dt), &dev)?);
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let model = Huse::new(&cfg, &mut rng, &dev)?;
-    let mut opt = Optimizer::new(model.vars(), OptimizerConfig::Adamw { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 })?;
+    let mut opt = Optimizer::new(
+        model.vars(),
+        OptimizerConfig::Adamw { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
+    )?;
     let labels: Vec<u32> = (0..n).map(|_| rng.random_range(0..classes as u32)).collect();
-    let a: Vec<f32> = (0..classes * classes).map(|i| if i / classes == i % classes { 0.0 } else { rng.random::<f32>() }).collect();
+    let a: Vec<f32> =
+        (0..classes * classes).map(|i| if i / classes == i % classes { 0.0 } else { rng.random::<f32>() }).collect();
     let a = Tensor::from_vec(a, (classes, classes), &dev)?;
     let lcfg = LossConfig::default();
     let sparse = |start: usize| -> anyhow::Result<Sparse> {
@@ -155,8 +187,12 @@ fn bench(threads: usize, scaling: &[usize]) -> anyhow::Result<()> {
         // round's steps, the machine's own ceiling measured the same way: a compute-only loop
         // (no memory traffic, no synchronisation inside) about as long as one step at the first
         // count (1 thread in `1,2`), split evenly over each count's pool, the counts taking turns.
-        let pools = scaling.iter().map(|&c| rayon::ThreadPoolBuilder::new().num_threads(c).build()).collect::<Result<Vec<_>, _>>()?;
-        let (mut times, mut turns) = (vec![Vec::with_capacity(steps); pools.len()], vec![Vec::with_capacity(steps); pools.len()]);
+        let pools = scaling
+            .iter()
+            .map(|&c| rayon::ThreadPoolBuilder::new().num_threads(c).build())
+            .collect::<Result<Vec<_>, _>>()?;
+        let (mut times, mut turns) =
+            (vec![Vec::with_capacity(steps); pools.len()], vec![Vec::with_capacity(steps); pools.len()]);
         let mut loop_len = 0;
         for s in 0..3 + steps {
             let mut round = Vec::with_capacity(pools.len());
@@ -178,22 +214,34 @@ fn bench(threads: usize, scaling: &[usize]) -> anyhow::Result<()> {
             times.iter_mut().zip(round).for_each(|(t, r)| t.push(r));
             for ((pool, &c), t) in pools.iter().zip(scaling).zip(&mut turns) {
                 let ts = Instant::now();
-                std::hint::black_box(pool.install(|| (0..c).into_par_iter().map(|j| compute_only(loop_len / c, j as f32)).sum::<f32>()));
+                std::hint::black_box(
+                    pool.install(|| (0..c).into_par_iter().map(|j| compute_only(loop_len / c, j as f32)).sum::<f32>()),
+                );
                 t.push(ts.elapsed().as_secs_f64());
             }
         }
-        println!("HUSE train step, batch {batch}, {di}/{dt}+{v} inputs, {classes} classes, ours only, thread counts {scaling:?} step after step ({steps} steps each)");
+        println!(
+            "HUSE train step, batch {batch}, {di}/{dt}+{v} inputs, {classes} classes, ours only, thread counts {scaling:?} step after step ({steps} steps each)"
+        );
         // Paired: each round's step at the first count over the same round's step at this one
         // (adjacent in time, so the same neighbours), the median of those ratios.
         let paired: Vec<f64> = times.iter().map(|t| paired_ratio(&times[0], t)).collect();
         let rate: Vec<(f64, f64)> = times.iter_mut().map(|t| rates(batch, t)).collect();
         let (first_median, first_best) = rate[0];
         for ((c, &(median, best)), &paired) in scaling.iter().zip(&rate).zip(&paired) {
-            println!("{c:>3} threads: median step {median:.0} samples/s, fastest {best:.0}; speed-up over {} thread(s): {paired:.2}x paired (median of the rounds' ratios), {:.2}x median, {:.2}x fastest", scaling[0], median / first_median, best / first_best);
+            println!(
+                "{c:>3} threads: median step {median:.0} samples/s, fastest {best:.0}; speed-up over {} thread(s): {paired:.2}x paired (median of the rounds' ratios), {:.2}x median, {:.2}x fastest",
+                scaling[0],
+                median / first_median,
+                best / first_best
+            );
         }
         for ((c, t), step) in scaling.iter().zip(&turns).zip(&paired).skip(1) {
             let ceiling = paired_ratio(&turns[0], t);
-            println!("{c:>3} threads: a compute-only loop as long as a step, in the same rounds: {ceiling:.2}x paired (this machine's ceiling); the step's speed-up is {:.0}% of it", 100.0 * step / ceiling);
+            println!(
+                "{c:>3} threads: a compute-only loop as long as a step, in the same rounds: {ceiling:.2}x paired (this machine's ceiling); the step's speed-up is {:.0}% of it",
+                100.0 * step / ceiling
+            );
         }
         return Ok(());
     }
@@ -233,13 +281,25 @@ fn bench(threads: usize, scaling: &[usize]) -> anyhow::Result<()> {
     std::fs::write(&ft, dense)?;
     let python = std::env::var("HUSE_TORCH_PYTHON").unwrap_or_else(|_| "python3".into());
     // Where it was built, else (a binary carried to another machine, run from a checkout's root) here.
-    let script = [PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/torch_train.py"), PathBuf::from("stages/lib/model/benches/torch_train.py")].into_iter().find(|p| p.exists()).unwrap_or_else(|| PathBuf::from("stages/lib/model/benches/torch_train.py"));
+    let script = [
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/torch_train.py"),
+        PathBuf::from("stages/lib/model/benches/torch_train.py"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .unwrap_or_else(|| PathBuf::from("stages/lib/model/benches/torch_train.py"));
     let args = serde_json::json!({"device": if dev.is_cpu() { "cpu".to_string() } else { spec.to_string() }, "threads": threads, "rows": n, "image_dim": di, "text_dim": dt + v, "classes": classes,
         "image_file": fi, "text_file": ft, "batch": batch, "steps": steps});
-    let out = Command::new(&python).arg(&script).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().and_then(|mut c| {
-        c.stdin.take().unwrap().write_all(args.to_string().as_bytes())?;
-        c.wait_with_output()
-    });
+    let out = Command::new(&python)
+        .arg(&script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(args.to_string().as_bytes())?;
+            c.wait_with_output()
+        });
     let torch: Option<serde_json::Value> = match out {
         Ok(o) if o.status.success() => serde_json::from_slice(o.stdout.trim_ascii()).ok(),
         Ok(o) => {
@@ -251,7 +311,10 @@ fn bench(threads: usize, scaling: &[usize]) -> anyhow::Result<()> {
             None
         }
     };
-    println!("HUSE train step, batch {batch}, image {di} -> 5x512 -> 512, text {dt}+{v} (BERT + TF-IDF) -> 2x512 -> 512, {classes} classes, AdamW, 3 losses, {}", if dev.is_cpu() { format!("{threads} threads") } else { spec.to_string() });
+    println!(
+        "HUSE train step, batch {batch}, image {di} -> 5x512 -> 512, text {dt}+{v} (BERT + TF-IDF) -> 2x512 -> 512, {classes} classes, AdamW, 3 losses, {}",
+        if dev.is_cpu() { format!("{threads} threads") } else { spec.to_string() }
+    );
     println!("features: {source}");
     println!("huse-run median step: {ours_median:.0} samples/s, fastest step: {ours_best:.0} samples/s");
     match torch.as_ref().and_then(|j| j["samples_per_s"].as_f64()) {

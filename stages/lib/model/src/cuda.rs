@@ -67,7 +67,16 @@ fn tensor(s: CudaStorage, shape: &candle_core::Shape) -> Tensor {
 }
 
 /// `relu?(x W^T + b)`, then dropout: the dense layer's forward on the GPU.
-pub fn dense_fwd(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout, bs: &CudaStorage, bl: &Layout, relu: bool, drop: Option<&DeviceDropout>) -> Result<(CudaStorage, candle_core::Shape)> {
+pub fn dense_fwd(
+    xs: &CudaStorage,
+    xl: &Layout,
+    ws: &CudaStorage,
+    wl: &Layout,
+    bs: &CudaStorage,
+    bl: &Layout,
+    relu: bool,
+    drop: Option<&DeviceDropout>,
+) -> Result<(CudaStorage, candle_core::Shape)> {
     let (m, k) = xl.shape().dims2()?;
     let (n, k2) = wl.shape().dims2()?;
     if k != k2 || bl.shape().dims1()? != n {
@@ -88,7 +97,18 @@ pub fn dense_fwd(xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout, b
     if len > 0 && k > 0 {
         // Row-major out (m x n) is column-major n x m: out^T = W (n x k) . x^T (k x m), W being
         // column-major k x n (lda k, transposed) and x column-major k x m (ldb k).
-        let cfg = GemmConfig { transa: cublasOperation_t::CUBLAS_OP_T, transb: cublasOperation_t::CUBLAS_OP_N, m: n as i32, n: m as i32, k: k as i32, alpha: 1f32, lda: k as i32, ldb: k as i32, beta: 1f32, ldc: n as i32 };
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha: 1f32,
+            lda: k as i32,
+            ldb: k as i32,
+            beta: 1f32,
+            ldc: n as i32,
+        };
         // SAFETY: the operand sizes match the configuration above.
         unsafe { w(dev.cublas_handle().gemm(cfg, &wt, &x, &mut out))? };
     }
@@ -224,16 +244,33 @@ impl GraphTerms {
         let mut c: CudaSlice<f32> = unsafe { dev.alloc::<f32>(if coef { n * m } else { 1 })? };
         if n > 0 {
             let (f, stream) = (func(&dev, "huse_graph_terms")?, dev.cuda_stream());
-            let (m32, k32, hinge, scale, want) = (m as u32, classes as u32, self.hinge as i32, 1.0 / (n * n) as f32, coef as i32);
+            let (m32, k32, hinge, scale, want) =
+                (m as u32, classes as u32, self.hinge as i32, 1.0 / (n * n) as f32, coef as i32);
             with_cuda(&self.a, |as_, al| {
                 with_cuda(&self.y1, |y1s, y1l| {
                     with_cuda(&self.y2, |y2s, y2l| {
                         let av = view(as_, al)?;
-                        let Some((a1, b1)) = y1l.contiguous_offsets() else { bail!("graph loss: contiguous labels expected") };
-                        let Some((a2, b2)) = y2l.contiguous_offsets() else { bail!("graph loss: contiguous labels expected") };
-                        let (y1v, y2v) = (y1s.as_cuda_slice::<u32>()?.slice(a1..b1), y2s.as_cuda_slice::<u32>()?.slice(a2..b2));
+                        let Some((a1, b1)) = y1l.contiguous_offsets() else {
+                            bail!("graph loss: contiguous labels expected")
+                        };
+                        let Some((a2, b2)) = y2l.contiguous_offsets() else {
+                            bail!("graph loss: contiguous labels expected")
+                        };
+                        let (y1v, y2v) =
+                            (y1s.as_cuda_slice::<u32>()?.slice(a1..b1), y2s.as_cuda_slice::<u32>()?.slice(a2..b2));
                         let mut a = stream.launch_builder(&f);
-                        a.arg(&sv).arg(&av).arg(&y1v).arg(&y2v).arg(&m32).arg(&k32).arg(&self.zeta).arg(&hinge).arg(&scale).arg(&want).arg(&mut c).arg(&mut rows);
+                        a.arg(&sv)
+                            .arg(&av)
+                            .arg(&y1v)
+                            .arg(&y2v)
+                            .arg(&m32)
+                            .arg(&k32)
+                            .arg(&self.zeta)
+                            .arg(&hinge)
+                            .arg(&scale)
+                            .arg(&want)
+                            .arg(&mut c)
+                            .arg(&mut rows);
                         // SAFETY: one block per row of m similarities; labels index A inside
                         // its classes x classes (they come from the same class tree).
                         unsafe { w(a.launch(per_row(n))).map(|_| ()) }
@@ -255,7 +292,11 @@ impl candle_core::CustomOp1 for GraphTermsOp {
     fn name(&self) -> &'static str {
         "huse-graph-terms"
     }
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         bail!("huse-graph-terms runs on CUDA only (the CPU has GraphLossOp)")
     }
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, candle_core::Shape)> {
@@ -272,7 +313,11 @@ impl candle_core::CustomOp1 for GraphCoefOp {
     fn name(&self) -> &'static str {
         "huse-graph-coef"
     }
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         bail!("huse-graph-coef runs on CUDA only")
     }
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, candle_core::Shape)> {
@@ -288,10 +333,22 @@ impl candle_core::CustomOp2 for GapLossOp {
     fn name(&self) -> &'static str {
         "huse-gap-loss"
     }
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         bail!("huse-gap-loss runs on CUDA only (the CPU uses tensor ops)")
     }
-    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, candle_core::Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, candle_core::Shape)> {
         let (n, d) = l1.shape().dims2()?;
         if l2.shape().dims2()? != (n, d) {
             bail!("gap loss: {:?} and {:?} differ", l1.shape(), l2.shape());
@@ -363,14 +420,33 @@ pub fn optimizer_step(param: &Tensor, grad: &Tensor, s1: &Tensor, s2: &Tensor, s
                         Step::Adamw { lr, decay, b1, b2, c1, c2, eps } => {
                             let (f, stream) = (func(&dev, "huse_adamw")?, dev.cuda_stream());
                             let mut args = stream.launch_builder(&f);
-                            args.arg(&mut p).arg(&mut a).arg(&mut b).arg(&g).arg(&len).arg(&lr).arg(&decay).arg(&b1).arg(&b2).arg(&c1).arg(&c2).arg(&eps);
+                            args.arg(&mut p)
+                                .arg(&mut a)
+                                .arg(&mut b)
+                                .arg(&g)
+                                .arg(&len)
+                                .arg(&lr)
+                                .arg(&decay)
+                                .arg(&b1)
+                                .arg(&b2)
+                                .arg(&c1)
+                                .arg(&c2)
+                                .arg(&eps);
                             // SAFETY: four buffers of len elements.
                             unsafe { w(args.launch(over(len))).map(|_| ()) }
                         }
                         Step::Rmsprop { lr, rho, eps, momentum } => {
                             let (f, stream) = (func(&dev, "huse_rmsprop")?, dev.cuda_stream());
                             let mut args = stream.launch_builder(&f);
-                            args.arg(&mut p).arg(&mut a).arg(&mut b).arg(&g).arg(&len).arg(&lr).arg(&rho).arg(&eps).arg(&momentum);
+                            args.arg(&mut p)
+                                .arg(&mut a)
+                                .arg(&mut b)
+                                .arg(&g)
+                                .arg(&len)
+                                .arg(&lr)
+                                .arg(&rho)
+                                .arg(&eps)
+                                .arg(&momentum);
                             // SAFETY: four buffers of len elements.
                             unsafe { w(args.launch(over(len))).map(|_| ()) }
                         }

@@ -11,6 +11,9 @@ use anyhow::{Context as _, Result, ensure};
 use candle_core::{Device, Tensor};
 use huse_data::{Item, Split};
 
+/// CSR rows (indptr, indices, values) and the number of columns.
+pub type CsrRows = (Vec<i64>, Vec<u32>, Vec<f32>, usize);
+
 /// All items' features and labels.
 pub struct Dataset {
     pub items: Vec<Item>,
@@ -21,7 +24,7 @@ pub struct Dataset {
     pub bert: Vec<f32>,
     pub bert_dim: usize,
     /// CSR rows of TF-IDF (indptr, indices, values), and the vocabulary size.
-    pub tfidf: Option<(Vec<i64>, Vec<u32>, Vec<f32>, usize)>,
+    pub tfidf: Option<CsrRows>,
     /// Augmented image views of the training items, when loaded ([`Dataset::load_views`]).
     pub views: Option<Views>,
 }
@@ -39,7 +42,8 @@ pub struct Views {
 /// (only that tensor is read).
 fn matrix_if(path: &Path, name: &str) -> Result<Option<(Vec<f32>, usize, usize)>> {
     // SAFETY: the file is a finished cache output that nothing writes while it is read.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.with_context(|| format!("reading {}", path.display()))?;
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
+        .with_context(|| format!("reading {}", path.display()))?;
     if !st.tensors().iter().any(|(n, _)| n == name) {
         return Ok(None);
     }
@@ -55,7 +59,13 @@ fn matrix(path: &Path, name: &str) -> Result<(Vec<f32>, usize, usize)> {
 
 impl Dataset {
     /// Reads `items.jsonl`, the encode outputs in `encode_dir`, and the class count.
-    pub fn load(items: &Path, encode_image: &Path, encode_text: &Path, tfidf: Option<(&Path, &Path)>, classes: usize) -> Result<Self> {
+    pub fn load(
+        items: &Path,
+        encode_image: &Path,
+        encode_text: &Path,
+        tfidf: Option<(&Path, &Path)>,
+        classes: usize,
+    ) -> Result<Self> {
         let items = huse_data::read_items(items)?;
         let (image, n_i, image_dim) = matrix(encode_image, "features")?;
         let (bert, n_t, bert_dim) = matrix(encode_text, "bert")?;
@@ -68,7 +78,12 @@ impl Dataset {
                 let v: serde_json::Value = serde_json::from_slice(&std::fs::read(vocab)?)?;
                 let dim = v["terms"].as_array().map(Vec::len).unwrap_or(0);
                 let indptr: Vec<i64> = get("indptr")?.to_vec1()?;
-                ensure!(indptr.len() == items.len() + 1, "TF-IDF has {} rows for {} items", indptr.len() - 1, items.len());
+                ensure!(
+                    indptr.len() == items.len() + 1,
+                    "TF-IDF has {} rows for {} items",
+                    indptr.len() - 1,
+                    items.len()
+                );
                 Some((indptr, get("indices")?.to_vec1()?, get("values")?.to_vec1()?, dim))
             }
         };
@@ -81,7 +96,10 @@ impl Dataset {
     /// names the file when it has none or when their rows do not fit the training items.
     pub fn load_views(&mut self, encode_image: &Path) -> Result<usize> {
         let (rows, r, c) = matrix_if(encode_image, "views")?.with_context(|| {
-            format!("{} holds no augmented views: set `views: {{count: K, ...}}` in the encode stage", encode_image.display())
+            format!(
+                "{} holds no augmented views: set `views: {{count: K, ...}}` in the encode stage",
+                encode_image.display()
+            )
         })?;
         let mut slot = Vec::with_capacity(self.items.len());
         let mut t = 0;
@@ -134,7 +152,9 @@ impl Dataset {
             match picks {
                 None => img.extend_from_slice(&self.image[i * d..(i + 1) * d]),
                 Some((p, v)) => {
-                    let t = v.slot[i].with_context(|| format!("item {} is not a training item: it has no views", self.items[i].id))?;
+                    let t = v.slot[i].with_context(|| {
+                        format!("item {} is not a training item: it has no views", self.items[i].id)
+                    })?;
                     ensure!(p[r] < v.count, "view {} of {}", p[r], v.count);
                     let row = t * v.count + p[r];
                     img.extend_from_slice(&v.rows[row * d..(row + 1) * d]);
@@ -143,7 +163,9 @@ impl Dataset {
             txt.extend_from_slice(&self.bert[i * self.bert_dim..(i + 1) * self.bert_dim]);
         }
         let tfidf = match (&self.tfidf, use_tfidf) {
-            (Some((indptr, indices, values, width)), true) => Some(Sparse::from_csr_rows((indptr, indices, values), *width, idx, self.bert_dim, device)?),
+            (Some((indptr, indices, values, width)), true) => {
+                Some(Sparse::from_csr_rows((indptr, indices, values), *width, idx, self.bert_dim, device)?)
+            }
             _ => None,
         };
         let labels: Vec<u32> = idx.iter().map(|&i| self.labels[i]).collect();
@@ -179,7 +201,13 @@ pub struct Batch {
 impl Sparse {
     /// Rows `idx` of a CSR matrix (`indptr`, `indices`, `values`; `width` columns) as the sparse
     /// block of a batch whose dense part has `offset` columns.
-    pub fn from_csr_rows(csr: (&[i64], &[u32], &[f32]), width: usize, idx: &[usize], offset: usize, device: &Device) -> Result<Sparse> {
+    pub fn from_csr_rows(
+        csr: (&[i64], &[u32], &[f32]),
+        width: usize,
+        idx: &[usize],
+        offset: usize,
+        device: &Device,
+    ) -> Result<Sparse> {
         let (indptr, indices, values) = csr;
         let (mut rows, mut cols, mut vals) = (Vec::new(), Vec::new(), Vec::new());
         for (r, &i) in idx.iter().enumerate() {

@@ -59,7 +59,17 @@ element!(f64, F64);
 /// # Safety
 /// The pointers and strides must describe matrices inside their buffers.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm<T: Element>(dst: &mut [T], ldc: usize, r: usize, cols: usize, k: usize, lhs: (*const T, usize, usize), rhs: (*const T, usize, usize), accumulate: bool, beta: T) {
+pub(crate) unsafe fn gemm<T: Element>(
+    dst: &mut [T],
+    ldc: usize,
+    r: usize,
+    cols: usize,
+    k: usize,
+    lhs: (*const T, usize, usize),
+    rhs: (*const T, usize, usize),
+    accumulate: bool,
+    beta: T,
+) {
     // On the current rayon pool: the stage's (its thread budget).
     // SAFETY: forwarded from the caller.
     unsafe { huse_cpu::gemm(dst.as_mut_ptr(), ldc, r, cols, k, lhs, rhs, accumulate, beta, None) }
@@ -72,7 +82,16 @@ pub(crate) unsafe fn gemm<T: Element>(dst: &mut [T], ldc: usize, r: usize, cols:
 /// # Safety
 /// As [`gemm`]; and `k > 0` (an empty product might leave the destination unwritten).
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_into<T: Element>(dst: &mut [std::mem::MaybeUninit<T>], ldc: usize, r: usize, cols: usize, k: usize, lhs: (*const T, usize, usize), rhs: (*const T, usize, usize), beta: T) {
+pub(crate) unsafe fn gemm_into<T: Element>(
+    dst: &mut [std::mem::MaybeUninit<T>],
+    ldc: usize,
+    r: usize,
+    cols: usize,
+    k: usize,
+    lhs: (*const T, usize, usize),
+    rhs: (*const T, usize, usize),
+    beta: T,
+) {
     assert!(k > 0, "gemm_into: an empty inner dimension writes nothing");
     // SAFETY: forwarded from the caller; MaybeUninit<T> has T's layout.
     unsafe { huse_cpu::gemm(dst.as_mut_ptr().cast::<T>(), ldc, r, cols, k, lhs, rhs, false, beta, None) }
@@ -86,7 +105,16 @@ pub(crate) unsafe fn gemm_into<T: Element>(dst: &mut [std::mem::MaybeUninit<T>],
 /// As [`gemm`]; `dst` with row stride `ldc` must hold the `r` x `cols` block, and no other
 /// thread may touch that block meanwhile.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_on<T: Element>(dst: *mut T, ldc: usize, r: usize, cols: usize, k: usize, lhs: (*const T, usize, usize), rhs: (*const T, usize, usize), threads: usize) {
+pub(crate) unsafe fn gemm_on<T: Element>(
+    dst: *mut T,
+    ldc: usize,
+    r: usize,
+    cols: usize,
+    k: usize,
+    lhs: (*const T, usize, usize),
+    rhs: (*const T, usize, usize),
+    threads: usize,
+) {
     // SAFETY: forwarded from the caller.
     unsafe { huse_cpu::gemm(dst, ldc, r, cols, k, lhs, rhs, false, T::ONE, Some(threads)) }
 }
@@ -321,7 +349,13 @@ fn grad_through(grad: &Tensor, res: &Tensor, relu: bool, mask: Option<&[f32]>) -
 
 /// `lhs . rhs` (`r` x `cols`, row-major) by [`gemm_into`]; zeros for an empty inner
 /// dimension. Operands as in [`gemm`].
-fn product(r: usize, cols: usize, k: usize, lhs: (*const f32, usize, usize), rhs: (*const f32, usize, usize)) -> Vec<f32> {
+fn product(
+    r: usize,
+    cols: usize,
+    k: usize,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+) -> Vec<f32> {
     if k == 0 || r == 0 || cols == 0 {
         return vec![0f32; r * cols];
     }
@@ -335,7 +369,15 @@ impl CustomOp3 for DenseOp {
         if self.relu { "huse-dense-relu" } else { "huse-dense" }
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (m, k) = xl.shape().dims2()?;
         let (n, k2) = wl.shape().dims2()?;
         if k != k2 || bl.shape().dims1()? != n {
@@ -360,7 +402,14 @@ impl CustomOp3 for DenseOp {
         crate::cuda::dense_fwd(xs, xl, ws, wl, bs, bl, self.relu, self.device_mask.as_ref())
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         #[cfg(feature = "cuda")]
         if res.device().is_cuda() {
             // One kernel for dL/dz, then cuBLAS (candle's matmul) and a column sum.
@@ -376,7 +425,15 @@ impl CustomOp3 for DenseOp {
 impl DenseOp {
     /// The CPU backward: (dx when `want_dx`, dW, db), the parameter gradients through [`sink`].
     #[allow(clippy::type_complexity)]
-    fn backward(&self, x: &Tensor, w: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor, want_dx: bool) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+        want_dx: bool,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let gz = grad_through(grad, res, self.relu, self.mask.as_deref())?;
         let ((m, k), n) = (x.dims2()?, w.dim(0)?);
         if gz.len() != m * n {
@@ -386,7 +443,15 @@ impl DenseOp {
         let x = x.contiguous()?;
         let w_c = w.contiguous()?;
         // dx (m x k) = gz (m x n) . W (n x k); dW (n x k) = gz^T . x, lhs(j, r) = gz[r*n + j].
-        let dx = if want_dx { Some(Tensor::from_vec(with_slice(&w_c, |wv| product(m, k, n, (gz.as_ptr(), 1, n), (wv.as_ptr(), 1, k)))?, (m, k), x.device())?) } else { None };
+        let dx = if want_dx {
+            Some(Tensor::from_vec(
+                with_slice(&w_c, |wv| product(m, k, n, (gz.as_ptr(), 1, n), (wv.as_ptr(), 1, k)))?,
+                (m, k),
+                x.device(),
+            )?)
+        } else {
+            None
+        };
         let dw = with_slice(&x, |xv| product(n, k, m, (gz.as_ptr(), n, 1), (xv.as_ptr(), 1, k)))?;
         Ok((dx, sink(w, Tensor::from_vec(dw, (n, k), w.device())?)?, sink(b, db)?))
     }
@@ -409,7 +474,8 @@ impl SparseDenseOp {
     /// `rows`, `cols` (columns of W, i.e. already offset by the dense width) and `vals` of the
     /// non-zeros.
     pub fn new(relu: bool, mask: Option<Vec<f32>>, rows: &[u32], cols: &[u32], vals: &[f32]) -> Self {
-        let mut entries: Vec<(u32, u32, f32)> = rows.iter().zip(cols).zip(vals).map(|((&r, &c), &v)| (r, c, v)).collect();
+        let mut entries: Vec<(u32, u32, f32)> =
+            rows.iter().zip(cols).zip(vals).map(|((&r, &c), &v)| (r, c, v)).collect();
         entries.sort_by_key(|&(r, c, _)| (c, r));
         SparseDenseOp { relu, mask, entries }
     }
@@ -425,13 +491,23 @@ impl CustomOp3 for SparseDenseOp {
         "huse-sparse-dense"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (m, d) = xl.shape().dims2()?;
         let (n, kw) = wl.shape().dims2()?;
         if d > kw || bl.shape().dims1()? != n {
             bail!("sparse first layer: x {:?}, W {:?}, b {:?} do not fit", xl.shape(), wl.shape(), bl.shape());
         }
-        if let Some(&(r, c, _)) = self.entries.iter().find(|&&(r, c, _)| r as usize >= m || (c as usize) < d || c as usize >= kw) {
+        if let Some(&(r, c, _)) =
+            self.entries.iter().find(|&&(r, c, _)| r as usize >= m || (c as usize) < d || c as usize >= kw)
+        {
             bail!("sparse first layer: entry ({r}, {c}) outside rows 0..{m}, sparse columns {d}..{kw}");
         }
         let (x, w, b) = (f32::slice(xs, xl)?, f32::slice(ws, wl)?, f32::slice(bs, bl)?);
@@ -465,7 +541,14 @@ impl CustomOp3 for SparseDenseOp {
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (m, d) = x.dims2()?;
         let (n, kw) = w.dims2()?;
         let gz = grad_through(grad, res, self.relu, self.mask.as_deref())?;
@@ -514,11 +597,21 @@ impl CustomOp3 for SparseDenseOp {
         if dense {
             // dW[:, ..d] (n, d) = gz^T (n, m) . x (m, d); lhs(j, r) = gz[r*n + j].
             // SAFETY: the slices have exactly the sizes the strides describe.
-            with_slice(&x, |xv| unsafe { gemm(&mut dw, kw, n, d, m, (gz.as_ptr(), n, 1), (xv.as_ptr(), 1, d), false, 1.0) })?;
+            with_slice(&x, |xv| unsafe {
+                gemm(&mut dw, kw, n, d, m, (gz.as_ptr(), n, 1), (xv.as_ptr(), 1, d), false, 1.0)
+            })?;
         }
         let db = column_sums(&gz, n);
         // dx (m x d) = gz (m x n) . W[:, ..d], rhs(j, kk) = w[j*kw + kk].
-        let dx = if x.track_op() { Some(Tensor::from_vec(with_slice(w, |wv| product(m, d, n, (gz.as_ptr(), 1, n), (wv.as_ptr(), 1, kw)))?, (m, d), x.device())?) } else { None };
+        let dx = if x.track_op() {
+            Some(Tensor::from_vec(
+                with_slice(w, |wv| product(m, d, n, (gz.as_ptr(), 1, n), (wv.as_ptr(), 1, kw)))?,
+                (m, d),
+                x.device(),
+            )?)
+        } else {
+            None
+        };
         Ok((dx, sink(w, Tensor::from_vec(dw, (n, kw), w.device())?)?, sink(b, Tensor::from_vec(db, n, w.device())?)?))
     }
 }
@@ -558,21 +651,28 @@ macro_rules! l2_rows {
             // SAFETY: as in the forward pass; both branches write every value of the row.
             unsafe {
                 written(x.len(), |dx| {
-                    dx.par_chunks_mut(c).zip(x.par_chunks(c)).zip(y.par_chunks(c)).zip(g.par_chunks(c)).for_each(|(((dx, x), y), g)| {
-                        for (((dxr, xr), yr), gr) in dx.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(y.chunks_exact(d)).zip(g.chunks_exact(d)) {
-                            let norm = xr.iter().map(|v| v * v).sum::<$t>().sqrt();
-                            if norm > L2_EPS as $t {
-                                let gy: $t = gr.iter().zip(yr).map(|(a, b)| a * b).sum();
-                                for ((o, &gv), &yv) in dxr.iter_mut().zip(gr).zip(yr) {
-                                    o.write((gv - yv * gy) / norm);
-                                }
-                            } else {
-                                for (o, &gv) in dxr.iter_mut().zip(gr) {
-                                    o.write(gv / L2_EPS as $t);
+                    dx.par_chunks_mut(c).zip(x.par_chunks(c)).zip(y.par_chunks(c)).zip(g.par_chunks(c)).for_each(
+                        |(((dx, x), y), g)| {
+                            for (((dxr, xr), yr), gr) in dx
+                                .chunks_exact_mut(d)
+                                .zip(x.chunks_exact(d))
+                                .zip(y.chunks_exact(d))
+                                .zip(g.chunks_exact(d))
+                            {
+                                let norm = xr.iter().map(|v| v * v).sum::<$t>().sqrt();
+                                if norm > L2_EPS as $t {
+                                    let gy: $t = gr.iter().zip(yr).map(|(a, b)| a * b).sum();
+                                    for ((o, &gv), &yv) in dxr.iter_mut().zip(gr).zip(yr) {
+                                        o.write((gv - yv * gy) / norm);
+                                    }
+                                } else {
+                                    for (o, &gv) in dxr.iter_mut().zip(gr) {
+                                        o.write(gv / L2_EPS as $t);
+                                    }
                                 }
                             }
-                        }
-                    })
+                        },
+                    )
                 })
             }
         }
@@ -691,7 +791,9 @@ fn cpu_tensor(s: CpuStorage, shape: Shape) -> Result<Tensor> {
 /// `op`'s CPU forward pass on three tensors, as a tensor (no graph node).
 fn cpu_apply3(op: &impl CustomOp3, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Tensor> {
     let ((sa, la), (sb, lb), (sc, lc)) = (a.storage_and_layout(), b.storage_and_layout(), c.storage_and_layout());
-    let (Storage::Cpu(a), Storage::Cpu(b), Storage::Cpu(c)) = (&*sa, &*sb, &*sc) else { bail!("chained tower: CPU tensors only") };
+    let (Storage::Cpu(a), Storage::Cpu(b), Storage::Cpu(c)) = (&*sa, &*sb, &*sc) else {
+        bail!("chained tower: CPU tensors only")
+    };
     let (s, shape) = op.cpu_fwd(a, la, b, lb, c, lc)?;
     cpu_tensor(s, shape)
 }
@@ -701,7 +803,15 @@ impl CustomOp3 for TowerOp {
         "huse-tower"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (s, shape) = match &self.first {
             FirstLayer::Dense(op) => op.cpu_fwd(xs, xl, ws, wl, bs, bl)?,
             FirstLayer::Sparse(op) => op.cpu_fwd(xs, xl, ws, wl, bs, bl)?,
@@ -720,15 +830,26 @@ impl CustomOp3 for TowerOp {
         Ok((CpuStorage::F32(y), shape))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         if !SINK.with(|s| s.borrow().is_some()) {
-            bail!("a chained tower's parameter gradients go only to huse_model::fused::backward's store: call it rather than Tensor::backward, or build the towers outside huse_model::fused::chain_towers");
+            bail!(
+                "a chained tower's parameter gradients go only to huse_model::fused::backward's store: call it rather than Tensor::backward, or build the towers outside huse_model::fused::chain_towers"
+            );
         }
-        let saved = self.saved.lock().map_err(|_| candle_core::Error::Msg("chained tower: poisoned lock".into()))?.clone();
+        let saved =
+            self.saved.lock().map_err(|_| candle_core::Error::Msg("chained tower: poisoned lock".into()))?.clone();
         if saved.len() != self.rest.len() + 1 {
             bail!("chained tower backward before its forward pass");
         }
-        let mut g = candle_core::CustomOp1::bwd(&L2NormaliseOp, &saved[self.rest.len()], res, grad)?.expect("the L2 backward always returns a gradient");
+        let mut g = candle_core::CustomOp1::bwd(&L2NormaliseOp, &saved[self.rest.len()], res, grad)?
+            .expect("the L2 backward always returns a gradient");
         for (i, (op, w, b)) in self.rest.iter().enumerate().rev() {
             let (dx, dw, db) = op.backward(&saved[i], w, b, &saved[i + 1], &g, true)?;
             if dw.is_some() || db.is_some() {

@@ -77,7 +77,14 @@ fn d_zeta() -> f64 {
 
 impl Default for LossConfig {
     fn default() -> Self {
-        LossConfig { alpha: 1.0, beta: 0.5, gamma: 0.5, zeta: 0.5, variant: GraphVariant::Paper, pairs: GraphPairs::All }
+        LossConfig {
+            alpha: 1.0,
+            beta: 0.5,
+            gamma: 0.5,
+            zeta: 0.5,
+            variant: GraphVariant::Paper,
+            pairs: GraphPairs::All,
+        }
     }
 }
 
@@ -132,7 +139,13 @@ impl<T: Element> candle_core::CustomOp2 for GapLossOp<T> {
         "huse-gap-loss-cpu"
     }
 
-    fn cpu_fwd(&self, s1: &candle_core::CpuStorage, l1: &candle_core::Layout, s2: &candle_core::CpuStorage, l2: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use rayon::prelude::*;
         let (n, d) = l1.shape().dims2()?;
         if l2.shape().dims2()? != (n, d) {
@@ -150,7 +163,13 @@ impl<T: Element> candle_core::CustomOp2 for GapLossOp<T> {
         Ok((T::storage(vec![T::from_f64(value)]), candle_core::Shape::from(())))
     }
 
-    fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let c = T::from_f64(-grad.to_dtype(DType::F64)?.to_scalar::<f64>()? / a.dim(0)? as f64);
         // d/da = c b, d/db = c a, for the arguments that need one.
         let scaled = |t: &Tensor, other: &Tensor| -> candle_core::Result<Option<Tensor>> {
@@ -207,7 +226,15 @@ fn pair_targets(a: &Tensor, y1: &Tensor, y2: &Tensor) -> Result<Tensor> {
 /// On the CPU (f32, f64) one fused op ([`GraphLossOp`]); on a GPU (f32, a `--features cuda`
 /// build) the similarities by cuBLAS and one kernel for every pair's value and derivative;
 /// elsewhere composed from tensor ops ([`graph_loss_block_ops`]). All are tested equal.
-pub fn graph_loss_block(e1: &Tensor, e2: &Tensor, y1: &Tensor, y2: &Tensor, a: &Tensor, zeta: f64, variant: GraphVariant) -> Result<Tensor> {
+pub fn graph_loss_block(
+    e1: &Tensor,
+    e2: &Tensor,
+    y1: &Tensor,
+    y2: &Tensor,
+    a: &Tensor,
+    zeta: f64,
+    variant: GraphVariant,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if crate::fused::gpu_usable(&[e1, e2]) && y1.dtype() == DType::U32 && y2.dtype() == DType::U32 {
         let s = e1.matmul(&e2.t()?)?;
@@ -239,7 +266,15 @@ pub fn graph_loss_block(e1: &Tensor, e2: &Tensor, y1: &Tensor, y2: &Tensor, a: &
 }
 
 /// The graph-loss block from tensor ops (any device).
-pub fn graph_loss_block_ops(e1: &Tensor, e2: &Tensor, y1: &Tensor, y2: &Tensor, a: &Tensor, zeta: f64, variant: GraphVariant) -> Result<Tensor> {
+pub fn graph_loss_block_ops(
+    e1: &Tensor,
+    e2: &Tensor,
+    y1: &Tensor,
+    y2: &Tensor,
+    a: &Tensor,
+    zeta: f64,
+    variant: GraphVariant,
+) -> Result<Tensor> {
     let n = e1.dim(0)?;
     let d = cosine_distances(e1, e2)?;
     let target = pair_targets(a, y1, y2)?.to_dtype(d.dtype())?;
@@ -408,7 +443,18 @@ fn symmetric_self_product<T: Element>(s: &mut [std::mem::MaybeUninit<T>], e: &[T
             // s[i0..i1, j0..j1] = e[i0..i1] . e[j0..j1]^T; rhs(kk, j) = e[(j0 + j)*d + kk].
             // SAFETY: the tile lies inside s (i1, j1 <= n, row stride n) and is this task's
             // alone; the operands are rows of e (asserted long enough above).
-            unsafe { crate::fused::gemm_on(base.0.add(i0 * n + j0), n, i1 - i0, j1 - j0, d, (e[i0 * d..].as_ptr(), 1, d), (e[j0 * d..].as_ptr(), d, 1), per_tile) };
+            unsafe {
+                crate::fused::gemm_on(
+                    base.0.add(i0 * n + j0),
+                    n,
+                    i1 - i0,
+                    j1 - j0,
+                    d,
+                    (e[i0 * d..].as_ptr(), 1, d),
+                    (e[j0 * d..].as_ptr(), d, 1),
+                    per_tile,
+                )
+            };
         });
     } else {
         for v in &mut s[..n * n] {
@@ -450,11 +496,18 @@ impl<T: Element> GraphLossOp<T> {
     }
 
     fn grads(&self, e1: &Tensor, e2: &Tensor, upstream: f64) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let coef = self.coef.lock().unwrap().take().ok_or_else(|| candle_core::Error::Msg("graph loss: backward without forward".into()))?;
+        let coef = self
+            .coef
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("graph loss: backward without forward".into()))?;
         let ((n, d), (m, _)) = (e1.dims2()?, e2.dims2()?);
         let (s1, l1) = e1.storage_and_layout();
         let (s2, l2) = e2.storage_and_layout();
-        let (candle_core::Storage::Cpu(s1), candle_core::Storage::Cpu(s2)) = (&*s1, &*s2) else { candle_core::bail!("graph loss: CPU tensors expected") };
+        let (candle_core::Storage::Cpu(s1), candle_core::Storage::Cpu(s2)) = (&*s1, &*s2) else {
+            candle_core::bail!("graph loss: CPU tensors expected")
+        };
         let (x1, x2) = (T::slice(s1, l1)?, T::slice(s2, l2)?);
         let beta = T::from_f64(upstream);
         let tensor = |v: Vec<T>, rows: usize| Tensor::from_vec(v, (rows, d), e1.device());
@@ -495,7 +548,13 @@ impl<T: Element> candle_core::CustomOp2 for GraphLossOp<T> {
         "huse-graph-loss-block"
     }
 
-    fn cpu_fwd(&self, s1: &candle_core::CpuStorage, l1: &candle_core::Layout, s2: &candle_core::CpuStorage, l2: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let ((n, d), (m, d2)) = (l1.shape().dims2()?, l2.shape().dims2()?);
         if d != d2 || n != self.terms.rows.len() || m != self.terms.cols.len() {
             candle_core::bail!("graph loss: embeddings {:?} and {:?} do not fit the labels", l1.shape(), l2.shape());
@@ -516,13 +575,27 @@ impl<T: Element> candle_core::CustomOp2 for GraphLossOp<T> {
         Ok((T::storage(vec![T::from_f64(value)]), candle_core::Shape::from(())))
     }
 
-    fn bwd(&self, e1: &Tensor, e2: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        e1: &Tensor,
+        e2: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         self.grads(e1, e2, grad.to_dtype(DType::F64)?.to_scalar::<f64>()?)
     }
 }
 
 /// Eqs. 9-11 over the chosen blocks (mean of the blocks).
-pub fn graph_loss(phi_image: &Tensor, phi_text: &Tensor, labels: &Tensor, a: &Tensor, zeta: f64, variant: GraphVariant, pairs: GraphPairs) -> Result<Tensor> {
+pub fn graph_loss(
+    phi_image: &Tensor,
+    phi_text: &Tensor,
+    labels: &Tensor,
+    a: &Tensor,
+    zeta: f64,
+    variant: GraphVariant,
+    pairs: GraphPairs,
+) -> Result<Tensor> {
     let y = labels;
     let mut blocks = Vec::new();
     if matches!(pairs, GraphPairs::Within | GraphPairs::All) {
@@ -549,7 +622,11 @@ pub fn total(
     let class = class_loss(logits_image, logits_text, labels)?;
     let zero = || Tensor::zeros((), phi_image.dtype(), phi_image.device());
     // A weight of 0 skips the computation (its value is still reported as 0).
-    let graph = if cfg.beta != 0.0 { graph_loss(phi_image, phi_text, labels, a, cfg.zeta, cfg.variant, cfg.pairs)? } else { zero()? };
+    let graph = if cfg.beta != 0.0 {
+        graph_loss(phi_image, phi_text, labels, a, cfg.zeta, cfg.variant, cfg.pairs)?
+    } else {
+        zero()?
+    };
     let gap = if cfg.gamma != 0.0 { gap_loss(phi_image, phi_text)? } else { zero()? };
     let total = ((class.affine(cfg.alpha, 0.0)? + graph.affine(cfg.beta, 0.0)?)? + gap.affine(cfg.gamma, 0.0)?)?;
     Ok(Losses { class, graph, gap, total })
@@ -589,7 +666,10 @@ mod tests {
                     }
                 }
                 let want = want * scale;
-                assert!((value - want).abs() <= 1e-12 * want.abs().max(1e-300), "value {value} vs {want}, hinge {hinge}, {n} x {m}");
+                assert!(
+                    (value - want).abs() <= 1e-12 * want.abs().max(1e-300),
+                    "value {value} vs {want}, hinge {hinge}, {n} x {m}"
+                );
             }
         }
     }

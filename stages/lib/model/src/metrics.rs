@@ -108,12 +108,25 @@ impl Prepared<'_> {
 /// Computed `block` queries at a time — their similarities to the whole gallery by one GEMM,
 /// then each query's selection, in parallel on the current rayon pool: memory is
 /// O(block x gallery), never O(N^2).
-pub fn top_k(queries: &Rows, gallery: &Rows, k: usize, skip: &(dyn Fn(usize) -> Option<usize> + Sync), block: usize) -> Vec<Vec<usize>> {
+pub fn top_k(
+    queries: &Rows,
+    gallery: &Rows,
+    k: usize,
+    skip: &(dyn Fn(usize) -> Option<usize> + Sync),
+    block: usize,
+) -> Vec<Vec<usize>> {
     top_k_with(&Gemm::Cpu, queries, gallery, k, skip, block).expect("the CPU GEMM does not fail")
 }
 
 /// [`top_k`] with the similarity GEMMs on `gemm` (a GPU's for a stage on one).
-pub fn top_k_with(gemm: &Gemm, queries: &Rows, gallery: &Rows, k: usize, skip: &(dyn Fn(usize) -> Option<usize> + Sync), block: usize) -> candle_core::Result<Vec<Vec<usize>>> {
+pub fn top_k_with(
+    gemm: &Gemm,
+    queries: &Rows,
+    gallery: &Rows,
+    k: usize,
+    skip: &(dyn Fn(usize) -> Option<usize> + Sync),
+    block: usize,
+) -> candle_core::Result<Vec<Vec<usize>>> {
     use rayon::prelude::*;
     let n = gallery.len();
     if n == 0 {
@@ -231,7 +244,13 @@ pub fn correct_set(tree: &ClassTree, c: usize, k: usize) -> Vec<bool> {
 }
 
 /// HP@K for each K in `ks`.
-pub fn hierarchical_precision(results: &[Vec<usize>], query_labels: &[u32], gallery_labels: &[u32], tree: &ClassTree, ks: &[usize]) -> Vec<f64> {
+pub fn hierarchical_precision(
+    results: &[Vec<usize>],
+    query_labels: &[u32],
+    gallery_labels: &[u32],
+    tree: &ClassTree,
+    ks: &[usize],
+) -> Vec<f64> {
     let sets: Vec<Vec<Vec<bool>>> =
         ks.iter().map(|&k| (0..tree.classes.len()).map(|c| correct_set(tree, c, k)).collect()).collect();
     ks.iter()
@@ -270,7 +289,13 @@ pub fn softmax_rows(logits: &[f32], k: usize) -> Vec<f32> {
 pub fn predictions(probs: &[f32], k: usize) -> Vec<u32> {
     probs
         .chunks(k)
-        .map(|r| r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map(|(i, _)| i as u32).unwrap_or(0))
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
+                .map(|(i, _)| i as u32)
+                .unwrap_or(0)
+        })
         .collect()
 }
 
@@ -356,7 +381,9 @@ mod tests {
         if let Ok(gpu) = candle_core::Device::new_cuda(0) {
             engines.push(Gemm::Candle(gpu));
         } else {
-            eprintln!("no CUDA device in this build or on this machine: the GPU similarity blocks are not checked here");
+            eprintln!(
+                "no CUDA device in this build or on this machine: the GPU similarity blocks are not checked here"
+            );
         }
         for gemm in &engines {
             assert_eq!(top_k_with(gemm, &rows, &rows, 5, &|q| Some(q), 4).unwrap(), want, "{gemm:?}");

@@ -88,7 +88,9 @@ impl Dense {
         if x.rank() == 2 && crate::fused::gpu_usable(&[x, w, b]) {
             // On a GPU: the same op's CUDA half; dropout from the device's generator.
             let device_mask = match drop {
-                Some((p, _)) if p > 0.0 => Some(crate::fused::DeviceDropout::draw(p, (x.dim(0)?, w.dim(0)?), x.device())?),
+                Some((p, _)) if p > 0.0 => {
+                    Some(crate::fused::DeviceDropout::draw(p, (x.dim(0)?, w.dim(0)?), x.device())?)
+                }
                 _ => None,
             };
             return Ok(x.apply_op3(w, b, crate::fused::DenseOp { relu, mask: None, device_mask })?);
@@ -212,12 +214,24 @@ pub fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
 }
 
 /// `[dense | sparse] W^T + b` (then ReLU when `relu`) without materialising the sparse columns.
-fn first_layer(layer: &Dense, dense: &Tensor, sparse: Option<&Sparse>, relu: bool, drop: Option<(f64, &mut ChaCha8Rng)>) -> Result<Tensor> {
+fn first_layer(
+    layer: &Dense,
+    dense: &Tensor,
+    sparse: Option<&Sparse>,
+    relu: bool,
+    drop: Option<(f64, &mut ChaCha8Rng)>,
+) -> Result<Tensor> {
     let w = layer.weight.as_tensor();
     let Some(sp) = sparse else { return layer.apply(dense, relu, drop) };
     if crate::fused::usable(&[dense, w, layer.bias.as_tensor()]) && sp.vals.device().is_cpu() {
         let mask = drop.and_then(|(p, rng)| dropout_mask(dense.dim(0).ok()? * w.dim(0).ok()?, p, rng));
-        let op = crate::fused::SparseDenseOp::new(relu, mask, &sp.rows.to_vec1()?, &sp.cols.to_vec1()?, &sp.vals.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?);
+        let op = crate::fused::SparseDenseOp::new(
+            relu,
+            mask,
+            &sp.rows.to_vec1()?,
+            &sp.cols.to_vec1()?,
+            &sp.vals.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+        );
         return Ok(dense.apply_op3(w, layer.bias.as_tensor(), op)?);
     }
     let d = dense.dim(1)?;
@@ -241,7 +255,14 @@ fn activate(z: &Tensor, relu: bool, drop: Option<(f64, &mut ChaCha8Rng)>) -> Res
 }
 
 impl Tower {
-    fn new(rng: &mut ChaCha8Rng, input: usize, hidden: usize, layers: usize, dim: usize, device: &Device) -> Result<Self> {
+    fn new(
+        rng: &mut ChaCha8Rng,
+        input: usize,
+        hidden: usize,
+        layers: usize,
+        dim: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let mut h = Vec::new();
         let mut fan_in = input;
         for _ in 0..layers {
@@ -259,7 +280,12 @@ impl Tower {
     /// The L2-normalised embedding of an input whose first columns are `dense` and whose
     /// remaining columns are `sparse` (e.g. TF-IDF): the first layer gathers only the
     /// weight columns of the non-zero entries instead of multiplying by zeros.
-    pub fn embed_sparse(&self, dense: &Tensor, sparse: Option<&Sparse>, mut dropout_rng: Option<(f64, &mut ChaCha8Rng)>) -> Result<Tensor> {
+    pub fn embed_sparse(
+        &self,
+        dense: &Tensor,
+        sparse: Option<&Sparse>,
+        mut dropout_rng: Option<(f64, &mut ChaCha8Rng)>,
+    ) -> Result<Tensor> {
         let first = self.hidden.first().unwrap_or(&self.out);
         let n = self.hidden.len();
         if n == 0 {
@@ -285,13 +311,22 @@ impl Tower {
         crate::fused::chaining()
             && !self.hidden.is_empty()
             && dense.rank() == 2
-            && self.hidden.iter().chain([&self.out]).all(|l| crate::fused::usable(&[dense, l.weight.as_tensor(), l.bias.as_tensor()]))
+            && self
+                .hidden
+                .iter()
+                .chain([&self.out])
+                .all(|l| crate::fused::usable(&[dense, l.weight.as_tensor(), l.bias.as_tensor()]))
             && sparse.is_none_or(|sp| sp.vals.device().is_cpu())
     }
 
     /// [`Tower::embed_sparse`] as one [`crate::fused::TowerOp`], ready to apply; the dropout
     /// masks are drawn here, in the order of the per-layer path, so both give the same numbers.
-    fn chained<'a>(&'a self, dense: &'a Tensor, sparse: Option<&Sparse>, mut dropout_rng: Option<(f64, &mut ChaCha8Rng)>) -> Result<Chained<'a>> {
+    fn chained<'a>(
+        &'a self,
+        dense: &'a Tensor,
+        sparse: Option<&Sparse>,
+        mut dropout_rng: Option<(f64, &mut ChaCha8Rng)>,
+    ) -> Result<Chained<'a>> {
         use crate::fused::{DenseOp, FirstLayer, TowerOp};
         let (rows, n) = (dense.dim(0)?, self.hidden.len());
         let mut mask = |layer: &Dense, last: bool| -> Result<Option<Vec<f32>>> {
@@ -301,15 +336,29 @@ impl Tower {
         let first = &self.hidden[0];
         let first_mask = mask(first, n == 1)?;
         let first_op = match sparse {
-            Some(sp) => FirstLayer::Sparse(crate::fused::SparseDenseOp::new(true, first_mask, &sp.rows.to_vec1()?, &sp.cols.to_vec1()?, &sp.vals.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)),
+            Some(sp) => FirstLayer::Sparse(crate::fused::SparseDenseOp::new(
+                true,
+                first_mask,
+                &sp.rows.to_vec1()?,
+                &sp.cols.to_vec1()?,
+                &sp.vals.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+            )),
             None => FirstLayer::Dense(DenseOp { relu: true, mask: first_mask, device_mask: None }),
         };
         let mut rest = Vec::with_capacity(n);
         for i in 1..n {
             let l = &self.hidden[i];
-            rest.push((DenseOp { relu: true, mask: mask(l, i + 1 == n)?, device_mask: None }, l.weight.as_tensor().clone(), l.bias.as_tensor().clone()));
+            rest.push((
+                DenseOp { relu: true, mask: mask(l, i + 1 == n)?, device_mask: None },
+                l.weight.as_tensor().clone(),
+                l.bias.as_tensor().clone(),
+            ));
         }
-        rest.push((DenseOp { relu: false, mask: None, device_mask: None }, self.out.weight.as_tensor().clone(), self.out.bias.as_tensor().clone()));
+        rest.push((
+            DenseOp { relu: false, mask: None, device_mask: None },
+            self.out.weight.as_tensor().clone(),
+            self.out.bias.as_tensor().clone(),
+        ));
         Ok(Chained { tower: self, input: dense, op: TowerOp::new(first_op, rest) })
     }
 
@@ -328,8 +377,22 @@ impl Huse {
     pub fn new(config: &HuseConfig, rng: &mut ChaCha8Rng, device: &Device) -> Result<Self> {
         ensure!(config.classes >= 2, "HUSE needs at least 2 classes");
         ensure!((0.0..1.0).contains(&config.shape.dropout), "dropout must be in [0, 1)");
-        let image = Tower::new(rng, config.image_input, config.shape.hidden, config.shape.image_layers, config.shape.dim, device)?;
-        let text = Tower::new(rng, config.text_input, config.shape.hidden, config.shape.text_layers, config.shape.dim, device)?;
+        let image = Tower::new(
+            rng,
+            config.image_input,
+            config.shape.hidden,
+            config.shape.image_layers,
+            config.shape.dim,
+            device,
+        )?;
+        let text = Tower::new(
+            rng,
+            config.text_input,
+            config.shape.hidden,
+            config.shape.text_layers,
+            config.shape.dim,
+            device,
+        )?;
         let shared = Dense::new(rng, config.shape.dim, config.classes, device)?;
         Ok(Huse { config: config.clone(), image, text, shared })
     }
@@ -339,7 +402,13 @@ impl Huse {
     /// Under [`crate::fused::chain_towers`] the two towers run at the same time (each one op,
     /// masks drawn first), so one tower's serial parts (the GEMM's packing of W) overlap
     /// the other's parallel work; otherwise one after the other.
-    pub fn embed_pair(&self, image: &Tensor, text: &Tensor, sparse: Option<&Sparse>, mut dropout_rng: Option<(f64, &mut ChaCha8Rng)>) -> Result<(Tensor, Tensor)> {
+    pub fn embed_pair(
+        &self,
+        image: &Tensor,
+        text: &Tensor,
+        sparse: Option<&Sparse>,
+        mut dropout_rng: Option<(f64, &mut ChaCha8Rng)>,
+    ) -> Result<(Tensor, Tensor)> {
         fn reborrow<'a>(d: &'a mut Option<(f64, &mut ChaCha8Rng)>) -> Option<(f64, &'a mut ChaCha8Rng)> {
             d.as_mut().map(|(p, rng)| (*p, &mut **rng))
         }
@@ -376,7 +445,8 @@ impl Huse {
 
     /// Saves the parameters as safetensors.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let map: HashMap<String, Tensor> = self.named_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+        let map: HashMap<String, Tensor> =
+            self.named_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
         candle_core::safetensors::save(&map, path).with_context(|| format!("saving {}", path.display()))
     }
 
@@ -386,7 +456,13 @@ impl Huse {
         let map = candle_core::safetensors::load(path, &dev).with_context(|| format!("loading {}", path.display()))?;
         for (n, v) in self.named_vars() {
             let t = map.get(&n).with_context(|| format!("{} has no `{n}`", path.display()))?;
-            ensure!(t.shape() == v.shape(), "{}: `{n}` has shape {:?}, expected {:?}", path.display(), t.shape(), v.shape());
+            ensure!(
+                t.shape() == v.shape(),
+                "{}: `{n}` has shape {:?}, expected {:?}",
+                path.display(),
+                t.shape(),
+                v.shape()
+            );
             v.set(&t.to_dtype(DType::F32)?)?;
         }
         Ok(())
@@ -421,7 +497,6 @@ pub struct EpochVal {
     pub fusion_weight: f32,
 }
 
-
 impl ModelMeta {
     /// Reads `model.json`.
     pub fn read(path: &Path) -> Result<Self> {
@@ -433,7 +508,14 @@ impl ModelMeta {
 /// Softmax probabilities (image, text) and embeddings (image, text) of the rows `idx`, in
 /// eval mode (no dropout), `batch` rows at a time; all row-major.
 #[allow(clippy::type_complexity)]
-pub fn predict(model: &Huse, ds: &crate::data::Dataset, idx: &[usize], use_tfidf: bool, device: &Device, batch: usize) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)> {
+pub fn predict(
+    model: &Huse,
+    ds: &crate::data::Dataset,
+    idx: &[usize],
+    use_tfidf: bool,
+    device: &Device,
+    batch: usize,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)> {
     let (mut pi, mut pt, mut ei, mut et) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let k = ds.classes;
     for chunk in idx.chunks(batch.max(1)) {

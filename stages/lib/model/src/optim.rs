@@ -178,12 +178,16 @@ impl Optimizer {
         let dev = self.vars.first().map(|v| v.device().clone()).unwrap_or(candle_core::Device::Cpu);
         let map = candle_core::safetensors::load(path, &dev)?;
         for (i, (a, b)) in self.state.iter_mut().enumerate() {
-            let (na, nb) = (map.get(&format!("{i}.a")).context("missing state")?, map.get(&format!("{i}.b")).context("missing state")?);
+            let (na, nb) = (
+                map.get(&format!("{i}.a")).context("missing state")?,
+                map.get(&format!("{i}.b")).context("missing state")?,
+            );
             ensure!(na.shape() == a.shape(), "optimizer state does not fit the model");
             *a = na.clone();
             *b = nb.clone();
         }
-        self.step = map.get("step").context("missing step")?.to_device(&candle_core::Device::Cpu)?.to_vec1::<f32>()?[0] as u64;
+        self.step =
+            map.get("step").context("missing step")?.to_device(&candle_core::Device::Cpu)?.to_vec1::<f32>()?[0] as u64;
         Ok(())
     }
 }
@@ -233,7 +237,9 @@ mod fused {
     impl Update {
         pub fn new(config: &OptimizerConfig, lr: f64, step: u64) -> Option<Update> {
             Some(match *config {
-                OptimizerConfig::Rmsprop { momentum, rho, eps, .. } => Update::Rmsprop { lr: lr as f32, rho: rho as f32, eps: eps as f32, momentum: momentum as f32 },
+                OptimizerConfig::Rmsprop { momentum, rho, eps, .. } => {
+                    Update::Rmsprop { lr: lr as f32, rho: rho as f32, eps: eps as f32, momentum: momentum as f32 }
+                }
                 OptimizerConfig::Adamw { beta1, beta2, eps, weight_decay, .. } => {
                     let t = i32::try_from(step).ok()?;
                     Update::Adamw {
@@ -254,7 +260,9 @@ mod fused {
         pub fn for_cuda(&self) -> crate::cuda::Step {
             match *self {
                 Update::Rmsprop { lr, rho, eps, momentum } => crate::cuda::Step::Rmsprop { lr, rho, eps, momentum },
-                Update::Adamw { lr, decay, b1, b2, c1, c2, eps } => crate::cuda::Step::Adamw { lr, decay, b1, b2, c1, c2, eps },
+                Update::Adamw { lr, decay, b1, b2, c1, c2, eps } => {
+                    crate::cuda::Step::Adamw { lr, decay, b1, b2, c1, c2, eps }
+                }
             }
         }
 
@@ -291,7 +299,8 @@ mod fused {
     }
 
     /// Runs `f` on the contiguous f32 data of a CPU tensor, mutably, in place.
-    struct WithMut<'a>(RefCell<&'a mut dyn FnMut(&mut [f32]) -> candle_core::Result<()>>);
+    type SliceFn<'a> = &'a mut dyn FnMut(&mut [f32]) -> candle_core::Result<()>;
+    struct WithMut<'a>(RefCell<SliceFn<'a>>);
 
     impl InplaceOp1 for WithMut<'_> {
         fn name(&self) -> &'static str {
@@ -315,18 +324,30 @@ mod fused {
 
     /// Applies `update` to `param` and its state in place. Ok(false) when the tensors are not
     /// contiguous f32 on the CPU (the caller then uses tensor ops).
-    pub fn apply(param: &Tensor, grad: &Tensor, s1: &Tensor, s2: &Tensor, update: &Update) -> candle_core::Result<bool> {
+    pub fn apply(
+        param: &Tensor,
+        grad: &Tensor,
+        s1: &Tensor,
+        s2: &Tensor,
+        update: &Update,
+    ) -> candle_core::Result<bool> {
         if ![param, grad, s1, s2].into_iter().all(usable) || grad.shape() != param.shape() {
             return Ok(false);
         }
         let (g_storage, g_layout) = grad.storage_and_layout();
-        let (Storage::Cpu(CpuStorage::F32(g)), Some((gs, ge))) = (&*g_storage, g_layout.contiguous_offsets()) else { return Ok(false) };
+        let (Storage::Cpu(CpuStorage::F32(g)), Some((gs, ge))) = (&*g_storage, g_layout.contiguous_offsets()) else {
+            return Ok(false);
+        };
         let g = &g[gs..ge];
         const CHUNK: usize = 1 << 14;
         with_mut(s1, &mut |a| {
             with_mut(s2, &mut |b| {
                 with_mut(param, &mut |p| {
-                    p.par_chunks_mut(CHUNK).zip(a.par_chunks_mut(CHUNK)).zip(b.par_chunks_mut(CHUNK)).zip(g.par_chunks(CHUNK)).for_each(|(((p, a), b), g)| update.apply(p, a, b, g));
+                    p.par_chunks_mut(CHUNK)
+                        .zip(a.par_chunks_mut(CHUNK))
+                        .zip(b.par_chunks_mut(CHUNK))
+                        .zip(g.par_chunks(CHUNK))
+                        .for_each(|(((p, a), b), g)| update.apply(p, a, b, g));
                     Ok(())
                 })
             })

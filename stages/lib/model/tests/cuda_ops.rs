@@ -15,7 +15,14 @@ fn gpu() -> Option<Device> {
     match Device::new_cuda(0) {
         Ok(d) => Some(d),
         Err(e) => {
-            eprintln!("SKIPPED (no GPU check): {}", if cfg!(feature = "cuda") { format!("no CUDA device: {e}") } else { "this build has no CUDA support (build with --features cuda)".into() });
+            eprintln!(
+                "SKIPPED (no GPU check): {}",
+                if cfg!(feature = "cuda") {
+                    format!("no CUDA device: {e}")
+                } else {
+                    "this build has no CUDA support (build with --features cuda)".into()
+                }
+            );
             None
         }
     }
@@ -46,15 +53,25 @@ fn the_dense_layer_on_the_gpu_equals_the_tensor_ops() {
             let b = Var::from_tensor(&Tensor::from_vec(values(n, 1.7), n, &dev).unwrap()).unwrap();
             let c = Tensor::from_vec(values(m * n, 0.23), (m, n), &dev).unwrap();
             let drop = (p > 0.0).then(|| DeviceDropout::draw(p, (m, n), &dev).unwrap());
-            let fused = x.as_tensor().apply_op3(w.as_tensor(), b.as_tensor(), DenseOp { relu, mask: None, device_mask: drop.clone() }).unwrap();
-            let plain = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(b.as_tensor()).unwrap();
+            let fused = x
+                .as_tensor()
+                .apply_op3(w.as_tensor(), b.as_tensor(), DenseOp { relu, mask: None, device_mask: drop.clone() })
+                .unwrap();
+            let plain =
+                x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(b.as_tensor()).unwrap();
             let plain = if relu { plain.relu().unwrap() } else { plain };
             let plain = match &drop {
-                Some(d) => (plain * d.u.ge(d.p as f64).unwrap().to_dtype(DType::F32).unwrap().affine(d.scale() as f64, 0.0).unwrap()).unwrap(),
+                Some(d) => (plain
+                    * d.u.ge(d.p as f64).unwrap().to_dtype(DType::F32).unwrap().affine(d.scale() as f64, 0.0).unwrap())
+                .unwrap(),
                 None => plain,
             };
             let tol = 1e-4 * (k as f32).sqrt();
-            assert!(max_diff(&fused, &plain) < tol, "forward {m}x{k}x{n} relu={relu} p={p}: {}", max_diff(&fused, &plain));
+            assert!(
+                max_diff(&fused, &plain) < tol,
+                "forward {m}x{k}x{n} relu={relu} p={p}: {}",
+                max_diff(&fused, &plain)
+            );
             let gf = (fused * &c).unwrap().sum_all().unwrap().backward().unwrap();
             let gp = (plain * &c).unwrap().sum_all().unwrap().backward().unwrap();
             for (name, v) in [("x", &x), ("W", &w), ("b", &b)] {
@@ -86,16 +103,22 @@ fn graph_and_gap_losses_on_the_gpu_equal_the_tensor_ops() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let labels: Vec<u32> = (0..n).map(|_| rand::Rng::random_range(&mut rng, 0..classes as u32)).collect();
     let y = Tensor::from_vec(labels, n, &dev).unwrap();
-    let a: Vec<f32> = (0..classes * classes).map(|i| if i / classes == i % classes { 0.0 } else { 0.1 + 0.8 * ((i as f32) * 0.37).sin().abs() }).collect();
+    let a: Vec<f32> = (0..classes * classes)
+        .map(|i| if i / classes == i % classes { 0.0 } else { 0.1 + 0.8 * ((i as f32) * 0.37).sin().abs() })
+        .collect();
     let a = Tensor::from_vec(a, (classes, classes), &dev).unwrap();
-    let unit = |seed: f32| Var::from_tensor(&l2_normalise_ops(&Tensor::from_vec(values(n * d, seed), (n, d), &dev).unwrap()).unwrap()).unwrap();
+    let unit = |seed: f32| {
+        Var::from_tensor(&l2_normalise_ops(&Tensor::from_vec(values(n * d, seed), (n, d), &dev).unwrap()).unwrap())
+            .unwrap()
+    };
     let (e1, e2) = (unit(0.31), unit(0.77));
     for variant in [GraphVariant::Paper, GraphVariant::Hinge] {
         for zeta in [0.5, 1.2] {
             for same in [true, false] {
                 let other = if same { &e1 } else { &e2 };
                 let f = loss::graph_loss_block(e1.as_tensor(), other.as_tensor(), &y, &y, &a, zeta, variant).unwrap();
-                let p = loss::graph_loss_block_ops(e1.as_tensor(), other.as_tensor(), &y, &y, &a, zeta, variant).unwrap();
+                let p =
+                    loss::graph_loss_block_ops(e1.as_tensor(), other.as_tensor(), &y, &y, &a, zeta, variant).unwrap();
                 let what = format!("{variant:?} zeta={zeta} same={same}");
                 let v = p.to_device(&Device::Cpu).unwrap().to_scalar::<f32>().unwrap();
                 assert!(v != 0.0, "{what}: some pairs count");
@@ -111,7 +134,10 @@ fn graph_and_gap_losses_on_the_gpu_equal_the_tensor_ops() {
             }
         }
     }
-    let (f, p) = (loss::gap_loss(e1.as_tensor(), e2.as_tensor()).unwrap(), loss::gap_loss_ops(e1.as_tensor(), e2.as_tensor()).unwrap());
+    let (f, p) = (
+        loss::gap_loss(e1.as_tensor(), e2.as_tensor()).unwrap(),
+        loss::gap_loss_ops(e1.as_tensor(), e2.as_tensor()).unwrap(),
+    );
     assert!(max_diff(&f, &p) < 1e-5, "gap value");
     let (gf, gp) = (f.backward().unwrap(), p.backward().unwrap());
     for e in [&e1, &e2] {
@@ -149,13 +175,20 @@ fn a_train_step_on_the_gpu_lands_where_the_cpu_one_does() {
     // The base shape without dropout (the devices draw different masks), 3 AdamW steps on
     // the same batch: the parameters agree within float tolerance.
     let (n, di, dt, classes) = (256, 1280, 384, 12);
-    let cfg = HuseConfig { image_input: di, text_input: dt, classes, shape: Shape { dropout: 0.0, ..Shape::default() } };
+    let cfg =
+        HuseConfig { image_input: di, text_input: dt, classes, shape: Shape { dropout: 0.0, ..Shape::default() } };
     let labels: Vec<u32> = (0..n as u32).map(|i| (i * 7) % classes as u32).collect();
-    let a: Vec<f32> = (0..classes * classes).map(|i| if i / classes == i % classes { 0.0 } else { 0.2 + 0.6 * ((i as f32) * 0.37).sin().abs() }).collect();
+    let a: Vec<f32> = (0..classes * classes)
+        .map(|i| if i / classes == i % classes { 0.0 } else { 0.2 + 0.6 * ((i as f32) * 0.37).sin().abs() })
+        .collect();
     let mut out = Vec::new();
     for device in [Device::Cpu, dev.clone()] {
         let model = Huse::new(&cfg, &mut ChaCha8Rng::seed_from_u64(5), &device).unwrap();
-        let mut opt = Optimizer::new(model.vars(), OptimizerConfig::Adamw { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }).unwrap();
+        let mut opt = Optimizer::new(
+            model.vars(),
+            OptimizerConfig::Adamw { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
+        )
+        .unwrap();
         let xi = Tensor::from_vec(values(n * di, 0.013), (n, di), &device).unwrap().relu().unwrap();
         let xt = Tensor::from_vec(values(n * dt, 0.029), (n, dt), &device).unwrap();
         let y = Tensor::from_vec(labels.clone(), n, &device).unwrap();
@@ -163,7 +196,16 @@ fn a_train_step_on_the_gpu_lands_where_the_cpu_one_does() {
         let mut losses = Vec::new();
         for _ in 0..3 {
             let (pi, pt) = (model.image.embed(&xi, None).unwrap(), model.text.embed(&xt, None).unwrap());
-            let l = loss::total(&pi, &pt, &model.logits(&pi).unwrap(), &model.logits(&pt).unwrap(), &y, &a, &LossConfig::default()).unwrap();
+            let l = loss::total(
+                &pi,
+                &pt,
+                &model.logits(&pi).unwrap(),
+                &model.logits(&pt).unwrap(),
+                &y,
+                &a,
+                &LossConfig::default(),
+            )
+            .unwrap();
             losses.push(l.total.to_device(&Device::Cpu).unwrap().to_scalar::<f32>().unwrap());
             opt.step(&l.total.backward().unwrap()).unwrap();
         }

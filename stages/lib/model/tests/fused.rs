@@ -25,16 +25,22 @@ fn fused_dense_equals_tensor_ops() {
             // A loss that weights every output differently.
             let c = Tensor::from_vec(values(m * n, 0.23), (m, n), &dev).unwrap();
             // A dropout mask with p = 0.3 (every third unit dropped, kept ones scaled by 1/0.7).
-            let mask: Option<Vec<f32>> = dropout.then(|| (0..m * n).map(|i| if i % 3 == 1 { 0.0 } else { 1.0 / 0.7 }).collect());
-            let fused = x.as_tensor().apply_op3(w.as_tensor(), b.as_tensor(), DenseOp { relu, mask: mask.clone(), device_mask: None }).unwrap();
-            let plain = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(b.as_tensor()).unwrap();
+            let mask: Option<Vec<f32>> =
+                dropout.then(|| (0..m * n).map(|i| if i % 3 == 1 { 0.0 } else { 1.0 / 0.7 }).collect());
+            let fused = x
+                .as_tensor()
+                .apply_op3(w.as_tensor(), b.as_tensor(), DenseOp { relu, mask: mask.clone(), device_mask: None })
+                .unwrap();
+            let plain =
+                x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(b.as_tensor()).unwrap();
             let plain = if relu { plain.relu().unwrap() } else { plain };
             let plain = match mask {
                 Some(k) => (plain * Tensor::from_vec(k, (m, n), &dev).unwrap()).unwrap(),
                 None => plain,
             };
             if relu && !dropout {
-                let zeros = plain.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().filter(|v| **v == 0.0).count();
+                let zeros =
+                    plain.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().filter(|v| **v == 0.0).count();
                 assert!(zeros > 0 && zeros < m * n, "the mask should cut some units: {zeros}");
             }
             assert!(max_diff(&fused, &plain) < 1e-4, "forward {m}x{k}x{n} relu={relu} dropout={dropout}");
@@ -56,7 +62,13 @@ fn fused_dense_skips_the_input_gradient_of_constants() {
     let x = Tensor::from_vec(values(6, 0.5), (2, 3), &dev).unwrap();
     let w = Var::from_tensor(&Tensor::from_vec(values(12, 0.3), (4, 3), &dev).unwrap()).unwrap();
     let b = Var::from_tensor(&Tensor::zeros(4, candle_core::DType::F32, &dev).unwrap()).unwrap();
-    let g = x.apply_op3(w.as_tensor(), b.as_tensor(), DenseOp { relu: true, mask: None, device_mask: None }).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = x
+        .apply_op3(w.as_tensor(), b.as_tensor(), DenseOp { relu: true, mask: None, device_mask: None })
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     assert!(g.get(&x).is_none() && g.get(&w).is_some());
 }
 
@@ -86,7 +98,9 @@ fn sparse_first_layer_equals_the_dense_layer_on_the_concatenated_input() {
     let c = Tensor::from_vec(values(m * n, 0.29), (m, n), &dev).unwrap();
     for (relu, dropout) in [(false, false), (true, false), (true, true)] {
         let mask: Option<Vec<f32>> = dropout.then(|| (0..m * n).map(|i| if i % 4 == 2 { 0.0 } else { 1.25 }).collect());
-        let fused = x.apply_op3(w.as_tensor(), b.as_tensor(), SparseDenseOp::new(relu, mask.clone(), &rows, &cols, &vals)).unwrap();
+        let fused = x
+            .apply_op3(w.as_tensor(), b.as_tensor(), SparseDenseOp::new(relu, mask.clone(), &rows, &cols, &vals))
+            .unwrap();
         let plain = full.matmul(&w.as_tensor().t().unwrap()).unwrap().broadcast_add(b.as_tensor()).unwrap();
         let plain = if relu { plain.relu().unwrap() } else { plain };
         let plain = match mask {
@@ -132,11 +146,14 @@ fn fused_backward_equals_candles_backward() {
     let b3 = Var::from_tensor(&Tensor::from_vec(values(n, 0.3), n, &dev).unwrap()).unwrap();
     let c = Tensor::from_vec(values(m * n, 0.19), (m, n), &dev).unwrap();
     let loss = || {
-        let h = x.apply_op3(w1.as_tensor(), b1.as_tensor(), SparseDenseOp::new(true, None, &rows, &cols, &vals)).unwrap();
-        let h = h.apply_op3(w2.as_tensor(), b2.as_tensor(), DenseOp { relu: true, mask: None, device_mask: None }).unwrap();
+        let h =
+            x.apply_op3(w1.as_tensor(), b1.as_tensor(), SparseDenseOp::new(true, None, &rows, &cols, &vals)).unwrap();
+        let h =
+            h.apply_op3(w2.as_tensor(), b2.as_tensor(), DenseOp { relu: true, mask: None, device_mask: None }).unwrap();
         // A weight computed from a variable: not a leaf, its gradient must reach w3.
         let w3_scaled = w3.as_tensor().affine(0.5, 0.0).unwrap();
-        let h = h.apply_op3(&w3_scaled, b3.as_tensor(), DenseOp { relu: false, mask: None, device_mask: None }).unwrap();
+        let h =
+            h.apply_op3(&w3_scaled, b3.as_tensor(), DenseOp { relu: false, mask: None, device_mask: None }).unwrap();
         // w2 also in a tensor op (an L2 penalty): its gradient is the sum of both uses.
         let penalty = (w2.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.01).unwrap();
         ((h * &c).unwrap().sum_all().unwrap() + penalty).unwrap()
@@ -145,7 +162,11 @@ fn fused_backward_equals_candles_backward() {
     let fused = huse_model::fused::backward(&loss()).unwrap();
     for (name, var) in [("W1", &w1), ("b1", &b1), ("W2", &w2), ("b2", &b2), ("W3", &w3), ("b3", &b3)] {
         let (a, e) = (fused.get(var).unwrap_or_else(|| panic!("no d{name}")), plain.get(var).unwrap());
-        assert_eq!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), e.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "d{name}");
+        assert_eq!(
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            e.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "d{name}"
+        );
     }
     // Outside fused::backward the layers give candle their gradients as before.
     assert!(loss().backward().unwrap().get(&w1).is_some());
@@ -220,8 +241,19 @@ fn three_steps(threads: usize) -> Vec<Vec<f32>> {
         let cfg = HuseConfig { image_input: di, text_input: dt + v, classes, shape: Shape::default() };
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
         let model = Huse::new(&cfg, &mut rng, &dev).unwrap();
-        let mut opt = Optimizer::new(model.vars(), OptimizerConfig::Adamw { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }).unwrap();
-        let a = Tensor::from_vec((0..classes * classes).map(|i| if i / classes == i % classes { 0.0 } else { 0.3 + (i % 7) as f32 * 0.1 }).collect::<Vec<f32>>(), (classes, classes), &dev).unwrap();
+        let mut opt = Optimizer::new(
+            model.vars(),
+            OptimizerConfig::Adamw { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
+        )
+        .unwrap();
+        let a = Tensor::from_vec(
+            (0..classes * classes)
+                .map(|i| if i / classes == i % classes { 0.0 } else { 0.3 + (i % 7) as f32 * 0.1 })
+                .collect::<Vec<f32>>(),
+            (classes, classes),
+            &dev,
+        )
+        .unwrap();
         for step in 0..3 {
             let xi = Tensor::from_vec(values(b * di, 0.11 + step as f32), (b, di), &dev).unwrap().abs().unwrap();
             let xt = Tensor::from_vec(values(b * dt, 0.07 + step as f32), (b, dt), &dev).unwrap();
@@ -239,7 +271,16 @@ fn three_steps(threads: usize) -> Vec<Vec<f32>> {
             // As the train stage does it: towers chained and side by side, fused::backward.
             let _chain = huse_model::fused::chain_towers();
             let (pi, pt) = model.embed_pair(&xi, &xt, Some(&sp), Some((0.15, &mut rng))).unwrap();
-            let l = loss::total(&pi, &pt, &model.logits(&pi).unwrap(), &model.logits(&pt).unwrap(), &y, &a, &LossConfig::default()).unwrap();
+            let l = loss::total(
+                &pi,
+                &pt,
+                &model.logits(&pi).unwrap(),
+                &model.logits(&pt).unwrap(),
+                &y,
+                &a,
+                &LossConfig::default(),
+            )
+            .unwrap();
             opt.step(&huse_model::fused::backward(&l.total).unwrap()).unwrap();
         }
         model.vars().iter().map(|v| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
@@ -274,7 +315,12 @@ fn chained_towers_equal_one_op_per_layer() {
     use rand::{RngCore, SeedableRng};
     let dev = Device::Cpu;
     let (m, di, d, v) = (70, 40, 24, 30);
-    let cfg = HuseConfig { image_input: di, text_input: d + v, classes: 5, shape: Shape { dim: 16, hidden: 32, image_layers: 3, text_layers: 2, dropout: 0.2 } };
+    let cfg = HuseConfig {
+        image_input: di,
+        text_input: d + v,
+        classes: 5,
+        shape: Shape { dim: 16, hidden: 32, image_layers: 3, text_layers: 2, dropout: 0.2 },
+    };
     let model = Huse::new(&cfg, &mut rand_chacha::ChaCha8Rng::seed_from_u64(5), &dev).unwrap();
     let image = Tensor::from_vec(values(m * di, 0.29), (m, di), &dev).unwrap();
     let text = Tensor::from_vec(values(m * d, 0.47), (m, d), &dev).unwrap();
@@ -287,7 +333,12 @@ fn chained_towers_equal_one_op_per_layer() {
         }
     }
     let n = rows.len();
-    let sp = Sparse { rows: Tensor::from_vec(rows, n, &dev).unwrap(), cols: Tensor::from_vec(cols, n, &dev).unwrap(), vals: Tensor::from_vec(vals, (n, 1), &dev).unwrap(), width: v };
+    let sp = Sparse {
+        rows: Tensor::from_vec(rows, n, &dev).unwrap(),
+        cols: Tensor::from_vec(cols, n, &dev).unwrap(),
+        vals: Tensor::from_vec(vals, (n, 1), &dev).unwrap(),
+        width: v,
+    };
     let c = Tensor::from_vec(values(m * 5, 0.13), (m, 5), &dev).unwrap();
     // Chained or not; both towers through `embed_pair` (at the same time when chained) or one
     // after the other.
@@ -305,7 +356,11 @@ fn chained_towers_equal_one_op_per_layer() {
         let loss = (class + gap.affine(-0.5, 0.0).unwrap()).unwrap();
         let grads = huse_model::fused::backward(&loss).unwrap();
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let g: Vec<(String, Vec<f32>)> = model.named_vars().into_iter().map(|(name, var)| (name.clone(), flat(grads.get(var).unwrap_or_else(|| panic!("no gradient for {name}"))))).collect();
+        let g: Vec<(String, Vec<f32>)> = model
+            .named_vars()
+            .into_iter()
+            .map(|(name, var)| (name.clone(), flat(grads.get(var).unwrap_or_else(|| panic!("no gradient for {name}")))))
+            .collect();
         (flat(&pi), flat(&pt), g, rng.next_u64())
     };
     let per_layer = step(false, false);

@@ -57,7 +57,9 @@ fn sigma_switches_exactly_at_zeta() {
     let (_, pt, y, _) = batch();
     let d = 1.0 - (0.6 * 0.8 + 0.8 * 0.6); // the text pair's distance, as f64 computes it
     let near = t(&[0.0, 0.01, 0.01, 0.0], 2, 2);
-    let at = |zeta: f64, a: &Tensor| scalar(&loss::graph_loss_block(&pt, &pt, &y, &y, a, zeta, GraphVariant::Paper).unwrap());
+    let at = |zeta: f64, a: &Tensor| {
+        scalar(&loss::graph_loss_block(&pt, &pt, &y, &y, a, zeta, GraphVariant::Paper).unwrap())
+    };
     assert!(at(d + 1e-12, &near) > 0.0, "d just below zeta: on");
     assert_eq!(at(d, &near), 0.0, "d < zeta is strict");
     assert_eq!(at(d - 1e-12, &near), 0.0);
@@ -114,14 +116,20 @@ fn gradients_match_finite_differences() {
     check_grad(&xi, 3, 3, &|x| loss::gap_loss(&l2_normalise(x).unwrap(), &pt).unwrap());
     for (variant, zeta) in [(GraphVariant::Paper, 0.9), (GraphVariant::Hinge, 0.6)] {
         for pairs in [GraphPairs::Within, GraphPairs::Across, GraphPairs::All] {
-            check_grad(&xi, 3, 3, &|x| loss::graph_loss(&l2_normalise(x).unwrap(), &pt, &y, &a, zeta, variant, pairs).unwrap());
+            check_grad(&xi, 3, 3, &|x| {
+                loss::graph_loss(&l2_normalise(x).unwrap(), &pt, &y, &a, zeta, variant, pairs).unwrap()
+            });
         }
     }
     let w = t(&[0.5, -0.2, 0.1, -0.3, 0.4, 0.9], 2, 3);
     let logits_t = pt.matmul(&w.t().unwrap()).unwrap();
-    check_grad(&xi, 3, 3, &|x| loss::class_loss(&l2_normalise(x).unwrap().matmul(&w.t().unwrap()).unwrap(), &logits_t, &y).unwrap());
+    check_grad(&xi, 3, 3, &|x| {
+        loss::class_loss(&l2_normalise(x).unwrap().matmul(&w.t().unwrap()).unwrap(), &logits_t, &y).unwrap()
+    });
     // Every pair inside the margin and of near classes contributes: the graph loss is live here.
-    let g = loss::graph_loss(&l2_normalise(&t(&xi, 3, 3)).unwrap(), &pt, &y, &a, 0.9, GraphVariant::Paper, GraphPairs::All).unwrap();
+    let g =
+        loss::graph_loss(&l2_normalise(&t(&xi, 3, 3)).unwrap(), &pt, &y, &a, 0.9, GraphVariant::Paper, GraphPairs::All)
+            .unwrap();
     assert!(scalar(&g) > 0.0);
 }
 
@@ -154,7 +162,9 @@ fn directions() {
 fn rmsprop_matches_hand_computed_steps() {
     // loss = 2p (gradient 2), p0 = 1, lr 0.1, rho 0.99, eps 1e-8, momentum 0.9.
     let p = Var::from_tensor(&Tensor::new(&[1.0f64], &CPU).unwrap()).unwrap();
-    let mut opt = Optimizer::new(vec![p.clone()], OptimizerConfig::Rmsprop { lr: 0.1, momentum: 0.9, rho: 0.99, eps: 1e-8 }).unwrap();
+    let mut opt =
+        Optimizer::new(vec![p.clone()], OptimizerConfig::Rmsprop { lr: 0.1, momentum: 0.9, rho: 0.99, eps: 1e-8 })
+            .unwrap();
     let (mut v, mut buf, mut want) = (0.0f64, 0.0f64, 1.0f64);
     for _ in 0..3 {
         let grads = (p.as_tensor() * 2.0).unwrap().sum_all().unwrap().backward().unwrap();
@@ -174,8 +184,13 @@ fn rmsprop_matches_hand_computed_steps() {
 #[test]
 fn adamw_first_step_is_lr_times_sign() {
     let p = Var::from_tensor(&Tensor::new(&[1.0f64, -2.0], &CPU).unwrap()).unwrap();
-    let mut opt = Optimizer::new(vec![p.clone()], OptimizerConfig::Adamw { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }).unwrap();
-    let grads = (p.as_tensor() * Tensor::new(&[3.0f64, -5.0], &CPU).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+    let mut opt = Optimizer::new(
+        vec![p.clone()],
+        OptimizerConfig::Adamw { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+    )
+    .unwrap();
+    let grads =
+        (p.as_tensor() * Tensor::new(&[3.0f64, -5.0], &CPU).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
     opt.step(&grads).unwrap();
     let got = p.as_tensor().to_vec1::<f64>().unwrap();
     assert!((got[0] - 0.99).abs() < 1e-9 && (got[1] + 1.99).abs() < 1e-9, "{got:?}");
@@ -193,7 +208,12 @@ fn fused_graph_block_equals_the_tensor_op_version_on_a_larger_batch() {
     let a = Tensor::new(&[[0.0f32, 0.3, 0.8], [0.3, 0.0, 0.6], [0.8, 0.6, 0.0]], &CPU).unwrap();
     // Image-text blocks (two tensors) and image-image blocks (one tensor in both places,
     // whose fused gradient comes through one GEMM).
-    for (variant, zeta, same) in [(GraphVariant::Paper, 0.9, false), (GraphVariant::Hinge, 0.7, false), (GraphVariant::Paper, 0.9, true), (GraphVariant::Hinge, 0.7, true)] {
+    for (variant, zeta, same) in [
+        (GraphVariant::Paper, 0.9, false),
+        (GraphVariant::Hinge, 0.7, false),
+        (GraphVariant::Paper, 0.9, true),
+        (GraphVariant::Hinge, 0.7, true),
+    ] {
         let vi = Var::from_tensor(&to32(v(0.37))).unwrap();
         let e1 = l2_normalise(vi.as_tensor()).unwrap();
         let e2 = if same { e1.clone() } else { l2_normalise(&to32(v(0.91))).unwrap() };
@@ -301,10 +321,17 @@ fn fused_gap_loss_equals_the_tensor_op_version() {
             let fused = loss::gap_loss(&pi, &pt).unwrap();
             let ops = loss::gap_loss_ops(&pi, &pt).unwrap();
             let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
-            assert!((scalar(&fused) - scalar(&ops)).abs() < tol, "{n} x {dim} {dtype:?}: {} vs {}", scalar(&fused), scalar(&ops));
+            assert!(
+                (scalar(&fused) - scalar(&ops)).abs() < tol,
+                "{n} x {dim} {dtype:?}: {} vs {}",
+                scalar(&fused),
+                scalar(&ops)
+            );
             let (gf, go) = (fused.backward().unwrap(), ops.backward().unwrap());
             for var in [&vi, &vt] {
-                let flat = |g: &candle_core::backprop::GradStore| g.get(var).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                let flat = |g: &candle_core::backprop::GradStore| {
+                    g.get(var).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+                };
                 let (a, b) = (flat(&gf), flat(&go));
                 let scale = b.iter().fold(0f64, |m, x| m.max(x.abs()));
                 assert!(scale > 0.0);

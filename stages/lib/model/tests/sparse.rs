@@ -9,7 +9,12 @@ use rand::SeedableRng;
 #[test]
 fn sparse_text_input_equals_dense() {
     let dev = Device::Cpu;
-    let cfg = HuseConfig { image_input: 4, text_input: 3 + 5, classes: 3, shape: Shape { dim: 4, hidden: 6, image_layers: 1, text_layers: 2, dropout: 0.0 } };
+    let cfg = HuseConfig {
+        image_input: 4,
+        text_input: 3 + 5,
+        classes: 3,
+        shape: Shape { dim: 4, hidden: 6, image_layers: 1, text_layers: 2, dropout: 0.0 },
+    };
     let m = Huse::new(&cfg, &mut rand_chacha::ChaCha8Rng::seed_from_u64(3), &dev).unwrap();
     let dense = Tensor::new(&[[0.1f32, -0.2, 0.3], [0.5, 0.0, -0.1]], &dev).unwrap();
     // Row 0: columns 3+1 = 0.7, 3+4 = -0.2; row 1: column 3+0 = 1.0.
@@ -27,6 +32,13 @@ fn sparse_text_input_equals_dense() {
     let w = &m.text.hidden[0].weight;
     let ga = a.sum_all().unwrap().backward().unwrap();
     let gb = b.sum_all().unwrap().backward().unwrap();
-    let gd = (ga.get(w).unwrap() - gb.get(w).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let gd = (ga.get(w).unwrap() - gb.get(w).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(gd < 1e-6, "{gd}");
 }

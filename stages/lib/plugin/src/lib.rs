@@ -21,7 +21,9 @@
 use std::ffi::{CStr, CString, c_char, c_void};
 use std::path::{Path, PathBuf};
 
-use huse_stage_api::{CancelToken, Config, ConfigError, Context, DeviceSpec, Inputs, MetricLogger, Progress, Stage, StageError};
+use huse_stage_api::{
+    CancelToken, Config, ConfigError, Context, DeviceSpec, Inputs, MetricLogger, Progress, Stage, StageError,
+};
 
 /// Version of this ABI; a plugin built against another version is refused.
 pub const ABI_VERSION: u32 = 2;
@@ -109,6 +111,10 @@ pub fn owned(s: &str) -> *mut c_char {
 }
 
 /// Frees a string made by [`owned`]. Used as the plugin's `free_string`.
+#[allow(
+    clippy::not_unsafe_ptr_arg_deref,
+    reason = "a C-ABI entry point: the pointers come from the host, which the ABI obliges to pass valid NUL-terminated strings and a live RunContext; the `extern \"C\"` wrappers export_stages! generates cannot be `unsafe fn`"
+)]
 pub extern "C" fn free_string(p: *mut c_char) {
     if !p.is_null() {
         drop(unsafe { CString::from_raw(p) });
@@ -116,10 +122,17 @@ pub extern "C" fn free_string(p: *mut c_char) {
 }
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "unknown panic".into())
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// Plugin side of `validate`, for [`export_stages!`].
+#[allow(
+    clippy::not_unsafe_ptr_arg_deref,
+    reason = "a C-ABI entry point: the pointers come from the host, which the ABI obliges to pass valid NUL-terminated strings and a live RunContext; the `extern \"C\"` wrappers export_stages! generates cannot be `unsafe fn`"
+)]
 pub fn plugin_validate(stage: &dyn Stage, config_json: *const c_char) -> *mut c_char {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let config: Config = serde_json::from_str(&unsafe { read_str(config_json) }).unwrap_or(Config::Null);
@@ -133,6 +146,10 @@ pub fn plugin_validate(stage: &dyn Stage, config_json: *const c_char) -> *mut c_
 }
 
 /// Plugin side of `reads`, for [`export_stages!`].
+#[allow(
+    clippy::not_unsafe_ptr_arg_deref,
+    reason = "a C-ABI entry point: the pointers come from the host, which the ABI obliges to pass valid NUL-terminated strings and a live RunContext; the `extern \"C\"` wrappers export_stages! generates cannot be `unsafe fn`"
+)]
 pub fn plugin_reads(stage: &dyn Stage, config_json: *const c_char) -> *mut c_char {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let config: Config = serde_json::from_str(&unsafe { read_str(config_json) }).unwrap_or(Config::Null);
@@ -167,12 +184,18 @@ impl MetricLogger for Callbacks<'_> {
 
 /// Plugin side of `run`, for [`export_stages!`]: rebuilds a [`Context`] whose progress,
 /// metrics and cancellation call back into the host.
+#[allow(
+    clippy::not_unsafe_ptr_arg_deref,
+    reason = "a C-ABI entry point: the pointers come from the host, which the ABI obliges to pass valid NUL-terminated strings and a live RunContext; the `extern \"C\"` wrappers export_stages! generates cannot be `unsafe fn`"
+)]
 pub fn plugin_run(stage: &dyn Stage, ctx: *const RunContext) -> *mut c_char {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<(), StageError> {
         let c = unsafe { &*ctx };
-        let config: Config = serde_json::from_str(&unsafe { read_str(c.config_json) }).map_err(|e| StageError::msg(format!("bad config JSON from the host: {e}")))?;
+        let config: Config = serde_json::from_str(&unsafe { read_str(c.config_json) })
+            .map_err(|e| StageError::msg(format!("bad config JSON from the host: {e}")))?;
         let raw: std::collections::BTreeMap<String, Vec<(String, String)>> =
-            serde_json::from_str(&unsafe { read_str(c.inputs_json) }).map_err(|e| StageError::msg(format!("bad inputs JSON from the host: {e}")))?;
+            serde_json::from_str(&unsafe { read_str(c.inputs_json) })
+                .map_err(|e| StageError::msg(format!("bad inputs JSON from the host: {e}")))?;
         let mut inputs = Inputs::default();
         for (artifact, list) in raw {
             for (st, path) in list {
@@ -227,9 +250,22 @@ pub fn plugin_run(stage: &dyn Stage, ctx: *const RunContext) -> *mut c_char {
 
 /// JSON of a stage's inputs and outputs, for the vtable.
 pub fn ports_json(stage: &dyn Stage) -> (CString, CString) {
-    let i: Vec<_> = stage.inputs().iter().map(|i| serde_json::json!({"name": i.name, "required": i.required, "many": i.many})).collect();
-    let o: Vec<_> = stage.outputs().iter().map(|o| serde_json::json!({"name": o.name, "about": o.about, "summary": o.summary, "attachment": o.attachment})).collect();
-    (CString::new(serde_json::to_string(&i).unwrap()).unwrap(), CString::new(serde_json::to_string(&o).unwrap()).unwrap())
+    let i: Vec<_> = stage
+        .inputs()
+        .iter()
+        .map(|i| serde_json::json!({"name": i.name, "required": i.required, "many": i.many}))
+        .collect();
+    let o: Vec<_> = stage
+        .outputs()
+        .iter()
+        .map(
+            |o| serde_json::json!({"name": o.name, "about": o.about, "summary": o.summary, "attachment": o.attachment}),
+        )
+        .collect();
+    (
+        CString::new(serde_json::to_string(&i).unwrap()).unwrap(),
+        CString::new(serde_json::to_string(&o).unwrap()).unwrap(),
+    )
 }
 
 /// Builds the static table of a plugin from its stages. Used by [`export_stages!`].
@@ -259,7 +295,13 @@ pub fn build_table(
         })
         .collect();
     let vt = Box::leak(vt.into_boxed_slice());
-    PluginTable { abi_version: ABI_VERSION, plugin_version: leak(version), n_stages: vt.len(), stages: vt.as_ptr(), free_string }
+    PluginTable {
+        abi_version: ABI_VERSION,
+        plugin_version: leak(version),
+        n_stages: vt.len(),
+        stages: vt.as_ptr(),
+        free_string,
+    }
 }
 
 /// Exports stages from a `cdylib`: `export_stages!(version, [StageA, StageB])`, where each
@@ -309,7 +351,10 @@ impl SendTable {
 pub fn config_error_from_json(s: &str) -> ConfigError {
     let v: serde_json::Value = serde_json::from_str(s).unwrap_or_default();
     ConfigError {
-        path: v["path"].as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect()).unwrap_or_default(),
+        path: v["path"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+            .unwrap_or_default(),
         message: v["message"].as_str().unwrap_or(s).to_string(),
     }
 }
