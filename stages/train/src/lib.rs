@@ -53,13 +53,17 @@ pub enum Fusion {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainCfg {
-    #[serde(default = "d1")]
+    /// Weight of the classification loss (default: [`LossConfig::default`], as every loss setting).
+    #[serde(default = "d_alpha")]
     pub alpha: f64,
-    #[serde(default = "dh")]
+    /// Weight of the semantic-graph loss.
+    #[serde(default = "d_beta")]
     pub beta: f64,
-    #[serde(default = "dh")]
+    /// Weight of the cross-modal gap loss.
+    #[serde(default = "d_gamma")]
     pub gamma: f64,
-    #[serde(default = "dh")]
+    /// The graph loss's margin.
+    #[serde(default = "d_zeta")]
     pub zeta: f64,
     #[serde(default)]
     pub graph_variant: GraphVariant,
@@ -102,11 +106,18 @@ pub struct TrainCfg {
     #[serde(default)]
     pub augment: bool,
 }
-fn d1() -> f64 {
-    1.0
+// The loss settings' defaults are the model library's (one place: `LossConfig::default`).
+fn d_alpha() -> f64 {
+    LossConfig::default().alpha
 }
-fn dh() -> f64 {
-    0.5
+fn d_beta() -> f64 {
+    LossConfig::default().beta
+}
+fn d_gamma() -> f64 {
+    LossConfig::default().gamma
+}
+fn d_zeta() -> f64 {
+    LossConfig::default().zeta
 }
 fn dtrue() -> bool {
     true

@@ -19,7 +19,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaVie
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::{Layout, Result, Storage, Tensor, bail};
 
-use crate::fused::DeviceDropout;
+use crate::dropout::DeviceDropout;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/huse.ptx"));
 const MODULE: &str = "huse_model";

@@ -247,26 +247,7 @@ pub fn gpu_usable(ts: &[&Tensor]) -> bool {
         && ts.iter().all(|t| t.device().is_cuda() && t.dtype() == DType::F32 && t.is_contiguous())
 }
 
-/// Dropout drawn on a GPU: uniform numbers `u` from the device's generator (curand), a unit
-/// kept iff `u >= p`, then scaled by 1/(1-p). The fused layer's forward and backward kernels
-/// read the same `u`, so no mask tensor is built. The draws are those of the tensor-op path
-/// ([`crate::model::dropout`]), so both give the same masks.
-#[derive(Clone)]
-pub struct DeviceDropout {
-    pub u: Tensor,
-    pub p: f32,
-}
-
-impl DeviceDropout {
-    /// Fresh uniform numbers of `shape` on `device`.
-    pub fn draw(p: f64, shape: impl Into<Shape>, device: &candle_core::Device) -> Result<Self> {
-        Ok(DeviceDropout { u: Tensor::rand(0f32, 1f32, shape, device)?, p: p as f32 })
-    }
-    /// The factor of a kept unit, 1/(1-p).
-    pub fn scale(&self) -> f32 {
-        1.0 / (1.0 - self.p)
-    }
-}
+pub use crate::dropout::DeviceDropout;
 
 /// The layer op; `relu` applies max(0, .) to the output, then `mask` (dropout: 0 or
 /// 1/(1-p) per output element; on a GPU `device_mask`) multiplies it.

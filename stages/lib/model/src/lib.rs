@@ -10,6 +10,7 @@
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod data;
+pub mod dropout;
 pub mod fused;
 pub mod loss;
 pub mod metrics;

@@ -89,7 +89,7 @@ impl Dense {
             // On a GPU: the same op's CUDA half; dropout from the device's generator.
             let device_mask = match drop {
                 Some((p, _)) if p > 0.0 => {
-                    Some(crate::fused::DeviceDropout::draw(p, (x.dim(0)?, w.dim(0)?), x.device())?)
+                    Some(crate::dropout::DeviceDropout::draw(p, (x.dim(0)?, w.dim(0)?), x.device())?)
                 }
                 _ => None,
             };
