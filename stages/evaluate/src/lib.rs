@@ -11,7 +11,7 @@
 //!   image finds its own text among all test texts within K), `test.inst.t2i.rK`, and the
 //!   median ranks `test.inst.i2t.medr`, `test.inst.t2i.medr`.
 //!
-//! Queries and gallery are the test items; a query never retrieves itself nor, in
+//! Every name is written once, in `huse_model::names`. Queries and gallery are the test items; a query never retrieves itself nor, in
 //! cross-modal search, its own paired item. Similarities are computed `block` queries at
 //! a time. Also writes `tables.md` (the three tables) and `metrics.json`.
 
@@ -20,6 +20,7 @@ use std::fmt::Write as _;
 use huse_data::{Artifact, Split};
 use huse_model::metrics::{self, Rows};
 use huse_model::model::{Huse, ModelMeta, predict};
+use huse_model::names;
 use huse_stage_api::{Config, ConfigError, Context, Input, Inputs, Output, Stage, StageError, parse_config};
 use huse_stage_kit::{device_of, load_dataset};
 use serde::Deserialize;
@@ -58,8 +59,7 @@ fn d_split() -> String {
 const GALLERY_QUERIES: usize = 8;
 
 /// The four retrieval directions: (name, query is image, gallery is image).
-pub const DIRECTIONS: [(&str, bool, bool); 4] =
-    [("i2i", true, true), ("i2t", true, false), ("t2i", false, true), ("t2t", false, false)];
+pub use huse_model::names::DIRECTIONS;
 
 impl Stage for Evaluate {
     fn uses_device(&self) -> bool {
@@ -139,32 +139,34 @@ impl Stage for Evaluate {
             // The query's own item is excluded in every direction (itself, or its paired modality).
             let res = metrics::top_k_with(&gemm, q, g, kmax, &|i| Some(i), cfg.block).map_err(StageError::of)?;
             for (k, r) in cfg.ks.iter().zip(metrics::recall_at_k(&res, &labels, &labels, &cfg.ks)) {
-                out.push((format!("{p}.{name}.r{k}"), r));
+                out.push((names::recall(&p, name, *k), r));
             }
             for (k, h) in
                 cfg.hp_ks.iter().zip(metrics::hierarchical_precision(&res, &labels, &labels, &tree, &cfg.hp_ks))
             {
-                out.push((format!("{p}.hp{k}.{name}"), h));
+                out.push((names::hierarchical_precision(&p, name, *k), h));
             }
             ctx.progress.inc(1);
         }
         // Instance level: does an item's image retrieve its own text, and its text its own image?
-        for (name, q, g) in [("i2t", &img, &txt), ("t2i", &txt, &img)] {
+        for (name, q, g) in
+            names::INSTANCE_DIRECTIONS.into_iter().zip([(&img, &txt), (&txt, &img)]).map(|(n, (q, g))| (n, q, g))
+        {
             ctx.cancel.check()?;
             let ranks = metrics::instance_ranks_with(&gemm, q, g).map_err(StageError::of)?;
             for (k, r) in cfg.ks.iter().zip(metrics::instance_recall(&ranks, &cfg.ks)) {
-                out.push((format!("{p}.inst.{name}.r{k}"), r));
+                out.push((names::instance_recall(&p, name, *k), r));
             }
-            out.push((format!("{p}.inst.{name}.medr"), metrics::median_rank(&ranks)));
+            out.push((names::instance_median_rank(&p, name), metrics::median_rank(&ranks)));
         }
         let k = ds.classes;
         let both = metrics::fuse(&pi, &pt, meta.fusion_weight);
-        out.push((format!("{p}.acc.image"), metrics::accuracy(&pi, k, &labels)));
-        out.push((format!("{p}.acc.text"), metrics::accuracy(&pt, k, &labels)));
-        out.push((format!("{p}.acc.both"), metrics::accuracy(&both, k, &labels)));
-        for (name, probs) in [("image", &pi), ("text", &pt), ("both", &both)] {
+        for (name, probs) in names::ACCURACIES.into_iter().zip([&pi, &pt, &both]) {
+            out.push((names::accuracy(&p, name), metrics::accuracy(probs, k, &labels)));
+        }
+        for (name, probs) in names::ACCURACIES.into_iter().zip([&pi, &pt, &both]) {
             for (l, a) in metrics::level_accuracy(probs, k, &labels, &tree).into_iter().enumerate() {
-                out.push((format!("{p}.acc.{name}.l{l}"), a));
+                out.push((names::level_accuracy(&p, name, l), a));
             }
         }
         for (key, v) in &out {
@@ -213,7 +215,7 @@ pub fn tables(m: &serde_json::Map<String, serde_json::Value>, cfg: &EvalCfg, pre
     writeln!(s, "| I->I | I->T | T->I | T->T |\n|---|---|---|---|").unwrap();
     let row: Vec<String> = DIRECTIONS
         .iter()
-        .map(|(n, _, _)| cfg.ks.iter().map(|k| get(&format!("{prefix}.{n}.r{k}"))).collect::<Vec<_>>().join("/"))
+        .map(|(n, _, _)| cfg.ks.iter().map(|k| get(&names::recall(prefix, n, *k))).collect::<Vec<_>>().join("/"))
         .collect();
     writeln!(s, "| {} |\n", row.join(" | ")).unwrap();
     let hk: Vec<String> = cfg.hp_ks.iter().map(|k| k.to_string()).collect();
@@ -221,15 +223,17 @@ pub fn tables(m: &serde_json::Map<String, serde_json::Value>, cfg: &EvalCfg, pre
     writeln!(s, "| I->I | I->T | T->I | T->T |\n|---|---|---|---|").unwrap();
     let row: Vec<String> = DIRECTIONS
         .iter()
-        .map(|(n, _, _)| cfg.hp_ks.iter().map(|k| get(&format!("{prefix}.hp{k}.{n}"))).collect::<Vec<_>>().join("/"))
+        .map(|(n, _, _)| {
+            cfg.hp_ks.iter().map(|k| get(&names::hierarchical_precision(prefix, n, *k))).collect::<Vec<_>>().join("/")
+        })
         .collect();
     writeln!(s, "| {} |\n", row.join(" | ")).unwrap();
     writeln!(s, "Table 3 — classification accuracy ({prefix} split)\n").unwrap();
     let levels: Vec<String> = (0..depth).map(|l| format!("level {l}")).collect();
     writeln!(s, "| | all levels | {} |\n|---|---|{}", levels.join(" | "), "---|".repeat(depth)).unwrap();
-    for name in ["image", "text", "both"] {
-        let lv: Vec<String> = (0..depth).map(|l| get(&format!("{prefix}.acc.{name}.l{l}"))).collect();
-        writeln!(s, "| {name} | {} | {} |", get(&format!("{prefix}.acc.{name}")), lv.join(" | ")).unwrap();
+    for name in names::ACCURACIES {
+        let lv: Vec<String> = (0..depth).map(|l| get(&names::level_accuracy(prefix, name, l))).collect();
+        writeln!(s, "| {name} | {} | {} |", get(&names::accuracy(prefix, name)), lv.join(" | ")).unwrap();
     }
     writeln!(
         s,
@@ -238,10 +242,10 @@ pub fn tables(m: &serde_json::Map<String, serde_json::Value>, cfg: &EvalCfg, pre
     )
     .unwrap();
     writeln!(s, "| | R@{} | median rank |\n|---|---|---|", ks.join("/")).unwrap();
-    for (name, label) in [("i2t", "image -> own text"), ("t2i", "text -> own image")] {
-        let r: Vec<String> = cfg.ks.iter().map(|k| get(&format!("{prefix}.inst.{name}.r{k}"))).collect();
+    for (name, label) in names::INSTANCE_DIRECTIONS.into_iter().zip(["image -> own text", "text -> own image"]) {
+        let r: Vec<String> = cfg.ks.iter().map(|k| get(&names::instance_recall(prefix, name, *k))).collect();
         let medr = m
-            .get(&format!("{prefix}.inst.{name}.medr"))
+            .get(&names::instance_median_rank(prefix, name))
             .and_then(|v| v.as_f64())
             .map(|v| format!("{v}"))
             .unwrap_or_else(|| "-".into());

@@ -28,6 +28,7 @@ use huse_model::data::Dataset;
 use huse_model::loss::{self, GraphPairs, GraphVariant, LossConfig};
 use huse_model::metrics;
 use huse_model::model::{EpochVal, Huse, HuseConfig, ModelMeta, Shape, predict};
+use huse_model::names;
 use huse_model::optim::{Optimizer, OptimizerConfig, Schedule, lr_at};
 use huse_stage_api::{Config, ConfigError, Context, Input, Inputs, Output, Stage, StageError, parse_config};
 use huse_stage_kit::{device_of, load_dataset};
@@ -129,7 +130,7 @@ fn d_epochs() -> usize {
     30
 }
 fn d_select() -> String {
-    "val.acc.both".into()
+    names::accuracy("val", "both")
 }
 fn d_fusion() -> Fusion {
     Fusion::Auto("auto".into())
@@ -166,7 +167,7 @@ impl TrainCfg {
         if self.optimizer.lr().partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
             return Err(ConfigError::at("optimizer.lr", "must be > 0"));
         }
-        if !["val.acc.both", "val.acc.image", "val.acc.text"].contains(&self.select_by.as_str()) {
+        if !names::ACCURACIES.iter().any(|of| names::accuracy("val", of) == self.select_by) {
             return Err(ConfigError::at("select_by", "must be val.acc.both, val.acc.image or val.acc.text"));
         }
         match &self.fusion_weight {
@@ -285,11 +286,11 @@ fn validate_epoch(
 }
 
 fn selected(v: &EpochVal, by: &str) -> f64 {
-    match by {
-        "val.acc.image" => v.acc_image,
-        "val.acc.text" => v.acc_text,
-        _ => v.acc_both,
-    }
+    names::ACCURACIES
+        .into_iter()
+        .zip([v.acc_image, v.acc_text, v.acc_both])
+        .find(|(of, _)| names::accuracy("val", of) == by)
+        .map_or(v.acc_both, |(_, x)| x)
 }
 
 /// The training batches of one epoch.
@@ -514,9 +515,9 @@ fn log_epoch(ctx: &Context, e: &EpochLog, samples_per_s: Option<f64>) {
     m.log("train.loss_graph", s, e.loss_graph);
     m.log("train.loss_gap", s, e.loss_gap);
     m.log("train.lr", s, e.lr);
-    m.log("val.acc.image", s, e.val.acc_image);
-    m.log("val.acc.text", s, e.val.acc_text);
-    m.log("val.acc.both", s, e.val.acc_both);
+    for (of, v) in names::ACCURACIES.into_iter().zip([e.val.acc_image, e.val.acc_text, e.val.acc_both]) {
+        m.log(&names::accuracy("val", of), s, v);
+    }
     m.log("val.fusion_weight", s, f64::from(e.val.fusion_weight));
     if let Some(r) = samples_per_s {
         m.log("train.samples_per_s", s, r);

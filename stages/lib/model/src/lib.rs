@@ -15,4 +15,5 @@ pub mod fused;
 pub mod loss;
 pub mod metrics;
 pub mod model;
+pub mod names;
 pub mod optim;
