@@ -30,41 +30,8 @@ fn spool_files(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn metric_rows_are_never_dropped_when_the_database_stays_busy() {
     let sb = Sandbox::new();
-    let f = sb.write("c.yaml", &chain(2.0, 5));
-    let child = sb
-        .cmd(&[f.to_str().unwrap()])
-        .env("HUSE_DB_BUSY_TIMEOUT", "0.3")
-        .env("HUSE_DB_RETRY", "1")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Once the run is recorded, another process takes the write lock and keeps it.
-    let rt = rt();
-    let url = format!("sqlite://{}", sb.db().display());
-    let mut locker = rt.block_on(async {
-        use sqlx::Connection;
-        let t0 = Instant::now();
-        loop {
-            assert!(t0.elapsed() < Duration::from_secs(30), "the run never appeared");
-            if let Ok(mut c) = sqlx::SqliteConnection::connect(&url).await
-                && sqlx::query_scalar::<_, i64>("SELECT count(*) FROM runs").fetch_one(&mut c).await.unwrap_or(0) == 1
-            {
-                sqlx::query("BEGIN IMMEDIATE").execute(&mut c).await.unwrap();
-                break c;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    });
-    let out = common::Out(child.wait_with_output().unwrap());
-    let err = out.stderr();
-    assert_eq!(out.code(), 1, "rows that could not be written must fail the invocation:\n{err}");
+    let (_, err) = spool_a_busy_run(&sb);
     assert!(err.contains("huse-run db replay") && err.contains(".spool"), "{err}");
-    let spooled = spool_files(&sb.path().join("results.sqlite.spool"));
-    assert_eq!(spooled.len(), 1, "one spool file: {spooled:?}");
-    rt.block_on(async {
-        sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
-    });
-    drop(locker);
     // A query says what is missing, without writing anything.
     assert!(sb.run(&["runs"]).expect(0).stderr().contains("spooled and not yet in"));
     // The next start writes everything, exactly once.
@@ -481,8 +448,9 @@ fn quiet_means_quiet_names_are_interpolated_and_outputs_share_permissions() {
 // ---- Round 3: the metric spool, the shared cache, data, locations, queries. ----
 
 /// Runs `c.yaml` (chain of 7 metrics) while another connection holds the write lock, so
-/// every record of the run is spooled beside the database; returns the spool file.
-fn spool_a_busy_run(sb: &Sandbox) -> PathBuf {
+/// every record of the run is spooled beside the database (the invocation fails, saying
+/// so); returns the spool file and the run's standard error.
+fn spool_a_busy_run(sb: &Sandbox) -> (PathBuf, String) {
     let f = sb.write("c.yaml", &chain(1.0, 5));
     let child = sb
         .cmd(&[f.to_str().unwrap()])
@@ -508,19 +476,19 @@ fn spool_a_busy_run(sb: &Sandbox) -> PathBuf {
         }
     });
     let out = common::Out(child.wait_with_output().unwrap());
-    assert_eq!(out.code(), 1, "{}", out.stderr());
+    assert_eq!(out.code(), 1, "rows that could not be written must fail the invocation:\n{}", out.stderr());
     rt.block_on(async { sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap() });
     drop(locker);
     let spooled =
         spool_files(&sb.path().join("results.sqlite.spool")).into_iter().filter(|p| p.is_file()).collect::<Vec<_>>();
-    assert_eq!(spooled.len(), 1, "{spooled:?}");
-    spooled[0].clone()
+    assert_eq!(spooled.len(), 1, "one spool file: {spooled:?}");
+    (spooled[0].clone(), out.stderr())
 }
 
 #[test]
 fn spooled_records_never_replay_into_a_database_that_replaced_theirs() {
     let sb = Sandbox::new();
-    let spool = spool_a_busy_run(&sb);
+    let (spool, _) = spool_a_busy_run(&sb);
     // The database is replaced at the same path before anything replays the spool.
     for ext in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{ext}", sb.db().display()));
@@ -550,7 +518,7 @@ fn spooled_records_never_replay_into_a_database_that_replaced_theirs() {
 #[test]
 fn a_poisoned_spool_is_set_aside_and_the_others_are_replayed() {
     let sb = Sandbox::new();
-    let good = spool_a_busy_run(&sb);
+    let (good, _) = spool_a_busy_run(&sb);
     // A second spool of the same database whose run does not exist, older than the good one.
     let text = std::fs::read_to_string(&good).unwrap();
     let id = text.split("\"id\":\"").nth(1).unwrap().split('"').next().unwrap().to_string();

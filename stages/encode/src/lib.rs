@@ -59,6 +59,7 @@ pub struct ImageModelCfg {
     /// Checkpoint path; default: `$TORCH_HOME/hub/checkpoints/` + the file name of `url`.
     #[serde(default)]
     pub weights: Option<PathBuf>,
+    /// Where the checkpoint is downloaded from when it is not at `weights`.
     #[serde(default = "d_url")]
     pub url: String,
 }
@@ -77,8 +78,10 @@ impl Default for ImageModelCfg {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TfidfCfg {
+    /// The most frequent words kept as TF-IDF columns (default 4096).
     #[serde(default = "d_feats")]
     pub max_features: usize,
+    /// A word must be in at least this many training texts (default 2).
     #[serde(default = "d_min_df")]
     pub min_df: usize,
 }
@@ -92,8 +95,10 @@ fn d_min_df() -> usize {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EncodeCfg {
+    /// The image model: architecture, checkpoint, download URL.
     #[serde(default)]
     pub image_model: ImageModelCfg,
+    /// Images are resized to this square size before the image model (default 224).
     #[serde(default = "d_size")]
     pub image_size: usize,
     /// Text model: a local directory or `hf:org/name[@revision]`.
@@ -104,8 +109,10 @@ pub struct EncodeCfg {
     /// TF-IDF features (null: none).
     #[serde(default = "d_tfidf")]
     pub tfidf: Option<TfidfCfg>,
+    /// Images per batch through the image model.
     #[serde(default = "d_batch")]
     pub batch_size: usize,
+    /// Texts per batch through the text model.
     #[serde(default = "d_text_batch")]
     pub text_batch_size: usize,
     /// Augmented views of the training images (null: none).
@@ -119,17 +126,24 @@ pub struct EncodeCfg {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ViewsCfg {
+    /// Views per training image.
     pub count: usize,
+    /// Seed of the draws (with the item id and the view number).
     #[serde(default)]
     pub seed: u64,
+    /// ColorJitter's brightness factor range, `[1 - b, 1 + b]` (0: unchanged).
     #[serde(default)]
     pub brightness: f32,
+    /// ColorJitter's contrast factor range, `[1 - c, 1 + c]`.
     #[serde(default)]
     pub contrast: f32,
+    /// ColorJitter's saturation factor range, `[1 - s, 1 + s]`.
     #[serde(default)]
     pub saturation: f32,
+    /// ColorJitter's hue shift range, `[-h, h]` (at most 0.5).
     #[serde(default)]
     pub hue: f32,
+    /// Probability of a horizontal flip.
     #[serde(default)]
     pub hflip: f32,
 }

@@ -31,8 +31,10 @@ pub struct Evaluate;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalCfg {
+    /// The K of Recall@K (default 1, 5, 10).
     #[serde(default = "d_ks")]
     pub ks: Vec<usize>,
+    /// The K of hierarchical precision HP@K (default 2, 5, 10).
     #[serde(default = "d_hp")]
     pub hp_ks: Vec<usize>,
     /// Queries per similarity block.

@@ -83,11 +83,13 @@ pub struct IngestCfg {
     /// Table file inside `root`.
     #[serde(default = "d_table")]
     pub table: String,
+    /// The column with each item's id (default `id`).
     #[serde(default = "d_id")]
     pub id_column: String,
     /// Image path relative to `root`, with `{column}` placeholders.
     #[serde(default = "d_image")]
     pub image: String,
+    /// The column with each item's text (default `productDisplayName`).
     #[serde(default = "d_text")]
     pub text_column: String,
     /// Text from several columns: `"{title}. {description}"` (overrides `text_column`);
@@ -116,6 +118,7 @@ pub struct IngestCfg {
     /// The path's last level is the item's own name (not a class): remove it first.
     #[serde(default)]
     pub class_drop_last: bool,
+    /// Classes with fewer usable items are dropped (default 1: none).
     #[serde(default = "d_min")]
     pub min_items_per_class: usize,
     /// Keep only the first N usable rows (quick experiments).
@@ -124,10 +127,13 @@ pub struct IngestCfg {
     /// Keep at most N items of each class (the first ones).
     #[serde(default)]
     pub per_class_cap: Option<usize>,
+    /// The stratified train / val / test split.
     #[serde(default)]
     pub split: SplitCfg,
+    /// A bad row (missing image, empty text, ...): `error` stops the stage naming it, `skip` counts it.
     #[serde(default)]
     pub bad_rows: BadRows,
+    /// `decode` every image (slow, sure) or check that it `exists`.
     #[serde(default)]
     pub check_images: CheckImages,
     /// How images given as `http(s)://` URLs are downloaded (see [`download`]).

@@ -66,23 +66,31 @@ pub struct TrainCfg {
     /// The graph loss's margin.
     #[serde(default = "d_zeta")]
     pub zeta: f64,
+    /// Graph loss: `paper` (pull related classes together) or `hinge` (also push unrelated ones apart).
     #[serde(default)]
     pub graph_variant: GraphVariant,
+    /// Which pairs the graph loss looks at: `within` a modality, `across`, or `all` (default).
     #[serde(default)]
     pub graph_pairs: GraphPairs,
     /// Append TF-IDF features to the BERT features as the text input.
     #[serde(default = "dtrue")]
     pub use_tfidf: bool,
+    /// The towers' shape: hidden layers, embedding size, dropout (default: the paper's).
     #[serde(default)]
     pub model: Shape,
+    /// The optimiser and its learning rate (`{ name: adamw, lr: 0.001 }` or RMSProp).
     #[serde(default)]
     pub optimizer: OptimizerConfig,
+    /// The learning-rate schedule: `constant` (default) or `cosine` (decay to 0 at the last step).
     #[serde(default)]
     pub schedule: Schedule,
+    /// Steps of linear warm-up of the learning rate (0: none).
     #[serde(default)]
     pub warmup_steps: u64,
+    /// Items per training batch (default 1024, the paper's).
     #[serde(default = "d_batch")]
     pub batch_size: usize,
+    /// Passes over the training split (default 30).
     #[serde(default = "d_epochs")]
     pub epochs: usize,
     /// Stop after this many optimiser steps (whatever the epoch).
@@ -97,8 +105,10 @@ pub struct TrainCfg {
     /// Validation metric that picks the kept model: val.acc.both | val.acc.image | val.acc.text.
     #[serde(default = "d_select")]
     pub select_by: String,
+    /// The image tower's weight when the two towers' class probabilities are averaged: a number in [0, 1], or `auto` (chosen on validation each epoch).
     #[serde(default = "d_fusion")]
     pub fusion_weight: Fusion,
+    /// Items per batch when embedding the validation split.
     #[serde(default = "d_eval_batch")]
     pub eval_batch_size: usize,
     /// Train on the encode stage's augmented image views (`views:` there): each epoch, each
