@@ -593,20 +593,8 @@ pub struct RunState {
     pub error: Option<String>,
 }
 
-/// A run as the database has it (the newest row of that name).
-#[derive(Debug, Clone)]
-pub struct DbRun {
-    /// Id.
-    pub id: i64,
-    /// Name.
-    pub name: String,
-    /// `running`, `succeeded`, `failed` or `interrupted`.
-    pub status: String,
-    /// Its log (cluster runs).
-    pub log: Option<String>,
-    /// Error.
-    pub error: Option<String>,
-}
+/// A run as the database has it (the newest row of that name): the store's own row type.
+pub use huse_store::Run as DbRun;
 
 /// The state of every run of an experiment: the run list of `exp` (all its runs), the
 /// launches that submitted them (the newest launch of each run counts), the job states,
@@ -641,7 +629,7 @@ pub fn run_states(
         let Some((_, key, log, shared_problem)) = launched.get(name.as_str()) else {
             out.push(RunState {
                 run: name.clone(),
-                status: row.map(|r| r.status.clone()).unwrap_or_else(|| "missing".into()),
+                status: row.map(|r| r.status.to_string()).unwrap_or_else(|| "missing".into()),
                 job: None,
                 log: row.and_then(|r| r.log.clone()).map(PathBuf::from),
                 run_id: row.map(|r| r.id),
@@ -658,13 +646,13 @@ pub fn run_states(
             (Some(st), None) if !is_active(st) && shared_problem.is_some() => {
                 ("failed".to_string(), shared_problem.clone())
             }
-            (Some("CANCELLED"), r) if r.is_none_or(|r| r.status != "succeeded") => {
+            (Some("CANCELLED"), r) if r.is_none_or(|r| r.status != huse_store::RunStatus::Succeeded) => {
                 ("cancelled".to_string(), Some("cancelled (scancel)".to_string()))
             }
             (Some(st), None) if is_active(st) => {
                 (if st == "PENDING" { "pending" } else { "running" }.to_string(), None)
             }
-            (_, Some(r)) => (r.status.clone(), r.error.clone()),
+            (_, Some(r)) => (r.status.to_string(), r.error.clone()),
             (Some(st), None) => {
                 let why = shared_problem.clone().unwrap_or_else(|| {
                     format!("job {key} ended {} before its run was recorded; see its log", st.to_lowercase())
@@ -673,7 +661,7 @@ pub fn run_states(
             }
             (None, None) => match row {
                 // The job is forgotten by SLURM; an older row is all there is.
-                Some(r) => (r.status.clone(), r.error.clone()),
+                Some(r) => (r.status.to_string(), r.error.clone()),
                 None => (
                     "unknown".to_string(),
                     Some(format!("SLURM no longer knows job {key} and the run never reached the database")),
@@ -761,21 +749,26 @@ mod tests {
         .iter()
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect();
+        let row = |id: i64, name: &str, status: huse_store::RunStatus, log: &str, error: Option<&str>| DbRun {
+            id,
+            experiment: "e".into(),
+            name: name.into(),
+            status,
+            started_at: String::new(),
+            ended_at: None,
+            duration_s: None,
+            point: String::new(),
+            seed: 0,
+            device: "cpu".into(),
+            git_commit: None,
+            error: error.map(String::from),
+            host: None,
+            pid: None,
+            log: Some(log.into()),
+        };
         let db = vec![
-            DbRun {
-                id: 1,
-                name: "a".into(),
-                status: "succeeded".into(),
-                log: Some("/logs/run-11_0.out".into()),
-                error: None,
-            },
-            DbRun {
-                id: 2,
-                name: "b".into(),
-                status: "failed".into(),
-                log: Some("/logs/run-11_1.out".into()),
-                error: Some("stage `x` failed".into()),
-            },
+            row(1, "a", huse_store::RunStatus::Succeeded, "/logs/run-11_0.out", None),
+            row(2, "b", huse_store::RunStatus::Failed, "/logs/run-11_1.out", Some("stage `x` failed")),
         ];
         let names: Vec<String> = ["a", "b", "c", "d", "e", "f"].iter().map(|s| s.to_string()).collect();
         let s = run_states(&names, &[l], &jobs, &db);

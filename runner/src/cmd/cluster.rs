@@ -209,10 +209,7 @@ async fn db_runs(db: &Location, experiment: &str) -> Result<Vec<DbRun>> {
     let store = Store::open_read_only(db).await?;
     let runs = store.load_runs(&Filter { experiment: Some(experiment.to_string()), ..Default::default() }).await?;
     store.close().await;
-    Ok(runs
-        .into_iter()
-        .map(|r| DbRun { id: r.id, name: r.name, status: r.status.to_string(), log: r.log, error: r.error })
-        .collect())
+    Ok(runs.into_iter().map(|r| r.run).collect())
 }
 
 async fn print_status(g: &Global, exp: &Experiment, root: &Path) -> Result<Vec<huse_slurm::RunState>> {

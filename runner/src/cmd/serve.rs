@@ -28,7 +28,7 @@ pub async fn run(g: &Global, a: ServeArgs) -> Result<i32> {
     let mut views = Vec::new();
     for run in &a.runs {
         let files = run_files(&store, *run).await?;
-        let name = store.run(*run).await?.name;
+        let name = store.run(*run).await?.run.name;
         let index = g.cache.join(".index");
         let dev = device_arg(&a.device)?;
         let searcher = tokio::task::spawn_blocking(move || huse_search::Searcher::open(&files, &index, &dev)).await??;

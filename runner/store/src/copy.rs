@@ -11,43 +11,17 @@
 use anyhow::{Context as _, Result};
 use sqlx::Row;
 
-use crate::{Backend, MetricRow, Record, RunStatus, StageRunRow, Store, q};
+use crate::{Backend, MetricRow, RUN_COLUMNS, Record, Run, RunStatus, StageRunRow, Store, q};
 
 /// One run, every row of it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct RunDump {
-    /// Experiment name.
-    pub experiment: String,
+    /// The `runs` row (`id` 0: ids belong to a store); the dump dereferences to it.
+    pub run: Run,
     /// The experiment's file.
     pub experiment_file: String,
-    /// Run name.
-    pub name: String,
-    /// Its state.
-    pub status: RunStatus,
-    /// RFC 3339 start.
-    pub started_at: String,
-    /// RFC 3339 end.
-    pub ended_at: Option<String>,
-    /// Seconds.
-    pub duration_s: Option<f64>,
     /// The resolved config.
     pub config_yaml: String,
-    /// Sweep assignments.
-    pub point: String,
-    /// Seed.
-    pub seed: i64,
-    /// Device.
-    pub device: String,
-    /// Git commit.
-    pub git_commit: Option<String>,
-    /// Why it failed.
-    pub error: Option<String>,
-    /// Host it ran on.
-    pub host: Option<String>,
-    /// Its process id there.
-    pub pid: Option<i64>,
-    /// Its cluster job log.
-    pub log: Option<String>,
     /// (key, value, value_num), by key.
     pub params: Vec<(String, String, Option<f64>)>,
     /// Stage runs in recording order, each with its artifacts, summaries and attachments
@@ -55,6 +29,19 @@ pub struct RunDump {
     pub stage_runs: Vec<StageRunRow>,
     /// (stage, key, step, value) in logging order.
     pub metrics: Vec<(String, String, i64, Option<f64>)>,
+}
+
+impl std::ops::Deref for RunDump {
+    type Target = Run;
+    fn deref(&self) -> &Run {
+        &self.run
+    }
+}
+
+impl std::ops::DerefMut for RunDump {
+    fn deref_mut(&mut self) -> &mut Run {
+        &mut self.run
+    }
 }
 
 /// What [`copy`] did.
@@ -71,18 +58,20 @@ pub struct Copied {
 impl Store {
     /// Every run (of `experiment`, when given), oldest first, with all its rows.
     pub async fn dump_runs(&self, experiment: Option<&str>) -> Result<Vec<RunDump>> {
-        let rows = self
-            .q("SELECT r.id, e.name, e.file, r.name, r.status, r.started_at, r.ended_at, r.duration_s, r.config_yaml, r.sweep_point, r.seed,
-                       r.device, r.git_commit, r.error, r.host, r.pid, r.log
-                FROM runs r JOIN experiments e ON e.id = r.experiment_id WHERE (? IS NULL OR e.name = ?) ORDER BY r.id")
-            .bind(experiment)
-            .bind(experiment)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = crate::q_owned(
+            self.backend,
+            format!(
+                "SELECT {RUN_COLUMNS}, e.file, r.config_yaml FROM runs r JOIN experiments e ON e.id = r.experiment_id
+                 WHERE (? IS NULL OR e.name = ?) ORDER BY r.id"
+            ),
+        )
+        .bind(experiment)
+        .bind(experiment)
+        .fetch_all(&self.pool)
+        .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
-            let id: i64 = r.get(0);
-            let status: String = r.get(4);
+            let id: i64 = r.get("id");
             let params = self
                 .q("SELECT key, value, value_num FROM params WHERE run_id = ? ORDER BY key")
                 .bind(id)
@@ -148,22 +137,9 @@ impl Store {
                 .map(|m| (m.get(0), m.get(1), m.get(2), m.get(3)))
                 .collect();
             out.push(RunDump {
-                experiment: r.get(1),
-                experiment_file: r.get(2),
-                name: r.get(3),
-                status: status.parse().map_err(anyhow::Error::msg)?,
-                started_at: r.get(5),
-                ended_at: r.get(6),
-                duration_s: r.get(7),
-                config_yaml: r.get(8),
-                point: r.get(9),
-                seed: r.get(10),
-                device: r.get(11),
-                git_commit: r.get(12),
-                error: r.get(13),
-                host: r.get(14),
-                pid: r.get(15),
-                log: r.get(16),
+                run: Run { id: 0, ..Run::from_row(&r)? },
+                experiment_file: r.get("file"),
+                config_yaml: r.get("config_yaml"),
                 params,
                 stage_runs,
                 metrics,

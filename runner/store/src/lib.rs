@@ -115,6 +115,72 @@ macro_rules! status_strings {
 status_strings!(RunStatus { Running => "running", Succeeded => "succeeded", Failed => "failed", Interrupted => "interrupted" });
 status_strings!(StageStatus { Succeeded => "succeeded", Failed => "failed", Skipped => "skipped", Interrupted => "interrupted" });
 
+/// A row of the `runs` table: what the database records about a run. One type for every
+/// reader — the queries ([`RunRow`] adds the params and final metrics), whole-run copies
+/// between stores ([`copy::RunDump`] adds every other row) and the cluster launcher's
+/// status — read by one function ([`Run::from_row`]) from one column list.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Run {
+    /// Its id in this database (0 in a [`copy::RunDump`]: ids belong to a store).
+    pub id: i64,
+    /// The experiment's name.
+    pub experiment: String,
+    /// `EXPERIMENT@point/seed=N`.
+    pub name: String,
+    /// Its state.
+    pub status: RunStatus,
+    /// RFC 3339 start.
+    pub started_at: String,
+    /// RFC 3339 end.
+    pub ended_at: Option<String>,
+    /// Seconds from start to end.
+    pub duration_s: Option<f64>,
+    /// The sweep assignments (`train.beta=0.5,...`), empty without a sweep.
+    pub point: String,
+    /// The run's seed.
+    pub seed: i64,
+    /// `auto`, `cpu` or `cuda:N`.
+    pub device: String,
+    /// The git commit of the experiment file's repository (`-dirty` when changed).
+    pub git_commit: Option<String>,
+    /// Why it failed or was interrupted.
+    pub error: Option<String>,
+    /// The host it ran on.
+    pub host: Option<String>,
+    /// Its process id there.
+    pub pid: Option<i64>,
+    /// Its log file, when it ran as a cluster job.
+    pub log: Option<String>,
+}
+
+/// The columns [`Run::from_row`] reads, for a query over `runs r JOIN experiments e`.
+pub(crate) const RUN_COLUMNS: &str = "r.id, e.name AS experiment, r.name, r.status, r.started_at, r.ended_at, r.duration_s, \
+     r.sweep_point, r.seed, r.device, r.git_commit, r.error, r.host, r.pid, r.log";
+
+impl Run {
+    /// The run of a result row that selected [`RUN_COLUMNS`].
+    pub(crate) fn from_row(r: &sqlx::any::AnyRow) -> Result<Run> {
+        let status: String = r.try_get("status")?;
+        Ok(Run {
+            id: r.try_get("id")?,
+            experiment: r.try_get("experiment")?,
+            name: r.try_get("name")?,
+            status: status.parse().map_err(anyhow::Error::msg)?,
+            started_at: r.try_get("started_at")?,
+            ended_at: r.try_get("ended_at")?,
+            duration_s: r.try_get("duration_s")?,
+            point: r.try_get("sweep_point")?,
+            seed: r.try_get("seed")?,
+            device: r.try_get("device")?,
+            git_commit: r.try_get("git_commit")?,
+            error: r.try_get("error")?,
+            host: r.try_get("host")?,
+            pid: r.try_get("pid")?,
+            log: r.try_get("log")?,
+        })
+    }
+}
+
 /// A run to record: what the scheduler knows of it when it starts.
 #[derive(Debug, Clone)]
 pub struct NewRun {

@@ -16,7 +16,7 @@ use std::fmt::Write as _;
 use anyhow::{Result, bail};
 use sqlx::Row;
 
-use crate::{RunStatus, StageStatus, Store, Summary};
+use crate::{RUN_COLUMNS, Run, RunStatus, StageStatus, Store, Summary};
 
 /// A comparison operator of a `--where` condition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,35 +110,29 @@ pub struct Filter {
     pub conds: Vec<Cond>,
 }
 
-/// A run with its params and final metrics.
+/// A run with its params and final metrics (the run's own columns through [`Run`], which it
+/// dereferences to: `row.name`).
 #[derive(Debug, Clone)]
 pub struct RunRow {
-    /// Run id.
-    pub id: i64,
-    /// Experiment name.
-    pub experiment: String,
-    /// Run name.
-    pub name: String,
-    /// Its state.
-    pub status: RunStatus,
-    /// RFC 3339 start time.
-    pub started_at: String,
-    /// Seconds from start to end.
-    pub duration_s: Option<f64>,
-    /// The run's seed.
-    pub seed: i64,
-    /// Sweep assignments.
-    pub point: String,
-    /// Git commit of the experiment file's repository.
-    pub git_commit: Option<String>,
-    /// Why it failed or was interrupted.
-    pub error: Option<String>,
-    /// Its log file, when it ran as a cluster job.
-    pub log: Option<String>,
+    /// The `runs` row.
+    pub run: Run,
     /// Every param, as text.
     pub params: BTreeMap<String, String>,
     /// The final (highest-step) value of every metric; None for NaN/inf.
     pub metrics: BTreeMap<String, Option<f64>>,
+}
+
+impl std::ops::Deref for RunRow {
+    type Target = Run;
+    fn deref(&self) -> &Run {
+        &self.run
+    }
+}
+
+impl std::ops::DerefMut for RunRow {
+    fn deref_mut(&mut self) -> &mut Run {
+        &mut self.run
+    }
 }
 
 /// One recorded stage of a run, for `show`.
@@ -210,10 +204,8 @@ impl Store {
 
     /// Loads the runs that pass `filter`, oldest first.
     pub async fn load_runs(&self, filter: &Filter) -> Result<Vec<RunRow>> {
-        let mut text = String::from(
-            "SELECT r.id, e.name AS experiment, r.name, r.status, r.started_at, r.duration_s, r.seed, r.sweep_point, r.git_commit, r.error, r.log
-             FROM runs r JOIN experiments e ON e.id = r.experiment_id WHERE 1 = 1",
-        );
+        let mut text =
+            format!("SELECT {RUN_COLUMNS} FROM runs r JOIN experiments e ON e.id = r.experiment_id WHERE 1 = 1");
         if filter.experiment.is_some() {
             text.push_str(" AND e.name = ?");
         }
@@ -319,22 +311,7 @@ impl Store {
             if !keep {
                 continue;
             }
-            let status: String = r.get("status");
-            out.push(RunRow {
-                id,
-                experiment: r.get("experiment"),
-                name: r.get("name"),
-                status: status.parse().map_err(anyhow::Error::msg)?,
-                started_at: r.get("started_at"),
-                duration_s: r.get("duration_s"),
-                seed: r.get("seed"),
-                point: r.get("sweep_point"),
-                git_commit: r.get("git_commit"),
-                error: r.get("error"),
-                log: r.get("log"),
-                params,
-                metrics,
-            });
+            out.push(RunRow { run: Run::from_row(&r)?, params, metrics });
         }
         Ok(out)
     }
