@@ -78,8 +78,11 @@ fn export_writes_params_and_metrics_in_long_form() {
     assert_eq!(lines[0], "run_id,experiment,run,status,kind,key,step,value");
     assert!(lines.contains(&"4,q,\"q@mid.factor=2,mid.offset=1\",succeeded,metric,sum,0,16"), "{csv}");
     assert!(lines.contains(&"1,q,\"q@mid.factor=1,mid.offset=0\",succeeded,param,mid.factor,,1"), "{csv}");
+    // The device is stored once, as the run's column, and exported with the params.
+    assert!(lines.contains(&"1,q,\"q@mid.factor=1,mid.offset=0\",succeeded,param,device,,auto"), "{csv}");
+    assert_eq!(sb.count("SELECT count(*) FROM params WHERE key = 'device'"), 0);
     let n_metrics = sb.count("SELECT count(*) FROM metrics");
-    let n_params = sb.count("SELECT count(*) FROM params");
+    let n_params = sb.count("SELECT count(*) FROM params") + sb.count("SELECT count(*) FROM runs");
     assert_eq!(lines.len() as i64 - 1, n_metrics + n_params);
     let out = sb.path().join("x.json");
     sb.run(&["export", "-f", "json", "--out", out.to_str().unwrap()]).expect(0);

@@ -138,7 +138,7 @@ pub struct RunSpec {
     pub device: DeviceSpec,
     /// Stages in a topological order.
     pub stages: Vec<StageSpec>,
-    /// Every leaf config key, flattened (`seed`, `device`, `train.alpha`, `train.uses`, ...).
+    /// Every leaf config key, flattened (`seed`, `train.alpha`, `train.uses`, ...; not the device, which is [`Self::device`]).
     pub params: Vec<(String, serde_json::Value)>,
     /// The resolved config as YAML.
     pub resolved_yaml: String,

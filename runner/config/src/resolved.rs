@@ -3,17 +3,13 @@
 
 use crate::yaml::{Node, Value};
 
-/// Every leaf of the resolved tree, flattened: `seed`, `device`, `<stage>.uses`,
-/// `<stage>.<with key path>`.
+/// Every leaf of the resolved tree, flattened: `seed`, `<stage>.uses`, `<stage>.<with key
+/// path>`. The device is not a param: it is the run's own `device` column (parsed once, in
+/// the stage pass).
 pub fn params_of(tree: &Node) -> Vec<(String, serde_json::Value)> {
     let mut out = Vec::new();
-    for key in ["seed", "device"] {
-        if let Some(n) = tree.get(key) {
-            out.push((key.to_string(), n.to_json()));
-        }
-    }
-    if tree.get("device").is_none() {
-        out.push(("device".into(), serde_json::json!("auto")));
+    if let Some(n) = tree.get("seed") {
+        out.push(("seed".to_string(), n.to_json()));
     }
     if let Some(stages) = tree.get("stages").and_then(Node::as_map) {
         for (k, body) in stages {
@@ -79,7 +75,8 @@ mod tests {
         let e = compile_ok(DIAMOND, &[]);
         let p: std::collections::BTreeMap<_, _> = e.runs[0].params.iter().cloned().collect();
         assert_eq!(p["seed"], 3);
-        assert_eq!(p["device"], "auto");
+        assert!(!p.contains_key("device"), "the device is the run's column, not a param");
+        assert_eq!(e.runs[0].device, huse_stage_api::DeviceSpec::Auto);
         assert_eq!(p["left.factor"], 2.0);
         assert_eq!(p["total.uses"], "toy-sum");
         assert!(!p.contains_key("right"), "a stage without `with:` has no null param");

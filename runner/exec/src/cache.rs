@@ -327,14 +327,31 @@ impl Cache {
         std::fs::write(tmp.join(MANIFEST_FILE), json)
             .with_context(|| format!("writing {}", tmp.join(MANIFEST_FILE).display()))?;
         if replace {
+            let dest = self.entry(&manifest.kind, &manifest.key);
             // An entry a concurrent process made after this one started is as fresh as ours:
-            // keep it (its readers may be using it) and drop ours.
-            let theirs = self.entry(&manifest.kind, &manifest.key).join(MANIFEST_FILE);
-            if std::fs::metadata(&theirs).and_then(|m| m.modified()).is_ok_and(|t| t >= *STARTED) {
+            // keep it and drop ours.
+            if std::fs::metadata(dest.join(MANIFEST_FILE)).and_then(|m| m.modified()).is_ok_and(|t| t >= *STARTED) {
                 let _ = std::fs::remove_dir_all(tmp);
-                return Ok(self.entry(&manifest.kind, &manifest.key));
+                return Ok(dest);
             }
-            self.remove(&manifest.kind, &manifest.key)?;
+            // Swap the new entry in atomically, so that a reader (another run's downstream
+            // stage) never finds the path missing; the old entry, now at `tmp`, goes.
+            match rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                tmp,
+                rustix::fs::CWD,
+                &dest,
+                rustix::fs::RenameFlags::EXCHANGE,
+            ) {
+                Ok(()) => {
+                    let _ = std::fs::remove_dir_all(tmp);
+                    return Ok(dest);
+                }
+                // No entry to swap with (removed meanwhile): a plain commit below.
+                Err(rustix::io::Errno::NOENT) => {}
+                // A file system without exchange (NFS): remove, then commit.
+                Err(_) => self.remove(&manifest.kind, &manifest.key)?,
+            }
         }
         self.commit(tmp, &manifest.kind, &manifest.key)
     }

@@ -219,7 +219,11 @@ impl Store {
         for c in &filter.conds {
             let num = c.value.parse::<f64>().ok();
             let op = c.op.sql();
-            if param_keys.contains(&c.key) {
+            if c.key == "device" {
+                // The run's own column (not a param).
+                write!(text, " AND r.device {op} ?").unwrap();
+                binds.push(Bind::Text(c.value.clone()));
+            } else if param_keys.contains(&c.key) {
                 let col = if num.is_some() { "p.value_num" } else { "p.value" };
                 write!(
                     text,
@@ -311,7 +315,11 @@ impl Store {
             if !keep {
                 continue;
             }
-            out.push(RunRow { run: Run::from_row(&r)?, params, metrics });
+            let run = Run::from_row(&r)?;
+            // Shown and compared with the params, as the setting it is (stored once, as a column).
+            let mut params: BTreeMap<String, String> = params;
+            params.insert("device".into(), run.device.clone());
+            out.push(RunRow { run, params, metrics });
         }
         Ok(out)
     }
