@@ -722,6 +722,10 @@ fn query_paper_cuts_name_what_exists() {
     // A key two stages log: `best` names the qualified names that exist.
     let err = sb.run(&["best", "--metric", "mean"]).expect(1).stderr();
     assert!(err.contains("left.mean") && err.contains("right.mean"), "{err}");
+    // The device is the run's column alone, filtered and shown as before.
+    assert_eq!(sb.count("SELECT count(*) FROM params WHERE key = 'device'"), 0);
+    assert_eq!(sb.run(&["runs", "-w", "device=auto", "-f", "csv"]).expect(0).stdout().lines().count(), 2);
+    assert_eq!(sb.run(&["runs", "-w", "device=cpu", "-f", "csv"]).expect(0).stdout().lines().count(), 1);
     // An unknown experiment is said to be unknown.
     let err = sb.run(&["runs", "-e", "nosuch"]).expect(1).stderr();
     assert!(err.contains("no experiment `nosuch`"), "{err}");
