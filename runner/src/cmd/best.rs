@@ -9,11 +9,13 @@ use super::{FilterArgs, Global, open_for_queries};
 /// `best`'s arguments.
 #[derive(Args, Debug)]
 pub struct BestArgs {
+    /// The metric to rank the runs by (a final value, e.g. `test.acc.both`).
     #[arg(long, short = 'm')]
     pub metric: String,
     /// Lower is better.
     #[arg(long)]
     pub min: bool,
+    /// Which runs compete.
     #[command(flatten)]
     pub filter: FilterArgs,
     /// table, csv, json or markdown.

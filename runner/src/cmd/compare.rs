@@ -10,8 +10,10 @@ use super::{Global, open_for_queries, run_id};
 /// `compare`'s arguments.
 #[derive(Args, Debug)]
 pub struct CompareArgs {
+    /// The runs (ids in the database), two or more.
     #[arg(required = true, num_args = 2.., value_parser = run_id)]
     pub runs: Vec<i64>,
+    /// Metrics to show (glob, repeatable; default all that differ).
     #[arg(long = "metric", short = 'm', value_name = "GLOB")]
     pub metrics: Vec<String>,
     /// table, csv, json or markdown.

@@ -10,8 +10,10 @@ use super::{Global, open_for_queries};
 /// `export`'s arguments.
 #[derive(Args, Debug)]
 pub struct ExportArgs {
+    /// Only runs of this experiment.
     #[arg(long, short = 'e')]
     pub experiment: Option<String>,
+    /// csv or json.
     #[arg(long, short = 'f', default_value = "csv")]
     pub format: String,
     /// Output file (default: standard output).

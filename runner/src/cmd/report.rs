@@ -10,6 +10,7 @@ use super::{Global, open_for_queries};
 /// `report`'s arguments.
 #[derive(Args, Debug)]
 pub struct ReportArgs {
+    /// The experiment (its name).
     pub experiment: String,
     /// Output folder (default: report-EXPERIMENT).
     #[arg(long)]

@@ -10,6 +10,7 @@ use super::{FilterArgs, Global, open_for_queries};
 /// `runs`'s arguments.
 #[derive(Args, Debug)]
 pub struct RunsArgs {
+    /// Which runs to list.
     #[command(flatten)]
     pub filter: FilterArgs,
     /// Metrics to show (glob, repeatable; default all).

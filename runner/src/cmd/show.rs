@@ -9,6 +9,7 @@ use super::{Global, open_for_queries, run_id};
 /// `show`'s arguments.
 #[derive(Args, Debug)]
 pub struct ShowArgs {
+    /// The run (its id in the database).
     #[arg(value_parser = run_id)]
     pub run: i64,
     /// table, csv, json or markdown.
