@@ -68,14 +68,49 @@ impl Cell {
     }
 }
 
+/// Fixed decimals a reader compares down a column: whole numbers as they are, 1,000 and
+/// more with one decimal, smaller values with four; only values below 0.001 (or too large
+/// for fixed notation) in scientific notation.
 fn fmt_num(v: f64) -> String {
-    if v == v.trunc() && v.abs() < 1e15 {
+    let a = v.abs();
+    if v == v.trunc() && a < 1e15 {
         format!("{v:.0}")
-    } else if v.abs() >= 1000.0 || v.abs() < 1e-3 {
-        format!("{v:.4e}")
+    } else if a >= 1e15 || (a < 1e-3 && a > 0.0) {
+        format!("{v:.3e}")
+    } else if a >= 1000.0 {
+        format!("{v:.1}")
     } else {
         format!("{v:.4}")
     }
+}
+
+/// Orders names as a reader does: runs of digits by their value (`r1 < r5 < r10`).
+pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    fn parts(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let bytes = s.as_bytes();
+        for i in 1..=bytes.len() {
+            if i == bytes.len() || bytes[i].is_ascii_digit() != bytes[start].is_ascii_digit() {
+                out.push((bytes[start].is_ascii_digit(), &s[start..i]));
+                start = i;
+            }
+        }
+        out
+    }
+    let (pa, pb) = (parts(a), parts(b));
+    for (x, y) in pa.iter().zip(&pb) {
+        let o = match (x, y) {
+            ((true, x), (true, y)) => {
+                x.parse::<u128>().unwrap_or(u128::MAX).cmp(&y.parse::<u128>().unwrap_or(u128::MAX)).then(x.cmp(y))
+            }
+            ((_, x), (_, y)) => x.cmp(y),
+        };
+        if o != std::cmp::Ordering::Equal {
+            return o;
+        }
+    }
+    pa.len().cmp(&pb.len())
 }
 
 /// A rectangular result, rendered in any [`Format`].
@@ -229,6 +264,8 @@ pub fn runs_table(runs: &[RunRow], metric_globs: &[glob::Pattern], group: bool) 
     let params = varying_params(runs);
     let metrics: BTreeSet<&String> =
         runs.iter().flat_map(|r| r.metrics.keys()).filter(|k| selected(k, metric_globs)).collect();
+    let mut metrics: Vec<&String> = metrics.into_iter().collect();
+    metrics.sort_by(|a, b| natural_cmp(a, b));
     let mut t = Table::default();
     if !group {
         t.headers = ["id", "experiment", "name", "status"].iter().map(|s| s.to_string()).collect();
@@ -489,6 +526,17 @@ pub fn unknown_keys(runs: &[RunRow], keys: &[&str]) -> Vec<(String, Option<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_read_down_a_column_and_names_sort_naturally() {
+        assert_eq!(fmt_num(5572.34), "5572.3");
+        assert_eq!(fmt_num(0.91234), "0.9123");
+        assert_eq!(fmt_num(42.0), "42");
+        assert_eq!(fmt_num(0.00012), "1.200e-4");
+        let mut names = vec!["test.t2i.r10", "test.t2i.r5", "test.t2i.r1", "test.hp10.i2i", "test.hp2.i2i"];
+        names.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(names, ["test.hp2.i2i", "test.hp10.i2i", "test.t2i.r1", "test.t2i.r5", "test.t2i.r10"]);
+    }
 
     #[test]
     fn control_characters_never_reach_the_terminal() {
