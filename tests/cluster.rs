@@ -467,8 +467,11 @@ fn a_postgres_outage_spools_at_once_and_the_pipeline_goes_on() {
     assert!(out.stderr().contains("huse-run db replay"), "{}", out.stderr());
     // Seconds, not a minute per write: every stage ran while the server was away.
     assert!(took < Duration::from_secs(40), "the run took {took:?} with the server down");
-    // Back up: the replay writes every row, once.
+    // Back up: a query says records wait (the cache's spool of this server), and the replay
+    // writes every row, once.
     proxy.restore();
+    let q = sb.run(&["--db", &via, "runs"]).expect(0);
+    assert!(q.stderr().contains("spooled and not yet in"), "{}", q.stderr());
     sb.run(&["--db", &via, "db", "replay"]).expect(0);
     assert_eq!(pg_count(&url, "SELECT count(*) FROM stage_runs"), 4);
     assert_eq!(pg_count(&url, "SELECT count(*) FROM metrics WHERE stage IN ('a', 'b') AND key = 'loss'"), 100);
