@@ -351,7 +351,7 @@ fn runs_filters_sorts_and_prints_all_formats() {
     assert!(lines[1].starts_with("|--"), "{md}");
     assert!(lines[2].contains("| 16 "), "{md}");
     assert!(lines[3].contains("| 12 "), "{md}");
-    let table = sb.run(&["runs", "-w", "mid.offset!=0", "-w", "sum<=10"]).expect(0).stdout();
+    let table = sb.run(&["runs", "--all", "-w", "mid.offset!=0", "-w", "sum<=10"]).expect(0).stdout();
     assert!(table.contains("q@mid.factor=1,mid.offset=1") && !table.contains("mid.offset=0,"), "{table}");
     assert!(table.contains('│'), "a drawn table: {table}");
     // Filter values are bound, not pasted: quotes are just characters.
@@ -547,6 +547,36 @@ fn list_and_help_say_which_devices_this_build_supports() {
             assert!(out.contains("no CUDA support") && out.contains("--features cuda"), "{out}");
         }
     }
+}
+
+#[test]
+fn runs_fits_the_terminal_by_default_and_shows_headline_metrics() {
+    let sb = Sandbox::new();
+    let f = sb.write(
+        "w.yaml",
+        "name: widths\nstages:\n  source: { uses: toy-source, with: { count: 4 } }\n  \
+         left: { uses: toy-scale, needs: [source], with: { metrics: 3 } }\n  \
+         right: { uses: toy-scale, needs: [source], with: { metrics: 3, factor: 2.0 } }\n  \
+         total: { uses: toy-sum, needs: [left, right] }\n\
+         sweep:\n  left.factor: [1.0, 2.0]\n  left.offset: [0.0, 1.5]\n  right.offset: [0.25, 0.75]\n",
+    );
+    sb.run(&[f.to_str().unwrap()]).expect(0);
+    // Not a terminal here: 80 columns. The varying params and toy-sum's headline `sum`; the
+    // name (experiment@params) and the other metrics are left out, with a note.
+    let short = sb.run(&["runs"]).expect(0).stdout();
+    assert!(short.lines().all(|l| l.chars().count() <= 80), "{short}");
+    let header = short.lines().nth(1).unwrap();
+    for col in ["id", "status", "left.factor", "left.offset", "right.offset", "sum"] {
+        assert!(header.contains(col), "{col}: {short}");
+    }
+    assert!(!header.contains("left.mean") && !header.contains("widths@"), "{short}");
+    assert!(short.contains("4 more metric(s) not shown") && short.contains("--all"), "{short}");
+    // --all and -m give today's full table; csv is always whole.
+    let all = sb.run(&["runs", "--all"]).expect(0).stdout();
+    assert!(all.lines().nth(1).unwrap().contains("left.mean") && all.contains("widths@left.factor=1.0"), "{all}");
+    assert!(all.lines().any(|l| l.chars().count() > 80));
+    assert!(sb.run(&["runs", "-m", "*.mean"]).expect(0).stdout().contains("right.mean"));
+    assert!(sb.run(&["runs", "-f", "csv"]).expect(0).stdout().lines().next().unwrap().contains("left.loss"));
 }
 
 /// The documents hold: every relative link (and `#anchor`) of README.md and docs/ leads

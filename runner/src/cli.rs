@@ -136,6 +136,23 @@ fn init_logging(g: &Global, display: &Display) {
 
 async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
     let g = &cli.global;
+    // A query piped into `head` ends quietly when the reader goes, as other Unix tools do
+    // (runs and servers keep Rust's default: a closed pipe is an error they handle).
+    if matches!(
+        cli.cmd,
+        Some(
+            Cmd::List(_)
+                | Cmd::Runs(_)
+                | Cmd::Show(_)
+                | Cmd::Compare(_)
+                | Cmd::Best(_)
+                | Cmd::Export(_)
+                | Cmd::Search(_)
+        )
+    ) {
+        // SAFETY: sets a signal disposition before any other thread writes to stdout.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match cli.cmd {
         None if cli.run.experiment.is_none() => {
             eprintln!("error: no experiment file given\n\nUsage: huse-run EXPERIMENT.yaml   (see huse-run --help)");

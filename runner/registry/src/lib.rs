@@ -84,4 +84,12 @@ impl Registry {
     pub fn entries(&self) -> impl Iterator<Item = (&str, &Entry)> {
         self.entries.iter().map(|(k, v)| (k.as_str(), v))
     }
+
+    /// The headline metrics (keys or globs) of every kind, as the stages declare them.
+    pub fn headline(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.entries.values().flat_map(|e| e.stage.headline()).collect();
+        out.sort();
+        out.dedup();
+        out
+    }
 }

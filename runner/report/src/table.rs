@@ -121,6 +121,35 @@ pub struct Table {
 }
 
 impl Table {
+    /// Removes the column `name`, if there is one.
+    pub fn remove_column(&mut self, name: &str) {
+        if let Some(i) = self.headers.iter().position(|h| h == name) {
+            self.headers.remove(i);
+            for r in &mut self.rows {
+                if i < r.len() {
+                    r.remove(i);
+                }
+            }
+        }
+    }
+
+    /// The widest line of the table drawn for a terminal, in characters.
+    pub fn width(&self) -> usize {
+        self.render(Format::Table).lines().map(|l| l.chars().count()).max().unwrap_or(0)
+    }
+
+    /// Drops columns from the right, never the first `keep`, until the drawn table is at
+    /// most `width` characters wide; returns the dropped columns' names, in order.
+    pub fn fit(&mut self, width: usize, keep: usize) -> Vec<String> {
+        let mut dropped = Vec::new();
+        while self.headers.len() > keep && self.width() > width {
+            let name = self.headers.last().cloned().unwrap_or_default();
+            self.remove_column(&name);
+            dropped.insert(0, name);
+        }
+        dropped
+    }
+
     /// Sorts rows by the column `key` (numbers before text).
     pub fn sort_by(&mut self, key: &str, desc: bool) -> Result<()> {
         let Some(i) = self.headers.iter().position(|h| h == key) else {
@@ -526,6 +555,23 @@ pub fn unknown_keys(runs: &[RunRow], keys: &[&str]) -> Vec<(String, Option<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_table_fits_a_width_by_dropping_columns_from_the_right() {
+        let mut t = Table {
+            headers: (0..12).map(|i| format!("column-{i}")).collect(),
+            rows: vec![(0..12).map(Cell::Int).collect()],
+        };
+        assert!(t.width() > 80);
+        let dropped = t.fit(80, 3);
+        assert!(t.width() <= 80, "{}", t.render(Format::Table));
+        assert_eq!(t.headers.len() + dropped.len(), 12);
+        assert_eq!(dropped.last().unwrap(), "column-11");
+        assert_eq!(t.headers[..3], ["column-0", "column-1", "column-2"]);
+        // Never below `keep`, however narrow.
+        t.fit(5, 3);
+        assert_eq!(t.headers.len(), 3);
+    }
 
     #[test]
     fn numbers_read_down_a_column_and_names_sort_naturally() {

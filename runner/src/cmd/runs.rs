@@ -31,6 +31,11 @@ pub struct RunsArgs {
     /// table, csv, json or markdown.
     #[arg(long, short = 'f', default_value = "table")]
     pub format: Format,
+    /// Every column (all metrics), however wide. Without it (and without `-m`), a table for
+    /// the terminal shows the varying params and the stages' headline metrics and fits the
+    /// terminal's width (80 columns when not a terminal).
+    #[arg(long)]
+    pub all: bool,
 }
 
 /// Prints the runs table.
@@ -38,15 +43,41 @@ pub async fn run(g: &Global, a: RunsArgs) -> Result<i32> {
     let store = open_for_queries(g).await?;
     a.filter.check(&store).await?;
     let runs = store.load_runs(&a.filter.filter()).await?;
-    let mut t = table::runs_table(&runs, &table::patterns(&a.metrics)?, a.group);
-    if let Some(s) = a.sort {
-        t.sort_by(&s, a.desc)?;
+    // The short default: what the stages call their headline metrics, within the terminal.
+    let compact = a.format == Format::Table && a.metrics.is_empty() && !a.all;
+    let globs = if compact { crate::builtin_registry().headline() } else { a.metrics.clone() };
+    let mut t = table::runs_table(&runs, &table::patterns(&globs)?, a.group);
+    if let Some(s) = &a.sort {
+        t.sort_by(s, a.desc)?;
     } else if a.desc {
         t.rows.reverse();
     }
     if let Some(n) = a.limit {
         t.rows.truncate(n);
     }
-    print!("{}", t.render(a.format));
+    if !compact {
+        print!("{}", t.render(a.format));
+        return Ok(0);
+    }
+    // One experiment: its name starts every run's name; and with the varying params in
+    // their own columns, the name (EXPERIMENT@params) says nothing more.
+    if !a.group && runs.windows(2).all(|w| w[0].experiment == w[1].experiment) {
+        t.remove_column("experiment");
+        if t.headers.len() > 3 + t.headers.iter().filter(|h| runs.iter().any(|r| r.metrics.contains_key(*h))).count() {
+            t.remove_column("name");
+        }
+    }
+    let width = console::Term::stdout().size_checked().map(|(_, cols)| usize::from(cols)).unwrap_or(80);
+    let dropped = t.fit(width, 3);
+    print!("{}", t.render(Format::Table));
+    let metrics: std::collections::BTreeSet<&String> = runs.iter().flat_map(|r| r.metrics.keys()).collect();
+    let hidden_metrics = metrics.iter().filter(|m| !t.headers.contains(m)).count();
+    let hidden_other = dropped.iter().filter(|d| !metrics.contains(d)).count();
+    if hidden_metrics + hidden_other > 0 {
+        println!(
+            "({hidden_metrics} more metric(s){} not shown; -m GLOB or --all)",
+            if hidden_other > 0 { format!(" and {hidden_other} param column(s)") } else { String::new() }
+        );
+    }
     Ok(0)
 }

@@ -78,6 +78,17 @@ impl Stage for Evaluate {
     fn describe(&self) -> &str {
         "the paper's Tables 1-3 (Recall@K, HP@K, accuracy) on the test split"
     }
+    fn headline(&self) -> Vec<String> {
+        // Accuracy, cross-modal R@1 both ways, HP@5 text -> image, and the own-pair R@10
+        // (instance search), on the test split.
+        vec![
+            names::accuracy("test", "both"),
+            names::recall("test", "t2i", 1),
+            names::recall("test", "i2t", 1),
+            names::hierarchical_precision("test", "t2i", 5),
+            names::instance_recall("test", "t2i", 10),
+        ]
+    }
     fn inputs(&self) -> Vec<Input> {
         vec![
             Input::one(Artifact::Items),

@@ -207,6 +207,9 @@ impl Stage for Sum {
     fn describe(&self) -> &str {
         "sums the numbers of every upstream toy-scale (toy stage)"
     }
+    fn headline(&self) -> Vec<String> {
+        vec!["sum".into()]
+    }
     fn inputs(&self) -> Vec<Input> {
         vec![Input::many("scaled.json")]
     }

@@ -242,6 +242,9 @@ impl Stage for Train {
     fn describe(&self) -> &str {
         "trains the HUSE towers with alpha*L_class + beta*L_graph + gamma*L_gap"
     }
+    fn headline(&self) -> Vec<String> {
+        vec!["val.best.acc.both".into()]
+    }
     fn inputs(&self) -> Vec<Input> {
         vec![
             Input::one(Artifact::Items),

@@ -89,6 +89,12 @@ pub trait Stage: Send + Sync {
     fn uses_device(&self) -> bool {
         false
     }
+    /// The metrics (keys, or globs such as `*.acc.both`) a reader looks at first: what
+    /// `huse-run runs` shows by default, so that the runner shows a short table without
+    /// knowing any stage's metric names. Empty: none.
+    fn headline(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Checks the config without running anything. Called for every run before any stage starts.
     fn validate(&self, config: &Config) -> Result<(), ConfigError>;
     /// Files and directories outside the cache that the stage reads for this config.
