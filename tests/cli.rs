@@ -550,6 +550,26 @@ fn list_and_help_say_which_devices_this_build_supports() {
 }
 
 #[test]
+fn best_group_answers_with_the_best_sweep_point_over_its_seeds() {
+    let sb = Sandbox::new();
+    let f = sb.write(
+        "g.yaml",
+        "name: g\nstages:\n  source: { uses: toy-source, with: { count: 4 } }\n  \
+         mid: { uses: toy-scale, needs: [source] }\n  total: { uses: toy-sum, needs: [mid] }\n\
+         sweep:\n  mid.factor: [1, 2, 3]\nrepeat: 2\n",
+    );
+    sb.run(&[f.to_str().unwrap()]).expect(0);
+    // sum = 6 x factor in every seed: the best point is factor 3, 18 ± 0 over 2 runs.
+    let csv = sb.run(&["best", "-m", "sum", "--group", "-f", "csv"]).expect(0).stdout();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "experiment,mid.factor,runs,sum,sum.std", "{csv}");
+    assert_eq!(lines[1], "g,3,2,18,0", "{csv}");
+    assert_eq!(lines.len(), 2, "one row: {csv}");
+    let low = sb.run(&["best", "-m", "sum", "--group", "--min", "-f", "csv"]).expect(0).stdout();
+    assert_eq!(low.lines().nth(1), Some("g,1,2,6,0"), "{low}");
+}
+
+#[test]
 fn runs_fits_the_terminal_by_default_and_shows_headline_metrics() {
     let sb = Sandbox::new();
     let f = sb.write(

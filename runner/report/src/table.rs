@@ -503,6 +503,31 @@ pub fn best_table(runs: &[RunRow], metric: &str, minimize: bool) -> Result<Table
     Ok(t)
 }
 
+/// The best sweep point by a metric's mean over the point's runs (its seeds): one row of the
+/// grouped `runs` table — the point's params, how many runs, and mean ± std.
+pub fn best_group_table(runs: &[RunRow], metric: &str, minimize: bool) -> Result<Table> {
+    best_table(runs, metric, minimize)?; // the same errors when no run has the metric
+    let exact = glob::Pattern::new(&glob::Pattern::escape(metric))?;
+    let mut t = runs_table(runs, &[exact], true);
+    let col = t.headers.iter().position(|h| h == metric).ok_or_else(|| anyhow::anyhow!("no run has `{metric}`"))?;
+    let mean = |r: &Vec<Cell>| match r.get(col) {
+        Some(Cell::MeanStd(m, _, _)) => Some(*m),
+        _ => None,
+    };
+    let best = t
+        .rows
+        .iter()
+        .filter(|r| mean(r).is_some())
+        .max_by(|a, b| {
+            let (x, y) = (mean(a).unwrap_or(f64::NAN), mean(b).unwrap_or(f64::NAN));
+            if minimize { y.total_cmp(&x) } else { x.total_cmp(&y) }
+        })
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no run has a value for metric `{metric}`"))?;
+    t.rows = vec![best];
+    Ok(t)
+}
+
 /// `s` with every control character (C0 but line breaks and tabs, DEL, C1) and bidirectional override written as a
 /// visible escape (`\x1b`, `\u{202e}`), so text from data cannot drive a terminal.
 pub fn printable(s: &str) -> String {

@@ -15,6 +15,10 @@ pub struct BestArgs {
     /// Lower is better.
     #[arg(long)]
     pub min: bool,
+    /// The best sweep point by the metric's mean over its seeds (mean ± std and the run
+    /// count), instead of the best single run.
+    #[arg(long)]
+    pub group: bool,
     /// Which runs compete.
     #[command(flatten)]
     pub filter: FilterArgs,
@@ -28,6 +32,11 @@ pub async fn run(g: &Global, a: BestArgs) -> Result<i32> {
     let store = open_for_queries(g).await?;
     a.filter.check(&store).await?;
     let runs = store.load_runs(&a.filter.filter()).await?;
-    print!("{}", table::best_table(&runs, &a.metric, a.min)?.render(a.format));
+    let t = if a.group {
+        table::best_group_table(&runs, &a.metric, a.min)?
+    } else {
+        table::best_table(&runs, &a.metric, a.min)?
+    };
+    print!("{}", t.render(a.format));
     Ok(0)
 }
