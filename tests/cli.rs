@@ -558,7 +558,10 @@ fn best_group_answers_with_the_best_sweep_point_over_its_seeds() {
          mid: { uses: toy-scale, needs: [source] }\n  total: { uses: toy-sum, needs: [mid] }\n\
          sweep:\n  mid.factor: [1, 2, 3]\nrepeat: 2\n",
     );
-    sb.run(&[f.to_str().unwrap()]).expect(0);
+    let out = sb.run(&[f.to_str().unwrap()]).expect(0).stdout();
+    // The sweep ends with one table across its points (headline metrics, mean ± std).
+    assert!(out.contains("6 runs of g, by sweep point (mean ± std over seeds):"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("│ 3 ") && l.contains("┆ 2 ") && l.contains("18 ± 0")), "{out}");
     // sum = 6 x factor in every seed: the best point is factor 3, 18 ± 0 over 2 runs.
     let csv = sb.run(&["best", "-m", "sum", "--group", "-f", "csv"]).expect(0).stdout();
     let lines: Vec<&str> = csv.lines().collect();

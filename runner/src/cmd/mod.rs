@@ -98,6 +98,11 @@ impl FilterArgs {
     }
 }
 
+/// The terminal's width in columns; 80 when standard output is not a terminal.
+pub fn terminal_width() -> usize {
+    console::Term::stdout().size_checked().map(|(_, cols)| usize::from(cols)).unwrap_or(80)
+}
+
 /// A run's id on the command line: a positive number, as `huse-run runs` lists them; anything
 /// else (a query typed where the id goes, an experiment's name) gets an error that says so.
 pub fn run_id(s: &str) -> std::result::Result<i64, String> {

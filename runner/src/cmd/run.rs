@@ -131,12 +131,19 @@ pub async fn run_compiled(
     }
     let outcome = exec::execute(exp, registry, &store, &cache, opts, display, &cancel).await?;
     let outcomes = &outcome.runs;
-    // Stage summaries (e.g. the evaluation tables) of each finished run (from the database:
-    // not when it could not take the results).
-    for o in outcomes.iter().filter(|_| outcome.results_incomplete.is_none()) {
-        let text = table::summaries_text(&store, o.id).await.unwrap_or_default();
-        if !text.is_empty() {
-            display.suspend(|| println!("run {} ({}):\n{text}", o.id, o.name));
+    // From the database (not when it could not take the results): one run's stage summaries
+    // (e.g. the evaluation tables); for a sweep, one table across its points instead.
+    if outcome.results_incomplete.is_none() {
+        if outcomes.len() > 1 {
+            let summary = sweep_summary(&store, exp, registry, outcomes).await.unwrap_or_default();
+            display.suspend(|| print!("{summary}"));
+        } else {
+            for o in outcomes {
+                let text = table::summaries_text(&store, o.id).await.unwrap_or_default();
+                if !text.is_empty() {
+                    display.suspend(|| println!("run {} ({}):\n{text}", o.id, o.name));
+                }
+            }
         }
     }
     store.close().await;
@@ -168,6 +175,29 @@ pub async fn run_compiled(
     } else {
         0
     })
+}
+
+/// The end of a sweep: its runs grouped by point (mean ± std over seeds) with the stages'
+/// headline metrics, fitted to the terminal.
+async fn sweep_summary(
+    store: &Store,
+    exp: &huse_config::Experiment,
+    registry: &Registry,
+    outcomes: &[exec::RunOutcome],
+) -> Result<String> {
+    let ids: std::collections::HashSet<i64> = outcomes.iter().map(|o| o.id).collect();
+    let filter = huse_store::Filter { experiment: Some(exp.name.clone()), ..Default::default() };
+    let runs: Vec<_> = store.load_runs(&filter).await?.into_iter().filter(|r| ids.contains(&r.id)).collect();
+    let mut t = table::runs_table(&runs, &table::patterns(&registry.headline())?, true);
+    t.remove_column("experiment");
+    t.fit(super::terminal_width(), 2);
+    Ok(format!(
+        "{} runs of {}, by sweep point (mean ± std over seeds):\n{}(`huse-run show RUN`: a run's tables; `huse-run runs -e {} --group --all`: every metric)\n",
+        runs.len(),
+        exp.name,
+        t.render(Format::Table),
+        exp.name
+    ))
 }
 
 /// First SIGINT/SIGTERM: cancel running stages and let the run end cleanly. Second: exit now.

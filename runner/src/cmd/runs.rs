@@ -67,8 +67,7 @@ pub async fn run(g: &Global, a: RunsArgs) -> Result<i32> {
             t.remove_column("name");
         }
     }
-    let width = console::Term::stdout().size_checked().map(|(_, cols)| usize::from(cols)).unwrap_or(80);
-    let dropped = t.fit(width, 3);
+    let dropped = t.fit(super::terminal_width(), 3);
     print!("{}", t.render(Format::Table));
     let metrics: std::collections::BTreeSet<&String> = runs.iter().flat_map(|r| r.metrics.keys()).collect();
     let hidden_metrics = metrics.iter().filter(|m| !t.headers.contains(m)).count();
