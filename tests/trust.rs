@@ -48,6 +48,27 @@ fn metric_rows_are_never_dropped_when_the_database_stays_busy() {
 struct Tmpfs(PathBuf);
 
 impl Tmpfs {
+    /// Fills the disk with 16 KiB files, then frees the first `free` of them: a disk with
+    /// a little room.
+    fn fill_leaving(&self, free: usize) {
+        let mut chunk = 0;
+        while std::fs::write(self.0.join(format!("filler{chunk}")), vec![1u8; 16 << 10]).is_ok() {
+            chunk += 1;
+        }
+        for i in 0..chunk.min(free) {
+            std::fs::remove_file(self.0.join(format!("filler{i}"))).unwrap();
+        }
+    }
+
+    /// Room again: removes every filler file.
+    fn empty(&self) {
+        for e in std::fs::read_dir(&self.0).unwrap().flatten() {
+            if e.file_name().to_string_lossy().starts_with("filler") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
     fn mount(dir: &Path, size: &str) -> Result<Tmpfs, String> {
         std::fs::create_dir_all(dir).unwrap();
         let out = Command::new("mount")
@@ -87,13 +108,7 @@ fn a_full_disk_while_writing_the_database_rolls_back_and_keeps_the_rows() {
     // A first run creates the database; then a filler takes all but a little of the disk.
     let tiny = sb.write("t.yaml", "name: t\nstages:\n  s: { uses: toy-source }\n");
     assert!(run(&[tiny.to_str().unwrap()]).status.success());
-    let mut chunk = 0;
-    while std::fs::write(fs.0.join(format!("filler{chunk}")), vec![1u8; 16 << 10]).is_ok() {
-        chunk += 1;
-    }
-    for i in 0..chunk.min(12) {
-        std::fs::remove_file(fs.0.join(format!("filler{i}"))).unwrap();
-    }
+    fs.fill_leaving(12);
     let f = sb.write("c.yaml", &chain(0.0, 20000));
     let out = common::Out(run(&[f.to_str().unwrap()]));
     let err = out.stderr();
@@ -111,9 +126,7 @@ fn a_full_disk_while_writing_the_database_rolls_back_and_keeps_the_rows() {
     let shown = String::from_utf8_lossy(&run(&["show", "2"]).stdout).into_owned();
     assert!(shown.contains("results incomplete"), "{shown}");
     // Room again: the next start writes the spooled rows and the run's real status.
-    for i in 12..chunk {
-        let _ = std::fs::remove_file(fs.0.join(format!("filler{i}")));
-    }
+    fs.empty();
     let o = run(&["db", "replay"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let rows = run(&["export", "-e", "c"]);
@@ -633,13 +646,7 @@ fn replay_says_records_remain_while_the_disk_is_full_and_queries_see_the_fallbac
     let run = |args: &[&str]| common::Out(sb.cmd(args).env("HUSE_DB", &db).env("HUSE_DB_RETRY", "1").output().unwrap());
     let tiny = sb.write("t.yaml", "name: t\nstages:\n  s: { uses: toy-source }\n");
     run(&[tiny.to_str().unwrap()]).expect(0);
-    let mut chunk = 0;
-    while std::fs::write(fs.0.join(format!("filler{chunk}")), vec![1u8; 16 << 10]).is_ok() {
-        chunk += 1;
-    }
-    for i in 0..chunk.min(12) {
-        std::fs::remove_file(fs.0.join(format!("filler{i}"))).unwrap();
-    }
+    fs.fill_leaving(12);
     let f = sb.write("c.yaml", &chain(0.0, 20000));
     run(&[f.to_str().unwrap()]).expect(1);
     assert_eq!(spool_files(&sb.cache().join(".spool")).len(), 1);
@@ -653,9 +660,7 @@ fn replay_says_records_remain_while_the_disk_is_full_and_queries_see_the_fallbac
     );
     assert!(!out.stdout().contains("up to date"), "{}", out.stdout());
     assert_eq!(spool_files(&sb.cache().join(".spool")).len(), 1, "the spool is kept");
-    for i in 12..chunk {
-        let _ = std::fs::remove_file(fs.0.join(format!("filler{i}")));
-    }
+    fs.empty();
     run(&["db", "replay"]).expect(0);
 }
 

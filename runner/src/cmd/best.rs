@@ -30,8 +30,7 @@ pub struct BestArgs {
 /// Prints the best run.
 pub async fn run(g: &Global, a: BestArgs) -> Result<i32> {
     let store = open_for_queries(g).await?;
-    a.filter.check(&store).await?;
-    let runs = store.load_runs(&a.filter.filter()).await?;
+    let runs = a.filter.load(&store).await?;
     let t = if a.group {
         table::best_group_table(&runs, &a.metric, a.min)?
     } else {

@@ -73,28 +73,29 @@ pub struct FilterArgs {
 
 impl FilterArgs {
     /// The store's filter.
-    pub fn filter(&self) -> Filter {
+    fn filter(&self) -> Filter {
         Filter { experiment: self.experiment.clone(), status: self.status, conds: self.conds.clone() }
     }
 
-    /// An unknown `-e` experiment is an error; `-w` keys that no run (of that experiment)
-    /// has as a param or metric get a warning with the closest real key.
-    pub async fn check(&self, store: &Store) -> Result<()> {
+    /// The runs that pass the filter. An unknown `-e` experiment is an error; when no run
+    /// passes, each `-w` key that no run (of that experiment) has as a param or metric gets
+    /// a warning with the closest real key (a misspelt key matches nothing, silently else).
+    pub async fn load(&self, store: &Store) -> Result<Vec<huse_store::RunRow>> {
         if let Some(e) = &self.experiment {
             store.check_experiment(e).await?;
         }
-        if self.conds.is_empty() {
-            return Ok(());
+        let runs = store.load_runs(&self.filter()).await?;
+        if runs.is_empty() && !self.conds.is_empty() {
+            let all = store.load_runs(&Filter { experiment: self.experiment.clone(), ..Default::default() }).await?;
+            let keys: Vec<&str> = self.conds.iter().map(|c| c.key.as_str()).collect();
+            for (k, near) in huse_report::table::unknown_keys(&all, &keys) {
+                warn!(
+                    "no run has a param or metric `{k}`{}",
+                    near.map(|n| format!(" (did you mean `{n}`?)")).unwrap_or_default()
+                );
+            }
         }
-        let all = store.load_runs(&Filter { experiment: self.experiment.clone(), ..Default::default() }).await?;
-        let keys: Vec<&str> = self.conds.iter().map(|c| c.key.as_str()).collect();
-        for (k, near) in huse_report::table::unknown_keys(&all, &keys) {
-            warn!(
-                "no run has a param or metric `{k}`{}",
-                near.map(|n| format!(" (did you mean `{n}`?)")).unwrap_or_default()
-            );
-        }
-        Ok(())
+        Ok(runs)
     }
 }
 

@@ -41,8 +41,7 @@ pub struct RunsArgs {
 /// Prints the runs table.
 pub async fn run(g: &Global, a: RunsArgs) -> Result<i32> {
     let store = open_for_queries(g).await?;
-    a.filter.check(&store).await?;
-    let runs = store.load_runs(&a.filter.filter()).await?;
+    let runs = a.filter.load(&store).await?;
     // The short default: what the stages call their headline metrics, within the terminal.
     let compact = a.format == Format::Table && a.metrics.is_empty() && !a.all;
     let globs = if compact { crate::builtin_registry().headline() } else { a.metrics.clone() };

@@ -290,8 +290,9 @@ pub struct Store {
     spool: std::sync::Arc<tokio::sync::Mutex<spool::Spool>>,
     /// The database's `meta.database_id`.
     db_id: Option<String>,
-    /// The identities of the runs this process recorded, for the spool.
-    idents: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<i64, RunIdent>>>,
+    /// The identities of the runs this process recorded or looked up, for the spool (`None`:
+    /// looked up once without an answer; not asked again).
+    idents: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<i64, Option<RunIdent>>>>,
 }
 
 /// What [`Store::replay_spools`] did.
@@ -305,6 +306,16 @@ pub struct Replay {
     /// Spools left in place because the database could not take them now (busy, full),
     /// with why; the next replay tries again.
     pub left: Vec<(PathBuf, String)>,
+}
+
+impl Replay {
+    /// Sets `file` aside for `why`; when even that fails, notes it as left in place.
+    fn set_aside_or_leave(&mut self, file: &Path, why: String) {
+        match spool::Spool::set_aside(file, &why) {
+            Ok(dest) => self.set_aside.push((dest, why)),
+            Err(e) => self.left.push((file.to_path_buf(), format!("{why}; and it could not be set aside: {e:#}"))),
+        }
+    }
 }
 
 /// How patient the store is with a database that cannot take a write.
@@ -590,8 +601,12 @@ fn latest_schema() -> i64 {
 /// rolls back, and closes the connection if even that fails, so that no connection goes
 /// back to the pool inside a transaction.
 macro_rules! transaction {
-    ($self:expr, |$conn:ident| $body:block) => {{
-        let mut guard = $self.pool.acquire().await?;
+    ($self:expr, |$conn:ident| $body:block) => {
+        transaction!($self, $self.pool.acquire(), |$conn| $body)
+    };
+    // With the connection from `$acquire` (a future giving a pool connection).
+    ($self:expr, $acquire:expr, |$conn:ident| $body:block) => {{
+        let mut guard = $acquire.await?;
         let begin = match $self.backend {
             Backend::Sqlite => "BEGIN IMMEDIATE",
             Backend::Postgres => "BEGIN",
@@ -954,13 +969,13 @@ impl Store {
             }
             id
         })?;
-        self.idents.lock().expect("not poisoned").insert(id, RunIdent { id, name: run.name.clone(), started_at });
+        self.idents.lock().expect("not poisoned").insert(id, Some(RunIdent { id, name: run.name.clone(), started_at }));
         Ok(id)
     }
 
     /// The identities of the runs `rec` writes, for its spool line: from this process's
     /// own runs, else (a run recorded by another process, e.g. a cluster launcher) from the
-    /// database when it answers at once.
+    /// database when it answers at once — asked once per run.
     async fn idents_of(&self, rec: &Record) -> Vec<RunIdent> {
         let mut ids = rec.run_ids();
         ids.sort_unstable();
@@ -969,21 +984,19 @@ impl Store {
         for id in ids {
             let known = self.idents.lock().expect("not poisoned").get(&id).cloned();
             let ident = match known {
-                Some(i) => Some(i),
+                Some(asked) => asked,
                 None => {
                     let row = tokio::time::timeout(
                         Duration::from_millis(500),
                         self.q("SELECT name, started_at FROM runs WHERE id = ?").bind(id).fetch_optional(&self.pool),
                     )
                     .await;
-                    match row {
-                        Ok(Ok(Some(r))) => {
-                            let i = RunIdent { id, name: r.get(0), started_at: r.get(1) };
-                            self.idents.lock().expect("not poisoned").insert(id, i.clone());
-                            Some(i)
-                        }
+                    let found = match row {
+                        Ok(Ok(Some(r))) => Some(RunIdent { id, name: r.get(0), started_at: r.get(1) }),
                         _ => None,
-                    }
+                    };
+                    self.idents.lock().expect("not poisoned").insert(id, found.clone());
+                    found
                 }
             };
             out.extend(ident);
@@ -991,15 +1004,17 @@ impl Store {
         out
     }
 
-    /// Whether a connection can be had within a second: a database server that went away
-    /// makes writes spool at once instead of holding up the run for the pool's timeout.
-    async fn answers_quickly(&self) -> bool {
+    /// A connection for a record: a database server that gives none within a second makes
+    /// the write fail at once (and the record spool) instead of holding up the run for the
+    /// pool's timeout. A SQLite file always gives one; a busy lock is waited for in the
+    /// statement (the busy timeout).
+    async fn connection_for_record(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Any>> {
         match self.backend {
-            // A local file: a busy lock is waited for in the statement (the busy timeout).
-            Backend::Sqlite => true,
-            Backend::Postgres => {
-                matches!(tokio::time::timeout(Duration::from_secs(1), self.pool.acquire()).await, Ok(Ok(_)))
-            }
+            Backend::Sqlite => Ok(self.pool.acquire().await?),
+            Backend::Postgres => match tokio::time::timeout(Duration::from_secs(1), self.pool.acquire()).await {
+                Ok(c) => Ok(c?),
+                Err(_) => bail!("no connection to {} within a second", self.location),
+            },
         }
     }
 
@@ -1009,7 +1024,7 @@ impl Store {
         if self.read_only {
             bail!("the results database was opened read-only");
         }
-        transaction!(self, |conn| {
+        transaction!(self, self.connection_for_record(), |conn| {
             let mut already = false;
             if let Some((spool, seq)) = marker {
                 // Claims the record: of two processes replaying the same spool at once, the
@@ -1119,17 +1134,10 @@ impl Store {
     pub async fn record(&self, rec: Record) -> Result<bool> {
         let mut spool = self.spool.lock().await;
         if spool.is_empty() {
-            if !self.answers_quickly().await {
-                tracing::warn!(
-                    "results database {}: no connection within a second; spooling and retrying",
-                    self.location
-                );
-            } else {
-                match self.apply(&rec, None).await {
-                    Ok(()) => return Ok(true),
-                    Err(e) => {
-                        tracing::warn!("results database {}: {e:#}; spooling and retrying", self.location);
-                    }
+            match self.apply(&rec, None).await {
+                Ok(()) => return Ok(true),
+                Err(e) => {
+                    tracing::warn!("results database {}: {e:#}; spooling and retrying", self.location);
                 }
             }
         }
@@ -1145,9 +1153,6 @@ impl Store {
     /// are left.
     async fn drain_locked(&self, spool: &mut spool::Spool) -> usize {
         spool.tried();
-        if !spool.is_empty() && !self.answers_quickly().await {
-            return spool.len();
-        }
         while let Some((id, seq, rec)) = spool.front() {
             match self.apply(&rec, Some((&id, seq))).await {
                 Ok(()) => {
@@ -1196,16 +1201,14 @@ impl Store {
     /// database does not show them `running`; replaying the spool later sets their real
     /// status once their results are complete.
     pub async fn mark_incomplete(&self, runs: &[i64], reason: &str) -> Result<()> {
-        if !self.answers_quickly().await {
-            bail!("the results database {} does not answer", self.location);
-        }
+        let mut conn = self.connection_for_record().await?;
         for id in runs {
             self.q("UPDATE runs SET status = ?, error = ?, ended_at = ? WHERE id = ?")
                 .bind(RunStatus::Failed.as_str())
                 .bind(format!("results incomplete: {reason}"))
                 .bind(now())
                 .bind(id)
-                .execute(&self.pool)
+                .execute(&mut *conn)
                 .await?;
         }
         Ok(())
@@ -1236,10 +1239,7 @@ impl Store {
                 }
             };
             if let Some(why) = verdict {
-                match spool::Spool::set_aside(&file, &why) {
-                    Ok(dest) => report.set_aside.push((dest, why)),
-                    Err(e) => report.left.push((file.clone(), format!("{why}; and it could not be set aside: {e:#}"))),
-                }
+                report.set_aside_or_leave(&file, why);
                 continue;
             }
             let mut failed = None;
@@ -1252,12 +1252,7 @@ impl Store {
             if let Some(e) = failed {
                 let why = format!("replaying into {} failed: {e:#}", self.location);
                 if is_permanent(&e) {
-                    match spool::Spool::set_aside(&file, &why) {
-                        Ok(dest) => report.set_aside.push((dest, why)),
-                        Err(e2) => {
-                            report.left.push((file.clone(), format!("{why}; and it could not be set aside: {e2:#}")))
-                        }
-                    }
+                    report.set_aside_or_leave(&file, why);
                 } else {
                     report.left.push((file.clone(), why));
                 }
