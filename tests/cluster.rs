@@ -347,8 +347,9 @@ fn db_copy_moves_runs_into_postgres_once_and_every_query_reads_both() {
     assert!(!err.contains("secret") && err.contains("u:***@"), "{err}");
 }
 
-/// A TCP proxy on 127.0.0.1 in front of `target` that can be cut: then every connection
-/// through it is dropped and new ones are refused, as when the server goes away.
+/// A TCP proxy on 127.0.0.1 in front of `target` that can be cut, as when the server goes
+/// down: its port closes (new connections are refused) and every connection through it is
+/// dropped; restored, it listens on the same port again.
 struct Proxy {
     port: u16,
     up: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -357,17 +358,40 @@ struct Proxy {
 impl Proxy {
     fn start(target: std::net::SocketAddr) -> Proxy {
         use std::sync::atomic::Ordering;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = first.local_addr().unwrap().port();
         let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
         let flag = up.clone();
         std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
+            let mut listener = Some(first);
+            loop {
                 if !flag.load(Ordering::SeqCst) {
-                    drop(client);
+                    listener = None; // the port closes: connecting is refused
+                    std::thread::sleep(Duration::from_millis(20));
                     continue;
                 }
+                let l = match &listener {
+                    Some(l) => l,
+                    None => match std::net::TcpListener::bind(("127.0.0.1", port)) {
+                        Ok(l) => {
+                            l.set_nonblocking(true).unwrap();
+                            listener.insert(l)
+                        }
+                        Err(_) => {
+                            std::thread::sleep(Duration::from_millis(20));
+                            continue;
+                        }
+                    },
+                };
+                l.set_nonblocking(true).unwrap();
+                let client = match l.accept() {
+                    Ok((c, _)) => c,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                };
+                client.set_nonblocking(false).unwrap();
                 let Ok(server) = std::net::TcpStream::connect(target) else { continue };
                 for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
                 {
@@ -411,8 +435,14 @@ impl Proxy {
         self.up.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Listens again; returns once the port accepts.
     fn restore(&self) {
         self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+        let t0 = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "the proxy does not listen again");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
