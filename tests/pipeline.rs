@@ -439,9 +439,11 @@ fn serve_answers_as_search_does(sb: &Sandbox, item: &serde_json::Value) {
     }
     assert_eq!(get(&addr, "/img/0/999999").0, 404);
     assert_eq!(get(&addr, "/search?q=").0, 400);
-    // A decompression bomb (a few hundred bytes that claim 14000 x 14000 RGBA pixels, 784 MB
-    // decoded), four at once: refused from its header, and the server's memory stays small.
-    let bomb = png_claiming(14000, 14000);
+    // A decompression bomb (the report's: a blank 14000 x 14000 PNG, a couple of hundred KB
+    // that decode to 196 MB of grey and 588 MB of RGB), four at once: refused from its
+    // header, and the server's memory stays small.
+    let bomb = blank_png(14000, 14000);
+    assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
     let answers: Vec<(u16, String)> = std::thread::scope(|s| {
         let (addr, bomb) = (&addr, &bomb);
         let hs: Vec<_> = (0..4).map(|i| s.spawn(move || upload(addr, &format!("bomb{i}.png"), bomb))).collect();
@@ -459,33 +461,13 @@ fn serve_answers_as_search_does(sb: &Sandbox, item: &serde_json::Value) {
     assert!(peak_kb < 2 << 20, "serve peaked at {peak_kb} kB");
 }
 
-/// A PNG whose header claims `w` x `h` RGBA pixels, with a token data chunk.
-fn png_claiming(w: u32, h: u32) -> Vec<u8> {
-    fn crc32(bytes: &[u8]) -> u32 {
-        let mut c = 0xFFFF_FFFFu32;
-        for b in bytes {
-            c ^= u32::from(*b);
-            for _ in 0..8 {
-                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
-            }
-        }
-        !c
-    }
-    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut chunk = |kind: &[u8], data: &[u8]| {
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        let mut body = kind.to_vec();
-        body.extend_from_slice(data);
-        out.extend_from_slice(&body);
-        out.extend_from_slice(&crc32(&body).to_be_bytes());
-    };
-    let mut ihdr = Vec::new();
-    ihdr.extend_from_slice(&w.to_be_bytes());
-    ihdr.extend_from_slice(&h.to_be_bytes());
-    ihdr.extend_from_slice(&[8, 6, 0, 0, 0]); // 8-bit RGBA
-    chunk(b"IHDR", &ihdr);
-    chunk(b"IDAT", &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01]);
-    chunk(b"IEND", &[]);
+/// A real `w` x `h` 8-bit grey PNG, all black (it compresses to almost nothing).
+fn blank_png(w: u32, h: u32) -> Vec<u8> {
+    use image::ImageEncoder;
+    let mut out = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut out)
+        .write_image(&vec![0u8; (w * h) as usize], w, h, image::ExtendedColorType::L8)
+        .unwrap();
     out
 }
 
