@@ -27,7 +27,7 @@ pub mod progress;
 use cache::{Cache, KeyParts, Manifest, MetricRecord};
 use huse_config::{Edge, Experiment};
 use huse_registry::{Entry, Registry};
-use huse_store::{self as store, MetricRow, NewRun, RunStatus, StageRunRow, StageStatus, Store};
+use huse_store::{self as store, MetricRow, RunStatus, StageRunRow, StageStatus, Store};
 use progress::Display;
 
 /// How to run.
@@ -558,17 +558,12 @@ pub async fn execute(
     let exp_id = store.experiment(&exp.name, &exp.file.display().to_string()).await?;
     let mut run_ids = Vec::new();
     for run in &exp.runs {
-        let row = NewRun {
-            name: run.name.clone(),
-            point: run.point.clone(),
-            seed: run.seed,
-            device: run.device.to_string(),
-            config_yaml: run.resolved_yaml.clone(),
-            params: run.params.clone(),
+        let row = store::Run {
             git_commit: commit.clone(),
             log: opts.run_log.clone(),
+            ..store::Run::starting(&exp.name, &run.name, &run.point, run.seed, &run.device.to_string())
         };
-        run_ids.push(store.insert_run(exp_id, &row).await?);
+        run_ids.push(store.insert_run(exp_id, &row, &run.resolved_yaml, &run.params).await?);
     }
     info!(
         "experiment `{}`: {} run(s), {} distinct stage job(s), up to {} at a time",

@@ -179,27 +179,30 @@ impl Run {
             log: r.try_get("log")?,
         })
     }
-}
 
-/// A run to record: what the scheduler knows of it when it starts.
-#[derive(Debug, Clone)]
-pub struct NewRun {
-    /// `EXPERIMENT@point/seed=N`.
-    pub name: String,
-    /// The sweep assignments (`train.beta=0.5,...`), empty without a sweep.
-    pub point: String,
-    /// The run's seed.
-    pub seed: u64,
-    /// `auto`, `cpu` or `cuda:N`.
-    pub device: String,
-    /// The resolved config as YAML.
-    pub config_yaml: String,
-    /// Every leaf of the resolved config, flattened (`train.alpha`, `seed`, ...).
-    pub params: Vec<(String, serde_json::Value)>,
-    /// The git commit of the experiment file's repository (`-dirty` when changed).
-    pub git_commit: Option<String>,
-    /// Its log file, when it runs as a cluster job.
-    pub log: Option<String>,
+    /// A run about to start, for [`Store::insert_run`]: what the scheduler knows of it. The
+    /// fields the store sets when it records the run (id, state, start, host, process id) are
+    /// left empty here; the rest (end, duration, error) come with [`Store::finish_run`].
+    pub fn starting(experiment: &str, name: &str, point: &str, seed: u64, device: &str) -> Run {
+        Run {
+            id: 0,
+            experiment: experiment.to_string(),
+            name: name.to_string(),
+            status: RunStatus::Running,
+            started_at: String::new(),
+            ended_at: None,
+            duration_s: None,
+            point: point.to_string(),
+            // The config refuses seeds above i64::MAX (the largest the database stores).
+            seed: i64::try_from(seed).unwrap_or(i64::MAX),
+            device: device.to_string(),
+            git_commit: None,
+            error: None,
+            host: None,
+            pid: None,
+            log: None,
+        }
+    }
 }
 
 /// One metric row to insert.
@@ -929,8 +932,16 @@ impl Store {
         })
     }
 
-    /// Records a new run (status `running`) with its params; returns its id.
-    pub async fn insert_run(&self, experiment_id: i64, run: &NewRun) -> Result<i64> {
+    /// Records a new run of the experiment `experiment_id` (status `running`, started now, on
+    /// this host and process) with its resolved config (YAML) and params; returns its id. Of
+    /// `run` ([`Run::starting`]) it takes the name, sweep point, seed, device, commit and log.
+    pub async fn insert_run(
+        &self,
+        experiment_id: i64,
+        run: &Run,
+        config_yaml: &str,
+        params: &[(String, serde_json::Value)],
+    ) -> Result<i64> {
         let started_at = now();
         let id = transaction!(self, |conn| {
             let id: i64 = self.q(
@@ -941,9 +952,9 @@ impl Store {
             .bind(&run.name)
             .bind(RunStatus::Running.as_str())
             .bind(&started_at)
-            .bind(&run.config_yaml)
+            .bind(config_yaml)
             .bind(&run.point)
-            .bind(i64::try_from(run.seed).context("seed out of range")?)
+            .bind(run.seed)
             .bind(&run.device)
             .bind(&run.git_commit)
             .bind(host())
@@ -952,7 +963,7 @@ impl Store {
             .fetch_one(&mut *conn)
             .await?
             .get(0);
-            for (k, v) in &run.params {
+            for (k, v) in params {
                 let (text, num) = match v {
                     serde_json::Value::String(s) => (s.clone(), s.parse::<f64>().ok()),
                     serde_json::Value::Number(n) => (n.to_string(), n.as_f64()),
@@ -1395,17 +1406,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let store = Store::open(&Location::Sqlite(d.path().join("r.sqlite")), Options::default()).await.unwrap();
         let e = store.experiment("exp", "exp.yaml").await.unwrap();
-        let run = NewRun {
-            name: "exp@a=1".into(),
-            point: "a=1".into(),
-            seed: 3,
-            device: "cpu".into(),
-            config_yaml: "name: exp\n".into(),
-            params: vec![("a".into(), serde_json::json!(1)), ("s.uses".into(), serde_json::json!("toy"))],
-            git_commit: Some("abc".into()),
-            log: None,
-        };
-        let id = store.insert_run(e, &run).await.unwrap();
+        let run = Run { git_commit: Some("abc".into()), ..Run::starting("exp", "exp@a=1", "a=1", 3, "cpu") };
+        let params = [("a".into(), serde_json::json!(1)), ("s.uses".into(), serde_json::json!("toy"))];
+        let id = store.insert_run(e, &run, "name: exp\n", &params).await.unwrap();
         let m = |key: &str, step, value| MetricRow { run_id: id, stage: "s".into(), key: key.into(), step, value };
         store.insert_metrics(&[m("loss", 1, 2.0), m("loss", 2, 1.0), m("acc", 0, f64::NAN)]).await.unwrap();
         store
