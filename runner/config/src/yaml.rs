@@ -14,7 +14,12 @@ use serde_saphyr::Spanned;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Origin {
     /// Line and column (1-based) in the experiment file.
-    File { line: u32, column: u32 },
+    File {
+        /// Line (1-based).
+        line: u32,
+        /// Column (1-based).
+        column: u32,
+    },
     /// A command-line argument such as `--set train.alpha=0.3`.
     Arg(String),
     /// Made by the runner (defaults).
@@ -24,26 +29,37 @@ pub enum Origin {
 /// A YAML value with its origin.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Node {
+    /// The value.
     pub value: Value,
+    /// Where it came from.
     pub origin: Origin,
 }
 
 /// A mapping key with its origin.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Key {
+    /// The key's text.
     pub name: String,
+    /// Where it came from.
     pub origin: Origin,
 }
 
 /// YAML values (mappings keep their order).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
+    /// `null` or `~`.
     Null,
+    /// `true` / `false`.
     Bool(bool),
+    /// An integer.
     Int(i64),
+    /// A floating-point number.
     Float(f64),
+    /// A string.
     Str(String),
+    /// A list.
     Seq(Vec<Node>),
+    /// A mapping, in the file's order.
     Map(Vec<(Key, Node)>),
 }
 
@@ -65,12 +81,16 @@ impl Value {
 /// A YAML syntax error with its position.
 #[derive(Debug, Clone)]
 pub struct SyntaxError {
+    /// Line (1-based).
     pub line: u32,
+    /// Column (1-based).
     pub column: u32,
+    /// What is wrong.
     pub message: String,
 }
 
 impl Node {
+    /// A node of `value` from `origin`.
     pub fn new(value: Value, origin: Origin) -> Self {
         Node { value, origin }
     }

@@ -36,11 +36,15 @@ impl std::str::FromStr for Format {
 /// A table cell.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Cell {
+    /// Text, left-aligned.
     Text(String),
+    /// An integer.
     Int(i64),
+    /// A number (None: missing, shown empty).
     Num(Option<f64>),
     /// mean, sample standard deviation, count
     MeanStd(f64, f64, usize),
+    /// Nothing.
     Empty,
 }
 
@@ -116,7 +120,9 @@ pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 /// A rectangular result, rendered in any [`Format`].
 #[derive(Debug, Clone, Default)]
 pub struct Table {
+    /// Column headers.
     pub headers: Vec<String>,
+    /// Rows of cells, one per header.
     pub rows: Vec<Vec<Cell>>,
 }
 

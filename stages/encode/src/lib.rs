@@ -50,6 +50,7 @@ pub const MOBILENET_V2_URL: &str = "https://download.pytorch.org/models/mobilene
 /// The stage.
 pub struct Encode;
 
+/// The image model to encode with (`image_model:`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageModelCfg {
@@ -75,6 +76,7 @@ impl Default for ImageModelCfg {
     }
 }
 
+/// The TF-IDF features of the text (`tfidf:`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TfidfCfg {
@@ -92,6 +94,7 @@ fn d_min_df() -> usize {
     2
 }
 
+/// The stage's config.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EncodeCfg {

@@ -28,6 +28,7 @@ use serde::Deserialize;
 /// The stage.
 pub struct Evaluate;
 
+/// The stage's config.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalCfg {

@@ -38,8 +38,10 @@ pub struct Ingest;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum BadRows {
+    /// Stop at the first bad row, naming its line (default).
     #[default]
     Error,
+    /// Skip bad rows and count them by reason.
     Skip,
 }
 
@@ -289,7 +291,9 @@ impl Stage for Ingest {
 
 /// What ingest produced.
 pub struct Ingested {
+    /// The kept items, in file order.
     pub items: Vec<Item>,
+    /// The class hierarchy of the kept items.
     pub tree: ClassTree,
     /// Skipped rows by reason.
     pub skipped: BTreeMap<&'static str, usize>,

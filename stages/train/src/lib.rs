@@ -207,12 +207,19 @@ impl TrainCfg {
 /// One epoch's record.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EpochLog {
+    /// The epoch (1-based).
     pub epoch: usize,
+    /// Mean total loss over the epoch's batches.
     pub loss: f64,
+    /// Mean L_class.
     pub loss_class: f64,
+    /// Mean L_graph.
     pub loss_graph: f64,
+    /// Mean L_gap.
     pub loss_gap: f64,
+    /// The learning rate at the epoch's end.
     pub lr: f64,
+    /// The epoch's validation figures.
     pub val: EpochVal,
 }
 

@@ -12,7 +12,9 @@
 
 /// Multiplies on the CPU: f32 and f64.
 pub trait Scalar: Copy + Send + Sync + 'static {
+    /// Zero.
     const ZERO: Self;
+    /// One.
     const ONE: Self;
 }
 

@@ -28,8 +28,11 @@ pub use artifact::Artifact;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
+    /// The training split.
     Train,
+    /// The validation split (model selection).
     Val,
+    /// The test split (the reported figures).
     Test,
 }
 
@@ -49,9 +52,11 @@ pub struct Item {
     pub id: String,
     /// Absolute path of the image.
     pub image: String,
+    /// The item's text (title, description).
     pub text: String,
     /// Index of the leaf class in [`ClassTree::classes`].
     pub class: usize,
+    /// Which split it is in.
     pub split: Split,
 }
 
@@ -64,6 +69,7 @@ pub struct Class {
     pub path: Vec<String>,
     /// Index of this class's ancestor at every level in [`ClassTree::levels`].
     pub ancestors: Vec<usize>,
+    /// Items of this class.
     pub count: usize,
 }
 
@@ -79,6 +85,7 @@ pub struct Node {
 /// The class hierarchy: leaf classes (the labels) and every level's nodes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassTree {
+    /// The leaf classes (the labels), by index.
     pub classes: Vec<Class>,
     /// `levels[l]` lists the distinct path prefixes of length `l + 1`.
     pub levels: Vec<Vec<Node>>,
@@ -122,10 +129,12 @@ impl ClassTree {
         self.levels.len()
     }
 
+    /// Writes the tree as JSON (`classes.json`).
     pub fn write(&self, path: &Path) -> Result<()> {
         std::fs::write(path, serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", path.display()))
     }
 
+    /// Reads a tree written by [`ClassTree::write`].
     pub fn read(path: &Path) -> Result<Self> {
         serde_json::from_slice(&std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
             .with_context(|| format!("parsing {}", path.display()))

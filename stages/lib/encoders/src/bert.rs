@@ -12,16 +12,25 @@ use serde::Deserialize;
 /// The fields of `config.json` this encoder needs.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
+    /// Vocabulary size.
     pub vocab_size: usize,
+    /// Width of the hidden states.
     pub hidden_size: usize,
+    /// Transformer layers.
     pub num_hidden_layers: usize,
+    /// Attention heads per layer.
     pub num_attention_heads: usize,
+    /// Width of the feed-forward layer.
     pub intermediate_size: usize,
+    /// The longest input, in tokens.
     pub max_position_embeddings: usize,
+    /// Token-type (segment) vocabulary size (default 2).
     #[serde(default = "two")]
     pub type_vocab_size: usize,
+    /// Layer-norm epsilon (default 1e-12).
     #[serde(default = "eps")]
     pub layer_norm_eps: f64,
+    /// Activation of the feed-forward layer (default `gelu`).
     #[serde(default = "d_gelu")]
     pub hidden_act: String,
 }
@@ -58,6 +67,7 @@ pub struct Bert {
     embeddings: Embeddings,
     layers: Vec<Layer>,
     heads: usize,
+    /// The model's `config.json`.
     pub config: Config,
 }
 

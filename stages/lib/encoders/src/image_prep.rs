@@ -11,8 +11,9 @@ use std::path::Path;
 use anyhow::{Context as _, Result, bail};
 use candle_core::{Device, Tensor};
 
-/// ImageNet mean and standard deviation (torchvision).
+/// ImageNet per-channel mean (torchvision).
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// ImageNet per-channel standard deviation (torchvision).
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;

@@ -129,7 +129,9 @@ impl Buffers {
 
 /// Pooled features (B, 1280) and ImageNet logits (B, 1000).
 pub struct Output {
+    /// Globally average-pooled features, (B, 1280).
     pub pooled: Tensor,
+    /// ImageNet class logits, (B, 1000).
     pub logits: Tensor,
 }
 

@@ -21,7 +21,12 @@ pub enum ModelRef {
     /// A directory on disk.
     Local(PathBuf),
     /// A Hugging Face hub repository at a revision (branch, tag or commit).
-    Hub { repo: String, revision: String },
+    Hub {
+        /// `owner/name`.
+        repo: String,
+        /// Branch, tag or commit.
+        revision: String,
+    },
 }
 
 impl FromStr for ModelRef {

@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 /// A fitted TF-IDF vocabulary.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Tfidf {
+    /// The kept terms; a term's index is its column.
     pub terms: Vec<String>,
+    /// Each term's inverse document frequency.
     pub idf: Vec<f32>,
     #[serde(skip)]
     index: HashMap<String, usize>,

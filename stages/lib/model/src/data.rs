@@ -16,12 +16,19 @@ pub type CsrRows = (Vec<i64>, Vec<u32>, Vec<f32>, usize);
 
 /// All items' features and labels.
 pub struct Dataset {
+    /// The items, in `items.jsonl`'s order.
     pub items: Vec<Item>,
+    /// Each item's leaf class.
     pub labels: Vec<u32>,
+    /// Number of classes.
     pub classes: usize,
+    /// Image features, row-major items x `image_dim`.
     pub image: Vec<f32>,
+    /// Width of the image features.
     pub image_dim: usize,
+    /// Sentence-encoder text features, row-major items x `bert_dim`.
     pub bert: Vec<f32>,
+    /// Width of the text features.
     pub bert_dim: usize,
     /// CSR rows of TF-IDF (indptr, indices, values), and the vocabulary size.
     pub tfidf: Option<CsrRows>,
@@ -33,6 +40,7 @@ pub struct Dataset {
 pub struct Views {
     /// (training items x count) rows of `image_dim` values; view k of training item t at row t*count + k.
     pub rows: Vec<f32>,
+    /// Views per training item.
     pub count: usize,
     /// For each item, its ordinal among the training items (None: not a training item).
     pub slot: Vec<Option<usize>>,
@@ -181,8 +189,11 @@ impl Dataset {
 /// A sparse block of input columns: entry k is `vals[k]` at (`rows[k]`, `cols[k]`), where
 /// `cols` index the full input width (after the dense columns).
 pub struct Sparse {
+    /// Row index of each non-zero.
     pub rows: Tensor,
+    /// Column index of each non-zero (in the full input width).
     pub cols: Tensor,
+    /// Value of each non-zero.
     pub vals: Tensor,
     /// Number of sparse columns.
     pub width: usize,
@@ -190,11 +201,13 @@ pub struct Sparse {
 
 /// One batch.
 pub struct Batch {
+    /// Image features (B, image width).
     pub image: Tensor,
     /// Dense text features (BERT).
     pub text: Tensor,
     /// TF-IDF columns, appended after the dense ones.
     pub tfidf: Option<Sparse>,
+    /// Leaf class of each item (B).
     pub labels: Tensor,
 }
 

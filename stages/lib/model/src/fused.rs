@@ -30,6 +30,7 @@ fn rows_per_chunk(n: usize) -> usize {
 pub trait Element: candle_core::WithDType + Default + huse_cpu::Scalar {
     /// The contiguous data of `s` under `l`; an error for another type or a strided layout.
     fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [Self]>;
+    /// A `CpuStorage` holding `v`.
     fn storage(v: Vec<Self>) -> CpuStorage;
 }
 
@@ -252,8 +253,11 @@ pub use crate::dropout::DeviceDropout;
 /// The layer op; `relu` applies max(0, .) to the output, then `mask` (dropout: 0 or
 /// 1/(1-p) per output element; on a GPU `device_mask`) multiplies it.
 pub struct DenseOp {
+    /// Apply ReLU to the output.
     pub relu: bool,
+    /// Dropout mask on the CPU (None: no dropout).
     pub mask: Option<Vec<f32>>,
+    /// Dropout on a GPU (None: no dropout).
     pub device_mask: Option<DeviceDropout>,
 }
 
@@ -444,6 +448,7 @@ impl DenseOp {
 /// its row. Non-zeros are visited by column, so the strided reads of W's columns share cache
 /// lines, and the gradient of those columns is gathered the same way.
 pub struct SparseDenseOp {
+    /// Apply ReLU to the output.
     pub relu: bool,
     /// Dropout mask on the output, as in [`DenseOp`].
     pub mask: Option<Vec<f32>>,
@@ -739,7 +744,9 @@ pub fn chaining() -> bool {
 
 /// The first layer of a [`TowerOp`]: the op's own three inputs (x, W, b) go through it.
 pub enum FirstLayer {
+    /// A dense first layer (image input, or text without TF-IDF).
     Dense(DenseOp),
+    /// A first layer over dense + sparse TF-IDF columns.
     Sparse(SparseDenseOp),
 }
 
@@ -756,6 +763,7 @@ pub struct TowerOp {
 }
 
 impl TowerOp {
+    /// The op of a tower whose first layer is `first`, followed by `rest`.
     pub fn new(first: FirstLayer, rest: Vec<(DenseOp, Tensor, Tensor)>) -> Self {
         TowerOp { first, rest, saved: std::sync::Mutex::new(Vec::new()) }
     }

@@ -82,9 +82,13 @@ impl Default for LossConfig {
 
 /// The loss components of one batch (scalars).
 pub struct Losses {
+    /// L_class: cross-entropy of both towers' class predictions.
     pub class: Tensor,
+    /// L_graph: the semantic-graph loss.
     pub graph: Tensor,
+    /// L_gap: the cross-modal gap loss.
     pub gap: Tensor,
+    /// alpha L_class + beta L_graph + gamma L_gap.
     pub total: Tensor,
 }
 
@@ -289,11 +293,15 @@ pub fn graph_loss_block_ops(
 pub struct GraphBlock {
     /// The class distance matrix A, row-major `classes` x `classes`.
     pub a: Vec<f64>,
+    /// Number of classes (the side of `a`).
     pub classes: usize,
     /// Labels of the rows (y_i) and of the columns (y_j).
     pub rows: Vec<u32>,
+    /// Labels of the columns (y_j).
     pub cols: Vec<u32>,
+    /// The margin zeta.
     pub zeta: f64,
+    /// Add the hinge term for unrelated pairs.
     pub hinge: bool,
 }
 

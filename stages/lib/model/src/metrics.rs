@@ -19,17 +19,22 @@ use huse_data::ClassTree;
 
 /// Row-major matrix view.
 pub struct Rows<'a> {
+    /// The values, row-major.
     pub data: &'a [f32],
+    /// Values per row.
     pub dim: usize,
 }
 
 impl Rows<'_> {
+    /// Number of rows.
     pub fn len(&self) -> usize {
         self.data.len() / self.dim
     }
+    /// True when there are no rows.
     pub fn is_empty(&self) -> bool {
         self.data.is_empty()
     }
+    /// Row `i`.
     pub fn row(&self, i: usize) -> &[f32] {
         &self.data[i * self.dim..(i + 1) * self.dim]
     }

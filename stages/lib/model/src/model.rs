@@ -49,16 +49,22 @@ impl Default for Shape {
 /// (flattened, so `model.json` keeps one flat object).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HuseConfig {
+    /// Width of the image input (pooled image features).
     pub image_input: usize,
+    /// Width of the text input (sentence features, plus TF-IDF columns).
     pub text_input: usize,
+    /// Number of classes (the classifier's outputs).
     pub classes: usize,
+    /// The towers' shape.
     #[serde(flatten)]
     pub shape: Shape,
 }
 
 /// A linear layer over `Var`s.
 pub struct Dense {
+    /// Weight, (out, in) as PyTorch's `nn.Linear`.
     pub weight: Var,
+    /// Bias, (out).
     pub bias: Var,
 }
 
@@ -101,7 +107,9 @@ impl Dense {
 
 /// One tower: hidden layers, then the embedding layer.
 pub struct Tower {
+    /// The hidden layers (ReLU, dropout).
     pub hidden: Vec<Dense>,
+    /// The embedding layer.
     pub out: Dense,
 }
 
@@ -121,9 +129,13 @@ impl Chained<'_> {
 
 /// The HUSE model.
 pub struct Huse {
+    /// Its shape.
     pub config: HuseConfig,
+    /// The image tower.
     pub image: Tower,
+    /// The text tower.
     pub text: Tower,
+    /// The shared classifier over both towers' embeddings.
     pub shared: Dense,
 }
 
@@ -480,20 +492,28 @@ impl Huse {
 /// What `model.json` holds: enough to rebuild and use the model.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelMeta {
+    /// The network's shape.
     pub network: HuseConfig,
+    /// Whether the text input has TF-IDF columns.
     pub use_tfidf: bool,
     /// Image weight of the fused prediction.
     pub fusion_weight: f32,
+    /// The epoch whose model was kept.
     pub best_epoch: usize,
+    /// That epoch's validation figures.
     pub val: EpochVal,
 }
 
 /// Validation figures of one epoch.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct EpochVal {
+    /// Validation accuracy of the image tower.
     pub acc_image: f64,
+    /// Validation accuracy of the text tower.
     pub acc_text: f64,
+    /// Validation accuracy of the fused prediction.
     pub acc_both: f64,
+    /// The image weight of the fused prediction.
     pub fusion_weight: f32,
 }
 

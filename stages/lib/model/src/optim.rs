@@ -18,25 +18,36 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "name", rename_all = "lowercase", deny_unknown_fields)]
 pub enum OptimizerConfig {
+    /// RMSProp as PyTorch's `torch.optim.RMSprop` (the paper's optimiser).
     Rmsprop {
+        /// Learning rate (default: the paper's 1.6192e-5).
         #[serde(default = "paper_lr")]
         lr: f64,
+        /// Momentum (default 0.9).
         #[serde(default = "d_momentum")]
         momentum: f64,
+        /// Smoothing constant of the squared-gradient average (PyTorch's `alpha`, default 0.99).
         #[serde(default = "d_rho")]
         rho: f64,
+        /// Added to the denominator (default 1e-8).
         #[serde(default = "d_eps")]
         eps: f64,
     },
+    /// AdamW as PyTorch's `torch.optim.AdamW`.
     Adamw {
+        /// Learning rate (default 0.001).
         #[serde(default = "adam_lr")]
         lr: f64,
+        /// Decay of the first moment (default 0.9).
         #[serde(default = "d_b1")]
         beta1: f64,
+        /// Decay of the second moment (default 0.999).
         #[serde(default = "d_b2")]
         beta2: f64,
+        /// Added to the denominator (default 1e-8).
         #[serde(default = "d_eps")]
         eps: f64,
+        /// Decoupled weight decay (default 0.01).
         #[serde(default = "d_wd")]
         weight_decay: f64,
     },
@@ -93,16 +104,19 @@ pub struct Optimizer {
 }
 
 impl Optimizer {
+    /// An optimiser of `vars` with `config`'s settings.
     pub fn new(vars: Vec<Var>, config: OptimizerConfig) -> Result<Self> {
         let state = vars.iter().map(|v| Ok((v.zeros_like()?, v.zeros_like()?))).collect::<Result<_>>()?;
         let lr = config.lr();
         Ok(Optimizer { config, vars, state, lr, step: 0 })
     }
 
+    /// Sets the learning rate of the next steps (schedules).
     pub fn set_learning_rate(&mut self, lr: f64) {
         self.lr = lr;
     }
 
+    /// The learning rate of the next step.
     pub fn learning_rate(&self) -> f64 {
         self.lr
     }
@@ -196,6 +210,7 @@ impl Optimizer {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
+    /// The learning rate stays as set.
     #[default]
     Constant,
     /// Linear warmup over `warmup_steps`, then cosine decay to 0 at the last step.

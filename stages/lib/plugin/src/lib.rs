@@ -39,7 +39,9 @@ pub struct PluginTable {
     pub abi_version: u32,
     /// The plugin's own version (NUL-terminated, static).
     pub plugin_version: *const c_char,
+    /// Number of stage kinds in `stages`.
     pub n_stages: usize,
+    /// The stage kinds (`n_stages` of them).
     pub stages: *const StageVTable,
     /// Frees a string this plugin returned.
     pub free_string: extern "C" fn(*mut c_char),
@@ -48,14 +50,18 @@ pub struct PluginTable {
 /// One stage kind of a plugin. Static strings are NUL-terminated and live as long as the library.
 #[repr(C)]
 pub struct StageVTable {
+    /// The kind `uses:` names.
     pub kind: *const c_char,
+    /// The stage's version (part of its cache key).
     pub version: *const c_char,
+    /// A one-line description.
     pub describe: *const c_char,
     /// JSON `[{"name": .., "required": .., "many": ..}]`.
     pub inputs_json: *const c_char,
     /// JSON `[{"name": .., "about": .., "summary": .., "attachment": ..}]` (the flags may be
     /// absent: false; added within ABI version 1, so older plugins still load).
     pub outputs_json: *const c_char,
+    /// Whether the stage's outputs depend on the run's seed (part of its cache key).
     pub uses_seed: bool,
     /// Config JSON in; null when valid, else JSON `{"path": [..], "message": ..}` (plugin-owned).
     pub validate: extern "C" fn(stage: usize, config_json: *const c_char) -> *mut c_char,
@@ -68,21 +74,31 @@ pub struct StageVTable {
 /// The context of one `run` call; every pointer is the host's and valid during the call.
 #[repr(C)]
 pub struct RunContext {
+    /// The stage's name in the experiment.
     pub name: *const c_char,
+    /// Its config (the `with:` block) as JSON.
     pub config_json: *const c_char,
     /// JSON `{"artifact": [["stage", "path"], ..]}`.
     pub inputs_json: *const c_char,
+    /// The folder its outputs go to.
     pub out_dir: *const c_char,
+    /// A folder of its own that survives interruptions (checkpoints).
     pub work_dir: *const c_char,
     /// `auto`, `cpu` or `cuda:N`.
     pub device: *const c_char,
+    /// The run's seed.
     pub seed: u64,
+    /// The host's handle: pass it back to the callbacks.
     pub host: *const c_void,
+    /// Logs a metric value at a step.
     pub log_metric: extern "C" fn(host: *const c_void, key: *const c_char, step: i64, value: f64),
     /// `total` < 0: unknown.
     pub progress_start: extern "C" fn(host: *const c_void, phase: *const c_char, total: i64, unit: *const c_char),
+    /// Advances the progress bar by `n`.
     pub progress_inc: extern "C" fn(host: *const c_void, n: u64),
+    /// Sets the progress bar's message.
     pub progress_message: extern "C" fn(host: *const c_void, msg: *const c_char),
+    /// True once the run is cancelled (Ctrl-C): stop and return [`CANCELLED`].
     pub is_cancelled: extern "C" fn(host: *const c_void) -> bool,
     /// The stage's thread budget (ABI 2): the plugin runs the stage in a rayon pool of its
     /// own of this size (the plugin's rayon is not the host's).
