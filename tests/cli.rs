@@ -624,7 +624,7 @@ fn the_docs_links_commands_and_experiments_hold() {
     assert!(docs.len() >= 6, "README and the docs: {docs:?}");
     let sb = Sandbox::new();
     let mut problems = Vec::new();
-    let mut checked = (0, 0, 0);
+    let mut checked = (0, 0, 0, 0);
     let mut helped = std::collections::BTreeSet::new();
     for doc in &docs {
         let text = std::fs::read_to_string(doc).unwrap();
@@ -729,6 +729,23 @@ fn the_docs_links_commands_and_experiments_hold() {
                         ));
                     }
                 } else if first.chars().all(|c| c.is_ascii_lowercase() || c == '-') && !first.is_empty() {
+                    // The whole line, flags and values, as the parser sees it (placeholders such as
+                    // RUN_ID or <dir> aside: their command is checked by its --help below).
+                    let placeholder = |a: &&str| {
+                        a.contains("...")
+                            || a.starts_with('[')
+                            || a.contains('<')
+                            || (a.len() >= 2
+                                && a.chars().any(|c| c.is_ascii_uppercase())
+                                && a.chars()
+                                    .all(|c| c.is_ascii_uppercase() || c == '_' || c.is_ascii_digit() || c == '-'))
+                    };
+                    if !args.iter().any(placeholder) {
+                        checked.3 += 1;
+                        if let Err(e) = huse_run::cli::parses(&args) {
+                            problems.push(format!("{shown}: `{}` does not parse: {e}", line.trim()));
+                        }
+                    }
                     let sub = if ["db", "cache"].contains(first) {
                         format!("{first} {}", args.get(k + 1).unwrap_or(&""))
                     } else {
@@ -751,7 +768,11 @@ fn the_docs_links_commands_and_experiments_hold() {
         }
     }
     assert!(problems.is_empty(), "{} problem(s):\n{}", problems.len(), problems.join("\n"));
-    assert!(checked.0 >= 15 && checked.1 >= 15 && checked.2 >= 1, "checked links, commands, experiments: {checked:?}");
+    eprintln!("checked links, commands, experiments, parsed lines: {checked:?}");
+    assert!(
+        checked.0 >= 15 && checked.1 >= 15 && checked.2 >= 1 && checked.3 >= 20,
+        "checked links, commands, experiments, parsed lines: {checked:?}"
+    );
 }
 
 /// GitHub's anchor of a heading: lower case, spaces to `-`, punctuation but `-` and `_` dropped.

@@ -24,6 +24,12 @@ struct Cli {
     global: Global,
 }
 
+/// Whether `args` (without the program name) parse as a command line, and clap's message
+/// when they do not. Nothing runs: the docs' check of their command examples uses it.
+pub fn parses(args: &[&str]) -> std::result::Result<(), String> {
+    Cli::try_parse_from(std::iter::once("huse-run").chain(args.iter().copied())).map(|_| ()).map_err(|e| e.to_string())
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run an experiment (the default command).

@@ -51,7 +51,7 @@ pub const MOBILENET_V2_URL: &str = "https://download.pytorch.org/models/mobilene
 pub struct Encode;
 
 /// The image model to encode with (`image_model:`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImageModelCfg {
     /// Architecture name (`mobilenet_v2`).
@@ -77,7 +77,7 @@ impl Default for ImageModelCfg {
 }
 
 /// The TF-IDF features of the text (`tfidf:`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TfidfCfg {
     /// The most frequent words kept as TF-IDF columns (default 4096).
@@ -95,7 +95,7 @@ fn d_min_df() -> usize {
 }
 
 /// The stage's config.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EncodeCfg {
     /// The image model: architecture, checkpoint, download URL.
@@ -126,7 +126,7 @@ pub struct EncodeCfg {
 /// `views:`: `count` augmented views of each training image, encoded next to the clean
 /// one: torchvision's `ColorJitter(brightness, contrast, saturation, hue)` and a horizontal
 /// flip with probability `hflip`, drawn per (seed, item id, view number).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ViewsCfg {
     /// Views per training image.
@@ -224,6 +224,9 @@ impl Stage for Encode {
     }
     fn describe(&self) -> &str {
         "frozen MobileNetV2 image features, BERT last-4-layer text features, TF-IDF (fitted on train)"
+    }
+    fn config_schema(&self) -> Option<serde_json::Value> {
+        Some(schemars::schema_for!(EncodeCfg).to_value())
     }
     fn inputs(&self) -> Vec<Input> {
         vec![Input::one(Artifact::Items)]

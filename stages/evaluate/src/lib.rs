@@ -29,7 +29,7 @@ use serde::Deserialize;
 pub struct Evaluate;
 
 /// The stage's config.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EvalCfg {
     /// The K of Recall@K (default 1, 5, 10).
@@ -78,6 +78,9 @@ impl Stage for Evaluate {
     }
     fn describe(&self) -> &str {
         "the paper's Tables 1-3 (Recall@K, HP@K, accuracy) on the test split"
+    }
+    fn config_schema(&self) -> Option<serde_json::Value> {
+        Some(schemars::schema_for!(EvalCfg).to_value())
     }
     fn headline(&self) -> Vec<String> {
         // Accuracy, cross-modal R@1 both ways, HP@5 text -> image, and the own-pair R@10

@@ -22,7 +22,7 @@ use serde::Deserialize;
 /// `graph`: A from sentence embeddings of the class-path levels.
 pub struct SentenceGraph;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct SentenceCfg {
     /// Sentence encoder: a local directory or `hf:org/name[@revision]`.
@@ -32,7 +32,7 @@ struct SentenceCfg {
 /// `graph-tree`: A from the class tree alone.
 pub struct TreeGraph;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct TreeCfg {}
 
@@ -88,6 +88,9 @@ impl Stage for SentenceGraph {
     }
     fn describe(&self) -> &str {
         "class-distance matrix from sentence embeddings of each class-path level"
+    }
+    fn config_schema(&self) -> Option<serde_json::Value> {
+        Some(schemars::schema_for!(SentenceCfg).to_value())
     }
     fn inputs(&self) -> Vec<Input> {
         vec![Input::one(Artifact::Classes)]
@@ -175,6 +178,9 @@ impl Stage for TreeGraph {
     }
     fn describe(&self) -> &str {
         "class-distance matrix from the depth of the lowest common ancestor"
+    }
+    fn config_schema(&self) -> Option<serde_json::Value> {
+        Some(schemars::schema_for!(TreeCfg).to_value())
     }
     fn inputs(&self) -> Vec<Input> {
         vec![Input::one(Artifact::Classes)]

@@ -8,7 +8,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 /// `clean:` in ingest's config. Every switch is off unless set.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct CleanCfg {
     /// Remove HTML tags (`<b>`, `<br/>`) and decode entities (`&amp;`, `&#39;`, `&eacute;`).

@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 /// The `download:` block of the ingest config.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DownloadCfg {
     /// Where downloaded images go (shared by every run that reads the same URLs).

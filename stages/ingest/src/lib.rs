@@ -35,7 +35,7 @@ use serde::Deserialize;
 pub struct Ingest;
 
 /// What to do with a bad row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BadRows {
     /// Stop at the first bad row, naming its line (default).
@@ -46,7 +46,7 @@ pub enum BadRows {
 }
 
 /// How thoroughly images are checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CheckImages {
     /// Decode every image (finds corrupt files up front).
@@ -57,7 +57,7 @@ pub enum CheckImages {
 }
 
 /// Split ratios and seed.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct SplitCfg {
     /// Share of each class for training.
@@ -77,7 +77,7 @@ impl Default for SplitCfg {
 }
 
 /// The stage's config (`with:`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IngestCfg {
     /// Dataset directory.
@@ -151,7 +151,7 @@ pub struct IngestCfg {
     pub allow_outside_root: bool,
 }
 /// What to do with a class path shorter than `class_levels`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ClassPad {
     /// Treat the row as bad (`bad_rows` decides: error or skip).
@@ -261,6 +261,9 @@ impl Stage for Ingest {
     }
     fn describe(&self) -> &str {
         "product table + images -> items with class paths, stratified split, class tree"
+    }
+    fn config_schema(&self) -> Option<serde_json::Value> {
+        Some(schemars::schema_for!(IngestCfg).to_value())
     }
     fn outputs(&self) -> Vec<Output> {
         vec![Output::new(Artifact::Items, "one item per line"), Output::new(Artifact::Classes, "the class hierarchy")]

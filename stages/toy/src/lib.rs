@@ -67,11 +67,13 @@ fn timed(ctx: &Context, f: impl FnOnce() -> Result<(), StageError>) -> Result<()
 /// `toy-source`: writes the integers `0..count`.
 pub struct Source;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct SourceCfg {
+    /// How many integers to write (default 10).
     #[serde(default = "ten")]
     count: u32,
+    /// Seconds to sleep first (checking cancellation).
     #[serde(default)]
     seconds: f64,
 }
@@ -88,6 +90,9 @@ impl Stage for Source {
     }
     fn describe(&self) -> &str {
         "writes the integers 0..count (toy stage for tests and examples)"
+    }
+    fn config_schema(&self) -> Option<serde_json::Value> {
+        Some(schemars::schema_for!(SourceCfg).to_value())
     }
     fn outputs(&self) -> Vec<Output> {
         vec![Output::new("numbers.json", "JSON list of numbers"), Output::new("timing.json", "start/end times")]
@@ -112,13 +117,16 @@ impl Stage for Source {
 /// `toy-scale`: `factor * x + offset` for every upstream number.
 pub struct Scale;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct ScaleCfg {
+    /// The factor (default 1).
     #[serde(default = "one")]
     factor: f64,
+    /// Added after scaling.
     #[serde(default)]
     offset: f64,
+    /// Seconds to sleep first (checking cancellation).
     #[serde(default)]
     seconds: f64,
     /// Log this many steps of a fake, decreasing `loss` metric.
@@ -152,6 +160,9 @@ impl Stage for Scale {
     }
     fn describe(&self) -> &str {
         "scales upstream numbers; can sleep, log fake metrics or fail (toy stage)"
+    }
+    fn config_schema(&self) -> Option<serde_json::Value> {
+        Some(schemars::schema_for!(ScaleCfg).to_value())
     }
     fn inputs(&self) -> Vec<Input> {
         vec![Input::one("numbers.json")]
@@ -197,6 +208,11 @@ impl Stage for Scale {
 /// `toy-sum`: sums every upstream `scaled` list.
 pub struct Sum;
 
+/// `toy-sum` takes no settings.
+#[derive(Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct SumCfg {}
+
 impl Stage for Sum {
     fn kind(&self) -> &str {
         "toy-sum"
@@ -216,11 +232,11 @@ impl Stage for Sum {
     fn outputs(&self) -> Vec<Output> {
         vec![Output::new("sum.json", "the total"), Output::new("timing.json", "start/end times")]
     }
+    fn config_schema(&self) -> Option<serde_json::Value> {
+        Some(schemars::schema_for!(SumCfg).to_value())
+    }
     fn validate(&self, config: &Config) -> Result<(), ConfigError> {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Empty {}
-        parse_config::<Empty>(config).map(|_| ())
+        parse_config::<SumCfg>(config).map(|_| ())
     }
     fn run(&self, ctx: &Context, _config: &Config, inputs: &Inputs) -> Result<(), StageError> {
         timed(ctx, || {

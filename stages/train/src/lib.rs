@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 pub struct Train;
 
 /// How the two modalities' softmax outputs are averaged.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum Fusion {
     /// The image weight in [0, 1].
@@ -51,7 +51,7 @@ pub enum Fusion {
 }
 
 /// The stage's config.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainCfg {
     /// Weight of the classification loss (default: [`LossConfig::default`], as every loss setting).
@@ -248,6 +248,9 @@ impl Stage for Train {
     }
     fn describe(&self) -> &str {
         "trains the HUSE towers with alpha*L_class + beta*L_graph + gamma*L_gap"
+    }
+    fn config_schema(&self) -> Option<serde_json::Value> {
+        Some(schemars::schema_for!(TrainCfg).to_value())
     }
     fn headline(&self) -> Vec<String> {
         vec!["val.best.acc.both".into()]

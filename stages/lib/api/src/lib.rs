@@ -95,6 +95,12 @@ pub trait Stage: Send + Sync {
     fn headline(&self) -> Vec<String> {
         Vec::new()
     }
+    /// The keys of its `with:` block as a JSON Schema — each key's type, default and `///`
+    /// doc (`schemars::schema_for!(Cfg)`) — for `huse-run list --config KIND`. None: the
+    /// stage does not describe them.
+    fn config_schema(&self) -> Option<serde_json::Value> {
+        None
+    }
     /// Checks the config without running anything. Called for every run before any stage starts.
     fn validate(&self, config: &Config) -> Result<(), ConfigError>;
     /// Files and directories outside the cache that the stage reads for this config.

@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 
 /// Jitter strengths, as `ColorJitter(brightness, contrast, saturation, hue)` takes them,
 /// and the horizontal flip probability.
-#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Jitter {
     /// Factor drawn from `[max(0, 1 - b), 1 + b]`; 0 leaves brightness alone.

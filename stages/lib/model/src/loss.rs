@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::fused::{Element, gemm};
 
 /// Which graph-loss formula.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum GraphVariant {
     /// Eqs. 9-11 as printed: pairs outside the margin are switched off.
@@ -35,7 +35,7 @@ pub enum GraphVariant {
 }
 
 /// Which pairs the graph loss looks at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum GraphPairs {
     /// image-image and text-text.
@@ -50,7 +50,7 @@ pub enum GraphPairs {
 /// Loss weights and graph-loss settings. Their defaults — the paper's alpha 1, beta 0.5,
 /// gamma 0.5 and our zeta 0.5 — are written once, in [`LossConfig::default`], which the
 /// train stage's config also reads.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct LossConfig {
     /// Weight of the classification loss.

@@ -24,7 +24,7 @@ use crate::data::Sparse;
 
 /// The paper's network shape: the part of the config a user chooses (train's
 /// `with: { model: ... }`). The one place its defaults are written.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Shape {
     /// Embedding size (paper: 512).

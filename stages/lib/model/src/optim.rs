@@ -15,7 +15,7 @@ use candle_core::{Tensor, Var, backprop::GradStore};
 use serde::{Deserialize, Serialize};
 
 /// Optimiser settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "name", rename_all = "lowercase", deny_unknown_fields)]
 pub enum OptimizerConfig {
     /// RMSProp as PyTorch's `torch.optim.RMSprop` (the paper's optimiser).
@@ -207,7 +207,7 @@ impl Optimizer {
 }
 
 /// Learning-rate schedule.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
     /// The learning rate stays as set.
