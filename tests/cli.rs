@@ -277,6 +277,13 @@ fn sigint_marks_the_run_interrupted_and_a_rerun_completes() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     std::thread::sleep(std::time::Duration::from_millis(300));
+    // `show` of the running run: how long so far, which stage runs and which waits (not NaN).
+    let shown = sb.run(&["show", "1"]).expect(0).stdout();
+    assert!(shown.contains("so far (running)") && !shown.contains("NaN"), "{shown}");
+    let line = |k: &str| shown.lines().find(|l| l.contains(k)).unwrap_or_default().to_string();
+    assert!(line("running now").contains("mid"), "{shown}");
+    let json = sb.run(&["show", "1", "-f", "json"]).expect(0).stdout();
+    assert!(json.contains("\"running now\"") && json.contains("\"mid\""), "{json}");
     let kill = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(kill.success());
     let out = child.wait_with_output().unwrap();

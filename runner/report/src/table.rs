@@ -391,7 +391,13 @@ pub async fn show(store: &Store, id: i64) -> Result<Vec<(String, Table)>> {
         ("name", Cell::Text(r.name.clone())),
         ("status", Cell::Text(r.status.to_string())),
         ("started", Cell::Text(r.started_at.clone())),
-        ("duration_s", Cell::Num(r.duration_s)),
+        (
+            "duration_s",
+            match r.running_for_s() {
+                Some(s) => Cell::Text(format!("{} so far (running)", fmt_num(s))),
+                None => r.duration_s.map_or(Cell::Empty, |d| Cell::Num(Some(d))),
+            },
+        ),
         ("seed", Cell::Int(r.seed)),
         ("sweep point", Cell::Text(r.point.clone())),
         ("git commit", Cell::Text(r.git_commit.clone().unwrap_or_default())),

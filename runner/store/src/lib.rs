@@ -180,6 +180,16 @@ impl Run {
         })
     }
 
+    /// Seconds it has been running, for a run still `running` (from its start to now);
+    /// None for a finished run (see `duration_s`) or an unreadable start.
+    pub fn running_for_s(&self) -> Option<f64> {
+        if self.status != RunStatus::Running {
+            return None;
+        }
+        let start = chrono::DateTime::parse_from_rfc3339(&self.started_at).ok()?;
+        Some((chrono::Utc::now() - start.with_timezone(&chrono::Utc)).num_milliseconds() as f64 / 1000.0)
+    }
+
     /// A run about to start, for [`Store::insert_run`]: what the scheduler knows of it. The
     /// fields the store sets when it records the run (id, state, start, host, process id) are
     /// left empty here; the rest (end, duration, error) come with [`Store::finish_run`].
