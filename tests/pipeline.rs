@@ -371,7 +371,8 @@ fn serve_answers_as_search_does(sb: &Sandbox, item: &serde_json::Value) {
     assert!(addr.starts_with("127.0.0.1:"), "localhost by default: {addr}");
 
     let title = item["text"].as_str().unwrap();
-    let cli = sb.run(&["search", "1", "--text", title, "-k", "12", "-f", "csv"]).expect(0).stdout();
+    // The page shows as many results as the command does by default (10).
+    let cli = sb.run(&["search", "1", "--text", title, "-f", "csv"]).expect(0).stdout();
     let cli_ids: Vec<String> = cli.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().to_string()).collect();
     let q: String = title
         .bytes()
@@ -405,7 +406,10 @@ fn serve_answers_as_search_does(sb: &Sandbox, item: &serde_json::Value) {
     };
     let dom = String::from_utf8_lossy(&chromium(&["--dump-dom".to_string()]).stdout).into_owned();
     assert_eq!(tile_ids(&dom), cli_ids, "the browser's DOM shows the same results");
-    assert!(dom.contains(&format!("data-id=\"{}\"", cli_ids[0])) && dom.contains("<img src=\"/img/0/"));
+    assert_eq!(cli_ids.len(), 10);
+    // Tiles link to the item's page and image by the id they show.
+    assert!(dom.contains(&format!("data-id=\"{}\"", cli_ids[0])), "{dom}");
+    assert!(dom.contains(&format!("<a href=\"/item/0/{0}\"><img src=\"/img/0/{0}\"", cli_ids[0])), "{dom}");
     let shot = sb.path().join("serve.png");
     assert!(chromium(&[format!("--screenshot={}", shot.display())]).status.success());
     let img = image::open(&shot).unwrap().to_rgb8();
@@ -413,19 +417,20 @@ fn serve_answers_as_search_does(sb: &Sandbox, item: &serde_json::Value) {
     assert!(colours.len() > 200, "the page shows product photos ({} colours)", colours.len());
 
     // The item page shows neighbours in both modalities.
-    let (status, page) = get(&addr, "/item/0/0");
+    let (status, page) = get(&addr, &format!("/item/0/{}", cli_ids[0]));
     assert_eq!(status, 200);
     assert!(
         page.contains("nearest images to its image")
             && page.contains("nearest texts to its text")
-            && tile_ids(&page).len() == 48,
+            && page.contains(&format!("id {}", cli_ids[0]))
+            && tile_ids(&page).len() == 40,
         "{page}"
     );
     // A photo upload works; bad requests get a clear 4xx and nothing else.
     let photo = std::fs::read(item["image"].as_str().unwrap()).unwrap();
     let (status, html) = upload(&addr, "p.jpg", &photo);
     assert_eq!(status, 200, "{html}");
-    assert_eq!(tile_ids(&html).len(), 12);
+    assert_eq!(tile_ids(&html).len(), 10);
     let (status, body) = upload(&addr, "notes.txt", b"not an image at all");
     assert_eq!(status, 415, "{body}");
     assert!(body.contains("not a JPEG or PNG image"));
@@ -438,6 +443,7 @@ fn serve_answers_as_search_does(sb: &Sandbox, item: &serde_json::Value) {
         assert!(!body.contains("root:"), "{bad} must not leak a file");
     }
     assert_eq!(get(&addr, "/img/0/999999").0, 404);
+    assert_eq!(get(&addr, "/item/0/no-such-id").0, 404);
     assert_eq!(get(&addr, "/search?q=").0, 400);
     // A decompression bomb (the report's: a blank 14000 x 14000 PNG, a couple of hundred KB
     // that decode to 196 MB of grey and 588 MB of RGB), four at once: refused from its

@@ -35,8 +35,8 @@ pub const MAX_DECODES: usize = 2;
 pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Connections open at once; one more is closed at once.
 pub const MAX_CONNECTIONS: usize = 256;
-/// Results per run.
-const K: usize = 12;
+/// Results per run: as many as `huse-run search` shows by default.
+const K: usize = 10;
 
 /// One run to serve.
 pub struct RunView {
@@ -46,6 +46,9 @@ pub struct RunView {
     pub searcher: Searcher,
     /// The folder its item images live in (canonical); nothing outside it is served.
     pub image_root: PathBuf,
+    /// Each item's position by its id (the id column's value, which the pages show and
+    /// their addresses use).
+    by_id: std::collections::HashMap<String, usize>,
 }
 
 impl RunView {
@@ -62,7 +65,11 @@ impl RunView {
         let root = root.context("the run has no items")?;
         let image_root =
             std::fs::canonicalize(&root).with_context(|| format!("the image folder {}", root.display()))?;
-        Ok(RunView { label, searcher, image_root })
+        let mut by_id = std::collections::HashMap::new();
+        for (i, it) in searcher.items().iter().enumerate() {
+            by_id.entry(it.id.clone()).or_insert(i);
+        }
+        Ok(RunView { label, searcher, image_root, by_id })
     }
 }
 
@@ -213,10 +220,10 @@ fn grid(run: usize, hits: &[Hit]) -> String {
     for (rank, h) in hits.iter().enumerate() {
         s.push_str(&format!(
             "<div class=\"hit\" data-id=\"{id}\" data-rank=\"{r}\"><a href=\"/item/{run}/{ix}\"><img src=\"/img/{run}/{ix}\" alt=\"{title}\" loading=\"lazy\"></a>\
-             <div>{r}. {title}</div><div class=\"cls\">{cls}</div><div class=\"dist\">distance {d:.4}</div></div>",
+             <div>{r}. {title}</div><div class=\"cls\">{cls}</div><div class=\"cls\">id {id}</div><div class=\"dist\">distance {d:.4}</div></div>",
             id = esc(&h.id),
             r = rank + 1,
-            ix = h.index,
+            ix = esc(&url_enc(&h.id)),
             title = esc(&h.title),
             cls = esc(&h.class),
             d = h.distance
@@ -340,14 +347,18 @@ async fn search_image(State(runs): State<Runs>, mut form_data: Multipart) -> Res
     Ok(page("photo search", &format!("{}{body}", form("", modality))))
 }
 
-/// `run` and `item` from the URL, as numbers in range.
+/// The run (its position on the page) and the item (its id) of an address, as positions.
 fn locate(runs: &Runs, run: &str, item: &str) -> Result<(usize, usize), Problem> {
-    let bad = || Problem(StatusCode::BAD_REQUEST, format!("bad item address /{run}/{item}: expected two numbers"));
-    let (r, i): (usize, usize) = (run.parse().map_err(|_| bad())?, item.parse().map_err(|_| bad())?);
-    let view = runs.get(r).ok_or_else(|| Problem(StatusCode::NOT_FOUND, format!("no run {r}")))?;
-    if i >= view.searcher.items().len() {
-        return Err(Problem(StatusCode::NOT_FOUND, format!("no item {i} in run {r}")));
+    let r: usize = run.parse().map_err(|_| {
+        Problem(StatusCode::BAD_REQUEST, format!("bad item address /{run}/{item}: expected a run number"))
+    })?;
+    if item.contains('/') || item.contains("..") || item.chars().any(char::is_control) {
+        return Err(Problem(StatusCode::BAD_REQUEST, format!("bad item id `{}`", item.escape_default())));
     }
+    let view = runs.get(r).ok_or_else(|| Problem(StatusCode::NOT_FOUND, format!("no run {r}")))?;
+    let i = *view.by_id.get(item).ok_or_else(|| {
+        Problem(StatusCode::NOT_FOUND, format!("no item with id `{}` in run {r}", item.escape_default()))
+    })?;
     Ok((r, i))
 }
 
@@ -360,8 +371,9 @@ async fn item_page(
     let s = &view.searcher;
     let it = &s.items()[i];
     let mut body = format!(
-        "{}<div class=\"hit\" style=\"width:300px\"><img src=\"/img/{r}/{i}\" style=\"width:292px;height:360px\"><div><b>{}</b></div><div class=\"cls\">{}</div><div>id {} · {:?}</div></div>",
+        "{}<div class=\"hit\" style=\"width:300px\"><img src=\"/img/{r}/{}\" style=\"width:292px;height:360px\"><div><b>{}</b></div><div class=\"cls\">{}</div><div>id {} · {:?}</div></div>",
         form("", Modality::Image),
+        esc(&url_enc(&it.id)),
         esc(&it.text),
         esc(s.class_name(it.class)),
         esc(&it.id),
