@@ -388,9 +388,18 @@ fn show_compare_and_best_in_all_formats() {
     let cmp = sb.run(&["compare", "1", "4", "-f", "csv", "-m", "sum"]).expect(0).stdout();
     assert_eq!(
         cmp,
-        ",key,\"#1 q@mid.factor=1,mid.offset=0\",\"#4 q@mid.factor=2,mid.offset=1\"\n\
-         param,mid.factor,1,2\nparam,mid.offset,0,1\nrun,status,succeeded,succeeded\nmetric,sum,6,16\n"
+        ",key,#1,#4\nparam,mid.factor,1,2\nparam,mid.offset,0,1\nrun,status,succeeded,succeeded\nmetric,sum,6,16\n"
     );
+    // Without -m: only the metrics that differ (runs 1 and 2 share factor 1, so their loss
+    // curve ends on the same value); as a table, only the headline ones, with a note.
+    let cmp = sb.run(&["compare", "1", "2", "-f", "csv"]).expect(0).stdout();
+    assert!(cmp.contains("metric,sum,6,10") && cmp.contains("metric,mean,") && !cmp.contains("loss"), "{cmp}");
+    let cmp = sb.run(&["compare", "1", "2"]).expect(0).stdout();
+    assert!(cmp.contains("sum") && !cmp.contains("mean") && !cmp.contains("loss"), "{cmp}");
+    assert!(cmp.contains("(1 more metric(s) differ; -m GLOB or --all)"), "{cmp}");
+    assert!(cmp.lines().all(|l| l.chars().count() <= 80), "{cmp}");
+    let all = sb.run(&["compare", "1", "2", "--all"]).expect(0).stdout();
+    assert!(all.contains("mean") && !all.contains("loss") && !all.contains("more metric"), "{all}");
     for f in ["table", "json", "markdown"] {
         let out = sb.run(&["compare", "1", "4", "-f", f]).expect(0).stdout();
         assert!(out.contains("mid.offset") && out.contains("16"), "{f}: {out}");

@@ -359,9 +359,11 @@ pub fn mean_std(xs: &[f64]) -> (f64, f64) {
 }
 
 /// `compare`: differing params and the metrics, one column per run.
-pub fn compare_table(runs: &[RunRow], metric_globs: &[glob::Pattern]) -> Table {
+/// `only_differing`: leave out the metrics whose value is the same in every run. The columns
+/// are headed by the runs' ids (`#14`): the params that tell them apart are the first rows.
+pub fn compare_table(runs: &[RunRow], metric_globs: &[glob::Pattern], only_differing: bool) -> Table {
     let mut t = Table { headers: vec!["".into(), "key".into()], rows: Vec::new() };
-    t.headers.extend(runs.iter().map(|r| format!("#{} {}", r.id, r.name)));
+    t.headers.extend(runs.iter().map(|r| format!("#{}", r.id)));
     for p in varying_params(runs) {
         let mut row = vec![Cell::Text("param".into()), Cell::Text(p.clone())];
         row.extend(runs.iter().map(|r| r.params.get(&p).map(|v| Cell::Text(v.clone())).unwrap_or(Cell::Empty)));
@@ -370,14 +372,34 @@ pub fn compare_table(runs: &[RunRow], metric_globs: &[glob::Pattern]) -> Table {
     let mut status = vec![Cell::Text("run".into()), Cell::Text("status".into())];
     status.extend(runs.iter().map(|r| Cell::Text(r.status.to_string())));
     t.rows.push(status);
-    let metrics: BTreeSet<&String> =
-        runs.iter().flat_map(|r| r.metrics.keys()).filter(|k| selected(k, metric_globs)).collect();
-    for m in metrics {
+    for m in compared_metrics(runs, metric_globs, only_differing) {
         let mut row = vec![Cell::Text("metric".into()), Cell::Text(m.clone())];
         row.extend(runs.iter().map(|r| r.metrics.get(m).map(|v| Cell::Num(*v)).unwrap_or(Cell::Empty)));
         t.rows.push(row);
     }
     t
+}
+
+/// The metrics [`compare_table`] shows, in natural order: those `metric_globs` select and,
+/// with `only_differing`, whose value (or absence) is not the same in every run.
+pub fn compared_metrics<'a>(
+    runs: &'a [RunRow],
+    metric_globs: &[glob::Pattern],
+    only_differing: bool,
+) -> Vec<&'a String> {
+    let metrics: BTreeSet<&String> =
+        runs.iter().flat_map(|r| r.metrics.keys()).filter(|k| selected(k, metric_globs)).collect();
+    let mut out: Vec<&String> = metrics
+        .into_iter()
+        .filter(|m| {
+            !only_differing || {
+                let first = runs.first().and_then(|r| r.metrics.get(*m));
+                runs.iter().any(|r| r.metrics.get(*m) != first)
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| natural_cmp(a, b));
+    out
 }
 
 /// Everything about one run, as sections of (title, table).
