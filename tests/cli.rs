@@ -612,10 +612,15 @@ fn runs_fits_the_terminal_by_default_and_shows_headline_metrics() {
     assert!(short.contains("4 more metric(s) not shown") && short.contains("--all"), "{short}");
     // --all and -m give today's full table; csv is always whole.
     let all = sb.run(&["runs", "--all"]).expect(0).stdout();
-    assert!(all.lines().nth(1).unwrap().contains("left.mean") && all.contains("widths@left.factor=1.0"), "{all}");
+    assert!(all.lines().nth(2).unwrap().contains("left.mean") && all.contains("widths@left.factor=1.0"), "{all}");
     assert!(all.lines().any(|l| l.chars().count() > 80));
     assert!(sb.run(&["runs", "-m", "*.mean"]).expect(0).stdout().contains("right.mean"));
     assert!(sb.run(&["runs", "-f", "csv"]).expect(0).stdout().lines().next().unwrap().contains("left.loss"));
+    // A metric with one value in every row (right's factor never changes, nor its loss) is
+    // one line above the table, not a column; csv keeps it.
+    assert!(all.starts_with("same in every row: right.loss 0.6667\n"), "{all}");
+    assert!(!all.lines().nth(2).unwrap().contains("right.loss"), "{all}");
+    assert!(sb.run(&["runs", "-f", "csv"]).expect(0).stdout().lines().next().unwrap().contains("right.loss"));
 }
 
 /// The documents hold: every relative link (and `#anchor`) of README.md and docs/ leads

@@ -88,6 +88,18 @@ fn fmt_num(v: f64) -> String {
     }
 }
 
+/// A whole number in a column of fractions: with [`fmt_num`]'s decimals for its size.
+fn fmt_decimals(v: f64) -> String {
+    let a = v.abs();
+    if a >= 1e15 {
+        format!("{v:.3e}")
+    } else if a >= 1000.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
 /// Orders names as a reader does: runs of digits by their value (`r1 < r5 < r10`).
 pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     fn parts(s: &str) -> Vec<(bool, &str)> {
@@ -139,6 +151,24 @@ impl Table {
         }
     }
 
+    /// Removes the columns among `names` whose cells are equal in every row (two rows or
+    /// more) and returns them as (header, the shared cell's text), in column order.
+    pub fn fold_constant(&mut self, names: &BTreeSet<&String>) -> Vec<(String, String)> {
+        if self.rows.len() < 2 {
+            return Vec::new();
+        }
+        let mut folded = Vec::new();
+        for (i, h) in self.headers.iter().enumerate() {
+            if names.contains(h) && self.rows.iter().all(|r| r.get(i) == self.rows[0].get(i)) {
+                folded.push((h.clone(), self.rows[0].get(i).map(Cell::text).unwrap_or_default()));
+            }
+        }
+        for (h, _) in &folded {
+            self.remove_column(h);
+        }
+        folded
+    }
+
     /// The widest line of the table drawn for a terminal, in characters.
     pub fn width(&self) -> usize {
         self.render(Format::Table).lines().map(|l| l.chars().count()).max().unwrap_or(0)
@@ -182,8 +212,28 @@ impl Table {
                 // What reaches a terminal never carries the data's control characters (an
                 // escape sequence in a title could retitle the window or hide text).
                 t.set_header(self.headers.iter().map(|h| printable(h)).collect::<Vec<_>>());
+                // A column with fractions writes its whole numbers with the same decimals
+                // (`3.0000` under `1.5000`), so its digits line up.
+                let fractional: Vec<bool> = (0..self.headers.len())
+                    .map(|i| {
+                        self.rows.iter().any(|r| match r.get(i) {
+                            Some(Cell::Num(Some(v))) | Some(Cell::MeanStd(v, _, _)) => v.fract() != 0.0,
+                            _ => false,
+                        })
+                    })
+                    .collect();
                 for r in &self.rows {
-                    t.add_row(r.iter().map(|c| printable(&c.text())).collect::<Vec<_>>());
+                    t.add_row(
+                        r.iter()
+                            .enumerate()
+                            .map(|(i, c)| match c {
+                                Cell::Num(Some(v)) if fractional.get(i) == Some(&true) && v.fract() == 0.0 => {
+                                    printable(&fmt_decimals(*v))
+                                }
+                                _ => printable(&c.text()),
+                            })
+                            .collect::<Vec<_>>(),
+                    );
                 }
                 format!("{t}\n")
             }

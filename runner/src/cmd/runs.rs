@@ -54,6 +54,20 @@ pub async fn run(g: &Global, a: RunsArgs) -> Result<i32> {
     if let Some(n) = a.limit {
         t.rows.truncate(n);
     }
+    let metrics: std::collections::BTreeSet<&String> = runs.iter().flat_map(|r| r.metrics.keys()).collect();
+    // For the eye, a metric with one value in every row is one line above the table.
+    let folded = if a.format == Format::Table { t.fold_constant(&metrics) } else { Vec::new() };
+    {
+        if !folded.is_empty() {
+            let line: Vec<String> = folded.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            let line = format!("same in every row: {}", line.join(", "));
+            let width = super::terminal_width();
+            match (compact, line.chars().count() > width) {
+                (true, true) => println!("{}...", line.chars().take(width.saturating_sub(3)).collect::<String>()),
+                _ => println!("{line}"),
+            }
+        }
+    }
     if !compact {
         print!("{}", t.render(a.format));
         return Ok(0);
@@ -68,8 +82,8 @@ pub async fn run(g: &Global, a: RunsArgs) -> Result<i32> {
     }
     let dropped = t.fit(super::terminal_width(), 3);
     print!("{}", t.render(Format::Table));
-    let metrics: std::collections::BTreeSet<&String> = runs.iter().flat_map(|r| r.metrics.keys()).collect();
-    let hidden_metrics = metrics.iter().filter(|m| !t.headers.contains(m)).count();
+    let hidden_metrics =
+        metrics.iter().filter(|m| !t.headers.contains(m) && !folded.iter().any(|(k, _)| k == **m)).count();
     let hidden_other = dropped.iter().filter(|d| !metrics.contains(d)).count();
     if hidden_metrics + hidden_other > 0 {
         println!(
