@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Sandbox, known_runs};
+use common::{Out, Sandbox, known_runs};
 
 const DIAMOND: &str = "\
 name: diamond
@@ -586,6 +586,43 @@ fn best_group_answers_with_the_best_sweep_point_over_its_seeds() {
     assert_eq!(lines.len(), 2, "one row: {csv}");
     let low = sb.run(&["best", "-m", "sum", "--group", "--min", "-f", "csv"]).expect(0).stdout();
     assert_eq!(low.lines().nth(1), Some("g,1,2,6,0"), "{low}");
+}
+
+#[test]
+fn the_project_file_gives_defaults_that_the_environment_overrides() {
+    let sb = Sandbox::new();
+    let sub = sb.path().join("work/deeper");
+    std::fs::create_dir_all(&sub).unwrap();
+    sb.write(
+        "huse.toml",
+        "# defaults for this project\n[env]\nHUSE_DB = { value = \"results/runs.sqlite\", relative = true }\n\
+         PROJECT_TAG = \"fromfile\"\n",
+    );
+    std::fs::create_dir_all(sb.path().join("results")).unwrap();
+    let f = sb.write("p.yaml", "name: \"p-${PROJECT_TAG}\"\nstages:\n  s: { uses: toy-source }\n");
+    // From a folder below the file, with neither variable set: both come from huse.toml.
+    let run = |cmd: &mut std::process::Command| Out(cmd.output().unwrap());
+    let mut c = sb.cmd(&[f.to_str().unwrap()]);
+    c.current_dir(&sub).env_remove("HUSE_DB").env_remove("PROJECT_TAG");
+    run(&mut c).expect(0);
+    let db = sb.path().join("results/runs.sqlite");
+    assert!(db.exists(), "the database went where huse.toml says");
+    let mut c = sb.cmd(&["runs", "-f", "csv"]);
+    c.current_dir(&sub).env_remove("HUSE_DB");
+    let out = run(&mut c).expect(0).stdout();
+    assert!(out.contains("p-fromfile"), "{out}");
+    // A variable set in the environment wins.
+    let mut c = sb.cmd(&[f.to_str().unwrap()]);
+    c.current_dir(&sub).env("PROJECT_TAG", "fromenv");
+    run(&mut c).expect(0);
+    assert!(sb.db().exists(), "HUSE_DB from the environment wins");
+    assert!(sb.run(&["runs", "-f", "csv"]).expect(0).stdout().contains("p-fromenv"));
+    // A broken file is an error that names it, its line and the problem.
+    sb.write("huse.toml", "[env]\nHUSE_DB = 3\n");
+    let mut c = sb.cmd(&["runs"]);
+    c.current_dir(&sub);
+    let err = run(&mut c).expect(2).stderr();
+    assert!(err.contains("huse.toml:2:") && err.contains("error"), "{err}");
 }
 
 #[test]

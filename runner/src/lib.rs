@@ -17,6 +17,7 @@ use huse_registry::Registry;
 
 pub mod cli;
 pub mod cmd;
+pub mod project;
 
 /// The registry with every built-in stage kind: the five HUSE stages, `graph-tree`, and the
 /// toy stages that exercise the runner without a model.
