@@ -62,8 +62,17 @@ fn a_second_run_is_all_cache_hits_and_force_recomputes() {
     assert_eq!(recomputed, vec![vec!["left".to_string()]]);
     sb.run(&[f, "--no-cache"]).expect(0);
     assert_eq!(sb.count("SELECT count(*) FROM stage_runs WHERE run_id = 4 AND cached = 0"), 4);
-    // A changed config changes the key of that stage and of everything downstream only.
-    sb.run(&[f, "--set", "right.factor=4"]).expect(0);
+    // A changed config changes the key of that stage and of everything downstream only; the
+    // log says why in words (which setting, which input), the keys only with -v.
+    let err = sb.run(&[f, "--set", "right.factor=4"]).expect(0).stderr();
+    let why = |stage: &str, err: &str| {
+        err.lines().find(|l| l.contains(&format!("{stage}: running"))).unwrap_or_default().to_string()
+    };
+    assert!(why("right", &err).ends_with("config `factor` 3.0 -> 4"), "{err}");
+    assert!(why("total", &err).ends_with("input from `right/scaled.json` changed"), "{err}");
+    let err = sb.run(&["-v", f, "--set", "right.factor=5"]).expect(0).stderr();
+    assert!(why("total", &err).contains("input from `right/scaled.json` changed (its key "), "{err}");
+    assert!(why("total", &err).contains("(than the closest cached entry, "), "{err}");
     let recomputed: Vec<String> = sb
         .sql("SELECT stage FROM stage_runs WHERE run_id = 5 AND cached = 0 ORDER BY stage")
         .into_iter()

@@ -356,11 +356,12 @@ impl Cache {
         self.commit(tmp, &manifest.kind, &manifest.key)
     }
 
-    /// Why `parts` has no entry: the key parts that differ from the closest finished
-    /// entry of the same kind (by the number of differing parts, then the newest), e.g.
-    /// `config `beta` 0.5 -> 1.0 (differs from entry 3f2a...)`; or that no entry of the
-    /// kind exists.
-    pub fn why_miss(&self, parts: &KeyParts) -> String {
+    /// Why `parts` has no entry, in words: the key parts that differ from the closest
+    /// finished entry of the same kind (by the number of differing parts, then the newest),
+    /// e.g. `config `beta` 0.5 -> 1.0; input from `encode` changed`, at most
+    /// [`WHY_PARTS`] of them and a count of the rest; or that no entry of the kind exists.
+    /// With `hashes` (`-v`): every part, with the inputs' keys and the closest entry's.
+    pub fn why_miss(&self, parts: &KeyParts, hashes: bool) -> String {
         let Ok(rd) = std::fs::read_dir(self.root.join(parts.kind)) else {
             return format!("no cached `{}` output yet", parts.kind);
         };
@@ -371,7 +372,7 @@ impl Cache {
             if m.schema < 1 {
                 continue;
             }
-            let diffs = key_diffs(&m, parts);
+            let diffs = key_diffs(&m, parts, hashes);
             let better = match &best {
                 None => true,
                 Some((n, created, _, _)) => diffs.len() < *n || (diffs.len() == *n && m.created > *created),
@@ -383,7 +384,13 @@ impl Cache {
         match best {
             None => format!("no cached `{}` output yet", parts.kind),
             Some((_, _, diffs, _)) if diffs.is_empty() => "the cached entry was removed".to_string(),
-            Some((_, _, diffs, key)) => format!("{} (than the closest cached entry, {key})", diffs.join("; ")),
+            Some((_, _, diffs, key)) if hashes => {
+                format!("{} (than the closest cached entry, {key})", diffs.join("; "))
+            }
+            Some((_, _, diffs, _)) if diffs.len() > WHY_PARTS => {
+                format!("{}; and {} more (-v for all)", diffs[..WHY_PARTS].join("; "), diffs.len() - WHY_PARTS)
+            }
+            Some((_, _, diffs, _)) => diffs.join("; "),
         }
     }
 
@@ -498,7 +505,10 @@ pub struct KeyParts<'a> {
 }
 
 /// The differences between an entry's manifest and the key parts of a miss, in words.
-fn key_diffs(m: &Manifest, p: &KeyParts) -> Vec<String> {
+/// The differing key parts [`Cache::why_miss`] names without `-v`.
+pub const WHY_PARTS: usize = 4;
+
+fn key_diffs(m: &Manifest, p: &KeyParts, hashes: bool) -> Vec<String> {
     let mut out = Vec::new();
     if m.version != p.version {
         out.push(format!("stage version {} -> {}", m.version, p.version));
@@ -526,7 +536,8 @@ fn key_diffs(m: &Manifest, p: &KeyParts) -> Vec<String> {
         out.push(format!("seed {} -> {}", show(then_seed), show(p.seed)));
     }
     diff_pairs(&m.inputs, &p.inputs, &mut out, |stage, then, now| match (then, now) {
-        (Some(k), Some(key)) => format!("input from `{stage}` changed (its key {k} -> {key})"),
+        (Some(k), Some(key)) if hashes => format!("input from `{stage}` changed (its key {k} -> {key})"),
+        (Some(_), Some(_)) => format!("input from `{stage}` changed"),
         (None, _) => format!("new input from `{stage}`"),
         (_, None) => format!("no longer an input from `{stage}`"),
     });
@@ -767,7 +778,7 @@ mod tests {
             seed: Some(1),
             files: vec![],
         };
-        assert_eq!(c.why_miss(&parts), "no cached `train` output yet");
+        assert_eq!(c.why_miss(&parts, false), "no cached `train` output yet");
         let m = Manifest {
             schema: MANIFEST_SCHEMA,
             kind: "train".into(),
@@ -788,12 +799,19 @@ mod tests {
         assert_eq!(read_metrics(&dir).unwrap().len(), 1);
         let cfg2 = serde_json::json!({"beta": 1.0, "model": {"dim": 8}});
         let changed = KeyParts { config: &cfg2, seed: Some(2), inputs: vec![("encode".into(), "k2".into())], ..parts };
-        let why = c.why_miss(&changed);
+        let why = c.why_miss(&changed, true);
         assert!(
             why.starts_with("config `beta` 0.5 -> 1.0; seed 1 -> 2; input from `encode` changed (its key k1 -> k2)"),
             "{why}"
         );
         assert!(why.ends_with(&format!("(than the closest cached entry, {})", m.key)), "{why}");
+        // In words without -v: no keys.
+        assert_eq!(c.why_miss(&changed, false), "config `beta` 0.5 -> 1.0; seed 1 -> 2; input from `encode` changed");
+        // Many differences: the first few and a count.
+        let cfg3 = serde_json::json!({"beta": 1.0, "model": {"dim": 9}, "a": 1, "b": 2});
+        let many = KeyParts { config: &cfg3, ..changed };
+        let why = c.why_miss(&many, false);
+        assert!(why.ends_with("; and 2 more (-v for all)") && why.matches("; ").count() == 4, "{why}");
     }
 
     #[test]

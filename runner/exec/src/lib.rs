@@ -826,7 +826,8 @@ async fn run_job(
     if cancel.is_cancelled() {
         return State::Interrupted;
     }
-    let why = if job.force { "forced".to_string() } else { cache.why_miss(&parts) };
+    let why =
+        if job.force { "forced".to_string() } else { cache.why_miss(&parts, tracing::enabled!(tracing::Level::DEBUG)) };
     let on_gpu = match cores.class[ji] {
         Class::Gpu(g) => format!(", a slot of GPU {g}"),
         _ => String::new(),
