@@ -645,7 +645,11 @@ fn runs_fits_the_terminal_by_default_and_shows_headline_metrics() {
          total: { uses: toy-sum, needs: [left, right] }\n\
          sweep:\n  left.factor: [1.0, 2.0]\n  left.offset: [0.0, 1.5]\n  right.offset: [0.25, 0.75]\n",
     );
-    sb.run(&[f.to_str().unwrap()]).expect(0);
+    let err = sb.run(&[f.to_str().unwrap()]).expect(0).stderr();
+    // The sweep as a whole: `run k of 8` as each run ends.
+    for k in 1..=8 {
+        assert!(err.contains(&format!("run {k} of 8 ended: widths@")), "{err}");
+    }
     // Not a terminal here: 80 columns. The varying params and toy-sum's headline `sum`; the
     // name (experiment@params) and the other metrics are left out, with a note.
     let short = sb.run(&["runs"]).expect(0).stdout();

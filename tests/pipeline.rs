@@ -64,6 +64,11 @@ fn huse_learns_is_deterministic_and_resumes() {
     let f = experiment(&sb);
     let out = sb.run(&[&f]).expect(0);
     assert!(out.stdout().contains("succeeded"), "{}", out.stdout());
+    // Training's progress (plain lines here, not a terminal) shows the running loss and,
+    // from the second epoch, the last validation accuracy.
+    let err = out.stderr();
+    let epoch2 = err.lines().find(|l| l.contains("[train] epoch 2/")).unwrap_or_else(|| panic!("{err}"));
+    assert!(epoch2.contains(" loss ") && epoch2.contains(", val acc 0.") && epoch2.contains("(epoch 1)"), "{epoch2}");
     // The run ends by printing the paper's three tables; `show` prints them again.
     for table in ["Table 1 — Recall@1/5/10 (test split)", "Table 2 — HP@2/5/10", "Table 3 — classification accuracy"]
     {

@@ -28,6 +28,11 @@ fn report_references_every_figure_and_shows_the_database_numbers() {
     for point in ["mid.factor=1,mid.offset=0", "mid.factor=2,mid.offset=1"] {
         assert!(curves.contains(point), "the legend names every sweep point: {point}");
     }
+    // The legend stands beside the 460-pixel chart, not over its curves.
+    let width: u32 = curves.split("width=\"").nth(1).unwrap().split('"').next().unwrap().parse().unwrap();
+    assert!(width > 460 + 100, "{width}");
+    // The runs table scrolls inside the page instead of overflowing it.
+    assert!(html.contains("<div class=\"scroll\"><table>"));
     for f in &files {
         let svg = std::fs::read_to_string(out.join(f)).unwrap();
         assert!(

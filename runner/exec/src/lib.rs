@@ -299,6 +299,31 @@ struct Output {
     records: HashMap<String, cache::OutputRecord>,
 }
 
+/// Counts the runs of a sweep whose jobs have all ended, for `run k of N`.
+struct RunsDone {
+    progress: Option<progress::RunsProgress>,
+    run_jobs: Vec<Vec<usize>>,
+    names: Vec<String>,
+    counted: Vec<std::sync::atomic::AtomicBool>,
+    done: std::sync::atomic::AtomicUsize,
+}
+
+impl RunsDone {
+    /// After `job` ended: each run it belongs to whose jobs have now all ended is counted once.
+    fn job_ended(&self, job: &Job, receivers: &[watch::Receiver<State>]) {
+        use std::sync::atomic::Ordering;
+        let Some(progress) = &self.progress else { return };
+        for (ri, _) in &job.users {
+            let ended = self.run_jobs[*ri].iter().all(|j| receivers[*j].borrow().is_final());
+            if ended && !self.counted[*ri].swap(true, Ordering::SeqCst) {
+                let k = self.done.fetch_add(1, Ordering::SeqCst) + 1;
+                let failed = self.run_jobs[*ri].iter().any(|j| !matches!(*receivers[*j].borrow(), State::Done { .. }));
+                progress.run_ended(k, &self.names[*ri], !failed);
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 enum State {
     Pending,
@@ -600,6 +625,14 @@ pub async fn execute(
 
     let mut tasks = tokio::task::JoinSet::new();
     let (shared_jobs, shared_rx) = (Arc::new(jobs.clone()), Arc::new(receivers.clone()));
+    // The sweep as a whole: `run k of N` as each run's last job ends.
+    let sweep = Arc::new(RunsDone {
+        progress: many_runs.then(|| display.runs(exp.runs.len() as u64)),
+        run_jobs: run_jobs.clone(),
+        names: exp.runs.iter().map(|r| r.name.clone()).collect(),
+        counted: (0..exp.runs.len()).map(|_| std::sync::atomic::AtomicBool::new(false)).collect(),
+        done: std::sync::atomic::AtomicUsize::new(0),
+    });
     for (ji, (tx, _)) in channels.into_iter().enumerate() {
         let job = jobs[ji].clone();
         let deps: Vec<(String, watch::Receiver<State>)> =
@@ -621,6 +654,7 @@ pub async fn execute(
             verified.clone(),
         );
         let (all_jobs, receivers, dependants) = (shared_jobs.clone(), shared_rx.clone(), dependants.clone());
+        let sweep = sweep.clone();
         tasks.spawn(async move {
             let state = run_job(
                 ji, &job, deps, &users, &label, &cache, &sem, &cores, &cancel, &display, mtx, verify, &verified,
@@ -640,6 +674,7 @@ pub async fn execute(
                 }
             }
             let _ = tx.send(state);
+            sweep.job_ended(&job, &receivers);
             lost
         });
     }

@@ -49,6 +49,20 @@ impl Display {
         }
     }
 
+    /// The sweep's own line: `runs [====>   ] k/N` on a terminal (above the stages' lines),
+    /// a log line `run k of N ended: NAME` per run elsewhere.
+    pub fn runs(&self, total: u64) -> RunsProgress {
+        let bar = self.multi.insert(0, ProgressBar::new(total));
+        bar.set_style(
+            ProgressStyle::with_template("{prefix:.bold} [{bar:30}] {pos}/{len} ended ({msg}) [{elapsed}, eta {eta}]")
+                .unwrap()
+                .progress_chars("=> "),
+        );
+        bar.set_prefix("runs");
+        bar.set_message("0 failed");
+        RunsProgress { bar, total, failed: std::sync::atomic::AtomicU64::new(0) }
+    }
+
     /// Runs `f` with the bars hidden (for printing).
     pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
         self.multi.suspend(f)
@@ -73,6 +87,26 @@ fn bar_style(unit: &str) -> ProgressStyle {
     .progress_chars("=> ")
 }
 
+/// Progress of a sweep's runs (see [`Display::runs`]).
+pub struct RunsProgress {
+    bar: ProgressBar,
+    total: u64,
+    failed: std::sync::atomic::AtomicU64,
+}
+
+impl RunsProgress {
+    /// The `k`-th run to end was `name`; `ok` unless a stage of it failed or was skipped.
+    pub fn run_ended(&self, k: usize, name: &str, ok: bool) {
+        let failed = self.failed.fetch_add(u64::from(!ok), std::sync::atomic::Ordering::SeqCst) + u64::from(!ok);
+        self.bar.set_position(k as u64);
+        self.bar.set_message(format!("{failed} failed"));
+        tracing::info!("run {k} of {} ended: {name}{}", self.total, if ok { "" } else { " (not succeeded)" });
+        if k as u64 >= self.total {
+            self.bar.finish_and_clear();
+        }
+    }
+}
+
 #[derive(Default)]
 struct Plain {
     phase: String,
@@ -81,6 +115,8 @@ struct Plain {
     pos: u64,
     started: Option<Instant>,
     last: Option<Instant>,
+    /// The stage's latest message (e.g. the running loss), shown after the count.
+    msg: String,
 }
 
 /// Progress of one stage run.
@@ -105,7 +141,8 @@ impl StageProgress {
         }
         let rate = s.started.map(|t| s.pos as f64 / (now - t).as_secs_f64().max(1e-9)).unwrap_or(0.0);
         let total = s.total.map(|t| format!("/{t}")).unwrap_or_default();
-        let line = format!("[{}] {}: {}{} {} ({rate:.1} {}/s)", self.label, s.phase, s.pos, total, s.unit, s.unit);
+        let msg = if s.msg.is_empty() { String::new() } else { format!(" {}", s.msg) };
+        let line = format!("[{}] {}: {}{} {} ({rate:.1} {}/s){msg}", self.label, s.phase, s.pos, total, s.unit, s.unit);
         let _ = writeln!(std::io::stderr(), "{line}");
     }
 }
@@ -132,6 +169,7 @@ impl Progress for StageProgress {
             pos: 0,
             started: Some(Instant::now()),
             last: Some(Instant::now()),
+            msg: String::new(),
         };
     }
 
@@ -150,8 +188,9 @@ impl Progress for StageProgress {
     }
 
     fn message(&self, msg: &str) {
-        let phase = self.state.lock().unwrap().phase.clone();
-        self.bar.set_message(format!("{phase} {msg}"));
+        let mut s = self.state.lock().unwrap();
+        s.msg = msg.to_string();
+        self.bar.set_message(format!("{} {msg}", s.phase));
     }
 }
 

@@ -69,7 +69,8 @@ pub async fn report(store: &Store, experiment: &str, out: &Path, metric_globs: &
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>huse-run report: {e}</title><style>\
          body{{font-family:sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse;font-size:13px}} \
          td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} th{{background:#f3f3f3}} .best{{font-weight:bold;background:#e6f4e6}} \
-         img{{margin:4px;border:1px solid #eee}} pre{{background:#f8f8f8;padding:8px;overflow:auto}}</style></head><body>\
+         img{{margin:4px;border:1px solid #eee}} pre{{background:#f8f8f8;padding:8px;overflow:auto}} \
+         .scroll{{overflow-x:auto;max-width:100%}} .md table{{margin:6px 0}}</style></head><body>\
          <h1>Experiment <code>{e}</code></h1><p>{n} run(s), generated from <code>{db}</code>.</p>",
         e = esc(experiment),
         n = runs.len(),
@@ -95,7 +96,7 @@ pub async fn report(store: &Store, experiment: &str, out: &Path, metric_globs: &
     }
 
     // The runs table, best values marked.
-    html.push_str("<h2>Runs</h2><table><tr><th>id</th><th>name</th><th>status</th>");
+    html.push_str("<h2>Runs</h2><div class=\"scroll\"><table><tr><th>id</th><th>name</th><th>status</th>");
     for p in &swept {
         write!(html, "<th>{}</th>", esc(p))?;
     }
@@ -129,7 +130,7 @@ pub async fn report(store: &Store, experiment: &str, out: &Path, metric_globs: &
         }
         html.push_str("</tr>");
     }
-    html.push_str("</table><p>Bold: the best (highest) value of each metric.</p>");
+    html.push_str("</table></div><p>Bold: the best (highest) value of each metric.</p>");
 
     // Training curves: one chart per metric, every run overlaid, grouped by sweep point.
     let mut by_metric: BTreeMap<String, BTreeMap<String, Vec<Vec<(f64, f64)>>>> = BTreeMap::new();
@@ -157,7 +158,8 @@ pub async fn report(store: &Store, experiment: &str, out: &Path, metric_globs: &
     for r in &runs {
         write!(html, "<h2>Run {} — {}</h2>", r.id, esc(&r.name))?;
         for s in store.summaries(r.id).await? {
-            write!(html, "<h3>{} — {}</h3><pre>{}</pre>", esc(&s.stage), esc(&s.name), esc(&s.text))?;
+            let body = if s.name.ends_with(".md") { markdown(&s.text) } else { format!("<pre>{}</pre>", esc(&s.text)) };
+            write!(html, "<h3>{} — {}</h3><div class=\"md scroll\">{body}</div>", esc(&s.stage), esc(&s.name))?;
         }
         let (yaml, commit) = store.run_config(r.id).await?;
         write!(
@@ -249,7 +251,33 @@ fn range(vals: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
     if !lo.is_finite() || !hi.is_finite() {
         return (0.0, 1.0);
     }
-    if (hi - lo).abs() < 1e-12 { (lo - 0.5, hi + 0.5) } else { (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)) }
+    if (hi - lo).abs() <= 1e-12 * lo.abs().max(hi.abs()) || hi == lo {
+        // One value: a range around it of its own size (0.001 stays 0.001, not a dot at 0
+        // on a -0.5..0.5 axis).
+        let pad = if lo == 0.0 { 0.5 } else { 0.5 * lo.abs() };
+        (lo - pad, hi + pad)
+    } else {
+        (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+    }
+}
+
+/// An axis tick: at most four significant digits, scientific notation below 0.001 and from
+/// 1e6, no trailing zeros.
+fn tick(v: &f64) -> String {
+    let v = *v;
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    let a = v.abs();
+    if !(1e-3..1e6).contains(&a) {
+        let s = format!("{v:.3e}");
+        let (m, e) = s.split_once('e').unwrap_or((&s, "0"));
+        let m = if m.contains('.') { m.trim_end_matches('0').trim_end_matches('.') } else { m };
+        return format!("{m}e{e}");
+    }
+    let decimals = (3 - a.log10().floor() as i32).max(0) as usize;
+    let s = format!("{v:.decimals$}");
+    if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.').to_string() } else { s }
 }
 
 /// Per step: mean, min and max over the series (steps in order; a step some series lack
@@ -284,8 +312,15 @@ const PALETTE: [RGBColor; 8] = [
 /// One metric, every group (sweep point) overlaid: mean line, min-max band over seeds.
 fn overlay(path: &Path, key: &str, groups: &BTreeMap<String, Vec<Vec<(f64, f64)>>>) -> Result<()> {
     let bands: Vec<(&String, Vec<(f64, f64, f64, f64)>)> = groups.iter().map(|(l, s)| (l, band(s))).collect();
-    let root = SVGBackend::new(path, (460, 300)).into_drawing_area();
-    root.fill(&WHITE)?;
+    // Several groups: their legend beside the chart, never over the curves.
+    let legend_width = if bands.len() > 1 {
+        (bands.iter().map(|(l, _)| l.chars().count()).max().unwrap_or(0) as u32 * 6 + 30).min(320)
+    } else {
+        0
+    };
+    let whole = SVGBackend::new(path, (460 + legend_width, 300)).into_drawing_area();
+    whole.fill(&WHITE)?;
+    let (root, legend) = whole.split_horizontally(460);
     let (x0, x1) = range(bands.iter().flat_map(|(_, b)| b.iter().map(|p| p.0)));
     let (y0, y1) = range(bands.iter().flat_map(|(_, b)| b.iter().flat_map(|p| [p.2, p.3])));
     let mut chart = ChartBuilder::on(&root)
@@ -294,7 +329,13 @@ fn overlay(path: &Path, key: &str, groups: &BTreeMap<String, Vec<Vec<(f64, f64)>
         .x_label_area_size(24)
         .y_label_area_size(48)
         .build_cartesian_2d(x0..x1, y0..y1)?;
-    chart.configure_mesh().x_desc("step").label_style(("sans-serif", 10)).draw()?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .x_label_formatter(&tick)
+        .y_label_formatter(&tick)
+        .label_style(("sans-serif", 10))
+        .draw()?;
     for (i, (label, b)) in bands.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
         if groups[*label].len() > 1 {
@@ -302,20 +343,14 @@ fn overlay(path: &Path, key: &str, groups: &BTreeMap<String, Vec<Vec<(f64, f64)>
             poly.extend(b.iter().rev().map(|p| (p.0, p.2)));
             chart.draw_series(std::iter::once(Polygon::new(poly, color.mix(0.18).filled())))?;
         }
-        chart
-            .draw_series(LineSeries::new(b.iter().map(|p| (p.0, p.1)), color.stroke_width(2)))?
-            .label(label.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 14, y)], color.stroke_width(2)));
+        chart.draw_series(LineSeries::new(b.iter().map(|p| (p.0, p.1)), color.stroke_width(2)))?;
+        if bands.len() > 1 {
+            let y = 30 + 14 * i as i32;
+            legend.draw(&PathElement::new(vec![(4, y), (18, y)], color.stroke_width(2)))?;
+            legend.draw(&Text::new(label.to_string(), (22, y - 5), ("sans-serif", 10).into_font()))?;
+        }
     }
-    if bands.len() > 1 {
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.3))
-            .label_font(("sans-serif", 9))
-            .draw()?;
-    }
-    root.present()?;
+    whole.present()?;
     Ok(())
 }
 
@@ -362,7 +397,13 @@ fn sweep_line(path: &Path, runs: &[RunRow], param: &str, metric: &str) -> Result
         .x_label_area_size(30)
         .y_label_area_size(50)
         .build_cartesian_2d(x0..x1, y0..y1)?;
-    chart.configure_mesh().x_desc(param).label_style(("sans-serif", 11)).draw()?;
+    chart
+        .configure_mesh()
+        .x_desc(param)
+        .x_label_formatter(&tick)
+        .y_label_formatter(&tick)
+        .label_style(("sans-serif", 11))
+        .draw()?;
     chart.draw_series(LineSeries::new(pts.iter().map(|p| (p.0, p.1)), &BLUE))?;
     chart.draw_series(pts.iter().map(|p| PathElement::new(vec![(p.0, p.2), (p.0, p.3)], BLACK)))?;
     chart.draw_series(pts.iter().map(|p| Circle::new((p.0, p.1), 3, BLUE.filled())))?;
@@ -448,6 +489,19 @@ fn sweep_heatmap(path: &Path, runs: &[RunRow], pa: &str, pb: &str, metric: &str)
     Ok(true)
 }
 
+/// A stage's Markdown summary (evaluate's `tables.md`) as HTML: tables as tables. Raw HTML
+/// in it is shown as text, never interpreted (it may carry the data's strings).
+fn markdown(text: &str) -> String {
+    use pulldown_cmark::{Event, Options, Parser};
+    let events = Parser::new_ext(text, Options::ENABLE_TABLES).map(|e| match e {
+        Event::Html(h) | Event::InlineHtml(h) => Event::Text(h),
+        other => other,
+    });
+    let mut out = String::new();
+    pulldown_cmark::html::push_html(&mut out, events);
+    out
+}
+
 /// Default report directory.
 pub fn default_out(experiment: &str) -> PathBuf {
     PathBuf::from(format!("report-{experiment}"))
@@ -456,6 +510,24 @@ pub fn default_out(experiment: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn axes_keep_small_constant_values_readable() {
+        let (lo, hi) = range([0.001, 0.001].into_iter());
+        assert!(lo > 0.0 && hi < 0.002 && lo < 0.001 && hi > 0.001, "{lo} {hi}");
+        assert_eq!(range([0.0].into_iter()), (-0.5, 0.5));
+        let (lo, hi) = range([1.0, 3.0].into_iter());
+        assert!((lo - 0.9).abs() < 1e-12 && (hi - 3.1).abs() < 1e-12);
+        let t: Vec<String> = [0.0005, 0.00125, 0.5, 2.0, 1234.5678, 1.6192e-5, 0.0].iter().map(tick).collect();
+        assert_eq!(t, ["5e-4", "0.00125", "0.5", "2", "1235", "1.619e-5", "0"]);
+    }
+
+    #[test]
+    fn markdown_tables_become_html_and_raw_html_stays_text() {
+        let h = markdown("### Table 1\n\n| query | R@1 |\n|---|---|\n| <script>x</script> | 0.91 |\n");
+        assert!(h.contains("<table>") && h.contains("<th>query</th>") && h.contains("<td>0.91</td>"), "{h}");
+        assert!(!h.contains("<script>") && h.contains("&lt;script&gt;"), "{h}");
+    }
 
     #[test]
     fn bands_are_mean_min_max_per_step() {

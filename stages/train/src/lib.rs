@@ -414,6 +414,12 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
     let total_steps =
         cfg.max_steps.unwrap_or(steps_per_epoch * cfg.epochs as u64).min(steps_per_epoch * cfg.epochs as u64);
     let mut since_best = state.best.map(|(e, _)| state.epoch.saturating_sub(e)).unwrap_or(0);
+    // The progress line's last validation accuracy (from the checkpoint when resuming).
+    let mut last_val = state
+        .history
+        .last()
+        .map(|l| format!(", val acc {:.4} (epoch {})", l.val.acc_both, l.epoch))
+        .unwrap_or_default();
     while state.epoch < cfg.epochs && state.steps < total_steps {
         let epoch = state.epoch + 1;
         let started = Instant::now();
@@ -475,13 +481,14 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
             let n = b.len() as f64;
             (sum, sc, sg, sp) = (sum + vals[0] * n, sc + vals[1] * n, sg + vals[2] * n, sp + vals[3] * n);
             seen += b.len();
+            ctx.progress.message(&format!("loss {:.4}{last_val}", sum / seen as f64));
             ctx.progress.inc(1);
-            ctx.progress.message(&format!("loss {:.4}", sum / seen as f64));
         }
         let secs = started.elapsed().as_secs_f64();
         let val = validate_epoch(&model, &ds, &val_idx, cfg, &device)?;
         let n = seen.max(1) as f64;
         let log = EpochLog { epoch, loss: sum / n, loss_class: sc / n, loss_graph: sg / n, loss_gap: sp / n, lr, val };
+        last_val = format!(", val acc {:.4} (epoch {epoch})", log.val.acc_both);
         log_epoch(ctx, &log, Some(seen as f64 / secs));
         let score = selected(&log.val, &cfg.select_by);
         if state.best.is_none_or(|(_, b)| score > b) {
