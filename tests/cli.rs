@@ -666,6 +666,11 @@ fn runs_fits_the_terminal_by_default_and_shows_headline_metrics() {
     assert!(all.lines().any(|l| l.chars().count() > 80));
     assert!(sb.run(&["runs", "-m", "*.mean"]).expect(0).stdout().contains("right.mean"));
     assert!(sb.run(&["runs", "-f", "csv"]).expect(0).stdout().lines().next().unwrap().contains("left.loss"));
+    // --columns: exactly those, in that order; a wrong name is an error with the nearest.
+    let csv = sb.run(&["runs", "-f", "csv", "--columns", "id,sum,left.factor"]).expect(0).stdout();
+    assert!(csv.starts_with("id,sum,left.factor\n1,19,1.0\n"), "{csv}");
+    let err = sb.run(&["runs", "--columns", "id,left.facter"]).expect(2).stderr();
+    assert!(err.contains("no column `left.facter` (nearest: left.factor"), "{err}");
     // A metric with one value in every row (right's factor never changes, nor its loss) is
     // one line above the table, not a column; csv keeps it.
     assert!(all.starts_with("same in every row: right.loss 0.6667\n"), "{all}");

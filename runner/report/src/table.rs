@@ -151,6 +151,28 @@ impl Table {
         }
     }
 
+    /// Keeps only the columns `names`, in that order; an unknown name is an error that lists
+    /// the nearest ones there are.
+    pub fn select(&mut self, names: &[String]) -> Result<()> {
+        let mut idx = Vec::new();
+        for n in names {
+            match self.headers.iter().position(|h| h == n) {
+                Some(i) => idx.push(i),
+                None => {
+                    let mut near: Vec<&String> = self.headers.iter().collect();
+                    near.sort_by(|a, b| strsim::levenshtein(n, a).cmp(&strsim::levenshtein(n, b)));
+                    let near: Vec<&str> = near.iter().take(5).map(|s| s.as_str()).collect();
+                    anyhow::bail!("no column `{n}` (nearest: {})", near.join(", "));
+                }
+            }
+        }
+        self.headers = idx.iter().map(|&i| self.headers[i].clone()).collect();
+        for r in &mut self.rows {
+            *r = idx.iter().map(|&i| r.get(i).cloned().unwrap_or(Cell::Empty)).collect();
+        }
+        Ok(())
+    }
+
     /// Removes the columns among `names` whose cells are equal in every row (two rows or
     /// more) and returns them as (header, the shared cell's text), in column order.
     pub fn fold_constant(&mut self, names: &BTreeSet<&String>) -> Vec<(String, String)> {

@@ -31,6 +31,10 @@ pub struct RunsArgs {
     /// table, csv, json or markdown.
     #[arg(long, short = 'f', default_value = "table")]
     pub format: Format,
+    /// Exactly these columns, in this order (comma-separated: `id,train.beta,test.acc.both`;
+    /// any param that varies, any metric, or id, name, status, experiment).
+    #[arg(long, value_delimiter = ',', value_name = "COL,...")]
+    pub columns: Vec<String>,
     /// Every column (all metrics), however wide. Without it (and without `-m`), a table for
     /// the terminal shows the varying params and the stages' headline metrics and fits the
     /// terminal's width (80 columns when not a terminal).
@@ -43,7 +47,7 @@ pub async fn run(g: &Global, a: RunsArgs) -> Result<i32> {
     let store = open_for_queries(g).await?;
     let runs = a.filter.load(&store).await?;
     // The short default: what the stages call their headline metrics, within the terminal.
-    let compact = a.format == Format::Table && a.metrics.is_empty() && !a.all;
+    let compact = a.format == Format::Table && a.metrics.is_empty() && !a.all && a.columns.is_empty();
     let globs = if compact { crate::builtin_registry().headline() } else { a.metrics.clone() };
     let mut t = table::runs_table(&runs, &table::patterns(&globs)?, a.group);
     if let Some(s) = &a.sort {
@@ -53,6 +57,14 @@ pub async fn run(g: &Global, a: RunsArgs) -> Result<i32> {
     }
     if let Some(n) = a.limit {
         t.rows.truncate(n);
+    }
+    if !a.columns.is_empty() {
+        if let Err(e) = t.select(&a.columns) {
+            eprintln!("error: --columns: {e}");
+            return Ok(2);
+        }
+        print!("{}", t.render(a.format));
+        return Ok(0);
     }
     let metrics: std::collections::BTreeSet<&String> = runs.iter().flat_map(|r| r.metrics.keys()).collect();
     // For the eye, a metric with one value in every row is one line above the table.
