@@ -342,6 +342,18 @@ fn eight_concurrent_processes_lose_no_rows() {
 #[test]
 fn runs_filters_sorts_and_prints_all_formats() {
     let sb = known_runs();
+    // The search language: and, or, not, in, parentheses; errors point at the column.
+    let ids = |q: &str| -> Vec<String> {
+        let out = sb.run(&["runs", "-f", "csv", "--columns", "id", "--query", q]).expect(0).stdout();
+        out.lines().skip(1).map(String::from).collect()
+    };
+    assert_eq!(ids("sum >= 10 and (mid.offset = 0 or mid.factor = 1)"), ["2", "3"]);
+    assert_eq!(ids("not mid.factor in (2) or state = failed"), ["1", "2"]);
+    assert_eq!(ids("mid.factor in (1, 2) and name != 'q@mid.factor=1,mid.offset=0'"), ["2", "3", "4"]);
+    let err = sb.run(&["runs", "--query", "sum >"]).expect(2).stderr();
+    assert!(err.contains("at column 6: expected a value") && err.contains("sum >\n     ^"), "{err}");
+    let err = sb.run(&["best", "-m", "sum", "--query", "summ > 1"]).expect(2).stderr();
+    assert!(err.contains("at column 1: no param, metric or field `summ` (did you mean `sum`?)"), "{err}");
     // sums: (1,0)=6, (1,1)=10, (2,0)=12, (2,1)=16
     let csv = sb.run(&["runs", "--format", "csv", "--metric", "sum"]).expect(0).stdout();
     assert_eq!(

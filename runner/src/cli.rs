@@ -118,7 +118,7 @@ pub fn main() -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            1
+            if e.downcast_ref::<cmd::UsageError>().is_some() { 2 } else { 1 }
         }
     }
 }

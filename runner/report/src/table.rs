@@ -160,7 +160,7 @@ impl Table {
                 Some(i) => idx.push(i),
                 None => {
                     let mut near: Vec<&String> = self.headers.iter().collect();
-                    near.sort_by(|a, b| strsim::levenshtein(n, a).cmp(&strsim::levenshtein(n, b)));
+                    near.sort_by_key(|a| strsim::levenshtein(n, a));
                     let near: Vec<&str> = near.iter().take(5).map(|s| s.as_str()).collect();
                     anyhow::bail!("no column `{n}` (nearest: {})", near.join(", "));
                 }

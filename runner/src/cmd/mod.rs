@@ -9,7 +9,7 @@ use anyhow::Result;
 use clap::Args;
 use huse_config::{Diagnostic, Diagnostics, Overrides, Source};
 use huse_registry::Registry;
-use huse_store::{Cond, Filter, Location, RunStatus, Store};
+use huse_store::{Cond, Filter, Location, RunStatus, Store, search_lang};
 use tracing::warn;
 
 use crate::builtin_registry;
@@ -69,6 +69,44 @@ pub struct FilterArgs {
     /// Condition on a param or a final metric, e.g. `train.beta=0.5` or `test.t2i.r1>0.6` (repeatable, all must hold).
     #[arg(long = "where", short = 'w', value_name = "COND")]
     pub conds: Vec<Cond>,
+    /// A query over params, final metrics and the run's fields (id, name, state, experiment,
+    /// seed, device) with and, or, not, in (...) and parentheses, e.g.
+    /// `test.acc.both > 0.9 and (train.beta in (0, 0.5) or state = failed)`.
+    #[arg(long, value_name = "EXPR")]
+    pub query: Option<String>,
+}
+
+/// A mistake in how a command was called (exit 2, not 1).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// The fields of a run that a `--query` can name beside its params and metrics.
+const RUN_FIELDS: [&str; 7] = ["id", "name", "state", "status", "experiment", "seed", "device"];
+
+/// A run's value of `name` for the search language: a field, a param or a final metric.
+fn query_value(r: &huse_store::RunRow, name: &str) -> Option<search_lang::Value> {
+    use search_lang::Value;
+    match name {
+        "id" => Some(Value::Num(r.id as f64)),
+        "name" => Some(Value::Text(r.name.clone())),
+        "state" | "status" => Some(Value::Text(r.status.to_string())),
+        "experiment" => Some(Value::Text(r.experiment.clone())),
+        "seed" => Some(Value::Num(r.seed as f64)),
+        "device" => Some(Value::Text(r.device.clone())),
+        _ => r
+            .params
+            .get(name)
+            .map(|v| Value::of(v))
+            .or_else(|| r.metrics.get(name).map(|v| Value::Num(v.unwrap_or(f64::NAN)))),
+    }
 }
 
 impl FilterArgs {
@@ -84,7 +122,18 @@ impl FilterArgs {
         if let Some(e) = &self.experiment {
             store.check_experiment(e).await?;
         }
-        let runs = store.load_runs(&self.filter()).await?;
+        let mut runs = store.load_runs(&self.filter()).await?;
+        if let Some(q) = &self.query {
+            let expr = search_lang::parse(q).map_err(|e| UsageError(format!("--query {}\n{}", e, e.caret(q))))?;
+            let mut known: std::collections::BTreeSet<String> = RUN_FIELDS.iter().map(|s| s.to_string()).collect();
+            let all = store.load_runs(&Filter { experiment: self.experiment.clone(), ..Default::default() }).await?;
+            for r in &all {
+                known.extend(r.params.keys().cloned());
+                known.extend(r.metrics.keys().cloned());
+            }
+            expr.check_names(&known).map_err(|e| UsageError(format!("--query {}\n{}", e, e.caret(q))))?;
+            runs.retain(|r| expr.eval(&|n| query_value(r, n)));
+        }
         if runs.is_empty() && !self.conds.is_empty() {
             let all = store.load_runs(&Filter { experiment: self.experiment.clone(), ..Default::default() }).await?;
             let keys: Vec<&str> = self.conds.iter().map(|c| c.key.as_str()).collect();

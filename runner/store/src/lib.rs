@@ -53,6 +53,7 @@ use sqlx::{AnyPool, ConnectOptions as _};
 use sqlx::{AssertSqlSafe, Executor as _, Row};
 
 pub mod query;
+pub mod search_lang;
 pub mod spool;
 
 pub use query::{Cond, Filter, Op, RunRow, StageRunInfo};
