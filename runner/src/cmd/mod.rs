@@ -69,7 +69,7 @@ pub struct FilterArgs {
     /// Condition on a param or a final metric, e.g. `train.beta=0.5` or `test.t2i.r1>0.6` (repeatable, all must hold).
     #[arg(long = "where", short = 'w', value_name = "COND")]
     pub conds: Vec<Cond>,
-    /// A query over params, final metrics and the run's fields (id, name, state, experiment,
+    /// A query (runs, best) over params, final metrics and the run's fields (id, name, state, experiment,
     /// seed, device) with and, or, not, in (...) and parentheses, e.g.
     /// `test.acc.both > 0.9 and (train.beta in (0, 0.5) or state = failed)`.
     #[arg(long, value_name = "EXPR")]
