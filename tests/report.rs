@@ -130,3 +130,146 @@ fn the_page_renders_in_headless_chromium() {
     let colours: BTreeSet<[u8; 3]> = img.pixels().map(|p| p.0).collect();
     assert!(colours.len() > 20, "{} colours", colours.len());
 }
+
+/// A raw HTTP/1.1 GET to the local server with extra header lines: (status, headers, body).
+fn get_with(addr: &str, path: &str, extra: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}\r\n").as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_string(), body.to_string())
+}
+
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let (s, _, b) = get_with(addr, path, "");
+    (s, b)
+}
+
+fn enc(s: &str) -> String {
+    s.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+}
+
+struct KillOnDrop(std::process::Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `huse-run ui ARGS` on a free port: the server and its address.
+fn start_ui(sb: &common::Sandbox, args: &[&str]) -> (KillOnDrop, String) {
+    use std::io::BufRead;
+    let mut all = vec!["ui", "--port", "0"];
+    all.extend(args);
+    let mut child = sb.cmd(&all).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.split("http://").nth(1).and_then(|r| r.split('/').next()).unwrap_or_else(|| panic!("{line:?}"));
+    (KillOnDrop(child), addr.to_string())
+}
+
+/// The ids of the runs table's rows, in order.
+fn row_ids(html: &str) -> Vec<String> {
+    html.split("<td><a href=\"/run/").skip(1).map(|s| s.split('"').next().unwrap().to_string()).collect()
+}
+
+#[test]
+fn the_results_app_lists_sorts_filters_groups_and_pages() {
+    let sb = known_runs();
+    // A second experiment with seeds: two sweep points x two seeds (sum = 6 * factor + 4 * seed).
+    let g = sb.write(
+        "g.yaml",
+        "name: g\nrepeat: 2\nstages:\n  source: { uses: toy-source, with: { count: 4 } }\n  \
+         mid: { uses: toy-scale, needs: [source], with: { add_seed: true } }\n  total: { uses: toy-sum, needs: [mid] }\n\
+         sweep:\n  mid.factor: [1, 2]\n",
+    );
+    sb.run(&[g.to_str().unwrap()]).expect(0);
+    let (_server, addr) = start_ui(&sb, &[]);
+    assert!(addr.starts_with("127.0.0.1:"), "loopback by default: {addr}");
+
+    // The experiments, their runs by state.
+    let (status, home) = get(&addr, "/");
+    assert_eq!(status, 200);
+    assert!(home.contains("<a href=\"/exp/q\">q</a>") && home.contains("4 succeeded"), "{home}");
+    // The runs table: varying params and the headline metric by default; sorting by a header.
+    let (status, page) = get(&addr, "/exp/q");
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(row_ids(&page), ["1", "2", "3", "4"]);
+    for col in ["mid.factor", "mid.offset", ">sum<"] {
+        assert!(page.contains(col), "{col}: {page}");
+    }
+    assert!(!page.contains(">mean<"), "only headline metrics by default");
+    assert_eq!(row_ids(&get(&addr, "/exp/q?sort=sum&desc=1").1), ["4", "3", "2", "1"]);
+    // A filter with OR and IN, and one with a mistake: 400 with the column.
+    let q = format!("/exp/q?q={}", enc("mid.offset in (1) or sum < 7"));
+    assert_eq!(row_ids(&get(&addr, &q).1), ["1", "2", "4"]);
+    let (status, body) = get(&addr, &format!("/exp/q?q={}", enc("sum >")));
+    assert_eq!(status, 400);
+    assert!(body.contains("at column 6: expected a value"), "{body}");
+    let (status, body) = get(&addr, &format!("/exp/q?q={}", enc("summ > 1")));
+    assert_eq!(status, 400);
+    assert!(body.contains("did you mean `sum`"), "{body}");
+    // Grouping over seeds: mean ± std and n.
+    let (_, grouped) = get(&addr, "/exp/g?group=1");
+    assert!(grouped.contains("8 ± 2.8284") && grouped.contains("14 ± 2.8284"), "{grouped}");
+    assert!(grouped.contains("2 group(s) of 4 run(s)"), "{grouped}");
+    // Chosen columns, and the CSV of the current view.
+    let (_, cols) = get(&addr, "/exp/q?col=id&col=mean&sort=mean");
+    assert!(cols.contains(">mean<") && !cols.contains(">mid.factor<"), "{cols}");
+    let (status, head, csv) = get_with(&addr, &format!("/exp/q?format=csv&sort=sum&desc=1&q={}", enc("sum > 6")), "");
+    assert_eq!(status, 200);
+    assert!(head.to_ascii_lowercase().contains("content-type: text/csv"), "{head}");
+    assert_eq!(csv.lines().map(|l| l.split(',').next().unwrap()).collect::<Vec<_>>(), ["id", "4", "3", "2"], "{csv}");
+    // A run's page: its curve as a chart, params, stages, config.
+    let (status, run) = get(&addr, "/run/4");
+    assert_eq!(status, 200);
+    assert!(
+        run.contains("<svg") && run.contains("mid.factor") && run.contains("toy-scale") && run.contains("name: q"),
+        "{run}"
+    );
+    // Bad requests: unknown 404, malformed 400, nothing leaks.
+    assert_eq!(get(&addr, "/exp/nope").0, 404);
+    assert_eq!(get(&addr, "/run/999").0, 404);
+    assert_eq!(get(&addr, "/run/abc").0, 400);
+    for bad in
+        ["/exp/..%2F..%2Fetc%2Fpasswd", "/../../etc/passwd", "/run/..%2F..%2Fetc%2Fpasswd", "/static/../../etc/passwd"]
+    {
+        let (status, body) = get(&addr, bad);
+        assert!((400..500).contains(&status), "{bad}: {status}");
+        assert!(!body.contains("root:"), "{bad} leaks a file");
+    }
+    // Strings from the data are escaped.
+    assert!(!get(&addr, &format!("/exp/q?q={}", enc("name = '<script>'"))).1.contains("<script>"));
+
+    // In Chromium: the sorted table renders with the same rows.
+    let dom = std::process::Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--dump-dom"])
+        .arg(format!("--user-data-dir={}", sb.path().join("chromium-ui").display()))
+        .arg(format!("http://{addr}/exp/q?sort=sum&desc=1"))
+        .stderr(std::process::Stdio::null())
+        .output()
+        .expect("chromium must be installed");
+    assert_eq!(row_ids(&String::from_utf8_lossy(&dom.stdout)), ["4", "3", "2", "1"]);
+}
+
+#[test]
+fn the_results_app_needs_its_token_and_refuses_other_hosts_without_one() {
+    let sb = known_runs();
+    let out = sb.run(&["ui", "--port", "0", "--host", "0.0.0.0"]).expect(2);
+    assert!(out.stderr().contains("give a --token"), "{}", out.stderr());
+    let token = "correct-horse-battery-staple";
+    let (_server, addr) = start_ui(&sb, &["--token", token]);
+    let (status, body) = get(&addr, "/exp/q");
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(get(&addr, "/exp/q?token=wrong-token-wrong-token").0, 401);
+    let (status, head, _) = get_with(&addr, &format!("/exp/q?token={token}"), "");
+    assert_eq!(status, 200);
+    assert!(head.contains(&format!("huse_ui_token={token}")), "the token is kept in a cookie: {head}");
+    assert_eq!(get_with(&addr, "/run/1", &format!("Cookie: huse_ui_token={token}\r\n")).0, 200);
+    assert_eq!(get_with(&addr, "/", &format!("Authorization: Bearer {token}\r\n")).0, 200);
+}

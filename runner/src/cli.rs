@@ -52,6 +52,8 @@ enum Cmd {
     Search(cmd::search::SearchArgs),
     /// A local web page: search trained runs by text or photo, side by side; item pages.
     Serve(cmd::serve::ServeArgs),
+    /// The results app: experiments, a runs table with search, sorting, grouping and paging, run pages.
+    Ui(cmd::ui::UiArgs),
     /// Write a trained run's image and text embeddings of its items (safetensors + ids.json).
     Embed(cmd::embed::EmbedArgs),
     /// The stage cache: `verify` checks every entry's outputs against their recorded hashes.
@@ -175,6 +177,7 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
         Some(Cmd::Export(a)) => cmd::export::run(g, a).await,
         Some(Cmd::Search(a)) => cmd::search::run(g, a).await,
         Some(Cmd::Serve(a)) => cmd::serve::run(g, a).await,
+        Some(Cmd::Ui(a)) => cmd::ui::run(g, a).await,
         Some(Cmd::Embed(a)) => cmd::embed::run(g, a, &display).await,
         Some(Cmd::Cache { cmd }) => cmd::cache::run(g, cmd),
         Some(Cmd::Db { cmd }) => cmd::db::run(g, cmd).await,

@@ -234,7 +234,8 @@ async fn gallery(store: &Store, runs: &[RunRow], out: &Path, html: &mut String) 
 }
 
 /// Every metric of a run logged at more than one step: key -> (step, value).
-async fn curves(store: &Store, run: i64) -> Result<BTreeMap<String, Vec<(f64, f64)>>> {
+/// A run's multi-step metrics (its curves): key -> (step, value), NaN steps left out.
+pub async fn curves(store: &Store, run: i64) -> Result<BTreeMap<String, Vec<(f64, f64)>>> {
     let mut m: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     for (key, step, value) in store.metric_series(run).await? {
         if let Some(v) = value {
@@ -311,6 +312,19 @@ const PALETTE: [RGBColor; 8] = [
 
 /// One metric, every group (sweep point) overlaid: mean line, min-max band over seeds.
 fn overlay(path: &Path, key: &str, groups: &BTreeMap<String, Vec<Vec<(f64, f64)>>>) -> Result<()> {
+    std::fs::write(path, overlay_svg(key, groups)?)?;
+    Ok(())
+}
+
+/// One metric, every group (a run or a sweep point) overlaid, as an SVG document: the mean
+/// line of each group and the min-max band of its series, the legend beside the chart.
+pub fn overlay_svg(key: &str, groups: &BTreeMap<String, Vec<Vec<(f64, f64)>>>) -> Result<String> {
+    let mut svg = String::new();
+    overlay_draw(&mut svg, key, groups)?;
+    Ok(svg)
+}
+
+fn overlay_draw(svg: &mut String, key: &str, groups: &BTreeMap<String, Vec<Vec<(f64, f64)>>>) -> Result<()> {
     let bands: Vec<(&String, Vec<(f64, f64, f64, f64)>)> = groups.iter().map(|(l, s)| (l, band(s))).collect();
     // Several groups: their legend beside the chart, never over the curves.
     let legend_width = if bands.len() > 1 {
@@ -318,7 +332,7 @@ fn overlay(path: &Path, key: &str, groups: &BTreeMap<String, Vec<Vec<(f64, f64)>
     } else {
         0
     };
-    let whole = SVGBackend::new(path, (460 + legend_width, 300)).into_drawing_area();
+    let whole = SVGBackend::with_string(svg, (460 + legend_width, 300)).into_drawing_area();
     whole.fill(&WHITE)?;
     let (root, legend) = whole.split_horizontally(460);
     let (x0, x1) = range(bands.iter().flat_map(|(_, b)| b.iter().map(|p| p.0)));
@@ -491,7 +505,7 @@ fn sweep_heatmap(path: &Path, runs: &[RunRow], pa: &str, pb: &str, metric: &str)
 
 /// A stage's Markdown summary (evaluate's `tables.md`) as HTML: tables as tables. Raw HTML
 /// in it is shown as text, never interpreted (it may carry the data's strings).
-fn markdown(text: &str) -> String {
+pub fn markdown(text: &str) -> String {
     use pulldown_cmark::{Event, Options, Parser};
     let events = Parser::new_ext(text, Options::ENABLE_TABLES).map(|e| match e {
         Event::Html(h) | Event::InlineHtml(h) => Event::Text(h),

@@ -49,7 +49,8 @@ pub enum Cell {
 }
 
 impl Cell {
-    fn text(&self) -> String {
+    /// The cell as a reader sees it (numbers in fixed decimals, `mean ± std`).
+    pub fn text(&self) -> String {
         match self {
             Cell::Text(s) => s.clone(),
             Cell::Int(i) => i.to_string(),

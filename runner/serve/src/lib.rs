@@ -128,9 +128,14 @@ pub async fn serve_with(
     limits: Limits,
     ready: impl FnOnce(SocketAddr),
 ) -> Result<()> {
+    serve_router(app(runs), addr, limits, ready).await
+}
+
+/// Serves any axum app on `addr` with `limits` (the header timeout and connection limit
+/// [`serve`] has): the results app (`huse-run ui`) runs on the same loop.
+pub async fn serve_router(app: Router, addr: SocketAddr, limits: Limits, ready: impl FnOnce(SocketAddr)) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     ready(listener.local_addr()?);
-    let app = app(runs);
     let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
         let (stream, _) = match listener.accept().await {

@@ -28,6 +28,7 @@ pub mod runs;
 pub mod search;
 pub mod serve;
 pub mod show;
+pub mod ui;
 
 /// The options every command takes.
 #[derive(Args, Debug, Clone)]

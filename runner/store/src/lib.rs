@@ -56,7 +56,7 @@ pub mod query;
 pub mod search_lang;
 pub mod spool;
 
-pub use query::{Cond, Filter, Op, RunRow, StageRunInfo};
+pub use query::{Cond, ExperimentSummary, Filter, Op, RunRow, StageRunInfo};
 pub use spool::{Record, RunIdent};
 
 /// The state of a run, as stored in `runs.status`.

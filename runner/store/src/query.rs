@@ -110,6 +110,17 @@ pub struct Filter {
     pub conds: Vec<Cond>,
 }
 
+/// One experiment at a glance, for the results app's first page.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExperimentSummary {
+    /// The experiment's name.
+    pub name: String,
+    /// Its runs per state (`succeeded`, `running`, ...).
+    pub by_state: Vec<(String, i64)>,
+    /// The latest start or end of any of its runs (RFC 3339).
+    pub last_activity: Option<String>,
+}
+
 /// A run with its params and final metrics (the run's own columns through [`Run`], which it
 /// dereferences to: `row.name`).
 #[derive(Debug, Clone)]
@@ -187,6 +198,33 @@ impl Store {
     pub async fn experiments(&self) -> Result<Vec<String>> {
         let rows = self.q("SELECT name FROM experiments ORDER BY name").fetch_all(&self.pool).await?;
         Ok(rows.iter().map(|r| r.get::<String, _>(0)).collect())
+    }
+
+    /// Per experiment: its runs by state and its last activity (the latest start or end).
+    pub async fn experiment_summaries(&self) -> Result<Vec<ExperimentSummary>> {
+        let rows = self
+            .q("SELECT e.name, r.status, count(r.id), max(coalesce(r.ended_at, r.started_at)) \
+                FROM experiments e LEFT JOIN runs r ON r.experiment_id = e.id GROUP BY e.name, r.status ORDER BY e.name")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out: Vec<ExperimentSummary> = Vec::new();
+        for r in rows {
+            let name: String = r.get(0);
+            let status: Option<String> = r.get(1);
+            let n: i64 = r.get(2);
+            let last: Option<String> = r.get(3);
+            if out.last().is_none_or(|s| s.name != name) {
+                out.push(ExperimentSummary { name: name.clone(), by_state: Vec::new(), last_activity: None });
+            }
+            let s = out.last_mut().expect("pushed");
+            if let Some(st) = status {
+                s.by_state.push((st, n));
+            }
+            if last > s.last_activity {
+                s.last_activity = last;
+            }
+        }
+        Ok(out)
     }
 
     /// An error naming the experiments there are, unless `name` is one of them.
@@ -326,11 +364,19 @@ impl Store {
 
     /// One run by id.
     pub async fn run(&self, id: i64) -> Result<RunRow> {
+        if !self.run_exists(id).await? {
+            bail!("no run with id {id}");
+        }
         let runs = self.load_runs(&Filter::default()).await?;
         match runs.into_iter().find(|r| r.id == id) {
             Some(r) => Ok(r),
             None => bail!("no run with id {id}"),
         }
+    }
+
+    /// Whether a run with this id is recorded.
+    pub async fn run_exists(&self, id: i64) -> Result<bool> {
+        Ok(self.q("SELECT count(*) FROM runs WHERE id = ?").bind(id).fetch_one(&self.pool).await?.get::<i64, _>(0) > 0)
     }
 
     /// The recorded stages of a run, in the order they were recorded.

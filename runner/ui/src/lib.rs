@@ -1,0 +1,530 @@
+//! `huse-run ui`: the results app — one web page over the results database (SQLite or
+//! PostgreSQL, opened read-only), built on the same pieces as the query commands:
+//!
+//! - `/`: the experiments, their runs by state and their last activity;
+//! - `/exp/NAME`: the experiment's runs table — by default the id, name, state, the params that
+//!   vary and the stages' headline metrics (`cols=` or the column picker for others, `all=1` for
+//!   every one); sort by any column; a filter in the search language
+//!   ([`huse_store::search_lang`], a mistake is a 400 that points at its column); grouping over
+//!   seeds with mean ± std and n; 100 rows a page; `format=csv` for the current view;
+//! - `/run/ID`: a run — its fields, params, stages (times, cache keys), final metrics, its
+//!   curves as charts, the stages' summaries (the paper's tables) and its resolved config.
+//!
+//! Every string from the database is escaped. With a token ([`Settings::token`]) every
+//! request must carry it (`Authorization: Bearer T`, the `huse_ui_token` cookie, or `?token=T`
+//! once, which sets the cookie); without it a request is a 401. Nothing is read from disk.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path as UrlPath, RawQuery, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use huse_report::table::{self, Cell, Format, Table};
+use huse_store::{Filter, RunRow, Store, search_lang};
+
+/// Rows of the runs table per page.
+pub const PAGE: usize = 100;
+
+/// What the app is told at start.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// The stages' headline metrics (keys or globs): the runs table's default metric columns.
+    pub headline: Vec<String>,
+    /// A token every request must carry (None: none needed, for loopback use).
+    pub token: Option<String>,
+}
+
+struct App {
+    store: Store,
+    settings: Settings,
+}
+
+type Shared = Arc<App>;
+
+/// The app over `store` (open it read-only).
+pub fn app(store: Store, settings: Settings) -> Router {
+    let state = Arc::new(App { store, settings });
+    Router::new()
+        .route("/", get(experiments))
+        .route("/exp/{name}", get(runs_page))
+        .route("/run/{id}", get(run_page))
+        .fallback(|| async { Problem(StatusCode::NOT_FOUND, "no such page".into()) })
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state)
+}
+
+/// A 4xx (or 500) with a one-line reason, as a small page.
+struct Problem(StatusCode, String);
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let body = page("error", &format!("<p class=\"err\">{} — {}</p>", self.0.as_u16(), esc(&self.1)));
+        (self.0, body).into_response()
+    }
+}
+
+fn internal(e: anyhow::Error) -> Problem {
+    Problem(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+}
+
+/// Equal strings, in time that does not depend on where they differ.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+const COOKIE: &str = "huse_ui_token";
+
+async fn auth(State(app): State<Shared>, req: Request, next: Next) -> Response {
+    let Some(token) = &app.settings.token else { return next.run(req).await };
+    let headers = req.headers();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| same(t, token));
+    let cookie = cookie(headers, COOKIE).is_some_and(|t| same(&t, token));
+    let in_query =
+        req.uri().query().map(query_pairs).is_some_and(|q| q.iter().any(|(k, v)| k == "token" && same(v, token)));
+    if !(bearer || cookie || in_query) {
+        return Problem(StatusCode::UNAUTHORIZED, "this server needs its token (?token=...)".into()).into_response();
+    }
+    let mut resp = next.run(req).await;
+    if in_query && !cookie {
+        let set = format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/");
+        if let Ok(v) = set.parse() {
+            resp.headers_mut().insert(header::SET_COOKIE, v);
+        }
+    }
+    resp
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|v| {
+        v.split(';').find_map(|kv| kv.trim().strip_prefix(name).and_then(|r| r.strip_prefix('=')).map(String::from))
+    })
+}
+
+/// `a=1&b=x+y&b=%C3%A9` -> [(a, 1), (b, x y), (b, é)]; repeated keys kept.
+fn query_pairs(q: &str) -> Vec<(String, String)> {
+    fn decode(s: &str) -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < b.len() => {
+                    match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                        Ok(v) => {
+                            out.push(v);
+                            i += 2;
+                        }
+                        Err(_) => out.push(b'%'),
+                    }
+                }
+                c => out.push(c),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (decode(k), decode(v)),
+            None => (decode(p), String::new()),
+        })
+        .collect()
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&#39;")
+}
+
+fn url_enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn page(title: &str, body: &str) -> Html<String> {
+    Html(format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t} — huse-run</title><style>\
+         body{{font-family:sans-serif;margin:1.5em;background:#fafafa;color:#222}} a{{color:#0645ad}}\
+         table{{border-collapse:collapse;font-size:13px;background:#fff}} td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}}\
+         th{{background:#f0f0f0}} td.t,th.t{{text-align:left}} .scroll{{overflow-x:auto;max-width:100%}} .err{{color:#b00}}\
+         input[type=text]{{width:40em;padding:4px;font-family:monospace}} form{{margin:0.6em 0}} .note{{color:#666;font-size:13px}}\
+         .pager a,.pager b{{margin-right:0.6em}} pre{{background:#f4f4f4;padding:8px;overflow:auto}} .charts img,.charts svg{{margin:4px}}\
+         details{{margin:0.5em 0}} .cols label{{display:inline-block;margin-right:1em;font-size:13px}}</style></head>\
+         <body><h1><a href=\"/\">huse-run</a> — {t}</h1>{body}</body></html>",
+        t = esc(title)
+    ))
+}
+
+async fn experiments(State(app): State<Shared>) -> Result<Html<String>, Problem> {
+    let list = app.store.experiment_summaries().await.map_err(internal)?;
+    let mut body = String::from(
+        "<table><tr><th class=\"t\">experiment</th><th>runs</th><th class=\"t\">by state</th><th class=\"t\">last activity</th></tr>",
+    );
+    for e in &list {
+        let total: i64 = e.by_state.iter().map(|(_, n)| n).sum();
+        let states: Vec<String> = e.by_state.iter().map(|(s, n)| format!("{n} {}", esc(s))).collect();
+        write!(
+            body,
+            "<tr><td class=\"t\"><a href=\"/exp/{u}\">{n}</a></td><td>{total}</td><td class=\"t\">{s}</td><td class=\"t\">{l}</td></tr>",
+            u = url_enc(&e.name),
+            n = esc(&e.name),
+            s = states.join(", "),
+            l = esc(e.last_activity.as_deref().unwrap_or(""))
+        )
+        .ok();
+    }
+    body.push_str("</table>");
+    if list.is_empty() {
+        body.push_str("<p class=\"note\">No experiments yet: run one (`huse-run experiments/quick.yaml`).</p>");
+    }
+    Ok(page("experiments", &body))
+}
+
+/// The runs table's settings, from the query string.
+#[derive(Debug, Default, Clone)]
+struct View {
+    q: String,
+    sort: Option<String>,
+    desc: bool,
+    page: usize,
+    group: bool,
+    all: bool,
+    cols: Vec<String>,
+    csv: bool,
+}
+
+impl View {
+    fn parse(raw: Option<&str>) -> View {
+        let mut v = View::default();
+        for (k, val) in raw.map(query_pairs).unwrap_or_default() {
+            let on = ["1", "on", "true", "yes"].contains(&val.as_str());
+            match k.as_str() {
+                "q" => v.q = val,
+                "sort" if !val.is_empty() => v.sort = Some(val),
+                "desc" => v.desc = on,
+                "page" => v.page = val.parse().unwrap_or(0),
+                "group" => v.group = on,
+                "all" => v.all = on,
+                // `cols=a,b` or one `col=` per checked box.
+                "cols" => v.cols.extend(val.split(',').filter(|c| !c.is_empty()).map(String::from)),
+                "col" if !val.is_empty() => v.cols.push(val),
+                "format" => v.csv = val == "csv",
+                _ => {}
+            }
+        }
+        v
+    }
+
+    /// This view's address with some settings changed.
+    fn href(&self, exp: &str, change: impl FnOnce(&mut View)) -> String {
+        let mut v = self.clone();
+        change(&mut v);
+        let mut parts = Vec::new();
+        if !v.q.is_empty() {
+            parts.push(format!("q={}", url_enc(&v.q)));
+        }
+        if let Some(s) = &v.sort {
+            parts.push(format!("sort={}", url_enc(s)));
+        }
+        for (on, name) in [(v.desc, "desc"), (v.group, "group"), (v.all, "all"), (v.csv, "format=csv")] {
+            if on {
+                parts.push(if name.contains('=') { name.to_string() } else { format!("{name}=1") });
+            }
+        }
+        if v.page > 0 {
+            parts.push(format!("page={}", v.page));
+        }
+        if !v.cols.is_empty() {
+            parts.push(format!("cols={}", url_enc(&v.cols.join(","))));
+        }
+        format!("/exp/{}{}{}", url_enc(exp), if parts.is_empty() { "" } else { "?" }, parts.join("&"))
+    }
+}
+
+/// A run's value of `name` for the search language.
+fn value_of(r: &RunRow, name: &str) -> Option<search_lang::Value> {
+    use search_lang::Value;
+    match name {
+        "id" => Some(Value::Num(r.id as f64)),
+        "name" => Some(Value::Text(r.name.clone())),
+        "state" | "status" => Some(Value::Text(r.status.to_string())),
+        "experiment" => Some(Value::Text(r.experiment.clone())),
+        "seed" => Some(Value::Num(r.seed as f64)),
+        "device" => Some(Value::Text(r.device.clone())),
+        _ => r
+            .params
+            .get(name)
+            .map(|v| Value::of(v))
+            .or_else(|| r.metrics.get(name).map(|v| Value::Num(v.unwrap_or(f64::NAN)))),
+    }
+}
+
+/// The runs of `runs` that pass the query `q` (all for an empty one); a mistake is a 400 that
+/// says where.
+fn filtered(runs: Vec<RunRow>, q: &str) -> Result<Vec<RunRow>, Problem> {
+    if q.trim().is_empty() {
+        return Ok(runs);
+    }
+    let bad = |e: search_lang::ParseError| Problem(StatusCode::BAD_REQUEST, format!("filter {e}: {}", e.caret(q)));
+    let expr = search_lang::parse(q).map_err(bad)?;
+    let mut known: BTreeSet<String> =
+        ["id", "name", "state", "status", "experiment", "seed", "device"].iter().map(|s| s.to_string()).collect();
+    for r in &runs {
+        known.extend(r.params.keys().cloned());
+        known.extend(r.metrics.keys().cloned());
+    }
+    expr.check_names(&known).map_err(bad)?;
+    Ok(runs.into_iter().filter(|r| expr.eval(&|n| value_of(r, n))).collect())
+}
+
+async fn runs_page(
+    State(app): State<Shared>,
+    UrlPath(exp): UrlPath<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, Problem> {
+    let experiments = app.store.experiments().await.map_err(internal)?;
+    if !experiments.contains(&exp) {
+        return Err(Problem(StatusCode::NOT_FOUND, format!("no experiment `{exp}`")));
+    }
+    let view = View::parse(raw.as_deref());
+    let all_runs =
+        app.store.load_runs(&Filter { experiment: Some(exp.clone()), ..Default::default() }).await.map_err(internal)?;
+    let runs = filtered(all_runs, &view.q)?;
+    // Every column there is (for the picker), then the view's.
+    let full = table::runs_table(&runs, &[], view.group);
+    let globs = if view.all || !view.cols.is_empty() { Vec::new() } else { app.settings.headline.clone() };
+    let patterns = table::patterns(&globs).map_err(|e| Problem(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
+    let mut t = table::runs_table(&runs, &patterns, view.group);
+    if !view.cols.is_empty() {
+        t = full.clone();
+        t.select(&view.cols).map_err(|e| Problem(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
+    } else if !view.group {
+        t.remove_column("experiment");
+    }
+    if let Some(s) = &view.sort {
+        t.sort_by(s, view.desc).map_err(|e| Problem(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
+    }
+    if view.csv {
+        return Ok((
+            [
+                (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+                (header::CONTENT_DISPOSITION, "attachment; filename=\"runs.csv\""),
+            ],
+            t.render(Format::Csv),
+        )
+            .into_response());
+    }
+    let total = t.rows.len();
+    let pages = total.div_ceil(PAGE).max(1);
+    let pg = view.page.min(pages - 1);
+    let mut body = String::new();
+    // The filter and the switches.
+    write!(
+        body,
+        "<form method=\"get\" action=\"/exp/{u}\"><input type=\"text\" name=\"q\" value=\"{q}\" placeholder=\"test.acc.both &gt; 0.9 and (train.beta in (0, 0.5) or state = failed)\"> \
+         <label><input type=\"checkbox\" name=\"group\" value=\"1\"{g}> group over seeds (mean ± std)</label> \
+         <label><input type=\"checkbox\" name=\"all\" value=\"1\"{a}> every column</label>{sort}{cols} <button type=\"submit\">show</button></form>",
+        u = url_enc(&exp),
+        q = esc(&view.q),
+        g = if view.group { " checked" } else { "" },
+        a = if view.all { " checked" } else { "" },
+        sort = view
+            .sort
+            .as_ref()
+            .map(|s| format!("<input type=\"hidden\" name=\"sort\" value=\"{}\">{}", esc(s), if view.desc { "<input type=\"hidden\" name=\"desc\" value=\"1\">" } else { "" }))
+            .unwrap_or_default(),
+        cols = if view.cols.is_empty() { String::new() } else { format!("<input type=\"hidden\" name=\"cols\" value=\"{}\">", esc(&view.cols.join(","))) },
+    )
+    .ok();
+    // The column picker: every column of the full table, the shown ones checked.
+    let shown: BTreeSet<&String> = t.headers.iter().collect();
+    body.push_str("<details><summary>columns</summary><form method=\"get\" class=\"cols\">");
+    if !view.q.is_empty() {
+        write!(body, "<input type=\"hidden\" name=\"q\" value=\"{}\">", esc(&view.q)).ok();
+    }
+    if view.group {
+        body.push_str("<input type=\"hidden\" name=\"group\" value=\"1\">");
+    }
+    for h in &full.headers {
+        write!(
+            body,
+            "<label><input type=\"checkbox\" name=\"col\" value=\"{v}\"{c}> {v}</label>",
+            v = esc(h),
+            c = if shown.contains(h) { " checked" } else { "" }
+        )
+        .ok();
+    }
+    body.push_str(" <button type=\"submit\">use these columns</button></form></details>");
+    write!(
+        body,
+        "<p class=\"note\">{total} {what} of {n} run(s){filt}. <a href=\"{csv}\">CSV of this view</a></p>",
+        what = if view.group { "group(s)" } else { "run(s)" },
+        n = runs.len(),
+        filt = if view.q.is_empty() { String::new() } else { " passing the filter".into() },
+        csv = esc(&view.href(&exp, |v| v.csv = true)),
+    )
+    .ok();
+    body.push_str(&html_table(&t, pg, &exp, &view));
+    if pages > 1 {
+        body.push_str("<p class=\"pager\">page ");
+        for p in 0..pages {
+            if p == pg {
+                write!(body, "<b>{}</b>", p + 1).ok();
+            } else {
+                write!(body, "<a href=\"{}\">{}</a>", esc(&view.href(&exp, |v| v.page = p)), p + 1).ok();
+            }
+        }
+        body.push_str("</p>");
+    }
+    Ok(page(&format!("experiment {exp}"), &body).into_response())
+}
+
+/// One page of `t` as HTML: headers link to sorting by them, ids to the run's page.
+fn html_table(t: &Table, pg: usize, exp: &str, view: &View) -> String {
+    let mut s = String::from("<div class=\"scroll\"><table id=\"runs\"><tr>");
+    for h in &t.headers {
+        let (desc, mark) = match &view.sort {
+            Some(cur) if cur == h => (!view.desc, if view.desc { " ▼" } else { " ▲" }),
+            _ => (false, ""),
+        };
+        let href = view.href(exp, |v| {
+            v.sort = Some(h.clone());
+            v.desc = desc;
+            v.page = 0;
+        });
+        write!(s, "<th><a href=\"{}\">{}</a>{mark}</th>", esc(&href), esc(h)).ok();
+    }
+    s.push_str("</tr>");
+    let id_col = t.headers.iter().position(|h| h == "id");
+    for row in t.rows.iter().skip(pg * PAGE).take(PAGE) {
+        s.push_str("<tr>");
+        for (i, c) in row.iter().enumerate() {
+            let text = esc(&c.text());
+            let class = if matches!(c, Cell::Text(_)) { " class=\"t\"" } else { "" };
+            if Some(i) == id_col {
+                write!(s, "<td><a href=\"/run/{text}\">{text}</a></td>").ok();
+            } else {
+                write!(s, "<td{class}>{text}</td>").ok();
+            }
+        }
+        s.push_str("</tr>");
+    }
+    s.push_str("</table></div>");
+    s
+}
+
+async fn run_page(State(app): State<Shared>, UrlPath(id): UrlPath<String>) -> Result<Html<String>, Problem> {
+    let id: i64 = id.parse().map_err(|_| Problem(StatusCode::BAD_REQUEST, format!("`{id}` is not a run id")))?;
+    if !app.store.run_exists(id).await.map_err(internal)? {
+        return Err(Problem(StatusCode::NOT_FOUND, format!("no run {id}")));
+    }
+    let store = &app.store;
+    let sections = table::show(store, id).await.map_err(internal)?;
+    let run = store.run(id).await.map_err(internal)?;
+    let mut body = format!(
+        "<p><a href=\"/exp/{u}\">experiment {e}</a></p>",
+        u = url_enc(&run.experiment),
+        e = esc(&run.experiment)
+    );
+    // Curves first: a picture beats a table.
+    let curves = huse_report::html::curves(store, id).await.map_err(internal)?;
+    if !curves.is_empty() {
+        body.push_str("<h2>curves</h2><div class=\"charts\">");
+        for (key, points) in &curves {
+            let groups: BTreeMap<String, Vec<Vec<(f64, f64)>>> = [(format!("#{id}"), vec![points.clone()])].into();
+            let svg = huse_report::html::overlay_svg(key, &groups).map_err(internal)?;
+            body.push_str(&svg);
+        }
+        body.push_str("</div>");
+    }
+    for (title, t) in &sections {
+        write!(body, "<h2>{}</h2>{}", esc(title), html_plain_table(t)).ok();
+    }
+    for s in store.summaries(id).await.map_err(internal)? {
+        let text = if s.name.ends_with(".md") {
+            huse_report::html::markdown(&s.text)
+        } else {
+            format!("<pre>{}</pre>", esc(&s.text))
+        };
+        write!(body, "<h2>{} — {}</h2><div class=\"scroll\">{text}</div>", esc(&s.stage), esc(&s.name)).ok();
+    }
+    let (yaml, commit) = store.run_config(id).await.map_err(internal)?;
+    write!(
+        body,
+        "<h2>resolved config</h2><p class=\"note\">git commit {}</p><pre>{}</pre>",
+        esc(commit.as_deref().unwrap_or("unknown")),
+        esc(&yaml)
+    )
+    .ok();
+    Ok(page(&format!("run {id} {}", run.name), &body))
+}
+
+fn html_plain_table(t: &Table) -> String {
+    let mut s = String::from("<div class=\"scroll\"><table><tr>");
+    for h in &t.headers {
+        write!(s, "<th>{}</th>", esc(h)).ok();
+    }
+    s.push_str("</tr>");
+    for row in &t.rows {
+        s.push_str("<tr>");
+        for c in row {
+            let class = if matches!(c, Cell::Text(_)) { " class=\"t\"" } else { "" };
+            write!(s, "<td{class}>{}</td>", esc(&c.text())).ok();
+        }
+        s.push_str("</tr>");
+    }
+    s.push_str("</table></div>");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_decode_and_keep_repeated_keys() {
+        assert_eq!(
+            query_pairs("q=a+%3E+0.5&col=x&col=y&bad=%zz&e=%C3%A9"),
+            vec![
+                ("q".to_string(), "a > 0.5".to_string()),
+                ("col".into(), "x".into()),
+                ("col".into(), "y".into()),
+                ("bad".into(), "%zz".into()),
+                ("e".into(), "é".into())
+            ]
+        );
+        let v = View::parse(Some("q=state+%3D+failed&sort=sum&desc=1&group=on&col=id&col=sum&page=2"));
+        assert_eq!(
+            (v.q.as_str(), v.sort.as_deref(), v.desc, v.group, v.page),
+            ("state = failed", Some("sum"), true, true, 2)
+        );
+        assert_eq!(v.cols, ["id", "sum"]);
+        assert_eq!(
+            v.href("e x", |v| v.page = 0),
+            "/exp/e%20x?q=state%20%3D%20failed&sort=sum&desc=1&group=1&cols=id%2Csum"
+        );
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same("abc", "abc"));
+        assert!(!same("abc", "abd") && !same("abc", "ab") && !same("", "a"));
+    }
+}
