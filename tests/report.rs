@@ -4,7 +4,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::known_runs;
+use common::{enc, get, get_with, known_runs, start_ui};
 
 #[test]
 fn report_references_every_figure_and_shows_the_database_numbers() {
@@ -129,48 +129,6 @@ fn the_page_renders_in_headless_chromium() {
     // Not a single flat colour either: the page has text, figures and a table.
     let colours: BTreeSet<[u8; 3]> = img.pixels().map(|p| p.0).collect();
     assert!(colours.len() > 20, "{} colours", colours.len());
-}
-
-/// A raw HTTP/1.1 GET to the local server with extra header lines: (status, headers, body).
-fn get_with(addr: &str, path: &str, extra: &str) -> (u16, String, String) {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(addr).unwrap();
-    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}\r\n").as_bytes()).unwrap();
-    let mut out = Vec::new();
-    let _ = c.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (status, head.to_string(), body.to_string())
-}
-
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let (s, _, b) = get_with(addr, path, "");
-    (s, b)
-}
-
-fn enc(s: &str) -> String {
-    s.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
-}
-
-struct KillOnDrop(std::process::Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `huse-run ui ARGS` on a free port: the server and its address.
-fn start_ui(sb: &common::Sandbox, args: &[&str]) -> (KillOnDrop, String) {
-    use std::io::BufRead;
-    let mut all = vec!["ui", "--port", "0"];
-    all.extend(args);
-    let mut child = sb.cmd(&all).stdout(std::process::Stdio::piped()).spawn().unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.split("http://").nth(1).and_then(|r| r.split('/').next()).unwrap_or_else(|| panic!("{line:?}"));
-    (KillOnDrop(child), addr.to_string())
 }
 
 /// The ids of the runs table's rows, in order.

@@ -148,3 +148,45 @@ impl Out {
         self
     }
 }
+
+/// A raw HTTP/1.1 GET to the local server with extra header lines: (status, headers, body).
+pub fn get_with(addr: &str, path: &str, extra: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}\r\n").as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_string(), body.to_string())
+}
+
+pub fn get(addr: &str, path: &str) -> (u16, String) {
+    let (s, _, b) = get_with(addr, path, "");
+    (s, b)
+}
+
+pub fn enc(s: &str) -> String {
+    s.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+}
+
+pub struct KillOnDrop(pub std::process::Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `huse-run ui ARGS` on a free port: the server and its address.
+pub fn start_ui(sb: &Sandbox, args: &[&str]) -> (KillOnDrop, String) {
+    use std::io::BufRead;
+    let mut all = vec!["ui", "--port", "0"];
+    all.extend(args);
+    let mut child = sb.cmd(&all).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.split("http://").nth(1).and_then(|r| r.split('/').next()).unwrap_or_else(|| panic!("{line:?}"));
+    (KillOnDrop(child), addr.to_string())
+}
