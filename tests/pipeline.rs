@@ -46,6 +46,72 @@ stages:
     sb.write("tiny.yaml", &yaml).display().to_string()
 }
 
+/// The train stage under another kind.
+struct Distill(huse_stage_train::Train);
+
+impl huse_stage_api::Stage for Distill {
+    fn kind(&self) -> &str {
+        "distill"
+    }
+    fn version(&self) -> &str {
+        self.0.version()
+    }
+    fn inputs(&self) -> Vec<huse_stage_api::Input> {
+        self.0.inputs()
+    }
+    fn outputs(&self) -> Vec<huse_stage_api::Output> {
+        self.0.outputs()
+    }
+    fn uses_seed(&self) -> bool {
+        self.0.uses_seed()
+    }
+    fn uses_device(&self) -> bool {
+        self.0.uses_device()
+    }
+    fn validate(&self, config: &huse_stage_api::Config) -> Result<(), huse_stage_api::ConfigError> {
+        self.0.validate(config)
+    }
+    fn run(
+        &self,
+        ctx: &huse_stage_api::Context,
+        config: &huse_stage_api::Config,
+        inputs: &huse_stage_api::Inputs,
+    ) -> Result<(), huse_stage_api::StageError> {
+        self.0.run(ctx, config, inputs)
+    }
+}
+
+/// Runs `tiny` (cached stages reused) with its model made by a `distill` stage, in this
+/// process with a registry that has the kind; returns the run's id.
+fn run_with_a_distill_stage(sb: &Sandbox, file: &str) -> i64 {
+    let yaml = std::fs::read_to_string(file)
+        .unwrap()
+        .replace("name: tiny", "name: tiny-distill")
+        .replace("  train:\n    uses: train\n", "  distill:\n    uses: distill\n")
+        .replace("needs: [ingest, encode, train]", "needs: [ingest, encode, distill]")
+        .replace("epochs: 12", "epochs: 2");
+    assert!(yaml.contains("uses: distill"), "{yaml}");
+    let mut registry = huse_run::builtin_registry();
+    registry.add(std::sync::Arc::new(Distill(huse_stage_train::Train)), "test");
+    let exp =
+        huse_config::compile_str(&yaml, "distill.yaml", &Default::default(), &registry, &|k| std::env::var(k).ok())
+            .unwrap_or_else(|e| panic!("{e:?}"));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let store = huse_store::Store::open(&huse_store::Location::Sqlite(sb.db()), huse_store::Options::default())
+            .await
+            .unwrap();
+        let cache = huse_exec::cache::Cache::open(sb.cache()).unwrap();
+        let opts = huse_exec::RunOptions { jobs: 2, ..Default::default() };
+        let display = huse_exec::progress::Display::quiet();
+        let out =
+            huse_exec::execute(&exp, &registry, &store, &cache, &opts, &display, &Default::default()).await.unwrap();
+        assert_eq!(out.runs[0].status, huse_store::RunStatus::Succeeded, "{:?}", out.runs[0].error);
+        store.close().await;
+        out.runs[0].id
+    })
+}
+
 fn curve(sb: &Sandbox, run: i64, key: &str) -> Vec<String> {
     // Full precision text of every step's value.
     sb.sql(&format!("SELECT printf('%.17g', value) FROM metrics WHERE run_id = {run} AND key = '{key}' ORDER BY step"))
@@ -276,6 +342,18 @@ fn huse_learns_is_deterministic_and_resumes() {
     }
 
     serve_answers_as_search_does(&sb, tests[0]);
+
+    // A stage kind the runner has never heard of (`distill`: here the train stage under
+    // another kind, as a plugin or a crate of one's own would register it) produces the
+    // model; `search`, `embed` and `serve` find it by its artifacts, not by a kind's name.
+    let id = run_with_a_distill_stage(&sb, &f).to_string();
+    let title = tests[0]["text"].as_str().unwrap();
+    let hits = sb.run(&["search", &id, "--text", title, "-k", "3", "-f", "csv"]).expect(0).stdout();
+    assert_eq!(hits.lines().count(), 4, "{hits}");
+    assert_eq!(
+        sb.sql(&format!("SELECT kind FROM stage_runs WHERE run_id = {id} AND stage = 'distill'"))[0][0],
+        "distill"
+    );
 
     // The report's retrieval gallery: fixed test queries, the runs' top 5 photos, copied
     // beside the page; every image it shows exists.

@@ -1,0 +1,91 @@
+//! The results app's runs table at scale: an experiment of `BENCH_UI_RUNS` runs (default
+//! 100,000) x `BENCH_UI_METRICS` final metrics (default 80) and 3 params, written through the
+//! store, then the page `/exp/bench` (default view: varying params, headline metrics, first
+//! 100 rows) and a filtered, sorted view asked `BENCH_UI_REPEAT` times (default 20) each;
+//! prints the time to write, the 50th and 95th percentile answer times and the page's size.
+//!
+//! `cargo bench -p huse-ui --bench runs_page --profile dev` (SQLite in a temporary folder), or
+//! `BENCH_UI_DB=postgres://...` for a PostgreSQL database (a fresh one: the bench writes its
+//! rows there). The target is 300 ms at the 95th percentile on 2 cores, on both backends.
+
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::http::Request;
+use huse_store::{Location, MetricRow, Options, Run, RunStatus, Store};
+use tower::ServiceExt;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let (runs, metrics, repeat) =
+        (env("BENCH_UI_RUNS", 100_000), env("BENCH_UI_METRICS", 80), env("BENCH_UI_REPEAT", 20));
+    let dir = tempfile::tempdir()?;
+    let location = match std::env::var("BENCH_UI_DB") {
+        Ok(url) => url.parse()?,
+        Err(_) => Location::Sqlite(dir.path().join("bench.sqlite")),
+    };
+    let store = Store::open(&location, Options::default()).await?;
+    let t0 = Instant::now();
+    let exp = store.experiment("bench", "bench.yaml").await?;
+    let mut rows = Vec::with_capacity(metrics * 1000);
+    for i in 0..runs {
+        let (beta, gamma, seed) = ((i % 11) as f64 / 10.0, ((i / 11) % 11) as f64 / 10.0, (i / 121) as u64);
+        let run = Run::starting(
+            "bench",
+            &format!("bench@train.beta={beta},train.gamma={gamma}/seed={seed}"),
+            "",
+            seed,
+            "cpu",
+        );
+        let params = [
+            ("train.beta".to_string(), serde_json::json!(beta)),
+            ("train.gamma".to_string(), serde_json::json!(gamma)),
+            ("seed".to_string(), serde_json::json!(seed)),
+        ];
+        let id = store.insert_run(exp, &run, "name: bench\n", &params).await?;
+        for m in 0..metrics {
+            let key = if m == 0 { "test.acc.both".to_string() } else { format!("test.m{m}") };
+            let value = ((i * 31 + m * 17) % 1000) as f64 / 1000.0;
+            rows.push(MetricRow { run_id: id, stage: "evaluate".into(), key, step: 0, value });
+        }
+        if rows.len() >= metrics * 1000 || i + 1 == runs {
+            store.insert_metrics(&rows).await?;
+            rows.clear();
+        }
+        store.finish_run(id, RunStatus::Succeeded, None).await?;
+        if (i + 1) % 10_000 == 0 {
+            eprintln!("  {} runs written in {:.0} s", i + 1, t0.elapsed().as_secs_f64());
+        }
+    }
+    let written = t0.elapsed().as_secs_f64();
+    let settings = huse_ui::Settings { headline: vec!["test.acc.both".into()], token: None };
+    let app = huse_ui::app(store, settings);
+    println!("{runs} runs x {metrics} metrics on {location}: written in {written:.1} s");
+    for path in ["/exp/bench", "/exp/bench?q=test.acc.both+%3E+0.5+and+train.beta+in+(0,0.5)&sort=test.acc.both&desc=1"]
+    {
+        let mut times = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..repeat {
+            let t = Instant::now();
+            let resp = app.clone().oneshot(Request::get(path).body(Body::empty())?).await?;
+            let status = resp.status();
+            let body = axum::body::to_bytes(resp.into_body(), usize::MAX).await?;
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+            anyhow::ensure!(status == 200, "{path}: {status}");
+            bytes = body.len();
+        }
+        times.sort_by(f64::total_cmp);
+        let pct = |p: f64| times[((times.len() as f64 * p).ceil() as usize).clamp(1, times.len()) - 1];
+        println!(
+            "{path}\n  p50 {:.0} ms, p95 {:.0} ms over {repeat} requests; page {:.0} KB",
+            pct(0.5),
+            pct(0.95),
+            bytes as f64 / 1024.0
+        );
+    }
+    Ok(())
+}
