@@ -10,7 +10,7 @@
 //! (both toy-scale stages log `mean`): there each is qualified by its stage (`left.mean`,
 //! `right.mean`) — in `runs`, `best`, `--group`, `--where`, the report and exports alike.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 
 use anyhow::{Result, bail};
@@ -301,25 +301,43 @@ impl Store {
             };
         }
         let rows = q.fetch_all(&self.pool).await?;
+        // The params and final metrics of every run of the experiment (or of all), two queries
+        // in all rather than two per run: the final value of each (run, stage, key) is its row
+        // of the highest step (then the latest id), as the `final_metrics` view defines it.
+        let scope = if filter.experiment.is_some() {
+            "JOIN runs r ON r.id = x.run_id JOIN experiments e ON e.id = r.experiment_id WHERE e.name = ?"
+        } else {
+            ""
+        };
+        let mut pq = crate::q_owned(
+            self.backend,
+            format!("SELECT x.run_id, x.key, x.value FROM params x {scope} ORDER BY x.run_id, x.key"),
+        );
+        let mut mq = crate::q_owned(
+            self.backend,
+            format!(
+                "SELECT run_id, stage, key, value FROM (SELECT x.run_id, x.stage, x.key, x.value, \
+                 ROW_NUMBER() OVER (PARTITION BY x.run_id, x.stage, x.key ORDER BY x.step DESC, x.id DESC) AS nth \
+                 FROM metrics x {scope}) finals WHERE nth = 1 ORDER BY run_id, key, stage"
+            ),
+        );
+        if let Some(e) = &filter.experiment {
+            pq = pq.bind(e.clone());
+            mq = mq.bind(e.clone());
+        }
+        let mut all_params: HashMap<i64, Vec<(String, String)>> = HashMap::new();
+        for p in pq.fetch_all(&self.pool).await? {
+            all_params.entry(p.get(0)).or_default().push((p.get(1), p.get(2)));
+        }
+        let mut all_finals: HashMap<i64, Vec<(String, String, Option<f64>)>> = HashMap::new();
+        for m in mq.fetch_all(&self.pool).await? {
+            all_finals.entry(m.get(0)).or_default().push((m.get(1), m.get(2), m.get(3)));
+        }
         let mut out = Vec::new();
         for r in rows {
             let id: i64 = r.get("id");
-            let params = self
-                .q("SELECT key, value FROM params WHERE run_id = ? ORDER BY key")
-                .bind(id)
-                .fetch_all(&self.pool)
-                .await?
-                .iter()
-                .map(|p| (p.get::<String, _>(0), p.get::<String, _>(1)))
-                .collect();
-            let finals: Vec<(String, String, Option<f64>)> = self
-                .q("SELECT stage, key, value FROM final_metrics WHERE run_id = ? ORDER BY key, stage")
-                .bind(id)
-                .fetch_all(&self.pool)
-                .await?
-                .iter()
-                .map(|m| (m.get(0), m.get(1), m.get(2)))
-                .collect();
+            let params: BTreeMap<String, String> = all_params.remove(&id).unwrap_or_default().into_iter().collect();
+            let finals: Vec<(String, String, Option<f64>)> = all_finals.remove(&id).unwrap_or_default();
             let metrics: BTreeMap<String, Option<f64>> =
                 qualified(finals.iter().map(|(s, k, _)| (s.as_str(), k.as_str())))
                     .into_iter()

@@ -25,7 +25,7 @@ async fn main() -> anyhow::Result<()> {
         (env("BENCH_UI_RUNS", 100_000), env("BENCH_UI_METRICS", 80), env("BENCH_UI_REPEAT", 20));
     let dir = tempfile::tempdir()?;
     let location = match std::env::var("BENCH_UI_DB") {
-        Ok(url) => url.parse()?,
+        Ok(url) => url.parse().map_err(anyhow::Error::msg)?,
         Err(_) => Location::Sqlite(dir.path().join("bench.sqlite")),
     };
     let store = Store::open(&location, Options::default()).await?;
@@ -62,6 +62,15 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let written = t0.elapsed().as_secs_f64();
+    // What the page's time is made of: loading the runs, then building the tables.
+    let t = Instant::now();
+    let loaded =
+        store.load_runs(&huse_store::Filter { experiment: Some("bench".into()), ..Default::default() }).await?;
+    let load_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let t = Instant::now();
+    let table = huse_report::table::runs_table(&loaded, &[], false);
+    let table_ms = t.elapsed().as_secs_f64() * 1000.0;
+    println!("load_runs {load_ms:.0} ms, runs_table {table_ms:.0} ms ({} columns)", table.headers.len());
     let settings = huse_ui::Settings { headline: vec!["test.acc.both".into()], token: None };
     let app = huse_ui::app(store, settings);
     println!("{runs} runs x {metrics} metrics on {location}: written in {written:.1} s");
