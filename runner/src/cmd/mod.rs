@@ -89,27 +89,6 @@ impl std::fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
-/// The fields of a run that a `--query` can name beside its params and metrics.
-const RUN_FIELDS: [&str; 7] = ["id", "name", "state", "status", "experiment", "seed", "device"];
-
-/// A run's value of `name` for the search language: a field, a param or a final metric.
-fn query_value(r: &huse_store::RunRow, name: &str) -> Option<search_lang::Value> {
-    use search_lang::Value;
-    match name {
-        "id" => Some(Value::Num(r.id as f64)),
-        "name" => Some(Value::Text(r.name.clone())),
-        "state" | "status" => Some(Value::Text(r.status.to_string())),
-        "experiment" => Some(Value::Text(r.experiment.clone())),
-        "seed" => Some(Value::Num(r.seed as f64)),
-        "device" => Some(Value::Text(r.device.clone())),
-        _ => r
-            .params
-            .get(name)
-            .map(|v| Value::of(v))
-            .or_else(|| r.metrics.get(name).map(|v| Value::Num(v.unwrap_or(f64::NAN)))),
-    }
-}
-
 impl FilterArgs {
     /// The store's filter.
     fn filter(&self) -> Filter {
@@ -126,14 +105,10 @@ impl FilterArgs {
         let mut runs = store.load_runs(&self.filter()).await?;
         if let Some(q) = &self.query {
             let expr = search_lang::parse(q).map_err(|e| UsageError(format!("--query {}\n{}", e, e.caret(q))))?;
-            let mut known: std::collections::BTreeSet<String> = RUN_FIELDS.iter().map(|s| s.to_string()).collect();
             let all = store.load_runs(&Filter { experiment: self.experiment.clone(), ..Default::default() }).await?;
-            for r in &all {
-                known.extend(r.params.keys().cloned());
-                known.extend(r.metrics.keys().cloned());
-            }
-            expr.check_names(&known).map_err(|e| UsageError(format!("--query {}\n{}", e, e.caret(q))))?;
-            runs.retain(|r| expr.eval(&|n| query_value(r, n)));
+            expr.check_names(&search_lang::known_names(&all))
+                .map_err(|e| UsageError(format!("--query {}\n{}", e, e.caret(q))))?;
+            runs.retain(|r| expr.eval(&|n| search_lang::value_of(r, n)));
         }
         if runs.is_empty() && !self.conds.is_empty() {
             let all = store.load_runs(&Filter { experiment: self.experiment.clone(), ..Default::default() }).await?;

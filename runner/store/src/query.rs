@@ -18,7 +18,7 @@ use sqlx::Row;
 
 use crate::{RUN_COLUMNS, Run, RunStatus, StageStatus, Store, Summary};
 
-/// A comparison operator of a `--where` condition.
+/// A comparison operator of a `--where` condition or of the search language.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     /// `=` (or `==`)

@@ -51,22 +51,7 @@ pub enum Expr {
     },
 }
 
-/// A comparison operator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    /// `=` or `==`.
-    Eq,
-    /// `!=`.
-    Ne,
-    /// `<`.
-    Lt,
-    /// `<=`.
-    Le,
-    /// `>`.
-    Gt,
-    /// `>=`.
-    Ge,
-}
+pub use crate::query::Op;
 
 /// A value in a query, or of a run.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,6 +70,37 @@ impl Value {
             Err(_) => Value::Text(text.to_string()),
         }
     }
+}
+
+/// The fields of a run a query can name beside its params and final metrics.
+pub const RUN_FIELDS: [&str; 7] = ["id", "name", "state", "status", "experiment", "seed", "device"];
+
+/// A run's value of `name`: a field ([`RUN_FIELDS`]), a param, or a final metric (NaN when
+/// it was not finite); None when the run has none.
+pub fn value_of(r: &crate::RunRow, name: &str) -> Option<Value> {
+    match name {
+        "id" => Some(Value::Num(r.id as f64)),
+        "name" => Some(Value::Text(r.name.clone())),
+        "state" | "status" => Some(Value::Text(r.status.to_string())),
+        "experiment" => Some(Value::Text(r.experiment.clone())),
+        "seed" => Some(Value::Num(r.seed as f64)),
+        "device" => Some(Value::Text(r.device.clone())),
+        _ => r
+            .params
+            .get(name)
+            .map(|v| Value::of(v))
+            .or_else(|| r.metrics.get(name).map(|v| Value::Num(v.unwrap_or(f64::NAN)))),
+    }
+}
+
+/// Every name a query over `runs` may use: the run fields, their params and metrics.
+pub fn known_names<'a>(runs: impl IntoIterator<Item = &'a crate::RunRow>) -> BTreeSet<String> {
+    let mut known: BTreeSet<String> = RUN_FIELDS.iter().map(|s| s.to_string()).collect();
+    for r in runs {
+        known.extend(r.params.keys().cloned());
+        known.extend(r.metrics.keys().cloned());
+    }
+    known
 }
 
 /// What is wrong with a query, and where.

@@ -24,6 +24,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
+use huse_report::html::{esc, url_enc};
 use huse_report::table::{self, Cell, Format, Table};
 use huse_store::{Filter, RunRow, Store, search_lang};
 
@@ -142,22 +143,6 @@ fn query_pairs(q: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&#39;")
-}
-
-fn url_enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 fn page(title: &str, body: &str) -> Html<String> {
     Html(format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t} — huse-run</title><style>\
@@ -258,24 +243,6 @@ impl View {
     }
 }
 
-/// A run's value of `name` for the search language.
-fn value_of(r: &RunRow, name: &str) -> Option<search_lang::Value> {
-    use search_lang::Value;
-    match name {
-        "id" => Some(Value::Num(r.id as f64)),
-        "name" => Some(Value::Text(r.name.clone())),
-        "state" | "status" => Some(Value::Text(r.status.to_string())),
-        "experiment" => Some(Value::Text(r.experiment.clone())),
-        "seed" => Some(Value::Num(r.seed as f64)),
-        "device" => Some(Value::Text(r.device.clone())),
-        _ => r
-            .params
-            .get(name)
-            .map(|v| Value::of(v))
-            .or_else(|| r.metrics.get(name).map(|v| Value::Num(v.unwrap_or(f64::NAN)))),
-    }
-}
-
 /// The runs of `runs` that pass the query `q` (all for an empty one); a mistake is a 400 that
 /// says where.
 fn filtered(runs: Vec<RunRow>, q: &str) -> Result<Vec<RunRow>, Problem> {
@@ -284,14 +251,8 @@ fn filtered(runs: Vec<RunRow>, q: &str) -> Result<Vec<RunRow>, Problem> {
     }
     let bad = |e: search_lang::ParseError| Problem(StatusCode::BAD_REQUEST, format!("filter {e}: {}", e.caret(q)));
     let expr = search_lang::parse(q).map_err(bad)?;
-    let mut known: BTreeSet<String> =
-        ["id", "name", "state", "status", "experiment", "seed", "device"].iter().map(|s| s.to_string()).collect();
-    for r in &runs {
-        known.extend(r.params.keys().cloned());
-        known.extend(r.metrics.keys().cloned());
-    }
-    expr.check_names(&known).map_err(bad)?;
-    Ok(runs.into_iter().filter(|r| expr.eval(&|n| value_of(r, n))).collect())
+    expr.check_names(&search_lang::known_names(&runs)).map_err(bad)?;
+    Ok(runs.into_iter().filter(|r| expr.eval(&|n| search_lang::value_of(r, n))).collect())
 }
 
 async fn runs_page(
@@ -309,13 +270,18 @@ async fn runs_page(
     let runs = filtered(all_runs, &view.q)?;
     // Every column there is (for the picker), then the view's.
     let full = table::runs_table(&runs, &[], view.group);
-    let globs = if view.all || !view.cols.is_empty() { Vec::new() } else { app.settings.headline.clone() };
-    let patterns = table::patterns(&globs).map_err(|e| Problem(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
-    let mut t = table::runs_table(&runs, &patterns, view.group);
-    if !view.cols.is_empty() {
-        t = full.clone();
+    let mut t = if !view.cols.is_empty() {
+        let mut t = full.clone();
         t.select(&view.cols).map_err(|e| Problem(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
-    } else if !view.group {
+        t
+    } else if view.all {
+        full.clone()
+    } else {
+        let patterns =
+            table::patterns(&app.settings.headline).map_err(|e| Problem(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
+        table::runs_table(&runs, &patterns, view.group)
+    };
+    if view.cols.is_empty() && !view.group {
         t.remove_column("experiment");
     }
     if let Some(s) = &view.sort {
