@@ -121,7 +121,7 @@ fn a_full_disk_while_writing_the_database_rolls_back_and_keeps_the_rows() {
     let listed = String::from_utf8_lossy(&run(&["runs", "-f", "csv"]).stdout).into_owned();
     assert!(
         listed.lines().any(|l| l.starts_with("2,c,c,failed,")),
-        "the run is marked failed, not left running:\n{listed}"
+        "the run is marked failed, not left running:\n{listed}\n{err}"
     );
     let shown = String::from_utf8_lossy(&run(&["show", "2"]).stdout).into_owned();
     assert!(shown.contains("results incomplete"), "{shown}");
@@ -134,6 +134,38 @@ fn a_full_disk_while_writing_the_database_rolls_back_and_keeps_the_rows() {
     assert_eq!(csv.lines().filter(|l| l.contains(",metric,loss,")).count(), 20000, "every loss step, once");
     assert!(csv.lines().any(|l| l.contains(",succeeded,metric,sum,")), "the run is complete and succeeded");
     assert!(spool_files(&sb.cache().join(".spool")).is_empty());
+    assert!(db.with_extension("reserve").exists(), "and kept again once there is room");
+}
+
+#[test]
+fn a_disk_full_to_the_last_byte_still_lets_the_run_be_marked_failed() {
+    let sb = Sandbox::new();
+    let fs = match Tmpfs::mount(&sb.path().join("small"), "2m") {
+        Ok(fs) => fs,
+        Err(e) => {
+            eprintln!(
+                "NOT RUN: a_disk_full_to_the_last_byte_still_lets_the_run_be_marked_failed needs to mount a tmpfs: {e}"
+            );
+            return;
+        }
+    };
+    let db = fs.0.join("r.sqlite");
+    rt().block_on(async {
+        use huse_store::{Location, Options, Run, Store};
+        let store = Store::open(&Location::Sqlite(db.clone()), Options::default()).await.unwrap();
+        let exp = store.experiment("e", "e.yaml").await.unwrap();
+        let id = store.insert_run(exp, &Run::starting("e", "r", "", 1, "cpu"), "", &[]).await.unwrap();
+        // Not a byte left: 16 KiB files, then 1 KiB ones, then single bytes.
+        for size in [16 << 10, 1 << 10, 1] {
+            let mut i = 0;
+            while std::fs::write(fs.0.join(format!("filler-{size}-{i}")), vec![1u8; size]).is_ok() {
+                i += 1;
+            }
+        }
+        store.mark_incomplete(&[id], "the disk is full").await.expect("marked failed on a full disk");
+        assert!(!db.with_extension("reserve").exists(), "the reserve was given up for that");
+        assert_eq!(store.run(id).await.unwrap().run.status, huse_store::RunStatus::Failed);
+    });
 }
 
 /// The output directory of `stage` in run `run`.

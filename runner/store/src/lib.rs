@@ -53,6 +53,7 @@ use sqlx::{AnyPool, ConnectOptions as _};
 use sqlx::{AssertSqlSafe, Executor as _, Row};
 
 pub mod query;
+pub mod reserve;
 pub mod search_lang;
 pub mod spool;
 
@@ -715,16 +716,19 @@ impl Store {
             idents: Default::default(),
         };
         // What is still spooled stays spooled when this fails; the next process tries again.
-        if !store.options.replay_on_open {
-            return Ok(store);
-        }
-        match store.replay_spools().await {
-            Ok(r) => {
-                for (f, why) in r.set_aside.iter().chain(&r.left) {
-                    tracing::warn!("spool {}: {why}", f.display());
+        if store.options.replay_on_open {
+            match store.replay_spools().await {
+                Ok(r) => {
+                    for (f, why) in r.set_aside.iter().chain(&r.left) {
+                        tracing::warn!("spool {}: {why}", f.display());
+                    }
                 }
+                Err(e) => tracing::warn!("{e:#}"),
             }
-            Err(e) => tracing::warn!("{e:#}"),
+        }
+        // After the replay, which has the room first.
+        if let Location::Sqlite(path) = location {
+            reserve::keep(path);
         }
         Ok(store)
     }
@@ -1222,18 +1226,31 @@ impl Store {
     /// Best effort, when [`Store::drain`] failed: marks `runs` failed with `reason` so the
     /// database does not show them `running`; replaying the spool later sets their real
     /// status once their results are complete.
+    /// On a full disk the update itself needs room: when it fails, the SQLite database's
+    /// reserve ([`reserve`]) is given up and the update tried once more.
     pub async fn mark_incomplete(&self, runs: &[i64], reason: &str) -> Result<()> {
-        let mut conn = self.connection_for_record().await?;
-        for id in runs {
-            self.q("UPDATE runs SET status = ?, error = ?, ended_at = ? WHERE id = ?")
-                .bind(RunStatus::Failed.as_str())
-                .bind(format!("results incomplete: {reason}"))
-                .bind(now())
-                .bind(id)
-                .execute(&mut *conn)
-                .await?;
+        let first = self.mark_failed(runs, reason).await;
+        match (&self.location, first) {
+            (Location::Sqlite(path), Err(e)) if reserve::release(path) => {
+                tracing::debug!("marking runs failed: {e:#}; released the database's reserve and trying again");
+                self.mark_failed(runs, reason).await
+            }
+            (_, r) => r,
         }
-        Ok(())
+    }
+
+    async fn mark_failed(&self, runs: &[i64], reason: &str) -> Result<()> {
+        transaction!(self, self.connection_for_record(), |conn| {
+            for id in runs {
+                self.q("UPDATE runs SET status = ?, error = ?, ended_at = ? WHERE id = ?")
+                    .bind(RunStatus::Failed.as_str())
+                    .bind(format!("results incomplete: {reason}"))
+                    .bind(now())
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+        })
     }
 
     /// Writes every record that processes which have ended left spooled for this database
