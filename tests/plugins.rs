@@ -1,5 +1,6 @@
-//! Dynamic stage plugins: the example plugin (built here) inside a real experiment, and
-//! every way loading or running a plugin can fail.
+//! Stages from outside: dynamic plugins (the example plugin, built here, inside a real
+//! experiment, and every way loading or running one can fail) and command stages (any
+//! program, here a shell script, in a sweep with seeds, the cache and the database).
 
 mod common;
 
@@ -187,4 +188,150 @@ fn a_sweep_swaps_implementations_of_one_role() {
     );
     // The shared ingest ran once.
     assert_eq!(sb.count("SELECT count(*) FROM stage_runs WHERE stage = 'ingest' AND cached = 0"), 1);
+}
+
+/// A shell script stage: doubles its input numbers by `k`, logs three loss steps and a final score.
+const SCRIPT: &str = r#"set -e
+k="$1"
+sum=$(tr -d '[] ' < "$HUSE_INPUT_NUMBERS_JSON" | tr ',' '\n' | awk '{s += $1} END {print s}')
+echo $((sum * k)) > "$HUSE_OUT_DIR/scaled.txt"
+for step in 1 2 3; do
+  echo "{\"step\": $step, \"total\": 3, \"loss\": $((k * HUSE_SEED * 10 / step))}" >> "$HUSE_METRICS"
+done
+echo "{\"final\": {\"score\": $((k * 100 + HUSE_SEED))}}" >> "$HUSE_METRICS"
+echo "ran k=$k seed=$HUSE_SEED threads=$OMP_NUM_THREADS" >&2
+"#;
+
+fn command_experiment(sb: &Sandbox, extra: &str) -> PathBuf {
+    sb.write("stage.sh", SCRIPT);
+    sb.write(
+        "cmd.yaml",
+        &format!(
+            "name: cmd\nrepeat: 2\nsweep: {{ cmd.params.k: [2, 3] }}\nstages:\n  source: {{ uses: toy-source, with: {{ count: 4 }} }}\n  \
+             cmd:\n    uses: command\n    needs: [source]\n    with:\n      run: [sh, stage.sh, \"${{params.k}}\"]\n      \
+             inputs: [numbers.json]\n      outputs: [scaled.txt]\n      files: [stage.sh]\n      params: {{ k: 1 }}\n{extra}"
+        ),
+    )
+}
+
+#[test]
+fn a_command_stage_sweeps_with_seeds_is_cached_and_reruns_when_its_script_changes() {
+    let sb = Sandbox::new();
+    let f = command_experiment(&sb, "");
+    let f = f.to_str().unwrap();
+    sb.run(&["validate", f]).expect(0);
+    sb.run(&[f]).expect(0);
+    // 2 values of k x 2 seeds: four runs, each with its params, history and final metric.
+    assert_eq!(sb.count("SELECT count(*) FROM runs WHERE status = 'succeeded'"), 4);
+    assert_eq!(sb.count("SELECT count(*) FROM params WHERE key = 'cmd.params.k'"), 4);
+    assert_eq!(sb.count("SELECT count(*) FROM metrics WHERE stage = 'cmd' AND key = 'loss'"), 4 * 3);
+    let rows = sb.sql(
+        "SELECT p.value, r.seed, m.value FROM metrics m JOIN runs r ON r.id = m.run_id \
+         JOIN params p ON p.run_id = r.id AND p.key = 'cmd.params.k' WHERE m.key = 'score' ORDER BY r.id",
+    );
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    for r in &rows {
+        let (k, seed): (i64, i64) = (r[0].parse().unwrap(), r[1].parse().unwrap());
+        assert_eq!(r[2].parse::<f64>().unwrap(), (k * 100 + seed) as f64, "{rows:?}");
+    }
+    let loss = sb.sql("SELECT value FROM metrics WHERE run_id = 1 AND key = 'loss' ORDER BY step");
+    assert_eq!(loss.len(), 3);
+    // The sum of the source's 4 numbers, times k, is the output.
+    let path = |stage: &str, name: &str| {
+        sb.sql(&format!("SELECT path FROM artifacts WHERE run_id = 1 AND stage = '{stage}' AND name = '{name}'"))[0][0]
+            .clone()
+    };
+    let numbers: Vec<f64> =
+        serde_json::from_str(&std::fs::read_to_string(path("source", "numbers.json")).unwrap()).unwrap();
+    let scaled: f64 = std::fs::read_to_string(path("cmd", "scaled.txt")).unwrap().trim().parse().unwrap();
+    let k: f64 = sb.sql("SELECT value FROM params WHERE run_id = 1 AND key = 'cmd.params.k'")[0][0].parse().unwrap();
+    assert_eq!(scaled, k * numbers.iter().sum::<f64>());
+    // A rerun is all cache hits (the metrics replayed); a changed script runs again.
+    sb.run(&[f]).expect(0);
+    assert_eq!(sb.count("SELECT count(*) FROM stage_runs WHERE run_id > 4 AND stage = 'cmd' AND cached = 1"), 4);
+    assert_eq!(sb.count("SELECT count(*) FROM metrics WHERE run_id > 4 AND key = 'score'"), 4);
+    sb.write("stage.sh", &format!("{SCRIPT}# changed\n"));
+    let o = sb.run(&[f]).expect(0);
+    assert_eq!(
+        sb.count("SELECT count(*) FROM stage_runs WHERE run_id > 8 AND stage = 'cmd' AND cached = 0"),
+        4,
+        "{}",
+        o.stderr()
+    );
+    assert_eq!(sb.count("SELECT count(*) FROM stage_runs WHERE run_id > 8 AND stage = 'source' AND cached = 1"), 4);
+}
+
+#[test]
+fn a_failing_command_shows_its_stderr_and_leaves_nothing_in_the_cache() {
+    let sb = Sandbox::new();
+    let f = command_experiment(&sb, "");
+    sb.write("stage.sh", "echo 'Traceback: no module named torch' >&2\nexit 4\n");
+    let err = sb.run(&[f.to_str().unwrap()]).expect(1).stderr();
+    assert!(err.contains("exited with status 4") && err.contains("no module named torch"), "{err}");
+    let e = sb.sql("SELECT error FROM stage_runs WHERE stage = 'cmd' LIMIT 1");
+    assert!(e[0][0].contains("no module named torch"), "{e:?}");
+    assert!(!sb.cache().join("command").exists(), "nothing half-written enters the cache");
+    // Bad wiring is a config error before anything runs, at the key.
+    let bad = sb.write(
+        "bad.yaml",
+        "name: bad\nstages:\n  source: { uses: toy-source }\n  cmd:\n    uses: command\n    needs: [source]\n    with:\n      run: [sh, -c, \"echo ${params.n}\"]\n",
+    );
+    let err = sb.run(&["validate", bad.to_str().unwrap()]).expect(2).stderr();
+    assert!(err.contains("bad.yaml:8") && err.contains("`params` does not have"), "{err}");
+    let bad = sb.write(
+        "bad2.yaml",
+        "name: bad\nstages:\n  source: { uses: toy-source }\n  cmd:\n    uses: command\n    needs: [source]\n    with: { run: [sh], inputs: [nothing.bin] }\n",
+    );
+    let err = sb.run(&["validate", bad.to_str().unwrap()]).expect(2).stderr();
+    assert!(err.contains("takes artifact `nothing.bin`"), "{err}");
+}
+
+#[test]
+fn ctrl_c_stops_a_command_and_everything_it_started() {
+    let sb = Sandbox::new();
+    // The program starts a grandchild, and both write their PIDs, then wait.
+    let f = command_experiment(&sb, "");
+    sb.write(
+        "stage.sh",
+        "sleep 300 &\necho $! > \"$HUSE_WORK_DIR/../grandchild.pid\"\necho $$ > \"$HUSE_WORK_DIR/../child.pid\"\nwait\n",
+    );
+    let child = sb.cmd(&[f.to_str().unwrap()]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    let pid_file = |n: &str| -> Option<String> {
+        walk(&sb.cache())
+            .into_iter()
+            .find(|p| p.file_name().is_some_and(|f| f == n))
+            .and_then(|p| std::fs::read_to_string(p).ok().filter(|s| s.ends_with('\n')).map(|s| s.trim().to_string()))
+    };
+    let (pid, grand) = loop {
+        if let (Some(a), Some(b)) = (pid_file("child.pid"), pid_file("grandchild.pid")) {
+            break (a, b);
+        }
+        assert!(t0.elapsed().as_secs() < 30, "the command never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    // Running: a process that ended but whose new parent has not reaped it yet is a zombie.
+    let alive = |p: &str| {
+        std::fs::read_to_string(format!("/proc/{p}/status"))
+            .is_ok_and(|s| !s.lines().any(|l| l.starts_with("State:") && l.contains('Z')))
+    };
+    assert!(alive(&pid) && alive(&grand));
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!alive(&pid), "the program {pid} is still running");
+    assert!(!alive(&grand), "what it started ({grand}) is still running");
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() { stack.push(p) } else { out.push(p) }
+        }
+    }
+    out
 }

@@ -32,5 +32,6 @@ pub fn builtin_registry() -> Registry {
     r.add(Arc::new(huse_stage_encode::Encode), "builtin");
     r.add(Arc::new(huse_stage_train::Train), "builtin");
     r.add(Arc::new(huse_stage_evaluate::Evaluate), "builtin");
+    r.add(Arc::new(huse_stage_command::Command), "builtin");
     r
 }

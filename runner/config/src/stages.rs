@@ -210,14 +210,18 @@ pub(crate) fn topo_order(specs: &[StageSpec]) -> Result<Vec<String>, Vec<String>
 /// edges in the specs; a required input nobody gives, or a single input several give, is
 /// an error at the stage's `needs`.
 pub(crate) fn wire(cx: &mut Ctx, specs: &mut [StageSpec], key_origin: &dyn Fn(&str) -> Origin) {
-    let kinds: BTreeMap<String, String> = specs.iter().map(|s| (s.name.clone(), s.kind.clone())).collect();
-    let gives = |stage: &str, artifact: &str| {
-        cx.registry.get(&kinds[stage]).is_some_and(|e| e.stage.outputs().iter().any(|o| o.name == artifact))
-    };
+    let gives_by_stage: BTreeMap<String, Vec<String>> = specs
+        .iter()
+        .map(|s| {
+            let outs = cx.registry.get(&s.kind).map(|e| e.stage.outputs_for(&s.config)).unwrap_or_default();
+            (s.name.clone(), outs.into_iter().map(|o| o.name).collect())
+        })
+        .collect();
+    let gives = |stage: &str, artifact: &str| gives_by_stage[stage].iter().any(|o| o == artifact);
     let mut problems = Vec::new();
     for spec in specs.iter_mut() {
         let entry = cx.registry.get(&spec.kind).expect("kinds checked by entries()");
-        for input in entry.stage.inputs() {
+        for input in entry.stage.inputs_for(&spec.config) {
             let providers: Vec<String> = spec.needs.iter().filter(|n| gives(n, &input.name)).cloned().collect();
             let sp = format!("stages.{}.needs", spec.name);
             if providers.is_empty() && input.required {

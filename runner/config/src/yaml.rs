@@ -238,7 +238,8 @@ impl Node {
         }
     }
 
-    /// Replaces `${VAR}` and `${VAR:-default}` in every string; `$$` is a literal `$`.
+    /// Replaces `${VAR}` and `${VAR:-default}` in every string; `$$` is a literal `$`; a
+    /// dotted reference (`${params.epochs}`) is left for the stage to fill in at run time.
     /// Returns the errors (unset variables, bad syntax) with the paths where they occurred.
     pub fn interpolate(
         &mut self,
@@ -297,6 +298,15 @@ impl Node {
     }
 }
 
+/// `a.b` (words of letters, digits, `_` and `-`, joined by dots): a reference a stage
+/// fills in at run time, which the loader leaves as it is.
+fn is_run_time_reference(inner: &str) -> bool {
+    inner.contains('.')
+        && inner
+            .split('.')
+            .all(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+}
+
 fn interpolate_str(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
     if !s.contains('$') {
         return Ok(s.to_string());
@@ -312,6 +322,13 @@ fn interpolate_str(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Stri
         } else if let Some(r) = rest.strip_prefix("${") {
             let end = r.find('}').ok_or_else(|| format!("unclosed `${{` in \"{s}\""))?;
             let inner = &r[..end];
+            if is_run_time_reference(inner) {
+                // `${params.epochs}`, `${stage.threads}`: no environment variable has a dot;
+                // the stage fills these in when it runs.
+                out.push_str(&rest[..end + 3]);
+                rest = &r[end + 1..];
+                continue;
+            }
             let (name, default) = match inner.split_once(":-") {
                 Some((n, d)) => (n, Some(d)),
                 None => (inner, None),
@@ -467,6 +484,11 @@ mod tests {
         assert_eq!(interpolate_str("$$5 $x", &env).unwrap(), "$5 $x");
         assert!(interpolate_str("${NOPE}", &env).unwrap_err().contains("`NOPE` is not set"));
         assert!(interpolate_str("${A", &env).is_err());
+        assert_eq!(
+            interpolate_str("--epochs=${params.epochs} ${stage.threads} ${HOME_X}", &env).unwrap(),
+            "--epochs=${params.epochs} ${stage.threads} /h"
+        );
+        assert!(interpolate_str("${.x}", &env).is_err());
     }
 
     #[test]

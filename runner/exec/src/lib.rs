@@ -284,7 +284,7 @@ impl Job {
             source: &self.entry.source,
             config: &self.config,
             inputs,
-            seed: self.entry.stage.uses_seed().then_some(self.seed),
+            seed: self.entry.stage.uses_seed_for(&self.config).then_some(self.seed),
             files: self.files.clone(),
         }
     }
@@ -376,7 +376,7 @@ fn plan(
                 source: &entry.source,
                 config: &s.config,
                 inputs: plan_inputs,
-                seed: entry.stage.uses_seed().then_some(run.seed),
+                seed: entry.stage.uses_seed_for(&s.config).then_some(run.seed),
                 files: files.clone(),
             }
             .key();
@@ -934,7 +934,7 @@ async fn run_job(
         Err(e) => Err(format!("stage task failed: {e}")),
     };
     let finished = outcome.and_then(|()| {
-        for out in job.entry.stage.outputs() {
+        for out in job.entry.stage.outputs_for(&job.config) {
             if !tmp.join(&out.name).exists() {
                 return Err(format!("stage did not write its declared output `{}`", out.name));
             }
@@ -948,14 +948,14 @@ async fn run_job(
             key: key.clone(),
             config: job.config.clone(),
             seed: job.seed,
-            uses_seed: job.entry.stage.uses_seed(),
+            uses_seed: job.entry.stage.uses_seed_for(&job.config),
             inputs: parts.inputs.clone(),
             files: job.files.clone(),
             created: started.clone(),
             seconds: secs,
             outputs: Vec::new(),
         };
-        let names: Vec<String> = job.entry.stage.outputs().into_iter().map(|o| o.name).collect();
+        let names: Vec<String> = job.entry.stage.outputs_for(&job.config).into_iter().map(|o| o.name).collect();
         cache.finish(&tmp, &manifest, &names, &records, job.force).map_err(|e| format!("{e:#}"))
     });
     match finished.and_then(|dir| match cache.check(&job.kind, &key, false) {
@@ -1020,7 +1020,7 @@ async fn record(store: &Store, job: &Job, users: &[(i64, String)], state: &State
                     (row.started_at, row.ended_at, row.duration_s) = (started.clone(), ended.clone(), *secs);
                 }
                 row.output_dir = Some(dir.display().to_string());
-                for out in job.entry.stage.outputs() {
+                for out in job.entry.stage.outputs_for(&job.config) {
                     let p = dir.join(&out.name);
                     let bytes = records.get(&out.name).map(|r| r.bytes as i64);
                     row.artifacts.push((out.name.clone(), p.display().to_string(), bytes));

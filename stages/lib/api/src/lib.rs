@@ -78,6 +78,21 @@ pub trait Stage: Send + Sync {
     fn uses_seed(&self) -> bool {
         false
     }
+    /// The artifacts this stage takes with `config`: [`Stage::inputs`], unless the config
+    /// names them (a command stage's `inputs:`). The runner wires and checks these.
+    fn inputs_for(&self, _config: &Config) -> Vec<Input> {
+        self.inputs()
+    }
+    /// The artifacts this stage gives with `config`: [`Stage::outputs`], unless the config
+    /// names them (a command stage's `outputs:`).
+    fn outputs_for(&self, _config: &Config) -> Vec<Output> {
+        self.outputs()
+    }
+    /// Whether the run's seed enters the cache key with `config`: [`Stage::uses_seed`],
+    /// unless the config says (a command stage's `seeded:`).
+    fn uses_seed_for(&self, _config: &Config) -> bool {
+        self.uses_seed()
+    }
     /// A short stage (seconds, whatever the data): the scheduler gives it one thread and
     /// leaves it out when it shares the cores among the stages ready to run.
     fn light(&self) -> bool {
