@@ -808,7 +808,13 @@ fn the_docs_links_commands_and_experiments_hold() {
                     v.extend(args[k + 1..].iter().filter(|a| !["--detach"].contains(a)).copied());
                     // Flags of a run that validate does not need to check.
                     let v: Vec<&str> = v.into_iter().collect();
-                    let out = sb.cmd(&v).env("HUSE_ASSETS", root.join("../shared/assets")).output().unwrap();
+                    // From the repository root, where the docs say to run them.
+                    let out = sb
+                        .cmd(&v)
+                        .current_dir(&root)
+                        .env("HUSE_ASSETS", root.join("../shared/assets"))
+                        .output()
+                        .unwrap();
                     if !out.status.success() {
                         problems.push(format!(
                             "{shown}: `{}` does not validate: {}",
