@@ -71,12 +71,13 @@ pub struct Tail {
     partial: String,
     lines: usize,
     last_step: u64,
+    total: Option<u64>,
 }
 
 impl Tail {
     /// A tail of the file at `path` (which need not exist yet).
     pub fn new(path: &Path) -> Tail {
-        Tail { path: path.to_path_buf(), offset: 0, partial: String::new(), lines: 0, last_step: 0 }
+        Tail { path: path.to_path_buf(), offset: 0, partial: String::new(), lines: 0, last_step: 0, total: None }
     }
 
     /// Logs the complete lines written since the last call; `at_end`: the program has
@@ -110,8 +111,10 @@ impl Tail {
                     text.chars().take(200).collect::<String>()
                 )
             })?;
-            if let Some(t) = line.total {
-                progress.start("steps", Some(t), "step");
+            // A new total starts the bar; the same total again (on every line) moves it on.
+            if line.total.is_some() && line.total != self.total {
+                self.total = line.total;
+                progress.start("steps", line.total, "step");
                 self.last_step = 0;
             }
             for (k, step, v) in &line.values {
@@ -153,6 +156,31 @@ mod tests {
         ] {
             assert!(parse(bad).unwrap_err().contains(why), "{bad}: {:?}", parse(bad));
         }
+    }
+
+    /// Counts bar starts and the position.
+    #[derive(Default)]
+    struct Bar(std::sync::Mutex<(usize, u64)>);
+    impl Progress for Bar {
+        fn start(&self, _: &str, _: Option<u64>, _: &str) {
+            let mut s = self.0.lock().unwrap();
+            *s = (s.0 + 1, 0);
+        }
+        fn inc(&self, n: u64) {
+            self.0.lock().unwrap().1 += n;
+        }
+        fn message(&self, _: &str) {}
+    }
+
+    #[test]
+    fn the_same_total_on_every_line_moves_one_bar_on() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m.jsonl");
+        let lines: String = (1..=4).map(|s| format!("{{\"step\": {s}, \"total\": 10, \"loss\": 1}}\n")).collect();
+        std::fs::write(&p, lines).unwrap();
+        let bar = Bar::default();
+        Tail::new(&p).read(&Recorded::default(), &bar, true).unwrap();
+        assert_eq!(*bar.0.lock().unwrap(), (1, 4), "one start, then steps 1..4");
     }
 
     #[test]
