@@ -4,7 +4,8 @@
 //! compute `alpha * L_class + beta * L_graph + gamma * L_gap`, step the optimiser; then
 //! measure validation accuracy (image, text, both) and keep the best model by
 //! `select_by`. Metrics per epoch (step = epoch): `train.loss`, `train.loss_class`,
-//! `train.loss_graph`, `train.loss_gap`, `train.lr`, `train.samples_per_s`,
+//! `train.loss_graph`, `train.loss_gap` (and `train.loss_contrastive` with `delta > 0`),
+//! `train.lr`, `train.samples_per_s`,
 //! `val.acc.image`, `val.acc.text`, `val.acc.both`, `val.fusion_weight`.
 //!
 //! With `augment: true` the image input of each training item is, each epoch, one of the
@@ -66,6 +67,12 @@ pub struct TrainCfg {
     /// The graph loss's margin.
     #[serde(default = "d_zeta")]
     pub zeta: f64,
+    /// Weight of the contrastive term (symmetric InfoNCE over the batch; not in the paper, 0 leaves it out).
+    #[serde(default = "d_delta")]
+    pub delta: f64,
+    /// Temperature of the contrastive term's logits.
+    #[serde(default = "d_tau")]
+    pub tau: f64,
     /// Graph loss: `paper` (pull related classes together) or `hinge` (also push unrelated ones apart).
     #[serde(default)]
     pub graph_variant: GraphVariant,
@@ -130,6 +137,12 @@ fn d_gamma() -> f64 {
 fn d_zeta() -> f64 {
     LossConfig::default().zeta
 }
+fn d_delta() -> f64 {
+    LossConfig::default().delta
+}
+fn d_tau() -> f64 {
+    LossConfig::default().tau
+}
 fn dtrue() -> bool {
     true
 }
@@ -151,13 +164,16 @@ fn d_eval_batch() -> usize {
 
 impl TrainCfg {
     fn check(&self) -> Result<(), ConfigError> {
-        for (k, v) in [("alpha", self.alpha), ("beta", self.beta), ("gamma", self.gamma)] {
+        for (k, v) in [("alpha", self.alpha), ("beta", self.beta), ("gamma", self.gamma), ("delta", self.delta)] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(ConfigError::at(k, "must be a number >= 0"));
             }
         }
-        if self.alpha + self.beta + self.gamma == 0.0 {
-            return Err(ConfigError::at("alpha", "alpha, beta and gamma are all 0: nothing to learn"));
+        if self.alpha + self.beta + self.gamma + self.delta == 0.0 {
+            return Err(ConfigError::at("alpha", "alpha, beta, gamma and delta are all 0: nothing to learn"));
+        }
+        if !(self.tau.is_finite() && self.tau > 0.0) {
+            return Err(ConfigError::at("tau", "must be a number > 0 (e.g. 0.05)"));
         }
         if !(self.zeta > 0.0 && self.zeta <= 2.0) {
             return Err(ConfigError::at("zeta", "must be in (0, 2] (cosine distances lie in [0, 2])"));
@@ -200,6 +216,8 @@ impl TrainCfg {
             zeta: self.zeta,
             variant: self.graph_variant,
             pairs: self.graph_pairs,
+            delta: self.delta,
+            tau: self.tau,
         }
     }
 }
@@ -217,10 +235,17 @@ pub struct EpochLog {
     pub loss_graph: f64,
     /// Mean L_gap.
     pub loss_gap: f64,
+    /// Mean L_contrastive (0, and not written, when its weight is 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub loss_contrastive: f64,
     /// The learning rate at the epoch's end.
     pub lr: f64,
     /// The epoch's validation figures.
     pub val: EpochVal,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// Checkpoint state in the work directory.
@@ -436,7 +461,7 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
         let mut view_rng =
             ChaCha8Rng::seed_from_u64(ctx.seed.wrapping_mul(0xA076_1D64_78BD_642F) ^ ((epoch as u64) << 32));
         ctx.progress.start(&format!("epoch {epoch}/{}", cfg.epochs), Some(batches.len() as u64), "batch");
-        let (mut sum, mut sc, mut sg, mut sp, mut seen) = (0.0, 0.0, 0.0, 0.0, 0usize);
+        let (mut sum, mut sc, mut sg, mut sp, mut sn, mut seen) = (0.0, 0.0, 0.0, 0.0, 0.0, 0usize);
         let mut lr = opt.learning_rate();
         for b in &batches {
             if state.steps >= total_steps {
@@ -461,18 +486,19 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
             let li = model.logits(&phi_i).map_err(StageError::of)?;
             let lt = model.logits(&phi_t).map_err(StageError::of)?;
             let l = loss::total(&phi_i, &phi_t, &li, &lt, y, &a, &loss_cfg).map_err(StageError::of)?;
-            let vals: Vec<f64> = [&l.total, &l.class, &l.graph, &l.gap]
+            let vals: Vec<f64> = [&l.total, &l.class, &l.graph, &l.gap, &l.contrastive]
                 .iter()
                 .map(|t| t.to_dtype(DType::F64).and_then(|t| t.to_scalar::<f64>()).map_err(StageError::of))
                 .collect::<Result<_, _>>()?;
             if vals.iter().any(|v| !v.is_finite()) {
                 return Err(StageError::msg(format!(
-                    "the loss became {} at epoch {epoch}, step {} (L_class {}, L_graph {}, L_gap {}); lower the learning rate ({lr}) or check the features",
+                    "the loss became {} at epoch {epoch}, step {} (L_class {}, L_graph {}, L_gap {}, L_contrastive {}); lower the learning rate ({lr}) or check the features",
                     vals[0],
                     state.steps + 1,
                     vals[1],
                     vals[2],
-                    vals[3]
+                    vals[3],
+                    vals[4]
                 )));
             }
             let grads = huse_model::fused::backward(&l.total).map_err(StageError::of)?;
@@ -480,6 +506,7 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
             state.steps += 1;
             let n = b.len() as f64;
             (sum, sc, sg, sp) = (sum + vals[0] * n, sc + vals[1] * n, sg + vals[2] * n, sp + vals[3] * n);
+            sn += vals[4] * n;
             seen += b.len();
             ctx.progress.message(&format!("loss {:.4}{last_val}", sum / seen as f64));
             ctx.progress.inc(1);
@@ -487,7 +514,16 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
         let secs = started.elapsed().as_secs_f64();
         let val = validate_epoch(&model, &ds, &val_idx, cfg, &device)?;
         let n = seen.max(1) as f64;
-        let log = EpochLog { epoch, loss: sum / n, loss_class: sc / n, loss_graph: sg / n, loss_gap: sp / n, lr, val };
+        let log = EpochLog {
+            epoch,
+            loss: sum / n,
+            loss_class: sc / n,
+            loss_graph: sg / n,
+            loss_gap: sp / n,
+            loss_contrastive: sn / n,
+            lr,
+            val,
+        };
         last_val = format!(", val acc {:.4} (epoch {epoch})", log.val.acc_both);
         log_epoch(ctx, &log, Some(seen as f64 / secs));
         let score = selected(&log.val, &cfg.select_by);
@@ -544,6 +580,9 @@ fn log_epoch(ctx: &Context, e: &EpochLog, samples_per_s: Option<f64>) {
     m.log("train.loss_class", s, e.loss_class);
     m.log("train.loss_graph", s, e.loss_graph);
     m.log("train.loss_gap", s, e.loss_gap);
+    if e.loss_contrastive != 0.0 {
+        m.log("train.loss_contrastive", s, e.loss_contrastive);
+    }
     m.log("train.lr", s, e.lr);
     for (of, v) in names::ACCURACIES.into_iter().zip([e.val.acc_image, e.val.acc_text, e.val.acc_both]) {
         m.log(&names::accuracy("val", of), s, v);

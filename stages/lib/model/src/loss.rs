@@ -13,7 +13,13 @@
 //!   three); the loss is the mean over the chosen blocks.
 //! * [`gap_loss`] — Eq. 12: `(1/N) sum_n d(phi_I(p_n), phi_T(q_n))`: pulls an item's image
 //!   and text embeddings together.
-//! * [`total`] — Eq. 5: `alpha * L_class + beta * L_graph + gamma * L_gap`.
+//! * [`contrastive_loss`] — not in the paper, weight `delta` (default 0): a symmetric InfoNCE
+//!   over the batch, as CLIP trains. With logits `phi_I phi_T^T / tau`, each image must pick
+//!   its own text among the batch's texts and each text its own image: the mean of the two
+//!   cross-entropies. The gap loss pulls each pair together but has no negatives; this term
+//!   also keeps two items of one class apart, which instance-level search needs.
+//! * [`total`] — Eq. 5: `alpha * L_class + beta * L_graph + gamma * L_gap`, plus
+//!   `delta * L_contrastive`.
 
 use std::mem::MaybeUninit;
 
@@ -65,6 +71,10 @@ pub struct LossConfig {
     pub variant: GraphVariant,
     /// Which pairs of the batch the graph loss sums over.
     pub pairs: GraphPairs,
+    /// Weight of the contrastive (InfoNCE) term; 0, the paper's model, skips it.
+    pub delta: f64,
+    /// Temperature of the contrastive term's logits (`phi_I phi_T^T / tau`).
+    pub tau: f64,
 }
 
 impl Default for LossConfig {
@@ -76,6 +86,8 @@ impl Default for LossConfig {
             zeta: 0.5,
             variant: GraphVariant::Paper,
             pairs: GraphPairs::All,
+            delta: 0.0,
+            tau: 0.05,
         }
     }
 }
@@ -88,7 +100,9 @@ pub struct Losses {
     pub graph: Tensor,
     /// L_gap: the cross-modal gap loss.
     pub gap: Tensor,
-    /// alpha L_class + beta L_graph + gamma L_gap.
+    /// L_contrastive: the symmetric InfoNCE term (0 when its weight is 0).
+    pub contrastive: Tensor,
+    /// alpha L_class + beta L_graph + gamma L_gap + delta L_contrastive.
     pub total: Tensor,
 }
 
@@ -628,8 +642,143 @@ pub fn total(
         zero()?
     };
     let gap = if cfg.gamma != 0.0 { gap_loss(phi_image, phi_text)? } else { zero()? };
-    let total = ((class.affine(cfg.alpha, 0.0)? + graph.affine(cfg.beta, 0.0)?)? + gap.affine(cfg.gamma, 0.0)?)?;
-    Ok(Losses { class, graph, gap, total })
+    let mut total = ((class.affine(cfg.alpha, 0.0)? + graph.affine(cfg.beta, 0.0)?)? + gap.affine(cfg.gamma, 0.0)?)?;
+    let contrastive = if cfg.delta != 0.0 {
+        let c = contrastive_loss(phi_image, phi_text, cfg.tau)?;
+        total = (total + c.affine(cfg.delta, 0.0)?)?;
+        c
+    } else {
+        zero()?
+    };
+    Ok(Losses { class, graph, gap, contrastive, total })
+}
+
+/// The contrastive term (see the module doc): `(CE(S/tau, own) + CE(S^T/tau, own)) / 2` with
+/// `S = phi_I phi_T^T` and `own` the diagonal. On the CPU (f32, f64) one op
+/// ([`ContrastiveOp`]); elsewhere, a GPU included, candle's tensor ops
+/// ([`contrastive_loss_ops`]). Both are tested equal.
+pub fn contrastive_loss(phi_image: &Tensor, phi_text: &Tensor, tau: f64) -> Result<Tensor> {
+    if phi_image.device().is_cpu() && phi_image.dtype() == phi_text.dtype() && phi_image.rank() == 2 {
+        let (a, b) = (phi_image.contiguous()?, phi_text.contiguous()?);
+        match a.dtype() {
+            DType::F32 => return Ok(a.apply_op2(&b, ContrastiveOp::<f32>::new(tau))?),
+            DType::F64 => return Ok(a.apply_op2(&b, ContrastiveOp::<f64>::new(tau))?),
+            _ => {}
+        }
+    }
+    contrastive_loss_ops(phi_image, phi_text, tau)
+}
+
+/// [`contrastive_loss`] from tensor ops (any device).
+pub fn contrastive_loss_ops(phi_image: &Tensor, phi_text: &Tensor, tau: f64) -> Result<Tensor> {
+    let n = phi_image.dim(0)?;
+    let logits = (phi_image.matmul(&phi_text.t()?)? / tau)?;
+    let own = Tensor::arange(0u32, n as u32, phi_image.device())?;
+    let image_picks_text = candle_nn::loss::cross_entropy(&logits, &own)?;
+    let text_picks_image = candle_nn::loss::cross_entropy(&logits.t()?.contiguous()?, &own)?;
+    Ok(((image_picks_text + text_picks_image)? * 0.5)?)
+}
+
+/// [`contrastive_loss`] on the CPU as one op on the two embedding matrices: the similarities
+/// by one GEMM, each row's and each column's log-sum-exp (in f64, summed in a fixed order),
+/// and the derivative in S kept for the backward pass, which is two GEMMs:
+/// `dL/dS = (softmax_rows(S/tau) + softmax_cols(S/tau) - 2 I) / (2 n tau)`,
+/// `dL/dphi_I = dL/dS phi_T` and `dL/dphi_T = dL/dS^T phi_I`.
+pub struct ContrastiveOp<T> {
+    tau: f64,
+    /// dL/dS of the last forward pass, for the backward pass.
+    coef: std::sync::Mutex<Option<Vec<T>>>,
+}
+
+impl<T: Element> ContrastiveOp<T> {
+    /// The op at temperature `tau`.
+    pub fn new(tau: f64) -> Self {
+        ContrastiveOp { tau, coef: std::sync::Mutex::new(None) }
+    }
+}
+
+/// `max + ln sum exp(x - max)` of `xs`.
+fn log_sum_exp(xs: impl Iterator<Item = f64> + Clone) -> f64 {
+    let m = xs.clone().fold(f64::NEG_INFINITY, f64::max);
+    m + xs.map(|x| (x - m).exp()).sum::<f64>().ln()
+}
+
+impl<T: Element> candle_core::CustomOp2 for ContrastiveOp<T> {
+    fn name(&self) -> &'static str {
+        "huse-contrastive-loss-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (n, d) = l1.shape().dims2()?;
+        if l2.shape().dims2()? != (n, d) {
+            candle_core::bail!("contrastive loss: embeddings {:?} and {:?} differ", l1.shape(), l2.shape());
+        }
+        let (a, b) = (T::slice(s1, l1)?, T::slice(s2, l2)?);
+        let mut s = vec![T::default(); n * n];
+        if d > 0 {
+            // S = a . b^T: rhs(kk, j) = b[j*d + kk].
+            // SAFETY: the slices have exactly the sizes the strides describe.
+            unsafe { gemm(&mut s, n, n, n, d, (a.as_ptr(), 1, d), (b.as_ptr(), d, 1), false, T::from_f64(1.0)) };
+        }
+        let inv_tau = 1.0 / self.tau;
+        let z = |i: usize, j: usize| s[i * n + j].to_f64() * inv_tau;
+        let lse_rows: Vec<f64> = (0..n).into_par_iter().map(|i| log_sum_exp((0..n).map(move |j| z(i, j)))).collect();
+        let lse_cols: Vec<f64> = (0..n).into_par_iter().map(|j| log_sum_exp((0..n).map(move |i| z(i, j)))).collect();
+        // (1/2n) sum_i (lse_row_i - z_ii) + (1/2n) sum_j (lse_col_j - z_jj); NaN for no rows.
+        let value = (0..n).map(|i| lse_rows[i] + lse_cols[i] - 2.0 * z(i, i)).sum::<f64>() / (2 * n) as f64;
+        let scale = inv_tau / (2 * n) as f64;
+        let mut coef = vec![T::default(); n * n];
+        coef.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, row)| {
+            for (j, c) in row.iter_mut().enumerate() {
+                let zij = z(i, j);
+                let own = if i == j { 2.0 } else { 0.0 };
+                *c = T::from_f64(scale * ((zij - lse_rows[i]).exp() + (zij - lse_cols[j]).exp() - own));
+            }
+        });
+        *self.coef.lock().unwrap() = Some(coef);
+        Ok((T::storage(vec![T::from_f64(value)]), candle_core::Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let coef = self
+            .coef
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("contrastive loss: backward without forward".into()))?;
+        let (n, d) = a.dims2()?;
+        let (sa, la) = a.storage_and_layout();
+        let (sb, lb) = b.storage_and_layout();
+        let (candle_core::Storage::Cpu(sa), candle_core::Storage::Cpu(sb)) = (&*sa, &*sb) else {
+            candle_core::bail!("contrastive loss: CPU tensors expected")
+        };
+        let (x1, x2) = (T::slice(sa, la)?, T::slice(sb, lb)?);
+        let upstream = T::from_f64(grad.to_dtype(DType::F64)?.to_scalar::<f64>()?);
+        let (mut ga, mut gb) = (vec![T::default(); n * d], vec![T::default(); n * d]);
+        if n > 0 && d > 0 {
+            // SAFETY: every buffer has exactly the size its strides describe. dL/da = G b;
+            // dL/db = G^T a with lhs(j, i) = G[i*n + j].
+            unsafe {
+                gemm(&mut ga, d, n, d, n, (coef.as_ptr(), 1, n), (x2.as_ptr(), 1, d), false, upstream);
+                gemm(&mut gb, d, n, d, n, (coef.as_ptr(), n, 1), (x1.as_ptr(), 1, d), false, upstream);
+            }
+        }
+        let tensor = |v: Vec<T>| Tensor::from_vec(v, (n, d), a.device());
+        Ok((a.track_op().then(|| tensor(ga)).transpose()?, b.track_op().then(|| tensor(gb)).transpose()?))
+    }
 }
 
 #[cfg(test)]

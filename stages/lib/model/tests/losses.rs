@@ -349,3 +349,82 @@ fn fused_gap_loss_equals_the_tensor_op_version() {
     assert_eq!(g.get(&vi).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap(), vec![-0.5, 0.0, 0.0, -0.5]);
     assert!(g.get_id(pt.id()).is_none());
 }
+
+/// Three orthogonal pairs (phi_I = phi_T = the unit vectors): S = I, so every row and column
+/// is one logit of 1/tau among two of 0: each cross-entropy is ln(e^(1/tau) + 2) - 1/tau.
+#[test]
+fn contrastive_loss_by_hand() {
+    let e = t(&[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0], 3, 3);
+    for tau in [1.0, 0.5] {
+        let want = ((1.0 / tau as f64).exp() + 2.0).ln() - 1.0 / tau;
+        for got in [loss::contrastive_loss(&e, &e, tau).unwrap(), loss::contrastive_loss_ops(&e, &e, tau).unwrap()] {
+            assert!((scalar(&got) - want).abs() < 1e-12, "tau {tau}: {} vs {want}", scalar(&got));
+        }
+    }
+    // Texts 0 and 1 swapped: rows and columns 0 and 1 hold one logit 2 (tau 0.5), but on
+    // the wrong pair, so their own logit is 0: ln(e^2 + 2) each; row and column 2 as before.
+    let swapped = t(&[0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0], 3, 3);
+    let lse = (2f64.exp() + 2.0).ln();
+    let want = (2.0 * lse + (lse - 2.0)) / 3.0;
+    for got in
+        [loss::contrastive_loss(&e, &swapped, 0.5).unwrap(), loss::contrastive_loss_ops(&e, &swapped, 0.5).unwrap()]
+    {
+        assert!((scalar(&got) - want).abs() < 1e-12, "{} vs {want}", scalar(&got));
+    }
+}
+
+#[test]
+fn the_contrastive_loss_gradients_match_finite_differences() {
+    let xi = [0.9, 0.2, -0.1, 0.3, 1.1, 0.2, -0.5, 0.4, 0.8];
+    let xt = [0.7, 0.5, 0.1, 0.1, 0.9, 0.6, -0.2, 0.1, 1.2];
+    let (pi, pt) = (l2_normalise(&t(&xi, 3, 3)).unwrap(), l2_normalise(&t(&xt, 3, 3)).unwrap());
+    for tau in [0.07, 1.0] {
+        check_grad(&xi, 3, 3, &|x| loss::contrastive_loss(&l2_normalise(x).unwrap(), &pt, tau).unwrap());
+        check_grad(&xt, 3, 3, &|x| loss::contrastive_loss(&pi, &l2_normalise(x).unwrap(), tau).unwrap());
+        check_grad(&xi, 3, 3, &|x| loss::contrastive_loss_ops(&l2_normalise(x).unwrap(), &pt, tau).unwrap());
+    }
+}
+
+/// The CPU op equals the tensor-op version, value and both gradients, f32 and f64, from one
+/// pair to a batch larger than a GEMM block.
+#[test]
+fn fused_contrastive_loss_equals_the_tensor_op_version() {
+    for (n, dim) in [(1, 3), (37, 13), (300, 64)] {
+        let v = |s: f64| (0..n * dim).map(|i| ((i as f64 + 1.0) * s).sin()).collect::<Vec<f64>>();
+        for dtype in [DType::F32, DType::F64] {
+            let vi = Var::from_tensor(&t(&v(0.37), n, dim).to_dtype(dtype).unwrap()).unwrap();
+            let vt = Var::from_tensor(&t(&v(0.91), n, dim).to_dtype(dtype).unwrap()).unwrap();
+            let (pi, pt) = (l2_normalise(vi.as_tensor()).unwrap(), l2_normalise(vt.as_tensor()).unwrap());
+            let fused = loss::contrastive_loss(&pi, &pt, 0.05).unwrap();
+            let ops = loss::contrastive_loss_ops(&pi, &pt, 0.05).unwrap();
+            let tol = if dtype == DType::F32 { 2e-5 } else { 1e-12 };
+            let (a, b) = (scalar(&fused), scalar(&ops));
+            assert!((a - b).abs() < tol * b.abs().max(1.0), "{n} x {dim} {dtype:?}: {a} vs {b}");
+            let (gf, go) = (fused.backward().unwrap(), ops.backward().unwrap());
+            for var in [&vi, &vt] {
+                let flat = |g: &candle_core::backprop::GradStore| {
+                    g.get(var).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+                };
+                let (a, b) = (flat(&gf), flat(&go));
+                let scale = b.iter().fold(0f64, |m, x| m.max(x.abs()));
+                assert!(n == 1 || scale > 0.0, "{n} x {dim}: no gradient");
+                for (x, y) in a.iter().zip(&b) {
+                    assert!((x - y).abs() <= tol * scale.max(1e-30), "{n} x {dim} {dtype:?}: {x} vs {y}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn delta_adds_the_contrastive_term_and_zero_leaves_it_out() {
+    let (pi, pt, y, a) = batch();
+    let logits = t(&[1.0, 0.0, 0.0, 1.0], 2, 2);
+    let paper = loss::total(&pi, &pt, &logits, &logits, &y, &a, &LossConfig::default()).unwrap();
+    assert_eq!(scalar(&paper.contrastive), 0.0);
+    let cfg = LossConfig { delta: 2.0, tau: 0.1, ..LossConfig::default() };
+    let l = loss::total(&pi, &pt, &logits, &logits, &y, &a, &cfg).unwrap();
+    let c = scalar(&loss::contrastive_loss(&pi, &pt, 0.1).unwrap());
+    assert!(c > 0.0 && (scalar(&l.contrastive) - c).abs() < 1e-12);
+    assert!((scalar(&l.total) - scalar(&paper.total) - 2.0 * c).abs() < 1e-12);
+}
