@@ -7,7 +7,8 @@ It writes model.safetensors and model.json in the train stage's format (the same
 names), so huse-run's evaluate stage measures it exactly as it measures ours.
 
 Everything comes from huse-run through the environment: HUSE_INPUT_<ARTIFACT> (paths),
-HUSE_PARAMS (JSON: epochs, batch_size, lr, weight_decay, alpha, beta, gamma, zeta),
+HUSE_PARAMS (JSON: epochs, batch_size, lr, weight_decay, alpha, beta, gamma, zeta, and delta
+and tau for the contrastive term that is not in the paper),
 HUSE_SEED, HUSE_THREADS, HUSE_DEVICE, HUSE_OUT_DIR; metrics go to HUSE_METRICS as JSON lines.
 Needs only PyTorch (no safetensors package: the format is read and written here).
 """
@@ -21,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 P = {"epochs": 15, "batch_size": 256, "lr": 1e-3, "weight_decay": 0.01,
-     "alpha": 1.0, "beta": 0.5, "gamma": 0.5, "zeta": 0.5, **json.loads(os.environ["HUSE_PARAMS"])}
+     "alpha": 1.0, "beta": 0.5, "gamma": 0.5, "zeta": 0.5, "delta": 0.0, "tau": 0.05, **json.loads(os.environ["HUSE_PARAMS"])}
 SHAPE = {"dim": 512, "hidden": 512, "image_layers": 5, "text_layers": 2, "dropout": 0.15}
 torch.set_num_threads(int(os.environ["HUSE_THREADS"]))
 torch.manual_seed(int(os.environ["HUSE_SEED"]))
@@ -119,7 +120,10 @@ def losses(idx):
     l_class = (F.cross_entropy(shared(pi), yy) + F.cross_entropy(shared(pt), yy)) / 2
     l_graph = (graph_block(pi, pi, yy, yy) + graph_block(pt, pt, yy, yy) + graph_block(pi, pt, yy, yy)) / 3
     l_gap = (1 - (pi * pt).sum(1)).mean()
-    return l_class, l_graph, l_gap
+    # Not in the paper (delta): symmetric InfoNCE, each image picks its own text and each text its own image.
+    s, own = pi @ pt.t() / P["tau"], torch.arange(len(idx), device=device)
+    l_con = (F.cross_entropy(s, own) + F.cross_entropy(s.t(), own)) / 2 if P["delta"] else torch.zeros((), device=device)
+    return l_class, l_graph, l_gap, l_con
 
 
 @torch.no_grad()
@@ -142,8 +146,8 @@ for epoch in range(1, P["epochs"] + 1):
     perm = train_idx[torch.randperm(len(train_idx))]
     batches = perm.split(P["batch_size"])
     for b in batches:
-        l_class, l_graph, l_gap = losses(b.to(device))
-        loss = P["alpha"] * l_class + P["beta"] * l_graph + P["gamma"] * l_gap
+        l_class, l_graph, l_gap, l_con = losses(b.to(device))
+        loss = P["alpha"] * l_class + P["beta"] * l_graph + P["gamma"] * l_gap + P["delta"] * l_con
         opt.zero_grad()
         loss.backward()
         opt.step()
