@@ -50,6 +50,7 @@ pub struct CommandConfig {
     /// The program and its arguments, as a list (argv; no shell). With `shell: true`, one
     /// string run by `sh -c`. May use `${params.NAME}`, `${inputs.ARTIFACT}`, `${stage.FIELD}`
     /// (name, seed, device, threads, out_dir, work_dir, json, metrics).
+    #[schemars(with = "RunSchema")]
     pub run: serde_json::Value,
     /// Run `run` (one string) through `sh -c`.
     #[serde(default)]
@@ -80,6 +81,16 @@ pub struct CommandConfig {
     /// say `false`, and one sweep's seeds share its output).
     #[serde(default = "yes")]
     pub seeded: bool,
+}
+
+/// What `run` may be, for the schema (`huse-run list --config command`); checked by hand in
+/// [`CommandConfig::argv`] for errors at the exact item.
+#[derive(schemars::JsonSchema)]
+#[allow(dead_code)]
+#[serde(untagged)]
+enum RunSchema {
+    Argv(Vec<String>),
+    Line(String),
 }
 
 fn yes() -> bool {
