@@ -355,8 +355,8 @@ fn fused_gap_loss_equals_the_tensor_op_version() {
 #[test]
 fn contrastive_loss_by_hand() {
     let e = t(&[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0], 3, 3);
-    for tau in [1.0, 0.5] {
-        let want = ((1.0 / tau as f64).exp() + 2.0).ln() - 1.0 / tau;
+    for tau in [1.0f64, 0.5] {
+        let want = ((1.0 / tau).exp() + 2.0).ln() - 1.0 / tau;
         for got in [loss::contrastive_loss(&e, &e, tau).unwrap(), loss::contrastive_loss_ops(&e, &e, tau).unwrap()] {
             assert!((scalar(&got) - want).abs() < 1e-12, "tau {tau}: {} vs {want}", scalar(&got));
         }
