@@ -8,6 +8,9 @@
 //! `BENCH_STEPS` (default 20), `BENCH_THREADS` (default: all CPUs), `BENCH_DEVICE` (`cpu`,
 //! default, or `cuda:N` for a `--features cuda` build; PyTorch then runs on the same GPU).
 //!
+//! `BENCH_DELTA=0.5` adds the contrastive term (weight 0.5) to our side only: its cost is this
+//! run's figure against one without it (`BENCH_SCALING=2` times ours alone).
+//!
 //! `BENCH_SCALING=1,2` (any list of thread counts) measures our side only, at each count in
 //! turn step after step (one pool per count, the same model and batches), and prints each
 //! count's median and fastest step and its speed-up over the first count. Interleaved, every
@@ -165,7 +168,10 @@ fn bench(threads: usize, scaling: &[usize]) -> anyhow::Result<()> {
     let a: Vec<f32> =
         (0..classes * classes).map(|i| if i / classes == i % classes { 0.0 } else { rng.random::<f32>() }).collect();
     let a = Tensor::from_vec(a, (classes, classes), &dev)?;
-    let lcfg = LossConfig::default();
+    // BENCH_DELTA: the contrastive term's weight (default 0, the paper's three losses); the
+    // PyTorch side has no such term, so compare a delta against delta 0 on our side.
+    let delta: f64 = std::env::var("BENCH_DELTA").ok().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let lcfg = LossConfig { delta, ..LossConfig::default() };
     let sparse = |start: usize| -> anyhow::Result<Sparse> {
         let rows: Vec<usize> = (start..start + batch).collect();
         Sparse::from_csr_rows((&csr.0, &csr.1, &csr.2), v, &rows, dt, &dev)
