@@ -680,8 +680,9 @@ pub fn contrastive_loss_ops(phi_image: &Tensor, phi_text: &Tensor, tau: f64) -> 
 }
 
 /// [`contrastive_loss`] on the CPU as one op on the two embedding matrices: the similarities
-/// by one GEMM, each row's and each column's log-sum-exp (in f64, summed in a fixed order),
-/// and the derivative in S kept for the backward pass, which is two GEMMs:
+/// by one GEMM, each row's and each column's log-sum-exp (in f64, summed in a fixed order; one
+/// exponential per pair when the logits' range allows one shift for all), and the derivative
+/// in S kept for the backward pass, which is two GEMMs:
 /// `dL/dS = (softmax_rows(S/tau) + softmax_cols(S/tau) - 2 I) / (2 n tau)`,
 /// `dL/dphi_I = dL/dS phi_T` and `dL/dphi_T = dL/dS^T phi_I`.
 pub struct ContrastiveOp<T> {
@@ -729,19 +730,45 @@ impl<T: Element> candle_core::CustomOp2 for ContrastiveOp<T> {
         }
         let inv_tau = 1.0 / self.tau;
         let z = |i: usize, j: usize| s[i * n + j].to_f64() * inv_tau;
-        let lse_rows: Vec<f64> = (0..n).into_par_iter().map(|i| log_sum_exp((0..n).map(move |j| z(i, j)))).collect();
-        let lse_cols: Vec<f64> = (0..n).into_par_iter().map(|j| log_sum_exp((0..n).map(move |i| z(i, j)))).collect();
-        // (1/2n) sum_i (lse_row_i - z_ii) + (1/2n) sum_j (lse_col_j - z_jj); NaN for no rows.
-        let value = (0..n).map(|i| lse_rows[i] + lse_cols[i] - 2.0 * z(i, i)).sum::<f64>() / (2 * n) as f64;
         let scale = inv_tau / (2 * n) as f64;
         let mut coef = vec![T::default(); n * n];
-        coef.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, row)| {
-            for (j, c) in row.iter_mut().enumerate() {
-                let zij = z(i, j);
-                let own = if i == j { 2.0 } else { 0.0 };
-                *c = T::from_f64(scale * ((zij - lse_rows[i]).exp() + (zij - lse_cols[j]).exp() - own));
-            }
-        });
+        // Every logit lies in [-bound, bound]. When 2 * bound is well inside f64's exponent
+        // range, one shift serves every row and column: e = exp(z - bound) once per pair (a
+        // row's largest term is at least exp(-2 bound), never 0), and both softmaxes are e
+        // over the row's or the column's sum. Otherwise each row and column shifts by its own
+        // maximum (four exponentials per pair).
+        let bound = s.par_iter().map(|v| v.to_f64().abs()).reduce(|| 0.0, f64::max) * inv_tau;
+        let value = if 2.0 * bound < 600.0 {
+            let mut e = vec![0f64; n * n];
+            e.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, row)| {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = (z(i, j) - bound).exp();
+                }
+            });
+            let rows: Vec<f64> = e.par_chunks(n.max(1)).map(|r| r.iter().sum()).collect();
+            let cols: Vec<f64> = (0..n).into_par_iter().map(|j| (0..n).map(|i| e[i * n + j]).sum()).collect();
+            coef.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, row)| {
+                for (j, c) in row.iter_mut().enumerate() {
+                    let own = if i == j { 2.0 } else { 0.0 };
+                    *c = T::from_f64(scale * (e[i * n + j] * (1.0 / rows[i] + 1.0 / cols[j]) - own));
+                }
+            });
+            // (1/2n) sum_i (lse_row_i - z_ii) + (1/2n) sum_j (lse_col_j - z_jj); NaN for no rows.
+            (0..n).map(|i| 2.0 * bound + rows[i].ln() + cols[i].ln() - 2.0 * z(i, i)).sum::<f64>() / (2 * n) as f64
+        } else {
+            let lse_rows: Vec<f64> =
+                (0..n).into_par_iter().map(|i| log_sum_exp((0..n).map(move |j| z(i, j)))).collect();
+            let lse_cols: Vec<f64> =
+                (0..n).into_par_iter().map(|j| log_sum_exp((0..n).map(move |i| z(i, j)))).collect();
+            coef.par_chunks_mut(n.max(1)).enumerate().for_each(|(i, row)| {
+                for (j, c) in row.iter_mut().enumerate() {
+                    let zij = z(i, j);
+                    let own = if i == j { 2.0 } else { 0.0 };
+                    *c = T::from_f64(scale * ((zij - lse_rows[i]).exp() + (zij - lse_cols[j]).exp() - own));
+                }
+            });
+            (0..n).map(|i| lse_rows[i] + lse_cols[i] - 2.0 * z(i, i)).sum::<f64>() / (2 * n) as f64
+        };
         *self.coef.lock().unwrap() = Some(coef);
         Ok((T::storage(vec![T::from_f64(value)]), candle_core::Shape::from(())))
     }
