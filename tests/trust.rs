@@ -60,6 +60,13 @@ impl Tmpfs {
         }
     }
 
+    /// A tmpfs for test `test`; None, saying why on stderr, where mounting is not allowed (CI
+    /// runs as root and can mount; elsewhere the test says it did not run instead of passing
+    /// silently).
+    fn for_test(dir: &Path, size: &str, test: &str) -> Option<Tmpfs> {
+        Tmpfs::mount(dir, size).map_err(|e| eprintln!("NOT RUN: {test} needs to mount a tmpfs: {e}")).ok()
+    }
+
     /// Room again: removes every filler file.
     fn empty(&self) {
         for e in std::fs::read_dir(&self.0).unwrap().flatten() {
@@ -93,15 +100,12 @@ impl Drop for Tmpfs {
 #[test]
 fn a_full_disk_while_writing_the_database_rolls_back_and_keeps_the_rows() {
     let sb = Sandbox::new();
-    let fs = match Tmpfs::mount(&sb.path().join("small"), "2m") {
-        Ok(fs) => fs,
-        Err(e) => {
-            // CI runs as root and can mount; elsewhere say why instead of passing silently.
-            eprintln!(
-                "NOT RUN: a_full_disk_while_writing_the_database_rolls_back_and_keeps_the_rows needs to mount a tmpfs: {e}"
-            );
-            return;
-        }
+    let Some(fs) = Tmpfs::for_test(
+        &sb.path().join("small"),
+        "2m",
+        "a_full_disk_while_writing_the_database_rolls_back_and_keeps_the_rows",
+    ) else {
+        return;
     };
     let db = fs.0.join("r.sqlite");
     let run = |args: &[&str]| sb.cmd(args).env("HUSE_DB", &db).env("HUSE_DB_RETRY", "1").output().unwrap();
@@ -140,14 +144,12 @@ fn a_full_disk_while_writing_the_database_rolls_back_and_keeps_the_rows() {
 #[test]
 fn a_disk_full_to_the_last_byte_still_lets_the_run_be_marked_failed() {
     let sb = Sandbox::new();
-    let fs = match Tmpfs::mount(&sb.path().join("small"), "2m") {
-        Ok(fs) => fs,
-        Err(e) => {
-            eprintln!(
-                "NOT RUN: a_disk_full_to_the_last_byte_still_lets_the_run_be_marked_failed needs to mount a tmpfs: {e}"
-            );
-            return;
-        }
+    let Some(fs) = Tmpfs::for_test(
+        &sb.path().join("small"),
+        "2m",
+        "a_disk_full_to_the_last_byte_still_lets_the_run_be_marked_failed",
+    ) else {
+        return;
     };
     let db = fs.0.join("r.sqlite");
     rt().block_on(async {
@@ -667,12 +669,9 @@ fn sqlite_uris_and_odd_schemes_are_refused_and_passwords_never_printed() {
 #[test]
 fn replay_says_records_remain_while_the_disk_is_full_and_queries_see_the_fallback_spool() {
     let sb = Sandbox::new();
-    let fs = match Tmpfs::mount(&sb.path().join("small"), "2m") {
-        Ok(fs) => fs,
-        Err(e) => {
-            eprintln!("NOT RUN: replay_says_records_remain_while_the_disk_is_full needs to mount a tmpfs: {e}");
-            return;
-        }
+    let Some(fs) = Tmpfs::for_test(&sb.path().join("small"), "2m", "replay_says_records_remain_while_the_disk_is_full")
+    else {
+        return;
     };
     let db = fs.0.join("r.sqlite");
     let run = |args: &[&str]| common::Out(sb.cmd(args).env("HUSE_DB", &db).env("HUSE_DB_RETRY", "1").output().unwrap());
@@ -719,12 +718,9 @@ fn an_experiment_name_cannot_climb_out_of_a_folder() {
 #[test]
 fn a_results_file_on_a_read_only_mount_can_be_queried() {
     let sb = Sandbox::new();
-    let fs = match Tmpfs::mount(&sb.path().join("ro"), "8m") {
-        Ok(fs) => fs,
-        Err(e) => {
-            eprintln!("NOT RUN: a_results_file_on_a_read_only_mount_can_be_queried needs to mount a tmpfs: {e}");
-            return;
-        }
+    let Some(fs) = Tmpfs::for_test(&sb.path().join("ro"), "8m", "a_results_file_on_a_read_only_mount_can_be_queried")
+    else {
+        return;
     };
     let db = fs.0.join("r.sqlite");
     let f = sb.write("c.yaml", &chain(0.0, 2));

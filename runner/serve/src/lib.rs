@@ -23,6 +23,7 @@ use axum::extract::{DefaultBodyLimit, Multipart, Path as UrlPath, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
+use huse_report::html::{esc, url_enc};
 use huse_search::{Hit, Modality, Searcher};
 use serde::Deserialize;
 
@@ -174,22 +175,6 @@ impl IntoResponse for Problem {
         );
         (self.0, body).into_response()
     }
-}
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
-}
-
-fn url_enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 fn page(title: &str, body: &str) -> Html<String> {

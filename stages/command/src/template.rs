@@ -64,12 +64,9 @@ pub fn check(s: &str, params: &serde_json::Map<String, serde_json::Value>, input
 /// `s` with every reference replaced by its value (checked beforehand by [`check`]).
 pub fn fill(s: &str, v: &Values) -> Result<String, String> {
     let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find("${") {
-        out.push_str(&rest[..i]);
-        let r = &rest[i + 2..];
-        let end = r.find('}').ok_or_else(|| format!("unclosed `${{` in \"{s}\""))?;
-        let name = &r[..end];
+    let mut at = 0;
+    for (range, name) in spans(s)? {
+        out.push_str(&s[at..range.start]);
         let value = match name.split_once('.') {
             Some(("params", k)) => v.params.get(k).map(param_text),
             Some(("inputs", k)) => v.inputs.get(k).cloned(),
@@ -77,21 +74,26 @@ pub fn fill(s: &str, v: &Values) -> Result<String, String> {
             _ => None,
         };
         out.push_str(&value.ok_or_else(|| format!("`${{{name}}}` has no value"))?);
-        rest = &r[end + 1..];
+        at = range.end;
     }
-    out.push_str(rest);
+    out.push_str(&s[at..]);
     Ok(out)
 }
 
 /// The dotted names referenced in `s`.
 fn references(s: &str) -> Result<Vec<&str>, String> {
+    Ok(spans(s)?.into_iter().map(|(_, name)| name).collect())
+}
+
+/// Each `${name}` in `s`: its byte range (`$` to `}`) and the name.
+fn spans(s: &str) -> Result<Vec<(std::ops::Range<usize>, &str)>, String> {
     let mut out = Vec::new();
-    let mut rest = s;
-    while let Some(i) = rest.find("${") {
-        let r = &rest[i + 2..];
-        let end = r.find('}').ok_or_else(|| format!("unclosed `${{` in \"{s}\""))?;
-        out.push(&r[..end]);
-        rest = &r[end + 1..];
+    let mut at = 0;
+    while let Some(i) = s[at..].find("${") {
+        let open = at + i;
+        let len = s[open + 2..].find('}').ok_or_else(|| format!("unclosed `${{` in \"{s}\""))?;
+        out.push((open..open + len + 3, &s[open + 2..open + 2 + len]));
+        at = open + len + 3;
     }
     Ok(out)
 }

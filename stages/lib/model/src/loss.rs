@@ -492,6 +492,38 @@ fn symmetric_self_product<T: Element>(s: &mut [std::mem::MaybeUninit<T>], e: &[T
     });
 }
 
+/// `S = e1 e2^T` (n x m) for the rows of `e1` (n x d) and `e2` (m x d).
+fn similarities<T: Element>(e1: &[T], e2: &[T], n: usize, m: usize, d: usize) -> Vec<T> {
+    let mut s = vec![T::default(); n * m];
+    if d > 0 {
+        // rhs(kk, j) = e2[j*d + kk].
+        // SAFETY: the slices have exactly the sizes the strides describe.
+        unsafe { gemm(&mut s, m, n, m, d, (e1.as_ptr(), 1, d), (e2.as_ptr(), d, 1), false, T::from_f64(1.0)) };
+    }
+    s
+}
+
+/// The gradients through `S = e1 e2^T` of a loss with `dL/dS = beta * g` (`g` n x m, for
+/// `e1` n x d and `e2` m x d): `(beta g e2, beta g^T e1)`.
+fn product_grads<T: Element>(
+    g: &[T],
+    e1: &[T],
+    e2: &[T],
+    (n, m, d): (usize, usize, usize),
+    beta: T,
+) -> (Vec<T>, Vec<T>) {
+    let (mut o1, mut o2) = (vec![T::default(); n * d], vec![T::default(); m * d]);
+    if n > 0 && m > 0 && d > 0 {
+        // SAFETY: every buffer has exactly the size its strides describe; g^T is read
+        // through lhs(j, i) = g[i*m + j].
+        unsafe {
+            gemm(&mut o1, d, n, d, m, (g.as_ptr(), 1, m), (e2.as_ptr(), 1, d), false, beta);
+            gemm(&mut o2, d, m, d, n, (g.as_ptr(), m, 1), (e1.as_ptr(), 1, d), false, beta);
+        }
+    }
+    (o1, o2)
+}
+
 /// One graph-loss block on the CPU as a single op on the two embedding matrices: the
 /// similarities by one GEMM, then value and per-pair derivative in one pass (kept for the
 /// backward pass), instead of a distance tensor and a dozen full-size intermediates. The
@@ -547,12 +579,7 @@ impl<T: Element> GraphLossOp<T> {
             unsafe { gemm(&mut out, d, n, d, n, (g.as_ptr(), 1, n), (x1.as_ptr(), 1, d), false, beta) };
             return Ok((Some(tensor(out, n)?), None));
         }
-        let (mut o1, mut o2) = (vec![T::default(); n * d], vec![T::default(); m * d]);
-        // SAFETY: as above. dL/de1 = G e2; dL/de2 = G^T e1 with lhs(j, i) = G[i*m + j].
-        unsafe {
-            gemm(&mut o1, d, n, d, m, (coef.as_ptr(), 1, m), (x2.as_ptr(), 1, d), false, beta);
-            gemm(&mut o2, d, m, d, n, (coef.as_ptr(), m, 1), (x1.as_ptr(), 1, d), false, beta);
-        }
+        let (o1, o2) = product_grads(&coef, x1, x2, (n, m, d), beta);
         Ok((Some(tensor(o1, n)?), Some(tensor(o2, m)?)))
     }
 }
@@ -578,11 +605,7 @@ impl<T: Element> candle_core::CustomOp2 for GraphLossOp<T> {
             // SAFETY: symmetric_self_product writes all n x n (= n x m) elements.
             unsafe { crate::fused::written(n * m, |s| symmetric_self_product(s, e1, n, d)) }
         } else {
-            let mut s = vec![T::default(); n * m];
-            // S = e1 . e2^T: rhs(kk, j) = e2[j*d + kk].
-            // SAFETY: the slices have exactly the sizes the strides describe.
-            unsafe { gemm(&mut s, m, n, m, d, (e1.as_ptr(), 1, d), (e2.as_ptr(), d, 1), false, T::from_f64(1.0)) };
-            s
+            similarities(e1, e2, n, m, d)
         };
         let (value, coef) = self.terms.value_and_coef(&s, m);
         *self.coef.lock().unwrap() = Some(coef);
@@ -722,12 +745,7 @@ impl<T: Element> candle_core::CustomOp2 for ContrastiveOp<T> {
             candle_core::bail!("contrastive loss: embeddings {:?} and {:?} differ", l1.shape(), l2.shape());
         }
         let (a, b) = (T::slice(s1, l1)?, T::slice(s2, l2)?);
-        let mut s = vec![T::default(); n * n];
-        if d > 0 {
-            // S = a . b^T: rhs(kk, j) = b[j*d + kk].
-            // SAFETY: the slices have exactly the sizes the strides describe.
-            unsafe { gemm(&mut s, n, n, n, d, (a.as_ptr(), 1, d), (b.as_ptr(), d, 1), false, T::from_f64(1.0)) };
-        }
+        let s = similarities(a, b, n, n, d);
         let inv_tau = 1.0 / self.tau;
         let z = |i: usize, j: usize| s[i * n + j].to_f64() * inv_tau;
         let scale = inv_tau / (2 * n) as f64;
@@ -794,15 +812,7 @@ impl<T: Element> candle_core::CustomOp2 for ContrastiveOp<T> {
         };
         let (x1, x2) = (T::slice(sa, la)?, T::slice(sb, lb)?);
         let upstream = T::from_f64(grad.to_dtype(DType::F64)?.to_scalar::<f64>()?);
-        let (mut ga, mut gb) = (vec![T::default(); n * d], vec![T::default(); n * d]);
-        if n > 0 && d > 0 {
-            // SAFETY: every buffer has exactly the size its strides describe. dL/da = G b;
-            // dL/db = G^T a with lhs(j, i) = G[i*n + j].
-            unsafe {
-                gemm(&mut ga, d, n, d, n, (coef.as_ptr(), 1, n), (x2.as_ptr(), 1, d), false, upstream);
-                gemm(&mut gb, d, n, d, n, (coef.as_ptr(), n, 1), (x1.as_ptr(), 1, d), false, upstream);
-            }
-        }
+        let (ga, gb) = product_grads(&coef, x1, x2, (n, n, d), upstream);
         let tensor = |v: Vec<T>| Tensor::from_vec(v, (n, d), a.device());
         Ok((a.track_op().then(|| tensor(ga)).transpose()?, b.track_op().then(|| tensor(gb)).transpose()?))
     }

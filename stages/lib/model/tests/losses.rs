@@ -307,17 +307,28 @@ fn fused_graph_block_equals_the_tensor_op_version() {
     }
 }
 
+/// Deterministic image and text variables (n x dim, of `dtype`) and their L2-normalised rows.
+fn embedding_pair(n: usize, dim: usize, dtype: DType) -> (Var, Var, Tensor, Tensor) {
+    let v = |s: f64| (0..n * dim).map(|i| ((i as f64 + 1.0) * s).sin()).collect::<Vec<f64>>();
+    let vi = Var::from_tensor(&t(&v(0.37), n, dim).to_dtype(dtype).unwrap()).unwrap();
+    let vt = Var::from_tensor(&t(&v(0.91), n, dim).to_dtype(dtype).unwrap()).unwrap();
+    let (pi, pt) = (l2_normalise(vi.as_tensor()).unwrap(), l2_normalise(vt.as_tensor()).unwrap());
+    (vi, vt, pi, pt)
+}
+
+/// The gradient of `var` in `store`, flat, as f64.
+fn grad_of(store: &candle_core::backprop::GradStore, var: &Var) -> Vec<f64> {
+    store.get(var).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+}
+
 /// The CPU gap-loss op equals the tensor-op version, value and both gradients, in f32 (as in
 /// training) and f64, for batches of one row, of several parallel row blocks with a ragged
 /// last one, and with row widths off the eight-lane sums; a constant argument gets no gradient.
 #[test]
 fn fused_gap_loss_equals_the_tensor_op_version() {
     for (n, dim) in [(1, 3), (70, 13), (300, 64)] {
-        let v = |s: f64| (0..n * dim).map(|i| ((i as f64 + 1.0) * s).sin()).collect::<Vec<f64>>();
         for dtype in [DType::F32, DType::F64] {
-            let vi = Var::from_tensor(&t(&v(0.37), n, dim).to_dtype(dtype).unwrap()).unwrap();
-            let vt = Var::from_tensor(&t(&v(0.91), n, dim).to_dtype(dtype).unwrap()).unwrap();
-            let (pi, pt) = (l2_normalise(vi.as_tensor()).unwrap(), l2_normalise(vt.as_tensor()).unwrap());
+            let (vi, vt, pi, pt) = embedding_pair(n, dim, dtype);
             let fused = loss::gap_loss(&pi, &pt).unwrap();
             let ops = loss::gap_loss_ops(&pi, &pt).unwrap();
             let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
@@ -329,10 +340,7 @@ fn fused_gap_loss_equals_the_tensor_op_version() {
             );
             let (gf, go) = (fused.backward().unwrap(), ops.backward().unwrap());
             for var in [&vi, &vt] {
-                let flat = |g: &candle_core::backprop::GradStore| {
-                    g.get(var).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
-                };
-                let (a, b) = (flat(&gf), flat(&go));
+                let (a, b) = (grad_of(&gf, var), grad_of(&go, var));
                 let scale = b.iter().fold(0f64, |m, x| m.max(x.abs()));
                 assert!(scale > 0.0);
                 for (x, y) in a.iter().zip(&b) {
@@ -390,11 +398,8 @@ fn the_contrastive_loss_gradients_match_finite_differences() {
 #[test]
 fn fused_contrastive_loss_equals_the_tensor_op_version() {
     for (n, dim) in [(1, 3), (37, 13), (300, 64)] {
-        let v = |s: f64| (0..n * dim).map(|i| ((i as f64 + 1.0) * s).sin()).collect::<Vec<f64>>();
         for dtype in [DType::F32, DType::F64] {
-            let vi = Var::from_tensor(&t(&v(0.37), n, dim).to_dtype(dtype).unwrap()).unwrap();
-            let vt = Var::from_tensor(&t(&v(0.91), n, dim).to_dtype(dtype).unwrap()).unwrap();
-            let (pi, pt) = (l2_normalise(vi.as_tensor()).unwrap(), l2_normalise(vt.as_tensor()).unwrap());
+            let (vi, vt, pi, pt) = embedding_pair(n, dim, dtype);
             // tau 0.05: one shift for all logits; 0.001: logits up to 1000, each row and column
             // shifted by its own maximum.
             let tau = if n == 37 { 0.001 } else { 0.05 };
@@ -405,10 +410,7 @@ fn fused_contrastive_loss_equals_the_tensor_op_version() {
             assert!((a - b).abs() < tol * b.abs().max(1.0), "{n} x {dim} {dtype:?}: {a} vs {b}");
             let (gf, go) = (fused.backward().unwrap(), ops.backward().unwrap());
             for var in [&vi, &vt] {
-                let flat = |g: &candle_core::backprop::GradStore| {
-                    g.get(var).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
-                };
-                let (a, b) = (flat(&gf), flat(&go));
+                let (a, b) = (grad_of(&gf, var), grad_of(&go, var));
                 let scale = b.iter().fold(0f64, |m, x| m.max(x.abs()));
                 assert!(n == 1 || scale > 0.0, "{n} x {dim}: no gradient");
                 for (x, y) in a.iter().zip(&b) {
