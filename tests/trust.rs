@@ -533,6 +533,34 @@ fn spool_a_busy_run(sb: &Sandbox) -> (PathBuf, String) {
 }
 
 #[test]
+fn a_run_whose_records_wait_in_a_spool_shows_failed_until_replayed() {
+    let sb = Sandbox::new();
+    // The lock is held until the run has ended: it could not even mark itself failed.
+    let (_, err) = spool_a_busy_run(&sb);
+    assert!(err.contains("could not mark the runs failed"), "{err}");
+    let db = || sb.cmd(&[]);
+    let raw = rt().block_on(async {
+        use sqlx::Connection;
+        let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", sb.db().display())).await.unwrap();
+        sqlx::query_scalar::<_, String>("SELECT status FROM runs").fetch_one(&mut c).await.unwrap()
+    });
+    assert_eq!(raw, "running", "the row itself could not be changed");
+    let listed = |args: &[&str]| {
+        let o = db().args(args).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let csv = listed(&["runs", "-f", "csv"]);
+    assert!(csv.lines().any(|l| l.starts_with("1,c,c,failed")), "shown as what it is:\n{csv}");
+    assert!(listed(&["runs", "--status", "failed", "-f", "csv"]).lines().any(|l| l.starts_with("1,c,")));
+    assert!(!listed(&["runs", "--status", "running", "-f", "csv"]).lines().any(|l| l.starts_with("1,c,")));
+    let shown = listed(&["show", "1"]);
+    assert!(shown.contains("results incomplete") && shown.contains("db replay"), "{shown}");
+    // The replay writes the records and the run's real status.
+    assert!(db().args(["db", "replay"]).status().unwrap().success());
+    assert!(listed(&["runs", "-f", "csv"]).lines().any(|l| l.starts_with("1,c,c,succeeded")));
+}
+
+#[test]
 fn spooled_records_never_replay_into_a_database_that_replaced_theirs() {
     let sb = Sandbox::new();
     let (spool, _) = spool_a_busy_run(&sb);

@@ -121,6 +121,9 @@ pub struct ExperimentSummary {
     pub last_activity: Option<String>,
 }
 
+/// Why a run left `running` by an ended process shows as failed.
+pub const SPOOLED: &str = "its process ended with records the database could not take; they wait in the spool and `huse-run db replay` writes them and the run's real status";
+
 /// A run with its params and final metrics (the run's own columns through [`Run`], which it
 /// dereferences to: `row.name`).
 #[derive(Debug, Clone)]
@@ -248,7 +251,8 @@ impl Store {
             text.push_str(" AND e.name = ?");
         }
         if filter.status.is_some() {
-            text.push_str(" AND r.status = ?");
+            // `running` rows too: one whose results wait in a spool shows as failed (below).
+            text.push_str(" AND (r.status = ? OR r.status = 'running')");
         }
         let param_keys: BTreeSet<String> =
             self.q("SELECT DISTINCT key FROM params").fetch_all(&self.pool).await?.iter().map(|r| r.get(0)).collect();
@@ -333,6 +337,9 @@ impl Store {
         for m in mq.fetch_all(&self.pool).await? {
             all_finals.entry(m.get(0)).or_default().push((m.get(1), m.get(2), m.get(3)));
         }
+        // Runs left `running` by a process that has ended with records spooled (it could not
+        // even mark them failed: a full disk) are shown as what they are.
+        let spooled = self.spool.lock().await.spooled_runs();
         let mut out = Vec::new();
         for r in rows {
             let id: i64 = r.get("id");
@@ -371,7 +378,14 @@ impl Store {
             if !keep {
                 continue;
             }
-            let run = Run::from_row(&r)?;
+            let mut run = Run::from_row(&r)?;
+            if run.status == RunStatus::Running && spooled.contains(&id) {
+                run.status = RunStatus::Failed;
+                run.error = Some(format!("results incomplete: {SPOOLED}"));
+            }
+            if filter.status.is_some_and(|s| s != run.status) {
+                continue;
+            }
             // Shown and compared with the params, as the setting it is (stored once, as a column).
             let mut params: BTreeMap<String, String> = params;
             params.insert("device".into(), run.device.clone());
