@@ -399,6 +399,23 @@ fn huse_learns_is_deterministic_and_resumes() {
     assert_eq!(c.len(), 12);
     assert!((c[0] - 64f64.ln()).abs() < 0.1 && c[11] < c[0] - 0.5, "{c:?}");
     assert!(curve(&sb, 1, "train.loss_contrastive").is_empty(), "delta 0 logs no contrastive loss");
+
+    // The attribute benchmark: ingest keeps colour and usage, encode encodes each val/test
+    // item's `<colour> <usage> <class>` query, evaluate searches the test images with them.
+    let out = sb.run(&[&f, "--set", "ingest.attributes=[baseColour, usage]"]).expect(0);
+    assert!(out.stdout().contains("Table 5 — attribute queries"), "{}", out.stdout());
+    let id: i64 = sb.sql("SELECT max(id) FROM runs")[0][0].parse().unwrap();
+    let share = |k: &str| value(&sb, id, k);
+    let (class, colour, all) =
+        (share("test.attr.class.p10"), share("test.attr.baseColour.p10"), share("test.attr.all.p10"));
+    // The class is found above chance (a short query, unlike the titles the tiny model was
+    // trained on); a colour match within the class cannot be more
+    // common than the class, nor both attributes than one.
+    assert!(class > 3.0 * chance && class <= 1.0, "class share {class} (chance {chance})");
+    assert!(colour <= class && all <= colour && all > 0.0, "class {class}, colour {colour}, all {all}");
+    let base = share("test.attr.baseColour.chance");
+    assert!(base > 0.0 && base < 1.0, "{base}");
+    assert!(share("test.attr.usage.p10") <= class);
 }
 
 /// A raw HTTP/1.1 exchange with the local server: (status, body).
@@ -476,6 +493,8 @@ fn serve_answers_as_search_does(sb: &Sandbox, item: &serde_json::Value) {
     let (status, html) = get(&addr, &path);
     assert_eq!(status, 200, "{html}");
     assert_eq!(tile_ids(&html), cli_ids, "the page shows the CLI's results, in order");
+    // Beside the run's name, what to expect of it: its instance R@1 among its headline figures.
+    assert!(html.contains("test.inst.t2i.r1 0."), "{html}");
 
     // In Chromium: the DOM has the same tiles, and the page renders with its thumbnails.
     let chromium = |extra: &[String]| {

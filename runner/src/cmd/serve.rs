@@ -28,7 +28,14 @@ pub async fn run(g: &Global, a: ServeArgs) -> Result<i32> {
     let mut views = Vec::new();
     for run in &a.runs {
         let files = run_files(&store, *run).await?;
-        let name = store.run(*run).await?.run.name;
+        let row = store.run(*run).await?;
+        // What to expect of its search: the stages' headline figures, beside its name.
+        let figures: Vec<String> = crate::builtin_registry()
+            .headline()
+            .iter()
+            .filter_map(|k| row.metrics.get(k).copied().flatten().map(|v| format!("{k} {v:.3}")))
+            .collect();
+        let name = if figures.is_empty() { row.run.name } else { format!("{} ({})", row.run.name, figures.join(", ")) };
         let index = g.cache.join(".index");
         let dev = device_arg(&a.device)?;
         let searcher = tokio::task::spawn_blocking(move || huse_search::Searcher::open(&files, &index, &dev)).await??;

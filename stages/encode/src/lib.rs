@@ -24,6 +24,12 @@
 //! the T training items in item order, view k of training item t at row t*K + k),
 //! `text.safetensors` (`bert`, N x 4H),
 //! `tfidf.safetensors` (CSR: `indptr` N+1, `indices`, `values`) with `tfidf.json` (vocabulary).
+//!
+//! Items with an attribute query (ingest's `attributes:`) outside the training split
+//! ([`huse_data::query_rows`]) also get the query's features: `query_bert` in
+//! `text.safetensors` and `query_indptr`/`query_indices`/`query_values` in
+//! `tfidf.safetensors`, one row per such item in item order (for evaluate's attribute
+//! benchmark).
 
 use std::path::PathBuf;
 use std::sync::mpsc::sync_channel;
@@ -390,9 +396,16 @@ fn encode_texts(ctx: &Context, cfg: &EncodeCfg, items: &[Item], device: &Device)
     let idf = TokenIdf::fit(&enc.tokenize(&train).map_err(StageError::of)?);
     let n = items.len();
     let dim = 4 * enc.hidden_size();
-    let mut out = safetensors_out::Writer::create(&ctx.out_dir.join(Artifact::TextFeatures), &[("bert", n, dim)])
-        .map_err(StageError::of)?;
-    ctx.progress.start("encode texts", Some(n as u64), "txt");
+    // The attribute queries (ingest's `attributes:`) of the val and test items, after the
+    // items' own texts; without them the file holds `bert` only, as before.
+    let queries = huse_data::query_rows(items);
+    let mut shapes = vec![("bert", n, dim)];
+    if !queries.is_empty() {
+        shapes.push(("query_bert", queries.len(), dim));
+    }
+    let mut out =
+        safetensors_out::Writer::create(&ctx.out_dir.join(Artifact::TextFeatures), &shapes).map_err(StageError::of)?;
+    ctx.progress.start("encode texts", Some((n + queries.len()) as u64), "txt");
     let started = Instant::now();
     // Within a window, texts are batched by token length (less padding), then written back
     // in item order: memory stays O(window), output order is the items' order.
@@ -405,8 +418,17 @@ fn encode_texts(ctx: &Context, cfg: &EncodeCfg, items: &[Item], device: &Device)
             .map_err(StageError::of)?;
         out.rows(&rows).map_err(StageError::of)?;
     }
+    let tps = n as f64 / started.elapsed().as_secs_f64();
+    for win in queries.chunks(window) {
+        ctx.cancel.check()?;
+        let texts: Vec<&str> = win.iter().map(|&r| items[r].query.as_deref().unwrap_or_default()).collect();
+        let rows = enc
+            .last4_mean_rows(&texts, Some(&idf), cfg.text_batch_size, |k| ctx.progress.inc(k as u64))
+            .map_err(StageError::of)?;
+        out.rows_to("query_bert", &rows).map_err(StageError::of)?;
+    }
     out.finish().map_err(StageError::of)?;
-    Ok(n as f64 / started.elapsed().as_secs_f64())
+    Ok(tps)
 }
 
 fn encode_tfidf(ctx: &Context, cfg: &EncodeCfg, items: &[Item]) -> Result<(), StageError> {
@@ -418,24 +440,33 @@ fn encode_tfidf(ctx: &Context, cfg: &EncodeCfg, items: &[Item]) -> Result<(), St
         ),
         None => Tfidf::new(Vec::new(), Vec::new()),
     };
-    let (mut indptr, mut indices, mut values) = (vec![0i64], Vec::new(), Vec::new());
-    for it in items {
-        if !vocab.is_empty() {
-            for (j, v) in vocab.transform(&it.text).into_iter().enumerate() {
-                if v != 0.0 {
-                    indices.push(j as u32);
-                    values.push(v);
+    // CSR rows of `texts` as (indptr, indices, values) tensors named `{prefix}indptr`, ...
+    let csr = |texts: &mut dyn Iterator<Item = &str>, prefix: &str| -> Result<Vec<(String, Tensor)>, StageError> {
+        let (mut indptr, mut indices, mut values) = (vec![0i64], Vec::new(), Vec::new());
+        for text in texts {
+            if !vocab.is_empty() {
+                for (j, v) in vocab.transform(text).into_iter().enumerate() {
+                    if v != 0.0 {
+                        indices.push(j as u32);
+                        values.push(v);
+                    }
                 }
             }
+            indptr.push(indices.len() as i64);
         }
-        indptr.push(indices.len() as i64);
+        let (rows, nnz) = (indptr.len(), indices.len());
+        Ok(vec![
+            (format!("{prefix}indptr"), Tensor::from_vec(indptr, rows, &Device::Cpu).map_err(StageError::of)?),
+            (format!("{prefix}indices"), Tensor::from_vec(indices, nnz, &Device::Cpu).map_err(StageError::of)?),
+            (format!("{prefix}values"), Tensor::from_vec(values, nnz, &Device::Cpu).map_err(StageError::of)?),
+        ])
+    };
+    let mut tensors: std::collections::HashMap<String, Tensor> =
+        csr(&mut items.iter().map(|i| i.text.as_str()), "")?.into_iter().collect();
+    let queries = huse_data::query_rows(items);
+    if !queries.is_empty() {
+        tensors.extend(csr(&mut queries.iter().map(|&r| items[r].query.as_deref().unwrap_or_default()), "query_")?);
     }
-    let nnz = indices.len();
-    let tensors = std::collections::HashMap::from([
-        ("indptr".to_string(), Tensor::from_vec(indptr, items.len() + 1, &Device::Cpu).map_err(StageError::of)?),
-        ("indices".to_string(), Tensor::from_vec(indices, nnz, &Device::Cpu).map_err(StageError::of)?),
-        ("values".to_string(), Tensor::from_vec(values, nnz, &Device::Cpu).map_err(StageError::of)?),
-    ]);
     candle_core::safetensors::save(&tensors, ctx.out_dir.join(Artifact::Tfidf)).map_err(StageError::of)?;
     std::fs::write(ctx.out_dir.join(Artifact::TfidfVocab), serde_json::to_vec(&vocab).map_err(StageError::of)?)?;
     ctx.metrics.log("encode.tfidf_features", 0, vocab.len() as f64);

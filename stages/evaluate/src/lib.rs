@@ -10,11 +10,18 @@
 //! * Table 4 (not in the paper), instance retrieval: `test.inst.i2t.r1/r5/r10` (an item's
 //!   image finds its own text among all test texts within K), `test.inst.t2i.rK`, and the
 //!   median ranks `test.inst.i2t.medr`, `test.inst.t2i.medr`.
+//! * Table 5 (not in the paper, only when ingest keeps `attributes:`), the attribute
+//!   benchmark: each test item's query (`red casual tshirts`, its attribute values and leaf
+//!   class, encoded by encode) searches the test images; `test.attr.class.pK` is the share of
+//!   the top K (the largest of `ks`) of the query's class, `test.attr.ATTR.pK` of its class
+//!   and its value of ATTR, `test.attr.all.pK` of its class and every value, and
+//!   `test.attr.ATTR.chance` what a search that finds the class and ignores ATTR would get.
 //!
 //! Every name is written once, in `huse_model::names`. Queries and gallery are the test items; a query never retrieves itself nor, in
 //! cross-modal search, its own paired item. Similarities are computed `block` queries at
 //! a time. Also writes `tables.md` (the three tables) and `metrics.json`.
 
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 
 use huse_data::{Artifact, Split};
@@ -83,13 +90,14 @@ impl Stage for Evaluate {
         Some(schemars::schema_for!(EvalCfg).to_value())
     }
     fn headline(&self) -> Vec<String> {
-        // Accuracy, cross-modal R@1 both ways, HP@5 text -> image, and the own-pair R@10
-        // (instance search), on the test split.
+        // Accuracy, cross-modal R@1 both ways, HP@5 text -> image, and the own-pair R@1 and
+        // R@10 (instance search: how often a title finds its own product), on the test split.
         vec![
             names::accuracy("test", "both"),
             names::recall("test", "t2i", 1),
             names::recall("test", "i2t", 1),
             names::hierarchical_precision("test", "t2i", 5),
+            names::instance_recall("test", "t2i", 1),
             names::instance_recall("test", "t2i", 10),
         ]
     }
@@ -176,6 +184,32 @@ impl Stage for Evaluate {
             }
             out.push((names::instance_median_rank(&p, name), metrics::median_rank(&ranks)));
         }
+        // The attribute benchmark (ingest's `attributes:`): each item's attribute query
+        // against the split's images.
+        let tfidf = if meta.use_tfidf { inputs.optional(Artifact::Tfidf) } else { None };
+        let attr_queries = ds.attribute_queries(inputs.get(Artifact::TextFeatures)?, tfidf).map_err(StageError::of)?;
+        let mut attr_gallery = Vec::new();
+        if let Some((qds, rows)) = &attr_queries {
+            let pos: HashMap<usize, usize> = idx.iter().enumerate().map(|(j, &i)| (i, j)).collect();
+            let sel: Vec<usize> = (0..rows.len()).filter(|&q| pos.contains_key(&rows[q])).collect();
+            if !sel.is_empty() {
+                ctx.cancel.check()?;
+                let (_, _, _, eq) =
+                    predict(&model, qds, &sel, meta.use_tfidf, &device, 4096).map_err(StageError::of)?;
+                let k = cfg.ks.iter().copied().max().unwrap_or(10);
+                let found = metrics::top_k_with(&gemm, &Rows { data: &eq, dim: d }, &img, k, &|_| None, cfg.block)
+                    .map_err(StageError::of)?;
+                let queried: Vec<&huse_data::Item> = sel.iter().map(|&q| &ds.items[rows[q]]).collect();
+                let gallery: Vec<&huse_data::Item> = idx.iter().map(|&i| &ds.items[i]).collect();
+                out.extend(attribute_benchmark(&queried, &found, &gallery, &p, k));
+                let step = (sel.len() / GALLERY_QUERIES).max(1);
+                attr_gallery = (0..sel.len())
+                    .step_by(step)
+                    .take(GALLERY_QUERIES / 2)
+                    .map(|j| (queried[j], found[j].clone()))
+                    .collect();
+            }
+        }
         let k = ds.classes;
         let both = metrics::fuse(&pi, &pt, meta.fusion_weight);
         for (name, probs) in names::ACCURACIES.into_iter().zip([&pi, &pt, &both]) {
@@ -215,12 +249,66 @@ impl Stage for Evaluate {
                 })
             })
             .collect();
+        // Then a few attribute queries (their text is the query), when there are any.
+        let mut gallery = gallery;
+        for (it, hits) in attr_gallery {
+            gallery.push(serde_json::json!({
+                "id": it.id, "text": it.query, "class": tree.classes[it.class].name, "attribute_query": true,
+                "hits": hits.iter().take(5).map(|&h| {
+                    let g = &ds.items[idx[h]];
+                    serde_json::json!({"id": g.id, "image": g.image, "class": tree.classes[g.class].name})
+                }).collect::<Vec<_>>(),
+            }));
+        }
         std::fs::write(
             ctx.out_dir.join(Artifact::Gallery),
             serde_json::to_vec_pretty(&gallery).map_err(StageError::of)?,
         )?;
         Ok(())
     }
+}
+
+/// The attribute benchmark's figures for `queries` (the items whose attribute query was
+/// searched) and their top-K `found` (positions in `gallery`): the share of the top K of the
+/// query's class, of its class and its value of each attribute (queries whose value is
+/// unknown left out of that attribute), of its class and every known value; and, per
+/// attribute, that share for a search that finds the class and ignores the attribute (the
+/// share of the class's gallery items with the query's value).
+pub fn attribute_benchmark(
+    queries: &[&huse_data::Item],
+    found: &[Vec<usize>],
+    gallery: &[&huse_data::Item],
+    prefix: &str,
+    k: usize,
+) -> Vec<(String, f64)> {
+    let attributes: BTreeSet<&String> = queries.iter().flat_map(|q| q.attrs.keys()).collect();
+    let known = |it: &huse_data::Item, a: &str| it.attrs.get(a).filter(|v| !v.is_empty()).cloned();
+    let share = |q: &huse_data::Item, hits: &[usize], same: &dyn Fn(&huse_data::Item) -> bool| {
+        hits.iter().filter(|&&h| gallery[h].class == q.class && same(gallery[h])).count() as f64 / k as f64
+    };
+    let mean = |v: &[f64]| if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 };
+    let mut out = Vec::new();
+    let class: Vec<f64> = queries.iter().zip(found).map(|(q, f)| share(q, f, &|_| true)).collect();
+    out.push((names::attribute_precision(prefix, "class", k), mean(&class)));
+    for a in &attributes {
+        let (mut p, mut chance) = (Vec::new(), Vec::new());
+        for (q, f) in queries.iter().zip(found) {
+            let Some(v) = known(q, a) else { continue };
+            p.push(share(q, f, &|g| known(g, a).as_ref() == Some(&v)));
+            let of_class: Vec<&&huse_data::Item> = gallery.iter().filter(|g| g.class == q.class).collect();
+            let same = of_class.iter().filter(|g| known(g, a).as_ref() == Some(&v)).count();
+            chance.push(same as f64 / of_class.len().max(1) as f64);
+        }
+        out.push((names::attribute_precision(prefix, a, k), mean(&p)));
+        out.push((names::attribute_chance(prefix, a), mean(&chance)));
+    }
+    let all: Vec<f64> = queries
+        .iter()
+        .zip(found)
+        .map(|(q, f)| share(q, f, &|g| attributes.iter().all(|a| known(q, a).is_none_or(|v| known(g, a) == Some(v)))))
+        .collect();
+    out.push((names::attribute_precision(prefix, "all", k), mean(&all)));
+    out
 }
 
 /// Tables 1-3 in the paper's layout, from a metrics map (`prefix` = `test` or `val`).
@@ -268,5 +356,79 @@ pub fn tables(m: &serde_json::Map<String, serde_json::Value>, cfg: &EvalCfg, pre
             .unwrap_or_else(|| "-".into());
         writeln!(s, "| {label} | {} | {medr} |", r.join("/")).unwrap();
     }
+    // Table 5, when the items had attribute queries.
+    let attr = format!("{prefix}.attr.");
+    let k = cfg.ks.iter().copied().max().unwrap_or(10);
+    let whats: Vec<&str> = m
+        .keys()
+        .filter_map(|key| key.strip_prefix(&attr)?.strip_suffix(&format!(".p{k}")))
+        .filter(|w| *w != "class" && *w != "all")
+        .collect();
+    if m.contains_key(&names::attribute_precision(prefix, "class", k)) {
+        writeln!(
+            s,
+            "\nTable 5 — attribute queries (`<attributes> <class>`): share of the top {k} images of the query's class and value ({prefix} split)\n"
+        )
+        .unwrap();
+        writeln!(s, "| | share of the top {k} | a class-only search would get |\n|---|---|---|").unwrap();
+        writeln!(s, "| class | {} | |", get(&names::attribute_precision(prefix, "class", k))).unwrap();
+        for w in whats {
+            let (pk, chance) = (names::attribute_precision(prefix, w, k), names::attribute_chance(prefix, w));
+            writeln!(s, "| class and {w} | {} | {} |", get(&pk), get(&chance)).unwrap();
+        }
+        writeln!(s, "| class and every attribute | {} | |", get(&names::attribute_precision(prefix, "all", k)))
+            .unwrap();
+    }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use huse_data::{Item, Split};
+
+    use super::*;
+
+    fn item(class: usize, attrs: &[(&str, &str)]) -> Item {
+        Item {
+            id: String::new(),
+            image: String::new(),
+            text: String::new(),
+            class,
+            split: Split::Test,
+            attrs: attrs.iter().map(|(a, v)| (a.to_string(), v.to_string())).collect(),
+            query: Some(String::new()),
+        }
+    }
+
+    #[test]
+    fn the_attribute_benchmark_matches_a_hand_worked_case() {
+        let gallery = [
+            item(0, &[("colour", "Red")]),
+            item(0, &[("colour", "Blue")]),
+            item(1, &[("colour", "Red")]),
+            item(0, &[("colour", "Red")]),
+        ];
+        let gallery: Vec<&Item> = gallery.iter().collect();
+        // A: class 0 red finds g0 (right), g1 (blue); B: class 1 blue finds g2 (red), g0
+        // (class 0); C: class 0, colour unknown, finds g3, g2.
+        let queries = [item(0, &[("colour", "Red")]), item(1, &[("colour", "Blue")]), item(0, &[("colour", "")])];
+        let queries: Vec<&Item> = queries.iter().collect();
+        let found = vec![vec![0, 1], vec![2, 0], vec![3, 2]];
+        let got: std::collections::BTreeMap<String, f64> =
+            attribute_benchmark(&queries, &found, &gallery, "test", 2).into_iter().collect();
+        let want = [
+            // class: A 2/2, B 1/2, C 1/2.
+            ("test.attr.class.p2", (1.0 + 0.5 + 0.5) / 3.0),
+            // colour (C left out): A 1/2, B 0.
+            ("test.attr.colour.p2", 0.25),
+            // of A's class 2 of 3 are red, of B's 0 of 1 blue.
+            ("test.attr.colour.chance", (2.0 / 3.0) / 2.0),
+            // every known attribute: A 1/2, B 0, C (none known) its class share 1/2.
+            ("test.attr.all.p2", 1.0 / 3.0),
+        ];
+        assert_eq!(got.len(), want.len(), "{got:?}");
+        for (k, v) in want {
+            assert!((got[k] - v).abs() < 1e-12, "{k}: {} vs {v}", got[k]);
+        }
+    }
 }

@@ -126,6 +126,11 @@ pub struct IngestCfg {
     /// Keep only the first N usable rows (quick experiments).
     #[serde(default)]
     pub limit: Option<usize>,
+    /// Attribute columns kept on each item (e.g. `[baseColour, usage]`): with them every item
+    /// also gets a search query from its attribute values and leaf class (`navy blue casual
+    /// tshirts`), which encode encodes and evaluate scores (the attribute benchmark).
+    #[serde(default)]
+    pub attributes: Vec<String>,
     /// Keep at most N items of each class (the first ones).
     #[serde(default)]
     pub per_class_cap: Option<usize>,
@@ -307,6 +312,14 @@ struct Row {
     image: PathBuf,
     text: String,
     path: Vec<String>,
+    attrs: BTreeMap<String, String>,
+}
+
+/// An item's attribute query: its attribute values (in the order named, unknown ones left
+/// out) and its leaf class, lower-cased: `navy blue casual tshirts`.
+fn attribute_query(names: &[String], attrs: &BTreeMap<String, String>, path: &[String]) -> String {
+    let words = names.iter().filter_map(|n| attrs.get(n)).filter(|v| !v.is_empty()).chain(path.last());
+    words.map(|w| w.to_lowercase()).collect::<Vec<_>>().join(" ")
 }
 
 /// The `{column}` names of a template, in order.
@@ -475,6 +488,12 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
         (None, Some(c)) => vec![(col(c, "class_column")?, c.clone())],
         _ => unreachable!("checked"),
     };
+    let attr_cols: Vec<(usize, String)> = cfg
+        .attributes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| col(c, &format!("attributes.{i}")).map(|x| (x, c.clone())))
+        .collect::<Result<_, _>>()?;
     let records: Vec<csv::StringRecord> = rdr
         .records()
         .enumerate()
@@ -651,7 +670,13 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
         }
         match problem {
             Some(reason) => *skipped.entry(reason).or_default() += 1,
-            None => rows.push(Row { id, image, text, path }),
+            None => {
+                let attrs = attr_cols
+                    .iter()
+                    .map(|(c, name)| (name.clone(), rec.get(*c).unwrap_or("").trim().to_string()))
+                    .collect();
+                rows.push(Row { id, image, text, path, attrs })
+            }
         }
     }
     // Per-class cap, then the small-class filter.
@@ -693,9 +718,18 @@ pub fn ingest(cfg: &IngestCfg, ctx: &Context) -> Result<Ingested, StageError> {
                 Split::Train
             };
             let r = &rows[i];
+            let query = (!cfg.attributes.is_empty()).then(|| attribute_query(&cfg.attributes, &r.attrs, &path));
             items.push((
                 i,
-                Item { id: r.id.clone(), image: r.image.display().to_string(), text: r.text.clone(), class, split },
+                Item {
+                    id: r.id.clone(),
+                    image: r.image.display().to_string(),
+                    text: r.text.clone(),
+                    class,
+                    split,
+                    attrs: r.attrs.clone(),
+                    query,
+                },
             ));
         }
     }

@@ -104,6 +104,36 @@ fn the_seed_layout_with_one_separated_class_column() {
 }
 
 #[test]
+fn attribute_columns_are_kept_with_a_query_and_a_missing_one_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    small_dataset(
+        d.path(),
+        "image,text,colour,usage,classes\nimages/1163.jpg,red shirt,Navy Blue,Casual,apparel<top<Shirts\n\
+         images/1164.jpg,blue shirt,,Formal,apparel<top<Shirts\nimages/1165.jpg,boot,Black,,shoes<Boots\n\
+         images/1525.jpg,bag,Red,Casual,bags<backpack\n",
+    );
+    let cfg = |attributes: serde_json::Value| {
+        json!({"root": d.path(), "table": "table.csv", "id_column": "image", "image": "{image}", "text_column": "text",
+               "class_column": "classes", "attributes": attributes})
+    };
+    let out = tempfile::tempdir().unwrap();
+    let (items, _, _) = run(cfg(json!(["colour", "usage"])), out.path()).unwrap();
+    assert_eq!(items[0].attrs["colour"], "Navy Blue");
+    assert_eq!(items[0].query.as_deref(), Some("navy blue casual shirts"));
+    // An empty value stays in `attrs` (unknown) and out of the query.
+    assert_eq!(items[1].attrs["colour"], "");
+    assert_eq!(items[1].query.as_deref(), Some("formal shirts"));
+    assert_eq!(items[2].query.as_deref(), Some("black boots"));
+    // Without `attributes:` the items are written exactly as before.
+    let plain = tempfile::tempdir().unwrap();
+    run(cfg(json!([])), plain.path()).unwrap();
+    let text = std::fs::read_to_string(plain.path().join("items.jsonl")).unwrap();
+    assert!(!text.contains("attrs") && !text.contains("query"), "{text}");
+    let e = run(cfg(json!(["colour", "colur"])), tempfile::tempdir().unwrap().path()).unwrap_err();
+    assert!(e.contains("attributes.1") && e.contains("column `colur`"), "{e}");
+}
+
+#[test]
 fn bad_rows_are_named_or_skipped_and_counted() {
     let d = tempfile::tempdir().unwrap();
     small_dataset(

@@ -58,6 +58,20 @@ pub struct Item {
     pub class: usize,
     /// Which split it is in.
     pub split: Split,
+    /// The attribute columns the experiment names (ingest's `attributes:`), e.g.
+    /// `baseColour` -> `Red`; empty (and not written) otherwise.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub attrs: std::collections::BTreeMap<String, String>,
+    /// A search query built from the item's attributes and its leaf class
+    /// (`red casual tshirts`), for the attribute benchmark; only with `attributes:`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+}
+
+/// The items whose attribute query the encode stage encodes, in item order (the rows of
+/// its `query_*` tensors): those with a query, outside the training split.
+pub fn query_rows(items: &[Item]) -> Vec<usize> {
+    items.iter().enumerate().filter(|(_, i)| i.query.is_some() && i.split != Split::Train).map(|(r, _)| r).collect()
 }
 
 /// One leaf class: a whole path through the hierarchy.

@@ -100,6 +100,49 @@ impl Dataset {
         Ok(Dataset { items, labels, classes, image, image_dim, bert, bert_dim, tfidf, views: None })
     }
 
+    /// The attribute queries the encode stage encoded ([`huse_data::query_rows`]) as a
+    /// dataset of their own: row q is the item `rows[q]` with its query as its text (its
+    /// image, label and split unchanged), so [`crate::model::predict`] embeds the queries.
+    /// None when the encode outputs hold no queries (no `attributes:` in ingest).
+    pub fn attribute_queries(&self, encode_text: &Path, tfidf: Option<&Path>) -> Result<Option<(Dataset, Vec<usize>)>> {
+        let Some((bert, n, bert_dim)) = matrix_if(encode_text, "query_bert")? else {
+            return Ok(None);
+        };
+        let rows = huse_data::query_rows(&self.items);
+        ensure!(n == rows.len(), "{}: {n} query rows for {} items with a query", encode_text.display(), rows.len());
+        let tfidf = match (&self.tfidf, tfidf) {
+            (Some((.., dim)), Some(csr)) => {
+                let t = candle_core::safetensors::load(csr, &Device::Cpu)?;
+                let get = |n: &str| t.get(n).with_context(|| format!("{} has no `{n}`", csr.display()));
+                let indptr: Vec<i64> = get("query_indptr")?.to_vec1()?;
+                ensure!(indptr.len() == n + 1, "{}: {} query rows, not {n}", csr.display(), indptr.len() - 1);
+                Some((indptr, get("query_indices")?.to_vec1()?, get("query_values")?.to_vec1()?, *dim))
+            }
+            _ => None,
+        };
+        let mut items = Vec::with_capacity(n);
+        let mut image = Vec::with_capacity(n * self.image_dim);
+        for &r in &rows {
+            let mut it = self.items[r].clone();
+            it.text = it.query.clone().unwrap_or_default();
+            items.push(it);
+            image.extend_from_slice(&self.image[r * self.image_dim..(r + 1) * self.image_dim]);
+        }
+        let labels = rows.iter().map(|&r| self.labels[r]).collect();
+        let ds = Dataset {
+            items,
+            labels,
+            classes: self.classes,
+            image,
+            image_dim: self.image_dim,
+            bert,
+            bert_dim,
+            tfidf,
+            views: None,
+        };
+        Ok(Some((ds, rows)))
+    }
+
     /// Reads the augmented views (tensor `views`) of the encode stage's image file; an error
     /// names the file when it has none or when their rows do not fit the training items.
     pub fn load_views(&mut self, encode_image: &Path) -> Result<usize> {

@@ -32,6 +32,19 @@ pub fn instance_median_rank(split: &str, direction: &str) -> String {
     format!("{split}.inst.{direction}.medr")
 }
 
+/// The attribute benchmark: of the top K images for an item's attribute query, the share of
+/// the same class (`what` = `class`), of the same class and the same value of one attribute
+/// (`what` = the attribute's column, `test.attr.baseColour.p10`), or of all (`all`).
+pub fn attribute_precision(split: &str, what: &str, k: usize) -> String {
+    format!("{split}.attr.{what}.p{k}")
+}
+
+/// What [`attribute_precision`] of one attribute would be for a search that finds the class
+/// and ignores the attribute: the share of the query's class that shares its value.
+pub fn attribute_chance(split: &str, attribute: &str) -> String {
+    format!("{split}.attr.{attribute}.chance")
+}
+
 /// Classification accuracy: `val.acc.both`.
 pub fn accuracy(split: &str, of: &str) -> String {
     format!("{split}.acc.{of}")
