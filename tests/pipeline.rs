@@ -399,6 +399,12 @@ fn huse_learns_is_deterministic_and_resumes() {
     assert_eq!(c.len(), 12);
     assert!((c[0] - 64f64.ln()).abs() < 0.1 && c[11] < c[0] - 0.5, "{c:?}");
     assert!(curve(&sb, 1, "train.loss_contrastive").is_empty(), "delta 0 logs no contrastive loss");
+    // A learned temperature: logged every epoch, starting from `tau`, moving, within [0.01, 1].
+    sb.run(&[&f, "--set", "train.delta=0.5", "--set", "train.tau=0.1", "--set", "train.learn_tau=true"]).expect(0);
+    let id: i64 = sb.sql("SELECT max(id) FROM runs")[0][0].parse().unwrap();
+    let taus: Vec<f64> = curve(&sb, id, "train.tau").iter().map(|v| v.parse().unwrap()).collect();
+    assert_eq!(taus.len(), 12, "{taus:?}");
+    assert!(taus.iter().all(|t| (0.01 - 1e-6..=1.0).contains(t)) && (taus[11] - 0.1).abs() > 1e-3, "{taus:?}");
 
     // The attribute benchmark: ingest keeps colour and usage, encode encodes each val/test
     // item's `<colour> <usage> <class>` query, evaluate searches the test images with them.

@@ -23,7 +23,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor, Var};
 use huse_data::{Artifact, Split};
 use huse_model::data::Dataset;
 use huse_model::loss::{self, GraphPairs, GraphVariant, LossConfig};
@@ -70,9 +70,13 @@ pub struct TrainCfg {
     /// Weight of the contrastive term (symmetric InfoNCE over the batch; not in the paper, 0 leaves it out).
     #[serde(default = "d_delta")]
     pub delta: f64,
-    /// Temperature of the contrastive term's logits.
+    /// Temperature of the contrastive term's logits (with `learn_tau`, its starting value).
     #[serde(default = "d_tau")]
     pub tau: f64,
+    /// Learn the contrastive term's temperature as CLIP does (`ln(1/tau)` trained, tau kept
+    /// within [0.01, 1]); logged per epoch as `train.tau`.
+    #[serde(default)]
+    pub learn_tau: bool,
     /// Graph loss: `paper` (pull related classes together) or `hinge` (also push unrelated ones apart).
     #[serde(default)]
     pub graph_variant: GraphVariant,
@@ -175,6 +179,12 @@ impl TrainCfg {
         if !(self.tau.is_finite() && self.tau > 0.0) {
             return Err(ConfigError::at("tau", "must be a number > 0 (e.g. 0.05)"));
         }
+        if self.learn_tau && self.delta == 0.0 {
+            return Err(ConfigError::at(
+                "learn_tau",
+                "learns the contrastive term's temperature, which needs delta > 0",
+            ));
+        }
         if !(self.zeta > 0.0 && self.zeta <= 2.0) {
             return Err(ConfigError::at("zeta", "must be in (0, 2] (cosine distances lie in [0, 2])"));
         }
@@ -218,6 +228,7 @@ impl TrainCfg {
             pairs: self.graph_pairs,
             delta: self.delta,
             tau: self.tau,
+            learn_tau: self.learn_tau,
         }
     }
 }
@@ -238,6 +249,9 @@ pub struct EpochLog {
     /// Mean L_contrastive (0, and not written, when its weight is 0).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub loss_contrastive: f64,
+    /// The learned temperature at the epoch's end (0, and not written, unless `learn_tau`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tau: f64,
     /// The learning rate at the epoch's end.
     pub lr: f64,
     /// The epoch's validation figures.
@@ -257,6 +271,9 @@ struct State {
     steps: u64,
     history: Vec<EpochLog>,
     best: Option<(usize, f64)>,
+    /// The learned `ln(1/tau)` (`learn_tau`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    log_scale: Option<f32>,
 }
 
 impl Stage for Train {
@@ -412,14 +429,23 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
     };
     let mut init_rng = ChaCha8Rng::seed_from_u64(ctx.seed);
     let model = Huse::new(&net, &mut init_rng, &device).map_err(StageError::of)?;
-    let mut opt = Optimizer::new(model.vars(), cfg.optimizer.clone()).map_err(StageError::of)?;
     let loss_cfg = cfg.loss();
+    // A learned temperature: one more variable, after the model's (their optimiser state
+    // keeps its order), checkpointed in the state file.
+    let log_scale = (loss_cfg.learn_tau && loss_cfg.delta != 0.0)
+        .then(|| Var::from_tensor(&Tensor::new(&[[(1.0 / loss_cfg.tau).ln() as f32]], &device)?))
+        .transpose()
+        .map_err(StageError::of)?;
+    let mut vars = model.vars();
+    vars.extend(log_scale.clone());
+    let mut opt = Optimizer::new(vars, cfg.optimizer.clone()).map_err(StageError::of)?;
 
     // Resume from the work directory when it holds this config's checkpoint.
     let work = ctx.work_dir;
     let state_path = work.join("state.json");
     let hash = config_hash(raw);
-    let mut state = State { config: hash.clone(), epoch: 0, steps: 0, history: Vec::new(), best: None };
+    let mut state =
+        State { config: hash.clone(), epoch: 0, steps: 0, history: Vec::new(), best: None, log_scale: None };
     if let Ok(bytes) = std::fs::read(&state_path)
         && let Ok(saved) = serde_json::from_slice::<State>(&bytes)
         && saved.config == hash
@@ -427,6 +453,9 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
         model.load_weights(&work.join("last.safetensors")).map_err(StageError::of)?;
         opt.load(&work.join("optimizer.safetensors")).map_err(StageError::of)?;
         state = saved;
+        if let (Some(v), Some(x)) = (&log_scale, state.log_scale) {
+            v.set(&Tensor::new(&[[x]], &device).map_err(StageError::of)?).map_err(StageError::of)?;
+        }
         // Re-log the finished epochs so the run's curve is complete.
         for e in &state.history {
             log_epoch(ctx, e, None);
@@ -485,7 +514,17 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
                 .map_err(StageError::of)?;
             let li = model.logits(&phi_i).map_err(StageError::of)?;
             let lt = model.logits(&phi_t).map_err(StageError::of)?;
-            let l = loss::total(&phi_i, &phi_t, &li, &lt, y, &a, &loss_cfg).map_err(StageError::of)?;
+            let l = loss::total_scaled(
+                &phi_i,
+                &phi_t,
+                &li,
+                &lt,
+                y,
+                &a,
+                &loss_cfg,
+                log_scale.as_ref().map(|v| v.as_tensor()),
+            )
+            .map_err(StageError::of)?;
             let vals: Vec<f64> = [&l.total, &l.class, &l.graph, &l.gap, &l.contrastive]
                 .iter()
                 .map(|t| t.to_dtype(DType::F64).and_then(|t| t.to_scalar::<f64>()).map_err(StageError::of))
@@ -503,6 +542,10 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
             }
             let grads = huse_model::fused::backward(&l.total).map_err(StageError::of)?;
             opt.step(&grads).map_err(StageError::of)?;
+            if let Some(v) = &log_scale {
+                let (lo, hi) = loss::LOG_SCALE_RANGE;
+                v.set(&v.as_tensor().clamp(lo, hi).map_err(StageError::of)?).map_err(StageError::of)?;
+            }
             state.steps += 1;
             let n = b.len() as f64;
             (sum, sc, sg, sp) = (sum + vals[0] * n, sc + vals[1] * n, sg + vals[2] * n, sp + vals[3] * n);
@@ -521,6 +564,13 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
             loss_graph: sg / n,
             loss_gap: sp / n,
             loss_contrastive: sn / n,
+            tau: match &log_scale {
+                Some(v) => (-f64::from(
+                    v.as_tensor().flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(StageError::of)?[0],
+                ))
+                .exp(),
+                None => 0.0,
+            },
             lr,
             val,
         };
@@ -537,6 +587,10 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
         state.history.push(log);
         state.epoch = epoch;
         // Checkpoint: weights, optimiser, then the state file last (it marks the checkpoint complete).
+        if let Some(v) = &log_scale {
+            state.log_scale =
+                Some(v.as_tensor().flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(StageError::of)?[0]);
+        }
         model.save(&work.join("last.safetensors")).map_err(StageError::of)?;
         opt.save(&work.join("optimizer.safetensors")).map_err(StageError::of)?;
         let tmp = work.join("state.json.tmp");
@@ -582,6 +636,9 @@ fn log_epoch(ctx: &Context, e: &EpochLog, samples_per_s: Option<f64>) {
     m.log("train.loss_gap", s, e.loss_gap);
     if e.loss_contrastive != 0.0 {
         m.log("train.loss_contrastive", s, e.loss_contrastive);
+    }
+    if e.tau != 0.0 {
+        m.log("train.tau", s, e.tau);
     }
     m.log("train.lr", s, e.lr);
     for (of, v) in names::ACCURACIES.into_iter().zip([e.val.acc_image, e.val.acc_text, e.val.acc_both]) {

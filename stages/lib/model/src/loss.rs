@@ -17,7 +17,8 @@
 //!   over the batch, as CLIP trains. With logits `phi_I phi_T^T / tau`, each image must pick
 //!   its own text among the batch's texts and each text its own image: the mean of the two
 //!   cross-entropies. The gap loss pulls each pair together but has no negatives; this term
-//!   also keeps two items of one class apart, which instance-level search needs.
+//!   also keeps two items of one class apart, which instance-level search needs. With
+//!   `learn_tau` the temperature is learned as CLIP learns it ([`contrastive_loss_scaled`]).
 //! * [`total`] — Eq. 5: `alpha * L_class + beta * L_graph + gamma * L_gap`, plus
 //!   `delta * L_contrastive`.
 
@@ -73,9 +74,17 @@ pub struct LossConfig {
     pub pairs: GraphPairs,
     /// Weight of the contrastive (InfoNCE) term; 0, the paper's model, skips it.
     pub delta: f64,
-    /// Temperature of the contrastive term's logits (`phi_I phi_T^T / tau`).
+    /// Temperature of the contrastive term's logits (`phi_I phi_T^T / tau`); with `learn_tau`
+    /// its starting value.
     pub tau: f64,
+    /// Learn the temperature, as CLIP does: `ln(1/tau)` is a trained parameter
+    /// ([`contrastive_loss_scaled`]), kept within [`LOG_SCALE_RANGE`].
+    pub learn_tau: bool,
 }
+
+/// The range a learned `ln(1/tau)` is kept in after each step (CLIP's: a logit scale of at
+/// most 100, i.e. tau at least 0.01; and tau at most 1).
+pub const LOG_SCALE_RANGE: (f64, f64) = (0.0, 4.605_170_185_988_092);
 
 impl Default for LossConfig {
     fn default() -> Self {
@@ -88,6 +97,7 @@ impl Default for LossConfig {
             pairs: GraphPairs::All,
             delta: 0.0,
             tau: 0.05,
+            learn_tau: false,
         }
     }
 }
@@ -646,7 +656,8 @@ pub fn graph_loss(
     Ok((Tensor::stack(&blocks, 0)?.sum_all()? / k)?)
 }
 
-/// All three losses and Eq. 5's weighted total.
+/// All three losses and Eq. 5's weighted total ([`total_scaled`] without a learned
+/// temperature).
 pub fn total(
     phi_image: &Tensor,
     phi_text: &Tensor,
@@ -655,6 +666,22 @@ pub fn total(
     labels: &Tensor,
     a: &Tensor,
     cfg: &LossConfig,
+) -> Result<Losses> {
+    total_scaled(phi_image, phi_text, logits_image, logits_text, labels, a, cfg, None)
+}
+
+/// [`total`], the contrastive term at the learned `log_scale` (`ln(1/tau)`, a one-element
+/// variable) when one is given, else at `cfg.tau`.
+#[allow(clippy::too_many_arguments)]
+pub fn total_scaled(
+    phi_image: &Tensor,
+    phi_text: &Tensor,
+    logits_image: &Tensor,
+    logits_text: &Tensor,
+    labels: &Tensor,
+    a: &Tensor,
+    cfg: &LossConfig,
+    log_scale: Option<&Tensor>,
 ) -> Result<Losses> {
     let class = class_loss(logits_image, logits_text, labels)?;
     let zero = || Tensor::zeros((), phi_image.dtype(), phi_image.device());
@@ -667,7 +694,10 @@ pub fn total(
     let gap = if cfg.gamma != 0.0 { gap_loss(phi_image, phi_text)? } else { zero()? };
     let mut total = ((class.affine(cfg.alpha, 0.0)? + graph.affine(cfg.beta, 0.0)?)? + gap.affine(cfg.gamma, 0.0)?)?;
     let contrastive = if cfg.delta != 0.0 {
-        let c = contrastive_loss(phi_image, phi_text, cfg.tau)?;
+        let c = match log_scale {
+            Some(s) => contrastive_loss_scaled(phi_image, phi_text, s)?,
+            None => contrastive_loss(phi_image, phi_text, cfg.tau)?,
+        };
         total = (total + c.affine(cfg.delta, 0.0)?)?;
         c
     } else {
@@ -690,6 +720,14 @@ pub fn contrastive_loss(phi_image: &Tensor, phi_text: &Tensor, tau: f64) -> Resu
         }
     }
     contrastive_loss_ops(phi_image, phi_text, tau)
+}
+
+/// [`contrastive_loss`] at a learned temperature: `log_scale` (one element) is `ln(1/tau)`,
+/// and the logits `exp(log_scale) phi_I phi_T^T` come from scaling the image embeddings,
+/// so the same op computes it and the gradient reaches `log_scale` through the scaling.
+pub fn contrastive_loss_scaled(phi_image: &Tensor, phi_text: &Tensor, log_scale: &Tensor) -> Result<Tensor> {
+    let scale = log_scale.to_dtype(phi_image.dtype())?.exp()?.reshape((1, 1))?;
+    contrastive_loss(&phi_image.broadcast_mul(&scale)?, phi_text, 1.0)
 }
 
 /// [`contrastive_loss`] from tensor ops (any device).

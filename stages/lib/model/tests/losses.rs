@@ -393,6 +393,33 @@ fn the_contrastive_loss_gradients_match_finite_differences() {
     }
 }
 
+/// A learned temperature: the value equals the fixed-temperature term at tau = 1/exp(s), and
+/// the gradients by the log-scale and by the embeddings match finite differences.
+#[test]
+fn the_learned_temperature_matches_the_fixed_one_and_finite_differences() {
+    let xi = [0.9, 0.2, -0.1, 0.3, 1.1, 0.2, -0.5, 0.4, 0.8];
+    let xt = [0.7, 0.5, 0.1, 0.1, 0.9, 0.6, -0.2, 0.1, 1.2];
+    let (pi, pt) = (l2_normalise(&t(&xi, 3, 3)).unwrap(), l2_normalise(&t(&xt, 3, 3)).unwrap());
+    for s in [0.0, (1.0f64 / 0.07).ln(), 4.6] {
+        let fixed = scalar(&loss::contrastive_loss(&pi, &pt, 1.0 / s.exp()).unwrap());
+        let learned = scalar(&loss::contrastive_loss_scaled(&pi, &pt, &t(&[s], 1, 1)).unwrap());
+        assert!((fixed - learned).abs() < 1e-12 * (1.0 + fixed), "s = {s}: {fixed} vs {learned}");
+        check_grad(&[s], 1, 1, &|x| loss::contrastive_loss_scaled(&pi, &pt, x).unwrap());
+        let ls = t(&[s], 1, 1);
+        check_grad(&xi, 3, 3, &|x| loss::contrastive_loss_scaled(&l2_normalise(x).unwrap(), &pt, &ls).unwrap());
+    }
+    // In the total, the scale's gradient is delta times the term's.
+    let (y, a) = (labels(&[0, 1, 0]), t(&[0.0, 0.5, 0.5, 0.0], 2, 2));
+    let logits = t(&[0.1, 0.2, 0.3, 0.0, -0.1, 0.4], 3, 2);
+    let cfg = LossConfig { delta: 0.5, learn_tau: true, ..LossConfig::default() };
+    let v = Var::from_tensor(&t(&[3.0], 1, 1)).unwrap();
+    let l = loss::total_scaled(&pi, &pt, &logits, &logits, &y, &a, &cfg, Some(v.as_tensor())).unwrap();
+    let g = grad_of(&l.total.backward().unwrap(), &v)[0];
+    let alone = loss::contrastive_loss_scaled(&pi, &pt, v.as_tensor()).unwrap();
+    let g1 = grad_of(&alone.backward().unwrap(), &v)[0];
+    assert!(g1 != 0.0 && (g - 0.5 * g1).abs() < 1e-12, "{g} vs 0.5 x {g1}");
+}
+
 /// The CPU op equals the tensor-op version, value and both gradients, f32 and f64, from one
 /// pair to a batch larger than a GEMM block.
 #[test]
