@@ -347,6 +347,9 @@ fn db_copy_moves_runs_into_postgres_once_and_every_query_reads_both() {
         "/exp/q?group=1&all=1".to_string(),
         "/exp/q?format=csv&col=id&col=sum&col=mean".to_string(),
         "/run/3".to_string(),
+        "/compare?ids=1,4&all=1".to_string(),
+        "/api/curves?exp=q&ids=1,2,3,4&group=1".to_string(),
+        "/api/curves?exp=q&ids=4,1&key=loss".to_string(),
         "/exp/nope".to_string(),
         format!("/exp/q?q={}", common::enc("sum >")),
     ] {
@@ -355,6 +358,7 @@ fn db_copy_moves_runs_into_postgres_once_and_every_query_reads_both() {
         assert_eq!(a, b, "{path}");
         assert!(a.0 == 200 || path.contains("nope") || path.contains("%3E"), "{path}: {}", a.0);
     }
+    common::check_app_endpoints(&on_pg);
     let a = sb.run(&["report", "q", "--out", "rep-sqlite"]).expect(0);
     let b = sb.run(&["--db", &url, "report", "q", "--out", "rep-pg"]).expect(0);
     let _ = (a, b);

@@ -2,6 +2,8 @@
 //! runs the real `huse-run` binary there, and SQL read-back of the results database.
 #![allow(dead_code)]
 
+pub mod webdriver;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -189,4 +191,48 @@ pub fn start_ui(sb: &Sandbox, args: &[&str]) -> (KillOnDrop, String) {
     std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let addr = line.split("http://").nth(1).and_then(|r| r.split('/').next()).unwrap_or_else(|| panic!("{line:?}"));
     (KillOnDrop(child), addr.to_string())
+}
+
+/// The app's JSON endpoints and the compare page, over HTTP (both backends run this).
+/// Needs [`known_runs`]' experiment `q` in the app's database.
+pub fn check_app_endpoints(addr: &str) {
+    // The curves of two runs, one line each; grouped, the seeds of a sweep point pool.
+    let (status, body) = get(addr, "/api/curves?exp=q&ids=1,4&key=loss");
+    assert_eq!(status, 200, "{body}");
+    let j: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(j["keys"], serde_json::json!(["loss"]), "{j}");
+    assert_eq!(j["series"].as_array().unwrap().len(), 2, "{j}");
+    assert_eq!(j["series"][0]["runs"], serde_json::json!([1]));
+    assert_eq!(j["series"][0]["points"].as_array().unwrap().len(), 3, "three steps: {j}");
+    let (_, grouped) = get(addr, "/api/curves?exp=q&ids=1,2,3,4&group=1");
+    let g: serde_json::Value = serde_json::from_str(&grouped).unwrap();
+    assert_eq!(g["key"], "loss");
+    assert_eq!(g["series"].as_array().unwrap().len(), 4, "four sweep points, one run each: {g}");
+    assert_eq!(get(addr, "/api/curves?exp=q&ids=1,x").0, 400);
+    assert_eq!(get(addr, "/api/curves?exp=q&ids=1,999").0, 404);
+    // The version moves only when the results do.
+    let (status, v1) = get(addr, "/api/version");
+    assert_eq!(status, 200);
+    assert_eq!(get(addr, "/api/version").1, v1);
+    // The chart library and the app's script are served from the binary; nothing else is.
+    let (status, head, js) = get_with(addr, "/assets/echarts.js", "");
+    assert_eq!(status, 200);
+    assert!(head.to_ascii_lowercase().contains("text/javascript") && js.len() > 100_000, "{head}");
+    assert_eq!(get(addr, "/assets/LICENSE-echarts").0, 200);
+    for bad in ["/assets/..%2F..%2FCargo.toml", "/assets/lib.rs", "/assets/"] {
+        assert!((400..500).contains(&get(addr, bad).0), "{bad}");
+    }
+    // Compare: the runs side by side, what differs marked.
+    let (status, page) = get(addr, "/compare?ids=1,4");
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("<a href=\"/run/1\">#1</a>") && page.contains("<a href=\"/run/4\">#4</a>"), "{page}");
+    assert!(page.matches("<tr class=\"diff\">").count() >= 2, "the params and sum differ: {page}");
+    assert_eq!(get(addr, "/compare?ids=1").0, 400);
+    assert_eq!(get(addr, "/compare?ids=1,999").0, 404);
+    // The runs page carries its view's data for the charts, escaped for a <script>.
+    let (_, runs) = get(addr, "/exp/q");
+    let data = runs.split("id=\"view-data\">").nth(1).and_then(|s| s.split("</script>").next()).unwrap();
+    let d: serde_json::Value = serde_json::from_str(data).unwrap();
+    assert_eq!(d["axes"], serde_json::json!(["mid.factor", "mid.offset", "sum"]), "{d}");
+    assert_eq!(d["ids"], serde_json::json!([1, 2, 3, 4]));
 }

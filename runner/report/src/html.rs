@@ -297,7 +297,7 @@ fn tick(v: &f64) -> String {
 
 /// Per step: mean, min and max over the series (steps in order; a step some series lack
 /// uses those that have it).
-fn band(series: &[Vec<(f64, f64)>]) -> Vec<(f64, f64, f64, f64)> {
+pub fn band(series: &[Vec<(f64, f64)>]) -> Vec<(f64, f64, f64, f64)> {
     let mut at: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
     for s in series {
         for (x, y) in s {

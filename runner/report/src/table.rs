@@ -341,8 +341,8 @@ fn selected(key: &str, patterns: &[glob::Pattern]) -> bool {
     patterns.is_empty() || patterns.iter().any(|p| p.matches(key))
 }
 
-/// Params whose value differs between the runs (seed last).
-fn varying_params(runs: &[RunRow]) -> Vec<String> {
+/// The params whose value is not the same in every run (`seed` last).
+pub fn varying_params(runs: &[RunRow]) -> Vec<String> {
     let keys: BTreeSet<&String> = runs.iter().flat_map(|r| r.params.keys()).collect();
     let mut out: Vec<String> = keys
         .into_iter()

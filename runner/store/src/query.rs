@@ -230,6 +230,19 @@ impl Store {
         Ok(out)
     }
 
+    /// A fingerprint of the database's results that changes whenever a run is recorded,
+    /// changes state or logs a metric (the results app polls it to update a page live).
+    pub async fn version(&self) -> Result<String> {
+        let r = self
+            .q("SELECT (SELECT count(*) FROM runs), (SELECT CAST(coalesce(max(id), 0) AS BIGINT) FROM metrics), \
+                (SELECT count(*) FROM runs WHERE status = 'running'), \
+                (SELECT max(coalesce(ended_at, started_at)) FROM runs)")
+            .fetch_one(&self.pool)
+            .await?;
+        let last: Option<String> = r.get(3);
+        Ok(format!("{}-{}-{}-{}", r.get::<i64, _>(0), r.get::<i64, _>(1), r.get::<i64, _>(2), last.unwrap_or_default()))
+    }
+
     /// An error naming the experiments there are, unless `name` is one of them.
     pub async fn check_experiment(&self, name: &str) -> Result<()> {
         let all = self.experiments().await?;

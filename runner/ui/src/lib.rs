@@ -7,12 +7,23 @@
 //!   every one); sort by any column; a filter in the search language
 //!   ([`huse_store::search_lang`], a mistake is a 400 that points at its column); grouping over
 //!   seeds with mean ± std and n; 100 rows a page; `format=csv` for the current view;
+//!   Above the table, charts of the view ([`api::ViewData`]): parallel coordinates over what
+//!   varies (brushing an axis narrows the table), a scatter of any two columns, and any
+//!   multi-step metric overlaid across the view's runs or groups (mean line and min-max band,
+//!   log axis, smoothing). The page follows the database: new runs and growing curves appear
+//!   without a reload (it polls `/api/version`);
 //! - `/run/ID`: a run — its fields, params, stages (times, cache keys), final metrics, its
-//!   curves as charts, the stages' summaries (the paper's tables) and its resolved config.
+//!   curves as charts, the stages' summaries (the paper's tables) and its resolved config;
+//! - `/compare?ids=1,2,3`: runs side by side, the rows that differ marked, curves overlaid.
+//!
+//! The charts are Apache ECharts (a custom build vendored in `assets/`, with its licence),
+//! served from the binary: the app works offline.
 //!
 //! Every string from the database is escaped. With a token ([`Settings::token`]) every
 //! request must carry it (`Authorization: Bearer T`, the `huse_ui_token` cookie, or `?token=T`
 //! once, which sets the cookie); without it a request is a 401. Nothing is read from disk.
+
+mod api;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -54,6 +65,10 @@ pub fn app(store: Store, settings: Settings) -> Router {
         .route("/", get(experiments))
         .route("/exp/{name}", get(runs_page))
         .route("/run/{id}", get(run_page))
+        .route("/compare", get(compare_page))
+        .route("/assets/{name}", get(api::asset))
+        .route("/api/version", get(api::version))
+        .route("/api/curves", get(api::curves))
         .fallback(|| async { Problem(StatusCode::NOT_FOUND, "no such page".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state)
@@ -144,6 +159,19 @@ fn query_pairs(q: &str) -> Vec<(String, String)> {
 }
 
 fn page(title: &str, body: &str) -> Html<String> {
+    page_with(title, body, false)
+}
+
+/// A page; with `charts`, the chart library and the app's script load after the body.
+fn page_with(title: &str, body: &str, charts: bool) -> Html<String> {
+    let scripts = if charts {
+        "<p class=\"note\">Charts: <a href=\"https://echarts.apache.org/\">Apache ECharts</a> 5.6 \
+         (<a href=\"/assets/LICENSE-echarts\">licence</a>, <a href=\"/assets/NOTICE-echarts\">notice</a>, \
+         <a href=\"/assets/LICENSE-zrender\">zrender</a>).</p>\
+         <script src=\"/assets/echarts.js\"></script><script src=\"/assets/app.js\"></script>"
+    } else {
+        ""
+    };
     Html(format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t} — huse-run</title><style>\
          body{{font-family:sans-serif;margin:1.5em;background:#fafafa;color:#222}} a{{color:#0645ad}}\
@@ -151,8 +179,11 @@ fn page(title: &str, body: &str) -> Html<String> {
          th{{background:#f0f0f0}} td.t,th.t{{text-align:left}} .scroll{{overflow-x:auto;max-width:100%}} .err{{color:#b00}}\
          input[type=text]{{width:40em;padding:4px;font-family:monospace}} form{{margin:0.6em 0}} .note{{color:#666;font-size:13px}}\
          .pager a,.pager b{{margin-right:0.6em}} pre{{background:#f4f4f4;padding:8px;overflow:auto}} .charts img,.charts svg{{margin:4px}}\
-         details{{margin:0.5em 0}} .cols label{{display:inline-block;margin-right:1em;font-size:13px}}</style></head>\
-         <body><h1><a href=\"/\">huse-run</a> — {t}</h1>{body}</body></html>",
+         details{{margin:0.5em 0}} .cols label{{display:inline-block;margin-right:1em;font-size:13px}}\
+         tr.diff td{{background:#fff6d5}} .chart{{width:100%;height:290px;background:#fff;border:1px solid #ddd;margin:4px 0}}\
+         #charts{{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:0 16px}} #charts .wide{{grid-column:1/-1}}\
+         .ctl{{font-size:13px;margin:4px 0}} .ctl select{{max-width:22em}} #charts h3{{margin:0.8em 0 0.2em;font-size:15px}}</style></head>\
+         <body><h1><a href=\"/\">huse-run</a> — {t}</h1>{body}{scripts}</body></html>",
         t = esc(title)
     ))
 }
@@ -300,6 +331,16 @@ async fn runs_page(
     let total = t.rows.len();
     let pages = total.div_ceil(PAGE).max(1);
     let pg = view.page.min(pages - 1);
+    let run_ids: Vec<i64> = if view.group {
+        runs.iter().map(|r| r.id).collect()
+    } else {
+        let id_col = t.headers.iter().position(|h| h == "id");
+        t.rows
+            .iter()
+            .filter_map(|r| id_col.and_then(|i| if let Cell::Int(v) = r[i] { Some(v) } else { None }))
+            .collect()
+    };
+    let data = api::ViewData::new(&exp, view.group, &t, run_ids);
     let mut body = String::new();
     // The filter and the switches.
     write!(
@@ -338,6 +379,11 @@ async fn runs_page(
         .ok();
     }
     body.push_str(" <button type=\"submit\">use these columns</button></form></details>");
+    // The charts (drawn by app.js from the view's data), then the part that live updates swap.
+    body.push_str("<div id=\"charts\"></div><div id=\"live\">");
+    if !view.group {
+        body.push_str("<form id=\"cmp\" method=\"get\" action=\"/compare\"><button type=\"submit\">compare the ticked runs</button></form>");
+    }
     write!(
         body,
         "<p class=\"note\">{total} {what} of {n} run(s){filt}. <a href=\"{csv}\">CSV of this view</a></p>",
@@ -359,7 +405,9 @@ async fn runs_page(
         }
         body.push_str("</p>");
     }
-    Ok(page(&format!("experiment {exp}"), &body).into_response())
+    body.push_str(&data.script());
+    body.push_str("</div>");
+    Ok(page_with(&format!("experiment {exp}"), &body, true).into_response())
 }
 
 /// One page of `t` as HTML: headers link to sorting by them, ids to the run's page.
@@ -379,13 +427,13 @@ fn html_table(t: &Table, pg: usize, exp: &str, view: &View) -> String {
     }
     s.push_str("</tr>");
     let id_col = t.headers.iter().position(|h| h == "id");
-    for row in t.rows.iter().skip(pg * PAGE).take(PAGE) {
-        s.push_str("<tr>");
+    for (n, row) in t.rows.iter().enumerate().skip(pg * PAGE).take(PAGE) {
+        write!(s, "<tr data-i=\"{n}\">").ok();
         for (i, c) in row.iter().enumerate() {
             let text = esc(&c.text());
             let class = if matches!(c, Cell::Text(_)) { " class=\"t\"" } else { "" };
             if Some(i) == id_col {
-                write!(s, "<td><a href=\"/run/{text}\">{text}</a></td>").ok();
+                write!(s, "<td><a href=\"/run/{text}\">{text}</a> <input type=\"checkbox\" name=\"ids\" value=\"{text}\" form=\"cmp\"></td>").ok();
             } else {
                 write!(s, "<td{class}>{text}</td>").ok();
             }
@@ -440,6 +488,78 @@ async fn run_page(State(app): State<Shared>, UrlPath(id): UrlPath<String>) -> Re
     )
     .ok();
     Ok(page(&format!("run {id} {}", run.name), &body))
+}
+
+/// The most runs one compare page shows.
+pub const COMPARE_MAX: usize = 20;
+
+/// `/compare?ids=1,2,3` (or `ids=1&ids=2`): the runs side by side — the params that tell
+/// them apart, status and the metrics (`all=1`: the equal ones too), the rows that differ
+/// marked; their curves overlaid.
+async fn compare_page(State(app): State<Shared>, RawQuery(raw): RawQuery) -> Result<Html<String>, Problem> {
+    let mut ids: Vec<i64> = Vec::new();
+    let mut all = false;
+    for (k, v) in raw.as_deref().map(query_pairs).unwrap_or_default() {
+        match k.as_str() {
+            "ids" => {
+                for s in v.split(',').filter(|s| !s.is_empty()) {
+                    let id =
+                        s.parse().map_err(|_| Problem(StatusCode::BAD_REQUEST, format!("`{s}` is not a run id")))?;
+                    if !ids.contains(&id) {
+                        ids.push(id);
+                    }
+                }
+            }
+            "all" => all = v == "1",
+            _ => {}
+        }
+    }
+    if ids.len() < 2 || ids.len() > COMPARE_MAX {
+        return Err(Problem(StatusCode::BAD_REQUEST, format!("compare takes 2 to {COMPARE_MAX} runs (ids=1,2)")));
+    }
+    let loaded = app.store.load_runs(&Filter::default()).await.map_err(internal)?;
+    let mut runs = Vec::new();
+    for id in &ids {
+        match loaded.iter().find(|r| r.id == *id) {
+            Some(r) => runs.push(r.clone()),
+            None => return Err(Problem(StatusCode::NOT_FOUND, format!("no run {id}"))),
+        }
+    }
+    let t = table::compare_table(&runs, &[], !all);
+    let joined = ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let mut body = format!(
+        "<p class=\"note\">{n} runs; the marked rows differ. <a href=\"/compare?ids={joined}{a}\">{what}</a></p>",
+        n = runs.len(),
+        a = if all { "" } else { "&amp;all=1" },
+        what = if all { "only what differs" } else { "the equal metrics too" },
+    );
+    body.push_str("<div class=\"scroll\"><table id=\"compare\"><tr>");
+    for h in &t.headers {
+        match h.strip_prefix('#') {
+            Some(id) => write!(body, "<th><a href=\"/run/{id}\">{}</a></th>", esc(h)).ok(),
+            None => write!(body, "<th class=\"t\">{}</th>", esc(h)).ok(),
+        };
+    }
+    body.push_str("</tr>");
+    for row in &t.rows {
+        let vals: BTreeSet<String> = row.iter().skip(2).map(Cell::text).collect();
+        body.push_str(if vals.len() > 1 { "<tr class=\"diff\">" } else { "<tr>" });
+        for c in row {
+            let class = if matches!(c, Cell::Text(_)) { " class=\"t\"" } else { "" };
+            write!(body, "<td{class}>{}</td>", esc(&c.text())).ok();
+        }
+        body.push_str("</tr>");
+    }
+    body.push_str("</table></div><div id=\"charts\"></div>");
+    let exp = if runs.iter().all(|r| r.experiment == runs[0].experiment) {
+        runs[0].experiment.clone()
+    } else {
+        String::new()
+    };
+    let data = api::ViewData::new(&exp, false, &Table::default(), ids.clone());
+    body.push_str(&data.script());
+    let names: Vec<String> = ids.iter().map(|i| format!("#{i}")).collect();
+    Ok(page_with(&format!("compare {}", names.join(" ")), &body, true))
 }
 
 fn html_plain_table(t: &Table) -> String {
