@@ -164,6 +164,9 @@ fn the_results_app_lists_sorts_filters_groups_and_pages() {
     }
     assert!(!page.contains(">mean<"), "only headline metrics by default");
     assert_eq!(row_ids(&get(&addr, "/exp/q?sort=sum&desc=1").1), ["4", "3", "2", "1"]);
+    assert_eq!(row_ids(&get(&addr, "/exp/q?sort=mid.offset").1), ["1", "3", "2", "4"], "stable, as the table sorts");
+    let (status, body) = get(&addr, "/exp/q?sort=nosuch");
+    assert!(status == 400 && body.contains("cannot sort by `nosuch`"), "{status} {body}");
     // A filter with OR and IN, and one with a mistake: 400 with the column.
     let q = format!("/exp/q?q={}", enc("mid.offset in (1) or sum < 7"));
     assert_eq!(row_ids(&get(&addr, &q).1), ["1", "2", "4"]);

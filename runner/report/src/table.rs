@@ -1,6 +1,7 @@
 //! Results as tables: `runs`, `compare`, `best` and `show`, rendered as a terminal table,
 //! CSV, JSON or Markdown. Built from [`huse_store::RunRow`]s; no SQL here.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
@@ -60,6 +61,14 @@ impl Cell {
             Cell::Empty => String::new(),
         }
     }
+    /// How a sorted column orders two cells: numbers (and text that is one) before other
+    /// text, empty cells last; `desc` reverses within each of the three.
+    pub fn order(&self, other: &Cell, desc: bool) -> std::cmp::Ordering {
+        let (x, y) = (self.sort_key(), other.sort_key());
+        let o = x.0.cmp(&y.0).then(x.1.total_cmp(&y.1)).then(x.2.cmp(&y.2));
+        if desc && x.0 == y.0 { o.reverse() } else { o }
+    }
+
     fn sort_key(&self) -> (u8, f64, String) {
         match self {
             Cell::Int(i) => (0, *i as f64, String::new()),
@@ -209,16 +218,12 @@ impl Table {
         dropped
     }
 
-    /// Sorts rows by the column `key` (numbers before text).
+    /// Sorts rows by the column `key` (numbers before text, see [`Cell::order`]).
     pub fn sort_by(&mut self, key: &str, desc: bool) -> Result<()> {
         let Some(i) = self.headers.iter().position(|h| h == key) else {
             bail!("cannot sort by `{key}`: no such column (columns: {})", self.headers.join(", "));
         };
-        self.rows.sort_by(|a, b| {
-            let (x, y) = (a[i].sort_key(), b[i].sort_key());
-            let o = x.0.cmp(&y.0).then(x.1.total_cmp(&y.1)).then(x.2.cmp(&y.2));
-            if desc && x.0 == y.0 { o.reverse() } else { o }
-        });
+        self.rows.sort_by(|a, b| a[i].order(&b[i], desc));
         Ok(())
     }
 
@@ -342,13 +347,15 @@ fn selected(key: &str, patterns: &[glob::Pattern]) -> bool {
 }
 
 /// The params whose value is not the same in every run (`seed` last).
-pub fn varying_params(runs: &[RunRow]) -> Vec<String> {
-    let keys: BTreeSet<&String> = runs.iter().flat_map(|r| r.params.keys()).collect();
+pub fn varying_params<R: Borrow<RunRow>>(runs: &[R]) -> Vec<String> {
+    let keys: BTreeSet<&String> = runs.iter().flat_map(|r| r.borrow().params.keys()).collect();
+    let first = runs.first().map(|r| r.borrow());
     let mut out: Vec<String> = keys
         .into_iter()
         .filter(|k| {
-            let vals: BTreeSet<Option<&String>> = runs.iter().map(|r| r.params.get(*k)).collect();
-            vals.len() > 1
+            // Varies when some run's value (or its absence) differs from the first run's.
+            let v0 = first.and_then(|r| r.params.get(*k));
+            runs.iter().any(|r| r.borrow().params.get(*k) != v0)
         })
         .cloned()
         .collect();
@@ -357,6 +364,53 @@ pub fn varying_params(runs: &[RunRow]) -> Vec<String> {
         out.push(s);
     }
     out
+}
+
+/// The columns of [`runs_table`]'s rows: the params that vary, and the metrics
+/// `metric_globs` select (all when none) in natural order.
+pub fn runs_columns<R: Borrow<RunRow>>(runs: &[R], metric_globs: &[glob::Pattern]) -> (Vec<String>, Vec<String>) {
+    let keys: BTreeSet<&str> = runs.iter().flat_map(|r| r.borrow().metrics.keys().map(String::as_str)).collect();
+    let mut metrics: Vec<String> = keys.into_iter().filter(|k| selected(k, metric_globs)).map(String::from).collect();
+    metrics.sort_by(|a, b| natural_cmp(a, b));
+    (varying_params(runs), metrics)
+}
+
+/// A run's cell in the column `col` of [`runs_rows`] (a field, a param or a metric).
+pub fn run_cell(r: &RunRow, col: &str) -> Cell {
+    match col {
+        "id" => Cell::Int(r.id),
+        "experiment" => Cell::Text(r.experiment.clone()),
+        "name" => Cell::Text(r.name.clone()),
+        "status" => Cell::Text(r.status.to_string()),
+        _ => match r.params.get(col) {
+            Some(v) => Cell::Text(v.clone()),
+            None => r.metrics.get(col).map(|v| Cell::Num(*v)).unwrap_or(Cell::Empty),
+        },
+    }
+}
+
+/// One row per run (id, experiment, name, status, then the given params and metrics), as
+/// [`runs_table`] builds them when not grouping.
+pub fn runs_rows<R: Borrow<RunRow>>(runs: &[R], params: &[String], metrics: &[String]) -> Table {
+    let mut t = Table {
+        headers: ["id", "experiment", "name", "status"].iter().map(|s| s.to_string()).collect(),
+        ..Table::default()
+    };
+    t.headers.extend(params.iter().cloned());
+    t.headers.extend(metrics.iter().cloned());
+    for r in runs {
+        let r = r.borrow();
+        let mut row = vec![
+            Cell::Int(r.id),
+            Cell::Text(r.experiment.clone()),
+            Cell::Text(r.name.clone()),
+            Cell::Text(r.status.to_string()),
+        ];
+        row.extend(params.iter().map(|p| r.params.get(p).map(|v| Cell::Text(v.clone())).unwrap_or(Cell::Empty)));
+        row.extend(metrics.iter().map(|m| r.metrics.get(m).map(|v| Cell::Num(*v)).unwrap_or(Cell::Empty)));
+        t.rows.push(row);
+    }
+    t
 }
 
 /// Compiles `--metric` globs.
@@ -368,33 +422,16 @@ pub fn patterns(globs: &[String]) -> Result<Vec<glob::Pattern>> {
 }
 
 /// The `runs` table: one row per run, or one per param group with mean ± std when `group`.
-pub fn runs_table(runs: &[RunRow], metric_globs: &[glob::Pattern], group: bool) -> Table {
-    let params = varying_params(runs);
-    let metrics: BTreeSet<&String> =
-        runs.iter().flat_map(|r| r.metrics.keys()).filter(|k| selected(k, metric_globs)).collect();
-    let mut metrics: Vec<&String> = metrics.into_iter().collect();
-    metrics.sort_by(|a, b| natural_cmp(a, b));
-    let mut t = Table::default();
+pub fn runs_table<R: Borrow<RunRow>>(runs: &[R], metric_globs: &[glob::Pattern], group: bool) -> Table {
+    let (params, metrics) = runs_columns(runs, metric_globs);
     if !group {
-        t.headers = ["id", "experiment", "name", "status"].iter().map(|s| s.to_string()).collect();
-        t.headers.extend(params.iter().cloned());
-        t.headers.extend(metrics.iter().map(|s| s.to_string()));
-        for r in runs {
-            let mut row = vec![
-                Cell::Int(r.id),
-                Cell::Text(r.experiment.clone()),
-                Cell::Text(r.name.clone()),
-                Cell::Text(r.status.to_string()),
-            ];
-            row.extend(params.iter().map(|p| r.params.get(p).map(|v| Cell::Text(v.clone())).unwrap_or(Cell::Empty)));
-            row.extend(metrics.iter().map(|m| r.metrics.get(*m).map(|v| Cell::Num(*v)).unwrap_or(Cell::Empty)));
-            t.rows.push(row);
-        }
-        return t;
+        return runs_rows(runs, &params, &metrics);
     }
+    let mut t = Table::default();
     let gparams: Vec<String> = params.into_iter().filter(|p| p != "seed").collect();
     let mut groups: BTreeMap<(String, Vec<Option<String>>), Vec<&RunRow>> = BTreeMap::new();
     for r in runs {
+        let r = r.borrow();
         let key = (r.experiment.clone(), gparams.iter().map(|p| r.params.get(p).cloned()).collect());
         groups.entry(key).or_default().push(r);
     }
@@ -407,7 +444,7 @@ pub fn runs_table(runs: &[RunRow], metric_globs: &[glob::Pattern], group: bool) 
         row.extend(vals.into_iter().map(|v| v.map(Cell::Text).unwrap_or(Cell::Empty)));
         row.push(Cell::Int(members.len() as i64));
         for m in &metrics {
-            let xs: Vec<f64> = members.iter().filter_map(|r| r.metrics.get(*m).copied().flatten()).collect();
+            let xs: Vec<f64> = members.iter().filter_map(|r| r.metrics.get(m).copied().flatten()).collect();
             row.push(if xs.is_empty() {
                 Cell::Empty
             } else {

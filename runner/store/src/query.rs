@@ -196,6 +196,62 @@ pub fn qualified<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)> + Clone) ->
     pairs.map(|(stage, key)| if count[key].len() > 1 { format!("{stage}.{key}") } else { key.to_string() }).collect()
 }
 
+/// What [`Store::runs_slice`] reads.
+#[derive(Debug, Clone)]
+pub struct Slice {
+    /// Only runs of this experiment.
+    pub experiment: Option<String>,
+    /// Only these runs.
+    pub ids: Option<Vec<i64>>,
+    /// Only the final values of these metric keys (as logged, unqualified); None: all.
+    pub keys: Option<Vec<String>>,
+    /// The runs' fields and params too (false: only their metrics, in rows that carry only
+    /// the run's id).
+    pub with_runs: bool,
+}
+
+impl Default for Slice {
+    fn default() -> Slice {
+        Slice { experiment: None, ids: None, keys: None, with_runs: true }
+    }
+}
+
+/// What [`Store::changes_since`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Changes {
+    /// The runs recorded or that logged metrics since, by id.
+    pub runs: Vec<i64>,
+    /// The newest run id now.
+    pub run_id: i64,
+    /// The newest metric row id now.
+    pub metric_id: i64,
+}
+
+/// A run's row, its params and final metrics as a [`RunRow`] (the metric keys qualified by
+/// stage where several of its stages log one); a run left `running` by a process that has
+/// ended with records spooled (it could not even mark it failed: a full disk) shows as failed.
+fn assemble(
+    r: &sqlx::any::AnyRow,
+    params: Vec<(String, String)>,
+    finals: &[(String, String, Option<f64>)],
+    spooled: &BTreeSet<i64>,
+) -> Result<RunRow> {
+    let metrics: BTreeMap<String, Option<f64>> = qualified(finals.iter().map(|(s, k, _)| (s.as_str(), k.as_str())))
+        .into_iter()
+        .zip(finals)
+        .map(|(name, (_, _, v))| (name, *v))
+        .collect();
+    let mut run = Run::from_row(r)?;
+    if run.status == RunStatus::Running && spooled.contains(&run.id) {
+        run.status = RunStatus::Failed;
+        run.error = Some(format!("results incomplete: {SPOOLED}"));
+    }
+    // Shown and compared with the params, as the setting it is (stored once, as a column).
+    let mut params: BTreeMap<String, String> = params.into_iter().collect();
+    params.insert("device".into(), run.device.clone());
+    Ok(RunRow { run, params, metrics })
+}
+
 impl Store {
     /// The names of the experiments in the database, sorted.
     pub async fn experiments(&self) -> Result<Vec<String>> {
@@ -350,20 +406,13 @@ impl Store {
         for m in mq.fetch_all(&self.pool).await? {
             all_finals.entry(m.get(0)).or_default().push((m.get(1), m.get(2), m.get(3)));
         }
-        // Runs left `running` by a process that has ended with records spooled (it could not
-        // even mark them failed: a full disk) are shown as what they are.
         let spooled = self.spool.lock().await.spooled_runs();
         let mut out = Vec::new();
         for r in rows {
             let id: i64 = r.get("id");
-            let params: BTreeMap<String, String> = all_params.remove(&id).unwrap_or_default().into_iter().collect();
             let finals: Vec<(String, String, Option<f64>)> = all_finals.remove(&id).unwrap_or_default();
-            let metrics: BTreeMap<String, Option<f64>> =
-                qualified(finals.iter().map(|(s, k, _)| (s.as_str(), k.as_str())))
-                    .into_iter()
-                    .zip(&finals)
-                    .map(|(name, (_, _, v))| (name, *v))
-                    .collect();
+            let row = assemble(&r, all_params.remove(&id).unwrap_or_default(), &finals, &spooled)?;
+            let metrics = &row.metrics;
             let mut keep = true;
             for (c, n) in &metric_conds {
                 let value = match metrics.get(&c.key) {
@@ -391,20 +440,162 @@ impl Store {
             if !keep {
                 continue;
             }
-            let mut run = Run::from_row(&r)?;
-            if run.status == RunStatus::Running && spooled.contains(&id) {
-                run.status = RunStatus::Failed;
-                run.error = Some(format!("results incomplete: {SPOOLED}"));
-            }
-            if filter.status.is_some_and(|s| s != run.status) {
+            if filter.status.is_some_and(|s| s != row.status) {
                 continue;
             }
-            // Shown and compared with the params, as the setting it is (stored once, as a column).
-            let mut params: BTreeMap<String, String> = params;
-            params.insert("device".into(), run.device.clone());
-            out.push(RunRow { run, params, metrics });
+            out.push(row);
         }
         Ok(out)
+    }
+
+    /// The runs of [`Slice`]: their params and the final values of only the metric keys it
+    /// names (all when `keys` is None), oldest first. Unlike [`Store::load_runs`] it filters
+    /// nothing else, and reads only the rows asked for (the results app's cache loads
+    /// columns and changed runs with it).
+    pub async fn runs_slice(&self, slice: &Slice) -> Result<Vec<RunRow>> {
+        let ids = slice.ids.as_ref().map(|ids| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
+        if ids.as_deref() == Some("") || (!slice.with_runs && slice.keys.as_ref().is_some_and(|k| k.is_empty())) {
+            return Ok(Vec::new());
+        }
+        let mut scope =
+            String::from("JOIN runs r ON r.id = x.run_id JOIN experiments e ON e.id = r.experiment_id WHERE 1 = 1");
+        if slice.experiment.is_some() {
+            scope.push_str(" AND e.name = ?");
+        }
+        if let Some(ids) = &ids {
+            write!(scope, " AND x.run_id IN ({ids})").unwrap();
+        }
+        let runs_sql = format!(
+            "SELECT {RUN_COLUMNS} FROM runs r JOIN experiments e ON e.id = r.experiment_id WHERE 1 = 1{}{} ORDER BY r.id",
+            if slice.experiment.is_some() { " AND e.name = ?" } else { "" },
+            ids.as_ref().map(|i| format!(" AND r.id IN ({i})")).unwrap_or_default()
+        );
+        let key_cond = match &slice.keys {
+            Some(keys) if keys.is_empty() => " AND 1 = 0".to_string(),
+            Some(keys) => format!(" AND x.key IN ({})", vec!["?"; keys.len()].join(", ")),
+            None => String::new(),
+        };
+        let mut rq = crate::q_owned(self.backend, runs_sql);
+        let mut pq = crate::q_owned(
+            self.backend,
+            format!("SELECT x.run_id, x.key, x.value FROM params x {scope} ORDER BY x.run_id, x.key"),
+        );
+        let mut mq = crate::q_owned(
+            self.backend,
+            format!(
+                "SELECT run_id, stage, key, value FROM (SELECT x.run_id, x.stage, x.key, x.value, \
+                 ROW_NUMBER() OVER (PARTITION BY x.run_id, x.stage, x.key ORDER BY x.step DESC, x.id DESC) AS nth \
+                 FROM metrics x {scope}{key_cond}) finals WHERE nth = 1 ORDER BY run_id, key, stage"
+            ),
+        );
+        if let Some(e) = &slice.experiment {
+            rq = rq.bind(e.clone());
+            pq = pq.bind(e.clone());
+            mq = mq.bind(e.clone());
+        }
+        for k in slice.keys.iter().flatten() {
+            mq = mq.bind(k.clone());
+        }
+        let rows = if slice.with_runs { rq.fetch_all(&self.pool).await? } else { Vec::new() };
+        let mut all_params: HashMap<i64, Vec<(String, String)>> = HashMap::new();
+        if slice.with_runs {
+            for p in pq.fetch_all(&self.pool).await? {
+                all_params.entry(p.get(0)).or_default().push((p.get(1), p.get(2)));
+            }
+        }
+        let mut all_finals: HashMap<i64, Vec<(String, String, Option<f64>)>> = HashMap::new();
+        if slice.keys.as_ref().is_none_or(|k| !k.is_empty()) {
+            for m in mq.fetch_all(&self.pool).await? {
+                all_finals.entry(m.get(0)).or_default().push((m.get(1), m.get(2), m.get(3)));
+            }
+        }
+        if !slice.with_runs {
+            // Only the metrics: as rows of their own (fields and params left default).
+            let mut out: Vec<RunRow> = Vec::new();
+            let mut ids: Vec<i64> = all_finals.keys().copied().collect();
+            ids.sort_unstable();
+            for id in ids {
+                let finals = &all_finals[&id];
+                let metrics = qualified(finals.iter().map(|(s, k, _)| (s.as_str(), k.as_str())))
+                    .into_iter()
+                    .zip(finals)
+                    .map(|(name, (_, _, v))| (name, *v))
+                    .collect();
+                out.push(RunRow {
+                    run: Run { id, ..Run::starting("", "", "", 0, "") },
+                    params: BTreeMap::new(),
+                    metrics,
+                });
+            }
+            return Ok(out);
+        }
+        let spooled = self.spool.lock().await.spooled_runs();
+        let mut out = Vec::new();
+        for r in rows {
+            let id: i64 = r.get("id");
+            let finals = all_finals.remove(&id).unwrap_or_default();
+            out.push(assemble(&r, all_params.remove(&id).unwrap_or_default(), &finals, &spooled)?);
+        }
+        Ok(out)
+    }
+
+    /// Every (experiment, stage, metric key) logged by the runs of `experiment` (all when
+    /// None), or of the runs `ids`.
+    pub async fn metric_keys(
+        &self,
+        experiment: Option<&str>,
+        ids: Option<&[i64]>,
+    ) -> Result<Vec<(String, String, String)>> {
+        let mut text = String::from(
+            "SELECT DISTINCT e.name, x.stage, x.key FROM metrics x JOIN runs r ON r.id = x.run_id \
+             JOIN experiments e ON e.id = r.experiment_id WHERE 1 = 1",
+        );
+        if experiment.is_some() {
+            text.push_str(" AND e.name = ?");
+        }
+        if let Some(ids) = ids {
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            write!(text, " AND x.run_id IN ({})", ids.iter().map(i64::to_string).collect::<Vec<_>>().join(","))
+                .unwrap();
+        }
+        text.push_str(" ORDER BY 1, 2, 3");
+        let mut q = crate::q_owned(self.backend, text);
+        if let Some(e) = experiment {
+            q = q.bind(e.to_string());
+        }
+        Ok(q.fetch_all(&self.pool).await?.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+    }
+
+    /// What changed since a reader's last look: the runs recorded after run `run_id` or that
+    /// logged a metric after metric row `metric_id`, with the newest run and metric row ids
+    /// (`i64::MAX` for both gives only the newest ids). On PostgreSQL a row id may commit after
+    /// a higher one: a reader that rereads the runs still running misses nothing a run logs.
+    pub async fn changes_since(&self, run_id: i64, metric_id: i64) -> Result<Changes> {
+        let top = self
+            .q("SELECT (SELECT CAST(coalesce(max(id), 0) AS BIGINT) FROM runs), (SELECT CAST(coalesce(max(id), 0) AS BIGINT) FROM metrics)")
+            .fetch_one(&self.pool)
+            .await?;
+        let (last_run, last_metric): (i64, i64) = (top.get(0), top.get(1));
+        let mut runs: BTreeSet<i64> = self
+            .q("SELECT id FROM runs WHERE id > ?")
+            .bind(run_id)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| r.get::<i64, _>(0))
+            .collect();
+        runs.extend(
+            self.q("SELECT DISTINCT run_id FROM metrics WHERE id > ? AND id <= ?")
+                .bind(metric_id)
+                .bind(last_metric)
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|r| r.get::<i64, _>(0)),
+        );
+        Ok(Changes { runs: runs.into_iter().collect(), run_id: last_run, metric_id: last_metric })
     }
 
     /// One run by id.

@@ -7,7 +7,7 @@ use axum::extract::{Path as UrlPath, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use huse_report::table::{Cell, Table, varying_params};
-use huse_store::{Filter, RunRow};
+use huse_store::{RunRow, Slice};
 use serde::Serialize;
 
 use crate::{Problem, Shared, internal, query_pairs};
@@ -85,7 +85,8 @@ pub(crate) async fn curves(State(app): State<Shared>, RawQuery(raw): RawQuery) -
     }
     let left_out = ids.len().saturating_sub(CURVE_RUNS);
     ids.truncate(CURVE_RUNS);
-    let runs = app.store.load_runs(&Filter { experiment: exp, ..Default::default() }).await.map_err(internal)?;
+    let slice = Slice { experiment: exp, ids: Some(ids.clone()), keys: Some(Vec::new()), with_runs: true };
+    let runs = app.store.runs_slice(&slice).await.map_err(internal)?;
     let by_id: BTreeMap<i64, &RunRow> = runs.iter().map(|r| (r.id, r)).collect();
     let chosen: Vec<RunRow> = ids.iter().filter_map(|i| by_id.get(i).map(|r| (*r).clone())).collect();
     if chosen.len() < ids.len() {
@@ -175,7 +176,8 @@ fn value(c: &Cell) -> serde_json::Value {
 }
 
 impl ViewData {
-    pub fn new(exp: &str, group: bool, t: &Table, run_ids: Vec<i64>) -> ViewData {
+    /// The first [`CHART_ROWS`] rows of `t`, a view of `total` rows.
+    pub fn new(exp: &str, group: bool, t: &Table, total: usize, run_ids: Vec<i64>) -> ViewData {
         let id_col = t.headers.iter().position(|h| h == "id");
         let rows: Vec<Vec<serde_json::Value>> =
             t.rows.iter().take(CHART_ROWS).map(|r| r.iter().map(value).collect()).collect();
@@ -207,7 +209,7 @@ impl ViewData {
             exp: exp.to_string(),
             group,
             columns: t.headers.clone(),
-            left_out: t.rows.len().saturating_sub(CHART_ROWS),
+            left_out: total.saturating_sub(CHART_ROWS),
             rows,
             ids,
             axes,

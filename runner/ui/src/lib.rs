@@ -24,6 +24,7 @@
 //! once, which sets the cookie); without it a request is a 401. Nothing is read from disk.
 
 mod api;
+mod cache;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -37,7 +38,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use huse_report::html::{esc, url_enc};
 use huse_report::table::{self, Cell, Format, Table};
-use huse_store::{Filter, RunRow, Store, search_lang};
+use huse_store::{Store, search_lang};
 
 /// Rows of the runs table per page.
 pub const PAGE: usize = 100;
@@ -54,13 +55,14 @@ pub struct Settings {
 struct App {
     store: Store,
     settings: Settings,
+    cache: cache::Cache,
 }
 
 type Shared = Arc<App>;
 
 /// The app over `store` (open it read-only).
 pub fn app(store: Store, settings: Settings) -> Router {
-    let state = Arc::new(App { store, settings });
+    let state = Arc::new(App { store, settings, cache: cache::Cache::default() });
     Router::new()
         .route("/", get(experiments))
         .route("/exp/{name}", get(runs_page))
@@ -274,16 +276,8 @@ impl View {
     }
 }
 
-/// The runs of `runs` that pass the query `q` (all for an empty one); a mistake is a 400 that
-/// says where.
-fn filtered(runs: Vec<RunRow>, q: &str) -> Result<Vec<RunRow>, Problem> {
-    if q.trim().is_empty() {
-        return Ok(runs);
-    }
-    let bad = |e: search_lang::ParseError| Problem(StatusCode::BAD_REQUEST, format!("filter {e}: {}", e.caret(q)));
-    let expr = search_lang::parse(q).map_err(bad)?;
-    expr.check_names(&search_lang::known_names(&runs)).map_err(bad)?;
-    Ok(runs.into_iter().filter(|r| expr.eval(&|n| search_lang::value_of(r, n))).collect())
+fn bad_request(e: anyhow::Error) -> Problem {
+    Problem(StatusCode::BAD_REQUEST, format!("{e:#}"))
 }
 
 async fn runs_page(
@@ -296,28 +290,78 @@ async fn runs_page(
         return Err(Problem(StatusCode::NOT_FOUND, format!("no experiment `{exp}`")));
     }
     let view = View::parse(raw.as_deref());
-    let all_runs =
-        app.store.load_runs(&Filter { experiment: Some(exp.clone()), ..Default::default() }).await.map_err(internal)?;
-    let runs = filtered(all_runs, &view.q)?;
-    // Every column there is (for the picker), then the view's.
-    let full = table::runs_table(&runs, &[], view.group);
-    let mut t = if !view.cols.is_empty() {
-        let mut t = full.clone();
-        t.select(&view.cols).map_err(|e| Problem(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
-        t
-    } else if view.all {
-        full.clone()
+    let bad =
+        |e: search_lang::ParseError| Problem(StatusCode::BAD_REQUEST, format!("filter {e}: {}", e.caret(&view.q)));
+    let expr = if view.q.trim().is_empty() { None } else { Some(search_lang::parse(&view.q).map_err(bad)?) };
+    // The metrics this view shows or uses: the headline ones, and those its filter, sort and
+    // columns name (every one for `all`).
+    let headline = table::patterns(&app.settings.headline).map_err(bad_request)?;
+    let want = if view.all {
+        cache::Want::All
     } else {
-        let patterns =
-            table::patterns(&app.settings.headline).map_err(|e| Problem(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
-        table::runs_table(&runs, &patterns, view.group)
+        let mut names: BTreeSet<String> = view.cols.iter().chain(view.sort.iter()).cloned().collect();
+        names.extend(expr.iter().flat_map(|e| e.names()).map(|(n, _)| n.to_string()));
+        cache::Want::Names(names, headline.clone())
     };
-    if view.cols.is_empty() && !view.group {
+    let (cached, metric_names) = app.cache.runs(&app.store, &exp, &want).await.map_err(internal)?;
+    let mut runs: Vec<&huse_store::RunRow> = cached.iter().collect();
+    if let Some(expr) = &expr {
+        let mut known: BTreeSet<String> = search_lang::RUN_FIELDS.iter().map(|s| s.to_string()).collect();
+        let params: BTreeSet<&String> = runs.iter().flat_map(|r| r.params.keys()).collect();
+        known.extend(params.into_iter().cloned());
+        known.extend(metric_names.iter().cloned());
+        expr.check_names(&known).map_err(bad)?;
+        runs.retain(|r| expr.eval(&|n| search_lang::value_of(r, n)));
+    }
+    // Every column there is, for the picker: fields, the params that vary, every metric.
+    let mut picker: Vec<String> = ["id", "name", "status"].iter().map(|s| s.to_string()).collect();
+    if view.group {
+        picker = vec!["runs".into()];
+    }
+    picker.extend(table::varying_params(&runs).into_iter().filter(|p| !view.group || p != "seed"));
+    let mut metric_list: Vec<&String> = metric_names.iter().collect();
+    metric_list.sort_by(|a, b| table::natural_cmp(a, b));
+    picker.extend(metric_list.into_iter().cloned());
+    let total;
+    let t = if view.group || view.csv || view.all || !view.cols.is_empty() {
+        let mut t =
+            table::runs_table(&runs, if view.cols.is_empty() && !view.all { &headline } else { &[] }, view.group);
+        if !view.cols.is_empty() {
+            t.select(&view.cols).map_err(bad_request)?;
+        } else if !view.group {
+            t.remove_column("experiment");
+        }
+        if let Some(s) = &view.sort {
+            t.sort_by(s, view.desc).map_err(bad_request)?;
+        }
+        total = t.rows.len();
+        t
+    } else {
+        // The default view: sort the runs themselves, then build only the rows the page and
+        // its charts show (a page of 100 among 100,000 runs does not build 100,000 rows).
+        let (params, metrics) = table::runs_columns(&runs, &headline);
+        if let Some(col) = &view.sort {
+            let known =
+                ["id", "name", "status"].iter().any(|f| f == col) || params.contains(col) || metrics.contains(col);
+            if !known {
+                let mut cols: Vec<String> = ["id", "name", "status"].iter().map(|s| s.to_string()).collect();
+                cols.extend(params.iter().chain(&metrics).cloned());
+                return Err(Problem(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot sort by `{col}`: no such column (columns: {})", cols.join(", ")),
+                ));
+            }
+            let mut keyed: Vec<(Cell, &huse_store::RunRow)> =
+                runs.iter().map(|r| (table::run_cell(r, col), *r)).collect();
+            keyed.sort_by(|a, b| a.0.order(&b.0, view.desc));
+            runs = keyed.into_iter().map(|(_, r)| r).collect();
+        }
+        total = runs.len();
+        let shown = api::CHART_ROWS.max((view.page + 1) * PAGE).min(runs.len());
+        let mut t = table::runs_rows(&runs[..shown], &params, &metrics);
         t.remove_column("experiment");
-    }
-    if let Some(s) = &view.sort {
-        t.sort_by(s, view.desc).map_err(|e| Problem(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
-    }
+        t
+    };
     if view.csv {
         return Ok((
             [
@@ -328,19 +372,20 @@ async fn runs_page(
         )
             .into_response());
     }
-    let total = t.rows.len();
     let pages = total.div_ceil(PAGE).max(1);
     let pg = view.page.min(pages - 1);
+    // The runs behind the view, in its order, for the curves (a group pools its members).
     let run_ids: Vec<i64> = if view.group {
-        runs.iter().map(|r| r.id).collect()
+        runs.iter().take(api::CHART_ROWS).map(|r| r.id).collect()
     } else {
         let id_col = t.headers.iter().position(|h| h == "id");
         t.rows
             .iter()
+            .take(api::CHART_ROWS)
             .filter_map(|r| id_col.and_then(|i| if let Cell::Int(v) = r[i] { Some(v) } else { None }))
             .collect()
     };
-    let data = api::ViewData::new(&exp, view.group, &t, run_ids);
+    let data = api::ViewData::new(&exp, view.group, &t, total, run_ids);
     let mut body = String::new();
     // The filter and the switches.
     write!(
@@ -369,7 +414,7 @@ async fn runs_page(
     if view.group {
         body.push_str("<input type=\"hidden\" name=\"group\" value=\"1\">");
     }
-    for h in &full.headers {
+    for h in &picker {
         write!(
             body,
             "<label><input type=\"checkbox\" name=\"col\" value=\"{v}\"{c}> {v}</label>",
@@ -517,7 +562,11 @@ async fn compare_page(State(app): State<Shared>, RawQuery(raw): RawQuery) -> Res
     if ids.len() < 2 || ids.len() > COMPARE_MAX {
         return Err(Problem(StatusCode::BAD_REQUEST, format!("compare takes 2 to {COMPARE_MAX} runs (ids=1,2)")));
     }
-    let loaded = app.store.load_runs(&Filter::default()).await.map_err(internal)?;
+    let loaded = app
+        .store
+        .runs_slice(&huse_store::Slice { ids: Some(ids.clone()), ..Default::default() })
+        .await
+        .map_err(internal)?;
     let mut runs = Vec::new();
     for id in &ids {
         match loaded.iter().find(|r| r.id == *id) {
@@ -556,7 +605,7 @@ async fn compare_page(State(app): State<Shared>, RawQuery(raw): RawQuery) -> Res
     } else {
         String::new()
     };
-    let data = api::ViewData::new(&exp, false, &Table::default(), ids.clone());
+    let data = api::ViewData::new(&exp, false, &Table::default(), 0, ids.clone());
     body.push_str(&data.script());
     let names: Vec<String> = ids.iter().map(|i| format!("#{i}")).collect();
     Ok(page_with(&format!("compare {}", names.join(" ")), &body, true))
