@@ -180,6 +180,11 @@ fn the_results_app_lists_sorts_filters_groups_and_pages() {
     let (_, grouped) = get(&addr, "/exp/g?group=1");
     assert!(grouped.contains("8 ± 2.8284") && grouped.contains("14 ± 2.8284"), "{grouped}");
     assert!(grouped.contains("2 group(s) of 4 run(s)"), "{grouped}");
+    // Grouping by a chosen param pools the others: q's four runs by mid.factor alone.
+    let (status, by) = get(&addr, "/exp/q?group=1&by=mid.factor");
+    assert_eq!(status, 200, "{by}");
+    assert!(by.contains("8 ± 2.8284") && by.contains("14 ± 2.8284") && by.contains("2 group(s) of 4 run(s)"), "{by}");
+    assert_eq!(get(&addr, "/exp/q?group=1&by=nosuch").0, 400);
     // Chosen columns, and the CSV of the current view.
     let (_, cols) = get(&addr, "/exp/q?col=id&col=mean&sort=mean");
     assert!(cols.contains(">mean<") && !cols.contains(">mid.factor<"), "{cols}");

@@ -208,6 +208,11 @@ pub fn check_app_endpoints(addr: &str) {
     let g: serde_json::Value = serde_json::from_str(&grouped).unwrap();
     assert_eq!(g["key"], "loss");
     assert_eq!(g["series"].as_array().unwrap().len(), 4, "four sweep points, one run each: {g}");
+    let (_, by) = get(addr, "/api/curves?exp=q&ids=1,2,3,4&group=1&by=mid.factor");
+    let by: serde_json::Value = serde_json::from_str(&by).unwrap();
+    assert_eq!(by["series"].as_array().unwrap().len(), 2, "by mid.factor: {by}");
+    assert_eq!(by["series"][0]["name"], "mid.factor=1");
+    assert_eq!(by["series"][0]["runs"], serde_json::json!([1, 2]));
     assert_eq!(get(addr, "/api/curves?exp=q&ids=1,x").0, 400);
     assert_eq!(get(addr, "/api/curves?exp=q&ids=1,999").0, 404);
     // The version moves only when the results do.

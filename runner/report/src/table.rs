@@ -427,23 +427,29 @@ pub fn runs_table<R: Borrow<RunRow>>(runs: &[R], metric_globs: &[glob::Pattern],
     if !group {
         return runs_rows(runs, &params, &metrics);
     }
+    let by: Vec<String> = params.into_iter().filter(|p| p != "seed").collect();
+    group_rows(runs, &by, &metrics)
+}
+
+/// One row per experiment and combination of the params `by` (the other params pooled):
+/// the run count and each metric's mean ± std over the group's runs.
+pub fn group_rows<R: Borrow<RunRow>>(runs: &[R], by: &[String], metrics: &[String]) -> Table {
     let mut t = Table::default();
-    let gparams: Vec<String> = params.into_iter().filter(|p| p != "seed").collect();
     let mut groups: BTreeMap<(String, Vec<Option<String>>), Vec<&RunRow>> = BTreeMap::new();
     for r in runs {
         let r = r.borrow();
-        let key = (r.experiment.clone(), gparams.iter().map(|p| r.params.get(p).cloned()).collect());
+        let key = (r.experiment.clone(), by.iter().map(|p| r.params.get(p).cloned()).collect());
         groups.entry(key).or_default().push(r);
     }
     t.headers = vec!["experiment".into()];
-    t.headers.extend(gparams.iter().cloned());
+    t.headers.extend(by.iter().cloned());
     t.headers.push("runs".into());
-    t.headers.extend(metrics.iter().map(|s| s.to_string()));
+    t.headers.extend(metrics.iter().cloned());
     for ((exp, vals), members) in groups {
         let mut row = vec![Cell::Text(exp)];
         row.extend(vals.into_iter().map(|v| v.map(Cell::Text).unwrap_or(Cell::Empty)));
         row.push(Cell::Int(members.len() as i64));
-        for m in &metrics {
+        for m in metrics {
             let xs: Vec<f64> = members.iter().filter_map(|r| r.metrics.get(m).copied().flatten()).collect();
             row.push(if xs.is_empty() {
                 Cell::Empty

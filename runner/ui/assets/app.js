@@ -210,7 +210,8 @@
     var ids = curveIds(d);
     if (ids.length === 0) { lastCurves = null; drawCurves(); return; }
     var url = '/api/curves?ids=' + ids.join(',') + (d.exp ? '&exp=' + encodeURIComponent(d.exp) : '') +
-      (d.group ? '&group=1' : '') + (state.key ? '&key=' + encodeURIComponent(state.key) : '');
+      (d.group ? '&group=1' + (d.by.length ? '&by=' + encodeURIComponent(d.by.join(',')) : '') : '') +
+      (state.key ? '&key=' + encodeURIComponent(state.key) : '');
     fetch(url).then(function (r) { return r.ok ? r.json() : null; }).then(function (j) {
       lastCurves = j;
       var sel = $('cv-key');

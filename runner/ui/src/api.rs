@@ -62,11 +62,11 @@ struct Curves {
     left_out: usize,
 }
 
-/// `/api/curves?exp=NAME&ids=1,2,3[&key=K][&group=1]`: the runs' curves of one metric, each
-/// run its own line, or with `group` one line per param combination (seeds pooled: mean and
-/// min-max band).
+/// `/api/curves?exp=NAME&ids=1,2,3[&key=K][&group=1[&by=P,Q]]`: the runs' curves of one
+/// metric, each run its own line, or with `group` one line per combination of the params `by`
+/// (every varying one but the seed when none; the rest pooled: mean and min-max band).
 pub(crate) async fn curves(State(app): State<Shared>, RawQuery(raw): RawQuery) -> Result<Response, Problem> {
-    let (mut exp, mut ids, mut key, mut group) = (None, Vec::new(), None, false);
+    let (mut exp, mut ids, mut key, mut group, mut by) = (None, Vec::new(), None, false, Vec::<String>::new());
     for (k, v) in raw.as_deref().map(query_pairs).unwrap_or_default() {
         match k.as_str() {
             "exp" => exp = Some(v),
@@ -80,6 +80,7 @@ pub(crate) async fn curves(State(app): State<Shared>, RawQuery(raw): RawQuery) -
             }
             "key" if !v.is_empty() => key = Some(v),
             "group" => group = v == "1",
+            "by" => by.extend(v.split(',').filter(|s| !s.is_empty()).map(String::from)),
             _ => {}
         }
     }
@@ -108,7 +109,11 @@ pub(crate) async fn curves(State(app): State<Shared>, RawQuery(raw): RawQuery) -
     if let Some(k) = &key {
         // The line each run belongs to, in the order asked.
         let label: Vec<String> = if group {
-            let params: Vec<String> = varying_params(&chosen).into_iter().filter(|p| p != "seed").collect();
+            let params: Vec<String> = if by.is_empty() {
+                varying_params(&chosen).into_iter().filter(|p| p != "seed").collect()
+            } else {
+                by.clone()
+            };
             chosen
                 .iter()
                 .map(|r| {
@@ -148,6 +153,8 @@ pub(crate) async fn curves(State(app): State<Shared>, RawQuery(raw): RawQuery) -
 pub(crate) struct ViewData {
     pub exp: String,
     pub group: bool,
+    /// The params a grouped view is by (empty: every varying one but the seed).
+    pub by: Vec<String>,
     pub columns: Vec<String>,
     /// Per row, per column: a number, a string or null.
     pub rows: Vec<Vec<serde_json::Value>>,
@@ -208,6 +215,7 @@ impl ViewData {
         ViewData {
             exp: exp.to_string(),
             group,
+            by: Vec::new(),
             columns: t.headers.clone(),
             left_out: total.saturating_sub(CHART_ROWS),
             rows,

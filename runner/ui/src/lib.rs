@@ -223,6 +223,8 @@ struct View {
     desc: bool,
     page: usize,
     group: bool,
+    /// Params to group by (none: every param that varies but the seed).
+    by: Vec<String>,
     all: bool,
     cols: Vec<String>,
     csv: bool,
@@ -239,6 +241,7 @@ impl View {
                 "desc" => v.desc = on,
                 "page" => v.page = val.parse().unwrap_or(0),
                 "group" => v.group = on,
+                "by" => v.by.extend(val.split(',').filter(|c| !c.is_empty()).map(String::from)),
                 "all" => v.all = on,
                 // `cols=a,b` or one `col=` per checked box.
                 "cols" => v.cols.extend(val.split(',').filter(|c| !c.is_empty()).map(String::from)),
@@ -268,6 +271,9 @@ impl View {
         }
         if v.page > 0 {
             parts.push(format!("page={}", v.page));
+        }
+        if v.group && !v.by.is_empty() {
+            parts.push(format!("by={}", url_enc(&v.by.join(","))));
         }
         if !v.cols.is_empty() {
             parts.push(format!("cols={}", url_enc(&v.cols.join(","))));
@@ -323,9 +329,28 @@ async fn runs_page(
     metric_list.sort_by(|a, b| table::natural_cmp(a, b));
     picker.extend(metric_list.into_iter().cloned());
     let total;
+    let varying = table::varying_params(&runs);
     let t = if view.group || view.csv || view.all || !view.cols.is_empty() {
-        let mut t =
-            table::runs_table(&runs, if view.cols.is_empty() && !view.all { &headline } else { &[] }, view.group);
+        let globs: &[glob::Pattern] = if view.cols.is_empty() && !view.all { &headline } else { &[] };
+        let mut t = if view.group {
+            let (_, metrics) = table::runs_columns(&runs, globs);
+            let by: Vec<String> = if view.by.is_empty() {
+                varying.iter().filter(|p| *p != "seed").cloned().collect()
+            } else {
+                for b in &view.by {
+                    if !runs.iter().any(|r| r.params.contains_key(b)) {
+                        return Err(Problem(
+                            StatusCode::BAD_REQUEST,
+                            format!("cannot group by `{b}`: no run has that param (varying: {})", varying.join(", ")),
+                        ));
+                    }
+                }
+                view.by.clone()
+            };
+            table::group_rows(&runs, &by, &metrics)
+        } else {
+            table::runs_table(&runs, globs, false)
+        };
         if !view.cols.is_empty() {
             t.select(&view.cols).map_err(bad_request)?;
         } else if !view.group {
@@ -385,17 +410,36 @@ async fn runs_page(
             .filter_map(|r| id_col.and_then(|i| if let Cell::Int(v) = r[i] { Some(v) } else { None }))
             .collect()
     };
-    let data = api::ViewData::new(&exp, view.group, &t, total, run_ids);
+    let mut data = api::ViewData::new(&exp, view.group, &t, total, run_ids);
+    data.by = view.by.clone();
     let mut body = String::new();
     // The filter and the switches.
     write!(
         body,
         "<form method=\"get\" action=\"/exp/{u}\"><input type=\"text\" name=\"q\" value=\"{q}\" placeholder=\"test.acc.both &gt; 0.9 and (train.beta in (0, 0.5) or state = failed)\"> \
-         <label><input type=\"checkbox\" name=\"group\" value=\"1\"{g}> group over seeds (mean ± std)</label> \
+         <label><input type=\"checkbox\" name=\"group\" value=\"1\"{g}> group over seeds (mean ± std)</label>{by} \
          <label><input type=\"checkbox\" name=\"all\" value=\"1\"{a}> every column</label>{sort}{cols} <button type=\"submit\">show</button></form>",
         u = url_enc(&exp),
         q = esc(&view.q),
         g = if view.group { " checked" } else { "" },
+        by = {
+            let params: Vec<&String> = varying.iter().filter(|p| *p != "seed").collect();
+            if params.len() < 2 {
+                String::new()
+            } else {
+                let boxes: Vec<String> = params
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "<label><input type=\"checkbox\" name=\"by\" value=\"{v}\"{c}> {v}</label>",
+                            v = esc(p),
+                            c = if view.by.contains(p) { " checked" } else { "" }
+                        )
+                    })
+                    .collect();
+                format!(" <span class=\"note\">by (none: all)</span> {}", boxes.join(" "))
+            }
+        },
         a = if view.all { " checked" } else { "" },
         sort = view
             .sort
