@@ -342,6 +342,7 @@ fn huse_learns_is_deterministic_and_resumes() {
     }
 
     serve_answers_as_search_does(&sb, tests[0]);
+    the_results_app_searches_a_trained_run(&sb, tests[0]);
 
     // A stage kind the runner has never heard of (`distill`: here the train stage under
     // another kind, as a plugin or a crate of one's own would register it) produces the
@@ -464,6 +465,30 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The results app's page of a trained run has the search box of `serve`, under the run's
+/// own address, and it answers as `huse-run search` does.
+fn the_results_app_searches_a_trained_run(sb: &Sandbox, item: &serde_json::Value) {
+    let (_server, addr) = common::start_ui(sb, &["--device", "cpu"]);
+    let (status, page) = get(&addr, "/run/1");
+    assert_eq!(status, 200);
+    assert!(page.contains("action=\"/run/1/search/search\""), "a search box on a trained run's page: {page}");
+    let title = item["text"].as_str().unwrap();
+    let cli = sb.run(&["search", "1", "--text", title, "-f", "csv"]).expect(0).stdout();
+    let cli_ids: Vec<String> = cli.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().to_string()).collect();
+    let (status, html) = get(&addr, &format!("/run/1/search/search?q={}&modality=image", common::enc(title)));
+    assert_eq!(status, 200, "{html}");
+    assert_eq!(tile_ids(&html), cli_ids, "the app's search answers as the command does, in order");
+    // Its links stay under the run's address: item pages and thumbnails.
+    assert!(html.contains("href=\"/run/1/search/item/0/"), "{html}");
+    let img = html.split("src=\"").nth(1).and_then(|s| s.split('"').next()).unwrap().to_string();
+    assert!(img.starts_with("/run/1/search/img/0/"), "{img}");
+    let (status, _) = get(&addr, &img);
+    assert_eq!(status, 200, "{img}");
+    assert_eq!(get(&addr, "/run/1/search/img/0/..%2F..%2Fetc%2Fpasswd").0 / 100, 4);
+    assert_eq!(get(&addr, "/run/999/search").0, 404);
+    assert_eq!(get(&addr, "/run/x/search").0, 400);
 }
 
 /// `huse-run serve` gives the same answer as `huse-run search`, in a real browser, and

@@ -78,6 +78,9 @@ impl RunView {
 struct AppState {
     runs: Vec<RunView>,
     decodes: tokio::sync::Semaphore,
+    /// What the pages' own links start with (empty at the root; `/run/7/search` inside the
+    /// results app).
+    base: String,
 }
 
 type Runs = Arc<AppState>;
@@ -91,13 +94,23 @@ impl std::ops::Deref for AppState {
 
 /// The web app over `runs` (for tests and embedding); [`serve`] runs it.
 pub fn app(runs: Vec<RunView>) -> Router {
+    app_at(runs, "")
+}
+
+/// The web app with its pages' links under `base` (e.g. `/run/7/search`), for an app that
+/// hands it the requests under that prefix with the prefix taken off.
+pub fn app_at(runs: Vec<RunView>, base: &str) -> Router {
     Router::new()
         .route("/", get(home))
         .route("/search", get(search_text).post(search_image))
         .route("/item/{run}/{item}", get(item_page))
         .route("/img/{run}/{item}", get(image))
         .layer(DefaultBodyLimit::max(MAX_UPLOAD))
-        .with_state(Arc::new(AppState { runs, decodes: tokio::sync::Semaphore::new(MAX_DECODES) }))
+        .with_state(Arc::new(AppState {
+            runs,
+            decodes: tokio::sync::Semaphore::new(MAX_DECODES),
+            base: base.trim_end_matches('/').to_string(),
+        }))
 }
 
 /// How patient the server is with its clients.
@@ -189,13 +202,13 @@ fn page(title: &str, body: &str) -> Html<String> {
     ))
 }
 
-fn form(q: &str, modality: Modality) -> String {
+fn form(base: &str, q: &str, modality: Modality) -> String {
     let sel = |m: Modality| if m == modality { " selected" } else { "" };
     format!(
-        "<form action=\"/search\" method=\"get\"><input type=\"text\" name=\"q\" value=\"{q}\" placeholder=\"red floral summer dress\"> \
+        "<form action=\"{base}/search\" method=\"get\"><input type=\"text\" name=\"q\" value=\"{q}\" placeholder=\"red floral summer dress\"> \
          in <select name=\"modality\"><option value=\"image\"{i}>images</option><option value=\"text\"{t}>texts</option></select> \
          <button type=\"submit\">search</button></form>\
-         <form action=\"/search\" method=\"post\" enctype=\"multipart/form-data\">or a photo (JPEG or PNG, at most {mb} MB): \
+         <form action=\"{base}/search\" method=\"post\" enctype=\"multipart/form-data\">or a photo (JPEG or PNG, at most {mb} MB): \
          <input type=\"file\" name=\"image\" accept=\"image/jpeg,image/png\"> <input type=\"hidden\" name=\"modality\" value=\"image\">\
          <button type=\"submit\">search by photo</button></form>",
         q = esc(q),
@@ -205,11 +218,11 @@ fn form(q: &str, modality: Modality) -> String {
     )
 }
 
-fn grid(run: usize, hits: &[Hit]) -> String {
+fn grid(base: &str, run: usize, hits: &[Hit]) -> String {
     let mut s = String::from("<div class=\"grid\">");
     for (rank, h) in hits.iter().enumerate() {
         s.push_str(&format!(
-            "<div class=\"hit\" data-id=\"{id}\" data-rank=\"{r}\"><a href=\"/item/{run}/{ix}\"><img src=\"/img/{run}/{ix}\" alt=\"{title}\" loading=\"lazy\"></a>\
+            "<div class=\"hit\" data-id=\"{id}\" data-rank=\"{r}\"><a href=\"{base}/item/{run}/{ix}\"><img src=\"{base}/img/{run}/{ix}\" alt=\"{title}\" loading=\"lazy\"></a>\
              <div>{r}. {title}</div><div class=\"cls\">{cls}</div><div class=\"cls\">id {id}</div><div class=\"dist\">distance {d:.4}</div></div>",
             id = esc(&h.id),
             r = rank + 1,
@@ -232,7 +245,11 @@ fn side_by_side(
     for (i, r) in runs.iter().enumerate() {
         let q = query(&r.searcher).map_err(|e| Problem(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
         let hits = r.searcher.search(&q, modality, K);
-        s.push_str(&format!("<div class=\"run\" data-run=\"{i}\"><h2>{}</h2>{}</div>", esc(&r.label), grid(i, &hits)));
+        s.push_str(&format!(
+            "<div class=\"run\" data-run=\"{i}\"><h2>{}</h2>{}</div>",
+            esc(&r.label),
+            grid(&runs.base, i, &hits)
+        ));
     }
     s.push_str("</div>");
     Ok(s)
@@ -244,7 +261,7 @@ async fn home(State(runs): State<Runs>) -> Html<String> {
         "search",
         &format!(
             "{}<p>Runs: {}. Results appear side by side, one column per run.</p>",
-            form("", Modality::Image),
+            form(&runs.base, "", Modality::Image),
             labels.join(", ")
         ),
     )
@@ -275,7 +292,7 @@ async fn search_text(State(runs): State<Runs>, Query(p): Query<SearchQuery>) -> 
             .await
             .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??
     };
-    Ok(page(&format!("“{q}”"), &format!("{}{body}", form(&q, modality))))
+    Ok(page(&format!("“{q}”"), &format!("{}{body}", form(&runs.base, &q, modality))))
 }
 
 /// What an upload is, by its first bytes.
@@ -334,7 +351,7 @@ async fn search_image(State(runs): State<Runs>, mut form_data: Multipart) -> Res
             .await
             .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??
     };
-    Ok(page("photo search", &format!("{}{body}", form("", modality))))
+    Ok(page("photo search", &format!("{}{body}", form(&runs.base, "", modality))))
 }
 
 /// The run (its position on the page) and the item (its id) of an address, as positions.
@@ -361,13 +378,14 @@ async fn item_page(
     let s = &view.searcher;
     let it = &s.items()[i];
     let mut body = format!(
-        "{}<div class=\"hit\" style=\"width:300px\"><img src=\"/img/{r}/{}\" style=\"width:292px;height:360px\"><div><b>{}</b></div><div class=\"cls\">{}</div><div>id {} · {:?}</div></div>",
-        form("", Modality::Image),
+        "{}<div class=\"hit\" style=\"width:300px\"><img src=\"{base}/img/{r}/{}\" style=\"width:292px;height:360px\"><div><b>{}</b></div><div class=\"cls\">{}</div><div>id {} · {:?}</div></div>",
+        form(&runs.base, "", Modality::Image),
         esc(&url_enc(&it.id)),
         esc(&it.text),
         esc(s.class_name(it.class)),
         esc(&it.id),
-        it.split
+        it.split,
+        base = runs.base
     );
     for (title, from, to) in [
         ("nearest images to its image", Modality::Image, Modality::Image),
@@ -377,7 +395,7 @@ async fn item_page(
     ] {
         let q = s.item_embedding(i, from).to_vec();
         let hits = s.search_many(&q, to, K, &|_| (from == to).then_some(i)).pop().unwrap_or_default();
-        body.push_str(&format!("<h2>{} ({})</h2>{}", title, esc(&view.label), grid(r, &hits)));
+        body.push_str(&format!("<h2>{} ({})</h2>{}", title, esc(&view.label), grid(&runs.base, r, &hits)));
     }
     Ok(page(&it.text, &body))
 }

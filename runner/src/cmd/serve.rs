@@ -3,6 +3,8 @@
 use anyhow::Result;
 use clap::Args;
 
+use huse_store::Store;
+
 use super::{Global, device_arg, open_for_queries, run_files, run_id};
 
 /// `serve`'s arguments.
@@ -27,19 +29,7 @@ pub async fn run(g: &Global, a: ServeArgs) -> Result<i32> {
     let store = open_for_queries(g).await?;
     let mut views = Vec::new();
     for run in &a.runs {
-        let files = run_files(&store, *run).await?;
-        let row = store.run(*run).await?;
-        // What to expect of its search: the stages' headline figures, beside its name.
-        let figures: Vec<String> = crate::builtin_registry()
-            .headline()
-            .iter()
-            .filter_map(|k| row.metrics.get(k).copied().flatten().map(|v| format!("{k} {v:.3}")))
-            .collect();
-        let name = if figures.is_empty() { row.run.name } else { format!("{} ({})", row.run.name, figures.join(", ")) };
-        let index = g.cache.join(".index");
-        let dev = device_arg(&a.device)?;
-        let searcher = tokio::task::spawn_blocking(move || huse_search::Searcher::open(&files, &index, &dev)).await??;
-        views.push(huse_serve::RunView::new(format!("#{run} {name}"), searcher)?);
+        views.push(run_view(g, &store, *run, &a.device).await?);
     }
     store.close().await;
     let n = a.runs.len();
@@ -48,4 +38,22 @@ pub async fn run(g: &Global, a: ServeArgs) -> Result<i32> {
     })
     .await?;
     Ok(0)
+}
+
+/// A trained run as the search page shows it: its searcher (the run's own encoders, towers and
+/// item index, built once in the cache's `.index/`), named with its headline figures.
+pub async fn run_view(g: &Global, store: &Store, run: i64, device: &str) -> Result<huse_serve::RunView> {
+    let files = run_files(store, run).await?;
+    let row = store.run(run).await?;
+    // What to expect of its search: the stages' headline figures, beside its name.
+    let figures: Vec<String> = crate::builtin_registry()
+        .headline()
+        .iter()
+        .filter_map(|k| row.metrics.get(k).copied().flatten().map(|v| format!("{k} {v:.3}")))
+        .collect();
+    let name = if figures.is_empty() { row.run.name } else { format!("{} ({})", row.run.name, figures.join(", ")) };
+    let index = g.cache.join(".index");
+    let dev = device_arg(device)?;
+    let searcher = tokio::task::spawn_blocking(move || huse_search::Searcher::open(&files, &index, &dev)).await??;
+    huse_serve::RunView::new(format!("#{run} {name}"), searcher)
 }

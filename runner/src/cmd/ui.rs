@@ -18,6 +18,38 @@ pub struct UiArgs {
     /// A token every request must carry (?token=T once, or `Authorization: Bearer T`).
     #[arg(long, env = "HUSE_UI_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Where a trained run's search page runs its encoders and towers: auto, cpu or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+/// Trained runs' search pages, as `huse-run serve` makes them.
+struct Searches {
+    g: Global,
+    store: huse_store::Store,
+    device: String,
+    /// Whether each run asked about has a model.
+    models: tokio::sync::Mutex<std::collections::HashMap<i64, bool>>,
+}
+
+impl huse_ui::SearchApps for Searches {
+    fn has_model(&self, id: i64) -> huse_ui::BoxFuture<'_, bool> {
+        Box::pin(async move {
+            if let Some(known) = self.models.lock().await.get(&id) {
+                return *known;
+            }
+            let has = super::run_files(&self.store, id).await.is_ok();
+            self.models.lock().await.insert(id, has);
+            has
+        })
+    }
+
+    fn app(&self, id: i64, base: String) -> huse_ui::BoxFuture<'_, anyhow::Result<huse_ui::Router>> {
+        Box::pin(async move {
+            let view = super::serve::run_view(&self.g, &self.store, id, &self.device).await?;
+            Ok(huse_serve::app_at(vec![view], &base))
+        })
+    }
 }
 
 /// Serves the app until the process ends.
@@ -42,7 +74,17 @@ pub async fn run(g: &Global, a: UiArgs) -> Result<i32> {
         }
     }
     let store = open_for_queries(g).await?;
-    let settings = huse_ui::Settings { headline: crate::builtin_registry().headline(), token: a.token.clone() };
+    let search = Searches {
+        g: g.clone(),
+        store: open_for_queries(g).await?,
+        device: a.device.clone(),
+        models: Default::default(),
+    };
+    let settings = huse_ui::Settings {
+        headline: crate::builtin_registry().headline(),
+        token: a.token.clone(),
+        search: Some(std::sync::Arc::new(search)),
+    };
     let app = huse_ui::app(store, settings);
     let with_token = a.token.as_ref().map(|t| format!("?token={t}")).unwrap_or_default();
     huse_serve::serve_router(app, std::net::SocketAddr::new(a.host, a.port), huse_serve::Limits::default(), |addr| {

@@ -600,11 +600,7 @@ impl Store {
 
     /// One run by id.
     pub async fn run(&self, id: i64) -> Result<RunRow> {
-        if !self.run_exists(id).await? {
-            bail!("no run with id {id}");
-        }
-        let runs = self.load_runs(&Filter::default()).await?;
-        match runs.into_iter().find(|r| r.id == id) {
+        match self.runs_slice(&Slice { ids: Some(vec![id]), ..Slice::default() }).await?.pop() {
             Some(r) => Ok(r),
             None => bail!("no run with id {id}"),
         }

@@ -87,7 +87,7 @@ async fn main() -> anyhow::Result<()> {
             table.headers.len()
         );
     }
-    let settings = huse_ui::Settings { headline: vec!["test.acc.both".into()], token: None };
+    let settings = huse_ui::Settings { headline: vec!["test.acc.both".into()], ..Default::default() };
     let app = huse_ui::app(store.clone(), settings);
     println!("{runs} runs x {metrics} metrics on {location}: written in {written:.1} s");
     let get = |path: String| {

@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use axum::Router;
+pub use axum::Router;
 use axum::extract::{Path as UrlPath, RawQuery, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -43,31 +43,59 @@ use huse_store::{Store, search_lang};
 /// Rows of the runs table per page.
 pub const PAGE: usize = 100;
 
+/// A boxed future, as [`SearchApps`]' methods return.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Where a trained run's search page comes from. The runner provides it (it knows which stage
+/// made a run's model and how to load its encoders); the app only asks.
+pub trait SearchApps: Send + Sync {
+    /// Whether run `id` has a trained model to search with.
+    fn has_model(&self, id: i64) -> BoxFuture<'_, bool>;
+    /// The search page of run `id` (`huse-run serve`'s), its links under `base`.
+    fn app(&self, id: i64, base: String) -> BoxFuture<'_, anyhow::Result<Router>>;
+}
+
 /// What the app is told at start.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Settings {
     /// The stages' headline metrics (keys or globs): the runs table's default metric columns.
     pub headline: Vec<String>,
     /// A token every request must carry (None: none needed, for loopback use).
     pub token: Option<String>,
+    /// Trained runs' search pages, under `/run/ID/search` (None: no search).
+    pub search: Option<Arc<dyn SearchApps>>,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("headline", &self.headline)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("search", &self.search.is_some())
+            .finish()
+    }
 }
 
 struct App {
     store: Store,
     settings: Settings,
     cache: cache::Cache,
+    /// The search pages of the runs searched so far (loading one embeds the run's items once).
+    searches: tokio::sync::Mutex<BTreeMap<i64, Router>>,
 }
 
 type Shared = Arc<App>;
 
 /// The app over `store` (open it read-only).
 pub fn app(store: Store, settings: Settings) -> Router {
-    let state = Arc::new(App { store, settings, cache: cache::Cache::default() });
+    let state = Arc::new(App { store, settings, cache: cache::Cache::default(), searches: Default::default() });
     Router::new()
         .route("/", get(experiments))
         .route("/exp/{name}", get(runs_page))
         .route("/run/{id}", get(run_page))
         .route("/compare", get(compare_page))
+        .route("/run/{id}/search", axum::routing::any(search))
+        .route("/run/{id}/search/{*rest}", axum::routing::any(search))
         .route("/assets/{name}", get(api::asset))
         .route("/api/version", get(api::version))
         .route("/api/curves", get(api::curves))
@@ -533,6 +561,50 @@ fn html_table(t: &Table, pg: usize, exp: &str, view: &View) -> String {
     s
 }
 
+/// `/run/ID/search/...`: the run's search page (`huse-run serve`'s), made on first use.
+async fn search(State(app): State<Shared>, req: Request) -> Result<Response, Problem> {
+    let path = req.uri().path().to_string();
+    let rest = path.strip_prefix("/run/").unwrap_or("");
+    let (id, rest) = rest.split_once('/').unwrap_or((rest, ""));
+    let id: i64 = id.parse().map_err(|_| Problem(StatusCode::BAD_REQUEST, format!("`{id}` is not a run id")))?;
+    let rest = rest.strip_prefix("search").unwrap_or(rest);
+    let Some(apps) = &app.settings.search else {
+        return Err(Problem(StatusCode::NOT_FOUND, "this app was started without search".into()));
+    };
+    if !app.store.run_exists(id).await.map_err(internal)? {
+        return Err(Problem(StatusCode::NOT_FOUND, format!("no run {id}")));
+    }
+    let router = {
+        let mut made = app.searches.lock().await;
+        match made.get(&id) {
+            Some(r) => r.clone(),
+            None => {
+                if !apps.has_model(id).await {
+                    return Err(Problem(
+                        StatusCode::NOT_FOUND,
+                        format!("run {id} has no trained model to search with"),
+                    ));
+                }
+                let r = apps.app(id, format!("/run/{id}/search")).await.map_err(internal)?;
+                made.insert(id, r.clone());
+                r
+            }
+        }
+    };
+    // The search page sees its own paths: the prefix taken off.
+    let (mut parts, body) = req.into_parts();
+    let inner = if rest.is_empty() { "/" } else { rest };
+    let uri = match parts.uri.query() {
+        Some(q) => format!("{inner}?{q}"),
+        None => inner.to_string(),
+    };
+    parts.uri = uri.parse().map_err(|_| Problem(StatusCode::BAD_REQUEST, "a malformed address".into()))?;
+    // A fresh request for it: the outer route's path parameters must not reach its extractors.
+    parts.extensions = Default::default();
+    use tower::ServiceExt as _;
+    Ok(router.oneshot(Request::from_parts(parts, body)).await.unwrap_or_else(|e| match e {}))
+}
+
 async fn run_page(State(app): State<Shared>, UrlPath(id): UrlPath<String>) -> Result<Html<String>, Problem> {
     let id: i64 = id.parse().map_err(|_| Problem(StatusCode::BAD_REQUEST, format!("`{id}` is not a run id")))?;
     if !app.store.run_exists(id).await.map_err(internal)? {
@@ -546,6 +618,18 @@ async fn run_page(State(app): State<Shared>, UrlPath(id): UrlPath<String>) -> Re
         u = url_enc(&run.experiment),
         e = esc(&run.experiment)
     );
+    if let Some(apps) = &app.settings.search
+        && apps.has_model(id).await
+    {
+        write!(
+            body,
+            "<h2>search its products</h2><form action=\"/run/{id}/search/search\" method=\"get\">\
+             <input type=\"text\" name=\"q\" placeholder=\"red floral summer dress\"> in <select name=\"modality\">\
+             <option value=\"image\">images</option><option value=\"text\">texts</option></select> \
+             <button type=\"submit\">search</button> <a href=\"/run/{id}/search\">or by photo</a></form>"
+        )
+        .ok();
+    }
     // Curves first: a picture beats a table.
     let curves = huse_report::html::curves(store, id).await.map_err(internal)?;
     if !curves.is_empty() {
