@@ -369,10 +369,15 @@ pub fn varying_params<R: Borrow<RunRow>>(runs: &[R]) -> Vec<String> {
 /// The columns of [`runs_table`]'s rows: the params that vary, and the metrics
 /// `metric_globs` select (all when none) in natural order.
 pub fn runs_columns<R: Borrow<RunRow>>(runs: &[R], metric_globs: &[glob::Pattern]) -> (Vec<String>, Vec<String>) {
+    (varying_params(runs), metric_columns(runs, metric_globs))
+}
+
+/// The metrics of the runs that `metric_globs` select (all when none), in natural order.
+pub fn metric_columns<R: Borrow<RunRow>>(runs: &[R], metric_globs: &[glob::Pattern]) -> Vec<String> {
     let keys: BTreeSet<&str> = runs.iter().flat_map(|r| r.borrow().metrics.keys().map(String::as_str)).collect();
     let mut metrics: Vec<String> = keys.into_iter().filter(|k| selected(k, metric_globs)).map(String::from).collect();
     metrics.sort_by(|a, b| natural_cmp(a, b));
-    (varying_params(runs), metrics)
+    metrics
 }
 
 /// A run's cell in the column `col` of [`runs_rows`] (a field, a param or a metric).

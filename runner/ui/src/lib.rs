@@ -352,16 +352,16 @@ async fn runs_page(
     if view.group {
         picker = vec!["runs".into()];
     }
-    picker.extend(table::varying_params(&runs).into_iter().filter(|p| !view.group || p != "seed"));
+    let varying = table::varying_params(&runs);
+    picker.extend(varying.iter().filter(|p| !view.group || *p != "seed").cloned());
     let mut metric_list: Vec<&String> = metric_names.iter().collect();
     metric_list.sort_by(|a, b| table::natural_cmp(a, b));
     picker.extend(metric_list.into_iter().cloned());
     let total;
-    let varying = table::varying_params(&runs);
     let t = if view.group || view.csv || view.all || !view.cols.is_empty() {
         let globs: &[glob::Pattern] = if view.cols.is_empty() && !view.all { &headline } else { &[] };
         let mut t = if view.group {
-            let (_, metrics) = table::runs_columns(&runs, globs);
+            let metrics = table::metric_columns(&runs, globs);
             let by: Vec<String> = if view.by.is_empty() {
                 varying.iter().filter(|p| *p != "seed").cloned().collect()
             } else {
@@ -392,7 +392,7 @@ async fn runs_page(
     } else {
         // The default view: sort the runs themselves, then build only the rows the page and
         // its charts show (a page of 100 among 100,000 runs does not build 100,000 rows).
-        let (params, metrics) = table::runs_columns(&runs, &headline);
+        let (params, metrics) = (&varying, table::metric_columns(&runs, &headline));
         if let Some(col) = &view.sort {
             let known =
                 ["id", "name", "status"].iter().any(|f| f == col) || params.contains(col) || metrics.contains(col);
@@ -411,7 +411,7 @@ async fn runs_page(
         }
         total = runs.len();
         let shown = api::CHART_ROWS.max((view.page + 1) * PAGE).min(runs.len());
-        let mut t = table::runs_rows(&runs[..shown], &params, &metrics);
+        let mut t = table::runs_rows(&runs[..shown], params, &metrics);
         t.remove_column("experiment");
         t
     };
