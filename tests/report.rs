@@ -327,6 +327,9 @@ fn the_results_app_charts_brush_compare_and_follow_the_database_in_chromium() {
         wait,
         "the compared curves",
     );
+    if let Ok(dir) = std::env::var("HUSE_UI_SHOTS") {
+        b.screenshot(&Path::new(&dir).join("ui-compare.png"));
+    }
 
     // Live: a run recorded while the page is open appears without a reload.
     b.open(&format!("http://{addr}/exp/q"));

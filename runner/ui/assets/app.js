@@ -77,7 +77,7 @@
     l1.prepend(log);
     c.appendChild(document.createTextNode(' '));
     c.appendChild(l1);
-    c.appendChild(document.createTextNode(' smoothing '));
+    c.appendChild(document.createTextNode(' · smoothing '));
     c.appendChild(make('input', { type: 'range', id: 'cv-smooth', min: '0', max: '0.99', step: '0.01', value: '0' }));
     c.appendChild(make('span', { id: 'cv-note', class: 'note' }));
     cv.appendChild(c);
