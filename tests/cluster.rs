@@ -348,6 +348,8 @@ fn db_copy_moves_runs_into_postgres_once_and_every_query_reads_both() {
         "/exp/q?format=csv&col=id&col=sum&col=mean".to_string(),
         "/run/3".to_string(),
         "/compare?ids=1,4&all=1".to_string(),
+        "/exp/q?format=csv&cols=id,loss&value=max".to_string(),
+        format!("/exp/q?value=min&q={}", common::enc("loss < 0.5")),
         "/api/curves?exp=q&ids=1,2,3,4&group=1".to_string(),
         "/api/curves?exp=q&ids=4,1&key=loss".to_string(),
         "/exp/nope".to_string(),

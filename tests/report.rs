@@ -162,7 +162,7 @@ fn the_results_app_lists_sorts_filters_groups_and_pages() {
     for col in ["mid.factor", "mid.offset", ">sum<"] {
         assert!(page.contains(col), "{col}: {page}");
     }
-    assert!(!page.contains(">mean<"), "only headline metrics by default");
+    assert!(!page.contains(">mean</a>"), "only headline metrics by default");
     assert_eq!(row_ids(&get(&addr, "/exp/q?sort=sum&desc=1").1), ["4", "3", "2", "1"]);
     assert_eq!(row_ids(&get(&addr, "/exp/q?sort=mid.offset").1), ["1", "3", "2", "4"], "stable, as the table sorts");
     let (status, body) = get(&addr, "/exp/q?sort=nosuch");
@@ -185,9 +185,23 @@ fn the_results_app_lists_sorts_filters_groups_and_pages() {
     assert_eq!(status, 200, "{by}");
     assert!(by.contains("8 ± 2.8284") && by.contains("14 ± 2.8284") && by.contains("2 group(s) of 4 run(s)"), "{by}");
     assert_eq!(get(&addr, "/exp/q?group=1&by=nosuch").0, 400);
+    // Each value over a run's history instead of its last: q's loss is factor / (step + 1) over
+    // three steps, so run 4 (factor 2) has last 0.6667, max 2, min 0.6667, mean 1.2222.
+    let loss_of_4 = |value: &str| {
+        let (status, csv) = get(&addr, &format!("/exp/q?format=csv&cols=id,loss&value={value}"));
+        assert_eq!(status, 200, "{csv}");
+        csv.lines().find(|l| l.starts_with("4,")).unwrap().split(',').nth(1).unwrap().to_string()
+    };
+    assert_eq!(
+        ["last", "max", "min", "mean"].map(loss_of_4),
+        ["0.6666666666666666", "2", "0.6666666666666666", "1.222222222222222"],
+        "the loss of run 4 as each value"
+    );
+    let (_, by_max) = get(&addr, &format!("/exp/q?value=max&q={}", enc("loss >= 2")));
+    assert_eq!(row_ids(&by_max), ["3", "4"], "the filter reads the chosen value");
     // Chosen columns, and the CSV of the current view.
     let (_, cols) = get(&addr, "/exp/q?col=id&col=mean&sort=mean");
-    assert!(cols.contains(">mean<") && !cols.contains(">mid.factor<"), "{cols}");
+    assert!(cols.contains(">mean</a>") && !cols.contains(">mid.factor</a>"), "{cols}");
     let (status, head, csv) = get_with(&addr, &format!("/exp/q?format=csv&sort=sum&desc=1&q={}", enc("sum > 6")), "");
     assert_eq!(status, 200);
     assert!(head.to_ascii_lowercase().contains("content-type: text/csv"), "{head}");

@@ -57,7 +57,7 @@ pub mod reserve;
 pub mod search_lang;
 pub mod spool;
 
-pub use query::{Changes, Cond, ExperimentSummary, Filter, Op, RunRow, Slice, StageRunInfo};
+pub use query::{Agg, Changes, Cond, ExperimentSummary, Filter, Op, RunRow, Slice, StageRunInfo};
 pub use spool::{Record, RunIdent};
 
 /// The state of a run, as stored in `runs.status`.

@@ -216,6 +216,17 @@ impl Default for Slice {
     }
 }
 
+/// How [`Store::metric_aggregates`] sums up a metric's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Agg {
+    /// The smallest value.
+    Min,
+    /// The largest value.
+    Max,
+    /// The mean of the values.
+    Mean,
+}
+
 /// What [`Store::changes_since`] found.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Changes {
@@ -537,6 +548,35 @@ impl Store {
             out.push(assemble(&r, all_params.remove(&id).unwrap_or_default(), &finals, &spooled)?);
         }
         Ok(out)
+    }
+
+    /// Per run of `experiment`, each metric of `keys` summed up over its whole history by
+    /// `agg` (`min`, `max` or `mean`; NaN and infinite values left out): (run, stage, key, value).
+    pub async fn metric_aggregates(
+        &self,
+        experiment: &str,
+        keys: &[String],
+        agg: Agg,
+    ) -> Result<Vec<(i64, String, String, Option<f64>)>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let f = match agg {
+            Agg::Min => "min",
+            Agg::Max => "max",
+            Agg::Mean => "avg",
+        };
+        let text = format!(
+            "SELECT x.run_id, x.stage, x.key, {f}(x.value) FROM metrics x JOIN runs r ON r.id = x.run_id \
+             JOIN experiments e ON e.id = r.experiment_id WHERE e.name = ? AND x.key IN ({}) \
+             GROUP BY x.run_id, x.stage, x.key ORDER BY x.run_id, x.key, x.stage",
+            vec!["?"; keys.len()].join(", ")
+        );
+        let mut q = crate::q_owned(self.backend, text).bind(experiment.to_string());
+        for k in keys {
+            q = q.bind(k.clone());
+        }
+        Ok(q.fetch_all(&self.pool).await?.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect())
     }
 
     /// Every (experiment, stage, metric key) logged by the runs of `experiment` (all when

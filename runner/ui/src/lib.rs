@@ -256,6 +256,8 @@ struct View {
     all: bool,
     cols: Vec<String>,
     csv: bool,
+    /// Each metric's value over a run's history (None: its last).
+    value: Option<huse_store::Agg>,
 }
 
 impl View {
@@ -275,6 +277,14 @@ impl View {
                 "cols" => v.cols.extend(val.split(',').filter(|c| !c.is_empty()).map(String::from)),
                 "col" if !val.is_empty() => v.cols.push(val),
                 "format" => v.csv = val == "csv",
+                "value" => {
+                    v.value = match val.as_str() {
+                        "min" => Some(huse_store::Agg::Min),
+                        "max" => Some(huse_store::Agg::Max),
+                        "mean" => Some(huse_store::Agg::Mean),
+                        _ => None,
+                    }
+                }
                 _ => {}
             }
         }
@@ -300,6 +310,9 @@ impl View {
         if v.page > 0 {
             parts.push(format!("page={}", v.page));
         }
+        if let Some(a) = v.value {
+            parts.push(format!("value={}", agg_name(a)));
+        }
         if v.group && !v.by.is_empty() {
             parts.push(format!("by={}", url_enc(&v.by.join(","))));
         }
@@ -307,6 +320,14 @@ impl View {
             parts.push(format!("cols={}", url_enc(&v.cols.join(","))));
         }
         format!("/exp/{}{}{}", url_enc(exp), if parts.is_empty() { "" } else { "?" }, parts.join("&"))
+    }
+}
+
+fn agg_name(a: huse_store::Agg) -> &'static str {
+    match a {
+        huse_store::Agg::Min => "min",
+        huse_store::Agg::Max => "max",
+        huse_store::Agg::Mean => "mean",
     }
 }
 
@@ -338,7 +359,38 @@ async fn runs_page(
         cache::Want::Names(names, headline.clone())
     };
     let (cached, metric_names) = app.cache.runs(&app.store, &exp, &want).await.map_err(internal)?;
-    let mut runs: Vec<&huse_store::RunRow> = cached.iter().collect();
+    // Another value than the last: the metrics the view uses, summed up over each run's history.
+    let summed: Vec<huse_store::RunRow>;
+    let mut runs: Vec<&huse_store::RunRow> = if let Some(agg) = view.value {
+        let names: BTreeSet<String> = match &want {
+            cache::Want::All => metric_names.clone(),
+            cache::Want::Names(named, patterns) => metric_names
+                .iter()
+                .filter(|n| named.contains(*n) || patterns.iter().any(|p| p.matches(n)))
+                .cloned()
+                .collect(),
+        };
+        let keys = app.cache.logged_keys(&exp, &names).await;
+        let mut by_run: BTreeMap<i64, Vec<(String, String, Option<f64>)>> = BTreeMap::new();
+        for (id, stage, key, v) in app.store.metric_aggregates(&exp, &keys, agg).await.map_err(internal)? {
+            by_run.entry(id).or_default().push((stage, key, v));
+        }
+        summed = cached
+            .iter()
+            .map(|r| {
+                let rows = by_run.remove(&r.id).unwrap_or_default();
+                let metrics = huse_store::query::qualified(rows.iter().map(|(s, k, _)| (s.as_str(), k.as_str())))
+                    .into_iter()
+                    .zip(&rows)
+                    .map(|(n, (_, _, v))| (n, *v))
+                    .collect();
+                huse_store::RunRow { run: r.run.clone(), params: r.params.clone(), metrics }
+            })
+            .collect();
+        summed.iter().collect()
+    } else {
+        cached.iter().collect()
+    };
     if let Some(expr) = &expr {
         let mut known: BTreeSet<String> = search_lang::RUN_FIELDS.iter().map(|s| s.to_string()).collect();
         let params: BTreeSet<&String> = runs.iter().flat_map(|r| r.params.keys()).collect();
@@ -445,11 +497,21 @@ async fn runs_page(
     write!(
         body,
         "<form method=\"get\" action=\"/exp/{u}\"><input type=\"text\" name=\"q\" value=\"{q}\" placeholder=\"test.acc.both &gt; 0.9 and (train.beta in (0, 0.5) or state = failed)\"> \
-         <label><input type=\"checkbox\" name=\"group\" value=\"1\"{g}> group over seeds (mean ± std)</label>{by} \
+         <label><input type=\"checkbox\" name=\"group\" value=\"1\"{g}> group over seeds (mean ± std)</label>{by} {value} \
          <label><input type=\"checkbox\" name=\"all\" value=\"1\"{a}> every column</label>{sort}{cols} <button type=\"submit\">show</button></form>",
         u = url_enc(&exp),
         q = esc(&view.q),
         g = if view.group { " checked" } else { "" },
+        value = {
+            let opts: Vec<String> = [None, Some(huse_store::Agg::Min), Some(huse_store::Agg::Max), Some(huse_store::Agg::Mean)]
+                .iter()
+                .map(|a| {
+                    let name = a.map(agg_name).unwrap_or("last");
+                    format!("<option value=\"{name}\"{s}>{name}</option>", s = if *a == view.value { " selected" } else { "" })
+                })
+                .collect();
+            format!("<label>values: <select name=\"value\">{}</select></label>", opts.join(""))
+        },
         by = {
             let params: Vec<&String> = varying.iter().filter(|p| *p != "seed").collect();
             if params.len() < 2 {
@@ -485,6 +547,9 @@ async fn runs_page(
     }
     if view.group {
         body.push_str("<input type=\"hidden\" name=\"group\" value=\"1\">");
+    }
+    if let Some(a) = view.value {
+        write!(body, "<input type=\"hidden\" name=\"value\" value=\"{}\">", agg_name(a)).ok();
     }
     for h in &picker {
         write!(
