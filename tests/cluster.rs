@@ -369,6 +369,8 @@ fn db_copy_moves_runs_into_postgres_once_and_every_query_reads_both() {
     // A password never shows: the location is printed with it hidden.
     let err = sb.run(&["--db", "postgres://u:secret@127.0.0.1:1/x", "runs"]).expect(1).stderr();
     assert!(!err.contains("secret") && err.contains("u:***@"), "{err}");
+    // The app in a browser over PostgreSQL: charts, brushing, compare, a run recorded while open.
+    common::drive_the_app_in_chromium(&sb, &on_pg, &["--db", url.as_str()]);
 }
 
 /// A TCP proxy on 127.0.0.1 in front of `target` that can be cut, as when the server goes

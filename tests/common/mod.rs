@@ -241,3 +241,104 @@ pub fn check_app_endpoints(addr: &str) {
     assert_eq!(d["axes"], serde_json::json!(["mid.factor", "mid.offset", "sum"]), "{d}");
     assert_eq!(d["ids"], serde_json::json!([1, 2, 3, 4]));
 }
+
+/// Visible rows of the runs table (the brushing hides the others), as ids.
+const VISIBLE_IDS: &str = "return Array.from(document.querySelectorAll('#runs tr[data-i]')).filter(t => !t.hidden)\
+                           .map(t => t.querySelector('a').textContent)";
+
+/// The results app on [`known_runs`]' experiment `q` at `addr`, in headless Chromium: the charts
+/// drawn from the view, a mouse drag along a parallel axis narrowing the table, compare, and a
+/// run recorded (with `db_args` before the experiment file) while the page is open appearing
+/// without a reload.
+pub fn drive_the_app_in_chromium(sb: &Sandbox, addr: &str, db_args: &[&str]) {
+    use std::time::Duration;
+    use webdriver::Browser;
+    let b = Browser::start(sb.path(), 1300, 1100);
+    b.open(&format!("http://{addr}/exp/q"));
+    let wait = Duration::from_secs(30);
+    b.wait_for(
+        "const s = document.getElementById('cv-key'); return !!s && s.options.length > 0",
+        wait,
+        "the curves' metric list",
+    );
+    // Drawn from the view: parallel axes over what varies, a line per run; a scatter point per
+    // run; the curves of `loss`, a line per run.
+    let chart = "const g = id => echarts.getInstanceByDom(document.getElementById(id)).getOption();";
+    b.wait_for(&format!("{chart} return g('cv').series.length === 4"), wait, "four curves");
+    let info = b.js(&format!(
+        "{chart} return {{pc: g('pc').parallelAxis.map(a => a.name), lines: g('pc').series[0].data.length, \
+         sc: g('sc').series[0].data.length, keys: Array.from(document.getElementById('cv-key').options).map(o => o.value)}}"
+    ));
+    assert_eq!(info["pc"], serde_json::json!(["mid.factor", "mid.offset", "sum"]), "{info}");
+    assert_eq!((info["lines"].as_i64(), info["sc"].as_i64()), (Some(4), Some(4)), "{info}");
+    assert_eq!(info["keys"], serde_json::json!(["loss"]));
+    if let Ok(dir) = std::env::var("HUSE_UI_SHOTS") {
+        b.screenshot(&Path::new(&dir).join("ui-charts.png"));
+    }
+
+    // Brushing: a real drag along the `sum` axis over the two largest sums narrows the table
+    // to those two runs (and the curves to theirs).
+    let sums = b.js("const d = JSON.parse(document.getElementById('view-data').textContent); \
+                     const i = d.columns.indexOf('sum'); return d.rows.map(r => r[i]);");
+    let mut sums: Vec<f64> = sums.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    sums.sort_by(f64::total_cmp);
+    let (lo, hi) = ((sums[1] + sums[2]) / 2.0, sums[3] + 0.25 * (sums[3] - sums[2]));
+    let at = b.js(&format!(
+        "const el = document.getElementById('pc'); el.scrollIntoView(); const r = el.getBoundingClientRect(); \
+         const cs = echarts.getInstanceByDom(el).getModel().getComponent('parallel').coordinateSystem; \
+         const a = cs.dataToPoint({lo}, 'dim2'), b = cs.dataToPoint({hi}, 'dim2'); \
+         return [r.left + a[0], r.top + a[1], r.left + b[0], r.top + b[1]];"
+    ));
+    let p: Vec<i64> = at.as_array().unwrap().iter().map(|v| v.as_f64().unwrap().round() as i64).collect();
+    b.drag((p[0], p[1]), (p[2], p[3]));
+    b.wait_for(&format!("{VISIBLE_IDS}.length === 2"), wait, "the brushed table");
+    let visible = b.js(VISIBLE_IDS);
+    let expected: Vec<String> = {
+        let d = b.js("const d = JSON.parse(document.getElementById('view-data').textContent); \
+                      const i = d.columns.indexOf('sum'); return d.rows.map(r => [String(r[0]), r[i]]);");
+        d.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r[1].as_f64().unwrap() >= lo)
+            .map(|r| r[0].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(visible, serde_json::json!(expected), "the rows left are those in the brushed range");
+    assert!(b.js("return document.getElementById('brushnote').textContent").as_str().unwrap().contains("2 of 4"));
+    b.wait_for(&format!("{chart} return g('cv').series.length === 2"), wait, "the brushed runs' curves");
+    if let Ok(dir) = std::env::var("HUSE_UI_SHOTS") {
+        b.screenshot(&Path::new(&dir).join("ui-brushed.png"));
+    }
+
+    // Compare: tick two runs, press the button; the page marks what differs and overlays curves.
+    b.js("document.querySelector('input[name=ids][value=\"1\"]').click(); \
+          document.querySelector('input[name=ids][value=\"4\"]').click(); \
+          document.querySelector('#cmp button').click(); return true;");
+    b.wait_for("return location.pathname === '/compare'", wait, "the compare page");
+    assert!(b.url().contains("ids=1&ids=4"), "{}", b.url());
+    assert!(b.js("return document.querySelectorAll('tr.diff').length").as_i64().unwrap() >= 2);
+    b.wait_for(
+        &format!("{chart} return !!document.getElementById('cv') && g('cv').series.length === 2"),
+        wait,
+        "the compared curves",
+    );
+    if let Ok(dir) = std::env::var("HUSE_UI_SHOTS") {
+        b.screenshot(&Path::new(&dir).join("ui-compare.png"));
+    }
+
+    // Live: a run recorded while the page is open appears without a reload.
+    b.open(&format!("http://{addr}/exp/q"));
+    b.wait_for(&format!("{VISIBLE_IDS}.length === 4"), wait, "the table");
+    b.js("window.sameWindow = 1; return true;");
+    let more = sb.write(
+        "q-more.yaml",
+        "name: q\nstages:\n  source: { uses: toy-source, with: { count: 4 } }\n  \
+         mid: { uses: toy-scale, needs: [source], with: { metrics: 3, factor: 3, offset: 2 } }\n  total: { uses: toy-sum, needs: [mid] }\n",
+    );
+    let mut args = db_args.to_vec();
+    args.push(more.to_str().unwrap());
+    sb.run(&args).expect(0);
+    b.wait_for(&format!("{VISIBLE_IDS}.length === 5"), wait, "the new run in the table");
+    assert_eq!(b.js("return window.sameWindow"), serde_json::json!(1), "no reload");
+    b.wait_for(&format!("{chart} return g('cv').series.length === 5"), wait, "the new run's curve");
+}
