@@ -489,6 +489,16 @@ fn the_results_app_searches_a_trained_run(sb: &Sandbox, item: &serde_json::Value
     assert_eq!(get(&addr, "/run/1/search/img/0/..%2F..%2Fetc%2Fpasswd").0 / 100, 4);
     assert_eq!(get(&addr, "/run/999/search").0, 404);
     assert_eq!(get(&addr, "/run/x/search").0, 400);
+    // The evaluate stage's retrieval gallery, its photos served by item id from the run's dataset.
+    assert!(page.contains("retrieval gallery"), "{page}");
+    let photo = page.split("src=\"/run/1/photo/").nth(1).and_then(|s| s.split('"').next()).unwrap().to_string();
+    let (status, head_and_body) = http(
+        &addr,
+        format!("GET /run/1/photo/{photo} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    assert_eq!(status, 200, "{head_and_body}");
+    assert_eq!(get(&addr, "/run/1/photo/no-such-item").0, 404);
+    assert_eq!(get(&addr, "/run/1/photo/..%2F..%2Fetc%2Fpasswd").0, 404);
 }
 
 /// `huse-run serve` gives the same answer as `huse-run search`, in a real browser, and

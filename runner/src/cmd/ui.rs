@@ -30,6 +30,18 @@ struct Searches {
     device: String,
     /// Whether each run asked about has a model.
     models: tokio::sync::Mutex<std::collections::HashMap<i64, bool>>,
+    /// Each run's item images by item id (its ingest stage's items), as asked for.
+    images: tokio::sync::Mutex<std::collections::HashMap<i64, std::sync::Arc<ItemImages>>>,
+}
+
+type ItemImages = std::collections::HashMap<String, std::path::PathBuf>;
+
+/// A run's item images by id, from its ingest stage's items.
+async fn item_images(store: &huse_store::Store, id: i64) -> anyhow::Result<ItemImages> {
+    let files = super::run_files(store, id).await?;
+    let path = files.ingest_dir.join(huse_data::Artifact::Items);
+    let items = tokio::task::spawn_blocking(move || huse_data::read_items(&path)).await??;
+    Ok(items.into_iter().map(|it| (it.id, std::path::PathBuf::from(it.image))).collect())
 }
 
 impl huse_ui::SearchApps for Searches {
@@ -41,6 +53,16 @@ impl huse_ui::SearchApps for Searches {
             let has = super::run_files(&self.store, id).await.is_ok();
             self.models.lock().await.insert(id, has);
             has
+        })
+    }
+
+    fn item_image(&self, id: i64, item: String) -> huse_ui::BoxFuture<'_, Option<std::path::PathBuf>> {
+        Box::pin(async move {
+            let mut known = self.images.lock().await;
+            if let std::collections::hash_map::Entry::Vacant(e) = known.entry(id) {
+                e.insert(std::sync::Arc::new(item_images(&self.store, id).await.unwrap_or_default()));
+            }
+            known.get(&id).and_then(|m| m.get(&item).cloned())
         })
     }
 
@@ -79,6 +101,7 @@ pub async fn run(g: &Global, a: UiArgs) -> Result<i32> {
         store: open_for_queries(g).await?,
         device: a.device.clone(),
         models: Default::default(),
+        images: Default::default(),
     };
     let settings = huse_ui::Settings {
         headline: crate::builtin_registry().headline(),

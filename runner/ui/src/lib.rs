@@ -6,14 +6,18 @@
 //!   vary and the stages' headline metrics (`cols=` or the column picker for others, `all=1` for
 //!   every one); sort by any column; a filter in the search language
 //!   ([`huse_store::search_lang`], a mistake is a 400 that points at its column); grouping over
-//!   seeds with mean ± std and n; 100 rows a page; `format=csv` for the current view;
+//!   seeds (or by chosen params) with mean ± std and n; each metric as its last value or its
+//!   min, max or mean over the run's history; 100 rows a page; `format=csv` for the current
+//!   view. The runs are kept in memory and brought up to date per request (`cache`), so a
+//!   page of 100,000 runs answers in a fraction of a second;
 //!   Above the table, charts of the view ([`api::ViewData`]): parallel coordinates over what
 //!   varies (brushing an axis narrows the table), a scatter of any two columns, and any
 //!   multi-step metric overlaid across the view's runs or groups (mean line and min-max band,
 //!   log axis, smoothing). The page follows the database: new runs and growing curves appear
 //!   without a reload (it polls `/api/version`);
 //! - `/run/ID`: a run — its fields, params, stages (times, cache keys), final metrics, its
-//!   curves as charts, the stages' summaries (the paper's tables) and its resolved config;
+//!   curves as charts, its retrieval gallery, the stages' summaries (the paper's tables), its
+//!   resolved config, and a search box when it has a trained model;
 //! - `/compare?ids=1,2,3`: runs side by side, the rows that differ marked, curves overlaid.
 //!
 //! The charts are Apache ECharts (a custom build vendored in `assets/`, with its licence),
@@ -21,7 +25,9 @@
 //!
 //! Every string from the database is escaped. With a token ([`Settings::token`]) every
 //! request must carry it (`Authorization: Bearer T`, the `huse_ui_token` cookie, or `?token=T`
-//! once, which sets the cookie); without it a request is a 401. Nothing is read from disk.
+//! once, which sets the cookie); without it a request is a 401. The only files read are a
+//! run's own dataset photos, by item id, through [`SearchApps::item_image`]; a trained run's
+//! search page (`/run/ID/search`) is `huse-run serve`'s, made by [`SearchApps::app`].
 
 mod api;
 mod cache;
@@ -53,6 +59,8 @@ pub trait SearchApps: Send + Sync {
     fn has_model(&self, id: i64) -> BoxFuture<'_, bool>;
     /// The search page of run `id` (`huse-run serve`'s), its links under `base`.
     fn app(&self, id: i64, base: String) -> BoxFuture<'_, anyhow::Result<Router>>;
+    /// The image file of item `item` (its id) of run `id`'s dataset, if it has one.
+    fn item_image(&self, id: i64, item: String) -> BoxFuture<'_, Option<std::path::PathBuf>>;
 }
 
 /// What the app is told at start.
@@ -95,6 +103,7 @@ pub fn app(store: Store, settings: Settings) -> Router {
         .route("/run/{id}", get(run_page))
         .route("/compare", get(compare_page))
         .route("/run/{id}/search", axum::routing::any(search))
+        .route("/run/{id}/photo/{item}", get(photo))
         .route("/run/{id}/search/{*rest}", axum::routing::any(search))
         .route("/assets/{name}", get(api::asset))
         .route("/api/version", get(api::version))
@@ -626,6 +635,61 @@ fn html_table(t: &Table, pg: usize, exp: &str, view: &View) -> String {
     s
 }
 
+/// `/run/ID/photo/ITEM`: the photo of an item of the run's dataset (found by its id among the
+/// run's items, so no other file can be asked for), if it is a JPEG or PNG.
+async fn photo(State(app): State<Shared>, UrlPath((id, item)): UrlPath<(String, String)>) -> Result<Response, Problem> {
+    let id: i64 = id.parse().map_err(|_| Problem(StatusCode::BAD_REQUEST, format!("`{id}` is not a run id")))?;
+    let Some(apps) = &app.settings.search else {
+        return Err(Problem(StatusCode::NOT_FOUND, "this app was started without the runs' datasets".into()));
+    };
+    let Some(path) = apps.item_image(id, item.clone()).await else {
+        return Err(Problem(StatusCode::NOT_FOUND, format!("run {id} has no item `{item}`")));
+    };
+    let bytes = tokio::fs::read(&path)
+        .await
+        .map_err(|_| Problem(StatusCode::NOT_FOUND, "the image file cannot be read".into()))?;
+    let mime = if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        "image/jpeg"
+    } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        "image/png"
+    } else {
+        return Err(Problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, "the item's file is not a JPEG or PNG image".into()));
+    };
+    Ok(([(header::CONTENT_TYPE, mime), (header::CACHE_CONTROL, "max-age=3600")], bytes).into_response())
+}
+
+/// The evaluate stage's retrieval gallery of a run (its `gallery.json`: fixed test queries
+/// and their nearest photos) as a table of thumbnails, framed green where the class is right.
+fn gallery_html(id: i64, gallery: &serde_json::Value) -> String {
+    let mut s = String::from(
+        "<h2>retrieval gallery</h2><p class=\"note\">For fixed test items, the product photos nearest to the item's title \
+         (green frame: the query's class).</p><div class=\"scroll\"><table><tr><th class=\"t\">query</th><th class=\"t\">nearest photos</th></tr>",
+    );
+    for q in gallery.as_array().into_iter().flatten() {
+        let class = q["class"].as_str().unwrap_or("");
+        write!(
+            s,
+            "<tr><td class=\"t\" style=\"white-space:normal;max-width:240px\">{}<br><small>{}</small></td><td class=\"t\">",
+            esc(q["text"].as_str().unwrap_or("")),
+            esc(class)
+        )
+        .ok();
+        for h in q["hits"].as_array().into_iter().flatten() {
+            let frame = if h["class"].as_str() == Some(class) { "#2a2" } else { "#ddd" };
+            write!(
+                s,
+                "<img src=\"/run/{id}/photo/{item}\" title=\"{t}\" alt=\"{t}\" loading=\"lazy\" style=\"height:80px;border:3px solid {frame};margin:1px\">",
+                item = esc(&url_enc(h["id"].as_str().unwrap_or(""))),
+                t = esc(h["class"].as_str().unwrap_or(""))
+            )
+            .ok();
+        }
+        s.push_str("</td></tr>");
+    }
+    s.push_str("</table></div>");
+    s
+}
+
 /// `/run/ID/search/...`: the run's search page (`huse-run serve`'s), made on first use.
 async fn search(State(app): State<Shared>, req: Request) -> Result<Response, Problem> {
     let path = req.uri().path().to_string();
@@ -705,6 +769,12 @@ async fn run_page(State(app): State<Shared>, UrlPath(id): UrlPath<String>) -> Re
             body.push_str(&svg);
         }
         body.push_str("</div>");
+    }
+    if app.settings.search.is_some()
+        && let Some(a) = store.attachment(id, "gallery.json").await.map_err(internal)?
+        && let Ok(g) = serde_json::from_str::<serde_json::Value>(&a.text)
+    {
+        body.push_str(&gallery_html(id, &g));
     }
     for (title, t) in &sections {
         write!(body, "<h2>{}</h2>{}", esc(title), html_plain_table(t)).ok();
