@@ -326,6 +326,28 @@ pub fn drive_the_app_in_chromium(sb: &Sandbox, addr: &str, db_args: &[&str]) {
         b.screenshot(&Path::new(&dir).join("ui-compare.png"));
     }
 
+    // The filter box with OR and IN, typed and submitted as a user does; then grouping.
+    b.open(&format!("http://{addr}/exp/q"));
+    b.wait_for(&format!("{VISIBLE_IDS}.length === 4"), wait, "the table");
+    b.js("const f = document.querySelector('input[name=q]'); f.value = 'mid.offset in (1) or sum < 7'; \
+          f.form.submit(); return true;");
+    b.wait_for("return location.search.includes('q=')", wait, "the filtered page");
+    b.wait_for(&format!("{VISIBLE_IDS}.length === 3"), wait, "the filtered table");
+    assert_eq!(b.js(VISIBLE_IDS), serde_json::json!(["1", "2", "4"]));
+    b.js("const g = document.querySelector('input[name=group]'); g.checked = true; document.querySelector('input[name=q]').value = ''; \
+          g.form.submit(); return true;");
+    b.wait_for(
+        "return location.search.includes('group=1') && document.querySelectorAll('#runs tr[data-i]').length === 4",
+        wait,
+        "the grouped table",
+    );
+    let cells = b.js("return Array.from(document.querySelectorAll('#runs td')).map(td => td.textContent)");
+    assert!(cells.as_array().unwrap().iter().any(|c| c.as_str() == Some("1")), "each group's run count: {cells}");
+    // A run's page: its curve drawn, its config shown.
+    b.open(&format!("http://{addr}/run/4"));
+    assert!(b.js("return document.querySelectorAll('svg').length").as_i64().unwrap() >= 1, "the run's curves");
+    assert!(b.js("return document.body.textContent.includes('name: q')").as_bool().unwrap(), "its resolved config");
+
     // Live: a run recorded while the page is open appears without a reload.
     b.open(&format!("http://{addr}/exp/q"));
     b.wait_for(&format!("{VISIBLE_IDS}.length === 4"), wait, "the table");

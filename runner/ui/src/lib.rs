@@ -678,7 +678,7 @@ fn gallery_html(id: i64, gallery: &serde_json::Value) -> String {
             let frame = if h["class"].as_str() == Some(class) { "#2a2" } else { "#ddd" };
             write!(
                 s,
-                "<img src=\"/run/{id}/photo/{item}\" title=\"{t}\" alt=\"{t}\" loading=\"lazy\" style=\"height:80px;border:3px solid {frame};margin:1px\">",
+                "<img src=\"/run/{id}/photo/{item}\" title=\"{t}\" alt=\"{t}\" style=\"height:80px;border:3px solid {frame};margin:1px\">",
                 item = esc(&url_enc(h["id"].as_str().unwrap_or(""))),
                 t = esc(h["class"].as_str().unwrap_or(""))
             )
