@@ -238,6 +238,21 @@ pub struct Changes {
     pub metric_id: i64,
 }
 
+/// The params of the runs `scope` (a JOIN/WHERE on `params x`) selects, by run and key.
+fn params_sql(scope: &str) -> String {
+    format!("SELECT x.run_id, x.key, x.value FROM params x {scope} ORDER BY x.run_id, x.key")
+}
+
+/// The final value of each (run, stage, key) of the metrics `scope` and `cond` select: its row
+/// of the highest step (then the latest id), as the `final_metrics` view defines it.
+fn finals_sql(scope: &str, cond: &str) -> String {
+    format!(
+        "SELECT run_id, stage, key, value FROM (SELECT x.run_id, x.stage, x.key, x.value, \
+         ROW_NUMBER() OVER (PARTITION BY x.run_id, x.stage, x.key ORDER BY x.step DESC, x.id DESC) AS nth \
+         FROM metrics x {scope}{cond}) finals WHERE nth = 1 ORDER BY run_id, key, stage"
+    )
+}
+
 /// A run's row, its params and final metrics as a [`RunRow`] (the metric keys qualified by
 /// stage where several of its stages log one); a run left `running` by a process that has
 /// ended with records spooled (it could not even mark it failed: a full disk) shows as failed.
@@ -393,18 +408,8 @@ impl Store {
         } else {
             ""
         };
-        let mut pq = crate::q_owned(
-            self.backend,
-            format!("SELECT x.run_id, x.key, x.value FROM params x {scope} ORDER BY x.run_id, x.key"),
-        );
-        let mut mq = crate::q_owned(
-            self.backend,
-            format!(
-                "SELECT run_id, stage, key, value FROM (SELECT x.run_id, x.stage, x.key, x.value, \
-                 ROW_NUMBER() OVER (PARTITION BY x.run_id, x.stage, x.key ORDER BY x.step DESC, x.id DESC) AS nth \
-                 FROM metrics x {scope}) finals WHERE nth = 1 ORDER BY run_id, key, stage"
-            ),
-        );
+        let mut pq = crate::q_owned(self.backend, params_sql(scope));
+        let mut mq = crate::q_owned(self.backend, finals_sql(scope, ""));
         if let Some(e) = &filter.experiment {
             pq = pq.bind(e.clone());
             mq = mq.bind(e.clone());
@@ -487,18 +492,8 @@ impl Store {
             None => String::new(),
         };
         let mut rq = crate::q_owned(self.backend, runs_sql);
-        let mut pq = crate::q_owned(
-            self.backend,
-            format!("SELECT x.run_id, x.key, x.value FROM params x {scope} ORDER BY x.run_id, x.key"),
-        );
-        let mut mq = crate::q_owned(
-            self.backend,
-            format!(
-                "SELECT run_id, stage, key, value FROM (SELECT x.run_id, x.stage, x.key, x.value, \
-                 ROW_NUMBER() OVER (PARTITION BY x.run_id, x.stage, x.key ORDER BY x.step DESC, x.id DESC) AS nth \
-                 FROM metrics x {scope}{key_cond}) finals WHERE nth = 1 ORDER BY run_id, key, stage"
-            ),
-        );
+        let mut pq = crate::q_owned(self.backend, params_sql(&scope));
+        let mut mq = crate::q_owned(self.backend, finals_sql(&scope, &key_cond));
         if let Some(e) = &slice.experiment {
             rq = rq.bind(e.clone());
             pq = pq.bind(e.clone());
