@@ -83,6 +83,26 @@ fn a_second_run_is_all_cache_hits_and_force_recomputes() {
 }
 
 #[test]
+fn a_sweep_from_the_command_line_runs_its_grid_with_seeds_and_ends_with_a_summary() {
+    let sb = Sandbox::new();
+    let f = sb.write(
+        "c.yaml",
+        "name: cli-sweep\nstages:\n  source: { uses: toy-source, with: { count: 4 } }\n  \
+         mid: { uses: toy-scale, needs: [source], with: { add_seed: true } }\n  total: { uses: toy-sum, needs: [mid] }\n",
+    );
+    let out = sb.run(&[f.to_str().unwrap(), "--sweep", "mid.factor=1,2", "--repeat", "2"]).expect(0);
+    assert_eq!(sb.count("SELECT count(*) FROM runs WHERE status = 'succeeded'"), 4);
+    let factors = sb.sql("SELECT DISTINCT value FROM params WHERE key = 'mid.factor' ORDER BY value");
+    assert_eq!(factors, [["1".to_string()], ["2".to_string()]]);
+    // One table across the two points at the end, mean ± std over the seeds.
+    assert!(out.stdout().contains("by sweep point") && out.stdout().contains(" ± "), "{}", out.stdout());
+    // A mistake names the argument and writes nothing.
+    let err = sb.run(&[f.to_str().unwrap(), "--sweep", "mid.factr=1,2"]).expect(2).stderr();
+    assert!(err.contains("--sweep mid.factr=1,2") && err.contains("factor"), "{err}");
+    assert_eq!(sb.count("SELECT count(*) FROM runs"), 4);
+}
+
+#[test]
 fn a_3x3_sweep_creates_9_runs_and_computes_the_shared_upstream_once() {
     let sb = Sandbox::new();
     let f = sb.write(

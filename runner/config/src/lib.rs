@@ -86,6 +86,9 @@ impl std::error::Error for Diagnostics {}
 pub struct Overrides {
     /// `KEY=VALUE` pairs from `--set`.
     pub set: Vec<String>,
+    /// `KEY=V1,V2,...` (or `KEY=[V1, V2]`) from `--sweep`: grid axes added to the file's
+    /// sweep (an axis of the same key in the file is replaced).
+    pub sweep: Vec<String>,
     /// `--repeat N`.
     pub repeat: Option<u32>,
     /// `--force STAGE` names (checked against the experiment's stages).
@@ -359,6 +362,13 @@ pub fn compile(
         }
     }
     let repeat = repeat_count(&mut cx, root, overrides.repeat);
+    let with_cli_sweep;
+    let root = if overrides.sweep.is_empty() {
+        root
+    } else {
+        with_cli_sweep = cli_sweeps(&mut cx, root, &overrides.sweep, &stage_names);
+        &with_cli_sweep
+    };
     let points = sweep::points(&mut cx, root, &stage_names, repeat, overrides.max_runs.unwrap_or(MAX_RUNS));
     let name = experiment_name(&mut cx, root, env);
 
@@ -448,6 +458,61 @@ fn check_plugins_list(cx: &mut Ctx, root: &Node) {
         }
         _ => cx.err(&pl.origin, "plugins", "expected a list of plugin library paths"),
     }
+}
+
+/// The experiment with the `--sweep KEY=V1,V2,...` axes added to its `sweep:` (into its
+/// `grid:` when the file's sweep has the `grid:`/`points:` form), replacing an axis of the
+/// same key. Values are YAML scalars (`0.5`, `adamw`, `'a,b'`); `KEY=[...]` takes a YAML list.
+fn cli_sweeps(cx: &mut Ctx, root: &Node, sweeps: &[String], stage_names: &BTreeSet<String>) -> Node {
+    let mut root = root.clone();
+    for s in sweeps {
+        let arg = format!("--sweep {s}");
+        let Some((k, v)) = s.split_once('=') else {
+            cx.err(&Origin::Arg(arg), "", "expected KEY=V1,V2,... (or KEY=[V1, V2])");
+            continue;
+        };
+        let key = k.trim();
+        if let Err(why) = settable_path(key, stage_names) {
+            cx.err(&Origin::Arg(arg), "", format!("--sweep key {why}"));
+            continue;
+        }
+        let values = if v.trim_start().starts_with('[') {
+            Node::parse_arg(v, &arg)
+        } else {
+            v.split(',')
+                .map(|part| Node::parse_arg(part.trim(), &arg))
+                .collect::<Result<Vec<Node>, String>>()
+                .map(|items| Node::new(Value::Seq(items), Origin::Arg(arg.clone())))
+        };
+        let values = match values {
+            Ok(n) if matches!(&n.value, Value::Seq(items) if !items.is_empty()) => n,
+            Ok(n) => {
+                cx.err(
+                    &Origin::Arg(arg),
+                    key,
+                    format!("expected a non-empty list of values, found {}", n.value.type_name()),
+                );
+                continue;
+            }
+            Err(e) => {
+                cx.err(&Origin::Arg(arg), key, format!("invalid value: {e}"));
+                continue;
+            }
+        };
+        let explicit = root
+            .get("sweep")
+            .and_then(Node::as_map)
+            .is_some_and(|m| m.iter().any(|(k, _)| k.name == "grid" || k.name == "points"));
+        let mut path = vec!["sweep".to_string()];
+        if explicit {
+            path.push("grid".into());
+        }
+        path.push(key.to_string());
+        if let Err(e) = root.set(&path, values) {
+            cx.err(&Origin::Arg(arg), key, format!("cannot add to the file's sweep: {e}"));
+        }
+    }
+    root
 }
 
 /// `--set KEY=VALUE` pairs as (tree path, value); applied to every run after the sweep point.

@@ -198,4 +198,37 @@ mod tests {
         let e = crate::compile_str(&small, "e.yaml", &o, &crate::tests::registry(), &|_| None).unwrap_err().to_string();
         assert!(e.contains("makes 12 runs, more than the limit of 10"), "{e}");
     }
+
+    fn with_cli_sweep(text: &str, sweep: &[&str]) -> Result<Vec<String>, Vec<String>> {
+        let o = crate::Overrides { sweep: sweep.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+        crate::compile_str(text, "e.yaml", &o, &crate::tests::registry(), &|_| None)
+            .map(|e| e.runs.iter().map(|r| r.point.clone()).collect())
+            .map_err(|d| d.0.iter().map(|d| d.to_string()).collect())
+    }
+
+    #[test]
+    fn command_line_sweeps_add_grid_axes_to_the_files_sweep() {
+        // Without a sweep in the file: a grid of its own.
+        let points = with_cli_sweep(DIAMOND, &["left.factor=1,2,3"]).unwrap();
+        assert_eq!(points, ["left.factor=1", "left.factor=2", "left.factor=3"]);
+        // A YAML list, and two axes combine.
+        let points = with_cli_sweep(DIAMOND, &["left.factor=[1, 2]", "right.offset=0,5"]).unwrap();
+        assert_eq!(points.len(), 4, "{points:?}");
+        // Beside the file's axes; an axis of the same key replaces the file's.
+        let file = format!("{DIAMOND}sweep:\n  left.factor: [7, 8]\n  right.factor: [1, 2]\n");
+        let points = with_cli_sweep(&file, &["left.factor=3"]).unwrap();
+        assert_eq!(points, ["left.factor=3,right.factor=1", "left.factor=3,right.factor=2"]);
+        // Into the grid of a `grid:`/`points:` sweep.
+        let file = format!("{DIAMOND}sweep:\n  points:\n    - {{ left.factor: 5 }}\n");
+        let points = with_cli_sweep(&file, &["right.factor=1,2"]).unwrap();
+        assert_eq!(points.len(), 2, "{points:?}");
+        assert!(points.iter().all(|p| p.contains("left.factor=5")), "{points:?}");
+        // Mistakes name the argument.
+        let e = with_cli_sweep(DIAMOND, &["lefft.factor=1,2"]).unwrap_err();
+        assert!(e.iter().any(|d| d.contains("--sweep lefft.factor=1,2") && d.contains("did you mean `left`")), "{e:?}");
+        let e = with_cli_sweep(DIAMOND, &["left.factor"]).unwrap_err();
+        assert!(e.iter().any(|d| d.contains("expected KEY=V1,V2")), "{e:?}");
+        let e = with_cli_sweep(DIAMOND, &["left.factor=[]"]).unwrap_err();
+        assert!(e.iter().any(|d| d.contains("expected a non-empty list")), "{e:?}");
+    }
 }

@@ -179,8 +179,13 @@ pub fn compile(file: &Path, a: &run::RunArgs) -> Result<(huse_config::Experiment
     let env = |k: &str| std::env::var(k).ok();
     let mut registry = builtin_registry();
     load_plugins(&source, &a.plugins, &mut registry, &env)?;
-    let overrides =
-        Overrides { set: a.set.clone(), repeat: a.repeat, force: a.force.clone(), max_runs: Some(a.max_runs) };
+    let overrides = Overrides {
+        set: a.set.clone(),
+        sweep: a.sweep.clone(),
+        repeat: a.repeat,
+        force: a.force.clone(),
+        max_runs: Some(a.max_runs),
+    };
     let exp = huse_config::compile(&source, &overrides, &registry, &env)?;
     Ok((exp, registry, source))
 }

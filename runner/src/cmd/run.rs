@@ -25,6 +25,10 @@ pub struct RunArgs {
     /// Override a key: `train.alpha=0.3` (a stage's `with:` key), `seed=7`, `stages.x.uses=y`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Sweep a key over values, as a grid axis added to the file's sweep (repeatable; the
+    /// axes combine): `train.beta=0,0.5,1` or `train.beta=[0, 0.5, 1]`.
+    #[arg(long = "sweep", value_name = "KEY=V1,V2,...")]
+    pub sweep: Vec<String>,
     /// Run each sweep point with this many seeds (seed, seed+1, ...).
     #[arg(long)]
     pub repeat: Option<u32>,
