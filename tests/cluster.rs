@@ -149,13 +149,22 @@ fn a_sweep_on_slurm_writes_postgres_exactly_what_a_local_run_writes_sqlite() {
     let Some(pg) = services("slurm_sweep") else { return };
     let url = fresh_pg(&pg, "sweep");
     let sb = Sandbox::new();
-    let f = sb.write("s.yaml", &sweep_yaml("sweep", ""));
+    // One axis of the sweep comes from the command line: every SLURM task compiles the
+    // experiment again with it.
+    let yaml = sweep_yaml("sweep", "").replace("  right.offset: [0, 10, 20]\n", "");
+    let f = sb.write("s.yaml", &yaml);
     let f = f.to_str().unwrap();
+    let axis = "right.offset=0,10,20";
     // Locally, into SQLite, with its own cache.
     let local_cache = sb.path().join("local-cache");
-    sb.cmd(&["--launcher", "local", f]).env("HUSE_CACHE", &local_cache).output().map(common::Out).unwrap().expect(0);
+    sb.cmd(&["--launcher", "local", f, "--sweep", axis])
+        .env("HUSE_CACHE", &local_cache)
+        .output()
+        .map(common::Out)
+        .unwrap()
+        .expect(0);
     // On SLURM (the file's launcher block), attached, into PostgreSQL.
-    let out = sb.cmd(&[f]).env("HUSE_DB", &url).output().map(common::Out).unwrap().expect(0);
+    let out = sb.cmd(&[f, "--sweep", axis]).env("HUSE_DB", &url).output().map(common::Out).unwrap().expect(0);
     let text = out.stdout();
     assert!(text.contains("submitted 18 run(s) as job array"), "{text}");
     assert!(text.contains("18 succeeded"), "{text}");
@@ -188,10 +197,18 @@ fn a_sweep_on_slurm_writes_postgres_exactly_what_a_local_run_writes_sqlite() {
     assert_eq!(pg_count(&url, "SELECT count(*) FROM params"), sb.count("SELECT count(*) FROM params"));
     // Every run records its log; status shows them all succeeded.
     assert_eq!(pg_count(&url, "SELECT count(*) FROM runs WHERE log LIKE '%/run-%.out'"), 18);
-    let st = sb.cmd(&["status", f]).env("HUSE_DB", &url).output().map(common::Out).unwrap().expect(0).stdout();
+    let st = sb
+        .cmd(&["status", f, "--sweep", axis])
+        .env("HUSE_DB", &url)
+        .output()
+        .map(common::Out)
+        .unwrap()
+        .expect(0)
+        .stdout();
     assert!(st.contains("18 succeeded"), "{st}");
     // The same command again submits nothing: everything is cached.
-    let again = sb.cmd(&[f]).env("HUSE_DB", &url).output().map(common::Out).unwrap().expect(0).stdout();
+    let again =
+        sb.cmd(&[f, "--sweep", axis]).env("HUSE_DB", &url).output().map(common::Out).unwrap().expect(0).stdout();
     assert!(again.contains("nothing to submit"), "{again}");
     assert_eq!(launches(&sb, "sweep").len(), 1, "no new launch");
 }

@@ -210,6 +210,9 @@ pub struct CompileArgs {
     pub file: PathBuf,
     /// `--set` overrides.
     pub set: Vec<String>,
+    /// `--sweep` axes (absent from launch files written before it existed).
+    #[serde(default)]
+    pub sweep: Vec<String>,
     /// `--repeat`.
     pub repeat: Option<u32>,
     /// `--max-runs`.

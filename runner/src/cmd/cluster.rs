@@ -128,6 +128,7 @@ pub async fn launch(
     let compile_args = CompileArgs {
         file,
         set: a.set.clone(),
+        sweep: a.sweep.clone(),
         repeat: a.repeat,
         max_runs: a.max_runs,
         plugins: a.plugins.iter().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())).collect(),
@@ -301,6 +302,7 @@ pub async fn task(g: &Global, launch_file: &Path, shared: Option<usize>, display
     let args = RunArgs {
         experiment: Some(c.file.clone()),
         set: c.set.clone(),
+        sweep: c.sweep.clone(),
         repeat: c.repeat,
         max_runs: c.max_runs,
         plugins: c.plugins.clone(),
