@@ -9,7 +9,8 @@
 //! History: written by the code before the crate split (1e055bd) and unchanged by it;
 //! regenerated once when inputs entered keys by content instead of by upstream key (the
 //! keys of stages without inputs stayed the same); evaluate 1 -> 2 (instance retrieval) changed
-//! the keys of the evaluate stages only, and so did evaluate 2 -> 3 (the gallery attachment).
+//! the keys of the evaluate stages only, and so did evaluate 2 -> 3 (the gallery attachment) and
+//! 3 -> 4 (the validation split's figures).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -169,6 +169,16 @@ fn huse_learns_is_deterministic_and_resumes() {
         assert!((0.0..=1.0).contains(&v), "{key} = {v}");
     }
     assert!(value(&sb, 1, "test.acc.text") > 10.0 * chance);
+    // And the validation split's retrieval figures (what a study may choose by); its accuracies
+    // stay train's alone (one stage per name).
+    for key in ["val.t2i.r1", "val.i2t.r10", "val.hp5.t2i", "val.inst.t2i.r10", "val.acc.both.l0"] {
+        let v = value(&sb, 1, key);
+        assert!((0.0..=1.0).contains(&v), "{key} = {v}");
+    }
+    assert_eq!(
+        sb.sql("SELECT stage FROM final_metrics WHERE run_id = 1 AND key = 'val.acc.both'"),
+        [["train".to_string()]]
+    );
     // Instance retrieval: an item's text ranks its own image far better than chance (the
     // median rank of a random order would be about half the test split).
     let medr = value(&sb, 1, "test.inst.t2i.medr");

@@ -17,6 +17,10 @@
 //!   and its value of ATTR, `test.attr.all.pK` of its class and every value, and
 //!   `test.attr.ATTR.chance` what a search that finds the class and ignores ATTR would get.
 //!
+//! * With `split: test` (the default) and `val: true` (the default), the same figures on the
+//!   validation split, `val.*` (what a study may choose by; the test split's are never used to
+//!   choose), but for the plain accuracies `val.acc.*`, which train reports.
+//!
 //! Every name is written once, in `huse_model::names`. Queries and gallery are the test items; a query never retrieves itself nor, in
 //! cross-modal search, its own paired item. Similarities are computed `block` queries at
 //! a time. Also writes `tables.md` (the three tables) and `metrics.json`.
@@ -51,6 +55,13 @@ pub struct EvalCfg {
     /// The split to evaluate (test or val).
     #[serde(default = "d_split")]
     pub split: String,
+    /// With `split: test`, the validation split's figures too (`val.*`: what a study may
+    /// choose by, never the test split's).
+    #[serde(default = "d_val")]
+    pub val: bool,
+}
+fn d_val() -> bool {
+    true
 }
 fn d_ks() -> Vec<usize> {
     vec![1, 5, 10]
@@ -81,7 +92,7 @@ impl Stage for Evaluate {
         "evaluate"
     }
     fn version(&self) -> &str {
-        "3"
+        "4"
     }
     fn describe(&self) -> &str {
         "the paper's Tables 1-3 (Recall@K, HP@K, accuracy) on the test split"
@@ -142,84 +153,33 @@ impl Stage for Evaluate {
         let device = device_of(ctx.device)?;
         let (ds, tree) = load_dataset(inputs, meta.use_tfidf)?;
         let model = Huse::load(&meta.network, inputs.get(Artifact::Model)?, &device).map_err(StageError::of)?;
-        let split = if cfg.split == "val" { Split::Val } else { Split::Test };
-        let idx = ds.split(split);
-        if idx.len() < 2 {
-            return Err(StageError::msg(format!("the {} split has {} items", cfg.split, idx.len())));
-        }
-        ctx.progress.start("embed", None, "items");
-        let (pi, pt, ei, et) = predict(&model, &ds, &idx, meta.use_tfidf, &device, 4096).map_err(StageError::of)?;
-        let labels: Vec<u32> = idx.iter().map(|&i| ds.labels[i]).collect();
-        let d = meta.network.shape.dim;
-        let (img, txt) = (Rows { data: &ei, dim: d }, Rows { data: &et, dim: d });
         // The similarity blocks on the stage's device (a GPU's cuBLAS there), the selection on the CPU.
         let gemm = metrics::Gemm::for_device(&device);
-        let kmax = cfg.ks.iter().chain(&cfg.hp_ks).copied().max().unwrap_or(10);
-        let p = cfg.split.clone();
-        let mut out: Vec<(String, f64)> = Vec::new();
-        ctx.progress.start("retrieval", Some(4), "directions");
-        for (name, qi, gi) in DIRECTIONS {
-            ctx.cancel.check()?;
-            let (q, g) = (if qi { &img } else { &txt }, if gi { &img } else { &txt });
-            // The query's own item is excluded in every direction (itself, or its paired modality).
-            let res = metrics::top_k_with(&gemm, q, g, kmax, &|i| Some(i), cfg.block).map_err(StageError::of)?;
-            for (k, r) in cfg.ks.iter().zip(metrics::recall_at_k(&res, &labels, &labels, &cfg.ks)) {
-                out.push((names::recall(&p, name, *k), r));
-            }
-            for (k, h) in
-                cfg.hp_ks.iter().zip(metrics::hierarchical_precision(&res, &labels, &labels, &tree, &cfg.hp_ks))
-            {
-                out.push((names::hierarchical_precision(&p, name, *k), h));
-            }
-            ctx.progress.inc(1);
+        let env = Env {
+            ctx,
+            cfg: &cfg,
+            model: &model,
+            ds: &ds,
+            tree: &tree,
+            use_tfidf: meta.use_tfidf,
+            fusion_weight: meta.fusion_weight,
+            dim: meta.network.shape.dim,
+            device: &device,
+            gemm: &gemm,
+            inputs,
+            val_accuracies_by_train: cfg.split == "test",
+        };
+        let main = split_figures(&env, &cfg.split)?;
+        let mut out = main.out.clone();
+        // The validation split's figures too (the objectives a study may choose by), when the
+        // main split is test and validation has items.
+        if cfg.split == "test" && cfg.val && ds.split(Split::Val).len() >= 2 {
+            out.extend(split_figures(&env, "val")?.out);
         }
-        // Instance level: does an item's image retrieve its own text, and its text its own image?
-        for (name, q, g) in
-            names::INSTANCE_DIRECTIONS.into_iter().zip([(&img, &txt), (&txt, &img)]).map(|(n, (q, g))| (n, q, g))
-        {
-            ctx.cancel.check()?;
-            let ranks = metrics::instance_ranks_with(&gemm, q, g).map_err(StageError::of)?;
-            for (k, r) in cfg.ks.iter().zip(metrics::instance_recall(&ranks, &cfg.ks)) {
-                out.push((names::instance_recall(&p, name, *k), r));
-            }
-            out.push((names::instance_median_rank(&p, name), metrics::median_rank(&ranks)));
-        }
-        // The attribute benchmark (ingest's `attributes:`): each item's attribute query
-        // against the split's images.
-        let tfidf = if meta.use_tfidf { inputs.optional(Artifact::Tfidf) } else { None };
-        let attr_queries = ds.attribute_queries(inputs.get(Artifact::TextFeatures)?, tfidf).map_err(StageError::of)?;
-        let mut attr_gallery = Vec::new();
-        if let Some((qds, rows)) = &attr_queries {
-            let pos: HashMap<usize, usize> = idx.iter().enumerate().map(|(j, &i)| (i, j)).collect();
-            let sel: Vec<usize> = (0..rows.len()).filter(|&q| pos.contains_key(&rows[q])).collect();
-            if !sel.is_empty() {
-                ctx.cancel.check()?;
-                let (_, _, _, eq) =
-                    predict(&model, qds, &sel, meta.use_tfidf, &device, 4096).map_err(StageError::of)?;
-                let k = cfg.ks.iter().copied().max().unwrap_or(10);
-                let found = metrics::top_k_with(&gemm, &Rows { data: &eq, dim: d }, &img, k, &|_| None, cfg.block)
-                    .map_err(StageError::of)?;
-                let queried: Vec<&huse_data::Item> = sel.iter().map(|&q| &ds.items[rows[q]]).collect();
-                let gallery: Vec<&huse_data::Item> = idx.iter().map(|&i| &ds.items[i]).collect();
-                out.extend(attribute_benchmark(&queried, &found, &gallery, &p, k));
-                let step = (sel.len() / GALLERY_QUERIES).max(1);
-                attr_gallery = (0..sel.len())
-                    .step_by(step)
-                    .take(GALLERY_QUERIES / 2)
-                    .map(|j| (queried[j], found[j].clone()))
-                    .collect();
-            }
-        }
-        let k = ds.classes;
-        let both = metrics::fuse(&pi, &pt, meta.fusion_weight);
-        for (name, probs) in names::ACCURACIES.into_iter().zip([&pi, &pt, &both]) {
-            out.push((names::accuracy(&p, name), metrics::accuracy(probs, k, &labels)));
-        }
-        for (name, probs) in names::ACCURACIES.into_iter().zip([&pi, &pt, &both]) {
-            for (l, a) in metrics::level_accuracy(probs, k, &labels, &tree).into_iter().enumerate() {
-                out.push((names::level_accuracy(&p, name, l), a));
-            }
-        }
+        let (idx, d, p) = (&main.idx, meta.network.shape.dim, cfg.split.clone());
+        let (img, txt) = (Rows { data: &main.ei, dim: d }, Rows { data: &main.et, dim: d });
+        let attr_gallery: Vec<(&huse_data::Item, Vec<usize>)> =
+            main.attr_gallery.iter().map(|(i, hits)| (&ds.items[*i], hits.clone())).collect();
         for (key, v) in &out {
             ctx.metrics.log(key, 0, *v);
         }
@@ -266,6 +226,117 @@ impl Stage for Evaluate {
         )?;
         Ok(())
     }
+}
+
+/// What [`split_figures`] needs.
+struct Env<'a> {
+    ctx: &'a Context<'a>,
+    cfg: &'a EvalCfg,
+    model: &'a Huse,
+    ds: &'a huse_model::data::Dataset,
+    tree: &'a huse_data::ClassTree,
+    use_tfidf: bool,
+    fusion_weight: f32,
+    dim: usize,
+    device: &'a candle_core::Device,
+    gemm: &'a metrics::Gemm,
+    inputs: &'a Inputs,
+    /// Whether train reports the validation split's accuracies (evaluate then leaves them out
+    /// of its `val.*` figures, so that no two stages of a run log one name).
+    val_accuracies_by_train: bool,
+}
+
+/// One split's figures, named `<split>.*`: retrieval in four directions, hierarchical
+/// precision, instance retrieval, the attribute benchmark and the accuracies; with its items,
+/// their embeddings and a few attribute queries' results (item, hits) for the gallery.
+struct SplitFigures {
+    idx: Vec<usize>,
+    ei: Vec<f32>,
+    et: Vec<f32>,
+    out: Vec<(String, f64)>,
+    attr_gallery: Vec<(usize, Vec<usize>)>,
+}
+
+fn split_figures(env: &Env, p: &str) -> Result<SplitFigures, StageError> {
+    let (ctx, cfg, model, ds, tree, device, gemm, inputs) =
+        (env.ctx, env.cfg, env.model, env.ds, env.tree, env.device, env.gemm, env.inputs);
+    let split = if p == "val" { Split::Val } else { Split::Test };
+    let idx = ds.split(split);
+    if idx.len() < 2 {
+        return Err(StageError::msg(format!("the {p} split has {} items", idx.len())));
+    }
+    ctx.progress.start(&format!("embed {p}"), None, "items");
+    let (pi, pt, ei, et) = predict(model, ds, &idx, env.use_tfidf, device, 4096).map_err(StageError::of)?;
+    let labels: Vec<u32> = idx.iter().map(|&i| ds.labels[i]).collect();
+    let d = env.dim;
+    let (img, txt) = (Rows { data: &ei, dim: d }, Rows { data: &et, dim: d });
+    let kmax = cfg.ks.iter().chain(&cfg.hp_ks).copied().max().unwrap_or(10);
+    let mut out: Vec<(String, f64)> = Vec::new();
+    ctx.progress.start(&format!("retrieval {p}"), Some(4), "directions");
+    for (name, qi, gi) in DIRECTIONS {
+        ctx.cancel.check()?;
+        let (q, g) = (if qi { &img } else { &txt }, if gi { &img } else { &txt });
+        // The query's own item is excluded in every direction (itself, or its paired modality).
+        let res = metrics::top_k_with(gemm, q, g, kmax, &|i| Some(i), cfg.block).map_err(StageError::of)?;
+        for (k, r) in cfg.ks.iter().zip(metrics::recall_at_k(&res, &labels, &labels, &cfg.ks)) {
+            out.push((names::recall(p, name, *k), r));
+        }
+        for (k, h) in cfg.hp_ks.iter().zip(metrics::hierarchical_precision(&res, &labels, &labels, tree, &cfg.hp_ks)) {
+            out.push((names::hierarchical_precision(p, name, *k), h));
+        }
+        ctx.progress.inc(1);
+    }
+    // Instance level: does an item's image retrieve its own text, and its text its own image?
+    for (name, q, g) in
+        names::INSTANCE_DIRECTIONS.into_iter().zip([(&img, &txt), (&txt, &img)]).map(|(n, (q, g))| (n, q, g))
+    {
+        ctx.cancel.check()?;
+        let ranks = metrics::instance_ranks_with(gemm, q, g).map_err(StageError::of)?;
+        for (k, r) in cfg.ks.iter().zip(metrics::instance_recall(&ranks, &cfg.ks)) {
+            out.push((names::instance_recall(p, name, *k), r));
+        }
+        out.push((names::instance_median_rank(p, name), metrics::median_rank(&ranks)));
+    }
+    // The attribute benchmark (ingest's `attributes:`): each item's attribute query against
+    // the split's images.
+    let tfidf = if env.use_tfidf { inputs.optional(Artifact::Tfidf) } else { None };
+    let attr_queries = ds.attribute_queries(inputs.get(Artifact::TextFeatures)?, tfidf).map_err(StageError::of)?;
+    let mut attr_gallery = Vec::new();
+    if let Some((qds, rows)) = &attr_queries {
+        let pos: HashMap<usize, usize> = idx.iter().enumerate().map(|(j, &i)| (i, j)).collect();
+        let sel: Vec<usize> = (0..rows.len()).filter(|&q| pos.contains_key(&rows[q])).collect();
+        if !sel.is_empty() {
+            ctx.cancel.check()?;
+            let (_, _, _, eq) = predict(model, qds, &sel, env.use_tfidf, device, 4096).map_err(StageError::of)?;
+            let k = cfg.ks.iter().copied().max().unwrap_or(10);
+            let found = metrics::top_k_with(gemm, &Rows { data: &eq, dim: d }, &img, k, &|_| None, cfg.block)
+                .map_err(StageError::of)?;
+            let queried: Vec<&huse_data::Item> = sel.iter().map(|&q| &ds.items[rows[q]]).collect();
+            let gallery: Vec<&huse_data::Item> = idx.iter().map(|&i| &ds.items[i]).collect();
+            out.extend(attribute_benchmark(&queried, &found, &gallery, p, k));
+            let step = (sel.len() / GALLERY_QUERIES).max(1);
+            attr_gallery = (0..sel.len())
+                .step_by(step)
+                .take(GALLERY_QUERIES / 2)
+                .map(|j| (rows[sel[j]], found[j].clone()))
+                .collect();
+        }
+    }
+    let k = ds.classes;
+    let both = metrics::fuse(&pi, &pt, env.fusion_weight);
+    // On the validation split train already reports the accuracies (`val.acc.*` per epoch,
+    // `val.best.acc.both` of the chosen checkpoint): evaluate adds only the per-level ones.
+    if !env.val_accuracies_by_train || p != "val" {
+        for (name, probs) in names::ACCURACIES.into_iter().zip([&pi, &pt, &both]) {
+            out.push((names::accuracy(p, name), metrics::accuracy(probs, k, &labels)));
+        }
+    }
+    for (name, probs) in names::ACCURACIES.into_iter().zip([&pi, &pt, &both]) {
+        for (l, a) in metrics::level_accuracy(probs, k, &labels, tree).into_iter().enumerate() {
+            out.push((names::level_accuracy(p, name, l), a));
+        }
+    }
+    Ok(SplitFigures { idx, ei, et, out, attr_gallery })
 }
 
 /// The attribute benchmark's figures for `queries` (the items whose attribute query was
