@@ -28,8 +28,8 @@ struct Searches {
     g: Global,
     store: huse_store::Store,
     device: String,
-    /// Whether each run asked about has a model.
-    models: tokio::sync::Mutex<std::collections::HashMap<i64, bool>>,
+    /// The runs found to have a model.
+    models: tokio::sync::Mutex<std::collections::HashSet<i64>>,
     /// Each run's item images by item id (its ingest stage's items), as asked for.
     images: tokio::sync::Mutex<std::collections::HashMap<i64, std::sync::Arc<ItemImages>>>,
 }
@@ -47,11 +47,14 @@ async fn item_images(store: &huse_store::Store, id: i64) -> anyhow::Result<ItemI
 impl huse_ui::SearchApps for Searches {
     fn has_model(&self, id: i64) -> huse_ui::BoxFuture<'_, bool> {
         Box::pin(async move {
-            if let Some(known) = self.models.lock().await.get(&id) {
-                return *known;
+            if self.models.lock().await.contains(&id) {
+                return true;
             }
+            // A run still training has no model yet: only a found one is remembered.
             let has = super::run_files(&self.store, id).await.is_ok();
-            self.models.lock().await.insert(id, has);
+            if has {
+                self.models.lock().await.insert(id);
+            }
             has
         })
     }

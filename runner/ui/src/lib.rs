@@ -49,6 +49,9 @@ use huse_store::{Store, search_lang};
 /// Rows of the runs table per page.
 pub const PAGE: usize = 100;
 
+/// Trained runs' search pages kept loaded at once (a full-data run's index is ~180 MB).
+pub const SEARCHES_KEPT: usize = 4;
+
 /// A boxed future, as [`SearchApps`]' methods return.
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
@@ -88,8 +91,9 @@ struct App {
     store: Store,
     settings: Settings,
     cache: cache::Cache,
-    /// The search pages of the runs searched so far (loading one embeds the run's items once).
-    searches: tokio::sync::Mutex<BTreeMap<i64, Router>>,
+    /// The search pages of the runs searched last, most recent last (each holds its run's item
+    /// embeddings in memory: at most [`SEARCHES_KEPT`] are kept).
+    searches: tokio::sync::Mutex<Vec<(i64, Router)>>,
 }
 
 type Shared = Arc<App>;
@@ -703,21 +707,31 @@ async fn search(State(app): State<Shared>, req: Request) -> Result<Response, Pro
     if !app.store.run_exists(id).await.map_err(internal)? {
         return Err(Problem(StatusCode::NOT_FOUND, format!("no run {id}")));
     }
-    let router = {
+    let kept = {
         let mut made = app.searches.lock().await;
-        match made.get(&id) {
-            Some(r) => r.clone(),
-            None => {
-                if !apps.has_model(id).await {
-                    return Err(Problem(
-                        StatusCode::NOT_FOUND,
-                        format!("run {id} has no trained model to search with"),
-                    ));
-                }
-                let r = apps.app(id, format!("/run/{id}/search")).await.map_err(internal)?;
-                made.insert(id, r.clone());
-                r
+        made.iter().position(|(i, _)| *i == id).map(|at| {
+            let kept = made.remove(at);
+            made.push(kept.clone());
+            kept.1
+        })
+    };
+    let router = match kept {
+        Some(r) => r,
+        None => {
+            // Made without holding the list: loading a run's index may take a while, and the
+            // other runs' pages go on answering meanwhile.
+            if !apps.has_model(id).await {
+                return Err(Problem(StatusCode::NOT_FOUND, format!("run {id} has no trained model to search with")));
             }
+            let r = apps.app(id, format!("/run/{id}/search")).await.map_err(internal)?;
+            let mut made = app.searches.lock().await;
+            if !made.iter().any(|(i, _)| *i == id) {
+                if made.len() >= SEARCHES_KEPT {
+                    drop(made.remove(0));
+                }
+                made.push((id, r.clone()));
+            }
+            r
         }
     };
     // The search page sees its own paths: the prefix taken off.
