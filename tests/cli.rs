@@ -103,6 +103,30 @@ fn a_sweep_from_the_command_line_runs_its_grid_with_seeds_and_ends_with_a_summar
 }
 
 #[test]
+fn a_random_search_runs_its_trials_with_seeds() {
+    let sb = Sandbox::new();
+    let f = sb.write(
+        "r.yaml",
+        "name: rs\nrepeat: 2\nstages:\n  source: { uses: toy-source, with: { count: 4 } }\n  \
+         mid: { uses: toy-scale, needs: [source], with: { add_seed: true } }\n  total: { uses: toy-sum, needs: [mid] }\n\
+         search:\n  params:\n    mid.factor: { uniform: [0.5, 2.0] }\n    mid.offset: { int: [0, 3] }\n  \
+         objectives: [ { metric: val.sum, goal: max } ]\n  trials: 3\n  sampler: { kind: random, seed: 1 }\n",
+    );
+    let out = sb.run(&[f.to_str().unwrap()]).expect(0);
+    assert_eq!(sb.count("SELECT count(*) FROM runs WHERE status = 'succeeded'"), 6, "3 trials x 2 seeds");
+    assert_eq!(sb.count("SELECT count(DISTINCT value) FROM params WHERE key = 'mid.factor'"), 3);
+    for v in sb.sql("SELECT value FROM params WHERE key = 'mid.factor'") {
+        let x: f64 = v[0].parse().unwrap();
+        assert!((0.5..2.0).contains(&x), "{x}");
+    }
+    assert!(out.stdout().contains("by sweep point"), "{}", out.stdout());
+    // The same file again: the same trials, all cached.
+    let again = sb.run(&[f.to_str().unwrap()]).expect(0);
+    assert!(again.stderr().contains("cache hit"), "{}", again.stderr());
+    assert_eq!(sb.count("SELECT count(DISTINCT value) FROM params WHERE key = 'mid.factor'"), 3);
+}
+
+#[test]
 fn a_3x3_sweep_creates_9_runs_and_computes_the_shared_upstream_once() {
     let sb = Sandbox::new();
     let f = sb.write(

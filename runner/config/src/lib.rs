@@ -33,6 +33,7 @@ use huse_registry::Registry;
 use huse_stage_api::DeviceSpec;
 
 pub mod resolved;
+pub mod search;
 pub mod stages;
 pub mod sweep;
 pub mod yaml;
@@ -156,6 +157,8 @@ pub struct Experiment {
     pub name: String,
     /// Every run, in sweep order.
     pub runs: Vec<RunSpec>,
+    /// The `search:` block's objectives and sampler (None for a sweep or a single point).
+    pub search: Option<search::SearchSpec>,
 }
 
 /// A plugin library an experiment names (`plugins:`), resolved against the file's folder.
@@ -183,7 +186,7 @@ pub struct Source {
 
 /// Top-level keys of an experiment file.
 pub const TOP_KEYS: &[&str] =
-    &["name", "description", "seed", "device", "repeat", "stages", "sweep", "plugins", "launcher"];
+    &["name", "description", "seed", "device", "repeat", "stages", "sweep", "search", "plugins", "launcher"];
 /// Keys of a stage entry.
 pub const STAGE_KEYS: &[&str] = &["uses", "needs", "with"];
 
@@ -369,7 +372,11 @@ pub fn compile(
         with_cli_sweep = cli_sweeps(&mut cx, root, &overrides.sweep, &stage_names);
         &with_cli_sweep
     };
-    let points = sweep::points(&mut cx, root, &stage_names, repeat, overrides.max_runs.unwrap_or(MAX_RUNS));
+    let max_runs = overrides.max_runs.unwrap_or(MAX_RUNS);
+    let (points, search_spec) = match search::points(&mut cx, root, &stage_names, repeat, max_runs) {
+        Some((points, spec)) => (points, Some(spec)),
+        None => (sweep::points(&mut cx, root, &stage_names, repeat, max_runs), None),
+    };
     let name = experiment_name(&mut cx, root, env);
 
     let mut runs = Vec::new();
@@ -428,7 +435,7 @@ pub fn compile(
     if !cx.diags.is_empty() {
         return Err(Diagnostics(cx.diags));
     }
-    Ok(Experiment { file: src.file.clone(), name, runs })
+    Ok(Experiment { file: src.file.clone(), name, runs, search: search_spec })
 }
 
 /// [`compile`] of an experiment given as text (`display` names it in messages).

@@ -199,7 +199,7 @@ pub fn trim(exp: &Experiment, ri: usize, stage: Option<&str>) -> Result<Experime
         }
         run.stages.retain(|s| keep.contains(&s.name));
     }
-    Ok(Experiment { file: exp.file.clone(), name: exp.name.clone(), runs: vec![run] })
+    Ok(Experiment { file: exp.file.clone(), name: exp.name.clone(), runs: vec![run], search: exp.search.clone() })
 }
 
 /// How the experiment was compiled on the submitting host: each task compiles it the

@@ -1,0 +1,422 @@
+//! The `search:` block, the alternative to `sweep:`: a study's parameters (distributions),
+//! its objectives (validation metrics only) and its sampler.
+//!
+//! ```yaml
+//! search:
+//!   params:
+//!     train.beta:  { uniform: [0.0, 1.0] }
+//!     train.optimizer.lr: { log_uniform: [1.0e-4, 3.0e-3] }
+//!     train.epochs: { int: [10, 30] }
+//!     graph.uses:  { choice: [graph, graph-tree] }
+//!   objectives: [ { metric: val.acc.both, goal: max }, { metric: val.t2i.r1, goal: max } ]
+//!   trials: 20
+//!   sampler: { kind: random, seed: 0 }     # random | grid
+//! ```
+//!
+//! The non-adaptive samplers expand into points here, as a sweep does: `random` draws
+//! `trials` points (the same ones for the same seed), `grid` runs every combination of
+//! `choice` and `int` parameters. The adaptive sampler (`tpe`) and pruning (`pruner: asha`) need
+//! the runner to feed results back and are refused with a message until it does.
+
+use std::collections::BTreeSet;
+
+use rand::{Rng, SeedableRng};
+
+use crate::yaml::{Key, Node, Origin, Value};
+use crate::{Ctx, did_you_mean, settable_path};
+
+/// A search's objectives and sampler, as compiled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchSpec {
+    /// What the study optimises, in the file's order.
+    pub objectives: Vec<Objective>,
+    /// `random` or `grid`.
+    pub sampler: String,
+    /// The sampler's seed.
+    pub seed: u64,
+}
+
+/// One objective: a validation metric and its direction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Objective {
+    /// The metric (`val.*`).
+    pub metric: String,
+    /// Larger is better (`goal: max`).
+    pub maximize: bool,
+}
+
+/// Where a parameter's values come from.
+#[derive(Debug, Clone, PartialEq)]
+enum Dist {
+    Uniform(f64, f64),
+    LogUniform(f64, f64),
+    Int(i64, i64),
+    Choice(Vec<Node>),
+}
+
+const KEYS: [&str; 5] = ["params", "objectives", "trials", "sampler", "pruner"];
+
+fn number(n: &Node) -> Option<f64> {
+    match n.value {
+        Value::Int(i) => Some(i as f64),
+        Value::Float(f) if f.is_finite() => Some(f),
+        _ => None,
+    }
+}
+
+fn dist(cx: &mut Ctx, key: &str, n: &Node) -> Option<Dist> {
+    let at = format!("search.params.{key}");
+    let kinds = ["uniform", "log_uniform", "int", "choice"];
+    let Some([(k, v)]) = n.as_map() else {
+        cx.err(&n.origin, &at, format!("expected one of {{ {}: [...] }}", kinds.join(": [...] }, { ")));
+        return None;
+    };
+    let items = match &v.value {
+        Value::Seq(items) if !items.is_empty() => items,
+        _ => {
+            cx.err(&v.origin, &format!("{at}.{}", k.name), format!("expected a list, found {}", v.value.type_name()));
+            return None;
+        }
+    };
+    let pair = |cx: &mut Ctx| -> Option<(f64, f64)> {
+        match items.as_slice() {
+            [a, b] => match (number(a), number(b)) {
+                (Some(a), Some(b)) if a < b => Some((a, b)),
+                (Some(_), Some(_)) => {
+                    cx.err(&v.origin, &format!("{at}.{}", k.name), "expected [low, high] with low < high");
+                    None
+                }
+                _ => {
+                    cx.err(&v.origin, &format!("{at}.{}", k.name), "expected two numbers [low, high]");
+                    None
+                }
+            },
+            _ => {
+                cx.err(&v.origin, &format!("{at}.{}", k.name), "expected two numbers [low, high]");
+                None
+            }
+        }
+    };
+    match k.name.as_str() {
+        "uniform" => pair(cx).map(|(a, b)| Dist::Uniform(a, b)),
+        "log_uniform" => match pair(cx) {
+            Some((a, b)) if a > 0.0 => Some(Dist::LogUniform(a, b)),
+            Some(_) => {
+                cx.err(&v.origin, &format!("{at}.log_uniform"), "needs low > 0");
+                None
+            }
+            None => None,
+        },
+        "int" => match items.as_slice() {
+            [Node { value: Value::Int(a), .. }, Node { value: Value::Int(b), .. }] if a <= b => Some(Dist::Int(*a, *b)),
+            _ => {
+                cx.err(&v.origin, &format!("{at}.int"), "expected two integers [low, high] with low <= high");
+                None
+            }
+        },
+        "choice" => Some(Dist::Choice(items.clone())),
+        other => {
+            cx.err(
+                &k.origin,
+                &format!("{at}.{other}"),
+                format!("unknown distribution `{other}`{} ({})", did_you_mean(other, kinds), kinds.join(", ")),
+            );
+            None
+        }
+    }
+}
+
+/// A float as a short YAML number (six significant digits).
+fn float_node(v: f64, origin: &Origin) -> Node {
+    let v: f64 = format!("{v:.5e}").parse().unwrap_or(v);
+    Node::new(Value::Float(v), origin.clone())
+}
+
+/// One point: its label and its assignments (tree path, value).
+pub(crate) type Point = (String, Vec<(Vec<String>, Node)>);
+
+/// The search's points and its spec; None without a `search:` block.
+pub(crate) fn points(
+    cx: &mut Ctx,
+    root: &Node,
+    stage_names: &BTreeSet<String>,
+    repeat: u32,
+    max_runs: usize,
+) -> Option<(Vec<Point>, SearchSpec)> {
+    let search = root.get("search")?;
+    if root.get("sweep").is_some() {
+        let origin = root.key("search").map(|k| k.origin.clone()).unwrap_or_else(|| search.origin.clone());
+        cx.err(&origin, "search", "an experiment has a `sweep:` or a `search:`, not both");
+        return Some((Vec::new(), SearchSpec { objectives: Vec::new(), sampler: String::new(), seed: 0 }));
+    }
+    let empty = (Vec::new(), SearchSpec { objectives: Vec::new(), sampler: String::new(), seed: 0 });
+    let Some(map) = search.as_map() else {
+        cx.err(&search.origin, "search", format!("expected a mapping, found {}", search.value.type_name()));
+        return Some(empty);
+    };
+    for (k, _) in map {
+        if !KEYS.contains(&k.name.as_str()) {
+            let hint = did_you_mean(&k.name, KEYS);
+            cx.err(
+                &k.origin,
+                &format!("search.{}", k.name),
+                format!("unknown key `{}`{hint} ({})", k.name, KEYS.join(", ")),
+            );
+        }
+    }
+    // Parameters.
+    let mut params: Vec<(Key, Vec<String>, Dist)> = Vec::new();
+    match search.get("params").and_then(Node::as_map) {
+        Some(m) if !m.is_empty() => {
+            for (k, v) in m {
+                let path = match settable_path(&k.name, stage_names) {
+                    Ok(p) => p,
+                    Err(why) => {
+                        cx.err(&k.origin, &format!("search.params.{}", k.name), format!("search key {why}"));
+                        continue;
+                    }
+                };
+                if let Some(d) = dist(cx, &k.name, v) {
+                    params.push((k.clone(), path, d));
+                }
+            }
+        }
+        _ => cx.err(&search.origin, "search.params", "expected a mapping of key: { distribution: [...] }"),
+    }
+    // Objectives: validation metrics only.
+    let mut objectives = Vec::new();
+    match search.get("objectives") {
+        Some(Node { value: Value::Seq(items), .. }) if !items.is_empty() => {
+            for (i, o) in items.iter().enumerate() {
+                let at = format!("search.objectives.{i}");
+                let metric =
+                    o.get("metric").and_then(|m| if let Value::Str(s) = &m.value { Some(s.clone()) } else { None });
+                let goal =
+                    o.get("goal").and_then(|g| if let Value::Str(s) = &g.value { Some(s.clone()) } else { None });
+                match (metric, goal.as_deref()) {
+                    (Some(m), _) if !m.starts_with("val.") => cx.err(
+                        &o.origin,
+                        &format!("{at}.metric"),
+                        format!("`{m}` is not a validation metric: objectives are `val.*` metrics, the test split is never used to choose"),
+                    ),
+                    (Some(m), Some("max" | "min")) => {
+                        objectives.push(Objective { metric: m, maximize: goal.as_deref() == Some("max") })
+                    }
+                    (Some(_), _) => cx.err(&o.origin, &format!("{at}.goal"), "expected `goal: max` or `goal: min`"),
+                    (None, _) => cx.err(&o.origin, &at, "expected { metric: val..., goal: max|min }"),
+                }
+            }
+        }
+        Some(o) => cx.err(&o.origin, "search.objectives", "expected a non-empty list of { metric, goal }"),
+        None => cx.err(&search.origin, "search.objectives", "missing required key `objectives`"),
+    }
+    // Sampler and pruner.
+    let sampler = search.get("sampler");
+    let kind = sampler.and_then(|s| s.get("kind")).map(|k| k.to_string()).unwrap_or_else(|| "random".into());
+    let seed = match sampler.and_then(|s| s.get("seed")) {
+        None => 0,
+        Some(Node { value: Value::Int(i), .. }) if *i >= 0 => *i as u64,
+        Some(n) => {
+            cx.err(&n.origin, "search.sampler.seed", "expected a non-negative integer");
+            0
+        }
+    };
+    let sampler_at = sampler.map(|s| s.origin.clone()).unwrap_or_else(|| search.origin.clone());
+    match kind.as_str() {
+        "random" | "grid" => {}
+        "tpe" => cx.err(
+            &sampler_at,
+            "search.sampler.kind",
+            "`tpe` needs the runner to feed trial results back, which it does not do yet (random | grid)",
+        ),
+        other => cx.err(
+            &sampler_at,
+            "search.sampler.kind",
+            format!("unknown sampler `{other}`{} (random | grid)", did_you_mean(other, ["random", "grid", "tpe"])),
+        ),
+    }
+    if let Some(p) = search.get("pruner") {
+        let pk = p.get("kind").map(|k| k.to_string()).unwrap_or_default();
+        if pk != "none" {
+            cx.err(&p.origin, "search.pruner.kind", format!("pruner `{pk}` is not there yet (none)"));
+        }
+    }
+    let trials = search.get("trials");
+    let spec = SearchSpec { objectives, sampler: kind.clone(), seed };
+    let mut pts: Vec<Vec<(String, Vec<String>, Node)>> = Vec::new();
+    if kind == "grid" {
+        if let Some(t) = trials {
+            cx.err(&t.origin, "search.trials", "a grid runs every combination: `trials` is for `random`");
+        }
+        let mut combos: Vec<Vec<(String, Vec<String>, Node)>> = vec![Vec::new()];
+        let mut total: usize = 1;
+        for (k, path, d) in &params {
+            let values: Vec<Node> = match d {
+                Dist::Choice(v) => v.clone(),
+                Dist::Int(a, b) if b - a < 10_000 => {
+                    (*a..=*b).map(|i| Node::new(Value::Int(i), k.origin.clone())).collect()
+                }
+                _ => {
+                    cx.err(
+                        &k.origin,
+                        &format!("search.params.{}", k.name),
+                        "a grid takes `choice` and `int` parameters",
+                    );
+                    continue;
+                }
+            };
+            total = total.saturating_mul(values.len());
+            if total.saturating_mul(repeat as usize) > max_runs {
+                cx.err(
+                    &search.origin,
+                    "search",
+                    format!("the grid makes more than {max_runs} runs (raise it with --max-runs)"),
+                );
+                return Some((Vec::new(), spec));
+            }
+            combos = combos
+                .into_iter()
+                .flat_map(|c| {
+                    values.iter().map(move |v| {
+                        let mut c = c.clone();
+                        c.push((k.name.clone(), path.clone(), v.clone()));
+                        c
+                    })
+                })
+                .collect();
+        }
+        pts = combos;
+    } else if kind == "random" {
+        let n = match trials {
+            Some(Node { value: Value::Int(i), .. }) if *i >= 1 => *i as usize,
+            Some(t) => {
+                cx.err(&t.origin, "search.trials", "expected a positive integer");
+                0
+            }
+            None => {
+                cx.err(&search.origin, "search.trials", "missing required key `trials` (how many points to draw)");
+                0
+            }
+        };
+        if n.saturating_mul(repeat as usize) > max_runs {
+            cx.err(
+                &search.origin,
+                "search.trials",
+                format!("{n} trials make more than {max_runs} runs (raise it with --max-runs)"),
+            );
+            return Some((Vec::new(), spec));
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        for _ in 0..n {
+            let point = params
+                .iter()
+                .map(|(k, path, d)| {
+                    let v = match d {
+                        Dist::Uniform(a, b) => float_node(rng.random_range(*a..*b), &k.origin),
+                        Dist::LogUniform(a, b) => float_node(rng.random_range(a.ln()..b.ln()).exp(), &k.origin),
+                        Dist::Int(a, b) => Node::new(Value::Int(rng.random_range(*a..=*b)), k.origin.clone()),
+                        Dist::Choice(v) => v[rng.random_range(0..v.len())].clone(),
+                    };
+                    (k.name.clone(), path.clone(), v)
+                })
+                .collect();
+            pts.push(point);
+        }
+    }
+    let points = pts
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let values = p.iter().map(|(k, _, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+            let label = if kind == "random" { format!("trial={i},{values}") } else { values };
+            (label, p.into_iter().map(|(_, path, v)| (path, v)).collect())
+        })
+        .collect();
+    Some((points, spec))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::tests::{DIAMOND, compile_err, compile_ok};
+
+    fn value(run: &crate::RunSpec, stage: &str, key: &str) -> serde_json::Value {
+        run.stages.iter().find(|s| s.name == stage).unwrap().config[key].clone()
+    }
+
+    const RANDOM: &str = "search:\n  params:\n    left.factor: { uniform: [0.0, 1.0] }\n    right.offset: { log_uniform: [0.001, 1.0] }\n    \
+                          source.count: { int: [3, 5] }\n  objectives: [ { metric: val.sum, goal: max } ]\n  trials: 6\n";
+
+    #[test]
+    fn random_search_draws_its_trials_in_their_ranges_the_same_for_a_seed() {
+        let exp = compile_ok(&format!("{DIAMOND}{RANDOM}  sampler: {{ kind: random, seed: 3 }}\n"), &[]);
+        assert_eq!(exp.runs.len(), 6);
+        assert!(exp.runs[0].point.starts_with("trial=0,left.factor="), "{}", exp.runs[0].point);
+        for r in &exp.runs {
+            let f = value(r, "left", "factor").as_f64().unwrap();
+            let o = value(r, "right", "offset").as_f64().unwrap();
+            let c = value(r, "source", "count").as_i64().unwrap();
+            assert!((0.0..1.0).contains(&f) && (0.001..1.0).contains(&o) && (3..=5).contains(&c), "{}", r.point);
+        }
+        let spec = exp.search.as_ref().unwrap();
+        assert_eq!((spec.sampler.as_str(), spec.seed, spec.objectives.len()), ("random", 3, 1));
+        assert!(spec.objectives[0].maximize && spec.objectives[0].metric == "val.sum");
+        // The same seed, the same points; another seed, others.
+        let again = compile_ok(&format!("{DIAMOND}{RANDOM}  sampler: {{ kind: random, seed: 3 }}\n"), &[]);
+        let other = compile_ok(&format!("{DIAMOND}{RANDOM}  sampler: {{ kind: random, seed: 4 }}\n"), &[]);
+        let points = |e: &crate::Experiment| e.runs.iter().map(|r| r.point.clone()).collect::<Vec<_>>();
+        assert_eq!(points(&exp), points(&again));
+        assert_ne!(points(&exp), points(&other));
+        // Log-uniform draws spread over the decades: some below 0.03, some above (6 draws of
+        // three decades; the fixed seed makes this a fact, not a chance).
+        let offsets: Vec<f64> = exp.runs.iter().map(|r| value(r, "right", "offset").as_f64().unwrap()).collect();
+        assert!(offsets.iter().any(|o| *o < 0.03) && offsets.iter().any(|o| *o > 0.03), "{offsets:?}");
+    }
+
+    #[test]
+    fn a_grid_search_runs_every_combination_of_choices_and_integers() {
+        let exp = compile_ok(
+            &format!(
+                "{DIAMOND}search:\n  params:\n    source.count: {{ int: [3, 4] }}\n    left.factor: {{ choice: [1.0, 2.0, 5.0] }}\n  \
+                 objectives: [ {{ metric: val.sum, goal: min }} ]\n  sampler: {{ kind: grid }}\n"
+            ),
+            &[],
+        );
+        assert_eq!(exp.runs.len(), 6);
+        assert_eq!(exp.runs[0].point, "source.count=3,left.factor=1.0");
+        assert!(!exp.search.unwrap().objectives[0].maximize);
+    }
+
+    #[test]
+    fn search_mistakes_are_positioned_errors() {
+        let e = compile_err(&format!("{DIAMOND}sweep:\n  left.factor: [1, 2]\n{RANDOM}"), &[]);
+        assert!(e.iter().any(|d| d.contains("search: an experiment has a `sweep:` or a `search:`, not both")), "{e:?}");
+        let test_metric = RANDOM.replace("val.sum", "test.sum");
+        let e = compile_err(&format!("{DIAMOND}{test_metric}"), &[]);
+        assert!(
+            e.iter().any(|d| d.contains("search.objectives.0.metric") && d.contains("not a validation metric")),
+            "{e:?}"
+        );
+        let e = compile_err(&format!("{DIAMOND}{}", RANDOM.replace("{ uniform:", "{ uniformm:")), &[]);
+        assert!(
+            e.iter().any(|d| d.contains("unknown distribution `uniformm`") && d.contains("did you mean `uniform`")),
+            "{e:?}"
+        );
+        let e = compile_err(&format!("{DIAMOND}{}", RANDOM.replace("[0.0, 1.0]", "[1.0, 0.5]")), &[]);
+        assert!(
+            e.iter().any(|d| d.contains("search.params.left.factor.uniform: expected [low, high] with low < high")),
+            "{e:?}"
+        );
+        let e = compile_err(&format!("{DIAMOND}{}", RANDOM.replace("[0.001, 1.0]", "[0.0, 1.0]")), &[]);
+        assert!(e.iter().any(|d| d.contains("log_uniform: needs low > 0")), "{e:?}");
+        let e = compile_err(&format!("{DIAMOND}{}  sampler: {{ kind: tpe }}\n", RANDOM), &[]);
+        assert!(e.iter().any(|d| d.contains("`tpe` needs the runner")), "{e:?}");
+        let e = compile_err(&format!("{DIAMOND}{}", RANDOM.replace("  trials: 6\n", "  trails: 6\n")), &[]);
+        assert!(e.iter().any(|d| d.contains("unknown key `trails`") && d.contains("did you mean `trials`")), "{e:?}");
+        assert!(e.iter().any(|d| d.contains("missing required key `trials`")), "{e:?}");
+        let e = compile_err(&format!("{DIAMOND}{}", RANDOM.replace("left.factor:", "lefft.factor:")), &[]);
+        assert!(e.iter().any(|d| d.contains("search.params.lefft.factor: search key")), "{e:?}");
+        // Positioned: the line of the offending entry.
+        let e = compile_err(&format!("{DIAMOND}{test_metric}"), &[]);
+        assert!(e.iter().any(|d| d.starts_with("e.yaml:") && d.contains("search.objectives.0.metric")), "{e:?}");
+    }
+}
