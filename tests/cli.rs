@@ -108,7 +108,8 @@ fn a_random_search_runs_its_trials_with_seeds() {
     let f = sb.write(
         "r.yaml",
         "name: rs\nrepeat: 2\nstages:\n  source: { uses: toy-source, with: { count: 4 } }\n  \
-         mid: { uses: toy-scale, needs: [source], with: { add_seed: true } }\n  total: { uses: toy-sum, needs: [mid] }\n\
+         mid: { uses: toy-scale, needs: [source], with: { add_seed: true } }\n  \
+         total: { uses: toy-sum, needs: [mid], with: { also_as: val.sum } }\n\
          search:\n  params:\n    mid.factor: { uniform: [0.5, 2.0] }\n    mid.offset: { int: [0, 3] }\n  \
          objectives: [ { metric: val.sum, goal: max } ]\n  trials: 3\n  sampler: { kind: random, seed: 1 }\n",
     );
@@ -124,6 +125,32 @@ fn a_random_search_runs_its_trials_with_seeds() {
     let again = sb.run(&[f.to_str().unwrap()]).expect(0);
     assert!(again.stderr().contains("cache hit"), "{}", again.stderr());
     assert_eq!(sb.count("SELECT count(DISTINCT value) FROM params WHERE key = 'mid.factor'"), 3);
+    // The study: every trial with its objective over its seeds; with one objective the front is
+    // the best trial, the one with the largest mean of val.sum.
+    let study = sb.run(&["study", f.to_str().unwrap()]).expect(0).stdout();
+    assert!(study.contains("3 trial(s), 6 run(s): 6 succeeded") && study.contains("val.sum (max)"), "{study}");
+    assert!(study.contains("Pareto front: 1 trial(s)"), "{study}");
+    let best: Vec<(String, f64)> = sb
+        .sql("SELECT r.name, m.value FROM runs r JOIN final_metrics m ON m.run_id = r.id WHERE m.key = 'val.sum'")
+        .into_iter()
+        .map(|row| (row[0].split('/').next().unwrap().to_string(), row[1].parse().unwrap()))
+        .collect();
+    let mut means: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for (point, v) in best {
+        means.entry(point).or_default().push(v);
+    }
+    let top = means
+        .iter()
+        .map(|(p, v)| (p.clone(), v.iter().sum::<f64>() / v.len() as f64))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap();
+    let starred = study.lines().find(|l| l.contains('*')).unwrap_or_else(|| panic!("{study}"));
+    let trial = top.0.split('@').nth(1).unwrap().split(',').next().unwrap().to_string();
+    assert!(starred.contains(&trial), "the front is {trial} ({top:?}):\n{study}");
+    assert!(study.contains(&format!("best val.sum: {:.4}", top.1)), "{study}");
+    // A file without a search says so.
+    let plain = sb.write("p.yaml", "name: p\nstages:\n  source: { uses: toy-source }\n");
+    assert!(sb.run(&["study", plain.to_str().unwrap()]).expect(2).stderr().contains("has no `search:` block"));
 }
 
 #[test]

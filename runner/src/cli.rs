@@ -69,6 +69,9 @@ enum Cmd {
     /// The state of every run of an experiment: pending, running, succeeded, failed or
     /// cancelled, from the database and the cluster queue (logs of failed runs named).
     Status(RunArgs),
+    /// A search's trials: their objectives (mean ± std over seeds), the best of each, and
+    /// the Pareto front.
+    Study(RunArgs),
     /// Wait until no job of an experiment's cluster launches is queued or running; then
     /// print `status` (exit 1 if a run failed or was cancelled).
     Wait(RunArgs),
@@ -156,6 +159,7 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
                 | Cmd::Best(_)
                 | Cmd::Export(_)
                 | Cmd::Search(_)
+                | Cmd::Study(_)
         )
     ) {
         // SAFETY: sets a signal disposition before any other thread writes to stdout.
@@ -181,6 +185,7 @@ async fn dispatch(cli: Cli, display: Display) -> Result<i32> {
         Some(Cmd::Embed(a)) => cmd::embed::run(g, a, &display).await,
         Some(Cmd::Cache { cmd }) => cmd::cache::run(g, cmd),
         Some(Cmd::Db { cmd }) => cmd::db::run(g, cmd).await,
+        Some(Cmd::Study(a)) => cmd::study::run(g, &a).await,
         Some(Cmd::Status(a)) => cmd::cluster::status(g, &a, false).await,
         Some(Cmd::Wait(a)) => cmd::cluster::status(g, &a, true).await,
         Some(Cmd::SlurmTask { launch, shared }) => cmd::cluster::task(g, &launch, shared, &display).await,

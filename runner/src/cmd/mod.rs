@@ -28,6 +28,7 @@ pub mod runs;
 pub mod search;
 pub mod serve;
 pub mod show;
+pub mod study;
 pub mod ui;
 
 /// The options every command takes.

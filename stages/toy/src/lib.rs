@@ -208,10 +208,14 @@ impl Stage for Scale {
 /// `toy-sum`: sums every upstream `scaled` list.
 pub struct Sum;
 
-/// `toy-sum` takes no settings.
+/// `toy-sum`'s settings.
 #[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct SumCfg {}
+struct SumCfg {
+    /// Also log the total under this name (e.g. `val.sum`, for a search's objective).
+    #[serde(default)]
+    also_as: Option<String>,
+}
 
 impl Stage for Sum {
     fn kind(&self) -> &str {
@@ -238,13 +242,17 @@ impl Stage for Sum {
     fn validate(&self, config: &Config) -> Result<(), ConfigError> {
         parse_config::<SumCfg>(config).map(|_| ())
     }
-    fn run(&self, ctx: &Context, _config: &Config, inputs: &Inputs) -> Result<(), StageError> {
+    fn run(&self, ctx: &Context, config: &Config, inputs: &Inputs) -> Result<(), StageError> {
+        let c: SumCfg = parse_config(config)?;
         timed(ctx, || {
             let mut total = 0.0;
             for (_, path) in inputs.all("scaled.json") {
                 total += read_numbers(path)?.iter().sum::<f64>();
             }
             ctx.metrics.log("sum", 0, total);
+            if let Some(name) = &c.also_as {
+                ctx.metrics.log(name, 0, total);
+            }
             write_json(ctx.out_dir, "sum.json", &serde_json::json!(total))
         })
     }

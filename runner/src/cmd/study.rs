@@ -1,0 +1,168 @@
+//! `huse-run study FILE`: a search's trials, from the results database — how many ran, each
+//! trial's objectives (mean ± std over its seeds), the best trial of each objective and the
+//! Pareto front (the trials no other trial beats on every objective).
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use huse_report::table::{Cell, Format, Table, mean_std};
+use huse_store::{Filter, RunRow};
+
+use super::run::RunArgs;
+use super::{Global, compile, open_for_queries};
+
+/// One trial: its point, its runs' states, and its objectives' mean and std.
+struct Trial {
+    point: String,
+    runs: usize,
+    done: usize,
+    states: BTreeMap<String, usize>,
+    objectives: Vec<Option<(f64, f64)>>,
+}
+
+/// Whether `a` beats `b`: at least as good on every objective, better on one.
+fn dominates(a: &[f64], b: &[f64], maximize: &[bool]) -> bool {
+    let better = |x: f64, y: f64, max: bool| if max { x > y } else { x < y };
+    let worse = |x: f64, y: f64, max: bool| if max { x < y } else { x > y };
+    a.iter().zip(b).zip(maximize).all(|((x, y), m)| !worse(*x, *y, *m))
+        && a.iter().zip(b).zip(maximize).any(|((x, y), m)| better(*x, *y, *m))
+}
+
+/// The indices of the non-dominated vectors.
+pub fn pareto_front(values: &[Vec<f64>], maximize: &[bool]) -> Vec<usize> {
+    (0..values.len())
+        .filter(|&i| !(0..values.len()).any(|j| j != i && dominates(&values[j], &values[i], maximize)))
+        .collect()
+}
+
+/// Prints the study of the experiment file `a.experiment`.
+pub async fn run(g: &Global, a: &RunArgs) -> Result<i32> {
+    let Some(file) = a.experiment.clone() else {
+        eprintln!("error: study needs the experiment file");
+        return Ok(2);
+    };
+    let (exp, _, _) = match compile(&file, a) {
+        Ok(x) => x,
+        Err(d) => {
+            eprintln!("{d}");
+            return Ok(2);
+        }
+    };
+    let Some(spec) = &exp.search else {
+        eprintln!(
+            "error: {} has no `search:` block (`huse-run runs -e {} --group` shows a sweep)",
+            file.display(),
+            exp.name
+        );
+        return Ok(2);
+    };
+    let store = open_for_queries(g).await?;
+    let rows = store.load_runs(&Filter { experiment: Some(exp.name.clone()), ..Default::default() }).await?;
+    // The latest recorded run of each name.
+    let by_name: BTreeMap<&str, &RunRow> = rows.iter().map(|r| (r.name.as_str(), r)).collect();
+    let mut trials: Vec<Trial> = Vec::new();
+    for r in &exp.runs {
+        if trials.last().is_none_or(|t| t.point != r.point) {
+            trials.push(Trial {
+                point: r.point.clone(),
+                runs: 0,
+                done: 0,
+                states: BTreeMap::new(),
+                objectives: Vec::new(),
+            });
+        }
+        let t = trials.last_mut().expect("pushed");
+        t.runs += 1;
+        let state = by_name.get(r.name.as_str()).map(|x| x.status.to_string()).unwrap_or_else(|| "pending".into());
+        if state == "succeeded" {
+            t.done += 1;
+        }
+        *t.states.entry(state).or_default() += 1;
+    }
+    for t in &mut trials {
+        let members: Vec<&RunRow> = exp
+            .runs
+            .iter()
+            .filter(|r| r.point == t.point)
+            .filter_map(|r| by_name.get(r.name.as_str()).copied())
+            .filter(|r| r.status.to_string() == "succeeded")
+            .collect();
+        t.objectives = spec
+            .objectives
+            .iter()
+            .map(|o| {
+                let xs: Vec<f64> = members.iter().filter_map(|r| r.metrics.get(&o.metric).copied().flatten()).collect();
+                (!xs.is_empty()).then(|| mean_std(&xs))
+            })
+            .collect();
+    }
+    // The front among the trials with every objective.
+    let maximize: Vec<bool> = spec.objectives.iter().map(|o| o.maximize).collect();
+    let complete: Vec<usize> =
+        (0..trials.len()).filter(|&i| trials[i].objectives.iter().all(Option::is_some)).collect();
+    let values: Vec<Vec<f64>> =
+        complete.iter().map(|&i| trials[i].objectives.iter().map(|o| o.expect("complete").0).collect()).collect();
+    let front: Vec<usize> = pareto_front(&values, &maximize).into_iter().map(|k| complete[k]).collect();
+    let mut states: BTreeMap<&str, usize> = BTreeMap::new();
+    for t in &trials {
+        for (s, n) in &t.states {
+            *states.entry(s.as_str()).or_default() += n;
+        }
+    }
+    let states: Vec<String> = states.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    println!(
+        "study `{}` ({} sampler, seed {}): {} trial(s), {} run(s): {}",
+        exp.name,
+        spec.sampler,
+        spec.seed,
+        trials.len(),
+        exp.runs.len(),
+        states.join(", ")
+    );
+    let mut t = Table { headers: vec!["trial".into(), "runs".into()], rows: Vec::new() };
+    for o in &spec.objectives {
+        t.headers.push(format!("{} ({})", o.metric, if o.maximize { "max" } else { "min" }));
+    }
+    t.headers.push("front".into());
+    for (i, tr) in trials.iter().enumerate() {
+        let mut row = vec![Cell::Text(tr.point.clone()), Cell::Text(format!("{}/{}", tr.done, tr.runs))];
+        row.extend(tr.objectives.iter().map(|o| match o {
+            Some((m, s)) if tr.done > 1 => Cell::MeanStd(*m, *s, tr.done),
+            Some((m, _)) => Cell::Num(Some(*m)),
+            None => Cell::Empty,
+        }));
+        row.push(Cell::Text(if front.contains(&i) { "*".into() } else { String::new() }));
+        t.rows.push(row);
+    }
+    print!("{}", t.render(Format::Table));
+    for (k, o) in spec.objectives.iter().enumerate() {
+        let best = complete.iter().copied().max_by(|&x, &y| {
+            let (a, b) = (trials[x].objectives[k].expect("complete").0, trials[y].objectives[k].expect("complete").0);
+            if o.maximize { a.total_cmp(&b) } else { b.total_cmp(&a) }
+        });
+        if let Some(b) = best {
+            let (m, s) = trials[b].objectives[k].expect("complete");
+            println!("best {}: {m:.4} ± {s:.4} at {}", o.metric, trials[b].point);
+        }
+    }
+    println!(
+        "Pareto front: {} trial(s) (marked *; no other trial is as good on every objective and better on one)",
+        front.len()
+    );
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_front_keeps_the_trials_no_other_beats_on_every_objective() {
+        // (accuracy up, loss down): b beats a on both; c trades; d equals b (neither beats).
+        let v = vec![vec![0.5, 2.0], vec![0.8, 1.0], vec![0.9, 3.0], vec![0.8, 1.0]];
+        assert_eq!(pareto_front(&v, &[true, false]), [1, 2, 3]);
+        // One objective: the best only (and its ties).
+        assert_eq!(pareto_front(&[vec![1.0], vec![3.0], vec![2.0]], &[true]), [1]);
+        assert_eq!(pareto_front(&[vec![1.0], vec![3.0], vec![2.0]], &[false]), [0]);
+    }
+}
