@@ -326,6 +326,24 @@ pub fn drive_the_app_in_chromium(sb: &Sandbox, addr: &str, db_args: &[&str]) {
         b.screenshot(&Path::new(&dir).join("ui-compare.png"));
     }
 
+    // The scatter's Pareto front: sum against mid.offset, offset smaller and sum larger is
+    // better: runs 3 (offset 0, sum 12) and 4 (offset 1, sum 16); run 4 alone when both larger.
+    let front = |mode: &str| {
+        b.js(&format!(
+            "const s = document.getElementById('sc-x'); s.value = 'mid.offset'; s.onchange(); \
+             const y = document.getElementById('sc-y'); y.value = 'sum'; y.onchange(); \
+             const f = document.getElementById('sc-front'); f.value = '{mode}'; f.onchange(); \
+             return echarts.getInstanceByDom(document.getElementById('sc')).getOption().series[1].data.map(p => p.id);"
+        ))
+    };
+    b.open(&format!("http://{addr}/exp/q"));
+    b.wait_for(&format!("{VISIBLE_IDS}.length === 4"), wait, "the table");
+    assert_eq!(front("minmax"), serde_json::json!([3, 4]));
+    if let Ok(dir) = std::env::var("HUSE_UI_SHOTS") {
+        b.js("document.getElementById('sc').scrollIntoView(); return true;");
+        b.screenshot(&Path::new(&dir).join("ui-front.png"));
+    }
+    assert_eq!(front("maxmax"), serde_json::json!([4]));
     // The filter box with OR and IN, typed and submitted as a user does; then grouping.
     b.open(&format!("http://{addr}/exp/q"));
     b.wait_for(&format!("{VISIBLE_IDS}.length === 4"), wait, "the table");

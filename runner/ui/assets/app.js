@@ -11,7 +11,7 @@
 (function () {
   'use strict';
 
-  var state = { key: null, log: false, smooth: 0, x: null, y: null, version: null, brushed: null };
+  var state = { key: null, log: false, smooth: 0, x: null, y: null, front: '', version: null, brushed: null };
   var charts = {};
 
   function $(id) { return document.getElementById(id); }
@@ -63,10 +63,16 @@
         ctl.appendChild(make('select', { id: 'sc-x' }));
         ctl.appendChild(document.createTextNode(' y '));
         ctl.appendChild(make('select', { id: 'sc-y' }));
+        ctl.appendChild(document.createTextNode(' · Pareto front '));
+        var fr = make('select', { id: 'sc-front' });
+        [['', 'none'], ['maxmax', 'x max, y max'], ['maxmin', 'x max, y min'], ['minmax', 'x min, y max'], ['minmin', 'x min, y min']]
+          .forEach(function (o) { fr.appendChild(make('option', { value: o[0] }, o[1])); });
+        ctl.appendChild(fr);
         sc.appendChild(ctl);
         sc.appendChild(make('div', { id: 'sc', class: 'chart' }));
         $('sc-x').onchange = function () { state.x = this.value; scatter(readData()); };
         $('sc-y').onchange = function () { state.y = this.value; scatter(readData()); };
+        $('sc-front').onchange = function () { state.front = this.value; scatter(readData()); };
       }
     }
     var cv = section(root, 'curves', d.columns.length === 0);
@@ -181,6 +187,19 @@
         pts.push({ value: [r[xi], r[yi]], id: d.ids[i], row: i, itemStyle: { opacity: out ? 0.15 : 0.9 } });
       }
     });
+    // The Pareto front of the two columns in the chosen directions: the points no other point
+    // matches on both and beats on one (a study's trade-off between two objectives).
+    var front = [];
+    if (state.front) {
+      var sx = state.front.slice(0, 3) === 'max' ? 1 : -1, sy = state.front.slice(3) === 'max' ? 1 : -1;
+      var beats = function (a, b) {
+        var dx = sx * (a.value[0] - b.value[0]), dy = sy * (a.value[1] - b.value[1]);
+        return dx >= 0 && dy >= 0 && (dx > 0 || dy > 0);
+      };
+      front = pts.filter(function (p) { return !pts.some(function (q) { return q !== p && beats(q, p); }); })
+        .map(function (p) { return { value: p.value, id: p.id, row: p.row }; })
+        .sort(function (a, b) { return a.value[0] - b.value[0]; });
+    }
     var c = chart('sc');
     c.setOption({
       animation: false,
@@ -190,7 +209,9 @@
       tooltip: { trigger: 'item', formatter: function (p) {
         return (p.data.id != null ? '#' + p.data.id + ': ' : '') + state.x + ' ' + p.data.value[0] + ', ' + state.y + ' ' + p.data.value[1];
       } },
-      series: [{ type: 'scatter', data: pts, symbolSize: 8 }]
+      series: [{ type: 'scatter', data: pts, symbolSize: 8 },
+        { name: 'front', type: 'line', data: front, symbol: 'circle', symbolSize: 12, color: '#d62728',
+          lineStyle: { type: 'dashed', width: 1 }, z: 3 }]
     }, true);
     c.off('click');
     c.on('click', function (p) { if (p.data && p.data.id != null) location.href = '/run/' + p.data.id; });
