@@ -22,6 +22,7 @@ use std::collections::BTreeSet;
 
 use rand::{Rng, SeedableRng};
 
+use crate::sweep::{Assignment, Axis, label, product};
 use crate::yaml::{Key, Node, Origin, Value};
 use crate::{Ctx, did_you_mean, settable_path};
 
@@ -243,12 +244,12 @@ pub(crate) fn points(
     }
     let trials = search.get("trials");
     let spec = SearchSpec { objectives, sampler: kind.clone(), seed };
-    let mut pts: Vec<Vec<(String, Vec<String>, Node)>> = Vec::new();
+    let mut pts: Vec<Vec<Assignment>> = Vec::new();
     if kind == "grid" {
         if let Some(t) = trials {
             cx.err(&t.origin, "search.trials", "a grid runs every combination: `trials` is for `random`");
         }
-        let mut combos: Vec<Vec<(String, Vec<String>, Node)>> = vec![Vec::new()];
+        let mut axes: Vec<Axis> = Vec::new();
         let mut total: usize = 1;
         for (k, path, d) in &params {
             let values: Vec<Node> = match d {
@@ -274,18 +275,9 @@ pub(crate) fn points(
                 );
                 return Some((Vec::new(), spec));
             }
-            combos = combos
-                .into_iter()
-                .flat_map(|c| {
-                    values.iter().map(move |v| {
-                        let mut c = c.clone();
-                        c.push((k.name.clone(), path.clone(), v.clone()));
-                        c
-                    })
-                })
-                .collect();
+            axes.push((k.name.clone(), path.clone(), values));
         }
-        pts = combos;
+        pts = product(&axes);
     } else if kind == "random" {
         let n = match trials {
             Some(Node { value: Value::Int(i), .. }) if *i >= 1 => *i as usize,
@@ -327,7 +319,7 @@ pub(crate) fn points(
         .into_iter()
         .enumerate()
         .map(|(i, p)| {
-            let values = p.iter().map(|(k, _, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+            let values = label(&p);
             let label = if kind == "random" { format!("trial={i},{values}") } else { values };
             (label, p.into_iter().map(|(_, path, v)| (path, v)).collect())
         })

@@ -106,20 +106,9 @@ pub(crate) fn points(
         );
         return Vec::new();
     }
-    let mut combos: Vec<Vec<(String, Vec<String>, Node)>> = vec![Vec::new()];
-    for (k, path, values) in &grid {
-        combos = combos
-            .into_iter()
-            .flat_map(|c| {
-                values.iter().map(move |v| {
-                    let mut c = c.clone();
-                    c.push((k.name.clone(), path.clone(), v.clone()));
-                    c
-                })
-            })
-            .collect();
-    }
-    let mut pts: Vec<Vec<(String, Vec<String>, Node)>> = Vec::new();
+    let axes: Vec<Axis> = grid.into_iter().map(|(k, path, values)| (k.name, path, values)).collect();
+    let combos = product(&axes);
+    let mut pts: Vec<Vec<Assignment>> = Vec::new();
     if points.is_empty() {
         pts = combos;
     } else {
@@ -133,12 +122,35 @@ pub(crate) fn points(
             }
         }
     }
-    pts.into_iter()
-        .map(|p| {
-            let label = p.iter().map(|(k, _, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
-            (label, p.into_iter().map(|(_, path, v)| (path, v)).collect())
-        })
-        .collect()
+    pts.into_iter().map(|p| (label(&p), p.into_iter().map(|(_, path, v)| (path, v)).collect())).collect()
+}
+
+/// One assignment of a point: the key as written, its tree path, the value.
+pub(crate) type Assignment = (String, Vec<String>, Node);
+/// A grid axis: the key as written, its tree path, its values.
+pub(crate) type Axis = (String, Vec<String>, Vec<Node>);
+
+/// Every combination of the axes' values (the first axis varies slowest).
+pub(crate) fn product(axes: &[Axis]) -> Vec<Vec<Assignment>> {
+    let mut combos: Vec<Vec<Assignment>> = vec![Vec::new()];
+    for (k, path, values) in axes {
+        combos = combos
+            .into_iter()
+            .flat_map(|c| {
+                values.iter().map(move |v| {
+                    let mut c = c.clone();
+                    c.push((k.clone(), path.clone(), v.clone()));
+                    c
+                })
+            })
+            .collect();
+    }
+    combos
+}
+
+/// A point's label: `k=v,k=v` in its order.
+pub(crate) fn label(p: &[Assignment]) -> String {
+    p.iter().map(|(k, _, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use huse_report::table::{Cell, Table, varying_params};
 use huse_store::{RunRow, Slice};
 use serde::Serialize;
 
-use crate::{Problem, Shared, internal, query_pairs};
+use crate::{Problem, Shared, internal, query_pairs, run_ids};
 
 /// The most runs one curves request reads.
 pub const CURVE_RUNS: usize = 500;
@@ -70,14 +70,7 @@ pub(crate) async fn curves(State(app): State<Shared>, RawQuery(raw): RawQuery) -
     for (k, v) in raw.as_deref().map(query_pairs).unwrap_or_default() {
         match k.as_str() {
             "exp" => exp = Some(v),
-            "ids" => {
-                for s in v.split(',').filter(|s| !s.is_empty()) {
-                    ids.push(
-                        s.parse::<i64>()
-                            .map_err(|_| Problem(StatusCode::BAD_REQUEST, format!("`{s}` is not a run id")))?,
-                    );
-                }
-            }
+            "ids" => ids.extend(run_ids(&v)?),
             "key" if !v.is_empty() => key = Some(v),
             "group" => group = v == "1",
             "by" => by.extend(v.split(',').filter(|s| !s.is_empty()).map(String::from)),

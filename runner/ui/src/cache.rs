@@ -99,17 +99,11 @@ pub(crate) struct Cache {
 }
 
 impl Cache {
-    /// The logged (stage, key) pairs behind shown metric names of `exp` (`stage.key` or `key`).
-    pub(crate) async fn logged_keys(&self, exp: &str, names: &BTreeSet<String>) -> Vec<String> {
+    /// The logged keys behind shown metric names (`stage.key` or `key`).
+    pub(crate) async fn logged_keys(&self, names: &BTreeSet<String>) -> Vec<String> {
         let guard = self.state.lock().await;
         let Some(st) = guard.as_ref() else { return Vec::new() };
-        let pairs = st.logged.get(exp).cloned().unwrap_or_default();
-        let keys: BTreeSet<String> = pairs
-            .iter()
-            .filter(|(s, k)| names.contains(k) || names.contains(&format!("{s}.{k}")))
-            .map(|(_, k)| k.clone())
-            .collect();
-        keys.into_iter().collect()
+        st.keys_of(names, &[]).into_iter().collect()
     }
 }
 

@@ -336,6 +336,14 @@ impl View {
     }
 }
 
+/// A comma-separated list of run ids (`1,4`), as `ids=` takes it; a mistake is a 400.
+fn run_ids(v: &str) -> Result<Vec<i64>, Problem> {
+    v.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().map_err(|_| Problem(StatusCode::BAD_REQUEST, format!("`{s}` is not a run id"))))
+        .collect()
+}
+
 fn agg_name(a: huse_store::Agg) -> &'static str {
     match a {
         huse_store::Agg::Min => "min",
@@ -383,7 +391,7 @@ async fn runs_page(
                 .cloned()
                 .collect(),
         };
-        let keys = app.cache.logged_keys(&exp, &names).await;
+        let keys = app.cache.logged_keys(&names).await;
         let mut by_run: BTreeMap<i64, Vec<(String, String, Option<f64>)>> = BTreeMap::new();
         for (id, stage, key, v) in app.store.metric_aggregates(&exp, &keys, agg).await.map_err(internal)? {
             by_run.entry(id).or_default().push((stage, key, v));
@@ -824,9 +832,7 @@ async fn compare_page(State(app): State<Shared>, RawQuery(raw): RawQuery) -> Res
     for (k, v) in raw.as_deref().map(query_pairs).unwrap_or_default() {
         match k.as_str() {
             "ids" => {
-                for s in v.split(',').filter(|s| !s.is_empty()) {
-                    let id =
-                        s.parse().map_err(|_| Problem(StatusCode::BAD_REQUEST, format!("`{s}` is not a run id")))?;
+                for id in run_ids(&v)? {
                     if !ids.contains(&id) {
                         ids.push(id);
                     }
