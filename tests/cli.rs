@@ -153,6 +153,79 @@ fn a_random_search_runs_its_trials_with_seeds() {
     assert!(sb.run(&["study", plain.to_str().unwrap()]).expect(2).stderr().contains("has no `search:` block"));
 }
 
+/// A TPE study over two toy params: val.sum = 4 * offset + factor * 6 (count 4, seed 0).
+fn tpe_study(seconds: f64) -> String {
+    format!(
+        "name: tpe\nstages:\n  source: {{ uses: toy-source, with: {{ count: 4 }} }}\n  \
+         mid: {{ uses: toy-scale, needs: [source], with: {{ seconds: {seconds} }} }}\n  \
+         total: {{ uses: toy-sum, needs: [mid], with: {{ also_as: val.sum }} }}\n\
+         search:\n  params:\n    mid.factor: {{ uniform: [0.5, 2.0] }}\n    mid.offset: {{ int: [0, 3] }}\n  \
+         objectives: [ {{ metric: val.sum, goal: min }} ]\n  trials: 10\n  sampler: {{ kind: tpe, seed: 2, startup: 4 }}\n"
+    )
+}
+
+/// Each trial's index -> how many succeeded runs it has, from the run names.
+fn trials_recorded(sb: &Sandbox) -> std::collections::BTreeMap<u32, i64> {
+    let mut m = std::collections::BTreeMap::new();
+    for row in sb.sql("SELECT sweep_point FROM runs WHERE status = 'succeeded'") {
+        let i: u32 = row[0].strip_prefix("trial=").unwrap().split(',').next().unwrap().parse().unwrap();
+        *m.entry(i).or_insert(0) += 1;
+    }
+    m
+}
+
+#[test]
+fn a_tpe_study_runs_its_trials_one_after_another_and_continues_after_a_kill() {
+    // Two fresh studies of the same file: the same trials, in the same order.
+    let points = |jobs: &str| {
+        let sb = Sandbox::new();
+        let f = sb.write("t.yaml", &tpe_study(0.0));
+        let out = sb.run(&[f.to_str().unwrap(), "--jobs", jobs]).expect(0);
+        assert!(out.stdout().contains("10 trial(s) ran"), "{}", out.stdout());
+        assert!(out.stdout().contains("10 trial(s) of 10, 10 run(s): 10 succeeded"), "{}", out.stdout());
+        assert_eq!(trials_recorded(&sb), (0..10).map(|i| (i, 1)).collect());
+        // The shared stage ran once; every trial's point differs.
+        assert_eq!(sb.count("SELECT count(*) FROM stage_runs WHERE stage = 'source' AND cached = 0"), 1);
+        assert_eq!(sb.count("SELECT count(DISTINCT sweep_point) FROM runs"), 10);
+        sb.sql("SELECT sweep_point FROM runs ORDER BY id").into_iter().map(|r| r[0].clone()).collect::<Vec<_>>()
+    };
+    let first = points("1");
+    assert_eq!(points("1"), first, "a seed's study is deterministic");
+    // Three trials at a time: the same count, no duplicates (points depend on what had ended).
+    points("3");
+
+    // Killed while trials run: the rerun continues, the interrupted trial again under its
+    // own label, with no trial doubled or lost.
+    let sb = Sandbox::new();
+    let f = sb.write("t.yaml", &tpe_study(0.4));
+    let f = f.to_str().unwrap();
+    let mut child =
+        sb.cmd(&[f]).stderr(std::process::Stdio::null()).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while sb.db().exists().then(|| sb.count("SELECT count(*) FROM runs WHERE status = 'succeeded'")).unwrap_or(0) < 3 {
+        assert!(t0.elapsed().as_secs() < 60, "three trials did not end in 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = trials_recorded(&sb);
+    assert!((3..10).contains(&before.len()), "{before:?}");
+    let out = sb.run(&[f]).expect(0);
+    assert!(
+        out.stderr().contains("as interrupted")
+            || sb.count("SELECT count(*) FROM runs WHERE status = 'interrupted'") == 0,
+        "{}",
+        out.stderr()
+    );
+    assert_eq!(trials_recorded(&sb), (0..10).map(|i| (i, 1)).collect(), "each trial once");
+    let study = sb.run(&["study", f]).expect(0).stdout();
+    assert!(study.contains("study `tpe` (tpe sampler, seed 2): 10 trial(s) of 10"), "{study}");
+    assert!(study.contains("Pareto front: 1 trial(s)"), "{study}");
+    // Once the study is complete, running the file again starts nothing.
+    let again = sb.run(&[f]).expect(0);
+    assert!(again.stdout().contains("0 trial(s) ran"), "{}", again.stdout());
+}
+
 #[test]
 fn a_3x3_sweep_creates_9_runs_and_computes_the_shared_upstream_once() {
     let sb = Sandbox::new();

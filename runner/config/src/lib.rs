@@ -33,6 +33,7 @@ use huse_registry::Registry;
 use huse_stage_api::DeviceSpec;
 
 pub mod resolved;
+pub mod sampler;
 pub mod search;
 pub mod stages;
 pub mod sweep;
@@ -96,6 +97,8 @@ pub struct Overrides {
     pub force: Vec<String>,
     /// `--max-runs N`: the largest sweep accepted (default [`MAX_RUNS`]).
     pub max_runs: Option<usize>,
+    /// An adaptive search's trial to compile (the runner's study loop); None: its first.
+    pub search: Option<search::SearchRequest>,
 }
 
 /// The default limit on the runs of one experiment (sweep points x seeds).
@@ -373,10 +376,11 @@ pub fn compile(
         &with_cli_sweep
     };
     let max_runs = overrides.max_runs.unwrap_or(MAX_RUNS);
-    let (points, search_spec) = match search::points(&mut cx, root, &stage_names, repeat, max_runs) {
-        Some((points, spec)) => (points, Some(spec)),
-        None => (sweep::points(&mut cx, root, &stage_names, repeat, max_runs), None),
-    };
+    let (points, search_spec) =
+        match search::points(&mut cx, root, &stage_names, repeat, max_runs, overrides.search.as_ref()) {
+            Some((points, spec)) => (points, Some(spec)),
+            None => (sweep::points(&mut cx, root, &stage_names, repeat, max_runs), None),
+        };
     let name = experiment_name(&mut cx, root, env);
 
     let mut runs = Vec::new();

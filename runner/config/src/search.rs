@@ -15,26 +15,44 @@
 //!
 //! The non-adaptive samplers expand into points here, as a sweep does: `random` draws
 //! `trials` points (the same ones for the same seed), `grid` runs every combination of
-//! `choice` and `int` parameters. The adaptive sampler (`tpe`) and pruning (`pruner: asha`) need
-//! the runner to feed results back and are refused with a message until it does.
+//! `choice` and `int` parameters. The adaptive sampler (`tpe`, [`crate::sampler`]) compiles
+//! to one trial at a time: the runner asks for the next point with what has finished
+//! ([`SearchRequest`]) until `trials` have begun. Pruning (`pruner: asha`) is refused with a
+//! message until the train stage reports per-epoch values to the runner.
 
 use std::collections::BTreeSet;
 
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
+pub use crate::sampler::{History, SearchRequest, Told};
+use crate::sampler::{Param, draw, tpe_point};
 use crate::sweep::{Assignment, Axis, label, product};
-use crate::yaml::{Key, Node, Origin, Value};
+use crate::yaml::{Node, Value};
 use crate::{Ctx, did_you_mean, settable_path};
 
 /// A search's objectives and sampler, as compiled.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct SearchSpec {
     /// What the study optimises, in the file's order.
     pub objectives: Vec<Objective>,
-    /// `random` or `grid`.
+    /// `random`, `grid` or `tpe`.
     pub sampler: String,
     /// The sampler's seed.
     pub seed: u64,
+    /// The searched keys, as written (`train.beta`; a run records them as params of the same names).
+    pub params: Vec<String>,
+    /// How many trials (points) the study runs; for a grid, its size.
+    pub trials: usize,
+    /// `tpe`: random trials before the estimator takes over.
+    pub startup: usize,
+}
+
+impl SearchSpec {
+    /// Whether the sampler needs results back: the experiment then holds one trial, and the
+    /// runner compiles the next with [`SearchRequest::Next`] (see [`crate::Overrides::search`]).
+    pub fn adaptive(&self) -> bool {
+        self.sampler == "tpe"
+    }
 }
 
 /// One objective: a validation metric and its direction.
@@ -48,7 +66,7 @@ pub struct Objective {
 
 /// Where a parameter's values come from.
 #[derive(Debug, Clone, PartialEq)]
-enum Dist {
+pub(crate) enum Dist {
     Uniform(f64, f64),
     LogUniform(f64, f64),
     Int(i64, i64),
@@ -127,12 +145,6 @@ fn dist(cx: &mut Ctx, key: &str, n: &Node) -> Option<Dist> {
     }
 }
 
-/// A float as a short YAML number (six significant digits).
-fn float_node(v: f64, origin: &Origin) -> Node {
-    let v: f64 = format!("{v:.5e}").parse().unwrap_or(v);
-    Node::new(Value::Float(v), origin.clone())
-}
-
 /// One point: its label and its assignments (tree path, value).
 pub(crate) type Point = (String, Vec<(Vec<String>, Node)>);
 
@@ -143,14 +155,15 @@ pub(crate) fn points(
     stage_names: &BTreeSet<String>,
     repeat: u32,
     max_runs: usize,
+    request: Option<&SearchRequest>,
 ) -> Option<(Vec<Point>, SearchSpec)> {
     let search = root.get("search")?;
     if root.get("sweep").is_some() {
         let origin = root.key("search").map(|k| k.origin.clone()).unwrap_or_else(|| search.origin.clone());
         cx.err(&origin, "search", "an experiment has a `sweep:` or a `search:`, not both");
-        return Some((Vec::new(), SearchSpec { objectives: Vec::new(), sampler: String::new(), seed: 0 }));
+        return Some((Vec::new(), SearchSpec::default()));
     }
-    let empty = (Vec::new(), SearchSpec { objectives: Vec::new(), sampler: String::new(), seed: 0 });
+    let empty = (Vec::new(), SearchSpec::default());
     let Some(map) = search.as_map() else {
         cx.err(&search.origin, "search", format!("expected a mapping, found {}", search.value.type_name()));
         return Some(empty);
@@ -166,7 +179,7 @@ pub(crate) fn points(
         }
     }
     // Parameters.
-    let mut params: Vec<(Key, Vec<String>, Dist)> = Vec::new();
+    let mut params: Vec<Param> = Vec::new();
     match search.get("params").and_then(Node::as_map) {
         Some(m) if !m.is_empty() => {
             for (k, v) in m {
@@ -214,40 +227,62 @@ pub(crate) fn points(
     // Sampler and pruner.
     let sampler = search.get("sampler");
     let kind = sampler.and_then(|s| s.get("kind")).map(|k| k.to_string()).unwrap_or_else(|| "random".into());
-    let seed = match sampler.and_then(|s| s.get("seed")) {
-        None => 0,
-        Some(Node { value: Value::Int(i), .. }) if *i >= 0 => *i as u64,
+    let sampler_at = sampler.map(|s| s.origin.clone()).unwrap_or_else(|| search.origin.clone());
+    let sampler_keys: &[&str] = if kind == "tpe" { &["kind", "seed", "startup"] } else { &["kind", "seed"] };
+    for (k, _) in sampler.and_then(Node::as_map).unwrap_or_default() {
+        if !sampler_keys.contains(&k.name.as_str()) {
+            let hint = did_you_mean(&k.name, ["kind", "seed", "startup"]);
+            cx.err(
+                &k.origin,
+                &format!("search.sampler.{}", k.name),
+                format!("unknown key `{}`{hint} for sampler `{kind}` ({})", k.name, sampler_keys.join(", ")),
+            );
+        }
+    }
+    let count = |cx: &mut Ctx, key: &str, min: i64| match sampler.and_then(|s| s.get(key)) {
+        None => None,
+        Some(Node { value: Value::Int(i), .. }) if *i >= min => Some(*i as u64),
         Some(n) => {
-            cx.err(&n.origin, "search.sampler.seed", "expected a non-negative integer");
-            0
+            cx.err(&n.origin, &format!("search.sampler.{key}"), format!("expected an integer >= {min}"));
+            None
         }
     };
-    let sampler_at = sampler.map(|s| s.origin.clone()).unwrap_or_else(|| search.origin.clone());
+    let seed = count(cx, "seed", 0).unwrap_or(0);
+    let startup = count(cx, "startup", 1).unwrap_or(10) as usize;
     match kind.as_str() {
-        "random" | "grid" => {}
-        "tpe" => cx.err(
-            &sampler_at,
-            "search.sampler.kind",
-            "`tpe` needs the runner to feed trial results back, which it does not do yet (random | grid)",
-        ),
+        "random" | "grid" | "tpe" => {}
         other => cx.err(
             &sampler_at,
             "search.sampler.kind",
-            format!("unknown sampler `{other}`{} (random | grid)", did_you_mean(other, ["random", "grid", "tpe"])),
+            format!(
+                "unknown sampler `{other}`{} (random | grid | tpe)",
+                did_you_mean(other, ["random", "grid", "tpe"])
+            ),
         ),
     }
     if let Some(p) = search.get("pruner") {
         let pk = p.get("kind").map(|k| k.to_string()).unwrap_or_default();
         if pk != "none" {
-            cx.err(&p.origin, "search.pruner.kind", format!("pruner `{pk}` is not there yet (none)"));
+            cx.err(
+                &p.origin,
+                "search.pruner.kind",
+                format!("pruner `{pk}` is not there yet: trials run to the end (none)"),
+            );
         }
     }
     let trials = search.get("trials");
-    let spec = SearchSpec { objectives, sampler: kind.clone(), seed };
+    let mut spec = SearchSpec {
+        objectives,
+        sampler: kind.clone(),
+        seed,
+        params: params.iter().map(|(k, _, _)| k.name.clone()).collect(),
+        trials: 0,
+        startup,
+    };
     let mut pts: Vec<Vec<Assignment>> = Vec::new();
     if kind == "grid" {
         if let Some(t) = trials {
-            cx.err(&t.origin, "search.trials", "a grid runs every combination: `trials` is for `random`");
+            cx.err(&t.origin, "search.trials", "a grid runs every combination: `trials` is for `random` and `tpe`");
         }
         let mut axes: Vec<Axis> = Vec::new();
         let mut total: usize = 1;
@@ -278,7 +313,8 @@ pub(crate) fn points(
             axes.push((k.name.clone(), path.clone(), values));
         }
         pts = product(&axes);
-    } else if kind == "random" {
+        spec.trials = pts.len();
+    } else {
         let n = match trials {
             Some(Node { value: Value::Int(i), .. }) if *i >= 1 => *i as usize,
             Some(t) => {
@@ -298,21 +334,40 @@ pub(crate) fn points(
             );
             return Some((Vec::new(), spec));
         }
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        for _ in 0..n {
-            let point = params
-                .iter()
-                .map(|(k, path, d)| {
-                    let v = match d {
-                        Dist::Uniform(a, b) => float_node(rng.random_range(*a..*b), &k.origin),
-                        Dist::LogUniform(a, b) => float_node(rng.random_range(a.ln()..b.ln()).exp(), &k.origin),
-                        Dist::Int(a, b) => Node::new(Value::Int(rng.random_range(*a..=*b)), k.origin.clone()),
-                        Dist::Choice(v) => v[rng.random_range(0..v.len())].clone(),
-                    };
-                    (k.name.clone(), path.clone(), v)
-                })
-                .collect();
-            pts.push(point);
+        spec.trials = n;
+        if kind == "random" {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            for _ in 0..n {
+                pts.push(
+                    params
+                        .iter()
+                        .map(|(k, path, d)| (k.name.clone(), path.clone(), draw(d, &mut rng, &k.origin)))
+                        .collect(),
+                );
+            }
+        } else if kind == "tpe" && cx.errors == 0 {
+            // One trial: the one asked for, or the next one.
+            let maximize: Vec<bool> = spec.objectives.iter().map(|o| o.maximize).collect();
+            let point = match request {
+                Some(SearchRequest::Point { label, values }) => {
+                    let mut point = Vec::new();
+                    for (k, path, _) in &params {
+                        let arg = format!("the recorded trial {label}");
+                        match values.get(&k.name).map(|v| Node::parse_arg(v, &arg)) {
+                            Some(Ok(v)) => point.push((path.clone(), v)),
+                            _ => cx.err(
+                                &k.origin,
+                                &format!("search.params.{}", k.name),
+                                format!("the recorded trial `{label}` has no value for this key"),
+                            ),
+                        }
+                    }
+                    (label.clone(), point)
+                }
+                Some(SearchRequest::Next(h)) => tpe_trial(&params, h, &maximize, seed, startup),
+                None => tpe_trial(&params, &History::default(), &maximize, seed, startup),
+            };
+            return Some((vec![point], spec));
         }
     }
     let points = pts
@@ -325,6 +380,12 @@ pub(crate) fn points(
         })
         .collect();
     Some((points, spec))
+}
+
+/// Trial `h.begun` of a TPE search, labelled `trial=N,key=value,...`.
+fn tpe_trial(params: &[Param], h: &History, maximize: &[bool], seed: u64, startup: usize) -> Point {
+    let p = tpe_point(params, &h.told, maximize, seed, startup, h.begun);
+    (format!("trial={},{}", h.begun, label(&p)), p.into_iter().map(|(_, path, v)| (path, v)).collect())
 }
 
 #[cfg(test)]
@@ -379,6 +440,55 @@ mod tests {
     }
 
     #[test]
+    fn a_tpe_search_compiles_one_trial_at_a_time_the_one_asked_for() {
+        use super::{History, SearchRequest, Told};
+        use crate::{Overrides, tests::registry};
+        let text = format!("{DIAMOND}{RANDOM}  sampler: {{ kind: tpe, seed: 5, startup: 2 }}\nrepeat: 2\n");
+        let compile = |req: Option<SearchRequest>| {
+            let o = Overrides { search: req, ..Default::default() };
+            crate::compile_str(&text, "e.yaml", &o, &registry(), &|_| None).unwrap()
+        };
+        let first = compile(None);
+        let spec = first.search.clone().unwrap();
+        assert!(spec.adaptive());
+        assert_eq!((spec.trials, spec.startup, spec.params.len()), (6, 2, 3));
+        // One trial, its seeds; labelled by its index.
+        assert_eq!(first.runs.len(), 2);
+        assert!(first.runs[0].point.starts_with("trial=0,left.factor="), "{}", first.runs[0].point);
+        assert_eq!(
+            compile(Some(SearchRequest::Next(History::default()))).runs[1].resolved_yaml,
+            first.runs[1].resolved_yaml
+        );
+        // Trial 3 after three finished ones: another point, the same for the same history.
+        let told: Vec<Told> = (0..3)
+            .map(|i| Told {
+                values: [
+                    ("left.factor", format!("0.{i}5")),
+                    ("right.offset", "0.01".into()),
+                    ("source.count", "4".into()),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+                objectives: vec![f64::from(i)],
+            })
+            .collect();
+        let next = compile(Some(SearchRequest::Next(History { begun: 3, told: told.clone() })));
+        assert!(next.runs[0].point.starts_with("trial=3,"), "{}", next.runs[0].point);
+        assert_ne!(next.runs[0].point, first.runs[0].point);
+        assert_eq!(compile(Some(SearchRequest::Next(History { begun: 3, told }))).runs[0].point, next.runs[0].point);
+        // A recorded trial again: its label and values as they were.
+        let values = [("left.factor", "0.25"), ("right.offset", "0.5"), ("source.count", "3")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let again = compile(Some(SearchRequest::Point { label: "trial=1,x".into(), values }));
+        assert_eq!(again.runs[0].point, "trial=1,x");
+        assert_eq!(value(&again.runs[1], "left", "factor"), serde_json::json!(0.25));
+        assert_eq!(value(&again.runs[1], "source", "count"), serde_json::json!(3));
+    }
+
+    #[test]
     fn search_mistakes_are_positioned_errors() {
         let e = compile_err(&format!("{DIAMOND}sweep:\n  left.factor: [1, 2]\n{RANDOM}"), &[]);
         assert!(e.iter().any(|d| d.contains("search: an experiment has a `sweep:` or a `search:`, not both")), "{e:?}");
@@ -400,8 +510,14 @@ mod tests {
         );
         let e = compile_err(&format!("{DIAMOND}{}", RANDOM.replace("[0.001, 1.0]", "[0.0, 1.0]")), &[]);
         assert!(e.iter().any(|d| d.contains("log_uniform: needs low > 0")), "{e:?}");
-        let e = compile_err(&format!("{DIAMOND}{}  sampler: {{ kind: tpe }}\n", RANDOM), &[]);
-        assert!(e.iter().any(|d| d.contains("`tpe` needs the runner")), "{e:?}");
+        let e = compile_err(&format!("{DIAMOND}{}  sampler: {{ kind: tpe, startup: 0, seeds: 2 }}\n", RANDOM), &[]);
+        assert!(
+            e.iter().any(|d| d.contains("search.sampler.startup") && d.contains("expected an integer >= 1")),
+            "{e:?}"
+        );
+        assert!(e.iter().any(|d| d.contains("unknown key `seeds`") && d.contains("did you mean `seed`")), "{e:?}");
+        let e = compile_err(&format!("{DIAMOND}{}  sampler: {{ kind: random, startup: 3 }}\n", RANDOM), &[]);
+        assert!(e.iter().any(|d| d.contains("unknown key `startup` for sampler `random`")), "{e:?}");
         let e = compile_err(&format!("{DIAMOND}{}", RANDOM.replace("  trials: 6\n", "  trails: 6\n")), &[]);
         assert!(e.iter().any(|d| d.contains("unknown key `trails`") && d.contains("did you mean `trials`")), "{e:?}");
         assert!(e.iter().any(|d| d.contains("missing required key `trials`")), "{e:?}");

@@ -29,6 +29,7 @@ pub mod search;
 pub mod serve;
 pub mod show;
 pub mod study;
+pub mod trials;
 pub mod ui;
 
 /// The options every command takes.
@@ -176,6 +177,15 @@ pub async fn open_for_queries(g: &Global) -> Result<Store> {
 /// compiles it; returns the experiment, the registry it was compiled against, and the
 /// parsed file (for what is not part of a run, such as the `launcher:` block).
 pub fn compile(file: &Path, a: &run::RunArgs) -> Result<(huse_config::Experiment, Registry, Source), Diagnostics> {
+    compile_with(file, a, None)
+}
+
+/// [`compile`], asking an adaptive search for a given trial (see [`trials`]).
+pub fn compile_with(
+    file: &Path,
+    a: &run::RunArgs,
+    search: Option<huse_config::search::SearchRequest>,
+) -> Result<(huse_config::Experiment, Registry, Source), Diagnostics> {
     let source = Source::read(file)?;
     let env = |k: &str| std::env::var(k).ok();
     let mut registry = builtin_registry();
@@ -186,6 +196,7 @@ pub fn compile(file: &Path, a: &run::RunArgs) -> Result<(huse_config::Experiment
         repeat: a.repeat,
         force: a.force.clone(),
         max_runs: Some(a.max_runs),
+        search,
     };
     let exp = huse_config::compile(&source, &overrides, &registry, &env)?;
     Ok((exp, registry, source))

@@ -32,7 +32,8 @@ pub struct RunArgs {
     /// Run each sweep point with this many seeds (seed, seed+1, ...).
     #[arg(long)]
     pub repeat: Option<u32>,
-    /// Stages that may run at the same time (default: number of CPUs; 1 to 4096).
+    /// Stages that may run at the same time (default: number of CPUs; 1 to 4096); for a
+    /// `tpe` search, trials at a time (default 1), each on its share of the CPUs.
     #[arg(short, long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub jobs: Option<u32>,
     /// Threads of every stage (default: the CPUs shared among the stages ready to run, never more in all than the CPUs)
@@ -93,7 +94,15 @@ pub async fn run(g: &Global, a: RunArgs, display: &Display) -> Result<i32> {
             return Ok(2);
         }
     };
+    let adaptive = exp.search.as_ref().is_some_and(|s| s.adaptive());
     match cluster::launcher_of(&source, &a) {
+        Ok(Some(_)) if adaptive => {
+            eprintln!(
+                "error: {}: a `tpe` search runs its trials on this machine for now (`--launcher local`); `random` and `grid` searches go to the cluster",
+                file.display()
+            );
+            return Ok(2);
+        }
         Ok(Some(cfg)) => return cluster::launch(g, &a, &exp, &registry, &cfg, display).await,
         Ok(None) => {}
         Err(e) => {
@@ -112,6 +121,13 @@ pub async fn run(g: &Global, a: RunArgs, display: &Display) -> Result<i32> {
         auto_gpu: huse_stage_kit::auto_gpu(),
         ..RunOptions::default()
     };
+    if adaptive {
+        let code = super::trials::run(g, &a, &file, &exp, &registry, &opts, display).await?;
+        if code != 2 {
+            super::study::show(g, &exp).await?;
+        }
+        return Ok(code);
+    }
     run_compiled(g, &g.db, &exp, &registry, &opts, display).await
 }
 

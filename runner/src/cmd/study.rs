@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::Result;
+use huse_config::sampler::pareto_front;
 use huse_report::table::{Cell, Format, Table, mean_std};
 use huse_store::{Filter, RunRow};
 
@@ -20,21 +21,6 @@ struct Trial {
     objectives: Vec<Option<(f64, f64)>>,
 }
 
-/// Whether `a` beats `b`: at least as good on every objective, better on one.
-fn dominates(a: &[f64], b: &[f64], maximize: &[bool]) -> bool {
-    let better = |x: f64, y: f64, max: bool| if max { x > y } else { x < y };
-    let worse = |x: f64, y: f64, max: bool| if max { x < y } else { x > y };
-    a.iter().zip(b).zip(maximize).all(|((x, y), m)| !worse(*x, *y, *m))
-        && a.iter().zip(b).zip(maximize).any(|((x, y), m)| better(*x, *y, *m))
-}
-
-/// The indices of the non-dominated vectors.
-pub fn pareto_front(values: &[Vec<f64>], maximize: &[bool]) -> Vec<usize> {
-    (0..values.len())
-        .filter(|&i| !(0..values.len()).any(|j| j != i && dominates(&values[j], &values[i], maximize)))
-        .collect()
-}
-
 /// Prints the study of the experiment file `a.experiment`.
 pub async fn run(g: &Global, a: &RunArgs) -> Result<i32> {
     let Some(file) = a.experiment.clone() else {
@@ -48,23 +34,40 @@ pub async fn run(g: &Global, a: &RunArgs) -> Result<i32> {
             return Ok(2);
         }
     };
-    let Some(spec) = &exp.search else {
+    if exp.search.is_none() {
         eprintln!(
             "error: {} has no `search:` block (`huse-run runs -e {} --group` shows a sweep)",
             file.display(),
             exp.name
         );
         return Ok(2);
-    };
+    }
+    show(g, &exp).await?;
+    Ok(0)
+}
+
+/// Prints the study of `exp` (an experiment with a `search:`) from the database.
+pub async fn show(g: &Global, exp: &huse_config::Experiment) -> Result<()> {
+    let spec = exp.search.as_ref().expect("a search");
     let store = open_for_queries(g).await?;
     let rows = store.load_runs(&Filter { experiment: Some(exp.name.clone()), ..Default::default() }).await?;
+    store.close().await;
     // The latest recorded run of each name.
     let by_name: BTreeMap<&str, &RunRow> = rows.iter().map(|r| (r.name.as_str(), r)).collect();
+    // A fixed search's runs are known in advance (pending ones too); an adaptive search's
+    // trials are the ones recorded, in the order they began.
+    let mut planned: Vec<(&str, &str)> = exp.runs.iter().map(|r| (r.point.as_str(), r.name.as_str())).collect();
+    if spec.adaptive() {
+        let mut recorded: Vec<&RunRow> = by_name.values().copied().collect();
+        recorded.sort_by_key(|r| (rows.iter().position(|x| x.point == r.point), r.id));
+        planned = recorded.iter().map(|r| (r.point.as_str(), r.name.as_str())).collect();
+    }
+    let n_runs = planned.len();
     let mut trials: Vec<Trial> = Vec::new();
-    for r in &exp.runs {
-        if trials.last().is_none_or(|t| t.point != r.point) {
+    for (point, name) in planned {
+        if trials.last().is_none_or(|t| t.point != point) {
             trials.push(Trial {
-                point: r.point.clone(),
+                point: point.to_string(),
                 runs: 0,
                 done: 0,
                 states: BTreeMap::new(),
@@ -73,18 +76,17 @@ pub async fn run(g: &Global, a: &RunArgs) -> Result<i32> {
         }
         let t = trials.last_mut().expect("pushed");
         t.runs += 1;
-        let state = by_name.get(r.name.as_str()).map(|x| x.status.to_string()).unwrap_or_else(|| "pending".into());
+        let state = by_name.get(name).map(|x| x.status.to_string()).unwrap_or_else(|| "pending".into());
         if state == "succeeded" {
             t.done += 1;
         }
         *t.states.entry(state).or_default() += 1;
     }
     for t in &mut trials {
-        let members: Vec<&RunRow> = exp
-            .runs
-            .iter()
+        let members: Vec<&RunRow> = by_name
+            .values()
+            .copied()
             .filter(|r| r.point == t.point)
-            .filter_map(|r| by_name.get(r.name.as_str()).copied())
             .filter(|r| r.status.to_string() == "succeeded")
             .collect();
         t.objectives = spec
@@ -111,12 +113,13 @@ pub async fn run(g: &Global, a: &RunArgs) -> Result<i32> {
     }
     let states: Vec<String> = states.iter().map(|(s, n)| format!("{n} {s}")).collect();
     println!(
-        "study `{}` ({} sampler, seed {}): {} trial(s), {} run(s): {}",
+        "study `{}` ({} sampler, seed {}): {} trial(s) of {}, {} run(s): {}",
         exp.name,
         spec.sampler,
         spec.seed,
         trials.len(),
-        exp.runs.len(),
+        spec.trials,
+        n_runs,
         states.join(", ")
     );
     let mut t = Table { headers: vec!["trial".into(), "runs".into()], rows: Vec::new() };
@@ -149,20 +152,5 @@ pub async fn run(g: &Global, a: &RunArgs) -> Result<i32> {
         "Pareto front: {} trial(s) (marked *; no other trial is as good on every objective and better on one)",
         front.len()
     );
-    Ok(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_front_keeps_the_trials_no_other_beats_on_every_objective() {
-        // (accuracy up, loss down): b beats a on both; c trades; d equals b (neither beats).
-        let v = vec![vec![0.5, 2.0], vec![0.8, 1.0], vec![0.9, 3.0], vec![0.8, 1.0]];
-        assert_eq!(pareto_front(&v, &[true, false]), [1, 2, 3]);
-        // One objective: the best only (and its ties).
-        assert_eq!(pareto_front(&[vec![1.0], vec![3.0], vec![2.0]], &[true]), [1]);
-        assert_eq!(pareto_front(&[vec![1.0], vec![3.0], vec![2.0]], &[false]), [0]);
-    }
+    Ok(())
 }

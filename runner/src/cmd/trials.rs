@@ -1,0 +1,207 @@
+//! The study loop of an adaptive search (`sampler: { kind: tpe }`): the experiment compiles
+//! to one trial at a time, so the runner reads the study from the results database, asks
+//! the search for the next trial with what has finished, runs it, and goes on until
+//! `trials` have begun and ended. With `--jobs N`, N trials run at once, each on its share
+//! of the cores, and a new one starts as soon as any ends (no batches). Rerunning the file
+//! continues the study: finished trials are told, never rerun; a trial whose runs were
+//! interrupted (Ctrl-C, a killed process) runs again under its own label, with its own
+//! values, so none is lost and none is doubled.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+
+use anyhow::Result;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use huse_config::Experiment;
+use huse_config::search::{History, SearchRequest, SearchSpec, Told};
+use huse_exec::cache::Cache;
+use huse_exec::progress::Display;
+use huse_exec::{self as exec, RunOptions};
+use huse_registry::Registry;
+use huse_stage_api::CancelToken;
+use huse_store::{Filter, RunRow, RunStatus, Store};
+use tracing::{error, info, warn};
+
+use super::run::{RunArgs, spawn_signal_handler};
+use super::{Global, compile_with, store_options};
+
+/// What the database says of a study's trials.
+#[derive(Debug, Default)]
+struct Study {
+    /// Every trial recorded (its point label).
+    begun: BTreeSet<String>,
+    /// The trials whose every seed succeeded with every objective logged.
+    told: Vec<Told>,
+    /// Trials to run again: interrupted (or cut short before all their seeds ran), with
+    /// their recorded values.
+    redo: Vec<(String, BTreeMap<String, String>)>,
+}
+
+/// The study from the experiment's recorded runs (the latest run of each name). A trial
+/// counts as running while one of its runs is running in a live process.
+fn study_of(rows: &[RunRow], spec: &SearchSpec, seeds: usize) -> Study {
+    let mut latest: BTreeMap<&str, &RunRow> = BTreeMap::new();
+    for r in rows {
+        if latest.get(r.name.as_str()).is_none_or(|x| x.id < r.id) {
+            latest.insert(&r.name, r);
+        }
+    }
+    // Points in the order they began.
+    let mut points: Vec<(&str, Vec<&RunRow>)> = Vec::new();
+    let mut sorted: Vec<&RunRow> = latest.into_values().collect();
+    sorted.sort_by_key(|r| r.id);
+    for r in sorted {
+        match points.iter_mut().find(|(p, _)| *p == r.point) {
+            Some((_, runs)) => runs.push(r),
+            None => points.push((&r.point, vec![r])),
+        }
+    }
+    let mut s = Study::default();
+    for (point, runs) in points {
+        s.begun.insert(point.to_string());
+        let values: BTreeMap<String, String> =
+            spec.params.iter().filter_map(|k| runs[0].params.get(k).map(|v| (k.clone(), v.clone()))).collect();
+        let count = |st: RunStatus| runs.iter().filter(|r| r.status == st).count();
+        if count(RunStatus::Running) > 0 || count(RunStatus::Failed) > 0 {
+            continue;
+        }
+        if count(RunStatus::Succeeded) < seeds {
+            s.redo.push((point.to_string(), values));
+            continue;
+        }
+        let objectives: Option<Vec<f64>> = spec
+            .objectives
+            .iter()
+            .map(|o| {
+                let xs: Vec<f64> = runs.iter().filter_map(|r| r.metrics.get(&o.metric).copied().flatten()).collect();
+                (xs.len() == runs.len()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
+            })
+            .collect();
+        match objectives {
+            Some(objectives) => s.told.push(Told { values, objectives }),
+            None => warn!("trial {point} did not log every objective: it is left out of the search's history"),
+        }
+    }
+    s
+}
+
+type TrialFuture<'a> = Pin<Box<dyn Future<Output = (String, Result<exec::Outcome>)> + 'a>>;
+
+/// Runs the study of `first` (an adaptive search, compiled from `file` with `a`); returns
+/// the exit code.
+pub async fn run(
+    g: &Global,
+    a: &RunArgs,
+    file: &Path,
+    first: &Experiment,
+    registry: &Registry,
+    opts: &RunOptions,
+    display: &Display,
+) -> Result<i32> {
+    let spec = first.search.clone().expect("an adaptive search");
+    let seeds = first.runs.len();
+    let parallel = a.jobs.unwrap_or(1).max(1) as usize;
+    // Each trial runs its stages one at a time on its share of the cores.
+    let trial_opts = RunOptions {
+        jobs: 1,
+        threads_per_job: opts.threads_per_job.or((parallel > 1).then(|| (exec::Cores::available() / parallel).max(1))),
+        ..opts.clone()
+    };
+    let cancel = CancelToken::new();
+    spawn_signal_handler(cancel.clone());
+    let cache = Cache::open(&g.cache)?;
+    let store = Store::open(&g.db, store_options(g)?).await?;
+    let reaped = store.reap_dead_runs().await?;
+    if reaped > 0 {
+        warn!("marked {reaped} run(s) of dead processes as interrupted");
+    }
+    let filter = Filter { experiment: Some(first.name.clone()), ..Default::default() };
+    let mut flying: BTreeSet<String> = BTreeSet::new();
+    let mut in_flight: FuturesUnordered<TrialFuture<'_>> = FuturesUnordered::new();
+    let (mut ended, mut failed, mut incomplete) = (0usize, 0usize, None::<String>);
+    let mut any_ended = false;
+    let mut code = 0;
+    loop {
+        let study = study_of(&store.load_runs(&filter).await?, &spec, seeds);
+        // The first trial computes the stages every trial shares (data, features) alone.
+        let limit = if any_ended || !study.told.is_empty() { parallel } else { 1 };
+        let mut redo: Vec<&(String, BTreeMap<String, String>)> =
+            study.redo.iter().filter(|(p, _)| !flying.contains(p)).rev().collect();
+        while in_flight.len() < limit && !cancel.is_cancelled() {
+            let begun = study.begun.union(&flying).count() as u64;
+            let request = match redo.pop() {
+                Some((label, values)) => SearchRequest::Point { label: label.clone(), values: values.clone() },
+                None if (begun as usize) < spec.trials => {
+                    SearchRequest::Next(History { begun, told: study.told.clone() })
+                }
+                None => break,
+            };
+            let trial = match compile_with(file, a, Some(request)) {
+                Ok((exp, _, _)) => exp,
+                Err(d) => {
+                    eprintln!("{d}");
+                    code = 2;
+                    cancel.cancel();
+                    break;
+                }
+            };
+            let label = trial.runs[0].point.clone();
+            if !flying.insert(label.clone()) {
+                break;
+            }
+            info!("trial {label} ({} of {})", begun.min(spec.trials as u64 - 1) + 1, spec.trials);
+            let (store, cache, cancel) = (&store, &cache, &cancel);
+            let trial_opts = &trial_opts;
+            in_flight.push(Box::pin(async move {
+                let out = exec::execute(&trial, registry, store, cache, trial_opts, display, cancel).await;
+                (label, out)
+            }));
+        }
+        let Some((label, out)) = in_flight.next().await else { break };
+        flying.remove(&label);
+        any_ended = true;
+        match out {
+            Ok(o) => {
+                ended += 1;
+                failed += o.runs.iter().filter(|r| r.status == RunStatus::Failed).count();
+                if o.runs.iter().any(|r| r.status == RunStatus::Interrupted) {
+                    cancel.cancel();
+                }
+                if let Some(why) = o.results_incomplete {
+                    // Without its results the search cannot go on: stop starting trials.
+                    incomplete = Some(why);
+                    cancel.cancel();
+                }
+            }
+            Err(e) => {
+                error!("trial {label}: {e:#}");
+                code = 1;
+                cancel.cancel();
+            }
+        }
+    }
+    drop(in_flight);
+    store.close().await;
+    display.suspend(|| {
+        println!(
+            "{ended} trial(s) ran in this invocation ({failed} failed run(s)); `huse-run study {}` shows the study",
+            file.display()
+        )
+    });
+    if let Some(why) = incomplete {
+        error!("not every result reached the database: {why}");
+        return Ok(1);
+    }
+    Ok(if code != 0 {
+        code
+    } else if cancel.is_cancelled() {
+        130
+    } else if failed > 0 {
+        1
+    } else {
+        0
+    })
+}
