@@ -227,6 +227,49 @@ fn a_tpe_study_runs_its_trials_one_after_another_and_continues_after_a_kill() {
 }
 
 #[test]
+fn asha_prunes_trials_at_rungs_and_records_them_pruned_with_their_last_values() {
+    // val.loss at epoch e = factor / e + offset: a larger offset is worse at every rung.
+    let sb = Sandbox::new();
+    let f = sb.write(
+        "a.yaml",
+        "name: asha\nstages:\n  source: { uses: toy-source, with: { count: 4 } }\n  \
+         mid: { uses: toy-scale, needs: [source], with: { metrics: 9, report_as: val.loss } }\n  \
+         total: { uses: toy-sum, needs: [mid] }\n\
+         search:\n  params:\n    mid.factor: { uniform: [0.5, 2.0] }\n    mid.offset: { int: [0, 5] }\n  \
+         objectives: [ { metric: val.loss, goal: min } ]\n  trials: 12\n  \
+         sampler: { kind: tpe, seed: 1, startup: 4 }\n  pruner: { kind: asha, min_epochs: 1, max_epochs: 9, reduction: 3 }\n",
+    );
+    let f = f.to_str().unwrap();
+    let out = sb.run(&[f]).expect(0);
+    let pruned = sb.count("SELECT count(*) FROM runs WHERE status = 'pruned'");
+    let done = sb.count("SELECT count(*) FROM runs WHERE status = 'succeeded'");
+    assert_eq!(pruned + done, 12, "{}", out.stderr());
+    assert!(pruned >= 4 && done >= 1, "{pruned} pruned, {done} ran to the end");
+    assert!(out.stdout().contains(&format!("({pruned} pruned run(s), 0 failed)")), "{}", out.stdout());
+    // A pruned run stopped at a rung (1 or 3) with that epoch's value as its last; its
+    // downstream stage was skipped and its stage recorded pruned.
+    for row in sb.sql(
+        "SELECT r.id, max(m.step) FROM runs r JOIN metrics m ON m.run_id = r.id AND m.key = 'val.loss' \
+         WHERE r.status = 'pruned' GROUP BY r.id",
+    ) {
+        assert!(row[1] == "1" || row[1] == "3", "run {} stopped at epoch {}", row[0], row[1]);
+        let stages = sb.sql(&format!("SELECT stage, status FROM stage_runs WHERE run_id = {} ORDER BY stage", row[0]));
+        assert!(stages.contains(&vec!["mid".to_string(), "pruned".to_string()]), "{stages:?}");
+        assert!(stages.contains(&vec!["total".to_string(), "skipped".to_string()]), "{stages:?}");
+    }
+    // Pruning saved epochs: fewer than 12 x 9 were run.
+    let epochs = sb.count("SELECT count(*) FROM metrics WHERE key = 'val.loss'");
+    assert!(epochs <= 12 * 9 - pruned * 6, "{epochs} epochs");
+    // The first trial at a rung always goes on; the best trial ran to the end.
+    let best = &sb.sql("SELECT r.status FROM runs r JOIN metrics m ON m.run_id = r.id AND m.key = 'val.loss' AND m.step = 1 ORDER BY m.value, r.id LIMIT 1")[0][0];
+    assert_eq!(best, "succeeded");
+    let study = sb.run(&["study", f]).expect(0).stdout();
+    assert!(study.contains(&format!("{pruned} pruned")), "{study}");
+    // The study is complete: nothing runs again, pruned trials included.
+    assert!(sb.run(&[f]).expect(0).stdout().contains("0 trial(s) ran"));
+}
+
+#[test]
 fn a_3x3_sweep_creates_9_runs_and_computes_the_shared_upstream_once() {
     let sb = Sandbox::new();
     let f = sb.write(

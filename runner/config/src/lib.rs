@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use huse_registry::Registry;
 use huse_stage_api::DeviceSpec;
 
+pub mod pruner;
 pub mod resolved;
 pub mod sampler;
 pub mod search;

@@ -253,6 +253,7 @@ mod tests {
         // Random search: startup larger than the budget. TPE: Optuna's 10 random trials first.
         let random = median((0..10).map(|s| regret(1000, s, 40)).collect());
         let tpe = median((0..10).map(|s| regret(10, s, 40)).collect());
+        eprintln!("median regret after 40 trials over 10 seeds: TPE {tpe:.2e}, random {random:.2e}");
         assert!(tpe < random / 2.0, "median regret after 40 trials: TPE {tpe:.2e}, random {random:.2e}");
         assert_eq!(regret(10, 7, 30), regret(10, 7, 30));
         assert_ne!(regret(10, 7, 30), regret(10, 8, 30));

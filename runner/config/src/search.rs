@@ -17,13 +17,14 @@
 //! `trials` points (the same ones for the same seed), `grid` runs every combination of
 //! `choice` and `int` parameters. The adaptive sampler (`tpe`, [`crate::sampler`]) compiles
 //! to one trial at a time: the runner asks for the next point with what has finished
-//! ([`SearchRequest`]) until `trials` have begun. Pruning (`pruner: asha`) is refused with a
-//! message until the train stage reports per-epoch values to the runner.
+//! ([`SearchRequest`]) until `trials` have begun; its trials may be pruned (`pruner: asha`,
+//! [`crate::pruner`]).
 
 use std::collections::BTreeSet;
 
 use rand::SeedableRng;
 
+pub use crate::pruner::Asha;
 pub use crate::sampler::{History, SearchRequest, Told};
 use crate::sampler::{Param, draw, tpe_point};
 use crate::sweep::{Assignment, Axis, label, product};
@@ -45,6 +46,8 @@ pub struct SearchSpec {
     pub trials: usize,
     /// `tpe`: random trials before the estimator takes over.
     pub startup: usize,
+    /// `pruner: asha`: stop unpromising trials at rungs (with `tpe`).
+    pub pruner: Option<Asha>,
 }
 
 impl SearchSpec {
@@ -260,16 +263,7 @@ pub(crate) fn points(
             ),
         ),
     }
-    if let Some(p) = search.get("pruner") {
-        let pk = p.get("kind").map(|k| k.to_string()).unwrap_or_default();
-        if pk != "none" {
-            cx.err(
-                &p.origin,
-                "search.pruner.kind",
-                format!("pruner `{pk}` is not there yet: trials run to the end (none)"),
-            );
-        }
-    }
+    let pruner = search.get("pruner").and_then(|p| asha(cx, p, &kind));
     let trials = search.get("trials");
     let mut spec = SearchSpec {
         objectives,
@@ -278,6 +272,7 @@ pub(crate) fn points(
         params: params.iter().map(|(k, _, _)| k.name.clone()).collect(),
         trials: 0,
         startup,
+        pruner,
     };
     let mut pts: Vec<Vec<Assignment>> = Vec::new();
     if kind == "grid" {
@@ -380,6 +375,60 @@ pub(crate) fn points(
         })
         .collect();
     Some((points, spec))
+}
+
+/// `pruner:` as compiled: `{ kind: asha, min_epochs, max_epochs, reduction }` or `{ kind: none }`.
+fn asha(cx: &mut Ctx, p: &Node, sampler: &str) -> Option<Asha> {
+    let keys = ["kind", "min_epochs", "max_epochs", "reduction"];
+    let Some(map) = p.as_map() else {
+        cx.err(&p.origin, "search.pruner", "expected { kind: asha, min_epochs: N, max_epochs: N, reduction: N }");
+        return None;
+    };
+    for (k, _) in map {
+        if !keys.contains(&k.name.as_str()) {
+            let hint = did_you_mean(&k.name, keys);
+            cx.err(
+                &k.origin,
+                &format!("search.pruner.{}", k.name),
+                format!("unknown key `{}`{hint} ({})", k.name, keys.join(", ")),
+            );
+        }
+    }
+    let kind = p.get("kind").map(|k| k.to_string()).unwrap_or_default();
+    match kind.as_str() {
+        "none" => return None,
+        "asha" => {}
+        other => {
+            cx.err(
+                &p.origin,
+                "search.pruner.kind",
+                format!("unknown pruner `{other}`{} (asha | none)", did_you_mean(other, ["asha", "none"])),
+            );
+            return None;
+        }
+    }
+    if sampler != "tpe" {
+        cx.err(&p.origin, "search.pruner", "pruning runs in the study loop of `sampler: { kind: tpe }` (random and grid searches run every trial to the end)");
+    }
+    let mut int = |key: &str, min: i64| match p.get(key) {
+        None => None,
+        Some(Node { value: Value::Int(i), .. }) if *i >= min => Some(*i),
+        Some(n) => {
+            cx.err(&n.origin, &format!("search.pruner.{key}"), format!("expected an integer >= {min}"));
+            None
+        }
+    };
+    let min_epochs = int("min_epochs", 1).unwrap_or(1);
+    let reduction = int("reduction", 2).unwrap_or(3);
+    let max_epochs = int("max_epochs", 1);
+    if let Some(m) = max_epochs.filter(|m| *m <= min_epochs) {
+        cx.err(
+            &p.origin,
+            "search.pruner.max_epochs",
+            format!("{m} leaves no rung: expected more than min_epochs ({min_epochs})"),
+        );
+    }
+    Some(Asha { min_epochs, max_epochs, reduction })
 }
 
 /// Trial `h.begun` of a TPE search, labelled `trial=N,key=value,...`.
@@ -490,6 +539,7 @@ mod tests {
 
     #[test]
     fn search_mistakes_are_positioned_errors() {
+        use super::Asha;
         let e = compile_err(&format!("{DIAMOND}sweep:\n  left.factor: [1, 2]\n{RANDOM}"), &[]);
         assert!(e.iter().any(|d| d.contains("search: an experiment has a `sweep:` or a `search:`, not both")), "{e:?}");
         let test_metric = RANDOM.replace("val.sum", "test.sum");
@@ -518,6 +568,23 @@ mod tests {
         assert!(e.iter().any(|d| d.contains("unknown key `seeds`") && d.contains("did you mean `seed`")), "{e:?}");
         let e = compile_err(&format!("{DIAMOND}{}  sampler: {{ kind: random, startup: 3 }}\n", RANDOM), &[]);
         assert!(e.iter().any(|d| d.contains("unknown key `startup` for sampler `random`")), "{e:?}");
+        let e = compile_err(&format!("{DIAMOND}{RANDOM}  pruner: {{ kind: asha, min_epochs: 4 }}\n"), &[]);
+        assert!(
+            e.iter().any(|d| d.contains("search.pruner") && d.contains("study loop of `sampler: { kind: tpe }`")),
+            "{e:?}"
+        );
+        let tpe = format!("{DIAMOND}{RANDOM}  sampler: {{ kind: tpe }}\n");
+        let e =
+            compile_err(&format!("{tpe}  pruner: {{ kind: asha, min_epochs: 4, max_epochs: 3, reduce: 2 }}\n"), &[]);
+        assert!(e.iter().any(|d| d.contains("search.pruner.max_epochs") && d.contains("leaves no rung")), "{e:?}");
+        assert!(
+            e.iter().any(|d| d.contains("unknown key `reduce`") && d.contains("did you mean `reduction`")),
+            "{e:?}"
+        );
+        let e = compile_err(&format!("{tpe}  pruner: {{ kind: hyperband }}\n"), &[]);
+        assert!(e.iter().any(|d| d.contains("unknown pruner `hyperband`")), "{e:?}");
+        let ok = compile_ok(&format!("{tpe}  pruner: {{ kind: asha, min_epochs: 2, reduction: 2 }}\n"), &[]);
+        assert_eq!(ok.search.unwrap().pruner, Some(Asha { min_epochs: 2, max_epochs: None, reduction: 2 }));
         let e = compile_err(&format!("{DIAMOND}{}", RANDOM.replace("  trials: 6\n", "  trails: 6\n")), &[]);
         assert!(e.iter().any(|d| d.contains("unknown key `trails`") && d.contains("did you mean `trials`")), "{e:?}");
         assert!(e.iter().any(|d| d.contains("missing required key `trials`")), "{e:?}");

@@ -10,14 +10,14 @@
 //! temporary outputs are removed. Runs, stage runs and metrics are recorded through
 //! [`huse_store::Store`]; outputs live in the [`cache::Cache`]; [`progress`] draws the bars.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Result;
-use huse_stage_api::{CancelToken, Context, DeviceSpec, Inputs, MetricLogger, StageError};
+use huse_stage_api::{CancelToken, Context, Decision, DeviceSpec, Inputs, MetricLogger, StageError};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{info, warn};
 
@@ -49,6 +49,16 @@ pub struct RunOptions {
     pub gpu_slots: usize,
     /// The GPU that `device: auto` means in this build on this machine (None: the CPU).
     pub auto_gpu: Option<usize>,
+    /// A study's pruner, asked at the end of each step a stage reports (None: never stop).
+    pub pruner: Option<Arc<dyn Pruner>>,
+}
+
+/// A study's pruner: whether a run goes on after a step its stage reported
+/// ([`MetricLogger::report`]), judged from the metrics the stage logged at that step. The
+/// runner's study loop implements it; stages and the executor know nothing of its rule.
+pub trait Pruner: Send + Sync + std::fmt::Debug {
+    /// Whether run `run_id` goes on after `step`, given the values logged at that step.
+    fn keep(&self, run_id: i64, step: i64, values: &BTreeMap<String, f64>) -> bool;
 }
 
 impl Default for RunOptions {
@@ -62,6 +72,7 @@ impl Default for RunOptions {
             threads_per_job: None,
             gpu_slots: 1,
             auto_gpu: None,
+            pruner: None,
         }
     }
 }
@@ -327,10 +338,18 @@ impl RunsDone {
 #[derive(Debug, Clone)]
 enum State {
     Pending,
-    Done { out: Output, cached: bool, started: Option<String>, ended: Option<String>, secs: Option<f64> },
+    Done {
+        out: Output,
+        cached: bool,
+        started: Option<String>,
+        ended: Option<String>,
+        secs: Option<f64>,
+    },
     Failed(String),
     Skipped(String),
     Interrupted,
+    /// Stopped by the study's pruner after this step.
+    Pruned(i64),
 }
 
 impl State {
@@ -505,6 +524,7 @@ struct Metrics {
     tx: mpsc::UnboundedSender<Vec<MetricRow>>,
     users: Vec<(i64, String)>,
     records: Mutex<Vec<MetricRecord>>,
+    pruner: Option<Arc<dyn Pruner>>,
 }
 
 impl MetricLogger for Metrics {
@@ -522,6 +542,18 @@ impl MetricLogger for Metrics {
             })
             .collect();
         let _ = self.tx.send(rows);
+    }
+
+    fn report(&self, step: i64) -> Decision {
+        let Some(pruner) = &self.pruner else { return Decision::Continue };
+        let values: BTreeMap<String, f64> =
+            self.records.lock().unwrap().iter().filter(|r| r.step == step).map(|r| (r.key.clone(), r.value)).collect();
+        // A job shared by several runs goes on while one of them should.
+        if self.users.iter().any(|(run, _)| pruner.keep(*run, step, &values)) {
+            Decision::Continue
+        } else {
+            Decision::Stop
+        }
     }
 }
 
@@ -653,11 +685,12 @@ pub async fn execute(
             opts.verify,
             verified.clone(),
         );
+        let pruner = opts.pruner.clone();
         let (all_jobs, receivers, dependants) = (shared_jobs.clone(), shared_rx.clone(), dependants.clone());
         let sweep = sweep.clone();
         tasks.spawn(async move {
             let state = run_job(
-                ji, &job, deps, &users, &label, &cache, &sem, &cores, &cancel, &display, mtx, verify, &verified,
+                ji, &job, deps, &users, &label, &cache, &sem, &cores, &cancel, &display, mtx, verify, &verified, pruner,
             )
             .await;
             let lost = record(&store, &job, &users, &state).await;
@@ -712,6 +745,12 @@ pub async fn execute(
                     }
                     status = RunStatus::Failed;
                 }
+                State::Pruned(step) => {
+                    if status == RunStatus::Succeeded {
+                        status = RunStatus::Pruned;
+                        error = Some(format!("stage `{stage}` pruned after step {step}"));
+                    }
+                }
                 State::Interrupted | State::Pending => {
                     if status == RunStatus::Succeeded {
                         status = RunStatus::Interrupted;
@@ -757,6 +796,7 @@ async fn run_job(
     mtx: mpsc::UnboundedSender<Vec<MetricRow>>,
     verify: bool,
     verified: &Mutex<HashSet<PathBuf>>,
+    pruner: Option<Arc<dyn Pruner>>,
 ) -> State {
     let _ready = cores.guard(ji);
     let mut ups: HashMap<String, Output> = HashMap::new();
@@ -772,6 +812,7 @@ async fn run_job(
             State::Failed(_) | State::Skipped(_) => {
                 return State::Skipped(format!("upstream stage `{need}` did not succeed"));
             }
+            State::Pruned(_) => return State::Skipped(format!("upstream stage `{need}` was pruned")),
             State::Interrupted | State::Pending => return State::Interrupted,
         }
     }
@@ -882,7 +923,7 @@ async fn run_job(
     };
     let started = store::now();
     let clock = Instant::now();
-    let metrics = Arc::new(Metrics { tx: mtx, users: users.to_vec(), records: Mutex::new(Vec::new()) });
+    let metrics = Arc::new(Metrics { tx: mtx, users: users.to_vec(), records: Mutex::new(Vec::new()), pruner });
     let progress = Arc::new(display.stage(label));
     let result = {
         let (stage, config, tmp, work, cancel, metrics, progress) = (
@@ -921,6 +962,12 @@ async fn run_job(
             let _ = std::fs::remove_dir_all(&tmp);
             info!("{label}: cancelled");
             return State::Interrupted;
+        }
+        Ok(Ok(Err(StageError::Pruned(step)))) => {
+            // Nothing is cached; the work directory (its checkpoints) stays for a later try.
+            let _ = std::fs::remove_dir_all(&tmp);
+            info!("{label}: pruned after step {step}");
+            return State::Pruned(step);
         }
         Ok(Ok(Err(e))) => Err(e.to_string()),
         Ok(Err(panic)) => Err(format!(
@@ -1054,6 +1101,10 @@ async fn record(store: &Store, job: &Job, users: &[(i64, String)], state: &State
             State::Skipped(why) => {
                 row.status = StageStatus::Skipped;
                 row.error = Some(why.clone());
+            }
+            State::Pruned(step) => {
+                row.status = StageStatus::Pruned;
+                row.error = Some(format!("pruned after step {step}"));
             }
             State::Interrupted | State::Pending => row.status = StageStatus::Interrupted,
         }

@@ -122,7 +122,7 @@ pub async fn run(g: &Global, a: RunArgs, display: &Display) -> Result<i32> {
         ..RunOptions::default()
     };
     if adaptive {
-        let code = super::trials::run(g, &a, &file, &exp, &registry, &opts, display).await?;
+        let code = super::trials::run(g, &a, &file, &exp, &opts, display).await?;
         if code != 2 {
             super::study::show(g, &exp).await?;
         }

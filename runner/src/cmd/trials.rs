@@ -5,22 +5,22 @@
 //! of the cores, and a new one starts as soon as any ends (no batches). Rerunning the file
 //! continues the study: finished trials are told, never rerun; a trial whose runs were
 //! interrupted (Ctrl-C, a killed process) runs again under its own label, with its own
-//! values, so none is lost and none is doubled.
+//! values, so none is lost and none is doubled. With `pruner: asha`, the executor asks
+//! [`AshaPruner`] at the end of each epoch a stage reports whether the run goes on; a
+//! stopped run is recorded `pruned` with the values of the epochs it ran (a pruned trial is
+//! not told to the sampler, and not run again).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::path::Path;
-use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
 use huse_config::Experiment;
-use huse_config::search::{History, SearchRequest, SearchSpec, Told};
+use huse_config::pruner::promotable;
+use huse_config::search::{Asha, History, SearchRequest, SearchSpec, Told};
 use huse_exec::cache::Cache;
 use huse_exec::progress::Display;
 use huse_exec::{self as exec, RunOptions};
-use huse_registry::Registry;
 use huse_stage_api::CancelToken;
 use huse_store::{Filter, RunRow, RunStatus, Store};
 use tracing::{error, info, warn};
@@ -65,7 +65,7 @@ fn study_of(rows: &[RunRow], spec: &SearchSpec, seeds: usize) -> Study {
         let values: BTreeMap<String, String> =
             spec.params.iter().filter_map(|k| runs[0].params.get(k).map(|v| (k.clone(), v.clone()))).collect();
         let count = |st: RunStatus| runs.iter().filter(|r| r.status == st).count();
-        if count(RunStatus::Running) > 0 || count(RunStatus::Failed) > 0 {
+        if count(RunStatus::Running) > 0 || count(RunStatus::Failed) > 0 || count(RunStatus::Pruned) > 0 {
             continue;
         }
         if count(RunStatus::Succeeded) < seeds {
@@ -88,7 +88,68 @@ fn study_of(rows: &[RunRow], spec: &SearchSpec, seeds: usize) -> Study {
     s
 }
 
-type TrialFuture<'a> = Pin<Box<dyn Future<Output = (String, Result<exec::Outcome>)> + 'a>>;
+/// ASHA over the runs of a study: each rung's values so far, per run.
+#[derive(Debug)]
+struct AshaPruner {
+    asha: Asha,
+    metrics: Vec<String>,
+    maximize: Vec<bool>,
+    rungs: Mutex<BTreeMap<i64, BTreeMap<i64, Vec<f64>>>>,
+}
+
+impl AshaPruner {
+    /// The pruner of `spec`, with the rung values the study's earlier runs logged.
+    async fn new(asha: Asha, spec: &SearchSpec, store: &Store, rows: &[RunRow]) -> Result<AshaPruner> {
+        let p = AshaPruner {
+            asha,
+            metrics: spec.objectives.iter().map(|o| o.metric.clone()).collect(),
+            maximize: spec.objectives.iter().map(|o| o.maximize).collect(),
+            rungs: Mutex::new(BTreeMap::new()),
+        };
+        for r in rows.iter().filter(|r| r.status != RunStatus::Running) {
+            let mut at: BTreeMap<i64, BTreeMap<String, f64>> = BTreeMap::new();
+            for (key, step, value) in store.metric_series(r.id).await? {
+                if let Some(v) = value.filter(|_| p.asha.is_rung(step) && p.metrics.contains(&key)) {
+                    at.entry(step).or_default().insert(key, v);
+                }
+            }
+            for (step, values) in at {
+                if let Some(v) = p.objectives(&values) {
+                    p.rungs.lock().unwrap().entry(step).or_default().insert(r.id, v);
+                }
+            }
+        }
+        Ok(p)
+    }
+
+    fn objectives(&self, values: &BTreeMap<String, f64>) -> Option<Vec<f64>> {
+        self.metrics.iter().map(|m| values.get(m).copied().filter(|v| v.is_finite())).collect()
+    }
+}
+
+impl exec::Pruner for AshaPruner {
+    fn keep(&self, run_id: i64, step: i64, values: &BTreeMap<String, f64>) -> bool {
+        if !self.asha.is_rung(step) {
+            return true;
+        }
+        // A stage that does not log the objectives at its epochs cannot be judged.
+        let Some(mine) = self.objectives(values) else { return true };
+        let mut rungs = self.rungs.lock().unwrap();
+        let rung = rungs.entry(step).or_default();
+        rung.insert(run_id, mine);
+        let me = rung.keys().position(|r| *r == run_id).expect("inserted");
+        let all: Vec<Vec<f64>> = rung.values().cloned().collect();
+        let keep = promotable(&all, me, &self.maximize, self.asha.reduction);
+        if !keep {
+            info!(
+                "run {run_id}: pruned at step {step} (not in the top 1/{} of the {} runs at this rung)",
+                self.asha.reduction,
+                all.len()
+            );
+        }
+        keep
+    }
+}
 
 /// Runs the study of `first` (an adaptive search, compiled from `file` with `a`); returns
 /// the exit code.
@@ -97,7 +158,6 @@ pub async fn run(
     a: &RunArgs,
     file: &Path,
     first: &Experiment,
-    registry: &Registry,
     opts: &RunOptions,
     display: &Display,
 ) -> Result<i32> {
@@ -105,7 +165,7 @@ pub async fn run(
     let seeds = first.runs.len();
     let parallel = a.jobs.unwrap_or(1).max(1) as usize;
     // Each trial runs its stages one at a time on its share of the cores.
-    let trial_opts = RunOptions {
+    let mut trial_opts = RunOptions {
         jobs: 1,
         threads_per_job: opts.threads_per_job.or((parallel > 1).then(|| (exec::Cores::available() / parallel).max(1))),
         ..opts.clone()
@@ -119,9 +179,13 @@ pub async fn run(
         warn!("marked {reaped} run(s) of dead processes as interrupted");
     }
     let filter = Filter { experiment: Some(first.name.clone()), ..Default::default() };
+    if let Some(asha) = &spec.pruner {
+        let pruner = AshaPruner::new(asha.clone(), &spec, &store, &store.load_runs(&filter).await?).await?;
+        trial_opts.pruner = Some(Arc::new(pruner));
+    }
     let mut flying: BTreeSet<String> = BTreeSet::new();
-    let mut in_flight: FuturesUnordered<TrialFuture<'_>> = FuturesUnordered::new();
-    let (mut ended, mut failed, mut incomplete) = (0usize, 0usize, None::<String>);
+    let mut in_flight: tokio::task::JoinSet<(String, Result<exec::Outcome>)> = tokio::task::JoinSet::new();
+    let (mut ended, mut failed, mut pruned, mut incomplete) = (0usize, 0usize, 0usize, None::<String>);
     let mut any_ended = false;
     let mut code = 0;
     loop {
@@ -139,8 +203,8 @@ pub async fn run(
                 }
                 None => break,
             };
-            let trial = match compile_with(file, a, Some(request)) {
-                Ok((exp, _, _)) => exp,
+            let (trial, trial_registry) = match compile_with(file, a, Some(request)) {
+                Ok((exp, registry, _)) => (exp, registry),
                 Err(d) => {
                     eprintln!("{d}");
                     code = 2;
@@ -153,20 +217,24 @@ pub async fn run(
                 break;
             }
             info!("trial {label} ({} of {})", begun.min(spec.trials as u64 - 1) + 1, spec.trials);
-            let (store, cache, cancel) = (&store, &cache, &cancel);
-            let trial_opts = &trial_opts;
-            in_flight.push(Box::pin(async move {
-                let out = exec::execute(&trial, registry, store, cache, trial_opts, display, cancel).await;
+            // A task of its own: a trial goes on while this loop waits for the database.
+            let (store, cache, cancel, opts, display) =
+                (store.clone(), cache.clone(), cancel.clone(), trial_opts.clone(), display.clone());
+            in_flight.spawn(async move {
+                let out = exec::execute(&trial, &trial_registry, &store, &cache, &opts, &display, &cancel).await;
                 (label, out)
-            }));
+            });
         }
-        let Some((label, out)) = in_flight.next().await else { break };
+        let Some(joined) = in_flight.join_next().await else { break };
+        let (label, out) =
+            joined.unwrap_or_else(|e| (String::new(), Err(anyhow::anyhow!("a trial's task ended abnormally: {e}"))));
         flying.remove(&label);
         any_ended = true;
         match out {
             Ok(o) => {
                 ended += 1;
                 failed += o.runs.iter().filter(|r| r.status == RunStatus::Failed).count();
+                pruned += o.runs.iter().filter(|r| r.status == RunStatus::Pruned).count();
                 if o.runs.iter().any(|r| r.status == RunStatus::Interrupted) {
                     cancel.cancel();
                 }
@@ -183,11 +251,10 @@ pub async fn run(
             }
         }
     }
-    drop(in_flight);
     store.close().await;
     display.suspend(|| {
         println!(
-            "{ended} trial(s) ran in this invocation ({failed} failed run(s)); `huse-run study {}` shows the study",
+            "{ended} trial(s) ran in this invocation ({pruned} pruned run(s), {failed} failed); `huse-run study {}` shows the study",
             file.display()
         )
     });

@@ -72,6 +72,9 @@ pub enum RunStatus {
     Failed,
     /// Cancelled (Ctrl-C, SIGTERM) or its process ended without finishing.
     Interrupted,
+    /// Stopped early by a study's pruner (a stage returned `StageError::Pruned`): its
+    /// metrics are those of the steps it ran.
+    Pruned,
 }
 
 /// The state of one stage of a run, as stored in `stage_runs.status`.
@@ -86,6 +89,8 @@ pub enum StageStatus {
     Skipped,
     /// Cancelled before or while running.
     Interrupted,
+    /// Stopped early by a study's pruner.
+    Pruned,
 }
 
 macro_rules! status_strings {
@@ -114,8 +119,20 @@ macro_rules! status_strings {
         }
     };
 }
-status_strings!(RunStatus { Running => "running", Succeeded => "succeeded", Failed => "failed", Interrupted => "interrupted" });
-status_strings!(StageStatus { Succeeded => "succeeded", Failed => "failed", Skipped => "skipped", Interrupted => "interrupted" });
+status_strings!(RunStatus {
+    Running => "running",
+    Succeeded => "succeeded",
+    Failed => "failed",
+    Interrupted => "interrupted",
+    Pruned => "pruned",
+});
+status_strings!(StageStatus {
+    Succeeded => "succeeded",
+    Failed => "failed",
+    Skipped => "skipped",
+    Interrupted => "interrupted",
+    Pruned => "pruned",
+});
 
 /// A row of the `runs` table: what the database records about a run. One type for every
 /// reader — the queries ([`RunRow`] adds the params and final metrics), whole-run copies

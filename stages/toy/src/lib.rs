@@ -14,7 +14,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use huse_stage_api::{Config, ConfigError, Context, Input, Inputs, Output, Stage, StageError, parse_config};
+use huse_stage_api::{Config, ConfigError, Context, Decision, Input, Inputs, Output, Stage, StageError, parse_config};
 use serde::Deserialize;
 
 /// All toy stages, for registration with the runner.
@@ -132,6 +132,10 @@ struct ScaleCfg {
     /// Log this many steps of a fake, decreasing `loss` metric.
     #[serde(default)]
     metrics: u32,
+    /// Also log `loss + offset` under this name at steps 1.. (as epochs) and report each step
+    /// to the runner, stopping when a study's pruner says so.
+    #[serde(default)]
+    report_as: Option<String>,
     /// Fail on purpose with this message.
     #[serde(default)]
     fail: Option<String>,
@@ -197,7 +201,14 @@ impl Stage for Scale {
             let v: Vec<f64> =
                 read_numbers(inputs.get("numbers.json")?)?.iter().map(|x| c.factor * x + c.offset + seed).collect();
             for step in 0..c.metrics {
-                ctx.metrics.log("loss", i64::from(step), c.factor / f64::from(step + 1));
+                let loss = c.factor / f64::from(step + 1);
+                ctx.metrics.log("loss", i64::from(step), loss);
+                if let Some(name) = &c.report_as {
+                    ctx.metrics.log(name, i64::from(step + 1), loss + c.offset);
+                    if ctx.metrics.report(i64::from(step + 1)) == Decision::Stop {
+                        return Err(StageError::Pruned(i64::from(step + 1)));
+                    }
+                }
             }
             ctx.metrics.log("mean", 0, v.iter().sum::<f64>() / v.len().max(1) as f64);
             write_json(ctx.out_dir, "scaled.json", &serde_json::json!(v))

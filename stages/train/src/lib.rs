@@ -31,7 +31,7 @@ use huse_model::metrics;
 use huse_model::model::{EpochVal, Huse, HuseConfig, ModelMeta, Shape, predict};
 use huse_model::names;
 use huse_model::optim::{Optimizer, OptimizerConfig, Schedule, lr_at};
-use huse_stage_api::{Config, ConfigError, Context, Input, Inputs, Output, Stage, StageError, parse_config};
+use huse_stage_api::{Config, ConfigError, Context, Decision, Input, Inputs, Output, Stage, StageError, parse_config};
 use huse_stage_kit::{device_of, load_dataset};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -596,6 +596,10 @@ fn train(ctx: &Context, cfg: &TrainCfg, raw: &Config, inputs: &Inputs) -> Result
         let tmp = work.join("state.json.tmp");
         std::fs::write(&tmp, serde_json::to_vec(&state).map_err(StageError::of)?)?;
         std::fs::rename(&tmp, &state_path)?;
+        // A study's pruner may stop the trial here; the checkpoint above lets a later try resume.
+        if ctx.metrics.report(epoch as i64) == Decision::Stop {
+            return Err(StageError::Pruned(epoch as i64));
+        }
         if cfg.patience.is_some_and(|p| since_best >= p) {
             ctx.metrics.log("train.early_stop_epoch", 0, epoch as f64);
             break;

@@ -272,6 +272,24 @@ pub trait Progress: Send + Sync {
 pub trait MetricLogger: Send + Sync {
     /// Logs `value` of metric `key` at `step` (use 0 for single-valued metrics).
     fn log(&self, key: &str, step: i64, value: f64);
+    /// Says that `step` (an epoch) has ended and its metrics are logged. The runner answers
+    /// whether to go on: a study's pruner (`pruner: asha`) may judge from this step's values
+    /// that the trial is not worth finishing. A stage that trains in epochs calls it after
+    /// each epoch's checkpoint and, on [`Decision::Stop`], returns [`StageError::Pruned`];
+    /// a stage that never calls it is never pruned. Outside a pruned study: always continue.
+    fn report(&self, step: i64) -> Decision {
+        let _ = step;
+        Decision::Continue
+    }
+}
+
+/// The runner's answer to [`MetricLogger::report`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Go on.
+    Continue,
+    /// Stop here: the trial is pruned.
+    Stop,
 }
 
 /// A cancellation signal, set when the user presses Ctrl-C or the run fails elsewhere.
@@ -363,6 +381,10 @@ pub enum StageError {
     /// The run was cancelled through the [`CancelToken`].
     #[error("cancelled")]
     Cancelled,
+    /// A study's pruner stopped the stage after this step ([`MetricLogger::report`]); its
+    /// checkpoints stay in the work directory, its outputs are not cached.
+    #[error("pruned after step {0}")]
+    Pruned(i64),
     /// An I/O error.
     #[error("{0}")]
     Io(#[from] std::io::Error),
