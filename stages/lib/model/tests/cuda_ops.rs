@@ -96,22 +96,48 @@ fn l2_normalisation_on_the_gpu_equals_the_tensor_ops() {
     }
 }
 
-#[test]
-fn graph_and_gap_losses_on_the_gpu_equal_the_tensor_ops() {
-    let Some(dev) = gpu() else { return };
+/// The graph-loss checks' data on `dev`: labels of 300 items in 9 classes, a class distance
+/// matrix, and two sets of unit embeddings, the second a perturbation of the first (so that,
+/// as in training, some image-text pairs are closer than the margin).
+fn graph_data(dev: &Device) -> (Tensor, Tensor, Var, Var) {
     let (n, d, classes) = (300, 64, 9);
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let labels: Vec<u32> = (0..n).map(|_| rand::Rng::random_range(&mut rng, 0..classes as u32)).collect();
-    let y = Tensor::from_vec(labels, n, &dev).unwrap();
+    let y = Tensor::from_vec(labels, n, dev).unwrap();
     let a: Vec<f32> = (0..classes * classes)
         .map(|i| if i / classes == i % classes { 0.0 } else { 0.1 + 0.8 * ((i as f32) * 0.37).sin().abs() })
         .collect();
-    let a = Tensor::from_vec(a, (classes, classes), &dev).unwrap();
-    let unit = |seed: f32| {
-        Var::from_tensor(&l2_normalise_ops(&Tensor::from_vec(values(n * d, seed), (n, d), &dev).unwrap()).unwrap())
-            .unwrap()
+    let a = Tensor::from_vec(a, (classes, classes), dev).unwrap();
+    let raw1 = values(n * d, 0.31);
+    let raw2: Vec<f32> = raw1.iter().zip(values(n * d, 0.77)).map(|(x, y)| x + 0.3 * y).collect();
+    let unit = |raw: Vec<f32>| {
+        Var::from_tensor(&l2_normalise_ops(&Tensor::from_vec(raw, (n, d), dev).unwrap()).unwrap()).unwrap()
     };
-    let (e1, e2) = (unit(0.31), unit(0.77));
+    (y, a, unit(raw1), unit(raw2))
+}
+
+#[test]
+fn the_graph_loss_checks_data_has_pairs_inside_the_margin() {
+    // Checked on the CPU (the GPU check below needs it): every variant, margin and pairing
+    // of the GPU comparison has pairs that count, so a zero loss cannot pass it.
+    let (y, a, e1, e2) = graph_data(&Device::Cpu);
+    for variant in [GraphVariant::Paper, GraphVariant::Hinge] {
+        for zeta in [0.5, 1.2] {
+            for other in [&e1, &e2] {
+                let v = loss::graph_loss_block_ops(e1.as_tensor(), other.as_tensor(), &y, &y, &a, zeta, variant)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(v > 0.0, "{variant:?} zeta={zeta}: no pair counts");
+            }
+        }
+    }
+}
+
+#[test]
+fn graph_and_gap_losses_on_the_gpu_equal_the_tensor_ops() {
+    let Some(dev) = gpu() else { return };
+    let (y, a, e1, e2) = graph_data(&dev);
     for variant in [GraphVariant::Paper, GraphVariant::Hinge] {
         for zeta in [0.5, 1.2] {
             for same in [true, false] {
