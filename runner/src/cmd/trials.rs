@@ -94,7 +94,7 @@ struct AshaPruner {
     asha: Asha,
     metrics: Vec<String>,
     maximize: Vec<bool>,
-    rungs: Mutex<BTreeMap<i64, BTreeMap<i64, Vec<f64>>>>,
+    rungs: Mutex<BTreeMap<i64, BTreeMap<i64, Vec<(f64, bool)>>>>,
 }
 
 impl AshaPruner {
@@ -122,8 +122,13 @@ impl AshaPruner {
         Ok(p)
     }
 
-    fn objectives(&self, values: &BTreeMap<String, f64>) -> Option<Vec<f64>> {
-        self.metrics.iter().map(|m| values.get(m).copied().filter(|v| v.is_finite())).collect()
+    /// The objectives the stage logged at this step: (value, maximise) of each one present.
+    /// A rung judges those (train logs `val.acc.*` per epoch, evaluate the retrieval figures
+    /// once); None when there is none.
+    fn objectives(&self, values: &BTreeMap<String, f64>) -> Option<Vec<(f64, bool)>> {
+        let present: Vec<(f64, bool)> =
+            self.metrics.iter().zip(&self.maximize).filter_map(|(m, max)| values.get(m).map(|v| (*v, *max))).collect();
+        (!present.is_empty() && present.iter().all(|(v, _)| v.is_finite())).then_some(present)
     }
 }
 
@@ -137,9 +142,12 @@ impl exec::Pruner for AshaPruner {
         let mut rungs = self.rungs.lock().unwrap();
         let rung = rungs.entry(step).or_default();
         rung.insert(run_id, mine);
-        let me = rung.keys().position(|r| *r == run_id).expect("inserted");
-        let all: Vec<Vec<f64>> = rung.values().cloned().collect();
-        let keep = promotable(&all, me, &self.maximize, self.asha.reduction);
+        // Every run at a rung logged the same objectives (the same stage at the same epoch).
+        let maximize: Vec<bool> = rung[&run_id].iter().map(|(_, m)| *m).collect();
+        let all: Vec<Vec<f64>> =
+            rung.values().filter(|v| v.len() == maximize.len()).map(|v| v.iter().map(|(x, _)| *x).collect()).collect();
+        let me = rung.iter().filter(|(_, v)| v.len() == maximize.len()).position(|(r, _)| *r == run_id).expect("mine");
+        let keep = promotable(&all, me, &maximize, self.asha.reduction);
         if !keep {
             info!(
                 "run {run_id}: pruned at step {step} (not in the top 1/{} of the {} runs at this rung)",
