@@ -92,6 +92,10 @@ pub struct Overrides {
     /// `KEY=V1,V2,...` (or `KEY=[V1, V2]`) from `--sweep`: grid axes added to the file's
     /// sweep (an axis of the same key in the file is replaced).
     pub sweep: Vec<String>,
+    /// `KEY=uniform(0,1)` (or `log_uniform(a,b)`, `int(a,b)`, `choice(x,y,...)`) from
+    /// `--search`: parameters added to the file's `search:` (a parameter of the same key in
+    /// the file is replaced).
+    pub search_params: Vec<String>,
     /// `--repeat N`.
     pub repeat: Option<u32>,
     /// `--force STAGE` names (checked against the experiment's stages).
@@ -375,6 +379,13 @@ pub fn compile(
     } else {
         with_cli_sweep = cli_sweeps(&mut cx, root, &overrides.sweep, &stage_names);
         &with_cli_sweep
+    };
+    let with_cli_search;
+    let root = if overrides.search_params.is_empty() {
+        root
+    } else {
+        with_cli_search = search::cli_params(&mut cx, root, &overrides.search_params, &stage_names);
+        &with_cli_search
     };
     let max_runs = overrides.max_runs.unwrap_or(MAX_RUNS);
     let (points, search_spec) =

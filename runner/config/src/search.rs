@@ -28,7 +28,7 @@ pub use crate::pruner::Asha;
 pub use crate::sampler::{History, SearchRequest, Told};
 use crate::sampler::{Param, draw, tpe_point};
 use crate::sweep::{Assignment, Axis, label, product};
-use crate::yaml::{Node, Value};
+use crate::yaml::{Key, Node, Origin, Value};
 use crate::{Ctx, did_you_mean, settable_path};
 
 /// A search's objectives and sampler, as compiled.
@@ -377,6 +377,71 @@ pub(crate) fn points(
     Some((points, spec))
 }
 
+/// The experiment with the `--search KEY=uniform(0,1)` parameters added to its `search:`
+/// (replacing a parameter of the same key). The file must have a `search:` block: its
+/// objectives and sampler are what the command line cannot say.
+pub(crate) fn cli_params(cx: &mut Ctx, root: &Node, args: &[String], stage_names: &BTreeSet<String>) -> Node {
+    let mut root = root.clone();
+    let kinds = ["uniform", "log_uniform", "int", "choice"];
+    for s in args {
+        let arg = format!("--search {s}");
+        let origin = Origin::Arg(arg.clone());
+        if root.get("search").is_none() {
+            cx.err(
+                &origin,
+                "search",
+                "the file has no `search:` block: --search adds parameters to one (its objectives and sampler come from the file; --sweep makes a grid without)",
+            );
+            return root;
+        }
+        let parsed = s.split_once('=').and_then(|(k, v)| {
+            let v = v.trim();
+            let open = v.find('(')?;
+            v.ends_with(')').then(|| (k.trim(), &v[..open], &v[open + 1..v.len() - 1]))
+        });
+        let Some((key, kind, inner)) = parsed else {
+            cx.err(
+                &origin,
+                "",
+                format!("expected KEY=DIST(ARGS), DIST one of {}: `train.beta=uniform(0,1)`", kinds.join(", ")),
+            );
+            continue;
+        };
+        if let Err(why) = settable_path(key, stage_names) {
+            cx.err(&origin, "", format!("--search key {why}"));
+            continue;
+        }
+        if !kinds.contains(&kind) {
+            cx.err(
+                &origin,
+                key,
+                format!("unknown distribution `{kind}`{} ({})", did_you_mean(kind, kinds), kinds.join(", ")),
+            );
+            continue;
+        }
+        let values =
+            inner.split(',').map(|part| Node::parse_arg(part.trim(), &arg)).collect::<Result<Vec<Node>, String>>();
+        let values = match values {
+            Ok(v) => v,
+            Err(e) => {
+                cx.err(&origin, key, format!("invalid value: {e}"));
+                continue;
+            }
+        };
+        let dist = Node::new(
+            Value::Map(vec![(
+                Key { name: kind.to_string(), origin: origin.clone() },
+                Node::new(Value::Seq(values), origin.clone()),
+            )]),
+            origin.clone(),
+        );
+        if let Err(e) = root.set(&["search".to_string(), "params".to_string(), key.to_string()], dist) {
+            cx.err(&origin, key, format!("cannot add to the file's search: {e}"));
+        }
+    }
+    root
+}
+
 /// `pruner:` as compiled: `{ kind: asha, min_epochs, max_epochs, reduction }` or `{ kind: none }`.
 fn asha(cx: &mut Ctx, p: &Node, sampler: &str) -> Option<Asha> {
     let keys = ["kind", "min_epochs", "max_epochs", "reduction"];
@@ -535,6 +600,39 @@ mod tests {
         assert_eq!(again.runs[0].point, "trial=1,x");
         assert_eq!(value(&again.runs[1], "left", "factor"), serde_json::json!(0.25));
         assert_eq!(value(&again.runs[1], "source", "count"), serde_json::json!(3));
+    }
+
+    #[test]
+    fn search_params_from_the_command_line_join_or_replace_the_files() {
+        use crate::{Overrides, tests::registry};
+        let compile = |args: &[&str], text: &str| {
+            let o = Overrides { search_params: args.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+            crate::compile_str(text, "e.yaml", &o, &registry(), &|_| None)
+        };
+        let text = format!("{DIAMOND}{RANDOM}");
+        // Replaces left.factor's range, adds right.factor with a choice.
+        let exp = compile(&["left.factor=uniform(5, 6)", "right.factor=choice(1, 2)"], &text).unwrap();
+        assert_eq!(
+            exp.search.as_ref().unwrap().params,
+            ["left.factor", "right.offset", "source.count", "right.factor"]
+        );
+        for r in &exp.runs {
+            let f = value(r, "left", "factor").as_f64().unwrap();
+            assert!((5.0..6.0).contains(&f), "{f}");
+            assert!([1.0, 2.0].contains(&value(r, "right", "factor").as_f64().unwrap()));
+        }
+        // Mistakes name the argument.
+        let err = |args: &[&str], text: &str| compile(args, text).unwrap_err().to_string();
+        let e = err(&["left.factor=normal(0,1)"], &text);
+        assert!(e.contains("--search left.factor=normal(0,1)") && e.contains("unknown distribution `normal`"), "{e}");
+        let e = err(&["left.factor=uniform(1,0)"], &text);
+        assert!(e.contains("expected [low, high] with low < high"), "{e}");
+        let e = err(&["left.factr=uniform(0,1)"], &text);
+        assert!(e.contains("factr"), "{e}");
+        let e = err(&["left.factor"], &text);
+        assert!(e.contains("expected KEY=DIST(ARGS)"), "{e}");
+        let e = err(&["left.factor=uniform(0,1)"], DIAMOND);
+        assert!(e.contains("has no `search:` block"), "{e}");
     }
 
     #[test]

@@ -213,6 +213,9 @@ pub struct CompileArgs {
     /// `--sweep` axes (absent from launch files written before it existed).
     #[serde(default)]
     pub sweep: Vec<String>,
+    /// `--search` parameters (absent from launch files written before it existed).
+    #[serde(default)]
+    pub search: Vec<String>,
     /// `--repeat`.
     pub repeat: Option<u32>,
     /// `--max-runs`.

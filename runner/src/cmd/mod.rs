@@ -193,6 +193,7 @@ pub fn compile_with(
     let overrides = Overrides {
         set: a.set.clone(),
         sweep: a.sweep.clone(),
+        search_params: a.search.clone(),
         repeat: a.repeat,
         force: a.force.clone(),
         max_runs: Some(a.max_runs),

@@ -29,6 +29,11 @@ pub struct RunArgs {
     /// axes combine): `train.beta=0,0.5,1` or `train.beta=[0, 0.5, 1]`.
     #[arg(long = "sweep", value_name = "KEY=V1,V2,...")]
     pub sweep: Vec<String>,
+    /// Search a key over a distribution, added to the file's `search:` (repeatable):
+    /// `train.beta=uniform(0,1)`, `train.optimizer.lr=log_uniform(1e-4,3e-3)`,
+    /// `train.epochs=int(10,30)`, `graph.uses=choice(graph,graph-tree)`.
+    #[arg(long = "search", value_name = "KEY=DIST(ARGS)")]
+    pub search: Vec<String>,
     /// Run each sweep point with this many seeds (seed, seed+1, ...).
     #[arg(long)]
     pub repeat: Option<u32>,
