@@ -70,8 +70,8 @@ enum Cmd {
     /// cancelled, from the database and the cluster queue (logs of failed runs named).
     Status(RunArgs),
     /// A search's trials: their objectives (mean ± std over seeds), the best of each, and
-    /// the Pareto front.
-    Study(RunArgs),
+    /// the Pareto front; `--report DIR` also writes its page with figures.
+    Study(cmd::study::StudyArgs),
     /// Wait until no job of an experiment's cluster launches is queued or running; then
     /// print `status` (exit 1 if a run failed or was cancelled).
     Wait(RunArgs),

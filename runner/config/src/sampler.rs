@@ -143,7 +143,7 @@ pub(crate) fn ranks(values: &[Vec<f64>], maximize: &[bool]) -> Vec<f64> {
         let front: Vec<usize> = pareto_front(&sub, maximize).into_iter().map(|k| left[k]).collect();
         // Crowding distance (Deb et al. 2002): per objective, the gap between neighbours.
         let mut crowd = vec![0.0f64; front.len()];
-        for m in 0..maximize.len() {
+        for (m, _) in maximize.iter().enumerate() {
             let mut order: Vec<usize> = (0..front.len()).collect();
             order.sort_by(|&x, &y| values[front[x]][m].total_cmp(&values[front[y]][m]));
             let (lo, hi) = (values[front[order[0]]][m], values[front[order[order.len() - 1]]][m]);

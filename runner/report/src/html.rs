@@ -260,7 +260,7 @@ pub async fn curves(store: &Store, run: i64) -> Result<BTreeMap<String, Vec<(f64
     Ok(m)
 }
 
-fn range(vals: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
+pub(crate) fn range(vals: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
     let lo = vals.clone().fold(f64::INFINITY, f64::min);
     let hi = vals.fold(f64::NEG_INFINITY, f64::max);
     if !lo.is_finite() || !hi.is_finite() {
@@ -278,7 +278,7 @@ fn range(vals: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
 
 /// An axis tick: at most four significant digits, scientific notation below 0.001 and from
 /// 1e6, no trailing zeros.
-fn tick(v: &f64) -> String {
+pub(crate) fn tick(v: &f64) -> String {
     let v = *v;
     if v == 0.0 || !v.is_finite() {
         return format!("{v}");

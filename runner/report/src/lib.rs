@@ -1,6 +1,6 @@
 //! `huse-report`: presenting results from the results database — tables for `runs`,
 //! `compare`, `best` and `show` in four formats ([`table`]), the static HTML report with
-//! its SVG figures ([`html`]), and long-form CSV/JSON exports ([`export`]).
+//! its SVG figures ([`html`]), a study's page ([`study`]), and long-form CSV/JSON exports ([`export`]).
 //!
 //! Everything here reads through [`huse_store::Store`]'s typed methods; no SQL.
 //!
@@ -12,6 +12,7 @@
 
 pub mod export;
 pub mod html;
+pub mod study;
 pub mod table;
 
 pub use export::export;

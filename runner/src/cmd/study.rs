@@ -21,8 +21,21 @@ struct Trial {
     objectives: Vec<Option<(f64, f64)>>,
 }
 
-/// Prints the study of the experiment file `a.experiment`.
-pub async fn run(g: &Global, a: &RunArgs) -> Result<i32> {
+/// `study`'s arguments: the experiment as a run takes it, and where to write its page.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StudyArgs {
+    /// The experiment and its overrides, as for a run.
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Also write the study's page (optimisation history, Pareto front, each parameter
+    /// against each objective; `index.html` and SVG figures) into this folder.
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<std::path::PathBuf>,
+}
+
+/// Prints the study of the experiment file `a.run.experiment`.
+pub async fn run(g: &Global, sa: &StudyArgs) -> Result<i32> {
+    let a = &sa.run;
     let Some(file) = a.experiment.clone() else {
         eprintln!("error: study needs the experiment file");
         return Ok(2);
@@ -42,12 +55,22 @@ pub async fn run(g: &Global, a: &RunArgs) -> Result<i32> {
         );
         return Ok(2);
     }
-    show(g, &exp).await?;
+    let trials = show(g, &exp).await?;
+    if let Some(dir) = &sa.report {
+        let spec = exp.search.as_ref().expect("checked");
+        let page = huse_report::study::StudySpec {
+            name: exp.name.clone(),
+            objectives: spec.objectives.iter().map(|o| (o.metric.clone(), o.maximize)).collect(),
+            params: spec.params.clone(),
+        };
+        let figs = huse_report::study::study_report(dir, &page, &trials)?;
+        println!("{} ({} figures)", dir.join("index.html").display(), figs.len());
+    }
     Ok(0)
 }
 
 /// Prints the study of `exp` (an experiment with a `search:`) from the database.
-pub async fn show(g: &Global, exp: &huse_config::Experiment) -> Result<()> {
+pub async fn show(g: &Global, exp: &huse_config::Experiment) -> Result<Vec<huse_report::study::StudyTrial>> {
     let spec = exp.search.as_ref().expect("a search");
     let store = open_for_queries(g).await?;
     let rows = store.load_runs(&Filter { experiment: Some(exp.name.clone()), ..Default::default() }).await?;
@@ -152,5 +175,18 @@ pub async fn show(g: &Global, exp: &huse_config::Experiment) -> Result<()> {
         "Pareto front: {} trial(s) (marked *; no other trial is as good on every objective and better on one)",
         front.len()
     );
-    Ok(())
+    Ok(trials
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let row = by_name.values().find(|r| r.point == t.point);
+            huse_report::study::StudyTrial {
+                label: t.point.clone(),
+                state: t.states.iter().map(|(s, n)| format!("{n} {s}")).collect::<Vec<_>>().join(", "),
+                params: spec.params.iter().map(|k| row.and_then(|r| r.params.get(k).cloned())).collect(),
+                objectives: t.objectives.iter().map(|o| o.map(|(m, _)| m)).collect(),
+                front: front.contains(&i),
+            }
+        })
+        .collect())
 }
