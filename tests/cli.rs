@@ -202,7 +202,9 @@ fn a_tpe_study_runs_its_trials_one_after_another_and_continues_after_a_kill() {
     let mut child =
         sb.cmd(&[f]).stderr(std::process::Stdio::null()).stdout(std::process::Stdio::null()).spawn().unwrap();
     let t0 = std::time::Instant::now();
-    while sb.db().exists().then(|| sb.count("SELECT count(*) FROM runs WHERE status = 'succeeded'")).unwrap_or(0) < 3 {
+    let succeeded =
+        || if sb.db().exists() { sb.count("SELECT count(*) FROM runs WHERE status = 'succeeded'") } else { 0 };
+    while succeeded() < 3 {
         assert!(t0.elapsed().as_secs() < 60, "three trials did not end in 60 s");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
