@@ -128,7 +128,7 @@ fn a_random_search_runs_its_trials_with_seeds() {
     // The study: every trial with its objective over its seeds; with one objective the front is
     // the best trial, the one with the largest mean of val.sum.
     let study = sb.run(&["study", f.to_str().unwrap()]).expect(0).stdout();
-    assert!(study.contains("3 trial(s), 6 run(s): 6 succeeded") && study.contains("val.sum (max)"), "{study}");
+    assert!(study.contains("3 trial(s) of 3, 6 run(s): 6 succeeded") && study.contains("val.sum (max)"), "{study}");
     assert!(study.contains("Pareto front: 1 trial(s)"), "{study}");
     let best: Vec<(String, f64)> = sb
         .sql("SELECT r.name, m.value FROM runs r JOIN final_metrics m ON m.run_id = r.id WHERE m.key = 'val.sum'")

@@ -44,13 +44,16 @@ pub struct History {
 }
 
 /// A finished trial: its searched parameters' recorded values and its objectives (the mean
-/// over its seeds, in the order of the search's objectives).
+/// over its seeds, in the order of the search's objectives), or the epoch at which it was
+/// pruned.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Told {
     /// Searched key -> recorded value (text, as the database holds params).
     pub values: BTreeMap<String, String>,
-    /// One value per objective.
+    /// One value per objective (empty for a pruned trial).
     pub objectives: Vec<f64>,
+    /// The epoch at which the pruner stopped it (None: it ran to the end).
+    pub pruned_at: Option<i64>,
 }
 
 /// A parameter of the search: its key as written, its tree path and where it comes from.
@@ -165,6 +168,22 @@ pub(crate) fn ranks(values: &[Vec<f64>], maximize: &[bool]) -> Vec<f64> {
     rank
 }
 
+/// What TPE is told of each trial, lower is better: a complete trial's rank ([`ranks`]); a
+/// pruned trial below every complete one, the later its epoch the better (as Optuna ranks
+/// pruned trials), so a study that prunes most of its trials still learns from them.
+fn tell_values(told: &[&Told], maximize: &[bool]) -> Vec<f64> {
+    let complete: Vec<Vec<f64>> = told.iter().filter(|t| t.pruned_at.is_none()).map(|t| t.objectives.clone()).collect();
+    let mut r = ranks(&complete, maximize).into_iter();
+    let worst = ranks(&complete, maximize).into_iter().fold(0.0f64, f64::max);
+    let floor = worst.abs() + 1.0;
+    told.iter()
+        .map(|t| match t.pruned_at {
+            None => r.next().expect("one rank per complete trial"),
+            Some(step) => floor + 1.0 / (1.0 + step.max(0) as f64),
+        })
+        .collect()
+}
+
 /// The point of trial `index` of a TPE search over `params`, given the finished trials:
 /// uniform draws until `startup` trials have finished, then TPE for each parameter.
 pub(crate) fn tpe_point(
@@ -180,7 +199,10 @@ pub(crate) fn tpe_point(
     // Trials whose every searched value still lies in the space (the file may have changed).
     let usable: Vec<(Vec<f64>, &Told)> = told
         .iter()
-        .filter(|t| t.objectives.len() == maximize.len() && t.objectives.iter().all(|o| o.is_finite()))
+        .filter(|t| {
+            t.pruned_at.is_some()
+                || (t.objectives.len() == maximize.len() && t.objectives.iter().all(|o| o.is_finite()))
+        })
         .filter_map(|t| {
             let xs: Option<Vec<f64>> =
                 params.iter().map(|(k, _, d)| t.values.get(&k.name).and_then(|s| encode(d, s))).collect();
@@ -194,8 +216,7 @@ pub(crate) fn tpe_point(
             .map(|(k, path, d)| (k.name.clone(), path.clone(), draw(d, &mut rng, &k.origin)))
             .collect();
     }
-    let objectives: Vec<Vec<f64>> = usable.iter().map(|(_, t)| t.objectives.clone()).collect();
-    let value = ranks(&objectives, maximize);
+    let value = tell_values(&usable.iter().map(|(_, t)| *t).collect::<Vec<_>>(), maximize);
     let mut rng = <rand_chacha03::ChaCha8Rng as rand_chacha03::rand_core::SeedableRng>::seed_from_u64(stream);
     params
         .iter()
@@ -238,7 +259,7 @@ mod tests {
             let (x, y): (f64, f64) = (v["x"].parse().unwrap(), v["y"].parse().unwrap());
             let f = (x - 0.3).powi(2) + (y - 0.7).powi(2);
             best = best.min(f);
-            told.push(Told { values: v, objectives: vec![f] });
+            told.push(Told { values: v, objectives: vec![f], pruned_at: None });
         }
         best
     }
@@ -294,6 +315,19 @@ mod tests {
         // One objective: the best only (and its ties).
         assert_eq!(pareto_front(&[vec![1.0], vec![3.0], vec![2.0]], &[true]), [1]);
         assert_eq!(pareto_front(&[vec![1.0], vec![3.0], vec![2.0]], &[false]), [0]);
+    }
+
+    #[test]
+    fn pruned_trials_rank_below_complete_ones_later_epochs_first() {
+        let t = |objectives: Vec<f64>, pruned_at: Option<i64>| Told { values: BTreeMap::new(), objectives, pruned_at };
+        let told = [t(vec![0.9], None), t(vec![], Some(3)), t(vec![0.5], None), t(vec![], Some(9))];
+        let v = tell_values(&told.iter().collect::<Vec<_>>(), &[true]);
+        // Maximise: 0.9 best, then 0.5, then the trial pruned at 9, then the one pruned at 3.
+        assert!(v[0] < v[2] && v[2] < v[3] && v[3] < v[1], "{v:?}");
+        // With a minimised objective whose values are negative ranks, pruned ones still come last.
+        let told = [t(vec![-5.0], None), t(vec![], Some(1)), t(vec![-7.0], None)];
+        let v = tell_values(&told.iter().collect::<Vec<_>>(), &[false]);
+        assert!(v[2] < v[0] && v[0] < v[1], "{v:?}");
     }
 
     #[test]

@@ -585,6 +585,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v))
                 .collect(),
                 objectives: vec![f64::from(i)],
+                pruned_at: None,
             })
             .collect();
         let next = compile(Some(SearchRequest::Next(History { begun: 3, told: told.clone() })));

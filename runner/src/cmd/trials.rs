@@ -7,8 +7,8 @@
 //! interrupted (Ctrl-C, a killed process) runs again under its own label, with its own
 //! values, so none is lost and none is doubled. With `pruner: asha`, the executor asks
 //! [`AshaPruner`] at the end of each epoch a stage reports whether the run goes on; a
-//! stopped run is recorded `pruned` with the values of the epochs it ran (a pruned trial is
-//! not told to the sampler, and not run again).
+//! stopped run is recorded `pruned` with the values of the epochs it ran; the sampler is told
+//! it ranked below every complete trial (later epochs first), and it is not run again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -65,7 +65,17 @@ fn study_of(rows: &[RunRow], spec: &SearchSpec, seeds: usize) -> Study {
         let values: BTreeMap<String, String> =
             spec.params.iter().filter_map(|k| runs[0].params.get(k).map(|v| (k.clone(), v.clone()))).collect();
         let count = |st: RunStatus| runs.iter().filter(|r| r.status == st).count();
-        if count(RunStatus::Running) > 0 || count(RunStatus::Failed) > 0 || count(RunStatus::Pruned) > 0 {
+        if count(RunStatus::Running) > 0 || count(RunStatus::Failed) > 0 {
+            continue;
+        }
+        if count(RunStatus::Pruned) > 0 {
+            // Told as pruned, at the latest epoch one of its runs reached ("... pruned after step N").
+            let step = runs
+                .iter()
+                .filter_map(|r| r.error.as_deref()?.rsplit_once("pruned after step ")?.1.trim().parse::<i64>().ok())
+                .max()
+                .unwrap_or(0);
+            s.told.push(Told { values, objectives: Vec::new(), pruned_at: Some(step) });
             continue;
         }
         if count(RunStatus::Succeeded) < seeds {
@@ -81,7 +91,7 @@ fn study_of(rows: &[RunRow], spec: &SearchSpec, seeds: usize) -> Study {
             })
             .collect();
         match objectives {
-            Some(objectives) => s.told.push(Told { values, objectives }),
+            Some(objectives) => s.told.push(Told { values, objectives, pruned_at: None }),
             None => warn!("trial {point} did not log every objective: it is left out of the search's history"),
         }
     }
