@@ -22,6 +22,8 @@ pub struct StudyTrial {
     pub params: Vec<Option<String>>,
     /// Each objective's mean over the trial's finished runs.
     pub objectives: Vec<Option<f64>>,
+    /// A pruned trial's objectives at the epoch it stopped (those its stage logged then).
+    pub pruned: Vec<Option<f64>>,
     /// On the Pareto front.
     pub front: bool,
 }
@@ -125,9 +127,9 @@ fn history(path: &Path, metric: &str, max: bool, trials: &[StudyTrial], k: usize
     let root = SVGBackend::new(path, (420, 280)).into_drawing_area();
     root.fill(&WHITE)?;
     let (x0, x1) = range(std::iter::once(0.0).chain(std::iter::once((trials.len().max(2) - 1) as f64)));
-    let (y0, y1) = range(pts.iter().map(|p| p.1));
+    let (y0, y1) = range(pts.iter().map(|p| p.1).chain(trials.iter().filter_map(|t| t.pruned[k])));
     let mut chart = ChartBuilder::on(&root)
-        .caption(metric, ("sans-serif", 15))
+        .caption(format!("{metric} (hollow: pruned, when stopped)"), ("sans-serif", 14))
         .margin(8)
         .x_label_area_size(30)
         .y_label_area_size(50)
@@ -140,6 +142,15 @@ fn history(path: &Path, metric: &str, max: bool, trials: &[StudyTrial], k: usize
         .label_style(("sans-serif", 11))
         .draw()?;
     chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, BLUE.filled())))?;
+    // Pruned trials: their value when stopped, hollow (they do not count as the best).
+    let grey = RGBColor(140, 140, 140);
+    chart.draw_series(
+        trials
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.pruned[k].filter(|v| (y0..=y1).contains(v)).map(|v| (i as f64, v)))
+            .map(|p| Circle::new(p, 3, grey.stroke_width(1))),
+    )?;
     let steps: Vec<(f64, f64)> = best.windows(2).flat_map(|w| [w[0], (w[1].0, w[0].1), w[1]]).collect();
     chart.draw_series(LineSeries::new(if steps.is_empty() { best } else { steps }, RED.stroke_width(2)))?;
     root.present()?;
@@ -256,6 +267,7 @@ mod tests {
                 state: if i == 5 { "1 pruned".into() } else { "1 succeeded".into() },
                 params: vec![Some(format!("0.{i}")), Some(if i % 2 == 0 { "graph" } else { "graph-tree" }.into())],
                 objectives: if i == 5 { vec![None, None] } else { vec![Some(i as f64), Some((i * i) as f64)] },
+                pruned: if i == 5 { vec![Some(0.5), None] } else { vec![None, None] },
                 front: i == 0 || i == 4,
             })
             .collect();

@@ -185,6 +185,18 @@ pub async fn show(g: &Global, exp: &huse_config::Experiment) -> Result<Vec<huse_
                 state: t.states.iter().map(|(s, n)| format!("{n} {s}")).collect::<Vec<_>>().join(", "),
                 params: spec.params.iter().map(|k| row.and_then(|r| r.params.get(k).cloned())).collect(),
                 objectives: t.objectives.iter().map(|o| o.map(|(m, _)| m)).collect(),
+                pruned: spec
+                    .objectives
+                    .iter()
+                    .map(|o| {
+                        let xs: Vec<f64> = by_name
+                            .values()
+                            .filter(|r| r.point == t.point && r.status == huse_store::RunStatus::Pruned)
+                            .filter_map(|r| r.metrics.get(&o.metric).copied().flatten())
+                            .collect();
+                        (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
+                    })
+                    .collect(),
                 front: front.contains(&i),
             }
         })
