@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail};
 use huse_store::{Filter, RunRow, Store};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::table::{self, mean_std};
@@ -386,6 +387,32 @@ fn num(s: &str) -> Option<f64> {
     s.parse().ok()
 }
 
+/// A chart with numbers on both axes as the figures here draw them: a caption, short tick
+/// labels, the axes described.
+pub(crate) fn xy_chart<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    caption: &str,
+    (x, y): ((f64, f64), (f64, f64)),
+    x_desc: &str,
+    y_desc: &str,
+) -> Result<ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>> {
+    let mut chart = ChartBuilder::on(root)
+        .caption(caption, ("sans-serif", 14))
+        .margin(8)
+        .x_label_area_size(32)
+        .y_label_area_size(if y_desc.is_empty() { 50 } else { 56 })
+        .build_cartesian_2d(x.0..x.1, y.0..y.1)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .x_label_formatter(&tick)
+        .y_label_formatter(&tick)
+        .label_style(("sans-serif", 11))
+        .draw()?;
+    Ok(chart)
+}
+
 /// One swept param: mean of `metric` over the runs at each value, with min-max whiskers.
 fn sweep_line(path: &Path, runs: &[RunRow], param: &str, metric: &str) -> Result<bool> {
     let mut by: BTreeMap<String, Vec<f64>> = BTreeMap::new();
@@ -417,21 +444,8 @@ fn sweep_line(path: &Path, runs: &[RunRow], param: &str, metric: &str) -> Result
         .collect();
     let root = SVGBackend::new(path, (420, 280)).into_drawing_area();
     root.fill(&WHITE)?;
-    let (x0, x1) = range(pts.iter().map(|p| p.0));
-    let (y0, y1) = range(pts.iter().flat_map(|p| [p.2, p.3]));
-    let mut chart = ChartBuilder::on(&root)
-        .caption(metric, ("sans-serif", 15))
-        .margin(8)
-        .x_label_area_size(30)
-        .y_label_area_size(50)
-        .build_cartesian_2d(x0..x1, y0..y1)?;
-    chart
-        .configure_mesh()
-        .x_desc(param)
-        .x_label_formatter(&tick)
-        .y_label_formatter(&tick)
-        .label_style(("sans-serif", 11))
-        .draw()?;
+    let axes = (range(pts.iter().map(|p| p.0)), range(pts.iter().flat_map(|p| [p.2, p.3])));
+    let mut chart = xy_chart(&root, metric, axes, param, "")?;
     chart.draw_series(LineSeries::new(pts.iter().map(|p| (p.0, p.1)), &BLUE))?;
     chart.draw_series(pts.iter().map(|p| PathElement::new(vec![(p.0, p.2), (p.0, p.3)], BLACK)))?;
     chart.draw_series(pts.iter().map(|p| Circle::new((p.0, p.1), 3, BLUE.filled())))?;

@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use plotters::prelude::*;
 
-use crate::html::{esc, range, tick};
+use crate::html::{esc, range, xy_chart};
 
 /// One trial, as the study command gathered it.
 #[derive(Debug, Clone)]
@@ -126,21 +126,10 @@ fn history(path: &Path, metric: &str, max: bool, trials: &[StudyTrial], k: usize
     }
     let root = SVGBackend::new(path, (420, 280)).into_drawing_area();
     root.fill(&WHITE)?;
-    let (x0, x1) = range(std::iter::once(0.0).chain(std::iter::once((trials.len().max(2) - 1) as f64)));
+    let x = range([0.0, (trials.len().max(2) - 1) as f64].into_iter());
     let (y0, y1) = range(pts.iter().map(|p| p.1).chain(trials.iter().filter_map(|t| t.pruned[k])));
-    let mut chart = ChartBuilder::on(&root)
-        .caption(format!("{metric} (hollow: pruned, when stopped)"), ("sans-serif", 14))
-        .margin(8)
-        .x_label_area_size(30)
-        .y_label_area_size(50)
-        .build_cartesian_2d(x0..x1, y0..y1)?;
-    chart
-        .configure_mesh()
-        .x_desc("trial")
-        .x_label_formatter(&tick)
-        .y_label_formatter(&tick)
-        .label_style(("sans-serif", 11))
-        .draw()?;
+    let caption = format!("{metric} (hollow: pruned, when stopped)");
+    let mut chart = xy_chart(&root, &caption, (x, (y0, y1)), "trial", "")?;
     chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, BLUE.filled())))?;
     // Pruned trials: their value when stopped, hollow (they do not count as the best).
     let grey = RGBColor(140, 140, 140);
@@ -171,22 +160,9 @@ fn front(path: &Path, spec: &StudySpec, trials: &[StudyTrial]) -> Result<bool> {
     }
     let root = SVGBackend::new(path, (560, 380)).into_drawing_area();
     root.fill(&WHITE)?;
-    let (x0, x1) = range(pts.iter().map(|p| p.0));
-    let (y0, y1) = range(pts.iter().map(|p| p.1));
-    let mut chart = ChartBuilder::on(&root)
-        .caption("trials (grey) and their Pareto front (red)", ("sans-serif", 15))
-        .margin(8)
-        .x_label_area_size(35)
-        .y_label_area_size(55)
-        .build_cartesian_2d(x0..x1, y0..y1)?;
-    chart
-        .configure_mesh()
-        .x_desc(&spec.objectives[0].0)
-        .y_desc(&spec.objectives[1].0)
-        .x_label_formatter(&tick)
-        .y_label_formatter(&tick)
-        .label_style(("sans-serif", 11))
-        .draw()?;
+    let axes = (range(pts.iter().map(|p| p.0)), range(pts.iter().map(|p| p.1)));
+    let caption = "trials (grey) and their Pareto front (red)";
+    let mut chart = xy_chart(&root, caption, axes, &spec.objectives[0].0, &spec.objectives[1].0)?;
     chart.draw_series(
         pts.iter().filter(|p| !p.2).map(|p| Circle::new((p.0, p.1), 3, RGBColor(150, 150, 150).filled())),
     )?;
@@ -228,22 +204,9 @@ fn param_plot(path: &Path, param: &str, metric: &str, trials: &[StudyTrial], p: 
         .collect();
     let root = SVGBackend::new(path, (360, 260)).into_drawing_area();
     root.fill(&WHITE)?;
-    let (x0, x1) = range(pts.iter().map(|q| q.0));
-    let (y0, y1) = range(pts.iter().map(|q| q.1));
+    let axes = (range(pts.iter().map(|q| q.0)), range(pts.iter().map(|q| q.1)));
     let desc = if numeric { param.to_string() } else { format!("{param}: {}", names.join(", ")) };
-    let mut chart = ChartBuilder::on(&root)
-        .caption(metric, ("sans-serif", 13))
-        .margin(8)
-        .x_label_area_size(30)
-        .y_label_area_size(50)
-        .build_cartesian_2d(x0..x1, y0..y1)?;
-    chart
-        .configure_mesh()
-        .x_desc(desc)
-        .x_label_formatter(&tick)
-        .y_label_formatter(&tick)
-        .label_style(("sans-serif", 10))
-        .draw()?;
+    let mut chart = xy_chart(&root, metric, axes, &desc, "")?;
     chart.draw_series(pts.iter().map(|q| Circle::new(*q, 3, BLUE.filled())))?;
     root.present()?;
     Ok(true)
