@@ -173,9 +173,9 @@ pub(crate) fn ranks(values: &[Vec<f64>], maximize: &[bool]) -> Vec<f64> {
 /// pruned trials), so a study that prunes most of its trials still learns from them.
 fn tell_values(told: &[&Told], maximize: &[bool]) -> Vec<f64> {
     let complete: Vec<Vec<f64>> = told.iter().filter(|t| t.pruned_at.is_none()).map(|t| t.objectives.clone()).collect();
-    let mut r = ranks(&complete, maximize).into_iter();
-    let worst = ranks(&complete, maximize).into_iter().fold(0.0f64, f64::max);
-    let floor = worst.abs() + 1.0;
+    let complete_ranks = ranks(&complete, maximize);
+    let floor = complete_ranks.iter().copied().fold(0.0f64, f64::max).abs() + 1.0;
+    let mut r = complete_ranks.into_iter();
     told.iter()
         .map(|t| match t.pruned_at {
             None => r.next().expect("one rank per complete trial"),

@@ -27,7 +27,7 @@ use rand::SeedableRng;
 pub use crate::pruner::Asha;
 pub use crate::sampler::{History, SearchRequest, Told};
 use crate::sampler::{Param, draw, tpe_point};
-use crate::sweep::{Assignment, Axis, label, product};
+use crate::sweep::{Assignment, Axis, Point, label, product};
 use crate::yaml::{Key, Node, Origin, Value};
 use crate::{Ctx, did_you_mean, settable_path};
 
@@ -148,9 +148,6 @@ fn dist(cx: &mut Ctx, key: &str, n: &Node) -> Option<Dist> {
     }
 }
 
-/// One point: its label and its assignments (tree path, value).
-pub(crate) type Point = (String, Vec<(Vec<String>, Node)>);
-
 /// The search's points and its spec; None without a `search:` block.
 pub(crate) fn points(
     cx: &mut Ctx,
@@ -171,16 +168,7 @@ pub(crate) fn points(
         cx.err(&search.origin, "search", format!("expected a mapping, found {}", search.value.type_name()));
         return Some(empty);
     };
-    for (k, _) in map {
-        if !KEYS.contains(&k.name.as_str()) {
-            let hint = did_you_mean(&k.name, KEYS);
-            cx.err(
-                &k.origin,
-                &format!("search.{}", k.name),
-                format!("unknown key `{}`{hint} ({})", k.name, KEYS.join(", ")),
-            );
-        }
-    }
+    unknown_keys(cx, map, "search", &KEYS);
     // Parameters.
     let mut params: Vec<Param> = Vec::new();
     match search.get("params").and_then(Node::as_map) {
@@ -242,16 +230,8 @@ pub(crate) fn points(
             );
         }
     }
-    let count = |cx: &mut Ctx, key: &str, min: i64| match sampler.and_then(|s| s.get(key)) {
-        None => None,
-        Some(Node { value: Value::Int(i), .. }) if *i >= min => Some(*i as u64),
-        Some(n) => {
-            cx.err(&n.origin, &format!("search.sampler.{key}"), format!("expected an integer >= {min}"));
-            None
-        }
-    };
-    let seed = count(cx, "seed", 0).unwrap_or(0);
-    let startup = count(cx, "startup", 1).unwrap_or(10) as usize;
+    let seed = int_key(cx, sampler, "search.sampler", "seed", 0).unwrap_or(0) as u64;
+    let startup = int_key(cx, sampler, "search.sampler", "startup", 1).unwrap_or(10) as usize;
     match kind.as_str() {
         "random" | "grid" | "tpe" => {}
         other => cx.err(
@@ -442,6 +422,32 @@ pub(crate) fn cli_params(cx: &mut Ctx, root: &Node, args: &[String], stage_names
     root
 }
 
+/// An error for each key of `map` (the mapping at `at`) that is not one of `known`.
+fn unknown_keys(cx: &mut Ctx, map: &[(Key, Node)], at: &str, known: &[&str]) {
+    for (k, _) in map {
+        if !known.contains(&k.name.as_str()) {
+            let hint = did_you_mean(&k.name, known.iter().copied());
+            cx.err(
+                &k.origin,
+                &format!("{at}.{}", k.name),
+                format!("unknown key `{}`{hint} ({})", k.name, known.join(", ")),
+            );
+        }
+    }
+}
+
+/// The integer at `parent.key` (None when absent), with an error unless it is >= `min`.
+fn int_key(cx: &mut Ctx, parent: Option<&Node>, at: &str, key: &str, min: i64) -> Option<i64> {
+    match parent.and_then(|p| p.get(key)) {
+        None => None,
+        Some(Node { value: Value::Int(i), .. }) if *i >= min => Some(*i),
+        Some(n) => {
+            cx.err(&n.origin, &format!("{at}.{key}"), format!("expected an integer >= {min}"));
+            None
+        }
+    }
+}
+
 /// `pruner:` as compiled: `{ kind: asha, min_epochs, max_epochs, reduction }` or `{ kind: none }`.
 fn asha(cx: &mut Ctx, p: &Node, sampler: &str) -> Option<Asha> {
     let keys = ["kind", "min_epochs", "max_epochs", "reduction"];
@@ -449,16 +455,7 @@ fn asha(cx: &mut Ctx, p: &Node, sampler: &str) -> Option<Asha> {
         cx.err(&p.origin, "search.pruner", "expected { kind: asha, min_epochs: N, max_epochs: N, reduction: N }");
         return None;
     };
-    for (k, _) in map {
-        if !keys.contains(&k.name.as_str()) {
-            let hint = did_you_mean(&k.name, keys);
-            cx.err(
-                &k.origin,
-                &format!("search.pruner.{}", k.name),
-                format!("unknown key `{}`{hint} ({})", k.name, keys.join(", ")),
-            );
-        }
-    }
+    unknown_keys(cx, map, "search.pruner", &keys);
     let kind = p.get("kind").map(|k| k.to_string()).unwrap_or_default();
     match kind.as_str() {
         "none" => return None,
@@ -475,17 +472,9 @@ fn asha(cx: &mut Ctx, p: &Node, sampler: &str) -> Option<Asha> {
     if sampler != "tpe" {
         cx.err(&p.origin, "search.pruner", "pruning runs in the study loop of `sampler: { kind: tpe }` (random and grid searches run every trial to the end)");
     }
-    let mut int = |key: &str, min: i64| match p.get(key) {
-        None => None,
-        Some(Node { value: Value::Int(i), .. }) if *i >= min => Some(*i),
-        Some(n) => {
-            cx.err(&n.origin, &format!("search.pruner.{key}"), format!("expected an integer >= {min}"));
-            None
-        }
-    };
-    let min_epochs = int("min_epochs", 1).unwrap_or(1);
-    let reduction = int("reduction", 2).unwrap_or(3);
-    let max_epochs = int("max_epochs", 1);
+    let min_epochs = int_key(cx, Some(p), "search.pruner", "min_epochs", 1).unwrap_or(1);
+    let reduction = int_key(cx, Some(p), "search.pruner", "reduction", 2).unwrap_or(3);
+    let max_epochs = int_key(cx, Some(p), "search.pruner", "max_epochs", 1);
     if let Some(m) = max_epochs.filter(|m| *m <= min_epochs) {
         cx.err(
             &p.origin,

@@ -7,14 +7,17 @@ use std::collections::BTreeSet;
 use crate::yaml::{Key, Node, Value};
 use crate::{Ctx, did_you_mean, settable_path};
 
-/// The sweep's points as (label, assignments). Without a sweep: one empty point.
+/// One point of a sweep or search: its label and its assignments (tree path, value).
+pub(crate) type Point = (String, Vec<(Vec<String>, Node)>);
+
+/// The sweep's points. Without a sweep: one empty point.
 pub(crate) fn points(
     cx: &mut Ctx,
     root: &Node,
     stage_names: &BTreeSet<String>,
     repeat: u32,
     max_runs: usize,
-) -> Vec<(String, Vec<(Vec<String>, Node)>)> {
+) -> Vec<Point> {
     let Some(sweep) = root.get("sweep") else {
         if repeat as usize > max_runs {
             let origin = root.get("repeat").map(|n| n.origin.clone()).unwrap_or_else(|| root.origin.clone());

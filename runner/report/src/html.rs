@@ -48,6 +48,11 @@ fn fmt(v: f64) -> String {
     if v == v.trunc() && v.abs() < 1e12 { format!("{v:.0}") } else { format!("{v:.4}") }
 }
 
+/// The style every static page here shares (body, tables, figures).
+pub(crate) const PAGE_STYLE: &str = "body{font-family:sans-serif;margin:2em;max-width:1400px} \
+     table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #ccc;padding:3px 6px;text-align:right} \
+     th{background:#f3f3f3} img{margin:4px;border:1px solid #eee}";
+
 /// Writes `index.html` and the figures into `out`; returns the figure file names.
 pub async fn report(store: &Store, experiment: &str, out: &Path, metric_globs: &[String]) -> Result<Vec<String>> {
     let runs = store.load_runs(&Filter { experiment: Some(experiment.to_string()), ..Default::default() }).await?;
@@ -81,10 +86,8 @@ pub async fn report(store: &Store, experiment: &str, out: &Path, metric_globs: &
     let mut html = String::new();
     write!(
         html,
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>huse-run report: {e}</title><style>\
-         body{{font-family:sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse;font-size:13px}} \
-         td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} th{{background:#f3f3f3}} .best{{font-weight:bold;background:#e6f4e6}} \
-         img{{margin:4px;border:1px solid #eee}} pre{{background:#f8f8f8;padding:8px;overflow:auto}} \
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>huse-run report: {e}</title><style>{PAGE_STYLE} \
+         .best{{font-weight:bold;background:#e6f4e6}} pre{{background:#f8f8f8;padding:8px;overflow:auto}} \
          .scroll{{overflow-x:auto;max-width:100%}} .md table{{margin:6px 0}}</style></head><body>\
          <h1>Experiment <code>{e}</code></h1><p>{n} run(s), generated from <code>{db}</code>.</p>",
         e = esc(experiment),

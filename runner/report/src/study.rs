@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use plotters::prelude::*;
 
-use crate::html::{esc, range, xy_chart};
+use crate::html::{PAGE_STYLE, esc, range, xy_chart};
 
 /// One trial, as the study command gathered it.
 #[derive(Debug, Clone)]
@@ -46,10 +46,8 @@ pub fn study_report(out: &Path, spec: &StudySpec, trials: &[StudyTrial]) -> Resu
     let mut html = String::new();
     write!(
         html,
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>huse-run study: {e}</title><style>\
-         body{{font-family:sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse;font-size:13px}} \
-         td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} th{{background:#f3f3f3}} .front{{font-weight:bold;background:#e6f4e6}} \
-         img{{margin:4px;border:1px solid #eee}}</style></head><body>\
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>huse-run study: {e}</title><style>{PAGE_STYLE} \
+         .front{{font-weight:bold;background:#e6f4e6}}</style></head><body>\
          <h1>Study <code>{e}</code></h1><p>{n} trial(s); objectives: {o}.</p>",
         e = esc(&spec.name),
         n = trials.len(),

@@ -81,9 +81,10 @@ pub async fn show(g: &Global, exp: &huse_config::Experiment) -> Result<Vec<huse_
     // trials are the ones recorded, in the order they began.
     let mut planned: Vec<(&str, &str)> = exp.runs.iter().map(|r| (r.point.as_str(), r.name.as_str())).collect();
     if spec.adaptive() {
-        let mut recorded: Vec<&RunRow> = by_name.values().copied().collect();
-        recorded.sort_by_key(|r| (rows.iter().position(|x| x.point == r.point), r.id));
-        planned = recorded.iter().map(|r| (r.point.as_str(), r.name.as_str())).collect();
+        planned = super::trials::recorded_trials(&rows)
+            .into_iter()
+            .flat_map(|(point, runs)| runs.into_iter().map(move |r| (point, r.name.as_str())))
+            .collect();
     }
     let n_runs = planned.len();
     let mut trials: Vec<Trial> = Vec::new();

@@ -40,27 +40,32 @@ struct Study {
     redo: Vec<(String, BTreeMap<String, String>)>,
 }
 
-/// The study from the experiment's recorded runs (the latest run of each name). A trial
-/// counts as running while one of its runs is running in a live process.
-fn study_of(rows: &[RunRow], spec: &SearchSpec, seeds: usize) -> Study {
+/// The recorded trials: each point, in the order it began, with the latest run of each of
+/// its run names.
+pub(super) fn recorded_trials(rows: &[RunRow]) -> Vec<(&str, Vec<&RunRow>)> {
     let mut latest: BTreeMap<&str, &RunRow> = BTreeMap::new();
     for r in rows {
         if latest.get(r.name.as_str()).is_none_or(|x| x.id < r.id) {
             latest.insert(&r.name, r);
         }
     }
-    // Points in the order they began.
-    let mut points: Vec<(&str, Vec<&RunRow>)> = Vec::new();
     let mut sorted: Vec<&RunRow> = latest.into_values().collect();
     sorted.sort_by_key(|r| r.id);
+    let mut points: Vec<(&str, Vec<&RunRow>)> = Vec::new();
     for r in sorted {
         match points.iter_mut().find(|(p, _)| *p == r.point) {
             Some((_, runs)) => runs.push(r),
             None => points.push((&r.point, vec![r])),
         }
     }
+    points
+}
+
+/// The study from the experiment's recorded runs (the latest run of each name). A trial
+/// counts as running while one of its runs is running in a live process.
+fn study_of(rows: &[RunRow], spec: &SearchSpec, seeds: usize) -> Study {
     let mut s = Study::default();
-    for (point, runs) in points {
+    for (point, runs) in recorded_trials(rows) {
         s.begun.insert(point.to_string());
         let values: BTreeMap<String, String> =
             spec.params.iter().filter_map(|k| runs[0].params.get(k).map(|v| (k.clone(), v.clone()))).collect();
